@@ -1,0 +1,3 @@
+"""softtargets: train classifiers on soft targets and distil knowledge from teachers."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,213 @@
+"""The ``softtargets`` command.
+
+Each command is a thin shell over a Python function (``pipeline.run_distillation``, ...): it
+builds a typed config from a YAML file and flags, shows progress, and prints a table. Bad input
+ends with one ``error: ...`` line and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from softtargets.errors import SoftTargetsError
+
+app = typer.Typer(
+    help="Train classifiers on soft targets and distil knowledge from teachers.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly_errors(command: F) -> F:
+    """Turn :class:`SoftTargetsError` into one ``error:`` line and exit status 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except SoftTargetsError as err:
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def make_progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err_console, transient=True,
+    )
+
+
+def parse_options(pairs: list[str] | None, what: str) -> dict[str, Any]:
+    """``["channels=[64,64]", "dropout=0.1"]`` -> ``{"channels": [64, 64], "dropout": 0.1}``."""
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise SoftTargetsError(f"{what} option {pair!r} must look like key=value")
+        try:
+            options[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise SoftTargetsError(f"{what} option {pair!r}: cannot read the value") from None
+    return options
+
+
+# ---------------------------------------------------------------------- shared options
+Out = Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/<command>).")]
+ConfigFile = Annotated[
+    Path | None, typer.Option("--config", help="YAML config; flags given here override it.")
+]
+Data = Annotated[str | None, typer.Option("--data", help="Built-in name (digits, mnist1d, "
+                                          "gaussians) or a file (.npz .npy .csv IDX CIFAR folder).")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Delete the run directory first.")]
+TeacherName = Annotated[str | None, typer.Option("--teacher", help="Teacher model: mlp, cnn1d, cnn2d.")]
+TeacherOpt = Annotated[list[str] | None, typer.Option(
+    "--teacher-option", help="Teacher builder option key=value (repeatable), e.g. channels=[64,64].")]
+TeacherEpochs = Annotated[int | None, typer.Option("--teacher-epochs", help="Teacher epochs.")]
+Seeds = Annotated[int | None, typer.Option("--seeds", help="Student seeds (>= 3 for a CI).")]
+Device = Annotated[str | None, typer.Option("--device", help="auto (cuda if available), cpu, cuda.")]
+
+
+def build_distill_config(
+    config_file: Path | None, **flags: Any
+) -> Any:
+    """A :class:`DistillConfig` from an optional YAML file, then flags that were given."""
+    from softtargets.config import DistillConfig, load_yaml, parse_config
+
+    values: dict[str, Any] = load_yaml(config_file) if config_file else {}
+    source = str(config_file) if config_file else "flags"
+    config = parse_config(DistillConfig, values, source)
+    updates = {k: v for k, v in flags.items() if v is not None and v != []}
+    data = config.data.model_dump()
+    if "data" in updates:
+        data = {**data, "name": updates.pop("data"), "options": {}}
+    if "label_column" in updates:
+        data["label_column"] = updates.pop("label_column")
+    merged = config.model_dump()
+    merged["data"] = data
+    for role in ("teacher", "student"):
+        if role in updates:
+            merged[role] = {"name": updates.pop(role), "options": {}}
+        if f"{role}_option" in updates:
+            merged[role]["options"].update(parse_options(updates.pop(f"{role}_option"), role))
+        if f"{role}_epochs" in updates:
+            merged[f"{role}_training"]["epochs"] = updates.pop(f"{role}_epochs")
+    merged.update(updates)
+    return parse_config(DistillConfig, merged, source)
+
+
+def print_outcome(outcome: Any) -> None:
+    from softtargets.pipeline import soft_minus_hard, summary_rows
+
+    table = Table(title="test set: mean ± 95% CI over seeds", title_justify="left")
+    for column in ("model", "targets", "runs", "test accuracy (%)", "test errors"):
+        table.add_column(column, justify="left" if column in ("model", "targets") else "right")
+    for row in summary_rows(outcome):
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"soft - hard: {soft_minus_hard(outcome)}", highlight=False)
+    console.print(f"wrote {outcome.out_dir}/ (report.md, accuracy.png, results.jsonl, store) "
+                  f"in {outcome.seconds:.1f} s", highlight=False)
+
+
+# ---------------------------------------------------------------------- commands
+@app.command()
+@friendly_errors
+def demo(
+    out: Out = None,
+    seeds: Seeds = None,
+    quick: Annotated[bool, typer.Option("--quick", help="A tiny run of the same steps.")] = False,
+    overwrite: Overwrite = False,
+    device: Device = None,
+) -> None:
+    """The main job on built-in data: teacher, stored logits, student with hard vs soft targets."""
+    from softtargets.pipeline import demo_config, run_distillation
+
+    config = demo_config(quick=quick)
+    if seeds is not None:
+        config.seeds = seeds
+    if device is not None:
+        config.device = device
+    with make_progress() as progress:
+        outcome = run_distillation(config, out or Path("runs/demo"), overwrite=overwrite,
+                                   progress=progress, log=lambda m: console.print(m, highlight=False))
+    print_outcome(outcome)
+
+
+@app.command()
+@friendly_errors
+def teacher(
+    data: Data = None,
+    teacher: TeacherName = None,
+    teacher_option: TeacherOpt = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Teacher epochs.")] = None,
+    label_column: Annotated[str | None, typer.Option(help="Label column of a CSV/.npy file.")] = None,
+    out: Out = None,
+    config: ConfigFile = None,
+    overwrite: Overwrite = False,
+    device: Device = None,
+) -> None:
+    """Fit a teacher and store its logits for every sample (runs/<name>/store.safetensors)."""
+    from softtargets.pipeline import run_teacher
+
+    cfg = build_distill_config(config, data=data, teacher=teacher, teacher_option=teacher_option,
+                               teacher_epochs=epochs, label_column=label_column, device=device)
+    with make_progress() as progress:
+        part = run_teacher(cfg, out or Path("runs/teacher"), overwrite=overwrite,
+                           progress=progress, log=lambda m: console.print(m, highlight=False))
+    console.print(f"stored {len(part.store)} x {part.store.num_classes} logits in "
+                  f"{out or Path('runs/teacher')}/store.safetensors", highlight=False)
+
+
+@app.command()
+@friendly_errors
+def distill(
+    data: Data = None,
+    teacher: TeacherName = None,
+    teacher_option: TeacherOpt = None,
+    teacher_epochs: TeacherEpochs = None,
+    student: Annotated[str | None, typer.Option("--student", help="Student model: mlp, cnn1d, cnn2d.")] = None,
+    student_option: Annotated[list[str] | None, typer.Option(
+        "--student-option", help="Student builder option key=value (repeatable).")] = None,
+    temperature: Annotated[float | None, typer.Option("--temperature", "-T", help="Softmax temperature T.")] = None,
+    alpha: Annotated[float | None, typer.Option(help="Weight of the soft term (0 = hard only).")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Student epochs.")] = None,
+    seeds: Seeds = None,
+    label_column: Annotated[str | None, typer.Option(help="Label column of a CSV/.npy file.")] = None,
+    out: Out = None,
+    config: ConfigFile = None,
+    overwrite: Overwrite = False,
+    device: Device = None,
+) -> None:
+    """Teacher (reused if the run directory has it), then students on hard vs soft targets."""
+    from softtargets.pipeline import run_distillation
+
+    cfg = build_distill_config(
+        config, data=data, teacher=teacher, teacher_option=teacher_option,
+        teacher_epochs=teacher_epochs, student=student, student_option=student_option,
+        temperature=temperature, alpha=alpha, student_epochs=epochs, seeds=seeds,
+        label_column=label_column, device=device,
+    )
+    with make_progress() as progress:
+        outcome = run_distillation(cfg, out or Path("runs/distill"), overwrite=overwrite,
+                                   progress=progress, log=lambda m: console.print(m, highlight=False))
+    print_outcome(outcome)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,110 @@
+"""Typed configuration for runs, read from YAML and checked strictly.
+
+Every config model forbids unknown keys: a typo such as ``tempreature: 4`` is an error that names
+the key, never a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from softtargets.errors import SoftTargetsError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Strict):
+    """Which data, and how it is split. Test rows are only ever used for reporting."""
+
+    name: str = Field("mnist1d", description="a built-in dataset name or a file path")
+    options: dict[str, Any] = Field(default_factory=dict, description="built-in generator options")
+    label_column: str | None = Field(None, description="label column for CSV / .npy files")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    split_seed: int = 0
+
+
+class ModelConfig(Strict):
+    """A model by name (``mlp``, ``cnn1d``, ``cnn2d``) with keyword options for its builder."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainConfig(Strict):
+    """Arguments of :func:`softtargets.train.fit`."""
+
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    schedule: Literal["none", "cosine", "step"] = "cosine"
+    patience: int | None = Field(None, ge=1)
+
+
+class DistillConfig(Strict):
+    """One distillation experiment: a teacher, then a student with hard and with soft targets."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: ModelConfig = Field(
+        default_factory=lambda: ModelConfig(name="cnn1d", options={"channels": [64, 64, 64]})
+    )
+    teacher_training: TrainConfig = Field(default_factory=TrainConfig)
+    student: ModelConfig = Field(
+        default_factory=lambda: ModelConfig(name="mlp", options={"hidden": [100, 100]})
+    )
+    student_training: TrainConfig = Field(default_factory=TrainConfig)
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.9, ge=0, le=1)
+    seeds: int = Field(3, ge=1)
+    first_seed: int = 0
+    store_dtype: Literal["float32", "float16"] = "float32"
+    device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:1, ...")
+
+
+def explain(error: ValidationError, source: str) -> SoftTargetsError:
+    """One line naming the first offending key of a pydantic validation error."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return SoftTargetsError(f"{source}: unknown key {where!r}; check its spelling (see --help)")
+    return SoftTargetsError(f"{source}: {where}: {first['msg']} (got {first.get('input')!r})")
+
+
+def parse_config(model: type[Strict], values: dict[str, Any], source: str = "config") -> Any:
+    """Validate ``values`` against ``model``; raise a one-line :class:`SoftTargetsError` if bad."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as err:
+        raise explain(err, source) from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from ``path``, with a clear error for a missing or malformed file."""
+    path = Path(path)
+    if not path.exists():
+        raise SoftTargetsError(f"no config file at {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise SoftTargetsError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise SoftTargetsError(f"{path}: the config must be a mapping of keys to values")
+    return values
+
+
+def load_config(model: type[Strict], path: str | Path) -> Any:
+    return parse_config(model, load_yaml(path), str(path))
+
+
+def dump_config(config: BaseModel) -> str:
+    """The resolved config as YAML (what ``runs/<name>/config.yaml`` holds)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,257 @@
+"""Loaders for the user's own files, each returning a :class:`~softtargets.data.Dataset`.
+
+| file | layout |
+| --- | --- |
+| ``.npz`` | arrays ``x`` (or ``features``) and ``y`` (or ``labels``); optional ``ids``, ``class_names``, ``soft_targets``, ``weights`` |
+| ``.npy`` | one 2-D array; the label is column ``label_column`` (default: the last) |
+| ``.csv`` | a header row; the label column (default ``label``) may hold names or integers; the other columns are numeric features; an ``id`` column, if present, gives the ids |
+| MNIST IDX | ``*-images-idx3-ubyte[.gz]`` with its ``*-labels-idx1-ubyte[.gz]`` beside it |
+| CIFAR batch | a pickled ``data_batch_*`` / ``test_batch`` dict with ``data`` and ``labels`` |
+| image folder | ``root/<class name>/<image>``, one sub-folder per class (PNG, JPEG, ...) |
+
+Every loader gives ids ``0..N-1`` in file order unless the file carries its own.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import pickle
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from softtargets.data import Dataset
+from softtargets.errors import SoftTargetsError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def load_file(path: str | Path, label_column: str | int | None = None) -> Dataset:
+    """Load a dataset from ``path``, choosing the loader by file name (see the module docstring)."""
+    path = Path(path)
+    if not path.exists():
+        raise SoftTargetsError(f"no such file or folder: {path}")
+    name = path.name.lower()
+    if path.is_dir():
+        return load_image_folder(path)
+    if name.endswith(".npz"):
+        return load_npz(path)
+    if name.endswith(".npy"):
+        return load_npy(path, -1 if label_column is None else int(label_column))
+    if name.endswith(".csv") or name.endswith(".csv.gz"):
+        return load_csv(path, "label" if label_column is None else str(label_column))
+    if "idx3-ubyte" in name or "idx1-ubyte" in name:
+        return load_idx(path)
+    if name.startswith(("data_batch", "test_batch")) or name.endswith((".pkl", ".pickle")):
+        return load_cifar_batch(path)
+    raise SoftTargetsError(
+        f"cannot tell the format of {path.name}; use .npz, .npy, .csv, an MNIST IDX file "
+        "(*-images-idx3-ubyte[.gz]), a CIFAR batch (data_batch_N) or an image folder"
+    )
+
+
+def load_npz(path: str | Path) -> Dataset:
+    """An ``.npz`` archive with ``x``/``features`` and ``y``/``labels`` arrays."""
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise SoftTargetsError(f"{path}: not a readable .npz file ({err})") from None
+    with archive:
+        keys = set(archive.files)
+        x_key = next((k for k in ("x", "features", "X") if k in keys), None)
+        y_key = next((k for k in ("y", "labels", "Y") if k in keys), None)
+        if x_key is None or y_key is None:
+            raise SoftTargetsError(
+                f"{path}: expected arrays 'x' and 'y' (or 'features' and 'labels'), found "
+                f"{sorted(keys)}"
+            )
+        optional = {k: archive[k] for k in ("ids", "soft_targets", "weights") if k in keys}
+        names = [str(c) for c in archive["class_names"]] if "class_names" in keys else None
+        return Dataset.from_arrays(
+            archive[x_key], archive[y_key], class_names=names, name=Path(path).stem, **optional
+        )
+
+
+def load_npy(path: str | Path, label_column: int = -1) -> Dataset:
+    """One 2-D ``.npy`` array whose column ``label_column`` holds integer labels."""
+    try:
+        table = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise SoftTargetsError(f"{path}: not a readable .npy file ({err})") from None
+    if table.ndim != 2 or table.shape[1] < 2:
+        raise SoftTargetsError(
+            f"{path}: expected a 2-D array (rows x [features..., label]), got shape {table.shape}; "
+            "for other layouts save an .npz with arrays x and y"
+        )
+    col = label_column % table.shape[1]
+    labels = table[:, col]
+    features = np.delete(table, col, axis=1)
+    return Dataset.from_arrays(features, labels, name=Path(path).stem)
+
+
+def load_csv(path: str | Path, label_column: str = "label") -> Dataset:
+    """A CSV with a header; ``label_column`` holds class names or integers, the rest are features."""
+    opener: Any = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", newline="") as handle:
+        rows = list(csv.reader(handle))
+    if not rows:
+        raise SoftTargetsError(f"{path}: the file is empty; it needs a header row and data rows")
+    header, body = [h.strip() for h in rows[0]], [r for r in rows[1:] if r]
+    if label_column not in header:
+        raise SoftTargetsError(
+            f"{path}: no column named {label_column!r}; columns are {', '.join(header)} "
+            "(choose one with --label-column)"
+        )
+    if not body:
+        raise SoftTargetsError(f"{path}: the file has a header but no data rows")
+    label_at = header.index(label_column)
+    id_at = header.index("id") if "id" in header and label_column != "id" else None
+    feature_at = [i for i in range(len(header)) if i not in (label_at, id_at)]
+    features = np.empty((len(body), len(feature_at)), dtype=np.float32)
+    for r, row in enumerate(body):
+        if len(row) != len(header):
+            raise SoftTargetsError(
+                f"{path}: line {r + 2} has {len(row)} fields but the header has {len(header)}"
+            )
+        for j, i in enumerate(feature_at):
+            try:
+                features[r, j] = float(row[i])
+            except ValueError:
+                raise SoftTargetsError(
+                    f"{path}: line {r + 2}, column {header[i]!r} is not a number ({row[i]!r}); "
+                    "features must be numeric"
+                ) from None
+    raw_labels = [row[label_at].strip() for row in body]
+    if all(_is_int(v) for v in raw_labels):
+        labels = np.array([int(v) for v in raw_labels])
+        names = None
+    else:
+        names = sorted(set(raw_labels))
+        index = {name: i for i, name in enumerate(names)}
+        labels = np.array([index[v] for v in raw_labels])
+    ids = np.array([int(row[id_at]) for row in body]) if id_at is not None else None
+    return Dataset.from_arrays(features, labels, ids=ids, class_names=names, name=Path(path).stem)
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener: Any = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        raw = handle.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise SoftTargetsError(f"{path}: not an IDX file (bad magic number)")
+    dtype_code, ndim = raw[2], raw[3]
+    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if dtype_code not in dtypes:
+        raise SoftTargetsError(f"{path}: unknown IDX data type 0x{dtype_code:02x}")
+    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=dtypes[dtype_code], offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise SoftTargetsError(
+            f"{path}: IDX header promises shape {shape} but the file holds {data.size} values "
+            "(truncated download?)"
+        )
+    return data.reshape(shape)
+
+
+def load_idx(path: str | Path) -> Dataset:
+    """MNIST-style IDX files: give the images file; the labels file beside it is found by name."""
+    path = Path(path)
+    if "idx1-ubyte" in path.name:
+        images_path = path.with_name(path.name.replace("labels-idx1", "images-idx3"))
+        labels_path = path
+    else:
+        images_path = path
+        labels_path = path.with_name(path.name.replace("images-idx3", "labels-idx1"))
+    if not labels_path.exists() or not images_path.exists():
+        raise SoftTargetsError(
+            f"MNIST IDX needs both {images_path.name} and {labels_path.name} in {path.parent}"
+        )
+    images = _read_idx(images_path)
+    labels = _read_idx(labels_path)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise SoftTargetsError(
+            f"IDX shapes do not match: images {images.shape}, labels {labels.shape}; expected "
+            "(N, H, W) and (N,)"
+        )
+    scale = 255.0 if images.dtype == np.uint8 else 1.0
+    features = (images.astype(np.float32) / scale)[:, None]
+    return Dataset.from_arrays(features, labels.astype(np.int64), name=images_path.name.split("-")[0])
+
+
+def load_cifar_batch(path: str | Path) -> Dataset:
+    """One CIFAR-10/100 python batch: ``data (N, 3072) uint8`` and ``labels`` (or ``fine_labels``)."""
+    try:
+        with open(path, "rb") as handle:
+            batch = pickle.load(handle, encoding="bytes")
+    except (OSError, pickle.UnpicklingError, EOFError) as err:
+        raise SoftTargetsError(f"{path}: not a readable CIFAR batch ({err})") from None
+    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    label_key = next((k for k in ("labels", "fine_labels") if k in batch), None)
+    if "data" not in batch or label_key is None:
+        raise SoftTargetsError(f"{path}: a CIFAR batch needs 'data' and 'labels' entries")
+    data = np.asarray(batch["data"], dtype=np.uint8)
+    side = int(round((data.shape[1] / 3) ** 0.5))
+    features = data.reshape(-1, 3, side, side).astype(np.float32) / 255.0
+    return Dataset.from_arrays(features, np.asarray(batch[label_key]), name=Path(path).stem)
+
+
+def load_image_folder(root: str | Path, size: tuple[int, int] | None = None) -> Dataset:
+    """``root/<class>/<image>``: classes sorted by folder name, images converted to RGB floats.
+
+    All images must share one size unless ``size=(height, width)`` is given to resize them.
+    """
+    from PIL import Image  # pillow comes with matplotlib
+
+    root = Path(root)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise SoftTargetsError(f"{root}: an image folder needs one sub-folder per class")
+    arrays, labels = [], []
+    for label, name in enumerate(classes):
+        for file in sorted((root / name).iterdir()):
+            if file.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            with Image.open(file) as image:
+                image = image.convert("RGB")
+                if size is not None:
+                    image = image.resize((size[1], size[0]))
+                arrays.append(np.asarray(image, dtype=np.float32) / 255.0)
+            labels.append(label)
+    if not arrays:
+        raise SoftTargetsError(f"{root}: no images found in the class folders")
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise SoftTargetsError(
+            f"{root}: images have different sizes {sorted(shapes)[:3]}; pass size=(H, W) to resize"
+        )
+    features = np.stack(arrays).transpose(0, 3, 1, 2)
+    return Dataset.from_arrays(features, labels, class_names=classes, name=root.name)
+
+
+def load_data(name_or_path: str, label_column: str | int | None = None, **options: Any) -> Dataset:
+    """A built-in dataset by name (with generator options) or a file/folder by path."""
+    from softtargets.datasets import BUILTIN, load_builtin
+
+    if name_or_path in BUILTIN:
+        return load_builtin(name_or_path, **options)
+    if options:
+        raise SoftTargetsError(
+            f"dataset options {sorted(options)} apply to built-in datasets only, not to files"
+        )
+    if not Path(name_or_path).exists():
+        raise SoftTargetsError(
+            f"unknown dataset {name_or_path!r}: not a built-in ({', '.join(sorted(BUILTIN))}) "
+            "and no such file"
+        )
+    return load_file(name_or_path, label_column)

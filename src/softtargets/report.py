@@ -1,0 +1,97 @@
+"""Figures and Markdown for run reports.
+
+Figures are drawn with matplotlib's object API (no pyplot global state, no display needed) and
+written atomically. Every curve over seeds is a mean with a 95% confidence band.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from softtargets.files import atomic_write_bytes
+from softtargets.stats import mean_ci
+
+#: A colour-blind-safe palette (Okabe & Ito), so hard/soft stay distinguishable for everyone.
+PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
+
+
+def new_figure(width: float = 6.4, height: float = 4.0) -> tuple[Figure, Any]:
+    figure = Figure(figsize=(width, height), dpi=120, layout="constrained")
+    axes = figure.add_subplot()
+    axes.grid(True, alpha=0.3)
+    axes.spines[["top", "right"]].set_visible(False)
+    return figure, axes
+
+
+def save_figure(figure: Figure, path: str | Path) -> Path:
+    """Write ``figure`` as PNG, atomically."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
+
+
+def band(values_per_seed: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-position mean and 95% CI bounds over seeds (curves may differ in length: early stopping
+    or divergence; each position uses the seeds that reached it)."""
+    length = max(len(v) for v in values_per_seed)
+    means, lows, highs = np.full(length, np.nan), np.full(length, np.nan), np.full(length, np.nan)
+    for i in range(length):
+        column = [v[i] for v in values_per_seed if i < len(v) and np.isfinite(v[i])]
+        if not column:
+            continue
+        estimate = mean_ci(column)
+        means[i] = estimate.mean
+        half = 0.0 if estimate.n < 2 else estimate.half_width
+        lows[i], highs[i] = estimate.mean - half, estimate.mean + half
+    return means, lows, highs
+
+
+def plot_epoch_curves(
+    records: Iterable[dict[str, Any]],
+    path: str | Path,
+    *,
+    metric: str = "test_accuracy",
+    group: str = "method",
+    title: str = "",
+    ylabel: str = "test accuracy (%)",
+    scale: float = 100.0,
+    reference: dict[str, float] | None = None,
+) -> Path:
+    """Mean +- 95% CI of ``metric`` per epoch, one line per value of ``group`` (seeds pooled).
+
+    ``records`` are per-epoch history lines carrying ``group``, ``seed``, ``epoch`` and ``metric``.
+    ``reference`` adds labelled horizontal lines (e.g. the teacher's accuracy).
+    """
+    curves: dict[str, dict[Any, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    for r in records:
+        if metric in r and group in r:
+            curves[str(r[group])][r.get("seed", 0)][int(r["epoch"])] = float(r[metric])
+    figure, axes = new_figure()
+    for colour, (name, by_seed) in zip(PALETTE, sorted(curves.items()), strict=False):
+        per_seed = [[epochs[e] for e in sorted(epochs)] for epochs in by_seed.values()]
+        mean, low, high = band(per_seed)
+        x = np.arange(1, len(mean) + 1)
+        axes.plot(x, mean * scale, color=colour, label=f"{name} (n={len(per_seed)} seeds)")
+        axes.fill_between(x, low * scale, high * scale, color=colour, alpha=0.2, linewidth=0)
+    for (name, value), colour in zip((reference or {}).items(), PALETTE[::-1], strict=False):
+        axes.axhline(value * scale, color=colour, linestyle="--", linewidth=1, label=name)
+    axes.set_xlabel("epoch")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title or f"{metric.replace('_', ' ')} per epoch (mean, 95% CI band)")
+    axes.legend(frameon=False)
+    return save_figure(figure, path)
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub-flavoured Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,58 @@
+"""Means with confidence intervals, and verdicts computed from them.
+
+Every figure softtargets reports about soft vs hard targets is a mean over seeds with a two-sided
+95% Student-t confidence interval, so a reader sees how much of a difference is noise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A mean over ``n`` runs with the half-width of its confidence interval."""
+
+    mean: float
+    half_width: float
+    n: int
+    confidence: float = 0.95
+
+    @property
+    def low(self) -> float:
+        return self.mean - self.half_width
+
+    @property
+    def high(self) -> float:
+        return self.mean + self.half_width
+
+    def format(self, scale: float = 1.0, digits: int = 2) -> str:
+        """``"mean ± half_width"`` (``"mean"`` alone for one run), values multiplied by ``scale``."""
+        if self.n < 2 or not math.isfinite(self.half_width):
+            return f"{self.mean * scale:.{digits}f}"
+        return f"{self.mean * scale:.{digits}f} ± {self.half_width * scale:.{digits}f}"
+
+
+def mean_ci(values: Sequence[float], confidence: float = 0.95) -> Estimate:
+    """Mean and Student-t confidence half-width of ``values`` (``nan`` half-width for one value)."""
+    data = np.asarray(values, dtype=np.float64)
+    if data.size == 0:
+        raise ValueError("mean_ci needs at least one value")
+    mean = float(data.mean())
+    if data.size < 2:
+        return Estimate(mean, float("nan"), 1, confidence)
+    sem = float(data.std(ddof=1) / math.sqrt(data.size))
+    t = float(scipy_stats.t.ppf(0.5 + confidence / 2, df=data.size - 1))
+    return Estimate(mean, t * sem, int(data.size), confidence)
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> Estimate:
+    """Mean and confidence interval of ``a - b`` over paired runs (same seeds)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired_difference needs equal lengths, got {len(a)} and {len(b)}")
+    return mean_ci(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64), confidence)

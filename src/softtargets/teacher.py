@@ -1,0 +1,239 @@
+"""The soft-target store: a teacher's logits, computed once, for every sample id.
+
+:func:`label` runs a teacher over a dataset in inference mode and returns a
+:class:`SoftTargetStore`. The store keeps *logits*, not probabilities, so one teacher pass serves
+every temperature (:meth:`SoftTargetStore.soften`). It keeps the sample ids, so any subset, shuffle
+or split of the data finds its rows, and two fingerprints (the teacher's weights, the data's
+features) so that a store is never silently used with another teacher or other data.
+
+On disk a store is one safetensors file: tensors ``logits (N, K)`` and ``ids (N,)`` plus a small
+JSON header (format version, fingerprints, class names), written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from softtargets.data import Dataset
+from softtargets.errors import SoftTargetsError
+from softtargets.files import atomic_write_bytes
+from softtargets.metrics import predict_logits
+from softtargets.targets import soften as soften_logits
+
+FORMAT = "softtargets.store"
+FORMAT_VERSION = 1
+
+
+def fingerprint_module(module: nn.Module) -> str:
+    """A short hash of a module's parameters and buffers (names, shapes, dtypes and values)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class SoftTargetStore:
+    """A teacher's logits for a set of sample ids.
+
+    Attributes:
+        logits: ``(N, K)`` float32 (or float16) teacher logits.
+        ids: ``(N,)`` int64 sample ids, one per row of ``logits``.
+        teacher_fingerprint: :func:`fingerprint_module` of the teacher.
+        data_fingerprint: the labelled dataset's ``fingerprint``.
+        class_names: the ``K`` class names, in column order.
+        info: free-form description (teacher name, accuracy, ...), saved in the header.
+    """
+
+    logits: Tensor
+    ids: Tensor
+    teacher_fingerprint: str
+    data_fingerprint: str
+    class_names: tuple[str, ...]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        order = torch.argsort(self.ids)
+        self._sorted_ids = self.ids[order]
+        self._order = order
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.logits.shape[1])
+
+    def __repr__(self) -> str:
+        return (
+            f"SoftTargetStore(n={len(self)}, classes={self.num_classes}, dtype={self.logits.dtype}, "
+            f"teacher={self.teacher_fingerprint}, data={self.data_fingerprint})"
+        )
+
+    # ------------------------------------------------------------------ checks
+    def check(self, data: Dataset | None = None, teacher: nn.Module | None = None) -> None:
+        """Raise if ``data`` or ``teacher`` is not the one this store was made from."""
+        if teacher is not None:
+            found = fingerprint_module(teacher)
+            if found != self.teacher_fingerprint:
+                raise SoftTargetsError(
+                    f"this store was made by teacher {self.teacher_fingerprint} but the given "
+                    f"teacher is {found}; re-run label() (softtargets teacher) with this teacher"
+                )
+        if data is not None:
+            if data.fingerprint != self.data_fingerprint:
+                raise SoftTargetsError(
+                    f"this store was made for data {self.data_fingerprint} but the given data is "
+                    f"{data.fingerprint} (different features or ids); label this data with the "
+                    "teacher again"
+                )
+            if data.num_classes != self.num_classes:
+                raise SoftTargetsError(
+                    f"the teacher has {self.num_classes} classes but the data has "
+                    f"{data.num_classes}; teacher and data must share their classes"
+                )
+
+    # ------------------------------------------------------------------ lookup
+    def rows_for(self, ids: Tensor) -> Tensor:
+        """Row positions of ``ids (M,)`` in this store -> ``(M,)``; raises on unknown ids."""
+        ids = ids.to(self._sorted_ids.device).long()
+        pos = torch.searchsorted(self._sorted_ids, ids).clamp_max(len(self) - 1)
+        found = self._sorted_ids[pos] == ids
+        if not bool(found.all()):
+            missing = ids[~found]
+            raise SoftTargetsError(
+                f"{len(missing)} sample ids are not in this store (first: {int(missing[0])}); "
+                "label the data that holds them, or use the store made for it"
+            )
+        return self._order[pos]
+
+    def logits_for(self, data: Dataset | Tensor) -> Tensor:
+        """Teacher logits ``(M, K)`` float32 for a dataset (checked) or for ids ``(M,)``, in that order."""
+        if isinstance(data, Dataset):
+            self.check(data)
+            ids = data.ids
+        else:
+            ids = data
+        return self.logits[self.rows_for(ids.cpu())].float()
+
+    def soften(self, temperature: float = 1.0, data: Dataset | Tensor | None = None) -> Tensor:
+        """Soft targets ``(M, K)`` at ``temperature``, for ``data``'s rows (default: every row)."""
+        logits = self.logits.float() if data is None else self.logits_for(data)
+        return soften_logits(logits, temperature)
+
+    # ------------------------------------------------------------------ files
+    def header(self) -> dict[str, str]:
+        return {
+            "format": FORMAT,
+            "version": str(FORMAT_VERSION),
+            "teacher_fingerprint": self.teacher_fingerprint,
+            "data_fingerprint": self.data_fingerprint,
+            "class_names": json.dumps(list(self.class_names)),
+            "info": json.dumps(self.info, sort_keys=True),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the store as safetensors, atomically; returns the path."""
+        from safetensors.torch import save
+
+        blob = save(
+            {"logits": self.logits.contiguous().cpu(), "ids": self.ids.contiguous().cpu()},
+            metadata=self.header(),
+        )
+        atomic_write_bytes(path, blob)
+        return Path(path)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        data: Dataset | None = None,
+        teacher: nn.Module | None = None,
+    ) -> SoftTargetStore:
+        """Read a store; with ``data`` or ``teacher`` given, refuse one that was made for others."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.exists():
+            raise SoftTargetsError(f"no store at {path}; create one with label() or softtargets teacher")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = handle.metadata() or {}
+                tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError) as err:
+            raise SoftTargetsError(
+                f"{path} is not a readable store ({str(err).splitlines()[0]}); delete it and label "
+                "the data again"
+            ) from None
+        if meta.get("format") != FORMAT or "logits" not in tensors or "ids" not in tensors:
+            raise SoftTargetsError(f"{path} is a safetensors file but not a softtargets store")
+        if meta.get("version") != str(FORMAT_VERSION):
+            raise SoftTargetsError(
+                f"{path} is store format version {meta.get('version')}, this softtargets reads "
+                f"version {FORMAT_VERSION}; label the data again"
+            )
+        logits, ids = tensors["logits"], tensors["ids"]
+        if logits.ndim != 2 or ids.shape != (logits.shape[0],):
+            raise SoftTargetsError(f"{path}: logits and ids do not line up; the store is corrupt")
+        store = cls(
+            logits=logits,
+            ids=ids,
+            teacher_fingerprint=meta["teacher_fingerprint"],
+            data_fingerprint=meta["data_fingerprint"],
+            class_names=tuple(json.loads(meta["class_names"])),
+            info=json.loads(meta.get("info", "{}")),
+        )
+        store.check(data, teacher)
+        return store
+
+
+@torch.no_grad()
+def label(
+    teacher: nn.Module,
+    data: Dataset,
+    batch_size: int = 4096,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    info: dict[str, Any] | None = None,
+) -> SoftTargetStore:
+    """Run ``teacher`` once over ``data`` in inference mode and store its logits.
+
+    Args:
+        teacher: any module mapping ``(B, *feature_shape)`` to ``(B, K)`` logits.
+        data: the rows to label (their ids are kept).
+        batch_size: rows per forward pass (large: no gradients are kept).
+        dtype: ``torch.float32`` or ``torch.float16`` for the stored logits (float16 halves the
+            file; logits are rounded to about 3 significant digits).
+        device: where to run the teacher (default: where its parameters are).
+        info: extra description saved in the store's header.
+    """
+    if dtype not in (torch.float32, torch.float16):
+        raise SoftTargetsError(f"store dtype must be float32 or float16, got {dtype}")
+    logits = predict_logits(teacher, data.features, batch_size,
+                            None if device is None else torch.device(device)).cpu()
+    if logits.ndim != 2 or logits.shape[1] != data.num_classes:
+        raise SoftTargetsError(
+            f"the teacher outputs {tuple(logits.shape[1:])} logits per row but the data has "
+            f"{data.num_classes} classes; use a teacher trained on these classes"
+        )
+    if not torch.isfinite(logits).all():
+        raise SoftTargetsError("the teacher produced NaN or inf logits; it has diverged, retrain it")
+    if dtype == torch.float16 and logits.abs().max() > torch.finfo(torch.float16).max:
+        raise SoftTargetsError("teacher logits exceed float16's range (65504); store them as float32")
+    return SoftTargetStore(
+        logits=logits.to(dtype),
+        ids=data.ids.cpu().clone(),
+        teacher_fingerprint=fingerprint_module(teacher),
+        data_fingerprint=data.fingerprint,
+        class_names=data.class_names,
+        info=dict(info or {}),
+    )

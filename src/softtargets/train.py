@@ -1,0 +1,331 @@
+"""Training: :func:`fit`, one explicit loop, and :func:`evaluate`.
+
+In-memory data is moved to the device once and batched by index permutation: no ``DataLoader``,
+no worker processes, no per-batch collation. For the small models of this field that overhead
+would otherwise cost more than the model itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from softtargets.data import Dataset, holdout
+from softtargets.errors import SoftTargetsError
+from softtargets.files import append_jsonl
+from softtargets.losses import distillation_loss, soft_cross_entropy
+from softtargets.metrics import classification_report, predict_logits
+from softtargets.targets import check_temperature, validate
+from softtargets.teacher import SoftTargetStore
+
+OptimizerName = Literal["sgd", "adam", "adamw"]
+ScheduleName = Literal["none", "cosine", "step"]
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """Targets for Hinton distillation: ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE``.
+
+    Attributes:
+        teacher: a :class:`SoftTargetStore` (rows looked up by sample id) or ``(N, K)`` teacher
+            logits aligned with the training data's rows.
+        temperature: ``T > 0``.
+        alpha: weight of the soft term in ``[0, 1]``.
+    """
+
+    teacher: SoftTargetStore | Tensor
+    temperature: float = 4.0
+    alpha: float = 0.9
+
+
+Targets = None | str | Tensor | SoftTargetStore | Distillation
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns.
+
+    Attributes:
+        model: the trained model (weights of ``best_epoch`` when selected on validation).
+        history: one record per epoch (``epoch``, ``train_loss``, ``lr``, ``val_accuracy``,
+            ``val_nll``, ``test_accuracy``, ``test_nll``, ``seconds``; missing parts omitted).
+        best_epoch: the epoch whose weights ``model`` holds (1-based).
+        stopped_early: whether early stopping ended training.
+        diverged: whether the training loss became NaN or inf (training stops there).
+        seconds: wall time of the whole fit.
+    """
+
+    model: nn.Module
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = 0
+    stopped_early: bool = False
+    diverged: bool = False
+    seconds: float = 0.0
+
+    @property
+    def selected(self) -> dict[str, Any]:
+        """The history record of ``best_epoch``."""
+        return self.history[self.best_epoch - 1] if self.history else {}
+
+
+def resolve_device(device: torch.device | str | None = None) -> torch.device:
+    """``cuda`` when available and no device is named, else the named device (or the CPU)."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+Objective = Callable[[Tensor, Tensor], Tensor]
+
+
+def make_objective(targets: Targets, data: Dataset, device: torch.device) -> Objective:
+    """The training loss as ``objective(student_logits (B, K), rows (B,)) -> scalar``.
+
+    ``rows`` index ``data``'s rows. Every per-row tensor is resolved and moved to ``device`` here,
+    once, so the training step only gathers rows.
+    """
+    labels = data.labels.to(device)
+    weights = None if data.weights is None else data.weights.to(device)
+    if targets is None or (isinstance(targets, str) and targets == "hard"):
+        if weights is None:
+            return lambda logits, rows: F.cross_entropy(logits, labels[rows])
+        return lambda logits, rows: (
+            (F.cross_entropy(logits, labels[rows], reduction="none") * weights[rows]).sum()
+            / weights[rows].sum()
+        )
+    if isinstance(targets, str):
+        if targets != "soft":
+            raise SoftTargetsError(f"unknown targets {targets!r}; use 'hard', 'soft' or a tensor")
+        if data.soft_targets is None:
+            raise SoftTargetsError("targets='soft' but the data carries no soft_targets")
+        targets = data.soft_targets
+    if isinstance(targets, SoftTargetStore):
+        targets = Distillation(targets, temperature=1.0, alpha=1.0)
+    if isinstance(targets, Distillation):
+        temperature = check_temperature(targets.temperature)
+        alpha = float(targets.alpha)
+        if not 0.0 <= alpha <= 1.0:
+            raise SoftTargetsError(f"alpha must be in [0, 1], got {alpha}")
+        if isinstance(targets.teacher, SoftTargetStore):
+            teacher_logits = targets.teacher.logits_for(data)
+        else:
+            teacher_logits = torch.as_tensor(targets.teacher).float()
+            if teacher_logits.shape != (len(data), data.num_classes):
+                raise SoftTargetsError(
+                    f"teacher logits have shape {tuple(teacher_logits.shape)} but the data needs "
+                    f"({len(data)}, {data.num_classes}): one row per sample, one column per class"
+                )
+        teacher_logits = teacher_logits.to(device)
+        return lambda logits, rows: distillation_loss(
+            logits, teacher_logits[rows], labels[rows], temperature, alpha
+        )
+    probs = validate(targets, data.num_classes).to(device=device, dtype=torch.float32)
+    if probs.shape[0] != len(data):
+        raise SoftTargetsError(
+            f"soft targets have {probs.shape[0]} rows but the data has {len(data)}; give one row "
+            "per sample, in the data's order"
+        )
+    if weights is None:
+        return lambda logits, rows: soft_cross_entropy(logits, probs[rows])
+    return lambda logits, rows: soft_cross_entropy(logits, probs[rows], weights[rows])
+
+
+def make_optimizer(
+    model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float
+) -> torch.optim.Optimizer:
+    if lr <= 0 or not math.isfinite(lr):
+        raise SoftTargetsError(f"learning rate must be > 0, got {lr}")
+    params = model.parameters()
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise SoftTargetsError(f"unknown optimizer {name!r}; choose sgd, adam or adamw")
+
+
+def lr_factor(schedule: str, step: int, total_steps: int) -> float:
+    """Multiplier of the base learning rate at ``step`` of ``total_steps``."""
+    if schedule == "none":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1)))
+    if schedule == "step":  # x0.1 at half and at three quarters of training
+        progress = step / max(total_steps, 1)
+        return 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
+    raise SoftTargetsError(f"unknown schedule {schedule!r}; choose none, cosine or step")
+
+
+@torch.no_grad()
+def _score(model: nn.Module, data: Dataset, device: torch.device) -> tuple[float, float]:
+    logits = predict_logits(model, data.features, device=device)
+    labels = data.labels.to(device)
+    return float((logits.argmax(1) == labels).float().mean()), float(F.cross_entropy(logits, labels))
+
+
+def fit(
+    model: nn.Module,
+    data: Dataset,
+    targets: Targets = None,
+    *,
+    val: Dataset | float | None = None,
+    test: Dataset | None = None,
+    epochs: int = 30,
+    batch_size: int = 128,
+    optimizer: OptimizerName = "adam",
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    schedule: ScheduleName = "none",
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    patience: int | None = None,
+    restore_best: bool = True,
+    log_path: str | Path | None = None,
+    log_extra: dict[str, Any] | None = None,
+    progress: Any = None,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+) -> FitResult:
+    """Train ``model`` on ``data`` and return a :class:`FitResult`.
+
+    Args:
+        model: any module mapping ``(B, *data.feature_shape)`` to ``(B, K)`` logits.
+        data: training rows (features, labels, ids; soft targets/weights if used).
+        targets: ``None``/``"hard"`` for the labels; ``"soft"`` for ``data.soft_targets``; an
+            ``(N, K)`` probability matrix aligned with ``data``; a :class:`SoftTargetStore`
+            (soft targets at T=1, looked up by id); or a :class:`Distillation`.
+        val: validation rows, or a fraction of ``data`` to hold out (seeded, stratified). Used for
+            early stopping and to select the returned weights, never the test set.
+        test: evaluated after every epoch for the history only; it never influences training.
+        epochs, batch_size, optimizer, lr, weight_decay, momentum, schedule: the usual.
+        seed: seeds batch order and dropout; the global random state is left untouched.
+        device: default ``cuda`` when available.
+        patience: stop after this many epochs without a better validation accuracy.
+        restore_best: with validation data, return the weights of the best validation epoch
+            (ties broken by validation NLL); otherwise the last epoch's.
+        log_path: append one JSON line per epoch here (plus ``log_extra``).
+        progress: a ``rich.progress.Progress`` to report epochs to.
+        on_epoch_end: called with each epoch's record (one plain hook, minGPT-style).
+    """
+    started = time.perf_counter()
+    device = resolve_device(device)
+    if epochs < 1 or batch_size < 1:
+        raise SoftTargetsError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
+    if test is not None and test.num_classes != data.num_classes:
+        raise SoftTargetsError("test data has a different number of classes than the training data")
+
+    train_rows = torch.arange(len(data))
+    if isinstance(val, float):
+        train_rows, val_rows = holdout(data, val, seed)
+        val = data.take(val_rows)
+    model.to(device)
+    objective = make_objective(targets, data, device)
+    features = data.features.to(device)
+    val_dev = None if val is None else val.to(device)
+    test_dev = None if test is None else test.to(device)
+    opt = make_optimizer(model, optimizer, lr, weight_decay, momentum)
+    steps_per_epoch = math.ceil(len(train_rows) / batch_size)
+    total_steps = epochs * steps_per_epoch
+
+    result = FitResult(model=model)
+    best: tuple[float, float] | None = None
+    best_state: dict[str, Tensor] | None = None
+    epochs_without_gain = 0
+    task = progress.add_task("training", total=epochs) if progress is not None else None
+    generator = torch.Generator().manual_seed(seed)
+    step = 0
+
+    # fork_rng keeps dropout's random draws seeded without changing the caller's global stream.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for epoch in range(1, epochs + 1):
+            epoch_start = time.perf_counter()
+            model.train()
+            order = train_rows[torch.randperm(len(train_rows), generator=generator)].to(device)
+            loss_sum = torch.zeros((), device=device)
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                factor = lr_factor(schedule, step, total_steps)
+                for group in opt.param_groups:
+                    group["lr"] = lr * factor
+                loss = objective(model(features[rows]), rows)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                # detach() keeps this a device-side sum: no host sync inside the loop.
+                loss_sum += loss.detach() * len(rows)
+                step += 1
+            train_loss = float(loss_sum) / len(train_rows)  # one sync per epoch
+            record: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": lr * factor}
+            if val_dev is not None:
+                record["val_accuracy"], record["val_nll"] = _score(model, val_dev, device)
+            if test_dev is not None:
+                record["test_accuracy"], record["test_nll"] = _score(model, test_dev, device)
+            record["seconds"] = time.perf_counter() - epoch_start
+            result.history.append(record)
+            if log_path is not None:
+                append_jsonl(log_path, {**(log_extra or {}), **record})
+            if on_epoch_end is not None:
+                on_epoch_end(record)
+            if task is not None:
+                progress.update(task, advance=1)
+
+            if not math.isfinite(train_loss):
+                result.diverged = True
+                break
+            if val_dev is None:
+                continue
+            score = (record["val_accuracy"], -record["val_nll"])
+            if best is None or score > best:
+                best, result.best_epoch, epochs_without_gain = score, epoch, 0
+                if restore_best:
+                    best_state = copy.deepcopy(model.state_dict())
+            else:
+                epochs_without_gain += 1
+                if patience is not None and epochs_without_gain >= patience:
+                    result.stopped_early = True
+                    break
+
+    if best_state is not None and restore_best and not result.diverged:
+        model.load_state_dict(best_state)
+    else:
+        result.best_epoch = len(result.history)
+    if task is not None:
+        progress.remove_task(task)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def evaluate(
+    model: nn.Module,
+    data: Dataset,
+    reference: nn.Module | SoftTargetStore | Tensor | None = None,
+    batch_size: int = 4096,
+    device: torch.device | str | None = None,
+) -> dict[str, float]:
+    """Accuracy, error count, NLL, ECE and (with a ``reference``) agreement on ``data``.
+
+    ``reference`` is another model, a store (looked up by id) or ``(N, K)`` logits aligned with
+    ``data``; agreement is the fraction of rows where both predict the same class.
+    """
+    device = resolve_device(device) if device is not None else next(model.parameters()).device
+    logits = predict_logits(model, data.features, batch_size, device)
+    ref = None
+    if isinstance(reference, nn.Module):
+        ref = predict_logits(reference, data.features, batch_size,
+                             next(reference.parameters()).device).to(device)
+    elif isinstance(reference, SoftTargetStore):
+        ref = reference.logits_for(data).to(device)
+    elif reference is not None:
+        ref = torch.as_tensor(reference).to(device)
+    return classification_report(logits, data.labels.to(device), ref)
