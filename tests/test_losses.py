@@ -17,7 +17,9 @@ def softmax64(z: np.ndarray, t: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def reference_distillation(z: np.ndarray, v: np.ndarray, y: np.ndarray, t: float, alpha: float) -> float:
+def reference_distillation(
+    z: np.ndarray, v: np.ndarray, y: np.ndarray, t: float, alpha: float
+) -> float:
     """Hinton's loss written out element by element in float64 (independent of losses.py)."""
     total = 0.0
     for zi, vi, yi in zip(z, v, y, strict=True):

@@ -48,8 +48,12 @@ def friendly_errors(command: F) -> F:
 
 def make_progress() -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err_console, transient=True,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
     )
 
 
@@ -72,20 +76,33 @@ Out = Annotated[Path | None, typer.Option("--out", help="Run directory (default 
 ConfigFile = Annotated[
     Path | None, typer.Option("--config", help="YAML config; flags given here override it.")
 ]
-Data = Annotated[str | None, typer.Option("--data", help="Built-in name (digits, mnist1d, "
-                                          "gaussians) or a file (.npz .npy .csv IDX CIFAR folder).")]
+Data = Annotated[
+    str | None,
+    typer.Option(
+        "--data",
+        help="Built-in name (digits, mnist1d, "
+        "gaussians) or a file (.npz .npy .csv IDX CIFAR folder).",
+    ),
+]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Delete the run directory first.")]
-TeacherName = Annotated[str | None, typer.Option("--teacher", help="Teacher model: mlp, cnn1d, cnn2d.")]
-TeacherOpt = Annotated[list[str] | None, typer.Option(
-    "--teacher-option", help="Teacher builder option key=value (repeatable), e.g. channels=[64,64].")]
+TeacherName = Annotated[
+    str | None, typer.Option("--teacher", help="Teacher model: mlp, cnn1d, cnn2d.")
+]
+TeacherOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--teacher-option",
+        help="Teacher builder option key=value (repeatable), e.g. channels=[64,64].",
+    ),
+]
 TeacherEpochs = Annotated[int | None, typer.Option("--teacher-epochs", help="Teacher epochs.")]
 Seeds = Annotated[int | None, typer.Option("--seeds", help="Student seeds (>= 3 for a CI).")]
-Device = Annotated[str | None, typer.Option("--device", help="auto (cuda if available), cpu, cuda.")]
+Device = Annotated[
+    str | None, typer.Option("--device", help="auto (cuda if available), cpu, cuda.")
+]
 
 
-def build_distill_config(
-    config_file: Path | None, **flags: Any
-) -> Any:
+def build_distill_config(config_file: Path | None, **flags: Any) -> Any:
     """A :class:`DistillConfig` from an optional YAML file, then flags that were given."""
     from softtargets.config import DistillConfig, load_yaml, parse_config
 
@@ -121,8 +138,11 @@ def print_outcome(outcome: Any) -> None:
         table.add_row(*row)
     console.print(table)
     console.print(f"soft - hard: {soft_minus_hard(outcome)}", highlight=False)
-    console.print(f"wrote {outcome.out_dir}/ (report.md, accuracy.png, results.jsonl, store) "
-                  f"in {outcome.seconds:.1f} s", highlight=False)
+    console.print(
+        f"wrote {outcome.out_dir}/ (report.md, accuracy.png, results.jsonl, store) "
+        f"in {outcome.seconds:.1f} s",
+        highlight=False,
+    )
 
 
 # ---------------------------------------------------------------------- commands
@@ -144,8 +164,13 @@ def demo(
     if device is not None:
         config.device = device
     with make_progress() as progress:
-        outcome = run_distillation(config, out or Path("runs/demo"), overwrite=overwrite,
-                                   progress=progress, log=lambda m: console.print(m, highlight=False))
+        outcome = run_distillation(
+            config,
+            out or Path("runs/demo"),
+            overwrite=overwrite,
+            progress=progress,
+            log=lambda m: console.print(m, highlight=False),
+        )
     print_outcome(outcome)
 
 
@@ -156,7 +181,9 @@ def teacher(
     teacher: TeacherName = None,
     teacher_option: TeacherOpt = None,
     epochs: Annotated[int | None, typer.Option("--epochs", help="Teacher epochs.")] = None,
-    label_column: Annotated[str | None, typer.Option(help="Label column of a CSV/.npy file.")] = None,
+    label_column: Annotated[
+        str | None, typer.Option(help="Label column of a CSV/.npy file.")
+    ] = None,
     out: Out = None,
     config: ConfigFile = None,
     overwrite: Overwrite = False,
@@ -165,13 +192,28 @@ def teacher(
     """Fit a teacher and store its logits for every sample (runs/<name>/store.safetensors)."""
     from softtargets.pipeline import run_teacher
 
-    cfg = build_distill_config(config, data=data, teacher=teacher, teacher_option=teacher_option,
-                               teacher_epochs=epochs, label_column=label_column, device=device)
+    cfg = build_distill_config(
+        config,
+        data=data,
+        teacher=teacher,
+        teacher_option=teacher_option,
+        teacher_epochs=epochs,
+        label_column=label_column,
+        device=device,
+    )
     with make_progress() as progress:
-        part = run_teacher(cfg, out or Path("runs/teacher"), overwrite=overwrite,
-                           progress=progress, log=lambda m: console.print(m, highlight=False))
-    console.print(f"stored {len(part.store)} x {part.store.num_classes} logits in "
-                  f"{out or Path('runs/teacher')}/store.safetensors", highlight=False)
+        part = run_teacher(
+            cfg,
+            out or Path("runs/teacher"),
+            overwrite=overwrite,
+            progress=progress,
+            log=lambda m: console.print(m, highlight=False),
+        )
+    console.print(
+        f"stored {len(part.store)} x {part.store.num_classes} logits in "
+        f"{out or Path('runs/teacher')}/store.safetensors",
+        highlight=False,
+    )
 
 
 @app.command()
@@ -181,14 +223,24 @@ def distill(
     teacher: TeacherName = None,
     teacher_option: TeacherOpt = None,
     teacher_epochs: TeacherEpochs = None,
-    student: Annotated[str | None, typer.Option("--student", help="Student model: mlp, cnn1d, cnn2d.")] = None,
-    student_option: Annotated[list[str] | None, typer.Option(
-        "--student-option", help="Student builder option key=value (repeatable).")] = None,
-    temperature: Annotated[float | None, typer.Option("--temperature", "-T", help="Softmax temperature T.")] = None,
-    alpha: Annotated[float | None, typer.Option(help="Weight of the soft term (0 = hard only).")] = None,
+    student: Annotated[
+        str | None, typer.Option("--student", help="Student model: mlp, cnn1d, cnn2d.")
+    ] = None,
+    student_option: Annotated[
+        list[str] | None,
+        typer.Option("--student-option", help="Student builder option key=value (repeatable)."),
+    ] = None,
+    temperature: Annotated[
+        float | None, typer.Option("--temperature", "-T", help="Softmax temperature T.")
+    ] = None,
+    alpha: Annotated[
+        float | None, typer.Option(help="Weight of the soft term (0 = hard only).")
+    ] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", help="Student epochs.")] = None,
     seeds: Seeds = None,
-    label_column: Annotated[str | None, typer.Option(help="Label column of a CSV/.npy file.")] = None,
+    label_column: Annotated[
+        str | None, typer.Option(help="Label column of a CSV/.npy file.")
+    ] = None,
     out: Out = None,
     config: ConfigFile = None,
     overwrite: Overwrite = False,
@@ -198,14 +250,28 @@ def distill(
     from softtargets.pipeline import run_distillation
 
     cfg = build_distill_config(
-        config, data=data, teacher=teacher, teacher_option=teacher_option,
-        teacher_epochs=teacher_epochs, student=student, student_option=student_option,
-        temperature=temperature, alpha=alpha, student_epochs=epochs, seeds=seeds,
-        label_column=label_column, device=device,
+        config,
+        data=data,
+        teacher=teacher,
+        teacher_option=teacher_option,
+        teacher_epochs=teacher_epochs,
+        student=student,
+        student_option=student_option,
+        temperature=temperature,
+        alpha=alpha,
+        student_epochs=epochs,
+        seeds=seeds,
+        label_column=label_column,
+        device=device,
     )
     with make_progress() as progress:
-        outcome = run_distillation(cfg, out or Path("runs/distill"), overwrite=overwrite,
-                                   progress=progress, log=lambda m: console.print(m, highlight=False))
+        outcome = run_distillation(
+            cfg,
+            out or Path("runs/distill"),
+            overwrite=overwrite,
+            progress=progress,
+            log=lambda m: console.print(m, highlight=False),
+        )
     print_outcome(outcome)
 
 

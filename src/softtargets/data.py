@@ -123,7 +123,7 @@ class Dataset:
                 "per row"
             )
         if n and y.min() < 0:
-            raise SoftTargetsError(f"labels: row {int((y < 0).nonzero()[0,0])} is negative")
+            raise SoftTargetsError(f"labels: row {int((y < 0).nonzero()[0, 0])} is negative")
         p = None
         if soft_targets is not None:
             p = validate(torch.as_tensor(soft_targets).float())
@@ -165,7 +165,9 @@ class Dataset:
         return int(np.prod(self.feature_shape))
 
     def __repr__(self) -> str:
-        extras = [a for a in ("soft_targets", "weights", "true_probs") if getattr(self, a) is not None]
+        extras = [
+            a for a in ("soft_targets", "weights", "true_probs") if getattr(self, a) is not None
+        ]
         return (
             f"Dataset({self.name!r}, n={len(self)}, features={self.feature_shape}, "
             f"classes={self.num_classes}{', ' + ', '.join(extras) if extras else ''})"
@@ -260,10 +262,14 @@ class Dataset:
         noisy = torch.where(flip, (labels + offset) % self.num_classes, labels)
         return replace(self, labels=noisy.to(self.labels.device), name=f"{self.name}+noise{rate:g}")
 
-    def with_soft_targets(self, soft_targets: Tensor | None, weights: Tensor | None = None) -> Dataset:
+    def with_soft_targets(
+        self, soft_targets: Tensor | None, weights: Tensor | None = None
+    ) -> Dataset:
         """The same rows with soft targets (validated) and optional row weights attached."""
         p = None if soft_targets is None else validate(soft_targets, self.num_classes)
-        return replace(self, soft_targets=p, weights=weights if weights is not None else self.weights)
+        return replace(
+            self, soft_targets=p, weights=weights if weights is not None else self.weights
+        )
 
     def to(self, device: torch.device | str) -> Dataset:
         """Move every tensor to ``device`` (the fingerprint is unchanged)."""
@@ -324,9 +330,11 @@ def split(
     gen = torch.Generator().manual_seed(seed)
     labels = data.labels.cpu()
     parts: dict[str, list[Tensor]] = {"train": [], "val": [], "test": []}
-    groups = [torch.arange(len(data))] if not stratify else [
-        (labels == c).nonzero().squeeze(1) for c in torch.unique(labels)
-    ]
+    groups = (
+        [torch.arange(len(data))]
+        if not stratify
+        else [(labels == c).nonzero().squeeze(1) for c in torch.unique(labels)]
+    )
     for rows in groups:
         rows = rows[torch.randperm(len(rows), generator=gen)]
         n_test = round(test * len(rows))

@@ -52,7 +52,9 @@ def mnist1d(num_samples: int = 10_000, seed: int = 42, cache: bool = True) -> Da
     and restore it so that generating data does not change the caller's random stream.
     """
     if num_samples < 10:
-        raise SoftTargetsError(f"mnist1d needs at least 10 samples (one per class), got {num_samples}")
+        raise SoftTargetsError(
+            f"mnist1d needs at least 10 samples (one per class), got {num_samples}"
+        )
     key = hashlib.sha256(json.dumps([num_samples, seed, 1]).encode()).hexdigest()[:12]
     path = cache_dir() / f"mnist1d-{num_samples}-{seed}-{key}.npz"
     if cache and path.exists():

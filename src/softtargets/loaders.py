@@ -186,7 +186,9 @@ def load_idx(path: str | Path) -> Dataset:
         )
     scale = 255.0 if images.dtype == np.uint8 else 1.0
     features = (images.astype(np.float32) / scale)[:, None]
-    return Dataset.from_arrays(features, labels.astype(np.int64), name=images_path.name.split("-")[0])
+    return Dataset.from_arrays(
+        features, labels.astype(np.int64), name=images_path.name.split("-")[0]
+    )
 
 
 def load_cifar_batch(path: str | Path) -> Dataset:

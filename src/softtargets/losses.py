@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -132,7 +131,9 @@ class DistillationLoss(nn.Module):
         self.temperature = check_temperature(temperature)
         self.alpha = float(alpha)
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None) -> Tensor:
+    def forward(
+        self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None
+    ) -> Tensor:
         return distillation_loss(
             student_logits, teacher_logits, labels, self.temperature, self.alpha
         )

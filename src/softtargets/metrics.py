@@ -56,8 +56,10 @@ def predict_logits(
     was_training = model.training
     model.eval()
     try:
-        chunks = [model(features[i : i + batch_size].to(device)).float()
-                  for i in range(0, len(features), batch_size)]
+        chunks = [
+            model(features[i : i + batch_size].to(device)).float()
+            for i in range(0, len(features), batch_size)
+        ]
     finally:
         model.train(was_training)
     if not chunks:

@@ -67,8 +67,10 @@ def cnn1d(
     in_channels, length = (1, in_shape[0]) if len(in_shape) == 1 else (in_shape[0], in_shape[1])
     layers: list[nn.Module] = [_AddChannel(1)]
     for c in channels:
-        layers += [nn.Conv1d(in_channels, int(c), kernel_size, stride=2, padding=kernel_size // 2),
-                   nn.ReLU()]
+        layers += [
+            nn.Conv1d(in_channels, int(c), kernel_size, stride=2, padding=kernel_size // 2),
+            nn.ReLU(),
+        ]
         in_channels = int(c)
         length = (length + 2 * (kernel_size // 2) - kernel_size) // 2 + 1
     layers.append(nn.Flatten())
@@ -132,12 +134,20 @@ def build_model(
     if name not in MODELS:
         raise SoftTargetsError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     builder, documented = MODELS[name]
-    check_options(documented, options, f"model {name!r}",
-                  skip=("in_features", "in_shape", "out_features", "num_classes"))
+    check_options(
+        documented,
+        options,
+        f"model {name!r}",
+        skip=("in_features", "in_shape", "out_features", "num_classes"),
+    )
     if name == "cnn1d" and len(in_shape) not in (1, 2):
-        raise SoftTargetsError(f"cnn1d needs (L,) or (C, L) inputs; this data has {tuple(in_shape)}")
+        raise SoftTargetsError(
+            f"cnn1d needs (L,) or (C, L) inputs; this data has {tuple(in_shape)}"
+        )
     if name == "cnn2d" and len(in_shape) not in (2, 3):
-        raise SoftTargetsError(f"cnn2d needs (H, W) or (C, H, W) inputs; this data has {tuple(in_shape)}")
+        raise SoftTargetsError(
+            f"cnn2d needs (H, W) or (C, H, W) inputs; this data has {tuple(in_shape)}"
+        )
     if seed is None:
         return builder(in_shape, num_classes, **options)
     with torch.random.fork_rng(devices=[]):

@@ -12,8 +12,11 @@ from softtargets.errors import SoftTargetsError
 def accepted_options(builder: Callable[..., Any], skip: tuple[str, ...] = ()) -> list[str]:
     """Names of the keyword parameters ``builder`` accepts, minus ``skip``."""
     params = inspect.signature(builder).parameters.values()
-    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-            and p.name not in skip]
+    return [
+        p.name
+        for p in params
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in skip
+    ]
 
 
 def check_options(

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from softtargets.config import DistillConfig, dump_config
+from softtargets.config import DataConfig, DistillConfig, ModelConfig, TrainConfig, dump_config
 from softtargets.data import Dataset, Splits, split
 from softtargets.errors import SoftTargetsError
 from softtargets.files import append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl
@@ -37,7 +37,7 @@ from softtargets.loaders import load_data
 from softtargets.models import build_model, count_parameters, forward_flops
 from softtargets.report import markdown_table, plot_epoch_curves
 from softtargets.stats import mean_ci, paired_difference
-from softtargets.teacher import SoftTargetStore, fingerprint_module, label
+from softtargets.teacher import SoftTargetStore, label
 from softtargets.train import Distillation, evaluate, fit, resolve_device
 
 METHODS = ("hard", "soft")
@@ -53,12 +53,18 @@ class DistillOutcome:
     seconds: float = 0.0
 
     def accuracies(self, method: str) -> list[float]:
-        return [r["test_accuracy"] for r in sorted(self.results, key=lambda r: r["seed"])
-                if r["method"] == method]
+        return [
+            r["test_accuracy"]
+            for r in sorted(self.results, key=lambda r: r["seed"])
+            if r["method"] == method
+        ]
 
     def errors(self, method: str) -> list[float]:
-        return [r["test_errors"] for r in sorted(self.results, key=lambda r: r["seed"])
-                if r["method"] == method]
+        return [
+            r["test_errors"]
+            for r in sorted(self.results, key=lambda r: r["seed"])
+            if r["method"] == method
+        ]
 
 
 def load_splits(config: DistillConfig) -> tuple[Dataset, Splits]:
@@ -71,8 +77,10 @@ def config_key(config: DistillConfig, teacher_only: bool = False) -> str:
     """A short hash of the settings that determine the teacher (or the whole run)."""
     values = config.model_dump(mode="json")
     if teacher_only:
-        values = {k: values[k] for k in ("data", "teacher", "teacher_training", "first_seed",
-                                          "store_dtype")}
+        values = {
+            k: values[k]
+            for k in ("data", "teacher", "teacher_training", "first_seed", "store_dtype")
+        }
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -117,12 +125,19 @@ def run_teacher(
     atomic_write_text(out_dir / "config.yaml", dump_config(config))
     device = resolve_device(config.device)
     data, splits = load_splits(config)
-    log(f"data: {data.name}, {len(splits.train)} train / {len(splits.val)} validation / "
-        f"{len(splits.test)} test rows, {data.num_classes} classes; device: {device}")
+    log(
+        f"data: {data.name}, {len(splits.train)} train / {len(splits.val)} validation / "
+        f"{len(splits.test)} test rows, {data.num_classes} classes; device: {device}"
+    )
 
     key = config_key(config, teacher_only=True)
-    teacher = build_model(config.teacher.name, data.feature_shape, data.num_classes,
-                          seed=config.first_seed, **config.teacher.options)
+    teacher = build_model(
+        config.teacher.name,
+        data.feature_shape,
+        data.num_classes,
+        seed=config.first_seed,
+        **config.teacher.options,
+    )
     weights_path, store_path = out_dir / "teacher.safetensors", out_dir / "store.safetensors"
     fresh = not weights_path.exists()
     if not fresh:
@@ -146,12 +161,23 @@ def run_teacher(
         log("teacher: reloaded from a previous run")
     else:
         _forget_unfinished(out_dir, set())  # a teacher that never finished leaves no history
-        fit(teacher, splits.train, val=splits.val or None, test=splits.test,
-            seed=config.first_seed, device=device, progress=progress,
+        fit(
+            teacher,
+            splits.train,
+            val=splits.val or None,
+            test=splits.test,
+            seed=config.first_seed,
+            device=device,
+            progress=progress,
             log_path=out_dir / "history.jsonl",
-            log_extra={"key": key, "role": "teacher", "method": "teacher",
-                       "seed": config.first_seed},
-            **config.teacher_training.model_dump())
+            log_extra={
+                "key": key,
+                "role": "teacher",
+                "method": "teacher",
+                "seed": config.first_seed,
+            },
+            **config.teacher_training.model_dump(),
+        )
         state = {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}
         atomic_write_bytes(weights_path, save(state, metadata={"key": key}))
 
@@ -163,18 +189,27 @@ def run_teacher(
             log(f"store: {err}; labelling again")
     if store is None:
         dtype = torch.float16 if config.store_dtype == "float16" else torch.float32
-        store = label(teacher, data, dtype=dtype,
-                      info={"teacher": config.teacher.model_dump(), "data": config.data.name})
+        store = label(
+            teacher,
+            data,
+            dtype=dtype,
+            info={"teacher": config.teacher.model_dump(), "data": config.data.name},
+        )
         store.save(store_path)
     metrics = evaluate(teacher, splits.test)
     record = {
-        "key": key, "role": "teacher", "method": "teacher", "seed": config.first_seed,
+        "key": key,
+        "role": "teacher",
+        "method": "teacher",
+        "seed": config.first_seed,
         **{f"test_{k}": v for k, v in metrics.items()},
         "parameters": count_parameters(teacher),
         "flops": forward_flops(teacher, data.feature_shape),
     }
-    log(f"teacher {config.teacher.name}: test accuracy {metrics['accuracy']:.2%} "
-        f"({metrics['errors']} errors)")
+    log(
+        f"teacher {config.teacher.name}: test accuracy {metrics['accuracy']:.2%} "
+        f"({metrics['errors']} errors)"
+    )
     return TeacherRun(teacher, store, data, splits, record, device)
 
 
@@ -213,32 +248,59 @@ def run_distillation(
     if task is not None:
         progress.remove_task(task)
 
-    outcome = DistillOutcome(out_dir, part.record, [r for r in results if r["seed"] in seeds],
-                             time.perf_counter() - started)
+    outcome = DistillOutcome(
+        out_dir,
+        part.record,
+        [r for r in results if r["seed"] in seeds],
+        time.perf_counter() - started,
+    )
     write_report(outcome, config)
     return outcome
 
 
 def _fit_student(
-    config: DistillConfig, part: TeacherRun, method: str, seed: int, key: str, out_dir: Path,
+    config: DistillConfig,
+    part: TeacherRun,
+    method: str,
+    seed: int,
+    key: str,
+    out_dir: Path,
     progress: Any,
 ) -> dict[str, Any]:
     """Fit one student (hard or soft targets, one seed), log it, and return its result record."""
     data, splits = part.data, part.splits
-    student = build_model(config.student.name, data.feature_shape, data.num_classes, seed=seed,
-                          **config.student.options)
-    targets = None if method == "hard" else Distillation(part.store, config.temperature,
-                                                         config.alpha)
-    outcome = fit(student, splits.train, targets, val=splits.val or None, test=splits.test,
-                  seed=seed, device=part.device, progress=progress,
-                  log_path=out_dir / "history.jsonl",
-                  log_extra={"key": key, "role": "student", "method": method, "seed": seed},
-                  **config.student_training.model_dump())
+    student = build_model(
+        config.student.name,
+        data.feature_shape,
+        data.num_classes,
+        seed=seed,
+        **config.student.options,
+    )
+    targets = (
+        None if method == "hard" else Distillation(part.store, config.temperature, config.alpha)
+    )
+    outcome = fit(
+        student,
+        splits.train,
+        targets,
+        val=splits.val or None,
+        test=splits.test,
+        seed=seed,
+        device=part.device,
+        progress=progress,
+        log_path=out_dir / "history.jsonl",
+        log_extra={"key": key, "role": "student", "method": method, "seed": seed},
+        **config.student_training.model_dump(),
+    )
     metrics = evaluate(student, splits.test, reference=part.teacher)
     record = {
-        "key": key, "role": "student", "method": method, "seed": seed,
+        "key": key,
+        "role": "student",
+        "method": method,
+        "seed": seed,
         **{f"test_{k}": v for k, v in metrics.items()},
-        "selected_epoch": outcome.best_epoch, "epochs_run": len(outcome.history),
+        "selected_epoch": outcome.best_epoch,
+        "epochs_run": len(outcome.history),
         "seconds": round(outcome.seconds, 3),
         "parameters": count_parameters(student),
         "flops": forward_flops(student, data.feature_shape),
@@ -250,14 +312,28 @@ def _fit_student(
 def summary_rows(outcome: DistillOutcome) -> list[list[str]]:
     """Rows of the results table: model, targets, runs, test accuracy (%), test errors."""
     t = outcome.teacher
-    rows = [["teacher", "hard labels", "1", f"{t['test_accuracy'] * 100:.2f}",
-             f"{t['test_errors']:.0f}"]]
+    rows = [
+        [
+            "teacher",
+            "hard labels",
+            "1",
+            f"{t['test_accuracy'] * 100:.2f}",
+            f"{t['test_errors']:.0f}",
+        ]
+    ]
     names = {"hard": "hard labels", "soft": "teacher soft targets"}
     for method in METHODS:
         acc, err = outcome.accuracies(method), outcome.errors(method)
         if acc:
-            rows.append(["student", names[method], str(len(acc)), mean_ci(acc).format(100),
-                         mean_ci(err).format(1, 1)])
+            rows.append(
+                [
+                    "student",
+                    names[method],
+                    str(len(acc)),
+                    mean_ci(acc).format(100),
+                    mean_ci(err).format(1, 1),
+                ]
+            )
     return rows
 
 
@@ -266,23 +342,34 @@ def soft_minus_hard(outcome: DistillOutcome) -> str:
     if len(hard) != len(soft) or len(hard) < 2:
         return "n/a (needs >= 2 seeds of each)"
     diff = paired_difference(soft, hard)
-    return (f"{diff.format(100)} points (95% CI {diff.low * 100:+.2f} to {diff.high * 100:+.2f}, "
-            f"paired over {diff.n} seeds)")
+    return (
+        f"{diff.format(100)} points (95% CI {diff.low * 100:+.2f} to {diff.high * 100:+.2f}, "
+        f"paired over {diff.n} seeds)"
+    )
 
 
 def write_report(outcome: DistillOutcome, config: DistillConfig) -> Path:
     """Redraw ``accuracy.png`` and ``report.md`` from the run directory's files."""
     out = outcome.out_dir
     key = config_key(config)
-    history = [r for r in read_jsonl(out / "history.jsonl")
-               if r.get("role") == "student" and r.get("key") == key]
-    names = {"hard": "student, hard labels",
-             "soft": f"student, soft targets (T={config.temperature:g}, alpha={config.alpha:g})"}
+    history = [
+        r
+        for r in read_jsonl(out / "history.jsonl")
+        if r.get("role") == "student" and r.get("key") == key
+    ]
+    names = {
+        "hard": "student, hard labels",
+        "soft": f"student, soft targets (T={config.temperature:g}, alpha={config.alpha:g})",
+    }
     for r in history:
         r["curve"] = names.get(r["method"], r["method"])
-    plot_epoch_curves(history, out / "accuracy.png", group="curve",
-                      reference={"teacher (selected epoch)": outcome.teacher["test_accuracy"]},
-                      title=f"{config.data.name}: test accuracy per epoch")
+    plot_epoch_curves(
+        history,
+        out / "accuracy.png",
+        group="curve",
+        reference={"teacher (selected epoch)": outcome.teacher["test_accuracy"]},
+        title=f"{config.data.name}: test accuracy per epoch",
+    )
     s = outcome.results[0] if outcome.results else {}
     table = markdown_table(
         ["model", "targets", "runs", "test accuracy (%)", "test errors"], summary_rows(outcome)
@@ -290,9 +377,9 @@ def write_report(outcome: DistillOutcome, config: DistillConfig) -> Path:
     text = f"""# Distillation run: {out.name}
 
 Data: `{config.data.name}`. Teacher: `{config.teacher.name}` {config.teacher.options}
-({outcome.teacher['parameters']:,} parameters, {outcome.teacher['flops']:,} FLOPs per sample).
-Student: `{config.student.name}` {config.student.options} ({s.get('parameters', 0):,} parameters,
-{s.get('flops', 0):,} FLOPs per sample). Soft targets: T = {config.temperature:g},
+({outcome.teacher["parameters"]:,} parameters, {outcome.teacher["flops"]:,} FLOPs per sample).
+Student: `{config.student.name}` {config.student.options} ({s.get("parameters", 0):,} parameters,
+{s.get("flops", 0):,} FLOPs per sample). Soft targets: T = {config.temperature:g},
 alpha = {config.alpha:g}.
 
 {table}
@@ -310,3 +397,30 @@ Wall time of this invocation: {outcome.seconds:.1f} s.
 """
     atomic_write_text(out / "report.md", text)
     return out / "report.md"
+
+
+def demo_config(quick: bool = False) -> DistillConfig:
+    """The demo: MNIST-1D at its standard size, a CNN teacher, an MLP student.
+
+    Why this pairing: on MNIST-1D a small CNN is far better than an MLP of similar cost (its
+    convolutions know that a digit may be shifted), so there is knowledge to transfer; the MLP
+    student overfits the 3,500 training signals with hard labels, which is where soft targets help
+    most. ``quick`` shrinks every step (data, epochs, seeds) for tests; the code path is the same.
+    """
+    config = DistillConfig(
+        data=DataConfig(name="mnist1d", options={"num_samples": 5000}),
+        teacher=ModelConfig(name="cnn1d", options={"channels": [64, 64, 64], "dropout": 0.3}),
+        teacher_training=TrainConfig(epochs=40, lr=3e-3, optimizer="adamw", weight_decay=0.05),
+        student=ModelConfig(name="mlp", options={"hidden": [100, 100]}),
+        student_training=TrainConfig(epochs=100, lr=1e-2, optimizer="adam"),
+        temperature=4.0,
+        alpha=0.9,
+        seeds=5,
+    )
+    if quick:
+        config.data.options["num_samples"] = 500
+        config.teacher.options["channels"] = [8, 8]
+        config.teacher_training.epochs = 3
+        config.student_training.epochs = 3
+        config.seeds = 2
+    return config

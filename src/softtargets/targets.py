@@ -81,8 +81,11 @@ def soften(logits: Tensor, temperature: float = 1.0) -> Tensor:
         raise SoftTargetsError(
             f"logits must have a class dimension, got shape {tuple(logits.shape)}; pass (N, K)"
         )
-    _check_finite(logits.reshape(-1, logits.shape[-1]), "logits",
-                  "check the teacher's outputs (a diverged teacher gives NaN logits)")
+    _check_finite(
+        logits.reshape(-1, logits.shape[-1]),
+        "logits",
+        "check the teacher's outputs (a diverged teacher gives NaN logits)",
+    )
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()
     return torch.softmax(logits / t, dim=-1)
@@ -122,7 +125,9 @@ def validate(
     return tensor
 
 
-def from_counts(counts: Tensor | np.ndarray, num_classes: int | None = None) -> tuple[Tensor, Tensor]:
+def from_counts(
+    counts: Tensor | np.ndarray, num_classes: int | None = None
+) -> tuple[Tensor, Tensor]:
     """Turn per-row class counts into proportions and row weights.
 
     A row that aggregates ``n`` observations, ``c_k`` of them in class ``k``, has the soft target

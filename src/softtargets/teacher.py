@@ -164,7 +164,9 @@ class SoftTargetStore:
 
         path = Path(path)
         if not path.exists():
-            raise SoftTargetsError(f"no store at {path}; create one with label() or softtargets teacher")
+            raise SoftTargetsError(
+                f"no store at {path}; create one with label() or softtargets teacher"
+            )
         try:
             with safe_open(str(path), framework="pt") as handle:
                 meta = handle.metadata() or {}
@@ -218,17 +220,22 @@ def label(
     """
     if dtype not in (torch.float32, torch.float16):
         raise SoftTargetsError(f"store dtype must be float32 or float16, got {dtype}")
-    logits = predict_logits(teacher, data.features, batch_size,
-                            None if device is None else torch.device(device)).cpu()
+    logits = predict_logits(
+        teacher, data.features, batch_size, None if device is None else torch.device(device)
+    ).cpu()
     if logits.ndim != 2 or logits.shape[1] != data.num_classes:
         raise SoftTargetsError(
             f"the teacher outputs {tuple(logits.shape[1:])} logits per row but the data has "
             f"{data.num_classes} classes; use a teacher trained on these classes"
         )
     if not torch.isfinite(logits).all():
-        raise SoftTargetsError("the teacher produced NaN or inf logits; it has diverged, retrain it")
+        raise SoftTargetsError(
+            "the teacher produced NaN or inf logits; it has diverged, retrain it"
+        )
     if dtype == torch.float16 and logits.abs().max() > torch.finfo(torch.float16).max:
-        raise SoftTargetsError("teacher logits exceed float16's range (65504); store them as float32")
+        raise SoftTargetsError(
+            "teacher logits exceed float16's range (65504); store them as float32"
+        )
     return SoftTargetStore(
         logits=logits.to(dtype),
         ids=data.ids.cpu().clone(),

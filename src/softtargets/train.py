@@ -170,7 +170,9 @@ def lr_factor(schedule: str, step: int, total_steps: int) -> float:
 def _score(model: nn.Module, data: Dataset, device: torch.device) -> tuple[float, float]:
     logits = predict_logits(model, data.features, device=device)
     labels = data.labels.to(device)
-    return float((logits.argmax(1) == labels).float().mean()), float(F.cross_entropy(logits, labels))
+    return float((logits.argmax(1) == labels).float().mean()), float(
+        F.cross_entropy(logits, labels)
+    )
 
 
 def fit(
@@ -322,8 +324,9 @@ def evaluate(
     logits = predict_logits(model, data.features, batch_size, device)
     ref = None
     if isinstance(reference, nn.Module):
-        ref = predict_logits(reference, data.features, batch_size,
-                             next(reference.parameters()).device).to(device)
+        ref = predict_logits(
+            reference, data.features, batch_size, next(reference.parameters()).device
+        ).to(device)
     elif isinstance(reference, SoftTargetStore):
         ref = reference.logits_for(data).to(device)
     elif reference is not None:

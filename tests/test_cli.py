@@ -1,0 +1,141 @@
+"""The command line end to end, in quick mode."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from softtargets.cli import app
+from softtargets.config import DistillConfig, load_config
+from softtargets.errors import SoftTargetsError
+from softtargets.files import read_jsonl
+from softtargets.pipeline import demo_config, run_distillation
+
+runner = CliRunner()
+
+
+def test_every_command_has_help() -> None:
+    for command in ([], ["demo"], ["teacher"], ["distill"]):
+        result = runner.invoke(app, [*command, "--help"])
+        assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_quick_demo_writes_a_complete_run(tmp_path) -> None:
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--quick", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "soft targets" in result.output and "teacher" in result.output
+    for name in ("config.yaml", "store.safetensors", "teacher.safetensors", "history.jsonl",
+                 "results.jsonl", "accuracy.png", "report.md"):
+        assert (out / name).stat().st_size > 0, name
+    results = read_jsonl(out / "results.jsonl")
+    assert sorted((r["method"], r["seed"]) for r in results) == [
+        ("hard", 0), ("hard", 1), ("soft", 0), ("soft", 1)]
+    assert "| student | teacher soft targets | 2 |" in (out / "report.md").read_text()
+    assert load_config(DistillConfig, out / "config.yaml") == demo_config(quick=True)
+
+
+def test_interrupted_run_resumes_without_redoing_finished_fits(tmp_path) -> None:
+    out = tmp_path / "run"
+    config = demo_config(quick=True)
+    first = run_distillation(config, out)
+    # Simulate an interruption: drop the last finished fit and leave a torn history line.
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    with open(out / "history.jsonl", "a") as handle:
+        handle.write('{"torn": ')
+    teacher_mtime = (out / "teacher.safetensors").stat().st_mtime_ns
+    second = run_distillation(config, out)
+    assert (out / "teacher.safetensors").stat().st_mtime_ns == teacher_mtime  # not retrained
+    assert len(read_jsonl(out / "results.jsonl")) == 4
+    assert [r["test_accuracy"] for r in second.results] == [r["test_accuracy"] for r in first.results]
+    history = read_jsonl(out / "history.jsonl")
+    per_fit = {}
+    for r in history:
+        per_fit.setdefault((r["role"], r["method"], r["seed"]), []).append(r["epoch"])
+    assert all(epochs == sorted(set(epochs)) for epochs in per_fit.values())  # no duplicates
+
+
+def test_changed_teacher_settings_are_refused_and_student_settings_reuse_the_teacher(tmp_path) -> None:
+    out = tmp_path / "run"
+    config = demo_config(quick=True)
+    run_distillation(config, out)
+    changed = config.model_copy(deep=True)
+    changed.temperature = 2.0
+    outcome = run_distillation(changed, out)  # same teacher, new students
+    assert len(outcome.results) == 4
+    other_teacher = config.model_copy(deep=True)
+    other_teacher.teacher_training.epochs = 4
+    with pytest.raises(SoftTargetsError, match="holds a teacher made with other"):
+        run_distillation(other_teacher, out)
+
+
+def test_distill_with_flags_and_a_user_file(tmp_path) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 5)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] > 0).astype(int) + (x[:, 2] > 0.5).astype(int)
+    np.savez(tmp_path / "mine.npz", x=x, y=y)
+    out = tmp_path / "run"
+    result = runner.invoke(app, [
+        "distill", "--data", str(tmp_path / "mine.npz"), "--teacher", "mlp",
+        "--teacher-option", "hidden=[32, 32]", "--teacher-epochs", "3", "--student", "mlp",
+        "--student-option", "hidden=[4]", "--epochs", "2", "--seeds", "2", "-T", "3",
+        "--alpha", "0.5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = load_config(DistillConfig, out / "config.yaml")
+    assert saved.student.options == {"hidden": [4]} and saved.temperature == 3.0
+    assert saved.teacher.options == {"hidden": [32, 32]} and saved.alpha == 0.5
+
+
+def test_teacher_command_then_store_reused(tmp_path) -> None:
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("data: {name: gaussians, options: {num_samples: 200}}\n"
+                           "teacher: {name: mlp, options: {hidden: [8]}}\n"
+                           "teacher_training: {epochs: 2}\n")
+    out = tmp_path / "t"
+    result = runner.invoke(app, ["teacher", "--config", str(config_file), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "stored 200 x 10 logits" in result.output
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("tempreature: 4\n", "unknown key 'tempreature'"),
+        ("student_training: {epochs: 3, lrr: 0.1}\n", "unknown key 'student_training.lrr'"),
+        ("alpha: 2\n", "alpha: Input should be less than or equal to 1"),
+        ("student: {name: resnet}\n", "unknown model 'resnet'"),
+        ("teacher: {name: mlp, options: {hiden: [3]}}\n", "unknown option 'hiden' for model 'mlp'"),
+        ("data: {name: nonexistent}\n", "unknown dataset 'nonexistent'"),
+        ("- a list\n", "must be a mapping"),
+    ],
+)
+def test_bad_configs_give_one_line_errors(tmp_path, yaml_text: str, message: str) -> None:
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(yaml_text + "teacher_training: {epochs: 1}\n"
+                           if yaml_text.startswith("teacher:") else yaml_text)
+    result = runner.invoke(app, ["distill", "--config", str(config_file), "--out",
+                                 str(tmp_path / "o"), "--seeds", "1", "--epochs", "1",
+                                 "--teacher-epochs", "1"])
+    assert result.exit_code == 2
+    assert message in result.output, result.output
+    assert "Traceback" not in result.output
+    error_lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1
+
+
+def test_bad_option_syntax(tmp_path) -> None:
+    result = runner.invoke(app, ["distill", "--student-option", "hidden", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "must look like key=value" in result.output
+
+
+def test_results_are_json_lines(tmp_path) -> None:
+    out = tmp_path / "demo"
+    run_distillation(demo_config(quick=True), out)
+    for line in (out / "results.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        assert 0.0 <= record["test_accuracy"] <= 1.0 and record["selected_epoch"] >= 1

@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from softtargets.data import Dataset, split
+from softtargets.datasets import digits, gaussians, load_builtin, mnist1d
+from softtargets.errors import SoftTargetsError
+
+
+def small(n: int = 40, k: int = 4) -> Dataset:
+    g = torch.Generator().manual_seed(0)
+    return Dataset.from_arrays(
+        torch.randn(n, 3, generator=g), torch.arange(n) % k, ids=torch.arange(100, 100 + n)
+    )
+
+
+def test_split_is_seeded_disjoint_stratified_and_complete() -> None:
+    data = small(200, 4)
+    a, b = split(data, 0.1, 0.2, seed=3), split(data, 0.1, 0.2, seed=3)
+    assert torch.equal(a.test.ids, b.test.ids)
+    parts = [set(a.train.ids.tolist()), set(a.val.ids.tolist()), set(a.test.ids.tolist())]
+    assert sum(map(len, parts)) == 200 and len(set.union(*parts)) == 200
+    assert torch.bincount(a.test.labels).tolist() == [10, 10, 10, 10]
+    assert split(data, 0.1, 0.2, seed=4).test.ids.tolist() != a.test.ids.tolist()
+    assert a.train.fingerprint == data.fingerprint  # subsets inherit the fingerprint
+
+
+def test_rows_keep_their_ids_through_take() -> None:
+    data = small()
+    part = data.take([5, 2, 9])
+    assert part.ids.tolist() == [105, 102, 109]
+    torch.testing.assert_close(part.features[1], data.features[2])
+
+
+def test_subset_by_fraction_classes_and_relabel() -> None:
+    data = small(400, 4)
+    tenth = data.subset(0.1, seed=1)
+    assert len(tenth) == 40 and torch.bincount(tenth.labels).tolist() == [10, 10, 10, 10]
+    without_3 = data.subset(classes=[0, 1, 2])
+    assert 3 not in without_3.labels.tolist() and without_3.num_classes == 4
+    pair = data.subset(classes=[3, 1], relabel=True)
+    assert pair.num_classes == 2 and pair.class_names == ("3", "1")
+    assert set(pair.labels.tolist()) == {0, 1}
+    original = data.labels[torch.isin(data.ids, pair.ids)]
+    assert ((original == 3) == (pair.labels == 0)).all()
+    with pytest.raises(SoftTargetsError, match="exactly one"):
+        data.subset(0.5, classes=[1])
+    with pytest.raises(SoftTargetsError, match=r"classes \[7\] do not exist"):
+        data.subset(classes=[7])
+
+
+def test_label_noise_flips_the_stated_fraction_to_other_classes() -> None:
+    data = small(20000, 5)
+    noisy = data.with_label_noise(0.3, seed=0)
+    flipped = (noisy.labels != data.labels).float().mean().item()
+    assert abs(flipped - 0.3) < 0.015
+    assert noisy.fingerprint == data.fingerprint
+    # flipped labels are spread evenly over the other classes
+    moved = noisy.labels[(data.labels == 0) & (noisy.labels != 0)]
+    counts = torch.bincount(moved, minlength=5)[1:].float()
+    assert counts.min() / counts.max() > 0.85
+    assert torch.equal(noisy.labels, data.with_label_noise(0.3, seed=0).labels)
+
+
+def test_from_arrays_rejects_bad_input() -> None:
+    with pytest.raises(SoftTargetsError, match="one label per row"):
+        Dataset.from_arrays(np.zeros((3, 2)), [0, 1])
+    with pytest.raises(SoftTargetsError, match="row 1 holds NaN"):
+        Dataset.from_arrays(np.array([[0.0], [np.nan]]), [0, 1])
+    with pytest.raises(SoftTargetsError, match="unique"):
+        Dataset.from_arrays(np.zeros((2, 2)), [0, 1], ids=[4, 4])
+    with pytest.raises(SoftTargetsError, match="integer class indices"):
+        Dataset.from_arrays(np.zeros((2, 2)), [0.5, 1.0])
+    with pytest.raises(SoftTargetsError, match="sums to"):
+        Dataset.from_arrays(np.zeros((2, 2)), [0, 1], soft_targets=[[0.5, 0.6], [0.5, 0.5]])
+
+
+def test_digits_shape_and_range() -> None:
+    data = digits()
+    assert len(data) == 1797 and data.feature_shape == (1, 8, 8) and data.num_classes == 10
+    assert 0.0 <= float(data.features.min()) and float(data.features.max()) <= 1.0
+
+
+def test_mnist1d_is_seeded_cached_and_leaves_numpy_state_alone(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("SOFTTARGETS_CACHE", str(tmp_path))
+    np.random.seed(123)
+    before = np.random.rand()
+    np.random.seed(123)
+    first = mnist1d(200, seed=1)
+    assert np.random.rand() == before  # the generator's global seeding was undone
+    assert len(list(tmp_path.glob("mnist1d-*.npz"))) == 1
+    again = mnist1d(200, seed=1)  # from the cache
+    assert first.fingerprint == again.fingerprint
+    assert first.feature_shape == (40,) and torch.bincount(first.labels).tolist() == [20] * 10
+    assert mnist1d(200, seed=2).fingerprint != first.fingerprint
+
+
+def test_mnist1d_regenerates_a_corrupt_cache(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("SOFTTARGETS_CACHE", str(tmp_path))
+    good = mnist1d(100, seed=0)
+    (path,) = tmp_path.glob("mnist1d-*.npz")
+    path.write_bytes(b"not a zip file")
+    assert mnist1d(100, seed=0).fingerprint == good.fingerprint
+
+
+def test_gaussians_bayes_probabilities_are_exact() -> None:
+    data = gaussians(num_samples=3000, num_classes=3, dim=2, clusters_per_class=2, separation=2.0)
+    probs = data.true_probs
+    torch.testing.assert_close(probs.sum(1), torch.ones(len(data)))
+    # The Bayes classifier is the best possible: its accuracy beats a fitted logistic regression.
+    from sklearn.linear_model import LogisticRegression
+
+    bayes = (probs.argmax(1) == data.labels).float().mean().item()
+    fitted = LogisticRegression().fit(data.features[:2000], data.labels[:2000])
+    assert bayes > fitted.score(data.features[2000:], data.labels[2000:]) - 0.02
+    # Labels are draws from p(y|x): the mean Bayes probability of the drawn label matches the
+    # expected value sum_k p_k^2 (a calibration check of the exposed probabilities).
+    drawn = probs[torch.arange(len(data)), data.labels].mean().item()
+    expected = (probs**2).sum(1).mean().item()
+    assert abs(drawn - expected) < 0.02
+
+
+def test_gaussians_separation_controls_difficulty() -> None:
+    accs = []
+    for sep in (0.5, 2.0, 6.0):
+        d = gaussians(num_samples=2000, num_classes=4, separation=sep, seed=1)
+        accs.append((d.true_probs.argmax(1) == d.labels).float().mean().item())
+    assert accs[0] < accs[1] < accs[2]
+    assert accs[2] > 0.95 and accs[0] < 0.6
+
+
+def test_unknown_builtin_and_option() -> None:
+    with pytest.raises(SoftTargetsError, match="unknown dataset 'mnist2d'"):
+        load_builtin("mnist2d")
+    with pytest.raises(SoftTargetsError, match="unknown option 'seperation'"):
+        load_builtin("gaussians", seperation=2)

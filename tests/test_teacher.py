@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from softtargets.data import Dataset
+from softtargets.errors import SoftTargetsError
+from softtargets.models import build_model
+from softtargets.targets import soften
+from softtargets.teacher import SoftTargetStore, fingerprint_module, label
+
+
+@pytest.fixture
+def data() -> Dataset:
+    g = torch.Generator().manual_seed(0)
+    return Dataset.from_arrays(torch.randn(50, 6, generator=g), torch.arange(50) % 3,
+                               ids=torch.arange(1000, 1050))
+
+
+@pytest.fixture
+def teacher(data: Dataset) -> torch.nn.Module:
+    return build_model("mlp", data.feature_shape, 3, seed=0, hidden=[8])
+
+
+def test_store_round_trip_and_any_temperature(tmp_path, data, teacher) -> None:
+    store = label(teacher, data, batch_size=7)
+    path = store.save(tmp_path / "store.safetensors")
+    assert set(load_file(str(path))) == {"logits", "ids"}  # a plain safetensors file
+    loaded = SoftTargetStore.load(path, data=data, teacher=teacher)
+    torch.testing.assert_close(loaded.logits, teacher(data.features).detach())
+    for t in (1.0, 4.0, 20.0):
+        torch.testing.assert_close(loaded.soften(t, data), soften(teacher(data.features).detach(), t))
+    assert not list(tmp_path.glob("*.tmp"))  # the temporary file was renamed away
+
+
+def test_lookup_serves_any_subset_or_shuffle(data, teacher) -> None:
+    store = label(teacher, data)
+    part = data.take(torch.tensor([40, 3, 17]))
+    torch.testing.assert_close(store.logits_for(part), teacher(part.features).detach())
+    torch.testing.assert_close(store.logits_for(torch.tensor([1040, 1003])),
+                               store.logits[[40, 3]])
+    with pytest.raises(SoftTargetsError, match="not in this store .first: 5"):
+        store.logits_for(torch.tensor([1003, 5]))
+
+
+def test_stale_store_is_refused(tmp_path, data, teacher) -> None:
+    path = label(teacher, data).save(tmp_path / "s.safetensors")
+    other_teacher = build_model("mlp", data.feature_shape, 3, seed=1, hidden=[8])
+    with pytest.raises(SoftTargetsError, match="made by teacher .* but the given teacher"):
+        SoftTargetStore.load(path, teacher=other_teacher)
+    changed = Dataset.from_arrays(data.features + 1, data.labels, ids=data.ids)
+    with pytest.raises(SoftTargetsError, match="made for data .* label this data"):
+        SoftTargetStore.load(path, data=changed)
+
+
+def test_corrupt_or_foreign_files_are_refused(tmp_path, data, teacher) -> None:
+    path = label(teacher, data).save(tmp_path / "s.safetensors")
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(SoftTargetsError, match="not a readable store") as info:
+        SoftTargetStore.load(path)
+    assert "\n" not in str(info.value)
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(SoftTargetsError, match="not a softtargets store"):
+        SoftTargetStore.load(tmp_path / "other.safetensors")
+    with pytest.raises(SoftTargetsError, match="no store at"):
+        SoftTargetStore.load(tmp_path / "missing.safetensors")
+
+
+def test_teacher_with_other_classes_is_refused(data) -> None:
+    wrong = build_model("mlp", data.feature_shape, 5, seed=0)
+    with pytest.raises(SoftTargetsError, match="teacher outputs .5,. logits per row but the data has 3"):
+        label(wrong, data)
+
+
+def test_float16_store_halves_the_logits(tmp_path, data, teacher) -> None:
+    store = label(teacher, data, dtype=torch.float16)
+    assert store.logits.dtype == torch.float16
+    loaded = SoftTargetStore.load(store.save(tmp_path / "h.safetensors"))
+    torch.testing.assert_close(loaded.logits_for(data), teacher(data.features).detach(),
+                               rtol=2e-3, atol=2e-3)
+
+
+def test_fingerprint_changes_with_any_weight(teacher) -> None:
+    before = fingerprint_module(teacher)
+    with torch.no_grad():
+        next(teacher.parameters())[0, 0] += 1e-6
+    assert fingerprint_module(teacher) != before
