@@ -27,12 +27,23 @@ def test_quick_demo_writes_a_complete_run(tmp_path) -> None:
     result = runner.invoke(app, ["demo", "--quick", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "soft targets" in result.output and "teacher" in result.output
-    for name in ("config.yaml", "store.safetensors", "teacher.safetensors", "history.jsonl",
-                 "results.jsonl", "accuracy.png", "report.md"):
+    for name in (
+        "config.yaml",
+        "store.safetensors",
+        "teacher.safetensors",
+        "history.jsonl",
+        "results.jsonl",
+        "accuracy.png",
+        "report.md",
+    ):
         assert (out / name).stat().st_size > 0, name
     results = read_jsonl(out / "results.jsonl")
     assert sorted((r["method"], r["seed"]) for r in results) == [
-        ("hard", 0), ("hard", 1), ("soft", 0), ("soft", 1)]
+        ("hard", 0),
+        ("hard", 1),
+        ("soft", 0),
+        ("soft", 1),
+    ]
     assert "| student | teacher soft targets | 2 |" in (out / "report.md").read_text()
     assert load_config(DistillConfig, out / "config.yaml") == demo_config(quick=True)
 
@@ -50,7 +61,9 @@ def test_interrupted_run_resumes_without_redoing_finished_fits(tmp_path) -> None
     second = run_distillation(config, out)
     assert (out / "teacher.safetensors").stat().st_mtime_ns == teacher_mtime  # not retrained
     assert len(read_jsonl(out / "results.jsonl")) == 4
-    assert [r["test_accuracy"] for r in second.results] == [r["test_accuracy"] for r in first.results]
+    assert [r["test_accuracy"] for r in second.results] == [
+        r["test_accuracy"] for r in first.results
+    ]
     history = read_jsonl(out / "history.jsonl")
     per_fit = {}
     for r in history:
@@ -58,7 +71,9 @@ def test_interrupted_run_resumes_without_redoing_finished_fits(tmp_path) -> None
     assert all(epochs == sorted(set(epochs)) for epochs in per_fit.values())  # no duplicates
 
 
-def test_changed_teacher_settings_are_refused_and_student_settings_reuse_the_teacher(tmp_path) -> None:
+def test_changed_teacher_settings_are_refused_and_student_settings_reuse_the_teacher(
+    tmp_path,
+) -> None:
     out = tmp_path / "run"
     config = demo_config(quick=True)
     run_distillation(config, out)
@@ -80,11 +95,34 @@ def test_distill_with_flags_and_a_user_file(tmp_path) -> None:
     y = (x[:, 0] + x[:, 1] > 0).astype(int) + (x[:, 2] > 0.5).astype(int)
     np.savez(tmp_path / "mine.npz", x=x, y=y)
     out = tmp_path / "run"
-    result = runner.invoke(app, [
-        "distill", "--data", str(tmp_path / "mine.npz"), "--teacher", "mlp",
-        "--teacher-option", "hidden=[32, 32]", "--teacher-epochs", "3", "--student", "mlp",
-        "--student-option", "hidden=[4]", "--epochs", "2", "--seeds", "2", "-T", "3",
-        "--alpha", "0.5", "--out", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "distill",
+            "--data",
+            str(tmp_path / "mine.npz"),
+            "--teacher",
+            "mlp",
+            "--teacher-option",
+            "hidden=[32, 32]",
+            "--teacher-epochs",
+            "3",
+            "--student",
+            "mlp",
+            "--student-option",
+            "hidden=[4]",
+            "--epochs",
+            "2",
+            "--seeds",
+            "2",
+            "-T",
+            "3",
+            "--alpha",
+            "0.5",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     saved = load_config(DistillConfig, out / "config.yaml")
     assert saved.student.options == {"hidden": [4]} and saved.temperature == 3.0
@@ -93,9 +131,11 @@ def test_distill_with_flags_and_a_user_file(tmp_path) -> None:
 
 def test_teacher_command_then_store_reused(tmp_path) -> None:
     config_file = tmp_path / "c.yaml"
-    config_file.write_text("data: {name: gaussians, options: {num_samples: 200}}\n"
-                           "teacher: {name: mlp, options: {hidden: [8]}}\n"
-                           "teacher_training: {epochs: 2}\n")
+    config_file.write_text(
+        "data: {name: gaussians, options: {num_samples: 200}}\n"
+        "teacher: {name: mlp, options: {hidden: [8]}}\n"
+        "teacher_training: {epochs: 2}\n"
+    )
     out = tmp_path / "t"
     result = runner.invoke(app, ["teacher", "--config", str(config_file), "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -116,11 +156,27 @@ def test_teacher_command_then_store_reused(tmp_path) -> None:
 )
 def test_bad_configs_give_one_line_errors(tmp_path, yaml_text: str, message: str) -> None:
     config_file = tmp_path / "c.yaml"
-    config_file.write_text(yaml_text + "teacher_training: {epochs: 1}\n"
-                           if yaml_text.startswith("teacher:") else yaml_text)
-    result = runner.invoke(app, ["distill", "--config", str(config_file), "--out",
-                                 str(tmp_path / "o"), "--seeds", "1", "--epochs", "1",
-                                 "--teacher-epochs", "1"])
+    config_file.write_text(
+        yaml_text + "teacher_training: {epochs: 1}\n"
+        if yaml_text.startswith("teacher:")
+        else yaml_text
+    )
+    result = runner.invoke(
+        app,
+        [
+            "distill",
+            "--config",
+            str(config_file),
+            "--out",
+            str(tmp_path / "o"),
+            "--seeds",
+            "1",
+            "--epochs",
+            "1",
+            "--teacher-epochs",
+            "1",
+        ],
+    )
     assert result.exit_code == 2
     assert message in result.output, result.output
     assert "Traceback" not in result.output

@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from softtargets.errors import SoftTargetsError
-from softtargets.losses import DistillationLoss, distillation_loss, soft_cross_entropy
+from softtargets.losses import (
+    DistillationLoss,
+    StoredDistillation,
+    distillation_loss,
+    soft_cross_entropy,
+)
 
 
 def softmax64(z: np.ndarray, t: float = 1.0) -> np.ndarray:
@@ -125,3 +130,18 @@ def test_errors_are_clear() -> None:
         distillation_loss(z, z, None, 2.0, 1.5)
     with pytest.raises(SoftTargetsError, match="temperature"):
         DistillationLoss(temperature=0)
+
+
+@pytest.mark.parametrize("t", [1.0, 4.0, 20.0])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 0.9, 1.0])
+def test_stored_distillation_closed_form_matches_autograd(t: float, alpha: float) -> None:
+    g = torch.Generator().manual_seed(2)
+    teacher = torch.randn(30, 6, generator=g) * 4
+    labels = torch.randint(0, 6, (30,), generator=g)
+    rows = torch.tensor([4, 17, 0, 29, 4])
+    z = (torch.randn(5, 6, generator=g) * 3).requires_grad_(True)
+    want = distillation_loss(z, teacher[rows], labels[rows], t, alpha)
+    (want_grad,) = torch.autograd.grad(want, z)
+    value, grad = StoredDistillation(teacher, labels, t, alpha).value_and_grad(z.detach(), rows)
+    assert float(value) == pytest.approx(float(want), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-6)

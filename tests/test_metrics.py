@@ -18,7 +18,9 @@ def test_ece_against_a_loop_written_reference() -> None:
     for lo, hi in zip(np.linspace(0, 1, 16)[:-1], np.linspace(0, 1, 16)[1:], strict=True):
         inside = (conf > lo) & (conf <= hi)
         if inside.any():
-            ece += inside.mean() * abs((pred[inside] == labels.numpy()[inside]).mean() - conf[inside].mean())
+            ece += inside.mean() * abs(
+                (pred[inside] == labels.numpy()[inside]).mean() - conf[inside].mean()
+            )
     assert expected_calibration_error(logits, labels) == pytest.approx(ece, abs=1e-9)
 
 
@@ -27,8 +29,11 @@ def test_simple_metrics() -> None:
     labels = torch.tensor([0, 0, 0])
     assert accuracy(logits, labels) == pytest.approx(2 / 3) and error_count(logits, labels) == 1
     assert nll(logits, labels) == pytest.approx(
-        float(torch.nn.functional.cross_entropy(logits.double(), labels)))
-    assert agreement(logits, torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])) == pytest.approx(2 / 3)
+        float(torch.nn.functional.cross_entropy(logits.double(), labels))
+    )
+    assert agreement(logits, torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])) == pytest.approx(
+        2 / 3
+    )
 
 
 def test_mean_ci_against_scipy_and_paired_difference() -> None:

@@ -14,8 +14,9 @@ from softtargets.teacher import SoftTargetStore, fingerprint_module, label
 @pytest.fixture
 def data() -> Dataset:
     g = torch.Generator().manual_seed(0)
-    return Dataset.from_arrays(torch.randn(50, 6, generator=g), torch.arange(50) % 3,
-                               ids=torch.arange(1000, 1050))
+    return Dataset.from_arrays(
+        torch.randn(50, 6, generator=g), torch.arange(50) % 3, ids=torch.arange(1000, 1050)
+    )
 
 
 @pytest.fixture
@@ -30,7 +31,9 @@ def test_store_round_trip_and_any_temperature(tmp_path, data, teacher) -> None:
     loaded = SoftTargetStore.load(path, data=data, teacher=teacher)
     torch.testing.assert_close(loaded.logits, teacher(data.features).detach())
     for t in (1.0, 4.0, 20.0):
-        torch.testing.assert_close(loaded.soften(t, data), soften(teacher(data.features).detach(), t))
+        torch.testing.assert_close(
+            loaded.soften(t, data), soften(teacher(data.features).detach(), t)
+        )
     assert not list(tmp_path.glob("*.tmp"))  # the temporary file was renamed away
 
 
@@ -38,8 +41,7 @@ def test_lookup_serves_any_subset_or_shuffle(data, teacher) -> None:
     store = label(teacher, data)
     part = data.take(torch.tensor([40, 3, 17]))
     torch.testing.assert_close(store.logits_for(part), teacher(part.features).detach())
-    torch.testing.assert_close(store.logits_for(torch.tensor([1040, 1003])),
-                               store.logits[[40, 3]])
+    torch.testing.assert_close(store.logits_for(torch.tensor([1040, 1003])), store.logits[[40, 3]])
     with pytest.raises(SoftTargetsError, match="not in this store .first: 5"):
         store.logits_for(torch.tensor([1003, 5]))
 
@@ -71,7 +73,9 @@ def test_corrupt_or_foreign_files_are_refused(tmp_path, data, teacher) -> None:
 
 def test_teacher_with_other_classes_is_refused(data) -> None:
     wrong = build_model("mlp", data.feature_shape, 5, seed=0)
-    with pytest.raises(SoftTargetsError, match="teacher outputs .5,. logits per row but the data has 3"):
+    with pytest.raises(
+        SoftTargetsError, match="teacher outputs .5,. logits per row but the data has 3"
+    ):
         label(wrong, data)
 
 
@@ -79,8 +83,9 @@ def test_float16_store_halves_the_logits(tmp_path, data, teacher) -> None:
     store = label(teacher, data, dtype=torch.float16)
     assert store.logits.dtype == torch.float16
     loaded = SoftTargetStore.load(store.save(tmp_path / "h.safetensors"))
-    torch.testing.assert_close(loaded.logits_for(data), teacher(data.features).detach(),
-                               rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(
+        loaded.logits_for(data), teacher(data.features).detach(), rtol=2e-3, atol=2e-3
+    )
 
 
 def test_fingerprint_changes_with_any_weight(teacher) -> None:

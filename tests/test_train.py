@@ -21,14 +21,23 @@ def parts():
 
 
 def mlp(data: Dataset, seed: int = 0, dropout: float = 0.0):
-    return build_model("mlp", data.feature_shape, data.num_classes, seed=seed, hidden=[32],
-                       dropout=dropout)
+    return build_model(
+        "mlp", data.feature_shape, data.num_classes, seed=seed, hidden=[32], dropout=dropout
+    )
 
 
 def test_fit_learns_and_records_history(parts, tmp_path) -> None:
     log = tmp_path / "h.jsonl"
-    result = fit(mlp(parts.train), parts.train, val=parts.val, test=parts.test, epochs=15,
-                 lr=1e-2, log_path=log, log_extra={"method": "hard"})
+    result = fit(
+        mlp(parts.train),
+        parts.train,
+        val=parts.val,
+        test=parts.test,
+        epochs=15,
+        lr=1e-2,
+        log_path=log,
+        log_extra={"method": "hard"},
+    )
     assert len(result.history) == 15
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert evaluate(result.model, parts.test)["accuracy"] > 0.85
@@ -38,8 +47,10 @@ def test_fit_learns_and_records_history(parts, tmp_path) -> None:
 
 
 def test_same_seed_same_result_different_seed_different(parts) -> None:
-    runs = [fit(mlp(parts.train, dropout=0.2), parts.train, epochs=3, seed=s, val=parts.val)
-            for s in (7, 7, 8)]
+    runs = [
+        fit(mlp(parts.train, dropout=0.2), parts.train, epochs=3, seed=s, val=parts.val)
+        for s in (7, 7, 8)
+    ]
     assert runs[0].history == [
         {**r, "seconds": runs[0].history[i]["seconds"]} for i, r in enumerate(runs[1].history)
     ]
@@ -53,7 +64,8 @@ def test_selection_uses_validation_never_test(parts) -> None:
     assert result.best_epoch == 1 + max(range(12), key=lambda i: val_scores[i])
     # the returned weights are those of the selected epoch
     assert evaluate(result.model, parts.val)["accuracy"] == pytest.approx(
-        result.selected["val_accuracy"])
+        result.selected["val_accuracy"]
+    )
 
 
 def test_early_stopping_stops_after_patience(parts) -> None:
@@ -76,15 +88,22 @@ def test_soft_targets_equal_one_hot_targets_reproduce_hard_training(parts) -> No
 
 def test_distillation_from_store_uses_ids_not_positions(parts) -> None:
     teacher = fit(mlp(parts.train, seed=3), parts.train, epochs=5, lr=1e-2).model
-    full = Dataset.from_arrays(torch.cat([parts.train.features, parts.test.features]),
-                               torch.cat([parts.train.labels, parts.test.labels]))
+    full = Dataset.from_arrays(
+        torch.cat([parts.train.features, parts.test.features]),
+        torch.cat([parts.train.labels, parts.test.labels]),
+    )
     store = label(teacher, parts.train)
     shuffled = parts.train.take(torch.randperm(len(parts.train)))
     logits = store.logits_for(shuffled)
     torch.testing.assert_close(logits, teacher(shuffled.features).detach())
     a = fit(mlp(parts.train), parts.train, Distillation(store, 2.0, 1.0), epochs=1, seed=0)
-    b = fit(mlp(parts.train), parts.train,
-            Distillation(teacher(parts.train.features).detach(), 2.0, 1.0), epochs=1, seed=0)
+    b = fit(
+        mlp(parts.train),
+        parts.train,
+        Distillation(teacher(parts.train.features).detach(), 2.0, 1.0),
+        epochs=1,
+        seed=0,
+    )
     torch.testing.assert_close(a.history[0]["train_loss"], b.history[0]["train_loss"])
     with pytest.raises(SoftTargetsError, match="made for data"):
         fit(mlp(full), full, Distillation(store, 2.0, 1.0), epochs=1)
@@ -111,7 +130,12 @@ def test_schedules() -> None:
     assert lr_factor("none", 5, 10) == 1.0
     assert lr_factor("cosine", 0, 10) == 1.0 and lr_factor("cosine", 10, 10) == pytest.approx(0)
     assert lr_factor("cosine", 5, 10) == pytest.approx(0.5)
-    assert [lr_factor("step", s, 100) for s in (0, 49, 50, 75)] == [1.0, 1.0, 0.1, pytest.approx(0.01)]
+    assert [lr_factor("step", s, 100) for s in (0, 49, 50, 75)] == [
+        1.0,
+        1.0,
+        0.1,
+        pytest.approx(0.01),
+    ]
 
 
 def test_evaluate_reports_agreement_and_calibration(parts) -> None:

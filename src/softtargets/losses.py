@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -140,3 +141,57 @@ class DistillationLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, alpha={self.alpha}"
+
+
+class StoredDistillation:
+    """Hinton's loss against a whole dataset's teacher logits, with a closed-form gradient.
+
+    For the training hot path. The teacher side never changes during training, so everything
+    about it is computed once here, per row: its softened probabilities ``p = softmax(v / T)``, the
+    terms ``sum_k p_k log p_k``, and the mixed targets. A step then gathers its rows and needs
+    only the student's two softmaxes (at ``T`` and at 1), computed together on a stacked
+    ``(B, 2, K)`` tensor.
+
+    The gradient with respect to the student logits ``z`` is known in closed form (Hinton et al.
+    2015, eq. 2, times the ``T^2`` factor, plus the hard term):
+    ``(alpha * T * (softmax(z / T) - p) + (1 - alpha) * (softmax(z) - onehot(y))) / B``. Handing
+    it straight to ``logits.backward`` skips recording a dozen tiny autograd ops per step, which on
+    the small models of this field is a measurable share of the step (see ``bench/epoch_cost.py``).
+
+    ``value_and_grad(z (B, K), rows (B,))`` returns the batch-mean loss, equal to
+    ``distillation_loss(z, v[rows], y[rows], T, alpha)``, and its gradient ``(B, K)``.
+    """
+
+    def __init__(
+        self, teacher_logits: Tensor, labels: Tensor, temperature: float, alpha: float
+    ) -> None:
+        if not 0.0 <= float(alpha) <= 1.0:
+            raise SoftTargetsError(f"alpha must be in [0, 1], got {alpha!r}")
+        t = self.temperature = check_temperature(temperature)
+        a = self.alpha = float(alpha)
+        log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)  # (N, K)
+        p = log_p.exp()
+        one_hot = F.one_hot(labels, p.shape[1]).to(p.dtype)
+        # value per row: alpha T^2 (sum p log p - sum p log q) - (1 - alpha) log s_y
+        self._const = a * t * t * torch.linalg.vecdot(p, log_p)  # (N,)
+        self._weights = torch.stack([a * t * t * p, (1.0 - a) * one_hot], dim=1)  # (N, 2, K)
+        # gradient per row: alpha T q + (1 - alpha) s - (alpha T p + (1 - alpha) onehot)
+        self._grad_offset = a * t * p + (1.0 - a) * one_hot  # (N, K)
+        self._mix = torch.tensor([[a * t, 1.0 - a]], device=p.device)  # (1, 2)
+        self._inv_t = 1.0 / t
+
+    @torch.no_grad()
+    def value_and_grad(self, logits: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        inv_batch = 1.0 / logits.shape[0]
+        stacked = torch.stack([logits * self._inv_t, logits], dim=1)  # (B, 2, K): z/T and z
+        stacked = stacked - stacked.amax(dim=-1, keepdim=True)
+        exp = stacked.exp()
+        norm = exp.sum(dim=-1, keepdim=True)
+        log_probs = stacked - norm.log()  # (B, 2, K): log q, log s
+        grad = torch.matmul(self._mix, exp / norm).squeeze(1)  # alpha T q + (1 - alpha) s
+        grad = (grad - self._grad_offset.index_select(0, rows)) * inv_batch
+        weights = self._weights.index_select(0, rows)
+        value = self._const.index_select(0, rows).sum() - torch.dot(
+            weights.view(-1), log_probs.reshape(-1)
+        )
+        return value * inv_batch, grad

@@ -1,0 +1,103 @@
+"""What does distilling from stored logits cost, per epoch, compared with the alternatives?
+
+Prints two ratios, each measured side by side in this one process (the repeats are interleaved so
+that machine noise hits every variant alike; the median over repeats is reported):
+
+  (a) stored / hard:   an epoch of distillation reading stored teacher logits, divided by an epoch
+                       of plain hard-label training of the same student. Goal <= 1.10.
+  (b) online / stored: an epoch that runs the teacher on every batch through a DataLoader (the
+                       PyTorch knowledge-distillation tutorial's way), divided by (a)'s numerator.
+                       The teacher costs >= 10x the student's FLOPs.
+
+Usage: python bench/epoch_cost.py [--repeats 7] [--samples 5000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from softtargets.data import split
+from softtargets.datasets import mnist1d
+from softtargets.losses import distillation_loss
+from softtargets.models import build_model, forward_flops
+from softtargets.teacher import label
+from softtargets.train import Distillation, fit, make_optimizer
+
+
+def epoch_seconds(model, data, targets, epochs: int = 3) -> float:
+    """Median wall time of one training epoch (fit's own per-epoch timer, no validation)."""
+    result = fit(model, data, targets, epochs=epochs, lr=1e-2, device="cpu")
+    return statistics.median(r["seconds"] for r in result.history)
+
+
+def online_epoch_seconds(student, teacher, data, temperature, alpha, epochs: int = 3) -> float:
+    """The tutorial's loop: DataLoader batches, teacher forward under no_grad on every batch.
+
+    It gets the same fused Adam as ``fit`` so that the ratio isolates the teacher and the loader.
+    """
+    loader = DataLoader(TensorDataset(data.features, data.labels), batch_size=128, shuffle=True)
+    optimizer = make_optimizer(student, "adam", 1e-2, 0.0, 0.9)
+    teacher.eval()
+    times = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        student.train()
+        for x, y in loader:
+            with torch.no_grad():
+                teacher_logits = teacher(x)
+            loss = distillation_loss(student(x), teacher_logits, y, temperature, alpha)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--samples", type=int, default=5000)
+    args = parser.parse_args()
+
+    data = mnist1d(args.samples)
+    train = split(data, 0.1, 0.2).train
+    teacher = build_model("cnn1d", data.feature_shape, 10, seed=0, channels=[64, 64, 64])
+    store = label(teacher, data)
+    t_flops = forward_flops(teacher, data.feature_shape)
+    s_flops = forward_flops(
+        build_model("mlp", data.feature_shape, 10, hidden=[100, 100]), data.feature_shape
+    )
+    distill = Distillation(store, temperature=4.0, alpha=0.9)
+
+    ratios_a, ratios_b, hard_s, stored_s, online_s = [], [], [], [], []
+    for repeat in range(args.repeats):
+        student = lambda: build_model("mlp", data.feature_shape, 10, seed=repeat, hidden=[100, 100])  # noqa: E731
+        hard = epoch_seconds(student(), train, None)
+        stored = epoch_seconds(student(), train, distill)
+        online = online_epoch_seconds(student(), teacher, train, 4.0, 0.9)
+        ratios_a.append(stored / hard)
+        ratios_b.append(online / stored)
+        hard_s.append(hard), stored_s.append(stored), online_s.append(online)
+
+    print(f"machine: {torch.get_num_threads()} torch threads, torch {torch.__version__}, CPU")
+    print(
+        f"data: MNIST-1D, {len(train)} training rows, batch 128; student mlp 100-100 "
+        f"({s_flops:,} FLOPs/sample), teacher cnn1d 64-64-64 ({t_flops:,} FLOPs/sample, "
+        f"{t_flops / s_flops:.1f}x the student)"
+    )
+    print(
+        f"epoch seconds (median of {args.repeats}): hard {statistics.median(hard_s):.4f}, "
+        f"stored logits {statistics.median(stored_s):.4f}, online teacher "
+        f"{statistics.median(online_s):.4f}"
+    )
+    print(f"(a) stored / hard  = {statistics.median(ratios_a):.3f}  (goal <= 1.10)")
+    print(f"(b) online / stored = {statistics.median(ratios_b):.2f}")
+
+
+if __name__ == "__main__":
+    main()
