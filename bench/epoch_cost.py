@@ -75,11 +75,14 @@ def main() -> None:
     distill = Distillation(store, temperature=4.0, alpha=0.9)
 
     ratios_a, ratios_b, hard_s, stored_s, online_s = [], [], [], [], []
+
+    def student(seed: int) -> torch.nn.Module:
+        return build_model("mlp", data.feature_shape, 10, seed=seed, hidden=[100, 100])
+
     for repeat in range(args.repeats):
-        student = lambda: build_model("mlp", data.feature_shape, 10, seed=repeat, hidden=[100, 100])  # noqa: E731
-        hard = epoch_seconds(student(), train, None)
-        stored = epoch_seconds(student(), train, distill)
-        online = online_epoch_seconds(student(), teacher, train, 4.0, 0.9)
+        hard = epoch_seconds(student(repeat), train, None)
+        stored = epoch_seconds(student(repeat), train, distill)
+        online = online_epoch_seconds(student(repeat), teacher, train, 4.0, 0.9)
         ratios_a.append(stored / hard)
         ratios_b.append(online / stored)
         hard_s.append(hard), stored_s.append(stored), online_s.append(online)

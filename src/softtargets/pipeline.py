@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from softtargets.config import DataConfig, DistillConfig, ModelConfig, TrainConfig, dump_config
+from softtargets.config import DistillConfig, dump_config
 from softtargets.data import Dataset, Splits, split
 from softtargets.errors import SoftTargetsError
 from softtargets.files import append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl
@@ -407,16 +407,7 @@ def demo_config(quick: bool = False) -> DistillConfig:
     student overfits the 3,500 training signals with hard labels, which is where soft targets help
     most. ``quick`` shrinks every step (data, epochs, seeds) for tests; the code path is the same.
     """
-    config = DistillConfig(
-        data=DataConfig(name="mnist1d", options={"num_samples": 5000}),
-        teacher=ModelConfig(name="cnn1d", options={"channels": [64, 64, 64], "dropout": 0.3}),
-        teacher_training=TrainConfig(epochs=40, lr=3e-3, optimizer="adamw", weight_decay=0.05),
-        student=ModelConfig(name="mlp", options={"hidden": [100, 100]}),
-        student_training=TrainConfig(epochs=100, lr=1e-2, optimizer="adam"),
-        temperature=4.0,
-        alpha=0.9,
-        seeds=5,
-    )
+    config = DistillConfig()
     if quick:
         config.data.options["num_samples"] = 500
         config.teacher.options["channels"] = [8, 8]
