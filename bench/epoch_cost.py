@@ -29,9 +29,9 @@ from softtargets.teacher import label
 from softtargets.train import Distillation, fit, make_optimizer
 
 
-def epoch_seconds(model, data, targets, epochs: int = 3) -> float:
+def epoch_seconds(model, data, targets, epochs: int = 3, batch_size: int = 128) -> float:
     """Median wall time of one training epoch (fit's own per-epoch timer, no validation)."""
-    result = fit(model, data, targets, epochs=epochs, lr=1e-2, device="cpu")
+    result = fit(model, data, targets, epochs=epochs, lr=1e-2, batch_size=batch_size, device="cpu")
     return statistics.median(r["seconds"] for r in result.history)
 
 

@@ -93,3 +93,26 @@ def test_fingerprint_changes_with_any_weight(teacher) -> None:
     with torch.no_grad():
         next(teacher.parameters())[0, 0] += 1e-6
     assert fingerprint_module(teacher) != before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_streamed_store_equals_in_memory_store(tmp_path, data, teacher, dtype) -> None:
+    from softtargets.teacher import label_to_file
+
+    chunks = ((data.features[i : i + 7], data.ids[i : i + 7]) for i in range(0, len(data), 7))
+    path = label_to_file(teacher, chunks, len(data), tmp_path / "s.safetensors",
+                         data.class_names, dtype=dtype)
+    streamed = SoftTargetStore.load(path, data=data, teacher=teacher)  # fingerprints agree
+    in_memory = label(teacher, data, dtype=dtype)
+    torch.testing.assert_close(streamed.logits, in_memory.logits)
+    assert torch.equal(streamed.ids, data.ids)
+    assert set(load_file(str(path))) == {"logits", "ids"}
+
+
+def test_streamed_store_checks_row_count(tmp_path, data, teacher) -> None:
+    from softtargets.teacher import label_to_file
+
+    chunks = [(data.features[:10], data.ids[:10])]
+    with pytest.raises(SoftTargetsError, match="held 10 rows, not num_rows=50"):
+        label_to_file(teacher, chunks, 50, tmp_path / "s.safetensors", data.class_names)
+    assert not (tmp_path / "s.safetensors").exists()  # nothing half-written is left

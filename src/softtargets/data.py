@@ -25,12 +25,31 @@ from softtargets.errors import SoftTargetsError
 from softtargets.targets import validate
 
 
+class Fingerprinter:
+    """Builds a dataset fingerprint from row chunks, so data streamed in chunks of any size gets
+    the same fingerprint as the same rows held in memory."""
+
+    def __init__(self, feature_shape: tuple[int, ...]) -> None:
+        self._shape = str(tuple(feature_shape)).encode()
+        self._ids, self._features = hashlib.sha256(), hashlib.sha256()
+
+    def update(self, features: Tensor, ids: Tensor) -> None:
+        self._ids.update(np.ascontiguousarray(ids.detach().cpu().numpy(), dtype=np.int64).tobytes())
+        self._features.update(
+            np.ascontiguousarray(features.detach().cpu().numpy(), dtype=np.float32).tobytes()
+        )
+
+    def hexdigest(self) -> str:
+        digest = hashlib.sha256(self._shape)
+        digest.update(self._ids.digest())
+        digest.update(self._features.digest())
+        return digest.hexdigest()[:16]
+
+
 def _fingerprint(features: Tensor, ids: Tensor) -> str:
-    digest = hashlib.sha256()
-    digest.update(str(tuple(features.shape)).encode())
-    digest.update(np.ascontiguousarray(ids.cpu().numpy()).tobytes())
-    digest.update(np.ascontiguousarray(features.cpu().numpy()).tobytes())
-    return digest.hexdigest()[:16]
+    hasher = Fingerprinter(tuple(features.shape[1:]))
+    hasher.update(features, ids)
+    return hasher.hexdigest()
 
 
 @dataclass(frozen=True, eq=False)

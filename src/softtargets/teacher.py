@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,3 +245,98 @@ def label(
         class_names=data.class_names,
         info=dict(info or {}),
     )
+
+
+def _safetensors_header(
+    num_rows: int, num_classes: int, dtype: torch.dtype, metadata: dict[str, str]
+) -> bytes:
+    """The header of a safetensors file holding ``ids (N,) int64`` then ``logits (N, K)``."""
+    width = 2 if dtype == torch.float16 else 4
+    ids_bytes, logits_bytes = 8 * num_rows, width * num_rows * num_classes
+    header = {
+        "__metadata__": metadata,
+        "ids": {"dtype": "I64", "shape": [num_rows], "data_offsets": [0, ids_bytes]},
+        "logits": {
+            "dtype": "F16" if dtype == torch.float16 else "F32",
+            "shape": [num_rows, num_classes],
+            "data_offsets": [ids_bytes, ids_bytes + logits_bytes],
+        },
+    }
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)  # safetensors pads the header to 8 bytes
+    return len(blob).to_bytes(8, "little") + blob
+
+
+@torch.no_grad()
+def label_to_file(
+    teacher: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    num_rows: int,
+    path: str | Path,
+    class_names: Sequence[str],
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """Label data too large for memory: stream ``(features (B, ...), ids (B,))`` batches through
+    the teacher and write the store chunk by chunk.
+
+    Memory stays at one batch whatever ``num_rows`` is: each chunk's ids and logits are written at
+    their place in the file as they come (the layout is fixed by the header, written first), into
+    a temporary file renamed over ``path`` at the end. The data fingerprint is computed on the way,
+    equal to the in-memory :class:`~softtargets.data.Dataset` fingerprint of the same rows. Load
+    the result with :meth:`SoftTargetStore.load`.
+    """
+    from softtargets.data import Fingerprinter
+    from softtargets.files import atomic_open
+
+    if dtype not in (torch.float32, torch.float16):
+        raise SoftTargetsError(f"store dtype must be float32 or float16, got {dtype}")
+    num_classes = len(class_names)
+    device = torch.device(device) if device is not None else next(teacher.parameters()).device
+    width = 2 if dtype == torch.float16 else 4
+    # The header holds the fingerprint, known only at the end: reserve room for it now.
+    placeholder = {
+        "format": FORMAT,
+        "version": str(FORMAT_VERSION),
+        "teacher_fingerprint": fingerprint_module(teacher),
+        "data_fingerprint": "0" * 16,
+        "class_names": json.dumps(list(class_names)),
+        "info": json.dumps(info or {}, sort_keys=True),
+    }
+    header = _safetensors_header(num_rows, num_classes, dtype, placeholder)
+    ids_at, logits_at = len(header), len(header) + 8 * num_rows
+    hasher: Fingerprinter | None = None
+    was_training = teacher.training
+    teacher.eval()
+    written = 0
+    try:
+        with atomic_open(path, "wb") as handle:
+            handle.truncate(logits_at + width * num_rows * num_classes)
+            for features, ids in batches:
+                if hasher is None:
+                    hasher = Fingerprinter(tuple(features.shape[1:]))
+                hasher.update(features, ids)
+                logits = teacher(features.to(device)).float().cpu()
+                if logits.shape != (len(ids), num_classes):
+                    raise SoftTargetsError(
+                        f"the teacher outputs {tuple(logits.shape[1:])} logits per row but there "
+                        f"are {num_classes} classes; use a teacher trained on these classes"
+                    )
+                if not torch.isfinite(logits).all():
+                    raise SoftTargetsError("the teacher produced NaN or inf logits; retrain it")
+                if written + len(ids) > num_rows:
+                    raise SoftTargetsError(f"the batches hold more than num_rows={num_rows} rows")
+                handle.seek(ids_at + 8 * written)
+                handle.write(ids.to(torch.int64).cpu().numpy().tobytes())
+                handle.seek(logits_at + width * num_classes * written)
+                handle.write(logits.to(dtype).numpy().tobytes())
+                written += len(ids)
+            if written != num_rows:
+                raise SoftTargetsError(f"the batches held {written} rows, not num_rows={num_rows}")
+            placeholder["data_fingerprint"] = hasher.hexdigest() if hasher else "0" * 16
+            handle.seek(0)
+            handle.write(_safetensors_header(num_rows, num_classes, dtype, placeholder))
+    finally:
+        teacher.train(was_training)
+    return Path(path)

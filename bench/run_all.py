@@ -1,0 +1,260 @@
+"""Every performance figure of softtargets, measured side by side in one run.
+
+    python bench/run_all.py [--quick]
+
+Prints a table and writes bench/results/latest.json. Each figure is a ratio (or a size) measured
+within this one process, with the variants interleaved and the median of several repeats taken,
+because these machines are noisy: absolute seconds from different runs are not comparable.
+
+| figure | what | goal |
+| --- | --- | --- |
+| vectorised_speedup | 16 MLP students (40-128-128-10, MNIST-1D) one after another / all at once | >= 4 |
+| stored_vs_hard_epoch | distillation epoch from stored logits / hard-label epoch | <= 1.10 |
+| online_vs_stored_epoch | epoch running the teacher online (DataLoader) / from stored logits | - |
+| matmul_fraction | FLOP/s of a 512-wide MLP's training step (batch 256) / this machine's matmul FLOP/s | >= 0.5 |
+| demo_seconds | wall time of `softtargets demo` (a fresh process, data cache warm) | < 60 |
+| study_seconds | wall time of each study's default run | < 600 each |
+| label_peak_mb | peak memory of labelling N rows streamed to disk, for two N | flat in N |
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from epoch_cost import epoch_seconds, online_epoch_seconds  # noqa: E402
+from softtargets.data import Dataset, split  # noqa: E402
+from softtargets.datasets import mnist1d  # noqa: E402
+from softtargets.files import atomic_write_text  # noqa: E402
+from softtargets.models import build_model, forward_flops  # noqa: E402
+from softtargets.teacher import label  # noqa: E402
+from softtargets.train import Distillation, fit  # noqa: E402
+from softtargets.vectorised import Member, fit_many  # noqa: E402
+
+
+def vectorised_speedup(train: Dataset, val: Dataset, repeats: int, epochs: int) -> dict[str, Any]:
+    def models() -> list[torch.nn.Module]:
+        return [
+            build_model("mlp", train.feature_shape, 10, seed=i, hidden=[128, 128])
+            for i in range(16)
+        ]
+
+    serial, stacked = [], []
+    for i, model in enumerate(models()[:2]):  # warm-up, not timed: first calls allocate, JIT-load
+        fit(model, train, epochs=1, seed=i, device="cpu")
+    fit_many(models()[:2], train, epochs=1, device="cpu")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for i, model in enumerate(models()):
+            fit(model, train, val=val, epochs=epochs, seed=i, device="cpu")
+        serial.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        fit_many(
+            models(),
+            train,
+            [Member(seed=i) for i in range(16)],
+            val=val,
+            epochs=epochs,
+            device="cpu",
+        )
+        stacked.append(time.perf_counter() - start)
+    ratios = [a / b for a, b in zip(serial, stacked, strict=True)]
+    return {
+        "value": statistics.median(ratios),
+        "goal": ">= 4",
+        "detail": f"16 x mlp 40-128-128-10, {epochs} epochs of {len(train)} rows: one after "
+        f"another {statistics.median(serial):.2f} s, at once "
+        f"{statistics.median(stacked):.2f} s",
+    }
+
+
+def epoch_ratios(data: Dataset, train: Dataset, repeats: int) -> tuple[dict, dict]:
+    teacher = build_model("cnn1d", data.feature_shape, 10, seed=0, channels=[64, 64, 64])
+    store = label(teacher, data)
+    distill = Distillation(store, temperature=4.0, alpha=0.9)
+    flops = forward_flops(teacher, data.feature_shape) / forward_flops(
+        build_model("mlp", data.feature_shape, 10, hidden=[100, 100]), data.feature_shape
+    )
+    a, b = [], []
+    for r in range(repeats):
+
+        def student() -> torch.nn.Module:
+            return build_model("mlp", data.feature_shape, 10, seed=r, hidden=[100, 100])
+
+        hard = epoch_seconds(student(), train, None)
+        stored = epoch_seconds(student(), train, distill)
+        online = online_epoch_seconds(student(), teacher, train, 4.0, 0.9)
+        a.append(stored / hard)
+        b.append(online / stored)
+    return (
+        {
+            "value": statistics.median(a),
+            "goal": "<= 1.10",
+            "detail": "mlp 100-100 student, MNIST-1D, batch 128, T=4, alpha=0.9",
+        },
+        {
+            "value": statistics.median(b),
+            "goal": "-",
+            "detail": f"teacher cnn1d 64-64-64 = {flops:.0f}x the student's FLOPs",
+        },
+    )
+
+
+def matmul_fraction(repeats: int) -> dict[str, Any]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    width, batch, steps = 512, 256, 40
+    gen = torch.Generator().manual_seed(0)
+    data = Dataset.from_arrays(
+        torch.randn(batch * steps, width, generator=gen),
+        torch.randint(0, 10, (batch * steps,), generator=gen),
+    )
+    model = build_model("mlp", (width,), 10, seed=0, hidden=[width, width, width])
+    counter = FlopCounterMode(display=False)
+    with counter:  # forward and backward of one training step
+        loss = torch.nn.functional.cross_entropy(model(data.features[:batch]), data.labels[:batch])
+        loss.backward()
+    step_flops = counter.get_total_flops()
+    a = torch.randn(1024, 1024, generator=gen)
+    b = torch.randn(1024, 1024, generator=gen)
+    fractions, achieved, peak = [], [], []
+    for _ in range(repeats):
+        step_seconds = epoch_seconds(model, data, None, epochs=2, batch_size=batch) / steps
+        start = time.perf_counter()
+        for _ in range(20):
+            a @ b
+        matmul = 2 * 1024**3 * 20 / (time.perf_counter() - start)
+        achieved.append(step_flops / step_seconds)
+        peak.append(matmul)
+        fractions.append(achieved[-1] / matmul)
+    return {
+        "value": statistics.median(fractions),
+        "goal": ">= 0.5",
+        "detail": f"mlp {width}-{width}-{width}-10, batch {batch}, float32: "
+        f"{statistics.median(achieved) / 1e9:.0f} GFLOP/s of "
+        f"{statistics.median(peak) / 1e9:.0f} (1024x1024 matmul)",
+    }
+
+
+def demo_seconds() -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "softtargets", "demo", "--out", f"{tmp}/demo"],
+            check=True,
+            capture_output=True,
+        )
+        return {
+            "value": time.perf_counter() - start,
+            "goal": "< 60",
+            "detail": "softtargets demo in a fresh process",
+        }
+
+
+def study_seconds(quick: bool) -> dict[str, Any]:
+    try:
+        from softtargets.studies import STUDIES
+    except ImportError:
+        return {"value": None, "goal": "< 600 each", "detail": "no studies in this version"}
+    seconds = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in STUDIES:
+            start = time.perf_counter()
+            command = [sys.executable, "-m", "softtargets", "study", name, "--out", f"{tmp}/{name}"]
+            subprocess.run(
+                command + (["--quick"] if quick else []), check=True, capture_output=True
+            )
+            seconds[name] = round(time.perf_counter() - start, 1)
+    return {
+        "value": seconds,
+        "goal": "< 600 each",
+        "detail": "default runs" if not quick else "--quick runs",
+    }
+
+
+LABEL_CHILD = """
+import resource, sys, torch
+from softtargets.models import build_model
+from softtargets.teacher import label_to_file
+rows, chunk = int(sys.argv[1]), 65536
+teacher = build_model("mlp", (40,), 10, seed=0, hidden=[64])
+def batches():
+    gen = torch.Generator().manual_seed(0)
+    for start in range(0, rows, chunk):
+        n = min(chunk, rows - start)
+        yield torch.randn(n, 40, generator=gen), torch.arange(start, start + n)
+label_to_file(teacher, batches(), rows, sys.argv[2], [str(k) for k in range(10)])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def label_peak_mb(sizes: list[int]) -> dict[str, Any]:
+    peaks = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rows in sizes:
+            out = subprocess.run(
+                [sys.executable, "-c", LABEL_CHILD, str(rows), f"{tmp}/s"],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            peaks[f"{rows:,} rows"] = round(float(out.stdout.strip()), 1)
+    return {
+        "value": peaks,
+        "goal": "flat in rows",
+        "detail": "streamed in 65,536-row chunks, mlp 40-64-10 teacher, peak RSS of the process",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="softtargets performance figures")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller sizes")
+    args = parser.parse_args()
+    repeats = 2 if args.quick else 5
+    data = mnist1d(5000)
+    parts = split(data, 0.1, 0.2)
+    results: dict[str, Any] = {}
+    results["vectorised_speedup"] = vectorised_speedup(parts.train, parts.val, repeats, 3)
+    results["stored_vs_hard_epoch"], results["online_vs_stored_epoch"] = epoch_ratios(
+        data, parts.train, repeats + 2
+    )
+    results["matmul_fraction"] = matmul_fraction(repeats)
+    results["demo_seconds"] = demo_seconds()
+    results["study_seconds"] = study_seconds(args.quick)
+    results["label_peak_mb"] = label_peak_mb(
+        [100_000, 1_000_000] if not args.quick else [20_000, 100_000]
+    )
+    machine = (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch "
+        f"threads, torch {torch.__version__}, Python {platform.python_version()}"
+    )
+    print(f"machine: {machine}")
+    print(f"{'figure':<24} {'value':>26}  {'goal':<12} detail")
+    for name, r in results.items():
+        value = r["value"]
+        shown = f"{value:.2f}" if isinstance(value, float) else json.dumps(value)
+        print(f"{name:<24} {shown:>26}  {r['goal']:<12} {r['detail']}")
+    payload = {
+        "machine": machine,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "quick": args.quick,
+        "results": results,
+    }
+    atomic_write_text(HERE / "results" / "latest.json", json.dumps(payload, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""``python -m softtargets`` is the ``softtargets`` command."""
+
+from softtargets.cli import main
+
+main()

@@ -1,0 +1,509 @@
+"""Training many small MLPs at once: one batched matrix multiply per layer for all of them.
+
+The studies train hundreds of small models (seeds x widths x data fractions x learning rates).
+One at a time, each step of a small MLP is mostly Python and dispatch overhead and leaves the
+machine idle; stacked, ``M`` models cost one ``baddbmm`` per layer. Each model (a
+:class:`Member`) keeps its own seed, batch order, training rows, targets, learning rate, weight
+decay and optimizer state, so a member's result equals :func:`softtargets.train.fit` on that model
+alone, to float tolerance (``tests/test_vectorised.py`` checks it).
+
+MLPs of different hidden widths but equal depth are zero-padded to the widest. The padding is
+exact: a padded unit has zero incoming and outgoing weights, so its pre-activation is 0, ReLU'(0)
+is 0 in PyTorch, and every gradient it receives or sends is 0; Adam, AdamW and SGD then leave it
+at exactly 0. (The test trains padded and unpadded models side by side.)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from softtargets.data import Dataset
+from softtargets.errors import SoftTargetsError
+from softtargets.files import append_jsonl
+from softtargets.models import mlp
+from softtargets.targets import soften, validate
+from softtargets.teacher import SoftTargetStore
+from softtargets.train import Distillation, FitResult, Targets, lr_factor, resolve_device
+
+
+@dataclass
+class Member:
+    """One model of a vectorised run.
+
+    Attributes:
+        seed: batch order and dropout seed (as ``fit``'s ``seed``).
+        targets: as ``fit``'s ``targets``: ``None`` (hard labels), an ``(N, K)`` probability
+            matrix, a store, or a :class:`~softtargets.train.Distillation`.
+        rows: positions of ``data``'s rows this member trains on (default: all).
+        labels: ``(N,)`` labels replacing ``data.labels`` for this member (e.g. noisy ones).
+        lr, weight_decay: override the run's values for this member.
+        log: extra fields for this member's JSON lines and history.
+    """
+
+    seed: int = 0
+    targets: Targets = None
+    rows: Tensor | None = None
+    labels: Tensor | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    log: dict[str, Any] | None = None
+
+
+# ---------------------------------------------------------------------------- the stacked model
+def mlp_layers(model: nn.Module) -> tuple[list[nn.Linear], float]:
+    """The Linear layers and dropout rate of an :func:`softtargets.models.mlp`-shaped model."""
+    if not isinstance(model, nn.Sequential):
+        raise SoftTargetsError(
+            "vectorised training takes MLPs built by softtargets.models.mlp (Flatten, then Linear "
+            "and ReLU layers); train other models with fit()"
+        )
+    linears, dropout = [], 0.0
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            linears.append(layer)
+        elif isinstance(layer, nn.Dropout):
+            dropout = layer.p
+        elif not isinstance(layer, (nn.Flatten, nn.ReLU)):
+            raise SoftTargetsError(
+                f"vectorised training takes plain MLPs; this model has a {type(layer).__name__}"
+            )
+    return linears, dropout
+
+
+class StackedMLP(nn.Module):
+    """``M`` MLPs of equal depth evaluated together: ``(M, B, in) -> (M, B, K)``.
+
+    Parameters are ``weights[l]`` of shape ``(M, in_l, out_l)`` and ``biases[l]`` of shape
+    ``(M, 1, out_l)``; hidden widths are padded with zeros to the largest member's.
+    """
+
+    def __init__(self, models: Sequence[nn.Module]) -> None:
+        super().__init__()
+        layers = [mlp_layers(m) for m in models]
+        depths = {len(linears) for linears, _ in layers}
+        if len(depths) != 1:
+            raise SoftTargetsError("vectorised MLPs must all have the same number of layers")
+        self.dropout = layers[0][1]
+        if any(d != self.dropout for _, d in layers):
+            raise SoftTargetsError("vectorised MLPs must share their dropout rate")
+        depth = depths.pop()
+        self.widths = [[lin.out_features for lin in linears[:-1]] for linears, _ in layers]
+        self.in_features = layers[0][0][0].in_features
+        self.out_features = layers[0][0][-1].out_features
+        sizes = [self.in_features] + [max(w[i] for w in self.widths) for i in range(depth - 1)]
+        sizes.append(self.out_features)
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for i in range(depth):
+            weight = torch.zeros(len(models), sizes[i], sizes[i + 1])
+            bias = torch.zeros(len(models), 1, sizes[i + 1])
+            for m, (linears, _) in enumerate(layers):
+                lin = linears[i]
+                weight[m, : lin.in_features, : lin.out_features] = lin.weight.detach().T
+                bias[m, 0, : lin.out_features] = lin.bias.detach()
+            self.weights.append(nn.Parameter(weight))
+            self.biases.append(nn.Parameter(bias))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x (M, B, in)`` or ``(B, in)`` shared by all members -> logits ``(M, B, K)``."""
+        h = x if x.ndim == 3 else x.expand(len(self.weights[0]), *x.shape)
+        last = len(self.weights) - 1
+        for i, (weight, bias) in enumerate(zip(self.weights, self.biases, strict=True)):
+            h = torch.baddbmm(bias, h, weight)
+            if i < last:
+                h = torch.relu_(h)  # in place: the matmul's output is not needed for backward
+                if self.dropout > 0:
+                    h = F.dropout(h, self.dropout, self.training)
+        return h
+
+    def member(self, m: int) -> nn.Sequential:
+        """Member ``m`` as a plain :func:`~softtargets.models.mlp`, padding removed."""
+        model = mlp(self.in_features, self.widths[m], self.out_features, self.dropout)
+        linears, _ = mlp_layers(model)
+        with torch.no_grad():
+            for lin, weight, bias in zip(linears, self.weights, self.biases, strict=True):
+                lin.weight.copy_(weight[m, : lin.in_features, : lin.out_features].T)
+                lin.bias.copy_(bias[m, 0, : lin.out_features])
+        return model
+
+
+# ---------------------------------------------------------------------------- the optimizer
+class StackedOptimizer:
+    """Adam, AdamW or SGD (momentum) over stacked parameters ``(M, ...)``: one optimizer state per
+    member, a learning rate and weight decay per member, and updates only for active members.
+
+    Members next to each other that share learning rate, weight decay and step count form a run,
+    and each run's slice of the stacked tensors goes to PyTorch's own functional optimizer
+    (``torch.optim.adam.adam``, ``torch.optim.sgd.sgd``) in one call, with the fused kernels: the
+    arithmetic is exactly that of ``torch.optim.Adam(fused=True)``, which ``fit`` uses. In the
+    common case (same settings, same data size) one call updates every member.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        name: str,
+        weight_decay: Sequence[float],
+        momentum: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        if name not in ("sgd", "adam", "adamw"):
+            raise SoftTargetsError(f"unknown optimizer {name!r}; choose sgd, adam or adamw")
+        self.params, self.name, self.momentum = list(params), name, momentum
+        self.betas, self.eps, self.weight_decay = betas, eps, list(weight_decay)
+        self.first = [torch.zeros_like(p) for p in self.params]  # Adam's m, or SGD's momentum
+        self.second = [torch.zeros_like(p) for p in self.params]  # Adam's v
+        self.steps = [0] * len(self.weight_decay)
+        self.fused = self.params[0].device.type in ("cpu", "cuda")
+
+    def runs(self, lr: Sequence[float], active: Sequence[bool]) -> list[tuple[int, int]]:
+        """Maximal ranges ``[a, b)`` of active members with equal (lr, weight decay, steps)."""
+        found: list[tuple[int, int]] = []
+        for m, on in enumerate(active):
+            key = (lr[m], self.weight_decay[m], self.steps[m])
+            if not on:
+                continue
+            a = found[-1][0] if found else -1
+            if found and found[-1][1] == m and (lr[a], self.weight_decay[a], self.steps[a]) == key:
+                found[-1] = (a, m + 1)
+            else:
+                found.append((m, m + 1))
+        return found
+
+    @torch.no_grad()
+    def step(self, lr: Sequence[float], active: Sequence[bool]) -> None:
+        """Update the members where ``active[m]``, member ``m`` with learning rate ``lr[m]``."""
+        from torch.optim.adam import adam
+        from torch.optim.sgd import sgd
+
+        for a, b in self.runs(lr, active):
+            params = [p[a:b] for p in self.params]
+            grads = [p.grad[a:b] for p in self.params]
+            first = [t[a:b] for t in self.first]
+            if self.name == "sgd":
+                # Zero-initialised buffers give exactly torch's first step (buffer = grad).
+                sgd(
+                    params,
+                    grads,
+                    first,
+                    fused=self.fused,
+                    weight_decay=self.weight_decay[a],
+                    momentum=self.momentum,
+                    lr=lr[a],
+                    dampening=0.0,
+                    nesterov=False,
+                    maximize=False,
+                )
+            else:
+                steps = [torch.tensor(float(self.steps[a])) for _ in params]  # adam() adds 1
+                adam(
+                    params,
+                    grads,
+                    first,
+                    [t[a:b] for t in self.second],
+                    [],
+                    steps,
+                    fused=self.fused,
+                    decoupled_weight_decay=self.name == "adamw",
+                    amsgrad=False,
+                    beta1=self.betas[0],
+                    beta2=self.betas[1],
+                    lr=lr[a],
+                    weight_decay=self.weight_decay[a],
+                    eps=self.eps,
+                    maximize=False,
+                )
+            for m in range(a, b):
+                self.steps[m] += 1
+
+
+# ---------------------------------------------------------------------------- targets
+def _member_targets(member: Member, data: Dataset) -> tuple[Tensor, Tensor, float, float]:
+    """``(probs (N, K), labels (N,), temperature, alpha)`` for one member.
+
+    The per-row loss is ``alpha T^2 KL(probs || softmax(z / T)) + (1 - alpha) CE(z, label)``:
+    hard labels are ``alpha = 0``; a probability matrix is ``T = 1, alpha = 1``.
+    """
+    labels = data.labels if member.labels is None else torch.as_tensor(member.labels).long()
+    if labels.shape != (len(data),):
+        raise SoftTargetsError(f"member labels must have shape ({len(data)},)")
+    targets = member.targets
+    if isinstance(targets, SoftTargetStore):
+        targets = Distillation(targets, 1.0, 1.0)
+    if targets is None or (isinstance(targets, str) and targets == "hard"):
+        return torch.zeros(len(data), data.num_classes), labels, 1.0, 0.0, False
+    if isinstance(targets, str):
+        if targets != "soft" or data.soft_targets is None:
+            raise SoftTargetsError(
+                f"targets {targets!r}: use 'hard', 'soft' (with soft_targets) or a tensor"
+            )
+        return data.soft_targets, labels, 1.0, 1.0, False
+    if isinstance(targets, Distillation):
+        if isinstance(targets.teacher, SoftTargetStore):
+            logits = targets.teacher.logits_for(data)
+        else:
+            logits = torch.as_tensor(targets.teacher).float()
+        if not 0.0 <= targets.alpha <= 1.0:
+            raise SoftTargetsError(f"alpha must be in [0, 1], got {targets.alpha}")
+        return (
+            soften(logits, targets.temperature),
+            labels,
+            float(targets.temperature),
+            float(targets.alpha),
+            True,
+        )
+    probs = validate(targets, data.num_classes)
+    if probs.shape[0] != len(data):
+        raise SoftTargetsError(
+            f"soft targets have {probs.shape[0]} rows but the data has {len(data)}"
+        )
+    return probs.float(), labels, 1.0, 1.0, False
+
+
+def _padded_orders(
+    rows_per_member: Sequence[Tensor], generators: Sequence[torch.Generator], length: int
+) -> tuple[Tensor, Tensor]:
+    """One epoch's batch order per member, as ``fit`` draws it, padded: ``(M, length)`` row
+    positions and a ``(M, length)`` mask of the real ones."""
+    order = torch.zeros(len(rows_per_member), length, dtype=torch.long)
+    valid = torch.zeros(len(rows_per_member), length, dtype=torch.bool)
+    for m, (rows, gen) in enumerate(zip(rows_per_member, generators, strict=True)):
+        order[m, : len(rows)] = rows[torch.randperm(len(rows), generator=gen)]
+        valid[m, : len(rows)] = True
+    return order, valid
+
+
+def _gather(table: Tensor, rows: Tensor) -> Tensor:
+    """``table (M, N, ...)``, ``rows (M, B)`` -> ``table[m, rows[m, b]]`` of shape ``(M, B, ...)``."""
+    m, n = table.shape[:2]
+    offset = torch.arange(m, device=rows.device)[:, None] * n
+    flat = table.reshape(m * n, *table.shape[2:])
+    return flat.index_select(0, (rows + offset).reshape(-1)).view(*rows.shape, *table.shape[2:])
+
+
+# ---------------------------------------------------------------------------- fit_many
+def fit_many(
+    models: Sequence[nn.Module],
+    data: Dataset,
+    members: Sequence[Member] | None = None,
+    *,
+    val: Dataset | None = None,
+    test: Dataset | None = None,
+    epochs: int = 30,
+    batch_size: int = 128,
+    optimizer: str = "adam",
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    schedule: str = "none",
+    device: torch.device | str | None = None,
+    patience: int | None = None,
+    restore_best: bool = True,
+    log_path: str | None = None,
+    progress: Any = None,
+) -> list[FitResult]:
+    """Train ``models[m]`` as ``members[m]`` describes, all at once; one :class:`FitResult` each.
+
+    The arguments mean what they mean in :func:`softtargets.train.fit`; ``members`` adds what
+    differs between models. Each result's ``model`` is a plain MLP holding that member's weights
+    (of its best validation epoch with ``val`` and ``restore_best``).
+    """
+    started = time.perf_counter()
+    device = resolve_device(device)
+    members = list(members) if members is not None else [Member(seed=i) for i in range(len(models))]
+    if len(members) != len(models) or not models:
+        raise SoftTargetsError("fit_many needs one Member per model (and at least one model)")
+    if data.weights is not None:
+        raise SoftTargetsError("fit_many does not take row weights; use fit() for weighted rows")
+    count = len(models)
+    net = StackedMLP(models).to(device)
+    if net.in_features != data.num_features or net.out_features != data.num_classes:
+        raise SoftTargetsError(
+            f"the models map {net.in_features} features to {net.out_features} classes; the data "
+            f"has {data.num_features} features and {data.num_classes} classes"
+        )
+
+    resolved = [_member_targets(m, data) for m in members]
+    probs = torch.stack([r[0] for r in resolved]).to(device)  # (M, N, K)
+    labels = torch.stack([r[1] for r in resolved]).to(device)  # (M, N)
+    temps = torch.tensor([r[2] for r in resolved], device=device).view(count, 1, 1)
+    alphas = torch.tensor([r[3] for r in resolved], device=device).view(count, 1, 1)
+    # sum_k p log p per row turns the soft term into a KL divergence (distillation members only)
+    is_kl = torch.tensor([r[4] for r in resolved], device=device)[:, None]
+    const = (probs * probs.clamp_min(1e-30).log()).sum(-1) * is_kl  # (M, N)
+    features = data.features.reshape(len(data), -1).to(device)
+    num_classes = data.num_classes
+
+    rows_per_member = [
+        torch.arange(len(data)) if m.rows is None else torch.as_tensor(m.rows).long()
+        for m in members
+    ]
+    if min(len(r) for r in rows_per_member) == 0:
+        raise SoftTargetsError("every member needs at least one training row")
+    steps_per_epoch = [math.ceil(len(r) / batch_size) for r in rows_per_member]
+    max_steps = max(steps_per_epoch)
+    total_steps = [epochs * s for s in steps_per_epoch]
+    base_lr = [m.lr if m.lr is not None else lr for m in members]
+    decay = [m.weight_decay if m.weight_decay is not None else weight_decay for m in members]
+    opt = StackedOptimizer(list(net.parameters()), optimizer, decay, momentum)
+    generators = [torch.Generator().manual_seed(m.seed) for m in members]
+    val_dev = None if val is None else val.to(device)
+    test_dev = None if test is None else test.to(device)
+
+    results = [FitResult(model=models[i]) for i in range(count)]
+    running = torch.ones(count, dtype=torch.bool)  # not stopped early, not diverged
+    best_score = [(-math.inf, -math.inf)] * count
+    best = [p.detach().clone() for p in net.parameters()]
+    stale = [0] * count
+    step_of = [0] * count
+    task = progress.add_task(f"training {count} models at once", total=epochs) if progress else None
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(members[0].seed)
+        for epoch in range(1, epochs + 1):
+            epoch_start = time.perf_counter()
+            net.train()
+            # Each member's own shuffled rows, padded to a common length: (M, S * B).
+            order, valid = _padded_orders(rows_per_member, generators, max_steps * batch_size)
+            order, valid = order.to(device), valid.to(device)
+            loss_sum = torch.zeros(count, device=device)
+            for s in range(max_steps):
+                rows = order[:, s * batch_size : (s + 1) * batch_size]  # (M, B)
+                taken = valid[:, s * batch_size : (s + 1) * batch_size].float()
+                counts = taken.sum(1)  # rows of each member in this batch (0 when done)
+                active = (counts > 0) & running.to(device)
+                weight = taken / counts.clamp_min(1)[:, None]  # batch mean per member
+                factors = []
+                for m in range(count):
+                    factors.append(lr_factor(schedule, step_of[m], total_steps[m]))
+                    step_of[m] += int(active[m])
+                x = features.index_select(0, rows.reshape(-1)).view(count, batch_size, -1)
+                logits = net(x)
+                value, grad = _value_and_grad(
+                    logits.detach(),
+                    _gather(probs, rows),
+                    _gather(const, rows),
+                    _gather(labels, rows),
+                    weight,
+                    temps,
+                    alphas,
+                    num_classes,
+                )
+                for p in net.parameters():
+                    p.grad = None
+                # closed-form loss gradient: autograd runs through the stacked model only
+                logits.backward(grad)
+                opt.step([r * f for r, f in zip(base_lr, factors, strict=True)], active.tolist())
+                loss_sum += value * counts
+            epoch_seconds = time.perf_counter() - epoch_start
+            train_loss = (
+                loss_sum / torch.tensor([len(r) for r in rows_per_member], device=device)
+            ).tolist()
+            scores = _scores(net, val_dev), _scores(net, test_dev)
+            for m in range(count):
+                if not running[m]:
+                    continue
+                last_factor = lr_factor(schedule, step_of[m] - 1, total_steps[m])
+                record: dict[str, Any] = {
+                    "epoch": epoch,
+                    "train_loss": train_loss[m],
+                    "lr": float(base_lr[m]) * last_factor,
+                }
+                if scores[0] is not None:
+                    record["val_accuracy"], record["val_nll"] = scores[0][0][m], scores[0][1][m]
+                if scores[1] is not None:
+                    record["test_accuracy"], record["test_nll"] = scores[1][0][m], scores[1][1][m]
+                record["seconds"] = epoch_seconds  # of the whole stack: the members share it
+                results[m].history.append(record)
+                if log_path is not None:
+                    append_jsonl(log_path, {**(members[m].log or {}), **record})
+                if not math.isfinite(train_loss[m]):
+                    results[m].diverged, running[m] = True, False
+                    continue
+                if scores[0] is None:
+                    continue
+                score = (record["val_accuracy"], -record["val_nll"])
+                if score > best_score[m]:
+                    best_score[m], results[m].best_epoch, stale[m] = score, epoch, 0
+                    if restore_best:
+                        for b, p in zip(best, net.parameters(), strict=True):
+                            b[m] = p.detach()[m]
+                else:
+                    stale[m] += 1
+                    if patience is not None and stale[m] >= patience:
+                        results[m].stopped_early, running[m] = True, False
+            if task is not None:
+                progress.update(task, advance=1)
+            if not running.any():
+                break
+
+    with torch.no_grad():
+        for m, result in enumerate(results):
+            if val is not None and restore_best and not result.diverged and result.best_epoch:
+                for b, p in zip(best, net.parameters(), strict=True):
+                    p[m] = b[m]
+            else:
+                result.best_epoch = len(result.history)
+    for m, result in enumerate(results):
+        result.model = net.member(m)
+        result.seconds = (time.perf_counter() - started) / count
+    if task is not None:
+        progress.remove_task(task)
+    return results
+
+
+@torch.no_grad()
+def _value_and_grad(
+    logits: Tensor,
+    probs: Tensor,
+    const: Tensor,
+    labels: Tensor,
+    weight: Tensor,
+    temps: Tensor,
+    alphas: Tensor,
+    num_classes: int,
+) -> tuple[Tensor, Tensor]:
+    """Per member: the weighted loss ``(M,)`` and its gradient w.r.t. ``logits (M, B, K)``.
+
+    Row loss ``alpha T^2 (sum p log p - sum p log softmax(z/T)) - (1 - alpha) log softmax(z)_y``;
+    row gradient ``alpha T (softmax(z/T) - p) + (1 - alpha) (softmax(z) - onehot(y))``.
+    """
+    log_q = _log_softmax(logits / temps)
+    log_s = _log_softmax(logits)
+    one_hot = F.one_hot(labels, num_classes).to(logits.dtype)
+    soft_rows = const - (probs * log_q).sum(-1)  # (M, B)
+    hard_rows = -(one_hot * log_s).sum(-1)
+    a, t = alphas.squeeze(-1), temps.squeeze(-1)
+    value = (weight * (a * t * t * soft_rows + (1 - a) * hard_rows)).sum(1)
+    grad = alphas * temps * (log_q.exp() - probs) + (1 - alphas) * (log_s.exp() - one_hot)
+    return value, grad * weight[..., None]
+
+
+def _log_softmax(z: Tensor) -> Tensor:
+    """Stable log-softmax over the last axis. For the few classes of this field, these four
+    elementwise passes are several times faster than ``F.log_softmax``'s reduction kernel."""
+    z = z - z.amax(dim=-1, keepdim=True)
+    return z - z.exp().sum(dim=-1, keepdim=True).log()
+
+
+@torch.no_grad()
+def _scores(net: StackedMLP, data: Dataset | None) -> tuple[list[float], list[float]] | None:
+    """Per member accuracy and NLL on ``data`` (all members see the same rows)."""
+    if data is None:
+        return None
+    net.eval()
+    chunks = [data.features[i : i + 4096] for i in range(0, len(data), 4096)]
+    logits = torch.cat([net(chunk.reshape(len(chunk), -1)) for chunk in chunks], dim=1)
+    labels = data.labels.expand(logits.shape[0], -1)
+    accuracy = (logits.argmax(-1) == labels).float().mean(1)
+    nll = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(1)
+    return accuracy.tolist(), nll.tolist()

@@ -1,0 +1,88 @@
+"""Vectorised training equals training each model alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from softtargets.data import split
+from softtargets.datasets import gaussians
+from softtargets.errors import SoftTargetsError
+from softtargets.models import build_model
+from softtargets.teacher import label
+from softtargets.train import Distillation, fit
+from softtargets.vectorised import Member, StackedMLP, fit_many
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return split(gaussians(num_samples=600, num_classes=3, dim=6, separation=3.0), 0.2, 0.2)
+
+
+def build(data, seed: int, hidden=(16, 12)):
+    return build_model("mlp", data.feature_shape, data.num_classes, seed=seed, hidden=list(hidden))
+
+
+def weights(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_each_member_equals_fit_alone(parts, optimizer: str) -> None:
+    train = parts.train
+    teacher = fit(build(train, 99, (32,)), train, epochs=3, lr=1e-2).model
+    store = label(teacher, train)
+    half = torch.arange(0, len(train), 2)
+    members = [
+        Member(seed=0),
+        Member(seed=1, targets=Distillation(store, 4.0, 0.7), lr=3e-2),
+        Member(seed=2, targets=store.soften(2.0, train), rows=half, weight_decay=1e-3),
+        Member(seed=3, labels=train.with_label_noise(0.3, seed=1).labels),
+    ]
+    common = dict(epochs=4, batch_size=32, optimizer=optimizer, lr=1e-2, schedule="cosine")
+    together = fit_many([build(train, m.seed) for m in members], train, members,
+                        val=parts.val, test=parts.test, **common)
+    for member, result in zip(members, together, strict=True):
+        rows = train if member.rows is None else train.take(member.rows)
+        targets = member.targets
+        if isinstance(targets, torch.Tensor) and member.rows is not None:
+            targets = targets[member.rows]
+        if member.labels is not None:
+            rows = train.with_label_noise(0.3, seed=1)
+        alone = fit(build(train, member.seed), rows, targets, val=parts.val, test=parts.test,
+                    seed=member.seed, lr=member.lr or 1e-2, weight_decay=member.weight_decay or 0.0,
+                    **{k: v for k, v in common.items() if k != "lr"})
+        torch.testing.assert_close(weights(result.model), weights(alone.model), rtol=1e-4, atol=1e-5)
+        assert result.best_epoch == alone.best_epoch
+        for a, b in zip(result.history, alone.history, strict=True):
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+            assert a["val_accuracy"] == pytest.approx(b["val_accuracy"])
+
+
+def test_zero_padding_to_a_wider_member_changes_nothing(parts) -> None:
+    train = parts.train
+    narrow, wide = build(train, 5, (3, 4)), build(train, 6, (20, 24))
+    mixed = fit_many([narrow, wide], train, [Member(seed=5), Member(seed=6)], epochs=3, lr=2e-2)
+    alone = fit_many([build(train, 5, (3, 4))], train, [Member(seed=5)], epochs=3, lr=2e-2)
+    torch.testing.assert_close(weights(mixed[0].model), weights(alone[0].model), rtol=0, atol=1e-6)
+    assert [p.shape for p in mixed[0].model.parameters()] == [
+        p.shape for p in narrow.parameters()]
+    stacked = StackedMLP([mixed[0].model, wide])
+    # the padded block of the narrow member is still exactly zero after training
+    assert stacked.weights[1][0, 3:, :].abs().max() == 0
+
+
+def test_early_stopping_and_divergence_are_per_member(parts) -> None:
+    train = parts.train
+    results = fit_many([build(train, 0), build(train, 1)], train,
+                       [Member(seed=0, lr=1e6), Member(seed=1)], optimizer="sgd", lr=0.05,
+                       epochs=30, val=parts.val, patience=3)
+    assert results[0].diverged and not results[1].diverged
+    assert results[1].stopped_early or len(results[1].history) == 30
+    assert torch.isfinite(weights(results[1].model)).all()
+
+
+def test_non_mlp_is_refused(parts) -> None:
+    cnn = build_model("cnn1d", (6,), 3)
+    with pytest.raises(SoftTargetsError, match="vectorised training takes"):
+        fit_many([cnn], parts.train)
