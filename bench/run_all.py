@@ -91,8 +91,8 @@ def epoch_ratios(data: Dataset, train: Dataset, repeats: int) -> tuple[dict, dic
     a, b = [], []
     for r in range(repeats):
 
-        def student() -> torch.nn.Module:
-            return build_model("mlp", data.feature_shape, 10, seed=r, hidden=[100, 100])
+        def student(seed: int = r) -> torch.nn.Module:
+            return build_model("mlp", data.feature_shape, 10, seed=seed, hidden=[100, 100])
 
         hard = epoch_seconds(student(), train, None)
         stored = epoch_seconds(student(), train, distill)
