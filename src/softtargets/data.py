@@ -307,6 +307,13 @@ class Dataset:
         )
 
 
+def stratified_rows(labels: Tensor, fraction: float, seed: int = 0) -> Tensor:
+    """Positions of a seeded, class-stratified ``fraction`` of rows (at least one per class)."""
+    if not 0.0 < fraction <= 1.0:
+        raise SoftTargetsError(f"fraction must be in (0, 1], got {fraction}")
+    return _stratified_pick(labels, fraction, seed, stratify=True)
+
+
 def _stratified_pick(labels: Tensor, fraction: float, seed: int, stratify: bool) -> Tensor:
     """Row positions of a seeded random ``fraction`` of rows, at least one per present class."""
     gen = torch.Generator().manual_seed(seed)

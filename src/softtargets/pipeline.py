@@ -70,7 +70,14 @@ class DistillOutcome:
 def load_splits(config: DistillConfig) -> tuple[Dataset, Splits]:
     data_cfg = config.data
     data = load_data(data_cfg.name, data_cfg.label_column, **data_cfg.options)
-    return data, split(data, data_cfg.val_fraction, data_cfg.test_fraction, data_cfg.split_seed)
+    parts = split(data, data_cfg.val_fraction, data_cfg.test_fraction, data_cfg.split_seed)
+    if data_cfg.label_noise > 0:
+        # Training and validation labels are noisy alike (a real noisy dataset has no clean
+        # validation set); the test labels stay clean, to measure what was learned.
+        rate, seed = data_cfg.label_noise, data_cfg.split_seed
+        parts = Splits(parts.train.with_label_noise(rate, seed),
+                       parts.val.with_label_noise(rate, seed + 1), parts.test)
+    return data, parts
 
 
 def config_key(config: DistillConfig, teacher_only: bool = False) -> str:

@@ -56,3 +56,38 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
     if len(a) != len(b):
         raise ValueError(f"paired_difference needs equal lengths, got {len(a)} and {len(b)}")
     return mean_ci(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64), confidence)
+
+
+SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A claim, the measured evidence for it, and what the 95% interval says."""
+
+    claim: str
+    label: str
+    evidence: str
+
+
+def verdict(
+    claim: str, difference: Estimate, what: str, scale: float = 1.0, unit: str = "",
+    digits: int = 2,
+) -> Verdict:
+    """Judge ``claim`` from ``difference``, an estimate that is positive when the claim holds.
+
+    "supported" when the whole confidence interval is above 0, "not supported" when it is below
+    0 (the opposite was measured), "inconclusive" when it contains 0 or there are too few runs.
+    """
+    if difference.n < 2 or not math.isfinite(difference.half_width):
+        label = INCONCLUSIVE
+    elif difference.low > 0:
+        label = SUPPORTED
+    elif difference.high < 0:
+        label = NOT_SUPPORTED
+    else:
+        label = INCONCLUSIVE
+    low, high = difference.low * scale, difference.high * scale
+    evidence = (f"{what} = {difference.format(scale, digits)}{unit} "
+                f"(95% CI {low:+.{digits}f} to {high:+.{digits}f}, n = {difference.n})")
+    return Verdict(claim, label, evidence)

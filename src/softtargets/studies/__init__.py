@@ -1,0 +1,39 @@
+"""One module per question about soft targets; each returns a result table, figures and a verdict.
+
+| name | claim |
+| --- | --- |
+| similarity | soft targets carry the similarity structure between classes |
+| temperature | the best temperature depends on the student's size |
+| data-fraction | with soft targets a student learns from much less data |
+| learning-rate | soft targets tolerate a much higher learning rate |
+| gradient-variance | soft targets give less gradient variance between training cases |
+| width | soft targets need far fewer neurons, the more so the harder the data |
+| label-noise | a teacher's soft targets soften label noise |
+| omit-class | dark knowledge: a class never seen in the transfer set is still learned |
+| smoothing-vs-teacher | the gain is the teacher's information, not softening alone |
+"""
+
+from __future__ import annotations
+
+import importlib
+
+#: study name -> module under softtargets.studies (imported when run)
+STUDIES = {
+    "similarity": "similarity",
+    "temperature": "temperature",
+    "data-fraction": "data_fraction",
+    "learning-rate": "learning_rate",
+    "gradient-variance": "gradient_variance",
+    "width": "width",
+    "label-noise": "label_noise",
+    "omit-class": "omit_class",
+    "smoothing-vs-teacher": "smoothing",
+}
+
+
+def study_module(name: str):  # noqa: ANN201 - a module
+    from softtargets.errors import SoftTargetsError
+
+    if name not in STUDIES:
+        raise SoftTargetsError(f"unknown study {name!r}; choose one of {', '.join(STUDIES)}")
+    return importlib.import_module(f"softtargets.studies.{STUDIES[name]}")

@@ -1,0 +1,204 @@
+"""What every study shares: its config, the teacher cache, training grids, and the files it writes.
+
+A study is a module with ``TITLE``, ``CLAIM`` and ``run(ctx) -> StudyOutput``. :func:`run_study`
+gives it a :class:`StudyContext` and writes ``runs/study-NAME/``:
+
+| file | holds |
+| --- | --- |
+| ``results.csv`` / ``results.json`` | one row per trained model or measured point; the JSON adds the summary, verdict and run facts |
+| ``config.yaml`` | the resolved study config |
+| ``*.png`` | the figures |
+| ``section.md`` | the study's section of the report |
+
+Teachers are trained once per dataset (and label-noise rate) and stored with the core's store, in
+``teachers/`` beside the study directories, so every study reuses them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from softtargets.config import (
+    DataConfig,
+    DistillConfig,
+    ModelConfig,
+    Strict,
+    TrainConfig,
+    dump_config,
+)
+from softtargets.files import atomic_write_text
+from softtargets.models import build_model
+from softtargets.pipeline import TeacherRun, run_teacher
+from softtargets.report import markdown_table
+from softtargets.stats import Verdict
+from softtargets.vectorised import Member, fit_many
+
+
+class StudyConfig(Strict):
+    """Settings common to every study."""
+
+    data: str = Field("mnist1d", description="built-in dataset name or file")
+    seeds: int = Field(5, ge=1)
+    quick: bool = Field(False, description="a miniature of the same code path (for tests)")
+    temperature: float = Field(4.0, gt=0, description="temperature of the soft targets")
+    student_hidden: list[int] = Field(default_factory=lambda: [100, 100])
+    student_training: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=100, lr=1e-2))
+
+    def resolved(self) -> StudyConfig:
+        """The quick miniature, if asked for: smaller data, students, epochs, seeds."""
+        if not self.quick:
+            return self
+        quick = self.model_copy(deep=True)
+        quick.seeds = min(self.seeds, 2)
+        quick.student_hidden = [16]
+        quick.student_training = TrainConfig(epochs=3, lr=1e-2)
+        return quick
+
+
+@dataclass
+class StudyOutput:
+    """What a study returns."""
+
+    rows: list[dict[str, Any]]
+    summary: list[dict[str, Any]]
+    figures: list[Path]
+    verdict: Verdict
+    notes: str = ""
+
+
+@dataclass
+class StudyContext:
+    """Data, teachers and training for one study run."""
+
+    name: str
+    config: StudyConfig
+    out_dir: Path
+    progress: Any = None
+    log: Callable[[str], None] = lambda message: None
+    _teachers: dict[tuple[str, float], TeacherRun] = field(default_factory=dict)
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(range(self.config.seeds))
+
+    @property
+    def quick(self) -> bool:
+        return self.config.quick
+
+    def distill_config(self, data: str | None = None, label_noise: float = 0.0,
+                       options: dict[str, Any] | None = None) -> DistillConfig:
+        """The teacher settings used for ``data`` (a built-in name or a file)."""
+        name = data or self.config.data
+        if options is None:
+            options = {"mnist1d": {"num_samples": 600 if self.quick else 5000}}.get(name, {})
+        teachers = {
+            "mnist1d": ModelConfig(name="cnn1d", options={"channels": [64, 64, 64], "dropout": 0.3}),
+            "digits": ModelConfig(name="cnn2d", options={"channels": [32, 64], "dropout": 0.3}),
+        }
+        teacher = teachers.get(name, ModelConfig(name="mlp", options={"hidden": [256, 256],
+                                                                       "dropout": 0.3}))
+        training = TrainConfig(epochs=40, optimizer="adamw", weight_decay=0.05)
+        if self.quick:
+            teacher.options = {k: ([8] * len(v) if isinstance(v, list) else v)
+                               for k, v in teacher.options.items()}
+            training.epochs = 3
+        return DistillConfig(data=DataConfig(name=name, options=options, label_noise=label_noise),
+                             teacher=teacher, teacher_training=training)
+
+    def teacher(self, data: str | None = None, label_noise: float = 0.0,
+                options: dict[str, Any] | None = None) -> TeacherRun:
+        """The teacher (fitted once, then reloaded from ``teachers/``) with its store and splits."""
+        config = self.distill_config(data, label_noise, options)
+        from softtargets.pipeline import config_key
+
+        key = (config_key(config, teacher_only=True), label_noise)
+        if key not in self._teachers:
+            where = self.out_dir.parent / "teachers" / f"{config.data.name.replace('/', '_')}-{key[0]}"
+            self._teachers[key] = run_teacher(config, where, progress=self.progress, log=self.log)
+        return self._teachers[key]
+
+    def students(self, data_shape: Sequence[int], num_classes: int, seeds: Sequence[int],
+                 hidden: Sequence[int] | None = None) -> list[torch.nn.Module]:
+        hidden = list(hidden if hidden is not None else self.config.student_hidden)
+        return [build_model("mlp", data_shape, num_classes, seed=s, hidden=hidden) for s in seeds]
+
+    def train(self, part: TeacherRun, members: Sequence[Member], hidden: Sequence[Sequence[int]] | None = None,
+              **overrides: Any) -> list:
+        """Train one student per member, all at once (:func:`fit_many`), selected on validation."""
+        data = part.splits.train
+        widths = hidden or [self.config.student_hidden] * len(members)
+        models = [build_model("mlp", data.feature_shape, data.num_classes, seed=m.seed, hidden=list(w))
+                  for m, w in zip(members, widths, strict=True)]
+        settings = {**self.config.student_training.model_dump(), **overrides}
+        return fit_many(models, data, members, val=part.splits.val, test=part.splits.test,
+                        device=part.device, progress=self.progress, **settings)
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def run_study(
+    name: str,
+    config: StudyConfig,
+    out_dir: str | Path,
+    *,
+    progress: Any = None,
+    log: Callable[[str], None] = lambda message: None,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Run study ``name`` and write its directory; returns the JSON written to results.json."""
+    from softtargets.studies import study_module
+
+    module = study_module(name)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resolved = config.resolved()
+    atomic_write_text(out_dir / "config.yaml", dump_config(resolved))
+    started = time.perf_counter()
+    ctx = StudyContext(name, resolved, out_dir, progress, log)
+    output: StudyOutput = module.run(ctx)
+    seconds = time.perf_counter() - started
+    command = command or " ".join(shlex.quote(a) for a in ["softtargets", *sys.argv[1:]])
+    facts = {"study": name, "title": module.TITLE, "seeds": ctx.seeds, "seconds": round(seconds, 1),
+             "command": command, "config": resolved.model_dump(mode="json")}
+    payload = {**facts, "verdict": vars(output.verdict), "summary": output.summary,
+               "rows": output.rows, "figures": [f.name for f in output.figures]}
+    atomic_write_text(out_dir / "results.csv", _csv(output.rows))
+    atomic_write_text(out_dir / "results.json", json.dumps(payload, indent=1, default=float) + "\n")
+    atomic_write_text(out_dir / "section.md", section_markdown(module.TITLE, output, facts))
+    return payload
+
+
+def section_markdown(title: str, output: StudyOutput, facts: dict[str, Any]) -> str:
+    """The study's report section: claim, verdict, summary table, figures, notes, provenance."""
+    v = output.verdict
+    lines = [f"## {title}", "", f"**Claim:** {v.claim}", "",
+             f"**Verdict: {v.label}** — {v.evidence}.", ""]
+    if output.summary:
+        header = list(output.summary[0])
+        lines += [markdown_table(header, [[row[h] for h in header] for row in output.summary]), ""]
+    lines += [f"![{f.stem}]({f.name})" for f in output.figures] + [""]
+    if output.notes:
+        lines += [output.notes.strip(), ""]
+    lines += [f"Seeds {facts['seeds']}; {facts['seconds']} s; command: `{facts['command']}`.", ""]
+    return "\n".join(lines)

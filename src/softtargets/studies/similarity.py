@@ -1,0 +1,151 @@
+"""``similarity``: do soft targets carry the similarity structure between classes?
+
+The teacher's mean soft target per true class at T = 1, 4 and 20 (heatmaps), the most similar
+class pairs, a few test inputs with their soft targets, and the contrast with label smoothing,
+whose off-target mass is uniform by construction. The verdict asks whether the off-target part of
+a held-out row's soft target follows *its own* class's pattern (measured on training rows) better
+than another class's pattern, on the same coordinates: a positive margin means the teacher's "which
+2s look like 3s" is class-specific structure, not a bias shared by all inputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from softtargets.report import new_figure, save_figure
+from softtargets.stats import mean_ci, verdict
+from softtargets.studies.base import StudyContext, StudyOutput
+from softtargets.targets import entropy, smooth
+
+TITLE = "Similarity structure (similarity)"
+CLAIM = ("A held-out example's off-target probabilities follow the pattern of its own class more "
+         "closely than that of other classes: soft targets carry class-specific similarity "
+         "structure.")
+TEMPERATURES = [1.0, 4.0, 20.0]
+
+
+def off_target(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``(N, K)`` -> ``(N, K - 1)`` off-target probabilities, renormalised to sum to 1."""
+    k = probs.shape[1]
+    keep = torch.ones_like(probs, dtype=torch.bool)
+    keep[torch.arange(len(labels)), labels] = False
+    rest = probs[keep].view(-1, k - 1)
+    return rest / rest.sum(1, keepdim=True).clamp_min(1e-30)
+
+
+def specificity(probs: torch.Tensor, labels: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """Per row: correlation of its probabilities with its own class's mean pattern minus that with
+    another class's pattern, averaged over the other classes ``(N,)``. Both correlations use the
+    same ``K - 2`` coordinates (the row's class and the other class left out), so the large mass
+    on either class cannot decide the comparison."""
+    n, k = probs.shape
+    margins = torch.zeros(n)
+    for other in range(k):
+        rows = (labels != other).nonzero().squeeze(1)
+        keep = torch.ones(len(rows), k, dtype=torch.bool)
+        keep[torch.arange(len(rows)), labels[rows]] = False
+        keep[:, other] = False
+        row = probs[rows][keep].view(len(rows), k - 2)
+        own = pattern[labels[rows]][keep].view(len(rows), k - 2)
+        alien = pattern[other].expand(len(rows), k)[keep].view(len(rows), k - 2)
+        centred = row - row.mean(1, keepdim=True)
+        corr_own = torch.nn.functional.cosine_similarity(centred, own - own.mean(1, keepdim=True), 1)
+        corr_alien = torch.nn.functional.cosine_similarity(
+            centred, alien - alien.mean(1, keepdim=True), 1)
+        margins[rows] += (corr_own - corr_alien).nan_to_num(0.0)
+    return margins / (k - 1)
+
+
+def class_means(probs: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """``(K, K)``: row c is the mean soft target of the rows of true class c."""
+    return torch.stack([probs[labels == c].mean(0) for c in range(k)])
+
+
+def run(ctx: StudyContext) -> StudyOutput:
+    part = ctx.teacher()
+    train, test, store = part.splits.train, part.splits.test, part.store
+    k, names = train.num_classes, list(train.class_names)
+    rows, summary, margins_at_4 = [], [], []
+    means_at = {}
+    for t in TEMPERATURES:
+        train_p, test_p = store.soften(t, train), store.soften(t, test)
+        means_at[t] = class_means(test_p, test.labels, k)
+        # the class patterns from training rows, compared with each held-out row
+        margin = specificity(test_p, test.labels, class_means(train_p, train.labels, k))
+        rest = off_target(test_p, test.labels)
+        cv = rest.std(1) / rest.mean(1)
+        smooth_rest = off_target(smooth(test.labels, k, 0.1), test.labels)
+        summary.append({
+            "T": t, "mean entropy (nats)": f"{float(entropy(test_p).mean()):.3f}",
+            "off-target spread, teacher (CV)": mean_ci(cv.tolist()).format(1, 3),
+            "off-target spread, label smoothing (CV)": f"{float((smooth_rest.std(1) / smooth_rest.mean(1)).mean()):.3f}",
+            "own-class margin": mean_ci(margin.tolist()).format(1, 3),
+        })
+        for c in range(k):
+            for j in range(k):
+                rows.append({"T": t, "true_class": names[c], "class": names[j],
+                             "mean_probability": float(means_at[t][c, j])})
+        if t == 4.0:
+            margins_at_4 = margin.tolist()
+
+    m = means_at[4.0].clone()
+    m.fill_diagonal_(0)
+    sym = (m + m.T) / 2
+    pairs = sorted(((float(sym[i, j]), names[i], names[j]) for i in range(k) for j in range(i + 1, k)),
+                   reverse=True)[:5]
+    figures = [_heatmaps(means_at, names, ctx.out_dir / "class_similarity.png"),
+               _examples(test, store, names, ctx.out_dir / "examples.png")]
+    diff = mean_ci(margins_at_4)
+    notes = ("Most similar class pairs at T = 4 (mean soft-target mass one puts on the other, "
+             "symmetrised): " + ", ".join(f"{a}-{b} ({p:.3f})" for p, a, b in pairs) + ". "
+             "Label smoothing gives every wrong class the same mass (spread 0); the teacher's "
+             "spread is its similarity structure. The own-class margin is the correlation of a row's "
+             "off-target probabilities with its own class's mean pattern minus that with another "
+             "class's pattern (same coordinates); its interval is over the "
+             f"{len(test)} test rows, one teacher (trained once per dataset).")
+    return StudyOutput(rows, summary, figures,
+                       verdict(CLAIM, diff, "own-class margin at T = 4", 1, "", 3), notes)
+
+
+def _heatmaps(means_at: dict[float, torch.Tensor], names: list[str], path):
+    figure, _ = new_figure(4.2 * len(means_at), 4.0)
+    figure.clear()
+    axes = figure.subplots(1, len(means_at))
+    for ax, (t, means) in zip(axes, means_at.items(), strict=True):
+        image = ax.imshow(means.numpy(), cmap="viridis", vmin=0, vmax=1 if t == 1 else None)
+        ax.set_title(f"T = {t:g}")
+        ax.set_xlabel("class of the soft target")
+        ax.set_ylabel("true class")
+        ax.set_xticks(range(len(names)), names)
+        ax.set_yticks(range(len(names)), names)
+        figure.colorbar(image, ax=ax, shrink=0.8, label="mean probability")
+    figure.suptitle("Teacher's mean soft target per true class (test rows)")
+    return save_figure(figure, path)
+
+
+def _examples(test, store, names: list[str], path, count: int = 4):
+    figure, _ = new_figure(3.2 * count, 4.6)
+    figure.clear()
+    axes = figure.subplots(2, count)
+    probs = store.soften(4.0, test)
+    picks = [int((test.labels == c).nonzero()[0, 0]) for c in range(min(count, len(names)))]
+    for col, row in enumerate(picks):
+        x = test.features[row]
+        top = axes[0, col]
+        if x.ndim == 1:
+            top.plot(x.numpy(), color="#0072B2")
+            top.set_xlabel("position")
+        else:
+            top.imshow(x.reshape(-1, *x.shape[-2:])[0].numpy(), cmap="gray_r")
+            top.axis("off")
+        top.set_title(f"test row, true class {names[int(test.labels[row])]}")
+        bottom = axes[1, col]
+        bottom.bar(np.arange(len(names)), probs[row].numpy(), color="#D55E00")
+        bottom.set_xticks(range(len(names)), names)
+        bottom.set_yscale("log")
+        bottom.set_ylim(1e-4, 1.0)
+        bottom.set_xlabel("class")
+        bottom.set_ylabel("soft target, T = 4 (log)")
+    figure.suptitle("Test inputs and the teacher's soft targets")
+    return save_figure(figure, path)
