@@ -100,8 +100,9 @@ def test_streamed_store_equals_in_memory_store(tmp_path, data, teacher, dtype) -
     from softtargets.teacher import label_to_file
 
     chunks = ((data.features[i : i + 7], data.ids[i : i + 7]) for i in range(0, len(data), 7))
-    path = label_to_file(teacher, chunks, len(data), tmp_path / "s.safetensors",
-                         data.class_names, dtype=dtype)
+    path = label_to_file(
+        teacher, chunks, len(data), tmp_path / "s.safetensors", data.class_names, dtype=dtype
+    )
     streamed = SoftTargetStore.load(path, data=data, teacher=teacher)  # fingerprints agree
     in_memory = label(teacher, data, dtype=dtype)
     torch.testing.assert_close(streamed.logits, in_memory.logits)

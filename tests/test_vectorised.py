@@ -40,8 +40,14 @@ def test_each_member_equals_fit_alone(parts, optimizer: str) -> None:
         Member(seed=3, labels=train.with_label_noise(0.3, seed=1).labels),
     ]
     common = dict(epochs=4, batch_size=32, optimizer=optimizer, lr=1e-2, schedule="cosine")
-    together = fit_many([build(train, m.seed) for m in members], train, members,
-                        val=parts.val, test=parts.test, **common)
+    together = fit_many(
+        [build(train, m.seed) for m in members],
+        train,
+        members,
+        val=parts.val,
+        test=parts.test,
+        **common,
+    )
     for member, result in zip(members, together, strict=True):
         rows = train if member.rows is None else train.take(member.rows)
         targets = member.targets
@@ -49,10 +55,20 @@ def test_each_member_equals_fit_alone(parts, optimizer: str) -> None:
             targets = targets[member.rows]
         if member.labels is not None:
             rows = train.with_label_noise(0.3, seed=1)
-        alone = fit(build(train, member.seed), rows, targets, val=parts.val, test=parts.test,
-                    seed=member.seed, lr=member.lr or 1e-2, weight_decay=member.weight_decay or 0.0,
-                    **{k: v for k, v in common.items() if k != "lr"})
-        torch.testing.assert_close(weights(result.model), weights(alone.model), rtol=1e-4, atol=1e-5)
+        alone = fit(
+            build(train, member.seed),
+            rows,
+            targets,
+            val=parts.val,
+            test=parts.test,
+            seed=member.seed,
+            lr=member.lr or 1e-2,
+            weight_decay=member.weight_decay or 0.0,
+            **{k: v for k, v in common.items() if k != "lr"},
+        )
+        torch.testing.assert_close(
+            weights(result.model), weights(alone.model), rtol=1e-4, atol=1e-5
+        )
         assert result.best_epoch == alone.best_epoch
         for a, b in zip(result.history, alone.history, strict=True):
             assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
@@ -65,8 +81,7 @@ def test_zero_padding_to_a_wider_member_changes_nothing(parts) -> None:
     mixed = fit_many([narrow, wide], train, [Member(seed=5), Member(seed=6)], epochs=3, lr=2e-2)
     alone = fit_many([build(train, 5, (3, 4))], train, [Member(seed=5)], epochs=3, lr=2e-2)
     torch.testing.assert_close(weights(mixed[0].model), weights(alone[0].model), rtol=0, atol=1e-6)
-    assert [p.shape for p in mixed[0].model.parameters()] == [
-        p.shape for p in narrow.parameters()]
+    assert [p.shape for p in mixed[0].model.parameters()] == [p.shape for p in narrow.parameters()]
     stacked = StackedMLP([mixed[0].model, wide])
     # the padded block of the narrow member is still exactly zero after training
     assert stacked.weights[1][0, 3:, :].abs().max() == 0
@@ -74,9 +89,16 @@ def test_zero_padding_to_a_wider_member_changes_nothing(parts) -> None:
 
 def test_early_stopping_and_divergence_are_per_member(parts) -> None:
     train = parts.train
-    results = fit_many([build(train, 0), build(train, 1)], train,
-                       [Member(seed=0, lr=1e6), Member(seed=1)], optimizer="sgd", lr=0.05,
-                       epochs=30, val=parts.val, patience=3)
+    results = fit_many(
+        [build(train, 0), build(train, 1)],
+        train,
+        [Member(seed=0, lr=1e6), Member(seed=1)],
+        optimizer="sgd",
+        lr=0.05,
+        epochs=30,
+        val=parts.val,
+        patience=3,
+    )
     assert results[0].diverged and not results[1].diverged
     assert results[1].stopped_early or len(results[1].history) == 30
     assert torch.isfinite(weights(results[1].model)).all()

@@ -275,5 +275,68 @@ def distill(
     print_outcome(outcome)
 
 
+@app.command()
+@friendly_errors
+def study(
+    name: Annotated[
+        str,
+        typer.Argument(
+            help="similarity, temperature, data-fraction, "
+            "learning-rate, gradient-variance, width, label-noise, "
+            "omit-class or smoothing-vs-teacher."
+        ),
+    ],
+    data: Data = None,
+    seeds: Annotated[
+        int | None, typer.Option("--seeds", help="Seeds per point (default 5).")
+    ] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="A miniature of the same steps.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Default runs/study-NAME.")] = None,
+) -> None:
+    """Measure one claim about soft targets: results, figures, verdict (runs/study-NAME/)."""
+    from softtargets.studies import study_module
+    from softtargets.studies.base import StudyConfig, run_study
+
+    study_module(name)  # an unknown name fails here, before any work
+    values: dict[str, Any] = {"quick": quick}
+    if data is not None:
+        values["data"] = data
+    if seeds is not None:
+        values["seeds"] = seeds
+    from softtargets.config import parse_config
+
+    config = parse_config(StudyConfig, values, "flags")
+    with make_progress() as progress:
+        result = run_study(
+            name,
+            config,
+            out or Path("runs") / f"study-{name}",
+            progress=progress,
+            log=lambda m: console.print(m, highlight=False),
+        )
+    v = result["verdict"]
+    console.print(f"[bold]{result['title']}[/]: {v['label']} — {v['evidence']}", highlight=False)
+    console.print(
+        f"wrote {out or Path('runs') / f'study-{name}'}/ in {result['seconds']} s", highlight=False
+    )
+
+
+@app.command()
+@friendly_errors
+def report(
+    runs: Annotated[Path, typer.Option("--runs", help="Where the study directories are.")] = Path(
+        "runs"
+    ),
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Where to write (default: --runs).")
+    ] = None,
+) -> None:
+    """Gather every study under runs/ into report.md and a self-contained report.html."""
+    from softtargets.gather import build_report
+
+    md_path, html_path = build_report(runs, out)
+    console.print(f"wrote {md_path} and {html_path}", highlight=False)
+
+
 def main() -> None:
     app()

@@ -28,6 +28,9 @@ class DataConfig(Strict):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     split_seed: int = 0
+    classes: list[int] | None = Field(
+        None, description="keep only these classes, renumbered 0..len-1 (e.g. a digit pair)"
+    )
     label_noise: float = Field(
         0.0, ge=0.0, le=1.0, description="symmetric noise on the training and validation labels"
     )

@@ -70,13 +70,18 @@ class DistillOutcome:
 def load_splits(config: DistillConfig) -> tuple[Dataset, Splits]:
     data_cfg = config.data
     data = load_data(data_cfg.name, data_cfg.label_column, **data_cfg.options)
+    if data_cfg.classes is not None:
+        data = data.subset(classes=data_cfg.classes, relabel=True)
     parts = split(data, data_cfg.val_fraction, data_cfg.test_fraction, data_cfg.split_seed)
     if data_cfg.label_noise > 0:
         # Training and validation labels are noisy alike (a real noisy dataset has no clean
         # validation set); the test labels stay clean, to measure what was learned.
         rate, seed = data_cfg.label_noise, data_cfg.split_seed
-        parts = Splits(parts.train.with_label_noise(rate, seed),
-                       parts.val.with_label_noise(rate, seed + 1), parts.test)
+        parts = Splits(
+            parts.train.with_label_noise(rate, seed),
+            parts.val.with_label_noise(rate, seed + 1),
+            parts.test,
+        )
     return data, parts
 
 

@@ -71,7 +71,11 @@ class Verdict:
 
 
 def verdict(
-    claim: str, difference: Estimate, what: str, scale: float = 1.0, unit: str = "",
+    claim: str,
+    difference: Estimate,
+    what: str,
+    scale: float = 1.0,
+    unit: str = "",
     digits: int = 2,
 ) -> Verdict:
     """Judge ``claim`` from ``difference``, an estimate that is positive when the claim holds.
@@ -88,6 +92,8 @@ def verdict(
     else:
         label = INCONCLUSIVE
     low, high = difference.low * scale, difference.high * scale
-    evidence = (f"{what} = {difference.format(scale, digits)}{unit} "
-                f"(95% CI {low:+.{digits}f} to {high:+.{digits}f}, n = {difference.n})")
+    evidence = (
+        f"{what} = {difference.format(scale, digits)}{unit} "
+        f"(95% CI {low:+.{digits}f} to {high:+.{digits}f}, n = {difference.n})"
+    )
     return Verdict(claim, label, evidence)

@@ -87,7 +87,7 @@ class StudyContext:
     out_dir: Path
     progress: Any = None
     log: Callable[[str], None] = lambda message: None
-    _teachers: dict[tuple[str, float], TeacherRun] = field(default_factory=dict)
+    _teachers: dict[str, TeacherRun] = field(default_factory=dict)
 
     @property
     def seeds(self) -> list[int]:
@@ -97,53 +97,94 @@ class StudyContext:
     def quick(self) -> bool:
         return self.config.quick
 
-    def distill_config(self, data: str | None = None, label_noise: float = 0.0,
-                       options: dict[str, Any] | None = None) -> DistillConfig:
+    def distill_config(
+        self,
+        data: str | None = None,
+        label_noise: float = 0.0,
+        options: dict[str, Any] | None = None,
+    ) -> DistillConfig:
         """The teacher settings used for ``data`` (a built-in name or a file)."""
         name = data or self.config.data
         if options is None:
             options = {"mnist1d": {"num_samples": 600 if self.quick else 5000}}.get(name, {})
         teachers = {
-            "mnist1d": ModelConfig(name="cnn1d", options={"channels": [64, 64, 64], "dropout": 0.3}),
+            "mnist1d": ModelConfig(
+                name="cnn1d", options={"channels": [64, 64, 64], "dropout": 0.3}
+            ),
             "digits": ModelConfig(name="cnn2d", options={"channels": [32, 64], "dropout": 0.3}),
         }
-        teacher = teachers.get(name, ModelConfig(name="mlp", options={"hidden": [256, 256],
-                                                                       "dropout": 0.3}))
+        teacher = teachers.get(
+            name, ModelConfig(name="mlp", options={"hidden": [256, 256], "dropout": 0.3})
+        )
         training = TrainConfig(epochs=40, optimizer="adamw", weight_decay=0.05)
         if self.quick:
-            teacher.options = {k: ([8] * len(v) if isinstance(v, list) else v)
-                               for k, v in teacher.options.items()}
+            teacher.options = {
+                k: ([8] * len(v) if isinstance(v, list) else v) for k, v in teacher.options.items()
+            }
             training.epochs = 3
-        return DistillConfig(data=DataConfig(name=name, options=options, label_noise=label_noise),
-                             teacher=teacher, teacher_training=training)
+        return DistillConfig(
+            data=DataConfig(name=name, options=options, label_noise=label_noise),
+            teacher=teacher,
+            teacher_training=training,
+        )
 
-    def teacher(self, data: str | None = None, label_noise: float = 0.0,
-                options: dict[str, Any] | None = None) -> TeacherRun:
+    def teacher(
+        self,
+        data: str | None = None,
+        label_noise: float = 0.0,
+        options: dict[str, Any] | None = None,
+        classes: list[int] | None = None,
+    ) -> TeacherRun:
         """The teacher (fitted once, then reloaded from ``teachers/``) with its store and splits."""
         config = self.distill_config(data, label_noise, options)
+        config.data.classes = classes
+        return self.teacher_for(config)
+
+    def teacher_for(self, config: DistillConfig) -> TeacherRun:
+        """The teacher of ``config``, cached in ``teachers/`` beside the study directories."""
         from softtargets.pipeline import config_key
 
-        key = (config_key(config, teacher_only=True), label_noise)
+        key = config_key(config, teacher_only=True)
         if key not in self._teachers:
-            where = self.out_dir.parent / "teachers" / f"{config.data.name.replace('/', '_')}-{key[0]}"
+            where = self.out_dir.parent / "teachers" / f"{config.data.name.replace('/', '_')}-{key}"
             self._teachers[key] = run_teacher(config, where, progress=self.progress, log=self.log)
         return self._teachers[key]
 
-    def students(self, data_shape: Sequence[int], num_classes: int, seeds: Sequence[int],
-                 hidden: Sequence[int] | None = None) -> list[torch.nn.Module]:
+    def students(
+        self,
+        data_shape: Sequence[int],
+        num_classes: int,
+        seeds: Sequence[int],
+        hidden: Sequence[int] | None = None,
+    ) -> list[torch.nn.Module]:
         hidden = list(hidden if hidden is not None else self.config.student_hidden)
         return [build_model("mlp", data_shape, num_classes, seed=s, hidden=hidden) for s in seeds]
 
-    def train(self, part: TeacherRun, members: Sequence[Member], hidden: Sequence[Sequence[int]] | None = None,
-              **overrides: Any) -> list:
+    def train(
+        self,
+        part: TeacherRun,
+        members: Sequence[Member],
+        hidden: Sequence[Sequence[int]] | None = None,
+        **overrides: Any,
+    ) -> list:
         """Train one student per member, all at once (:func:`fit_many`), selected on validation."""
         data = part.splits.train
         widths = hidden or [self.config.student_hidden] * len(members)
-        models = [build_model("mlp", data.feature_shape, data.num_classes, seed=m.seed, hidden=list(w))
-                  for m, w in zip(members, widths, strict=True)]
+        models = [
+            build_model("mlp", data.feature_shape, data.num_classes, seed=m.seed, hidden=list(w))
+            for m, w in zip(members, widths, strict=True)
+        ]
         settings = {**self.config.student_training.model_dump(), **overrides}
-        return fit_many(models, data, members, val=part.splits.val, test=part.splits.test,
-                        device=part.device, progress=self.progress, **settings)
+        return fit_many(
+            models,
+            data,
+            members,
+            val=part.splits.val,
+            test=part.splits.test,
+            device=part.device,
+            progress=self.progress,
+            **settings,
+        )
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:
@@ -179,10 +220,21 @@ def run_study(
     output: StudyOutput = module.run(ctx)
     seconds = time.perf_counter() - started
     command = command or " ".join(shlex.quote(a) for a in ["softtargets", *sys.argv[1:]])
-    facts = {"study": name, "title": module.TITLE, "seeds": ctx.seeds, "seconds": round(seconds, 1),
-             "command": command, "config": resolved.model_dump(mode="json")}
-    payload = {**facts, "verdict": vars(output.verdict), "summary": output.summary,
-               "rows": output.rows, "figures": [f.name for f in output.figures]}
+    facts = {
+        "study": name,
+        "title": module.TITLE,
+        "seeds": ctx.seeds,
+        "seconds": round(seconds, 1),
+        "command": command,
+        "config": resolved.model_dump(mode="json"),
+    }
+    payload = {
+        **facts,
+        "verdict": vars(output.verdict),
+        "summary": output.summary,
+        "rows": output.rows,
+        "figures": [f.name for f in output.figures],
+    }
     atomic_write_text(out_dir / "results.csv", _csv(output.rows))
     atomic_write_text(out_dir / "results.json", json.dumps(payload, indent=1, default=float) + "\n")
     atomic_write_text(out_dir / "section.md", section_markdown(module.TITLE, output, facts))
@@ -192,11 +244,22 @@ def run_study(
 def section_markdown(title: str, output: StudyOutput, facts: dict[str, Any]) -> str:
     """The study's report section: claim, verdict, summary table, figures, notes, provenance."""
     v = output.verdict
-    lines = [f"## {title}", "", f"**Claim:** {v.claim}", "",
-             f"**Verdict: {v.label}** — {v.evidence}.", ""]
+    lines = [
+        f"## {title}",
+        "",
+        f"**Claim:** {v.claim}",
+        "",
+        f"**Verdict: {v.label}** — {v.evidence}.",
+        "",
+    ]
     if output.summary:
-        header = list(output.summary[0])
-        lines += [markdown_table(header, [[row[h] for h in header] for row in output.summary]), ""]
+        header: list[str] = []
+        for row in output.summary:
+            header += [k for k in row if k not in header]
+        lines += [
+            markdown_table(header, [[row.get(h, "") for h in header] for row in output.summary]),
+            "",
+        ]
     lines += [f"![{f.stem}]({f.name})" for f in output.figures] + [""]
     if output.notes:
         lines += [output.notes.strip(), ""]

@@ -19,7 +19,9 @@ def test_accuracy(result: FitResult) -> float:
     return float(result.selected.get("test_accuracy", float("nan")))
 
 
-def grouped(rows: Iterable[dict[str, Any]], keys: Sequence[str], value: str) -> dict[tuple, list[float]]:
+def grouped(
+    rows: Iterable[dict[str, Any]], keys: Sequence[str], value: str
+) -> dict[tuple, list[float]]:
     """``value`` of each row, grouped by the tuple of ``keys`` (in order of first appearance),
     each group sorted by seed so that groups can be paired."""
     groups: dict[tuple, list[tuple[int, float]]] = defaultdict(list)
@@ -28,18 +30,30 @@ def grouped(rows: Iterable[dict[str, Any]], keys: Sequence[str], value: str) -> 
     return {k: [v for _, v in sorted(pairs)] for k, pairs in groups.items()}
 
 
-def summary_rows(rows: list[dict[str, Any]], keys: Sequence[str], value: str, label: str,
-                 scale: float = 100.0, digits: int = 2) -> list[dict[str, Any]]:
+def summary_rows(
+    rows: list[dict[str, Any]],
+    keys: Sequence[str],
+    value: str,
+    label: str,
+    scale: float = 100.0,
+    digits: int = 2,
+) -> list[dict[str, Any]]:
     """One row per group: the keys, the number of runs and ``mean ± 95% CI`` of ``value``."""
     out = []
     for key, values in grouped(rows, keys, value).items():
-        out.append({**dict(zip(keys, key, strict=True)), "runs": len(values),
-                    label: mean_ci(values).format(scale, digits)})
+        out.append(
+            {
+                **dict(zip(keys, key, strict=True)),
+                "runs": len(values),
+                label: mean_ci(values).format(scale, digits),
+            }
+        )
     return out
 
 
-def difference(rows: list[dict[str, Any]], keys: Sequence[str], value: str,
-               better: tuple, worse: tuple) -> Estimate:
+def difference(
+    rows: list[dict[str, Any]], keys: Sequence[str], value: str, better: tuple, worse: tuple
+) -> Estimate:
     """Paired (by seed) difference ``better - worse`` of ``value`` between two groups."""
     groups = grouped(rows, keys, value)
     return paired_difference(groups[better], groups[worse])
@@ -78,8 +92,9 @@ def plot_lines(
     return save_figure(figure, path)
 
 
-def epoch_curves(results: Sequence[FitResult], labels: Sequence[str], metric: str = "test_accuracy"
-                 ) -> list[dict[str, Any]]:
+def epoch_curves(
+    results: Sequence[FitResult], labels: Sequence[str], metric: str = "test_accuracy"
+) -> list[dict[str, Any]]:
     """History records (epoch, metric) of each result tagged with its label and index as seed."""
     records = []
     for i, (result, name) in enumerate(zip(results, labels, strict=True)):
@@ -89,8 +104,9 @@ def epoch_curves(results: Sequence[FitResult], labels: Sequence[str], metric: st
     return records
 
 
-def plot_bars(groups: dict[str, list[float]], path: Path, *, ylabel: str, title: str,
-              scale: float = 100.0) -> Path:
+def plot_bars(
+    groups: dict[str, list[float]], path: Path, *, ylabel: str, title: str, scale: float = 100.0
+) -> Path:
     """One bar per group: mean over seeds with its 95% CI, and the seeds as dots."""
     figure, axes = new_figure(max(6.4, 2.2 * len(groups)), 4.0)
     for i, (colour, values) in enumerate(zip(PALETTE, groups.values(), strict=False)):

@@ -17,8 +17,10 @@ from softtargets.train import Distillation
 from softtargets.vectorised import Member
 
 TITLE = "Less data (data-fraction)"
-CLAIM = ("Trained on 3% of the data, a student learns much more from the teacher's soft targets "
-         "than from hard labels (Hinton et al. 2015, sec. 6).")
+CLAIM = (
+    "Trained on 3% of the data, a student learns much more from the teacher's soft targets "
+    "than from hard labels (Hinton et al. 2015, sec. 6)."
+)
 FRACTIONS = [0.01, 0.03, 0.1, 0.3, 1.0]
 KEY_FRACTION = 0.03
 
@@ -38,37 +40,74 @@ def run(ctx: StudyContext) -> StudyOutput:
     ctx.log(f"data-fraction: {len(members)} students at once")
     results = ctx.train(part, members)
 
-    rows = [{"fraction": f, "method": m, "seed": s, "train_rows": n,
-             "test_accuracy": test_accuracy(r), "last_epoch_test_accuracy": r.history[-1]["test_accuracy"],
-             "selected_epoch": r.best_epoch}
-            for (f, m, s, n), r in zip(keys, results, strict=True)]
+    rows = [
+        {
+            "fraction": f,
+            "method": m,
+            "seed": s,
+            "train_rows": n,
+            "test_accuracy": test_accuracy(r),
+            "last_epoch_test_accuracy": r.history[-1]["test_accuracy"],
+            "selected_epoch": r.best_epoch,
+        }
+        for (f, m, s, n), r in zip(keys, results, strict=True)
+    ]
     summary = summary_rows(rows, ["fraction", "method"], "test_accuracy", "test accuracy (%)")
-    for row, last in zip(summary, summary_rows(rows, ["fraction", "method"], "last_epoch_test_accuracy",
-                                               "x"), strict=True):
+    for row, last in zip(
+        summary,
+        summary_rows(rows, ["fraction", "method"], "last_epoch_test_accuracy", "x"),
+        strict=True,
+    ):
         row["last epoch (%)"] = last["x"]
 
     curves: dict[str, dict[float, list[float]]] = {}
-    for (fraction, method), values in grouped(rows, ["fraction", "method"], "test_accuracy").items():
+    for (fraction, method), values in grouped(
+        rows, ["fraction", "method"], "test_accuracy"
+    ).items():
         curves.setdefault(method, {})[fraction * 100] = values
-    figures = [plot_lines(
-        curves, ctx.out_dir / "accuracy_vs_fraction.png", xlabel="training data used (%)",
-        ylabel="test accuracy (%)", logx=True,
-        title="Student accuracy vs training data (validation-selected epoch)",
-        reference={"teacher (all data)": part.record["test_accuracy"]})]
-    at_key = [({"curve": f"{k[1]} targets", "seed": k[2], **r}, res)
-              for k, res in zip(keys, results, strict=True) if k[0] == KEY_FRACTION
-              for r in res.history]
-    figures.append(plot_epoch_curves(
-        [rec for rec, _ in at_key], ctx.out_dir / "epochs_at_3_percent.png", group="curve",
-        title="Test accuracy per epoch, 3% of the training data (mean, 95% band)"))
+    figures = [
+        plot_lines(
+            curves,
+            ctx.out_dir / "accuracy_vs_fraction.png",
+            xlabel="training data used (%)",
+            ylabel="test accuracy (%)",
+            logx=True,
+            title="Student accuracy vs training data (validation-selected epoch)",
+            reference={"teacher (all data)": part.record["test_accuracy"]},
+        )
+    ]
+    at_key = [
+        ({"curve": f"{k[1]} targets", "seed": k[2], **r}, res)
+        for k, res in zip(keys, results, strict=True)
+        if k[0] == KEY_FRACTION
+        for r in res.history
+    ]
+    figures.append(
+        plot_epoch_curves(
+            [rec for rec, _ in at_key],
+            ctx.out_dir / "epochs_at_3_percent.png",
+            group="curve",
+            title="Test accuracy per epoch, 3% of the training data (mean, 95% band)",
+        )
+    )
 
-    diff = difference(rows, ["fraction", "method"], "test_accuracy", (KEY_FRACTION, "soft"),
-                      (KEY_FRACTION, "hard"))
-    return StudyOutput(rows, summary, figures,
-                       verdict(CLAIM, diff, "soft - hard test accuracy at 3%", 100, " points"),
-                       notes=(
-        "Literature (Hinton et al. 2015, sec. 6, speech, frame accuracy): hard targets on 3% of "
-        "the data 44.5% (with early stopping), soft targets 57.0%, all data 58.9%. Soft targets "
-        f"here are the teacher's at T = {ctx.config.temperature:g} (alpha = 1); every student "
-        "trains for the same number of epochs and its weights are those of its best validation "
-        "epoch; 'last epoch' shows what happens without early stopping."))
+    diff = difference(
+        rows,
+        ["fraction", "method"],
+        "test_accuracy",
+        (KEY_FRACTION, "soft"),
+        (KEY_FRACTION, "hard"),
+    )
+    return StudyOutput(
+        rows,
+        summary,
+        figures,
+        verdict(CLAIM, diff, "soft - hard test accuracy at 3%", 100, " points"),
+        notes=(
+            "Literature (Hinton et al. 2015, sec. 6, speech, frame accuracy): hard targets on 3% of "
+            "the data 44.5% (with early stopping), soft targets 57.0%, all data 58.9%. Soft targets "
+            f"here are the teacher's at T = {ctx.config.temperature:g} (alpha = 1); every student "
+            "trains for the same number of epochs and its weights are those of its best validation "
+            "epoch; 'last epoch' shows what happens without early stopping."
+        ),
+    )

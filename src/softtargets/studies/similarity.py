@@ -19,9 +19,11 @@ from softtargets.studies.base import StudyContext, StudyOutput
 from softtargets.targets import entropy, smooth
 
 TITLE = "Similarity structure (similarity)"
-CLAIM = ("A held-out example's off-target probabilities follow the pattern of its own class more "
-         "closely than that of other classes: soft targets carry class-specific similarity "
-         "structure.")
+CLAIM = (
+    "A held-out example's off-target probabilities follow the pattern of its own class more "
+    "closely than that of other classes: soft targets carry class-specific similarity "
+    "structure."
+)
 TEMPERATURES = [1.0, 4.0, 20.0]
 
 
@@ -50,9 +52,12 @@ def specificity(probs: torch.Tensor, labels: torch.Tensor, pattern: torch.Tensor
         own = pattern[labels[rows]][keep].view(len(rows), k - 2)
         alien = pattern[other].expand(len(rows), k)[keep].view(len(rows), k - 2)
         centred = row - row.mean(1, keepdim=True)
-        corr_own = torch.nn.functional.cosine_similarity(centred, own - own.mean(1, keepdim=True), 1)
+        corr_own = torch.nn.functional.cosine_similarity(
+            centred, own - own.mean(1, keepdim=True), 1
+        )
         corr_alien = torch.nn.functional.cosine_similarity(
-            centred, alien - alien.mean(1, keepdim=True), 1)
+            centred, alien - alien.mean(1, keepdim=True), 1
+        )
         margins[rows] += (corr_own - corr_alien).nan_to_num(0.0)
     return margins / (k - 1)
 
@@ -76,36 +81,52 @@ def run(ctx: StudyContext) -> StudyOutput:
         rest = off_target(test_p, test.labels)
         cv = rest.std(1) / rest.mean(1)
         smooth_rest = off_target(smooth(test.labels, k, 0.1), test.labels)
-        summary.append({
-            "T": t, "mean entropy (nats)": f"{float(entropy(test_p).mean()):.3f}",
-            "off-target spread, teacher (CV)": mean_ci(cv.tolist()).format(1, 3),
-            "off-target spread, label smoothing (CV)": f"{float((smooth_rest.std(1) / smooth_rest.mean(1)).mean()):.3f}",
-            "own-class margin": mean_ci(margin.tolist()).format(1, 3),
-        })
+        summary.append(
+            {
+                "T": t,
+                "mean entropy (nats)": f"{float(entropy(test_p).mean()):.3f}",
+                "off-target spread, teacher (CV)": mean_ci(cv.tolist()).format(1, 3),
+                "off-target spread, label smoothing (CV)": f"{float((smooth_rest.std(1) / smooth_rest.mean(1)).mean()):.3f}",
+                "own-class margin": mean_ci(margin.tolist()).format(1, 3),
+            }
+        )
         for c in range(k):
             for j in range(k):
-                rows.append({"T": t, "true_class": names[c], "class": names[j],
-                             "mean_probability": float(means_at[t][c, j])})
+                rows.append(
+                    {
+                        "T": t,
+                        "true_class": names[c],
+                        "class": names[j],
+                        "mean_probability": float(means_at[t][c, j]),
+                    }
+                )
         if t == 4.0:
             margins_at_4 = margin.tolist()
 
     m = means_at[4.0].clone()
     m.fill_diagonal_(0)
     sym = (m + m.T) / 2
-    pairs = sorted(((float(sym[i, j]), names[i], names[j]) for i in range(k) for j in range(i + 1, k)),
-                   reverse=True)[:5]
-    figures = [_heatmaps(means_at, names, ctx.out_dir / "class_similarity.png"),
-               _examples(test, store, names, ctx.out_dir / "examples.png")]
+    pairs = sorted(
+        ((float(sym[i, j]), names[i], names[j]) for i in range(k) for j in range(i + 1, k)),
+        reverse=True,
+    )[:5]
+    figures = [
+        _heatmaps(means_at, names, ctx.out_dir / "class_similarity.png"),
+        _examples(test, store, names, ctx.out_dir / "examples.png"),
+    ]
     diff = mean_ci(margins_at_4)
-    notes = ("Most similar class pairs at T = 4 (mean soft-target mass one puts on the other, "
-             "symmetrised): " + ", ".join(f"{a}-{b} ({p:.3f})" for p, a, b in pairs) + ". "
-             "Label smoothing gives every wrong class the same mass (spread 0); the teacher's "
-             "spread is its similarity structure. The own-class margin is the correlation of a row's "
-             "off-target probabilities with its own class's mean pattern minus that with another "
-             "class's pattern (same coordinates); its interval is over the "
-             f"{len(test)} test rows, one teacher (trained once per dataset).")
-    return StudyOutput(rows, summary, figures,
-                       verdict(CLAIM, diff, "own-class margin at T = 4", 1, "", 3), notes)
+    notes = (
+        "Most similar class pairs at T = 4 (mean soft-target mass one puts on the other, "
+        "symmetrised): " + ", ".join(f"{a}-{b} ({p:.3f})" for p, a, b in pairs) + ". "
+        "Label smoothing gives every wrong class the same mass (spread 0); the teacher's "
+        "spread is its similarity structure. The own-class margin is the correlation of a row's "
+        "off-target probabilities with its own class's mean pattern minus that with another "
+        "class's pattern (same coordinates); its interval is over the "
+        f"{len(test)} test rows, one teacher (trained once per dataset)."
+    )
+    return StudyOutput(
+        rows, summary, figures, verdict(CLAIM, diff, "own-class margin at T = 4", 1, "", 3), notes
+    )
 
 
 def _heatmaps(means_at: dict[float, torch.Tensor], names: list[str], path):

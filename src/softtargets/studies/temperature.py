@@ -16,8 +16,10 @@ from softtargets.train import Distillation
 from softtargets.vectorised import Member
 
 TITLE = "Temperature (temperature)"
-CLAIM = ("A narrow student (30 units per layer) does better at T = 4 than at T = 20 "
-         "(Hinton et al. 2015, sec. 3: 2.5 to 4 best for 30 units).")
+CLAIM = (
+    "A narrow student (30 units per layer) does better at T = 4 than at T = 20 "
+    "(Hinton et al. 2015, sec. 3: 2.5 to 4 best for 30 units)."
+)
 TEMPERATURES = [1.0, 2.0, 4.0, 8.0, 20.0]
 ALPHA = 0.9  # Hinton's weighted average of the soft and (lightly weighted) hard objectives
 
@@ -37,26 +39,43 @@ def run(ctx: StudyContext) -> StudyOutput:
                 keys.append((t, seed))
         ctx.log(f"temperature: {len(members)} {width_name} students at once")
         results = ctx.train(part, members, hidden=[hidden] * len(members))
-        rows += [{"student": width_name, "T": t, "seed": s, "test_accuracy": test_accuracy(r)}
-                 for (t, s), r in zip(keys, results, strict=True)]
+        rows += [
+            {"student": width_name, "T": t, "seed": s, "test_accuracy": test_accuracy(r)}
+            for (t, s), r in zip(keys, results, strict=True)
+        ]
     summary = summary_rows(rows, ["student", "T"], "test_accuracy", "test accuracy (%)")
-    entropies = {t: float(entropy(part.store.soften(t, part.splits.train)).mean()) for t in temperatures}
+    entropies = {
+        t: float(entropy(part.store.soften(t, part.splits.train)).mean()) for t in temperatures
+    }
     for row in summary:
         row["soft-target entropy (nats)"] = f"{entropies[row['T']]:.3f}"
 
     curves: dict[str, dict[float, list[float]]] = {}
     for (student, t), values in grouped(rows, ["student", "T"], "test_accuracy").items():
         curves.setdefault(student, {})[t] = values
-    figures = [plot_lines(curves, ctx.out_dir / "accuracy_vs_temperature.png", xlabel="temperature T",
-                          ylabel="test accuracy (%)", logx=True,
-                          title=f"Student accuracy vs temperature (alpha = {ALPHA})",
-                          reference={"teacher": part.record["test_accuracy"]})]
+    figures = [
+        plot_lines(
+            curves,
+            ctx.out_dir / "accuracy_vs_temperature.png",
+            xlabel="temperature T",
+            ylabel="test accuracy (%)",
+            logx=True,
+            title=f"Student accuracy vs temperature (alpha = {ALPHA})",
+            reference={"teacher": part.record["test_accuracy"]},
+        )
+    ]
     narrow = list(widths)[1]
     diff = difference(rows, ["student", "T"], "test_accuracy", (narrow, 4.0), (narrow, 20.0))
-    notes = ("Mean entropy of the soft targets on the training rows: " +
-             ", ".join(f"T = {t:g}: {h:.3f} nats" for t, h in entropies.items()) +
-             f" (uniform: {__import__('math').log(part.splits.train.num_classes):.3f}). "
-             "Literature: wide students flat for T > 8; 30-unit students best at T = 2.5 to 4.")
-    return StudyOutput(rows, summary, figures,
-                       verdict(CLAIM, diff, "narrow student, T = 4 minus T = 20", 100, " points"),
-                       notes)
+    notes = (
+        "Mean entropy of the soft targets on the training rows: "
+        + ", ".join(f"T = {t:g}: {h:.3f} nats" for t, h in entropies.items())
+        + f" (uniform: {__import__('math').log(part.splits.train.num_classes):.3f}). "
+        "Literature: wide students flat for T > 8; 30-unit students best at T = 2.5 to 4."
+    )
+    return StudyOutput(
+        rows,
+        summary,
+        figures,
+        verdict(CLAIM, diff, "narrow student, T = 4 minus T = 20", 100, " points"),
+        notes,
+    )

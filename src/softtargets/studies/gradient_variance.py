@@ -1,0 +1,266 @@
+"""``gradient-variance``: do soft targets give less variance in the gradient between cases?
+
+Hinton et al. (2015): "when the soft targets have high entropy, they provide much more information
+per training case than hard targets and much less variance in the gradient between training
+cases". Here a student is trained on hard labels and its parameters are frozen at several points
+of training; at each, the per-example gradients of the loss on a fixed sample of training rows are
+computed for hard labels and for the teacher's soft targets at T in {1, 2, 4, 8} (Hinton's loss,
+T^2-scaled, so the gradients are on one scale). Reported: the variance across training cases
+(trace of the covariance), the variance of the mean gradient across mini-batches of 32, and the
+squared norm of the mean gradient.
+
+On ``gaussians``, whose Bayes class probabilities are known, the same for the sampled one-hot
+labels vs the Bayes probabilities themselves: their expected gradient is the same (a label is a
+draw from p(y | x)), so any difference is variance alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+from softtargets.datasets import gaussians
+from softtargets.losses import distillation_loss, soft_cross_entropy
+from softtargets.models import build_model
+from softtargets.report import PALETTE, new_figure, save_figure
+from softtargets.stats import mean_ci, paired_difference, verdict
+from softtargets.studies.base import StudyContext, StudyOutput
+from softtargets.studies.common import plot_bars, summary_rows
+from softtargets.train import fit
+
+TITLE = "Gradient variance (gradient-variance)"
+CLAIM = (
+    "Soft targets (T = 4) give less variance in the gradient between training cases than hard "
+    "labels, at the same points of training."
+)
+TEMPERATURES = [1.0, 2.0, 4.0, 8.0]
+BATCH = 32
+
+
+def gradient_statistics(
+    model: torch.nn.Module,
+    features: torch.Tensor,
+    loss_of,
+    targets,
+    batches: int = 200,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Per-example gradients of ``loss_of(logits (1, K), target)`` -> variance statistics."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def one(p, x, target):  # noqa: ANN001, ANN202
+        logits = functional_call(model, p, (x[None],))
+        return loss_of(logits, target)
+
+    per_example = vmap(grad(one), in_dims=(None, 0, 0))(params, features, targets)
+    flat = torch.cat([g.reshape(len(features), -1) for g in per_example.values()], dim=1).double()
+    mean = flat.mean(0)
+    between_cases = float(((flat - mean) ** 2).sum(1).mean())
+    gen = torch.Generator().manual_seed(seed)
+    batch_means = torch.stack(
+        [flat[torch.randperm(len(flat), generator=gen)[:BATCH]].mean(0) for _ in range(batches)]
+    )
+    between_batches = float(((batch_means - mean) ** 2).sum(1).mean())
+    return {
+        "variance_between_cases": between_cases,
+        "variance_between_batches": between_batches,
+        "mean_gradient_sq_norm": float((mean**2).sum()),
+    }
+
+
+def snapshots(
+    model: torch.nn.Module, train, epochs: int, at: list[int], seed: int, settings: dict
+) -> dict[int, dict[str, torch.Tensor]]:
+    """Train ``model`` on hard labels; its weights at the epochs in ``at`` (0 = initial)."""
+    saved = {0: {k: v.clone() for k, v in model.state_dict().items()}} if 0 in at else {}
+
+    def keep(record: dict) -> None:
+        if record["epoch"] in at:
+            saved[record["epoch"]] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    fit(
+        model,
+        train,
+        None,
+        seed=seed,
+        on_epoch_end=keep,
+        device="cpu",
+        **{**settings, "epochs": epochs},
+    )
+    return saved
+
+
+def run(ctx: StudyContext) -> StudyOutput:
+    part = ctx.teacher()
+    train = part.splits.train
+    settings = ctx.config.student_training.model_dump()
+    epochs = settings["epochs"]
+    at = sorted({0, max(1, epochs // 10), max(1, epochs // 2), epochs})
+    sample = 64 if ctx.quick else 512
+    temperatures = [1.0, 4.0] if ctx.quick else TEMPERATURES
+    gen = torch.Generator().manual_seed(0)
+    rows_idx = torch.randperm(len(train), generator=gen)[:sample]
+    x = train.features[rows_idx]
+    labels = train.labels[rows_idx]
+    teacher_logits = part.store.logits_for(train.take(rows_idx))
+    rows = []
+    for seed in ctx.seeds:
+        model = build_model(
+            "mlp",
+            train.feature_shape,
+            train.num_classes,
+            seed=seed,
+            hidden=ctx.config.student_hidden,
+        )
+        for epoch, state in snapshots(model, train, epochs, at, seed, settings).items():
+            model.load_state_dict(state)
+            stats = gradient_statistics(
+                model,
+                x,
+                lambda z, y: torch.nn.functional.cross_entropy(z, y[None]),
+                labels,
+                seed=seed,
+            )
+            rows.append(
+                {"data": ctx.config.data, "epoch": epoch, "targets": "hard", "seed": seed, **stats}
+            )
+            for t in temperatures:
+                stats = gradient_statistics(
+                    model,
+                    x,
+                    lambda z, v, t=t: distillation_loss(z, v[None], None, t, 1.0),
+                    teacher_logits,
+                    seed=seed,
+                )
+                rows.append(
+                    {
+                        "data": ctx.config.data,
+                        "epoch": epoch,
+                        "targets": f"soft T={t:g}",
+                        "seed": seed,
+                        **stats,
+                    }
+                )
+    rows += _bayes_rows(ctx, settings, sample)
+
+    summary = summary_rows(
+        rows, ["data", "epoch", "targets"], "variance_between_cases", "variance between cases", 1, 4
+    )
+    for row, other in zip(
+        summary,
+        summary_rows(rows, ["data", "epoch", "targets"], "variance_between_batches", "x", 1, 5),
+        strict=True,
+    ):
+        row[f"variance between batches of {BATCH}"] = other["x"]
+    figures = [
+        _variance_figure(rows, ctx),
+        plot_bars(
+            {
+                name: [
+                    r["variance_between_cases"]
+                    for r in rows
+                    if r["data"] == "gaussians" and r["targets"] == name
+                ]
+                for name in ("sampled one-hot labels", "Bayes probabilities")
+            },
+            ctx.out_dir / "bayes_vs_sampled.png",
+            ylabel="variance between cases",
+            scale=1.0,
+            title="gaussians: same expected gradient, different variance (final epoch)",
+        ),
+    ]
+    # verdict: log variance, hard minus soft (T=4), per seed averaged over the trained snapshots
+    trained = [e for e in at if e > 0]
+    per_seed = {
+        name: [
+            sum(
+                math.log(r["variance_between_cases"])
+                for r in rows
+                if r["data"] == ctx.config.data
+                and r["targets"] == name
+                and r["seed"] == s
+                and r["epoch"] in trained
+            )
+            / len(trained)
+            for s in ctx.seeds
+        ]
+        for name in ("hard", "soft T=4")
+    }
+    diff = paired_difference(per_seed["hard"], per_seed["soft T=4"])
+    ratio = math.exp(diff.mean)
+    notes = (
+        f"Gradients on {sample} fixed training rows; mini-batch variance from 200 random "
+        f"batches of {BATCH}. Averaged over the trained snapshots (epochs {trained}), hard "
+        f"labels have {ratio:.1f} times the between-case variance of soft targets at T = 4."
+    )
+    return StudyOutput(
+        rows,
+        summary,
+        figures,
+        verdict(CLAIM, diff, "log variance, hard - soft (T = 4)", 1, ""),
+        notes,
+    )
+
+
+def _bayes_rows(ctx: StudyContext, settings: dict, sample: int) -> list[dict]:
+    """gaussians: sampled one-hot labels vs Bayes probabilities, at the end of hard-label training."""
+    data = gaussians(num_samples=600 if ctx.quick else 4000, num_classes=4, dim=10, separation=2.0)
+    rows_idx = torch.arange(sample)
+    x, labels, bayes = data.features[rows_idx], data.labels[rows_idx], data.true_probs[rows_idx]
+    out = []
+    for seed in ctx.seeds:
+        model = build_model(
+            "mlp", data.feature_shape, data.num_classes, seed=seed, hidden=ctx.config.student_hidden
+        )
+        fit(
+            model,
+            data,
+            None,
+            seed=seed,
+            device="cpu",
+            **{**settings, "epochs": max(1, settings["epochs"] // 4)},
+        )
+        for name, targets, loss in (
+            (
+                "sampled one-hot labels",
+                labels,
+                lambda z, y: torch.nn.functional.cross_entropy(z, y[None]),
+            ),
+            ("Bayes probabilities", bayes, lambda z, p: soft_cross_entropy(z, p[None])),
+        ):
+            out.append(
+                {
+                    "data": "gaussians",
+                    "epoch": "end",
+                    "targets": name,
+                    "seed": seed,
+                    **gradient_statistics(model, x, loss, targets, seed=seed),
+                }
+            )
+    return out
+
+
+def _variance_figure(rows: list[dict], ctx: StudyContext):
+    figure, axes = new_figure()
+    names = ["hard"] + [f"soft T={t:g}" for t in (TEMPERATURES if not ctx.quick else [1.0, 4.0])]
+    for colour, name in zip(PALETTE, names, strict=False):
+        epochs = sorted({r["epoch"] for r in rows if r["data"] == ctx.config.data})
+        means, halves = [], []
+        for e in epochs:
+            values = [
+                r["variance_between_cases"]
+                for r in rows
+                if r["data"] == ctx.config.data and r["targets"] == name and r["epoch"] == e
+            ]
+            est = mean_ci(values)
+            means.append(est.mean)
+            halves.append(0.0 if est.n < 2 else est.half_width)
+        axes.errorbar(epochs, means, yerr=halves, marker="o", capsize=3, color=colour, label=name)
+    axes.set_yscale("log")
+    axes.set_xlabel("epoch at which the parameters are frozen")
+    axes.set_ylabel("gradient variance between cases (log)")
+    axes.set_title(f"{ctx.config.data}: per-example gradient variance (mean, 95% CI)")
+    axes.legend(frameon=False)
+    return save_figure(figure, ctx.out_dir / "gradient_variance.png")

@@ -1,0 +1,130 @@
+"""Every study in --quick mode, the verdict logic, and the gathered report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from softtargets.cli import app
+from softtargets.gather import build_report
+from softtargets.stats import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, mean_ci, verdict
+from softtargets.studies import STUDIES
+from softtargets.studies.base import StudyConfig, run_study
+from softtargets.studies.gradient_variance import gradient_statistics
+from softtargets.studies.learning_rate import largest_good_rate
+from softtargets.studies.similarity import specificity
+from softtargets.studies.smoothing import matching_eps, smoothing_entropy
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.mark.parametrize("name", list(STUDIES))
+def test_every_study_runs_quick_and_writes_its_files(runs, name: str) -> None:
+    out = runs / f"study-{name}"
+    result = run_study(
+        name, StudyConfig(quick=True), out, command=f"softtargets study {name} --quick"
+    )
+    for file in ("results.csv", "results.json", "config.yaml", "section.md"):
+        assert (out / file).stat().st_size > 0, file
+    assert result["figures"] and all((out / f).stat().st_size > 1000 for f in result["figures"])
+    assert result["verdict"]["label"] in (SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["seeds"] == [0, 1] and saved["command"].endswith("--quick")
+    assert saved["rows"] and "seconds" in saved
+    assert f"**Verdict: {result['verdict']['label']}**" in (out / "section.md").read_text()
+
+
+def test_report_gathers_every_study(runs) -> None:
+    for name in ("similarity", "smoothing-vs-teacher"):
+        if not (runs / f"study-{name}" / "results.json").exists():
+            run_study(name, StudyConfig(quick=True), runs / f"study-{name}")
+    result = runner.invoke(app, ["report", "--runs", str(runs)])
+    assert result.exit_code == 0, result.output
+    markdown = (runs / "report.md").read_text()
+    html = (runs / "report.html").read_text()
+    assert "| study | claim | verdict (95%) | evidence |" in markdown
+    assert "(quick run)" in markdown
+    assert html.count("data:image/png;base64,") >= 2 and "<table>" in html
+    assert 'src="data:image/png;base64,"' not in html  # every figure found and embedded
+
+
+def test_report_without_studies_is_a_clear_error(tmp_path) -> None:
+    result = runner.invoke(app, ["report", "--runs", str(tmp_path)])
+    assert result.exit_code == 2 and "no studies found" in result.output
+
+
+def test_study_command_rejects_unknown_names(tmp_path) -> None:
+    result = runner.invoke(app, ["study", "colour", "--quick", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "unknown study 'colour'" in result.output
+
+
+# ---------------------------------------------------------------- verdict logic on synthetic data
+def test_verdict_clearly_supported() -> None:
+    assert verdict("c", mean_ci([0.05, 0.06, 0.055, 0.052, 0.058]), "d").label == SUPPORTED
+
+
+def test_verdict_clearly_not_supported() -> None:
+    assert verdict("c", mean_ci([-0.05, -0.06, -0.055, -0.052]), "d").label == NOT_SUPPORTED
+
+
+def test_verdict_overlapping_interval_is_inconclusive() -> None:
+    v = verdict("c", mean_ci([0.05, -0.04, 0.02, -0.01, 0.03]), "soft - hard", 100, " points")
+    assert v.label == INCONCLUSIVE and "95% CI" in v.evidence and "points" in v.evidence
+
+
+def test_verdict_needs_two_runs() -> None:
+    assert verdict("c", mean_ci([0.5]), "d").label == INCONCLUSIVE
+
+
+# ---------------------------------------------------------------- study building blocks
+def test_matching_smoothing_entropy() -> None:
+    eps = matching_eps(1.0, 10)
+    assert smoothing_entropy(eps, 10) == pytest.approx(1.0, abs=1e-9)
+    assert smoothing_entropy(0.0, 10) == 0.0
+    assert smoothing_entropy(1.0, 10) == pytest.approx(__import__("math").log(10))
+
+
+def test_largest_good_rate() -> None:
+    assert largest_good_rate({0.01: 0.80, 0.1: 0.85, 1.0: 0.845, 3.0: 0.1}) == 1.0
+    assert largest_good_rate({0.01: 0.80, 0.1: 0.85, 1.0: 0.83}) == 0.1
+
+
+def test_specificity_is_zero_for_a_shared_pattern_and_positive_for_class_patterns() -> None:
+    import torch
+
+    labels = torch.arange(40) % 4
+    shared = torch.tensor([0.4, 0.3, 0.2, 0.1]).expand(40, 4)
+    pattern = shared[:4]
+    assert specificity(shared, labels, pattern).abs().max() < 1e-6
+    own = torch.softmax(torch.randn(4, 4) * 3, 1)
+    probs = own[labels]
+    assert specificity(probs, labels, own).mean() > 0.3
+
+
+def test_gradient_statistics_against_a_direct_computation() -> None:
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    x = torch.randn(10, 3)
+    y = torch.randint(0, 2, (10,))
+    stats = gradient_statistics(
+        model, x, lambda z, t: torch.nn.functional.cross_entropy(z, t[None]), y, batches=5
+    )
+    grads = []
+    for i in range(10):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]).double())
+    g = torch.stack(grads)
+    assert stats["variance_between_cases"] == pytest.approx(
+        float(((g - g.mean(0)) ** 2).sum(1).mean())
+    )
+    assert stats["mean_gradient_sq_norm"] == pytest.approx(float((g.mean(0) ** 2).sum()))
