@@ -8,7 +8,6 @@ import pytest
 from typer.testing import CliRunner
 
 from softtargets.cli import app
-from softtargets.gather import build_report
 from softtargets.stats import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, mean_ci, verdict
 from softtargets.studies import STUDIES
 from softtargets.studies.base import StudyConfig, run_study
