@@ -338,5 +338,88 @@ def report(
     console.print(f"wrote {md_path} and {html_path}", highlight=False)
 
 
+def _names(text: str, what: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise SoftTargetsError(f"{what}: give comma-separated column names")
+    return names
+
+
+@app.command("fit-proportions")
+@friendly_errors
+def fit_proportions_command(
+    file: Annotated[Path, typer.Argument(help="CSV with a header: feature and count columns.")],
+    features: Annotated[str, typer.Option("--features", help="Feature columns, e.g. a,b,c.")],
+    counts: Annotated[
+        str, typer.Option("--counts", help="One count column per class, e.g. yes,no.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Directory to save the model in.")],
+    hidden: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--hidden", help="Hidden layer width (repeatable); none for logistic regression."
+        ),
+    ] = None,
+    alpha: Annotated[float, typer.Option(help="L2 penalty (0 = none).")] = 0.0,
+    standardize: Annotated[bool, typer.Option(help="Standardise the features first.")] = True,
+) -> None:
+    """Fit class proportions from counts (logistic regression on aggregated rows, or a network)."""
+    from softtargets.proportions import fit_proportions
+
+    model, result = fit_proportions(
+        file, _names(features, "--features"), _names(counts, "--counts"), hidden, alpha, standardize
+    )
+    model.save(out)
+    console.print(
+        f"{result['rows']} rows, {result['observations']:.0f} observations", highlight=False
+    )
+    if "coefficients" in result:
+        for name, coefs in result["coefficients"].items():
+            table = Table(
+                title=f"{name}" + (" (standardised features)" if standardize else ""),
+                title_justify="left",
+            )
+            table.add_column("term")
+            table.add_column("coefficient", justify="right")
+            for term, value in coefs.items():
+                table.add_row(term, f"{value:.6f}")
+            console.print(table)
+    else:
+        console.print(
+            f"held out {result['held_out_rows']} rows: log-loss "
+            f"{result['held_out_log_loss']:.4f} nats per observation, accuracy "
+            f"{result['held_out_accuracy']:.2%} of observations",
+            highlight=False,
+        )
+    console.print(f"saved the model in {out}/", highlight=False)
+
+
+@app.command()
+@friendly_errors
+def predict(
+    model_dir: Annotated[Path, typer.Argument(help="A directory written by fit-proportions.")],
+    file: Annotated[Path, typer.Argument(help="CSV holding the model's feature columns.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Write here (default: stdout).")] = None,
+) -> None:
+    """Class probabilities for every row of a CSV, as CSV (row, then one column per class)."""
+    import csv
+    import io
+
+    from softtargets.files import atomic_write_text
+    from softtargets.proportions import predict_file
+
+    classes, probs = predict_file(model_dir, file)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["row", *classes])
+    for i, row in enumerate(probs):
+        writer.writerow([i, *(f"{p:.8g}" for p in row)])
+    if out is None:
+        typer.echo(buffer.getvalue(), nl=False)
+    else:
+        atomic_write_text(out, buffer.getvalue())
+        console.print(f"wrote {len(probs)} rows to {out}", highlight=False)
+
+
 def main() -> None:
     app()

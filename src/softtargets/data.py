@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -382,3 +383,75 @@ def holdout(data: Dataset, fraction: float, seed: int = 0) -> tuple[Tensor, Tens
     mask = torch.ones(len(data), dtype=torch.bool)
     mask[held] = False
     return mask.nonzero().squeeze(1), held
+
+
+@dataclass(frozen=True)
+class Aggregated:
+    """Per-observation rows grouped into aggregated rows.
+
+    Attributes:
+        features: ``(G, len(by))`` the distinct values of the ``by`` columns, one row per group.
+        counts: ``(G, K)`` how many observations of each group fell in each class.
+        classes: ``(K,)`` the label values, in column order.
+        feature_names: the ``by`` column names.
+    """
+
+    features: np.ndarray
+    counts: np.ndarray
+    classes: np.ndarray
+    feature_names: tuple[str, ...]
+
+
+def _column(frame: Any, name: str) -> np.ndarray:
+    columns = list(frame.keys())
+    if name not in columns:
+        raise SoftTargetsError(
+            f"no column named {name!r}; columns are {', '.join(map(str, columns))}"
+        )
+    return np.asarray(frame[name])
+
+
+def aggregate(frame: Any, by: Sequence[str], label: str) -> Aggregated:
+    """Group per-observation rows by the ``by`` columns and count each ``label`` value per group.
+
+    ``frame`` is anything indexable by column name with ``keys()``: a pandas ``DataFrame`` or a
+    dict of arrays. The result fits :class:`~softtargets.sklearn.SoftLabelClassifier` directly:
+    ``fit(result.features, result.counts)``; :func:`expand` is the inverse.
+    """
+    if not by:
+        raise SoftTargetsError("aggregate needs at least one column in by=[...]")
+    keys = np.stack([_column(frame, name) for name in by], axis=1)
+    labels = _column(frame, label)
+    try:
+        keys = keys.astype(np.float64)
+    except ValueError:
+        raise SoftTargetsError(f"the by columns {list(by)} must be numeric") from None
+    if not np.isfinite(keys).all():
+        row = int(np.flatnonzero(~np.isfinite(keys).all(1))[0])
+        raise SoftTargetsError(f"row {row}: a by column is NaN or inf; fill or drop the row")
+    groups, group_of = np.unique(keys, axis=0, return_inverse=True)
+    classes, class_of = np.unique(labels, return_inverse=True)
+    counts = np.zeros((len(groups), len(classes)), dtype=np.int64)
+    np.add.at(counts, (group_of.reshape(-1), class_of.reshape(-1)), 1)
+    return Aggregated(groups, counts, classes, tuple(by))
+
+
+def expand(features: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of :func:`aggregate`: one row per observation.
+
+    ``features (G, d)`` and integer ``counts (G, K)`` -> ``(X (N, d), y (N,))`` with ``y`` the
+    class index and ``N = counts.sum()``.
+    """
+    features, counts = np.asarray(features), np.asarray(counts)
+    if counts.ndim != 2 or len(features) != len(counts):
+        raise SoftTargetsError(
+            f"expand needs features (G, d) and counts (G, K) for the same G rows, got "
+            f"{features.shape} and {counts.shape}"
+        )
+    if (counts < 0).any() or not np.allclose(counts, np.round(counts)):
+        row = int(np.flatnonzero(((counts < 0) | (counts != np.round(counts))).any(1))[0])
+        raise SoftTargetsError(f"counts: row {row} holds a negative or fractional count")
+    counts = np.round(counts).astype(np.int64)
+    group = np.repeat(np.arange(len(counts)).repeat(counts.shape[1]), counts.reshape(-1))
+    label = np.repeat(np.tile(np.arange(counts.shape[1]), len(counts)), counts.reshape(-1))
+    return features[group], label

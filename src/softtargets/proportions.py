@@ -1,0 +1,192 @@
+"""``softtargets fit-proportions`` and ``softtargets predict``: soft labels from a CSV of counts.
+
+The CSV has one row per aggregated group: numeric feature columns and one count column per
+class. The model (a :class:`~softtargets.sklearn.SoftLabelClassifier`) is saved as a directory:
+``model.json`` (settings, classes, feature names, standardisation) and ``model.safetensors``
+(weights), written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from softtargets.errors import SoftTargetsError
+from softtargets.files import atomic_write_bytes, atomic_write_text
+from softtargets.sklearn import SoftLabelClassifier
+
+
+def read_columns(path: str | Path, names: list[str]) -> np.ndarray:
+    """The named numeric columns of a CSV with a header -> ``(rows, len(names))`` float64."""
+    path = Path(path)
+    if not path.exists():
+        raise SoftTargetsError(f"no such file: {path}")
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    if not rows:
+        raise SoftTargetsError(f"{path} is empty; it needs a header row")
+    header = [h.strip() for h in rows[0]]
+    missing = [n for n in names if n not in header]
+    if missing:
+        raise SoftTargetsError(
+            f"{path}: no column named {missing[0]!r}; columns are {', '.join(header)}"
+        )
+    at = [header.index(n) for n in names]
+    values = np.empty((len(rows) - 1, len(names)))
+    for r, row in enumerate(rows[1:]):
+        for j, i in enumerate(at):
+            try:
+                values[r, j] = float(row[i])
+            except (ValueError, IndexError):
+                raise SoftTargetsError(
+                    f"{path}: line {r + 2}, column {names[j]!r} is not a number "
+                    f"({row[i] if i < len(row) else ''!r})"
+                ) from None
+    bad = ~np.isfinite(values)
+    if bad.any():
+        r, j = np.argwhere(bad)[0]
+        raise SoftTargetsError(f"{path}: line {r + 2}, column {names[j]!r} is NaN or inf")
+    return values
+
+
+@dataclass
+class ProportionModel:
+    """A fitted classifier with the column names and standardisation it was fitted with."""
+
+    estimator: SoftLabelClassifier
+    features: list[str]
+    classes: list[str]
+    mean: np.ndarray
+    scale: np.ndarray
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        return (X - self.mean) / self.scale
+
+    def save(self, directory: str | Path) -> Path:
+        from safetensors.torch import save
+
+        directory = Path(directory)
+        est = self.estimator
+        if est.network_ is None:
+            tensors = {"W": torch.from_numpy(est._W), "b": torch.from_numpy(est._b)}
+        else:
+            tensors = {k: v.detach().contiguous() for k, v in est.network_.state_dict().items()}
+        meta = {
+            "params": est.get_params(),
+            "features": self.features,
+            "classes": self.classes,
+            "mean": self.mean.tolist(),
+            "scale": self.scale.tolist(),
+            "n_features_in": int(est.n_features_in_),
+            "n_iter": int(est.n_iter_),
+        }
+        atomic_write_bytes(directory / "model.safetensors", save(tensors))
+        atomic_write_text(directory / "model.json", json.dumps(meta, indent=1) + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ProportionModel:
+        from safetensors.torch import load_file
+
+        from softtargets.models import mlp
+
+        directory = Path(directory)
+        if (
+            not (directory / "model.json").exists()
+            or not (directory / "model.safetensors").exists()
+        ):
+            raise SoftTargetsError(
+                f"{directory} holds no model; fit one with softtargets fit-proportions"
+            )
+        try:
+            meta = json.loads((directory / "model.json").read_text())
+            tensors = load_file(str(directory / "model.safetensors"))
+        except (json.JSONDecodeError, OSError, Exception) as err:
+            raise SoftTargetsError(
+                f"{directory}: the model files are unreadable ({err}); fit again"
+            ) from None
+        params = meta["params"]
+        params["hidden_layer_sizes"] = tuple(params["hidden_layer_sizes"])
+        est = SoftLabelClassifier(**params)
+        est.classes_ = np.arange(len(meta["classes"]))
+        est.n_features_in_ = meta["n_features_in"]
+        est.n_iter_ = meta["n_iter"]
+        est._single_class = False
+        if est.hidden_layer_sizes:
+            net = mlp(
+                meta["n_features_in"], list(est.hidden_layer_sizes), len(meta["classes"])
+            ).double()
+            net.load_state_dict(tensors)
+            est.network_ = net.eval()
+        else:
+            est._W, est._b, est.network_ = tensors["W"].numpy(), tensors["b"].numpy(), None
+        return cls(
+            est, meta["features"], meta["classes"], np.array(meta["mean"]), np.array(meta["scale"])
+        )
+
+
+def fit_proportions(
+    path: str | Path,
+    features: list[str],
+    counts: list[str],
+    hidden: list[int] | None = None,
+    alpha: float = 0.0,
+    standardize: bool = True,
+    holdout: float = 0.2,
+    seed: int = 0,
+) -> tuple[ProportionModel, dict[str, Any]]:
+    """Fit on a CSV of counts. Returns the model and a report: coefficients for the linear model,
+    held-out metrics (per observation) for a network."""
+    if len(counts) < 2:
+        raise SoftTargetsError("give at least two count columns (--counts yes,no)")
+    X = read_columns(path, features)
+    C = read_columns(path, counts)
+    mean = X.mean(0) if standardize else np.zeros(X.shape[1])
+    scale = X.std(0) if standardize else np.ones(X.shape[1])
+    scale[scale == 0] = 1.0
+    estimator = SoftLabelClassifier(
+        hidden_layer_sizes=tuple(hidden or ()), alpha=alpha, random_state=seed
+    )
+    model = ProportionModel(estimator, features, counts, mean, scale)
+    Z = model.transform(X)
+    report: dict[str, Any] = {"rows": len(X), "observations": float(C.sum())}
+    if not hidden:
+        estimator.fit(Z, C)
+        report["coefficients"] = {
+            ("log-odds of " + counts[1] if len(counts) == 2 else name): dict(
+                zip(["intercept", *features], [float(b), *map(float, w)], strict=True)
+            )
+            for name, w, b in zip(
+                counts[1:] if len(counts) == 2 else counts,
+                estimator.coef_,
+                estimator.intercept_,
+                strict=True,
+            )
+        }
+        return model, report
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(X))
+    n_test = max(1, round(holdout * len(X)))
+    test, train = order[:n_test], order[n_test:]
+    estimator.fit(Z[train], C[train])
+    log_p = estimator.predict_log_proba(Z[test])
+    observed = C[test]
+    report["held_out_rows"] = int(n_test)
+    report["held_out_log_loss"] = float(-(observed * log_p).sum() / observed.sum())
+    report["held_out_accuracy"] = float(
+        (observed[np.arange(len(test)), log_p.argmax(1)]).sum() / observed.sum()
+    )
+    return model, report
+
+
+def predict_file(directory: str | Path, path: str | Path) -> tuple[list[str], np.ndarray]:
+    """Class probabilities for every row of a CSV holding the model's feature columns."""
+    model = ProportionModel.load(directory)
+    X = read_columns(path, model.features)
+    return model.classes, model.estimator.predict_proba(model.transform(X))
