@@ -178,14 +178,15 @@ def test_fit_proportions_and_predict_commands(tmp_path, star98) -> None:
     )
     assert result.exit_code == 0, result.output
     glm = sm.GLM(counts, sm.add_constant(X[:, :2]), family=sm.families.Binomial()).fit()
-    # a and b are already standardised, so the printed log-odds of "no" are minus the GLM's
+    # a and b are already standardised, so the printed log-odds of "yes" are the GLM's
     printed = {
         line.split("│")[1].strip(): float(line.split("│")[2])
         for line in result.output.splitlines()
         if line.count("│") == 3
     }
-    assert printed["a"] == pytest.approx(-glm.params[1], abs=1e-4)
-    assert printed["intercept"] == pytest.approx(-glm.params[0], abs=1e-4)
+    assert printed["a"] == pytest.approx(glm.params[1], abs=1e-4)
+    assert printed["intercept"] == pytest.approx(glm.params[0], abs=1e-4)
+    assert "log-odds of yes (vs no)" in result.output
     result = runner.invoke(
         app,
         [

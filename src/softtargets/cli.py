@@ -370,15 +370,14 @@ def fit_proportions_command(
         file, _names(features, "--features"), _names(counts, "--counts"), hidden, alpha, standardize
     )
     model.save(out)
+    scaled = "; features standardised to mean 0, sd 1" if standardize else ""
     console.print(
-        f"{result['rows']} rows, {result['observations']:.0f} observations", highlight=False
+        f"{result['rows']} rows, {result['observations']:.0f} observations{scaled}", highlight=False
     )
     if "coefficients" in result:
         for name, coefs in result["coefficients"].items():
-            table = Table(
-                title=f"{name}" + (" (standardised features)" if standardize else ""),
-                title_justify="left",
-            )
+            console.print(name, highlight=False)
+            table = Table()
             table.add_column("term")
             table.add_column("coefficient", justify="right")
             for term, value in coefs.items():

@@ -158,17 +158,23 @@ def fit_proportions(
     report: dict[str, Any] = {"rows": len(X), "observations": float(C.sum())}
     if not hidden:
         estimator.fit(Z, C)
-        report["coefficients"] = {
-            ("log-odds of " + counts[1] if len(counts) == 2 else name): dict(
-                zip(["intercept", *features], [float(b), *map(float, w)], strict=True)
-            )
-            for name, w, b in zip(
-                counts[1:] if len(counts) == 2 else counts,
-                estimator.coef_,
-                estimator.intercept_,
-                strict=True,
-            )
-        }
+        if len(counts) == 2:  # as R's glm(cbind(first, second) ~ ...): log-odds of the first column
+            report["coefficients"] = {
+                f"log-odds of {counts[0]} (vs {counts[1]})": dict(
+                    zip(
+                        ["intercept", *features],
+                        [-float(estimator.intercept_[0]), *(-estimator.coef_[0]).tolist()],
+                        strict=True,
+                    )
+                )
+            }
+        else:  # one row per class, centred over the classes
+            report["coefficients"] = {
+                f"class {name}": dict(
+                    zip(["intercept", *features], [float(b), *w.tolist()], strict=True)
+                )
+                for name, w, b in zip(counts, estimator.coef_, estimator.intercept_, strict=True)
+            }
         return model, report
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(X))
