@@ -4,10 +4,12 @@ Mandal, Lin and Srikant (2024) show that a two-layer network trained on soft lab
 fewer neurons than one trained on hard labels, and that the gap grows with the difficulty of the
 data. Here: one-hidden-layer ReLU students of widths 1 to 256 on binary tasks of increasing
 difficulty, hard labels vs the task teacher's soft targets; per task and seed, the smallest width
-whose test accuracy reaches the teacher's minus 2 points.
+whose test accuracy reaches a common target: the best mean accuracy any width reached with either
+kind of target, minus 2 points.
 
-Tasks: ``gaussians`` (2 classes, 3 clusters each, 10 dimensions) with a shrinking separation,
-and pairs of the study's dataset classes from the least to the most confused by its teacher.
+Tasks: ``gaussians`` (2 classes, 6 clusters each in 4 dimensions, so the boundary is curved and
+width matters) with a shrinking separation, and pairs of the study's dataset classes from the
+least to the most confused by its teacher.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ CLAIM = (
     "fewer hidden neurons than one trained on hard labels (Mandal, Lin, Srikant 2024)."
 )
 WIDTHS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-SEPARATIONS = [4.0, 2.0, 1.0]
-MARGIN = 0.02  # target accuracy: the task teacher's minus 2 points
+SEPARATIONS = [3.0, 2.0, 1.5]
+MARGIN = 0.02  # target accuracy: the best mean accuracy on the task minus 2 points
 NEVER = 512  # recorded as the "smallest width" when no width reaches the target (censored)
 
 
@@ -83,8 +85,11 @@ def run(ctx: StudyContext) -> StudyOutput:
         ]
 
     smallest: dict[tuple[str, str], list[float]] = {}
+    targets = {task: max(mean_ci(v).mean for (t, _w, _m), v in
+                         grouped(rows, ["task", "width", "method"], "test_accuracy").items()
+                         if t == task) - MARGIN for task in teachers}
     for task in teachers:
-        target = teachers[task] - MARGIN
+        target = targets[task]
         for method in ("hard", "soft"):
             per_seed = []
             for seed in ctx.seeds:
@@ -106,7 +111,7 @@ def run(ctx: StudyContext) -> StudyOutput:
             {
                 "task": task,
                 "teacher accuracy (%)": f"{teachers[task] * 100:.2f}",
-                "target (%)": f"{(teachers[task] - MARGIN) * 100:.2f}",
+                "target (%)": f"{targets[task] * 100:.2f}",
                 "smallest width, hard (geometric mean)": f"{2 ** mean_ci([math.log2(w) for w in hard]).mean:.1f}",
                 "smallest width, soft (geometric mean)": f"{2 ** mean_ci([math.log2(w) for w in soft]).mean:.1f}",
                 "log2 gap, hard - soft": gap.format(1, 2),
@@ -128,7 +133,7 @@ def run(ctx: StudyContext) -> StudyOutput:
                 ylabel="test accuracy (%)",
                 logx=True,
                 title=f"{task}: accuracy vs width",
-                reference={"teacher - 2 points (target)": teachers[task] - MARGIN},
+                reference={"target": targets[task], "teacher": teachers[task]},
             )
         )
     hardest = f"gaussians separation {min(SEPARATIONS) if not ctx.quick else 2.0:g}"
