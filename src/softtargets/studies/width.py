@@ -85,9 +85,17 @@ def run(ctx: StudyContext) -> StudyOutput:
         ]
 
     smallest: dict[tuple[str, str], list[float]] = {}
-    targets = {task: max(mean_ci(v).mean for (t, _w, _m), v in
-                         grouped(rows, ["task", "width", "method"], "test_accuracy").items()
-                         if t == task) - MARGIN for task in teachers}
+    targets = {
+        task: max(
+            mean_ci(v).mean
+            for (t, _w, _m), v in grouped(
+                rows, ["task", "width", "method"], "test_accuracy"
+            ).items()
+            if t == task
+        )
+        - MARGIN
+        for task in teachers
+    }
     for task in teachers:
         target = targets[task]
         for method in ("hard", "soft"):
