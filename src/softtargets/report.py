@@ -20,6 +20,8 @@ from softtargets.stats import mean_ci
 
 #: A colour-blind-safe palette (Okabe & Ito), so hard/soft stay distinguishable for everyone.
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
+#: Dashed reference lines (teacher, target): greys, so they never look like a measured curve.
+REFERENCE_COLOURS = ["#000000", "#777777", "#AAAAAA"]
 
 
 def new_figure(width: float = 6.4, height: float = 4.0) -> tuple[Figure, Any]:
@@ -81,7 +83,7 @@ def plot_epoch_curves(
         x = np.arange(1, len(mean) + 1)
         axes.plot(x, mean * scale, color=colour, label=f"{name} (n={len(per_seed)} seeds)")
         axes.fill_between(x, low * scale, high * scale, color=colour, alpha=0.2, linewidth=0)
-    for (name, value), colour in zip((reference or {}).items(), PALETTE[::-1], strict=False):
+    for (name, value), colour in zip((reference or {}).items(), REFERENCE_COLOURS, strict=False):
         axes.axhline(value * scale, color=colour, linestyle="--", linewidth=1, label=name)
     axes.set_xlabel("epoch")
     axes.set_ylabel(ylabel)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from softtargets.report import PALETTE, new_figure, save_figure
+from softtargets.report import PALETTE, REFERENCE_COLOURS, new_figure, save_figure
 from softtargets.stats import Estimate, mean_ci, paired_difference
 from softtargets.train import FitResult
 
@@ -79,7 +79,7 @@ def plot_lines(
         means = np.array([e.mean for e in estimates]) * scale
         halves = np.array([0.0 if e.n < 2 else e.half_width for e in estimates]) * scale
         axes.errorbar(xs, means, yerr=halves, color=colour, marker="o", capsize=3, label=name)
-    for (name, value), colour in zip((reference or {}).items(), PALETTE[::-1], strict=False):
+    for (name, value), colour in zip((reference or {}).items(), REFERENCE_COLOURS, strict=False):
         axes.axhline(value * scale, color=colour, linestyle="--", linewidth=1, label=name)
     if logx:
         axes.set_xscale("log")
