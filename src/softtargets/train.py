@@ -24,7 +24,7 @@ from softtargets.errors import SoftTargetsError
 from softtargets.files import append_jsonl
 from softtargets.losses import StoredDistillation, soft_cross_entropy
 from softtargets.metrics import classification_report, predict_logits
-from softtargets.targets import validate
+from softtargets.targets import check_temperature, validate
 from softtargets.teacher import SoftTargetStore
 
 OptimizerName = Literal["sgd", "adam", "adamw"]
@@ -84,6 +84,57 @@ def resolve_device(device: torch.device | str | None = None) -> torch.device:
     return torch.device(device)
 
 
+@dataclass(frozen=True)
+class ResolvedTargets:
+    """What a ``targets`` argument means for one dataset, checked once.
+
+    ``kind`` is ``"hard"`` (the labels), ``"probs"`` (``probs``: ``(N, K)`` probability rows,
+    soft cross-entropy) or ``"distill"`` (``teacher_logits``: ``(N, K)``, Hinton's loss at
+    ``temperature`` with weight ``alpha``).
+    """
+
+    kind: Literal["hard", "probs", "distill"]
+    probs: Tensor | None = None
+    teacher_logits: Tensor | None = None
+    temperature: float = 1.0
+    alpha: float = 1.0
+
+
+def resolve_targets(targets: Targets, data: Dataset) -> ResolvedTargets:
+    """Check ``targets`` against ``data`` and say what they are (see :func:`fit`'s ``targets``)."""
+    if targets is None or (isinstance(targets, str) and targets == "hard"):
+        return ResolvedTargets("hard")
+    if isinstance(targets, str):
+        if targets != "soft":
+            raise SoftTargetsError(f"unknown targets {targets!r}; use 'hard', 'soft' or a tensor")
+        if data.soft_targets is None:
+            raise SoftTargetsError("targets='soft' but the data carries no soft_targets")
+        targets = data.soft_targets
+    if isinstance(targets, SoftTargetStore):
+        targets = Distillation(targets, temperature=1.0, alpha=1.0)
+    if isinstance(targets, Distillation):
+        temperature = check_temperature(targets.temperature)
+        if not 0.0 <= float(targets.alpha) <= 1.0:
+            raise SoftTargetsError(f"alpha must be in [0, 1], got {targets.alpha!r}")
+        if isinstance(targets.teacher, SoftTargetStore):
+            teacher_logits = targets.teacher.logits_for(data)
+        else:
+            teacher_logits = torch.as_tensor(targets.teacher).float()
+            if teacher_logits.shape != (len(data), data.num_classes):
+                raise SoftTargetsError(
+                    f"teacher logits have shape {tuple(teacher_logits.shape)} but the data needs "
+                    f"({len(data)}, {data.num_classes}): one row per sample, one column per class"
+                )
+        return ResolvedTargets("distill", None, teacher_logits, temperature, float(targets.alpha))
+    probs = validate(targets, data.num_classes).float()
+    if probs.shape[0] != len(data):
+        raise SoftTargetsError(
+            f"soft targets have {probs.shape[0]} rows but the data has {len(data)}; give one row "
+            "per sample, in the data's order"
+        )
+    return ResolvedTargets("probs", probs)
+
+
 Objective = Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]]
 
 
@@ -95,9 +146,10 @@ def make_objective(targets: Targets, data: Dataset, device: torch.device) -> Obj
     ``loss`` is a plain value. Every per-row tensor is resolved and moved to ``device`` here, once,
     so the training step only gathers rows.
     """
+    resolved = resolve_targets(targets, data)
     labels = data.labels.to(device)
     weights = None if data.weights is None else data.weights.to(device)
-    if targets is None or (isinstance(targets, str) and targets == "hard"):
+    if resolved.kind == "hard":
         if weights is None:
             return lambda logits, rows: (F.cross_entropy(logits, labels[rows]), None)
         return lambda logits, rows: (
@@ -105,38 +157,16 @@ def make_objective(targets: Targets, data: Dataset, device: torch.device) -> Obj
             / weights[rows].sum(),
             None,
         )
-    if isinstance(targets, str):
-        if targets != "soft":
-            raise SoftTargetsError(f"unknown targets {targets!r}; use 'hard', 'soft' or a tensor")
-        if data.soft_targets is None:
-            raise SoftTargetsError("targets='soft' but the data carries no soft_targets")
-        targets = data.soft_targets
-    if isinstance(targets, SoftTargetStore):
-        targets = Distillation(targets, temperature=1.0, alpha=1.0)
-    if isinstance(targets, Distillation):
-        if isinstance(targets.teacher, SoftTargetStore):
-            teacher_logits = targets.teacher.logits_for(data)
-        else:
-            teacher_logits = torch.as_tensor(targets.teacher).float()
-            if teacher_logits.shape != (len(data), data.num_classes):
-                raise SoftTargetsError(
-                    f"teacher logits have shape {tuple(teacher_logits.shape)} but the data needs "
-                    f"({len(data)}, {data.num_classes}): one row per sample, one column per class"
-                )
+    if resolved.kind == "distill":
         if weights is not None:
             raise SoftTargetsError(
                 "distillation ignores row weights; drop the data's weights or pass soft targets"
             )
         loss = StoredDistillation(
-            teacher_logits.to(device), labels, targets.temperature, targets.alpha
+            resolved.teacher_logits.to(device), labels, resolved.temperature, resolved.alpha
         )
         return lambda logits, rows: loss.value_and_grad(logits.detach(), rows)
-    probs = validate(targets, data.num_classes).to(device=device, dtype=torch.float32)
-    if probs.shape[0] != len(data):
-        raise SoftTargetsError(
-            f"soft targets have {probs.shape[0]} rows but the data has {len(data)}; give one row "
-            "per sample, in the data's order"
-        )
+    probs = resolved.probs.to(device)
     if weights is None:
         return lambda logits, rows: (soft_cross_entropy(logits, probs[rows]), None)
     return lambda logits, rows: (soft_cross_entropy(logits, probs[rows], weights[rows]), None)

@@ -29,9 +29,8 @@ from softtargets.data import Dataset
 from softtargets.errors import SoftTargetsError
 from softtargets.files import append_jsonl
 from softtargets.models import mlp
-from softtargets.targets import soften, validate
-from softtargets.teacher import SoftTargetStore
-from softtargets.train import Distillation, FitResult, Targets, lr_factor, resolve_device
+from softtargets.targets import soften
+from softtargets.train import FitResult, Targets, lr_factor, resolve_device, resolve_targets
 
 
 @dataclass
@@ -227,46 +226,24 @@ class StackedOptimizer:
 
 
 # ---------------------------------------------------------------------------- targets
-def _member_targets(member: Member, data: Dataset) -> tuple[Tensor, Tensor, float, float]:
-    """``(probs (N, K), labels (N,), temperature, alpha)`` for one member.
+def _member_targets(member: Member, data: Dataset) -> tuple[Tensor, Tensor, float, float, bool]:
+    """``(probs (N, K), labels (N,), temperature, alpha, is_distillation)`` for one member.
 
-    The per-row loss is ``alpha T^2 KL(probs || softmax(z / T)) + (1 - alpha) CE(z, label)``:
-    hard labels are ``alpha = 0``; a probability matrix is ``T = 1, alpha = 1``.
+    The per-row loss is ``alpha T^2 H(probs, softmax(z / T)) + (1 - alpha) CE(z, label)``:
+    hard labels are ``alpha = 0``; a probability matrix is ``T = 1, alpha = 1``. As in ``fit``,
+    distillation reports the soft term as a KL divergence (cross-entropy minus the teacher's
+    entropy) and a probability matrix as the cross-entropy itself.
     """
     labels = data.labels if member.labels is None else torch.as_tensor(member.labels).long()
     if labels.shape != (len(data),):
         raise SoftTargetsError(f"member labels must have shape ({len(data)},)")
-    targets = member.targets
-    if isinstance(targets, SoftTargetStore):
-        targets = Distillation(targets, 1.0, 1.0)
-    if targets is None or (isinstance(targets, str) and targets == "hard"):
+    resolved = resolve_targets(member.targets, data)
+    if resolved.kind == "hard":
         return torch.zeros(len(data), data.num_classes), labels, 1.0, 0.0, False
-    if isinstance(targets, str):
-        if targets != "soft" or data.soft_targets is None:
-            raise SoftTargetsError(
-                f"targets {targets!r}: use 'hard', 'soft' (with soft_targets) or a tensor"
-            )
-        return data.soft_targets, labels, 1.0, 1.0, False
-    if isinstance(targets, Distillation):
-        if isinstance(targets.teacher, SoftTargetStore):
-            logits = targets.teacher.logits_for(data)
-        else:
-            logits = torch.as_tensor(targets.teacher).float()
-        if not 0.0 <= targets.alpha <= 1.0:
-            raise SoftTargetsError(f"alpha must be in [0, 1], got {targets.alpha}")
-        return (
-            soften(logits, targets.temperature),
-            labels,
-            float(targets.temperature),
-            float(targets.alpha),
-            True,
-        )
-    probs = validate(targets, data.num_classes)
-    if probs.shape[0] != len(data):
-        raise SoftTargetsError(
-            f"soft targets have {probs.shape[0]} rows but the data has {len(data)}"
-        )
-    return probs.float(), labels, 1.0, 1.0, False
+    if resolved.kind == "probs":
+        return resolved.probs, labels, 1.0, 1.0, False
+    probs = soften(resolved.teacher_logits, resolved.temperature)
+    return probs, labels, resolved.temperature, resolved.alpha, True
 
 
 def _padded_orders(
