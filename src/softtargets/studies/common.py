@@ -30,6 +30,16 @@ def grouped(
     return {k: [v for _, v in sorted(pairs)] for k, pairs in groups.items()}
 
 
+def curves(
+    rows: Iterable[dict[str, Any]], line: str, x: str, value: str, x_scale: float = 1.0
+) -> dict[str, dict[float, list[float]]]:
+    """``{line value: {x value * x_scale: [value per seed]}}``, the input of :func:`plot_lines`."""
+    out: dict[str, dict[float, list[float]]] = {}
+    for (x_value, name), values in grouped(rows, [x, line], value).items():
+        out.setdefault(str(name), {})[x_value * x_scale] = values
+    return out
+
+
 def summary_rows(
     rows: list[dict[str, Any]],
     keys: Sequence[str],

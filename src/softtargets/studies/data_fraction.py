@@ -12,7 +12,7 @@ from softtargets.data import stratified_rows
 from softtargets.report import plot_epoch_curves
 from softtargets.stats import verdict
 from softtargets.studies.base import StudyContext, StudyOutput
-from softtargets.studies.common import difference, grouped, plot_lines, summary_rows, test_accuracy
+from softtargets.studies.common import curves, difference, plot_lines, summary_rows, test_accuracy
 from softtargets.train import Distillation
 from softtargets.vectorised import Member
 
@@ -60,14 +60,9 @@ def run(ctx: StudyContext) -> StudyOutput:
     ):
         row["last epoch (%)"] = last["x"]
 
-    curves: dict[str, dict[float, list[float]]] = {}
-    for (fraction, method), values in grouped(
-        rows, ["fraction", "method"], "test_accuracy"
-    ).items():
-        curves.setdefault(method, {})[fraction * 100] = values
     figures = [
         plot_lines(
-            curves,
+            curves(rows, "method", "fraction", "test_accuracy", 100),
             ctx.out_dir / "accuracy_vs_fraction.png",
             xlabel="training data used (%)",
             ylabel="test accuracy (%)",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from softtargets.stats import verdict
 from softtargets.studies.base import StudyContext, StudyOutput
-from softtargets.studies.common import difference, grouped, plot_lines, summary_rows, test_accuracy
+from softtargets.studies.common import curves, difference, plot_lines, summary_rows, test_accuracy
 from softtargets.train import Distillation
 from softtargets.vectorised import Member
 
@@ -48,13 +48,11 @@ def run(ctx: StudyContext) -> StudyOutput:
     summary = summary_rows(
         rows, ["noise", "targets"], "clean_test_accuracy", "clean test accuracy (%)"
     )
-    curves: dict[str, dict[float, list[float]]] = {}
-    for (rate, name), values in grouped(rows, ["noise", "targets"], "clean_test_accuracy").items():
-        curves.setdefault(name, {})[rate * 100] = values
-    curves["teacher (one run)"] = {r * 100: [a] for r, a in teachers.items()}
+    lines = curves(rows, "targets", "noise", "clean_test_accuracy", 100)
+    lines["teacher (one run)"] = {r * 100: [a] for r, a in teachers.items()}
     figures = [
         plot_lines(
-            curves,
+            lines,
             ctx.out_dir / "accuracy_vs_noise.png",
             xlabel="training labels flipped (%)",
             ylabel="clean test accuracy (%)",

@@ -13,7 +13,7 @@ import math
 
 from softtargets.stats import mean_ci, paired_difference, verdict
 from softtargets.studies.base import StudyContext, StudyOutput
-from softtargets.studies.common import grouped, plot_lines, summary_rows
+from softtargets.studies.common import curves, plot_lines, summary_rows
 from softtargets.train import Distillation
 from softtargets.vectorised import Member
 
@@ -74,12 +74,9 @@ def run(ctx: StudyContext) -> StudyOutput:
             }
             per_seed.append(math.log10(largest_good_rate(points)))
         largest[method] = per_seed
-    curves: dict[str, dict[float, list[float]]] = {}
-    for (rate, method), values in grouped(rows, ["lr", "method"], "final_test_accuracy").items():
-        curves.setdefault(method, {})[rate] = values
     figures = [
         plot_lines(
-            curves,
+            curves(rows, "method", "lr", "final_test_accuracy"),
             ctx.out_dir / "accuracy_vs_learning_rate.png",
             xlabel="learning rate (SGD, momentum 0.9)",
             ylabel="final test accuracy (%)",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from softtargets.stats import verdict
 from softtargets.studies.base import StudyContext, StudyOutput
-from softtargets.studies.common import difference, grouped, plot_lines, summary_rows, test_accuracy
+from softtargets.studies.common import curves, difference, plot_lines, summary_rows, test_accuracy
 from softtargets.targets import entropy
 from softtargets.train import Distillation
 from softtargets.vectorised import Member
@@ -50,12 +50,9 @@ def run(ctx: StudyContext) -> StudyOutput:
     for row in summary:
         row["soft-target entropy (nats)"] = f"{entropies[row['T']]:.3f}"
 
-    curves: dict[str, dict[float, list[float]]] = {}
-    for (student, t), values in grouped(rows, ["student", "T"], "test_accuracy").items():
-        curves.setdefault(student, {})[t] = values
     figures = [
         plot_lines(
-            curves,
+            curves(rows, "student", "T", "test_accuracy"),
             ctx.out_dir / "accuracy_vs_temperature.png",
             xlabel="temperature T",
             ylabel="test accuracy (%)",
