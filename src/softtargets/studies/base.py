@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import Field
 
 from softtargets.config import (
@@ -149,16 +148,6 @@ class StudyContext:
             where = self.out_dir.parent / "teachers" / f"{config.data.name.replace('/', '_')}-{key}"
             self._teachers[key] = run_teacher(config, where, progress=self.progress, log=self.log)
         return self._teachers[key]
-
-    def students(
-        self,
-        data_shape: Sequence[int],
-        num_classes: int,
-        seeds: Sequence[int],
-        hidden: Sequence[int] | None = None,
-    ) -> list[torch.nn.Module]:
-        hidden = list(hidden if hidden is not None else self.config.student_hidden)
-        return [build_model("mlp", data_shape, num_classes, seed=s, hidden=hidden) for s in seeds]
 
     def train(
         self,

@@ -102,18 +102,6 @@ def plot_lines(
     return save_figure(figure, path)
 
 
-def epoch_curves(
-    results: Sequence[FitResult], labels: Sequence[str], metric: str = "test_accuracy"
-) -> list[dict[str, Any]]:
-    """History records (epoch, metric) of each result tagged with its label and index as seed."""
-    records = []
-    for i, (result, name) in enumerate(zip(results, labels, strict=True)):
-        for r in result.history:
-            if metric in r:
-                records.append({"curve": name, "seed": i, "epoch": r["epoch"], metric: r[metric]})
-    return records
-
-
 def plot_bars(
     groups: dict[str, list[float]], path: Path, *, ylabel: str, title: str, scale: float = 100.0
 ) -> Path:
