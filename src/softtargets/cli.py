@@ -46,6 +46,11 @@ def friendly_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def say(message: str) -> None:
+    """Print one progress line (passed as ``log=`` to the long-running functions)."""
+    console.print(message, highlight=False)
+
+
 def make_progress() -> Progress:
     return Progress(
         TextColumn("{task.description}"),
@@ -169,7 +174,7 @@ def demo(
             out or Path("runs/demo"),
             overwrite=overwrite,
             progress=progress,
-            log=lambda m: console.print(m, highlight=False),
+            log=say,
         )
     print_outcome(outcome)
 
@@ -201,17 +206,17 @@ def teacher(
         label_column=label_column,
         device=device,
     )
+    out = out or Path("runs/teacher")
     with make_progress() as progress:
         part = run_teacher(
             cfg,
-            out or Path("runs/teacher"),
+            out,
             overwrite=overwrite,
             progress=progress,
-            log=lambda m: console.print(m, highlight=False),
+            log=say,
         )
     console.print(
-        f"stored {len(part.store)} x {part.store.num_classes} logits in "
-        f"{out or Path('runs/teacher')}/store.safetensors",
+        f"stored {len(part.store)} x {part.store.num_classes} logits in {out}/store.safetensors",
         highlight=False,
     )
 
@@ -270,7 +275,7 @@ def distill(
             out or Path("runs/distill"),
             overwrite=overwrite,
             progress=progress,
-            log=lambda m: console.print(m, highlight=False),
+            log=say,
         )
     print_outcome(outcome)
 
@@ -306,19 +311,18 @@ def study(
     from softtargets.config import parse_config
 
     config = parse_config(StudyConfig, values, "flags")
+    out = out or Path("runs") / f"study-{name}"
     with make_progress() as progress:
         result = run_study(
             name,
             config,
-            out or Path("runs") / f"study-{name}",
+            out,
             progress=progress,
-            log=lambda m: console.print(m, highlight=False),
+            log=say,
         )
     v = result["verdict"]
     console.print(f"[bold]{result['title']}[/]: {v['label']} — {v['evidence']}", highlight=False)
-    console.print(
-        f"wrote {out or Path('runs') / f'study-{name}'}/ in {result['seconds']} s", highlight=False
-    )
+    console.print(f"wrote {out}/ in {result['seconds']} s", highlight=False)
 
 
 @app.command()
