@@ -110,9 +110,16 @@ class StackedMLP(nn.Module):
                 bias[m, 0, : lin.out_features] = lin.bias.detach()
             self.weights.append(nn.Parameter(weight))
             self.biases.append(nn.Parameter(bias))
+        self._workspace: dict[tuple, list[Tensor]] = {}
+        self._train_shape: torch.Size | None = None
+        self._masks: list[Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        """``x (M, B, in)`` or ``(B, in)`` shared by all members -> logits ``(M, B, K)``."""
+        """``x (M, B, in)`` or ``(B, in)`` shared by all members -> logits ``(M, B, K)``.
+
+        The autograd path, for evaluation; training uses :meth:`train_forward` and
+        :meth:`train_backward`.
+        """
         h = x if x.ndim == 3 else x.expand(len(self.weights[0]), *x.shape)
         last = len(self.weights) - 1
         for i, (weight, bias) in enumerate(zip(self.weights, self.biases, strict=True)):
@@ -123,15 +130,86 @@ class StackedMLP(nn.Module):
                     h = F.dropout(h, self.dropout, self.training)
         return h
 
-    def member(self, m: int) -> nn.Sequential:
-        """Member ``m`` as a plain :func:`~softtargets.models.mlp`, padding removed."""
-        model = mlp(self.in_features, self.widths[m], self.out_features, self.dropout)
-        linears, _ = mlp_layers(model)
+    # Training and evaluation run by hand, without autograd, into buffers allocated once per
+    # batch shape. Why: every autograd step would allocate fresh (M, B, width) tensors of a
+    # megabyte or so, which glibc serves with mmap, and the page faults of touching them cost as
+    # much as the arithmetic (measured: ~260 faults, ~0.5 ms of a ~3 ms step for 16 x 128-128).
+    @torch.no_grad()
+    def infer(self, x: Tensor) -> Tensor:
+        """Evaluation forward (no dropout, no autograd) of ``x (B, in)``, shared by all members,
+        or ``(M, B, in)`` -> logits ``(M, B, K)`` in a buffer that the next call overwrites."""
+        x = x if x.ndim == 3 else x.expand(len(self.weights[0]), *x.shape)
+        return self._forward_into(x, self._outputs_for(x), masks=None)
+
+    @torch.no_grad()
+    def train_forward(self, x: Tensor) -> Tensor:
+        """Training forward of ``x (M, B, in)`` -> logits ``(M, B, K)``, keeping each layer's input
+        for :meth:`train_backward`. The logits live in a buffer the next call overwrites."""
+        outputs = self._outputs_for(x)
+        if self._train_shape != outputs[0].shape:
+            self._grads = [torch.empty_like(t) for t in outputs[:-1]]
+            self._masks = [torch.empty_like(t) for t in outputs[:-1]] if self.dropout else None
+            for p in self.parameters():
+                p.grad = torch.zeros_like(p)
+            self._train_shape = outputs[0].shape
+        self._layer_inputs = [x, *outputs[:-1]]
+        return self._forward_into(x, outputs, self._masks)
+
+    @torch.no_grad()
+    def train_backward(self, grad: Tensor) -> None:
+        """Set every parameter's ``.grad`` from ``grad``, the loss gradient w.r.t. the logits of
+        the last :meth:`train_forward` ``(M, B, K)``; exactly what autograd computes."""
+        for i in range(len(self.weights) - 1, -1, -1):
+            weight, bias, h = self.weights[i], self.biases[i], self._layer_inputs[i]
+            torch.bmm(h.transpose(1, 2), grad, out=weight.grad)
+            torch.sum(grad, dim=1, keepdim=True, out=bias.grad)
+            if i == 0:
+                break  # the data needs no gradient
+            below = self._grads[i - 1]
+            torch.bmm(grad, weight.transpose(1, 2), out=below)
+            if self._masks is not None:
+                below.mul_(self._masks[i - 1])
+            # ReLU's backward: zero where the (dropped-out) activation is 0
+            torch.ops.aten.threshold_backward.grad_input(below, h, 0.0, grad_input=below)
+            grad = below
+
+    def _forward_into(self, x: Tensor, outputs: list[Tensor], masks: list[Tensor] | None) -> Tensor:
+        last = len(self.weights) - 1
+        for i, (weight, bias, out) in enumerate(
+            zip(self.weights, self.biases, outputs, strict=True)
+        ):
+            torch.baddbmm(bias, x, weight, out=out)
+            if i < last:
+                out.relu_()
+                if masks is not None:
+                    # each mask holds 0 or 1 / (1 - p), the scaling of F.dropout
+                    masks[i].bernoulli_(1 - self.dropout).div_(1 - self.dropout)
+                    out.mul_(masks[i])
+            x = out
+        return outputs[last]
+
+    def _outputs_for(self, x: Tensor) -> list[Tensor]:
+        """Each layer's output buffer ``(M, B, out_l)`` for inputs shaped like ``x (M, B, in)``."""
+        key = (x.shape[1], x.device, x.dtype)
+        if key not in self._workspace:
+            self._workspace[key] = [x.new_empty(*x.shape[:2], w.shape[2]) for w in self.weights]
+        return self._workspace[key]
+
+    def load_member(self, m: int, model: nn.Module) -> nn.Module:
+        """Copy member ``m``'s weights, padding removed, into ``model`` (an MLP of its widths)."""
         with torch.no_grad():
-            for lin, weight, bias in zip(linears, self.weights, self.biases, strict=True):
+            for lin, weight, bias in zip(
+                mlp_layers(model)[0], self.weights, self.biases, strict=True
+            ):
                 lin.weight.copy_(weight[m, : lin.in_features, : lin.out_features].T)
                 lin.bias.copy_(bias[m, 0, : lin.out_features])
         return model
+
+    def member(self, m: int) -> nn.Sequential:
+        """Member ``m`` as a new :func:`~softtargets.models.mlp`, padding removed."""
+        return self.load_member(
+            m, mlp(self.in_features, self.widths[m], self.out_features, self.dropout)
+        )
 
 
 # ---------------------------------------------------------------------------- the optimizer
@@ -163,6 +241,8 @@ class StackedOptimizer:
         self.second = [torch.zeros_like(p) for p in self.params]  # Adam's v
         self.steps = [0] * len(self.weight_decay)
         self.fused = self.params[0].device.type in ("cpu", "cuda")
+        self._cached_slices: dict[tuple[int, int], tuple[list[Tensor], ...]] = {}
+        self._grads_seen: list[Tensor | None] = [None] * len(self.params)
 
     def runs(self, lr: Sequence[float], active: Sequence[bool]) -> list[tuple[int, int]]:
         """Maximal ranges ``[a, b)`` of active members with equal (lr, weight decay, steps)."""
@@ -178,16 +258,26 @@ class StackedOptimizer:
                 found.append((m, m + 1))
         return found
 
+    def _slices(self, a: int, b: int) -> tuple[list[Tensor], ...]:
+        """Members ``[a, b)`` of the parameters, gradients and both states (cached: a training
+        run asks for the same ranges step after step)."""
+        if (a, b) not in self._cached_slices:
+            tensors = self.params, [p.grad for p in self.params], self.first, self.second
+            self._cached_slices[a, b] = tuple([t[a:b] for t in group] for group in tensors)
+        return self._cached_slices[a, b]
+
     @torch.no_grad()
     def step(self, lr: Sequence[float], active: Sequence[bool]) -> None:
         """Update the members where ``active[m]``, member ``m`` with learning rate ``lr[m]``."""
         from torch.optim.adam import adam
         from torch.optim.sgd import sgd
 
+        grads = [p.grad for p in self.params]
+        if any(g is not seen for g, seen in zip(grads, self._grads_seen, strict=True)):
+            self._cached_slices.clear()  # new gradient tensors: the cached views are stale
+            self._grads_seen = grads
         for a, b in self.runs(lr, active):
-            params = [p[a:b] for p in self.params]
-            grads = [p.grad[a:b] for p in self.params]
-            first = [t[a:b] for t in self.first]
+            params, grads, first, second = self._slices(a, b)
             if self.name == "sgd":
                 # Zero-initialised buffers give exactly torch's first step (buffer = grad).
                 sgd(
@@ -208,7 +298,7 @@ class StackedOptimizer:
                     params,
                     grads,
                     first,
-                    [t[a:b] for t in self.second],
+                    second,
                     [],
                     steps,
                     fused=self.fused,
@@ -259,12 +349,83 @@ def _padded_orders(
     return order, valid
 
 
-def _gather(table: Tensor, rows: Tensor) -> Tensor:
-    """``table (M, N, ...)``, ``rows (M, B)`` -> ``table[m, rows[m, b]]`` of shape ``(M, B, ...)``."""
-    m, n = table.shape[:2]
-    offset = torch.arange(m, device=rows.device)[:, None] * n
-    flat = table.reshape(m * n, *table.shape[2:])
-    return flat.index_select(0, (rows + offset).reshape(-1)).view(*rows.shape, *table.shape[2:])
+def _rows_by_step(order: Tensor, steps: int, offset: int = 0) -> Tensor:
+    """``order (M, S * B)`` -> ``(S, M * B)``: step ``s``'s rows of every member, contiguous, so a
+    step gathers all members' rows with one ``index_select``. Member ``m``'s rows get
+    ``m * offset`` added (to address a table stacked as ``(M * N, ...)``)."""
+    count = order.shape[0]
+    shifted = order + torch.arange(count, device=order.device)[:, None] * offset
+    return shifted.view(count, steps, -1).transpose(0, 1).reshape(steps, -1)
+
+
+class StackedTargets:
+    """Every member's targets as one table of rows, and the loss over a stacked batch.
+
+    A member's row loss is ``alpha T^2 (c - sum_k p_k log q_k) - (1 - alpha) log s_y`` with
+    ``q = softmax(z / T)``, ``s = softmax(z)`` and ``c = sum_k p_k log p_k`` for distillation
+    (reported as a KL divergence, as ``fit`` does) or 0; its gradient w.r.t. the logits ``z`` is
+    ``alpha T q + (1 - alpha) s - G`` with ``G = alpha T p + (1 - alpha) onehot(y)``. The parts
+    that do not depend on ``z`` are precomputed per row, so a step gathers them at once: ``G``,
+    and for the value ``alpha T^2 p``, ``(1 - alpha) onehot(y)`` and ``alpha T^2 c``. When every
+    member has ``T = 1`` (hard labels, probability targets), ``q = s`` and the value needs only
+    ``G`` and the constant.
+    """
+
+    def __init__(self, resolved: Sequence[tuple[Tensor, Tensor, float, float, bool]]) -> None:
+        self.num_classes = resolved[0][0].shape[1]
+        self.unit_temperature = all(t == 1.0 for _, _, t, _, _ in resolved)
+        self.any_hard = any(a != 1.0 for _, _, _, a, _ in resolved)
+        tables = []
+        for probs, labels, t, a, is_kl in resolved:
+            one_hot = F.one_hot(labels, self.num_classes).to(probs.dtype)
+            const = (probs * probs.clamp_min(1e-30).log()).sum(-1, keepdim=True) * is_kl
+            grad_target = a * t * probs + (1 - a) * one_hot
+            if self.unit_temperature:
+                tables.append(torch.cat([grad_target, a * const], 1))
+            else:
+                soft, hard = a * t * t * probs, (1 - a) * one_hot
+                tables.append(torch.cat([grad_target, soft, hard, a * t * t * const], 1))
+        self.rows_per_member = len(resolved[0][0])
+        self.table = torch.cat(tables)  # (M * N, C)
+        self.soft_scale = torch.tensor([a * t for _, _, t, a, _ in resolved]).view(-1, 1, 1)
+        self.hard_scale = torch.tensor([1 - a for _, _, _, a, _ in resolved]).view(-1, 1, 1)
+        self.inverse_temperature = torch.tensor([1 / t for _, _, t, _, _ in resolved])
+        self.inverse_temperature = self.inverse_temperature.view(-1, 1, 1)
+
+    def to(self, device: torch.device) -> StackedTargets:
+        for name in ("table", "soft_scale", "hard_scale", "inverse_temperature"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    @torch.no_grad()
+    def loss(self, logits: Tensor, table_rows: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """``logits (M, B, K)``, their rows of :attr:`table` ``(M * B,)`` and row weights
+        ``(M, B)`` -> each member's weighted loss ``(M,)`` and its gradient ``(M, B, K)``."""
+        count, batch, k = logits.shape
+        rows = self.table.index_select(0, table_rows).view(count, batch, -1)
+        grad_target, const = rows[..., :k], rows[..., -1]
+        if self.unit_temperature:
+            log_s, s = _log_softmax_and_softmax(logits)
+            row_loss = const - (grad_target * log_s).sum(-1)
+            grad = s.sub_(grad_target)
+        else:
+            log_q, q = _log_softmax_and_softmax(logits * self.inverse_temperature)
+            row_loss = const - (rows[..., k : 2 * k] * log_q).sum(-1)
+            grad = q.mul_(self.soft_scale).sub_(grad_target)
+            if self.any_hard:
+                log_s, s = _log_softmax_and_softmax(logits)
+                row_loss -= (rows[..., 2 * k : 3 * k] * log_s).sum(-1)
+                grad.addcmul_(s, self.hard_scale)
+        return (row_loss * weight).sum(1), grad.mul_(weight[..., None])
+
+
+def _log_softmax_and_softmax(z: Tensor) -> tuple[Tensor, Tensor]:
+    """Stable log-softmax and softmax over the last axis. For the few classes of this field these
+    elementwise passes are several times faster than ``F.log_softmax``'s reduction kernel."""
+    shifted = z - z.amax(dim=-1, keepdim=True)
+    exp = shifted.exp()
+    total = exp.sum(dim=-1, keepdim=True)
+    return shifted.sub_(total.log()), exp.div_(total)
 
 
 # ---------------------------------------------------------------------------- fit_many
@@ -309,16 +470,9 @@ def fit_many(
             f"has {data.num_features} features and {data.num_classes} classes"
         )
 
-    resolved = [_member_targets(m, data) for m in members]
-    probs = torch.stack([r[0] for r in resolved]).to(device)  # (M, N, K)
-    labels = torch.stack([r[1] for r in resolved]).to(device)  # (M, N)
-    temps = torch.tensor([r[2] for r in resolved], device=device).view(count, 1, 1)
-    alphas = torch.tensor([r[3] for r in resolved], device=device).view(count, 1, 1)
-    # sum_k p log p per row turns the soft term into a KL divergence (distillation members only)
-    is_kl = torch.tensor([r[4] for r in resolved], device=device)[:, None]
-    const = (probs * probs.clamp_min(1e-30).log()).sum(-1) * is_kl  # (M, N)
+    targets = StackedTargets([_member_targets(m, data) for m in members]).to(device)
     features = data.features.reshape(len(data), -1).to(device)
-    num_classes = data.num_classes
+    batch_features = features.new_empty(count * batch_size, features.shape[1])
 
     rows_per_member = [
         torch.arange(len(data)) if m.rows is None else torch.as_tensor(m.rows).long()
@@ -349,43 +503,35 @@ def fit_many(
         for epoch in range(1, epochs + 1):
             epoch_start = time.perf_counter()
             net.train()
-            # Each member's own shuffled rows, padded to a common length: (M, S * B).
+            # Each member's own shuffled rows, padded to a common length: (M, S * B). Everything
+            # a step needs besides the model is laid out here, once per epoch.
             order, valid = _padded_orders(rows_per_member, generators, max_steps * batch_size)
-            order, valid = order.to(device), valid.to(device)
+            order, valid = order.to(device), valid.to(device).float()
+            data_rows = _rows_by_step(order, max_steps)  # (S, M * B)
+            table_rows = _rows_by_step(order, max_steps, offset=len(data))
+            counts = valid.view(count, max_steps, batch_size).sum(2)  # (M, S); 0 once done
+            weights = valid.view(count, max_steps, batch_size) / counts.clamp_min(1)[..., None]
+            member_counts = counts.T.tolist()  # (S, M)
+            still_running = running.tolist()
             loss_sum = torch.zeros(count, device=device)
             for s in range(max_steps):
-                rows = order[:, s * batch_size : (s + 1) * batch_size]  # (M, B)
-                taken = valid[:, s * batch_size : (s + 1) * batch_size].float()
-                counts = taken.sum(1)  # rows of each member in this batch (0 when done)
-                active = (counts > 0) & running.to(device)
-                weight = taken / counts.clamp_min(1)[:, None]  # batch mean per member
-                factors = []
+                active = [c > 0 and r for c, r in zip(member_counts[s], still_running, strict=True)]
+                step_lr = []
                 for m in range(count):
-                    factors.append(lr_factor(schedule, step_of[m], total_steps[m]))
-                    step_of[m] += int(active[m])
-                x = features.index_select(0, rows.reshape(-1)).view(count, batch_size, -1)
-                logits = net(x)
-                value, grad = _value_and_grad(
-                    logits.detach(),
-                    _gather(probs, rows),
-                    _gather(const, rows),
-                    _gather(labels, rows),
-                    weight,
-                    temps,
-                    alphas,
-                    num_classes,
-                )
-                for p in net.parameters():
-                    p.grad = None
-                # closed-form loss gradient: autograd runs through the stacked model only
-                logits.backward(grad)
-                opt.step([r * f for r, f in zip(base_lr, factors, strict=True)], active.tolist())
-                loss_sum += value * counts
+                    step_lr.append(base_lr[m] * lr_factor(schedule, step_of[m], total_steps[m]))
+                    step_of[m] += active[m]
+                torch.index_select(features, 0, data_rows[s], out=batch_features)
+                logits = net.train_forward(batch_features.view(count, batch_size, -1))
+                value, grad = targets.loss(logits, table_rows[s], weights[:, s])
+                net.train_backward(grad)
+                opt.step(step_lr, active)
+                loss_sum.addcmul_(value, counts[:, s])
             epoch_seconds = time.perf_counter() - epoch_start
             train_loss = (
                 loss_sum / torch.tensor([len(r) for r in rows_per_member], device=device)
             ).tolist()
             scores = _scores(net, val_dev), _scores(net, test_dev)
+            improved: list[int] = []  # members whose validation score is their best so far
             for m in range(count):
                 if not running[m]:
                     continue
@@ -411,13 +557,16 @@ def fit_many(
                 score = (record["val_accuracy"], -record["val_nll"])
                 if score > best_score[m]:
                     best_score[m], results[m].best_epoch, stale[m] = score, epoch, 0
-                    if restore_best:
-                        for b, p in zip(best, net.parameters(), strict=True):
-                            b[m] = p.detach()[m]
+                    improved.append(m)
                 else:
                     stale[m] += 1
                     if patience is not None and stale[m] >= patience:
                         results[m].stopped_early, running[m] = True, False
+            if improved and restore_best:
+                with torch.no_grad():
+                    rows = torch.tensor(improved, device=device)
+                    for b, p in zip(best, net.parameters(), strict=True):
+                        b.index_copy_(0, rows, p.index_select(0, rows))
             if task is not None:
                 progress.update(task, advance=1)
             if not running.any():
@@ -431,45 +580,11 @@ def fit_many(
             else:
                 result.best_epoch = len(result.history)
     for m, result in enumerate(results):
-        result.model = net.member(m)
+        result.model = net.load_member(m, models[m])  # trained in place, as fit() does
         result.seconds = (time.perf_counter() - started) / count
     if task is not None:
         progress.remove_task(task)
     return results
-
-
-@torch.no_grad()
-def _value_and_grad(
-    logits: Tensor,
-    probs: Tensor,
-    const: Tensor,
-    labels: Tensor,
-    weight: Tensor,
-    temps: Tensor,
-    alphas: Tensor,
-    num_classes: int,
-) -> tuple[Tensor, Tensor]:
-    """Per member: the weighted loss ``(M,)`` and its gradient w.r.t. ``logits (M, B, K)``.
-
-    Row loss ``alpha T^2 (sum p log p - sum p log softmax(z/T)) - (1 - alpha) log softmax(z)_y``;
-    row gradient ``alpha T (softmax(z/T) - p) + (1 - alpha) (softmax(z) - onehot(y))``.
-    """
-    log_q = _log_softmax(logits / temps)
-    log_s = _log_softmax(logits)
-    one_hot = F.one_hot(labels, num_classes).to(logits.dtype)
-    soft_rows = const - (probs * log_q).sum(-1)  # (M, B)
-    hard_rows = -(one_hot * log_s).sum(-1)
-    a, t = alphas.squeeze(-1), temps.squeeze(-1)
-    value = (weight * (a * t * t * soft_rows + (1 - a) * hard_rows)).sum(1)
-    grad = alphas * temps * (log_q.exp() - probs) + (1 - alphas) * (log_s.exp() - one_hot)
-    return value, grad * weight[..., None]
-
-
-def _log_softmax(z: Tensor) -> Tensor:
-    """Stable log-softmax over the last axis. For the few classes of this field, these four
-    elementwise passes are several times faster than ``F.log_softmax``'s reduction kernel."""
-    z = z - z.amax(dim=-1, keepdim=True)
-    return z - z.exp().sum(dim=-1, keepdim=True).log()
 
 
 @torch.no_grad()
@@ -478,9 +593,13 @@ def _scores(net: StackedMLP, data: Dataset | None) -> tuple[list[float], list[fl
     if data is None:
         return None
     net.eval()
-    chunks = [data.features[i : i + 4096] for i in range(0, len(data), 4096)]
-    logits = torch.cat([net(chunk.reshape(len(chunk), -1)) for chunk in chunks], dim=1)
-    labels = data.labels.expand(logits.shape[0], -1)
-    accuracy = (logits.argmax(-1) == labels).float().mean(1)
-    nll = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(1)
-    return accuracy.tolist(), nll.tolist()
+    correct = torch.zeros(len(net.weights[0]), device=data.features.device)
+    nll = torch.zeros_like(correct)
+    chunk = 512  # the evaluation buffers hold M x chunk x width floats per layer
+    for start in range(0, len(data), chunk):
+        x = data.features[start : start + chunk]
+        logits = net.infer(x.reshape(len(x), -1))
+        labels = data.labels[start : start + chunk].expand(logits.shape[0], -1)
+        correct += (logits.argmax(-1) == labels).sum(1)
+        nll += F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").sum(1)
+    return (correct / len(data)).tolist(), (nll / len(data)).tolist()
