@@ -147,16 +147,19 @@ class StoredDistillation:
     """Hinton's loss against a whole dataset's teacher logits, with a closed-form gradient.
 
     For the training hot path. The teacher side never changes during training, so everything
-    about it is computed once here, per row: its softened probabilities ``p = softmax(v / T)``, the
-    terms ``sum_k p_k log p_k``, and the mixed targets. A step then gathers its rows and needs
-    only the student's two softmaxes (at ``T`` and at 1), computed together on a stacked
-    ``(B, 2, K)`` tensor.
+    about it is computed once here, per row: the gradient's offset ``G = alpha T p + (1 - alpha)
+    onehot(y)`` with ``p = softmax(v / T)``, and the value's weights. A step gathers its rows and
+    needs only the student's two log-softmaxes (at ``T`` and at 1), computed together.
 
     The gradient with respect to the student logits ``z`` is known in closed form (Hinton et al.
     2015, eq. 2, times the ``T^2`` factor, plus the hard term):
-    ``(alpha * T * (softmax(z / T) - p) + (1 - alpha) * (softmax(z) - onehot(y))) / B``. Handing
-    it straight to ``logits.backward`` skips recording a dozen tiny autograd ops per step, which on
-    the small models of this field is a measurable share of the step (see ``bench/epoch_cost.py``).
+    ``(alpha * T * softmax(z / T) + (1 - alpha) * softmax(z) - G) / B``. Handing it straight to
+    ``logits.backward`` skips recording a dozen tiny autograd ops per step.
+
+    Why the step is written in so few, odd-looking ops (one matmul for ``[z / T, z]``, one
+    ``addmm`` for the gradient, one ``dot`` for the value): on the small models of this field each
+    op costs a few microseconds of dispatch, several times its arithmetic, and the step count of
+    ops is what ``bench/epoch_cost.py``'s stored / hard ratio measures.
 
     ``value_and_grad(z (B, K), rows (B,))`` returns the batch-mean loss, equal to
     ``distillation_loss(z, v[rows], y[rows], T, alpha)``, and its gradient ``(B, K)``.
@@ -171,27 +174,25 @@ class StoredDistillation:
         a = self.alpha = float(alpha)
         log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)  # (N, K)
         p = log_p.exp()
-        one_hot = F.one_hot(labels, p.shape[1]).to(p.dtype)
+        k = p.shape[1]
+        one_hot = F.one_hot(labels, k).to(p.dtype)
+        eye = torch.eye(k, device=p.device)
+        # [z / T, z] = z @ scales: (B, K) -> (B, 2K)
+        self._scales = torch.cat([eye / t, eye], dim=1)
+        # gradient per row: [q, s] @ mix - G = alpha T q + (1 - alpha) s - G
+        self._mix = torch.cat([a * t * eye, (1.0 - a) * eye], dim=0)  # (2K, K)
+        self._neg_offset = -(a * t * p + (1.0 - a) * one_hot)  # (N, K)
         # value per row: alpha T^2 (sum p log p - sum p log q) - (1 - alpha) log s_y
-        self._const = a * t * t * torch.linalg.vecdot(p, log_p)  # (N,)
-        self._weights = torch.stack([a * t * t * p, (1.0 - a) * one_hot], dim=1)  # (N, 2, K)
-        # gradient per row: alpha T q + (1 - alpha) s - (alpha T p + (1 - alpha) onehot)
-        self._grad_offset = a * t * p + (1.0 - a) * one_hot  # (N, K)
-        self._mix = torch.tensor([[a * t, 1.0 - a]], device=p.device)  # (1, 2)
-        self._inv_t = 1.0 / t
+        #              = [log q, log s, 1] . [-alpha T^2 p, -(1 - alpha) onehot, alpha T^2 sum p log p]
+        const = a * t * t * torch.linalg.vecdot(p, log_p)[:, None]
+        self._value_weights = torch.cat([-a * t * t * p, -(1.0 - a) * one_hot, const], dim=1)
 
-    @torch.no_grad()
     def value_and_grad(self, logits: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
-        inv_batch = 1.0 / logits.shape[0]
-        stacked = torch.stack([logits * self._inv_t, logits], dim=1)  # (B, 2, K): z/T and z
-        stacked = stacked - stacked.amax(dim=-1, keepdim=True)
-        exp = stacked.exp()
-        norm = exp.sum(dim=-1, keepdim=True)
-        log_probs = stacked - norm.log()  # (B, 2, K): log q, log s
-        grad = torch.matmul(self._mix, exp / norm).squeeze(1)  # alpha T q + (1 - alpha) s
-        grad = (grad - self._grad_offset.index_select(0, rows)) * inv_batch
-        weights = self._weights.index_select(0, rows)
-        value = self._const.index_select(0, rows).sum() - torch.dot(
-            weights.view(-1), log_probs.reshape(-1)
-        )
-        return value * inv_batch, grad
+        """``logits`` must not require grad (pass ``logits.detach()``)."""
+        b, k = logits.shape
+        log_probs = torch.log_softmax((logits @ self._scales).view(b, 2, k), dim=-1).view(b, 2 * k)
+        offset = self._neg_offset.index_select(0, rows)
+        grad = torch.addmm(offset, log_probs.exp(), self._mix, beta=1.0 / b, alpha=1.0 / b)
+        weights = self._value_weights.index_select(0, rows).view(-1)
+        value = torch.dot(weights, F.pad(log_probs, (0, 1), value=1.0).view(-1))
+        return value / b, grad
