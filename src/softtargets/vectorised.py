@@ -57,6 +57,10 @@ class Member:
 
 
 # ---------------------------------------------------------------------------- the stacked model
+# ReLU's backward, written into its gradient argument (looked up once: torch.ops is slow to walk)
+_relu_backward = torch.ops.aten.threshold_backward.grad_input
+
+
 def mlp_layers(model: nn.Module) -> tuple[list[nn.Linear], float]:
     """The Linear layers and dropout rate of an :func:`softtargets.models.mlp`-shaped model."""
     if not isinstance(model, nn.Sequential):
@@ -111,6 +115,7 @@ class StackedMLP(nn.Module):
             self.weights.append(nn.Parameter(weight))
             self.biases.append(nn.Parameter(bias))
         self._workspace: dict[tuple, list[Tensor]] = {}
+        self._layer_list: list[tuple[Tensor, Tensor]] | None = None
         self._train_shape: torch.Size | None = None
         self._masks: list[Tensor] | None = None
 
@@ -159,8 +164,9 @@ class StackedMLP(nn.Module):
     def train_backward(self, grad: Tensor) -> None:
         """Set every parameter's ``.grad`` from ``grad``, the loss gradient w.r.t. the logits of
         the last :meth:`train_forward` ``(M, B, K)``; exactly what autograd computes."""
-        for i in range(len(self.weights) - 1, -1, -1):
-            weight, bias, h = self.weights[i], self.biases[i], self._layer_inputs[i]
+        layers = self._layers()
+        for i in range(len(layers) - 1, -1, -1):
+            (weight, bias), h = layers[i], self._layer_inputs[i]
             torch.bmm(h.transpose(1, 2), grad, out=weight.grad)
             torch.sum(grad, dim=1, keepdim=True, out=bias.grad)
             if i == 0:
@@ -170,14 +176,13 @@ class StackedMLP(nn.Module):
             if self._masks is not None:
                 below.mul_(self._masks[i - 1])
             # ReLU's backward: zero where the (dropped-out) activation is 0
-            torch.ops.aten.threshold_backward.grad_input(below, h, 0.0, grad_input=below)
+            _relu_backward(below, h, 0.0, grad_input=below)
             grad = below
 
     def _forward_into(self, x: Tensor, outputs: list[Tensor], masks: list[Tensor] | None) -> Tensor:
-        last = len(self.weights) - 1
-        for i, (weight, bias, out) in enumerate(
-            zip(self.weights, self.biases, outputs, strict=True)
-        ):
+        layers = self._layers()
+        last = len(layers) - 1
+        for i, ((weight, bias), out) in enumerate(zip(layers, outputs, strict=True)):
             torch.baddbmm(bias, x, weight, out=out)
             if i < last:
                 out.relu_()
@@ -187,6 +192,17 @@ class StackedMLP(nn.Module):
                     out.mul_(masks[i])
             x = out
         return outputs[last]
+
+    def _layers(self) -> list[tuple[Tensor, Tensor]]:
+        """``(weight, bias)`` per layer, as a plain list: indexing a ParameterList costs
+        microseconds, and the training step would do it a dozen times."""
+        if self._layer_list is None:
+            self._layer_list = list(zip(self.weights, self.biases, strict=True))
+        return self._layer_list
+
+    def _apply(self, fn: Any, recurse: bool = True) -> StackedMLP:
+        self._layer_list = None  # .to(device) may replace the Parameter objects
+        return super()._apply(fn, recurse)
 
     def _outputs_for(self, x: Tensor) -> list[Tensor]:
         """Each layer's output buffer ``(M, B, out_l)`` for inputs shaped like ``x (M, B, in)``."""
