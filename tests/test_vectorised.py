@@ -81,10 +81,49 @@ def test_zero_padding_to_a_wider_member_changes_nothing(parts) -> None:
     mixed = fit_many([narrow, wide], train, [Member(seed=5), Member(seed=6)], epochs=3, lr=2e-2)
     alone = fit_many([build(train, 5, (3, 4))], train, [Member(seed=5)], epochs=3, lr=2e-2)
     torch.testing.assert_close(weights(mixed[0].model), weights(alone[0].model), rtol=0, atol=1e-6)
-    assert [p.shape for p in mixed[0].model.parameters()] == [p.shape for p in narrow.parameters()]
-    stacked = StackedMLP([mixed[0].model, wide])
-    # the padded block of the narrow member is still exactly zero after training
-    assert stacked.weights[1][0, 3:, :].abs().max() == 0
+    assert mixed[0].model is narrow  # trained in place, as fit() does
+    assert [p.shape for p in narrow.parameters()] == [
+        torch.Size(s) for s in ((3, 6), (3,), (4, 3), (4,), (3, 4), (3,))
+    ]
+
+
+def test_padded_units_receive_no_gradient(parts) -> None:
+    net = StackedMLP([build(parts.train, 5, (3, 4)), build(parts.train, 6, (20, 24))])
+    net.train_forward(torch.randn(2, 9, 6))
+    net.train_backward(torch.randn(2, 9, 3))
+    first, second, last = (w.grad[0] for w in net.weights)
+    assert first[:, 3:].abs().max() == 0 and net.biases[0].grad[0, 0, 3:].abs().max() == 0
+    assert second[3:, :].abs().max() == 0 and second[:, 4:].abs().max() == 0
+    assert last[4:, :].abs().max() == 0
+    assert first[:, :3].abs().max() > 0 and second[:3, :4].abs().max() > 0
+
+
+def test_hand_written_backward_equals_autograd_with_dropout(parts) -> None:
+    models = [build_model("mlp", (6,), 3, seed=i, hidden=[8, 5], dropout=0.3) for i in range(3)]
+    net = StackedMLP(models)
+    x, grad = torch.randn(3, 7, 6), torch.randn(3, 7, 3)
+    logits = net.train_forward(x).clone()
+    net.train_backward(grad)
+    by_hand = [p.grad.clone() for p in net.parameters()]
+    masks = [m.clone() for m in net._masks]
+    assert 0 < float((masks[0] == 0).float().mean()) < 1  # dropout did drop some units
+
+    net.zero_grad()
+    h = x
+    for i, (weight, bias) in enumerate(zip(net.weights, net.biases, strict=True)):
+        h = torch.baddbmm(bias, h, weight)
+        if i < len(masks):
+            h = torch.relu(h) * masks[i]
+    torch.testing.assert_close(h, logits)
+    h.backward(grad)
+    for p, mine in zip(net.parameters(), by_hand, strict=True):
+        torch.testing.assert_close(mine, p.grad)
+
+
+def test_infer_equals_the_autograd_forward(parts) -> None:
+    net = StackedMLP([build(parts.train, 5, (3, 4)), build(parts.train, 6, (20, 24))]).eval()
+    x = parts.val.features[:50]
+    torch.testing.assert_close(net.infer(x), net(x))
 
 
 def test_early_stopping_and_divergence_are_per_member(parts) -> None:
