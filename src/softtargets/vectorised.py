@@ -11,6 +11,11 @@ MLPs of different hidden widths but equal depth are zero-padded to the widest. T
 exact: a padded unit has zero incoming and outgoing weights, so its pre-activation is 0, ReLU'(0)
 is 0 in PyTorch, and every gradient it receives or sends is 0; Adam, AdamW and SGD then leave it
 at exactly 0. (The test trains padded and unpadded models side by side.)
+
+Training runs forward and backward by hand, without autograd, into buffers allocated once
+(:class:`StackedMLP`), and the loss's gradient in closed form (:class:`StackedTargets`): on the
+CPU, a step of small models is bound by per-op overhead and by page faults on fresh tensors, not
+by arithmetic (``bench/where_time_goes.py`` shows the split).
 """
 
 from __future__ import annotations
@@ -408,6 +413,11 @@ class StackedTargets:
         self.inverse_temperature = torch.tensor([1 / t for _, _, t, _, _ in resolved])
         self.inverse_temperature = self.inverse_temperature.view(-1, 1, 1)
 
+    @classmethod
+    def for_members(cls, members: Sequence[Member], data: Dataset) -> StackedTargets:
+        """Resolve and check each member's targets against ``data``."""
+        return cls([_member_targets(m, data) for m in members])
+
     def to(self, device: torch.device) -> StackedTargets:
         for name in ("table", "soft_scale", "hard_scale", "inverse_temperature"):
             setattr(self, name, getattr(self, name).to(device))
@@ -468,8 +478,9 @@ def fit_many(
     """Train ``models[m]`` as ``members[m]`` describes, all at once; one :class:`FitResult` each.
 
     The arguments mean what they mean in :func:`softtargets.train.fit`; ``members`` adds what
-    differs between models. Each result's ``model`` is a plain MLP holding that member's weights
-    (of its best validation epoch with ``val`` and ``restore_best``).
+    differs between models. Each result's ``model`` is ``models[m]`` itself, trained in place as
+    ``fit`` trains its model, holding that member's weights (of its best validation epoch with
+    ``val`` and ``restore_best``).
     """
     started = time.perf_counter()
     device = resolve_device(device)
@@ -486,7 +497,7 @@ def fit_many(
             f"has {data.num_features} features and {data.num_classes} classes"
         )
 
-    targets = StackedTargets([_member_targets(m, data) for m in members]).to(device)
+    targets = StackedTargets.for_members(members, data).to(device)
     features = data.features.reshape(len(data), -1).to(device)
     batch_features = features.new_empty(count * batch_size, features.shape[1])
 
