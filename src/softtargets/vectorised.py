@@ -489,106 +489,40 @@ def fit_many(
         raise SoftTargetsError("fit_many needs one Member per model (and at least one model)")
     if data.weights is not None:
         raise SoftTargetsError("fit_many does not take row weights; use fit() for weighted rows")
-    count = len(models)
     net = StackedMLP(models).to(device)
     if net.in_features != data.num_features or net.out_features != data.num_classes:
         raise SoftTargetsError(
             f"the models map {net.in_features} features to {net.out_features} classes; the data "
             f"has {data.num_features} features and {data.num_classes} classes"
         )
-
     targets = StackedTargets.for_members(members, data).to(device)
-    features = data.features.reshape(len(data), -1).to(device)
-    batch_features = features.new_empty(count * batch_size, features.shape[1])
-
-    rows_per_member = [
-        torch.arange(len(data)) if m.rows is None else torch.as_tensor(m.rows).long()
-        for m in members
-    ]
-    if min(len(r) for r in rows_per_member) == 0:
-        raise SoftTargetsError("every member needs at least one training row")
-    steps_per_epoch = [math.ceil(len(r) / batch_size) for r in rows_per_member]
-    max_steps = max(steps_per_epoch)
-    total_steps = [epochs * s for s in steps_per_epoch]
-    base_lr = [m.lr if m.lr is not None else lr for m in members]
+    batches = _Batches(members, data, batch_size, device)
+    rates = _LearningRates(
+        [m.lr if m.lr is not None else lr for m in members],
+        schedule,
+        [epochs * steps for steps in batches.steps_per_member],
+    )
     decay = [m.weight_decay if m.weight_decay is not None else weight_decay for m in members]
     opt = StackedOptimizer(list(net.parameters()), optimizer, decay, momentum)
-    generators = [torch.Generator().manual_seed(m.seed) for m in members]
+    tracker = _Selection(models, members, patience, log_path)
+    best = [p.detach().clone() for p in net.parameters()]  # each member's best weights so far
     val_dev = None if val is None else val.to(device)
     test_dev = None if test is None else test.to(device)
-
-    results = [FitResult(model=models[i]) for i in range(count)]
-    running = torch.ones(count, dtype=torch.bool)  # not stopped early, not diverged
-    best_score = [(-math.inf, -math.inf)] * count
-    best = [p.detach().clone() for p in net.parameters()]
-    stale = [0] * count
-    step_of = [0] * count
-    task = progress.add_task(f"training {count} models at once", total=epochs) if progress else None
+    task = (
+        progress.add_task(f"training {len(models)} models at once", total=epochs)
+        if progress
+        else None
+    )
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(members[0].seed)
         for epoch in range(1, epochs + 1):
             epoch_start = time.perf_counter()
             net.train()
-            # Each member's own shuffled rows, padded to a common length: (M, S * B). Everything
-            # a step needs besides the model is laid out here, once per epoch.
-            order, valid = _padded_orders(rows_per_member, generators, max_steps * batch_size)
-            order, valid = order.to(device), valid.to(device).float()
-            data_rows = _rows_by_step(order, max_steps)  # (S, M * B)
-            table_rows = _rows_by_step(order, max_steps, offset=len(data))
-            counts = valid.view(count, max_steps, batch_size).sum(2)  # (M, S); 0 once done
-            weights = valid.view(count, max_steps, batch_size) / counts.clamp_min(1)[..., None]
-            member_counts = counts.T.tolist()  # (S, M)
-            still_running = running.tolist()
-            loss_sum = torch.zeros(count, device=device)
-            for s in range(max_steps):
-                active = [c > 0 and r for c, r in zip(member_counts[s], still_running, strict=True)]
-                step_lr = []
-                for m in range(count):
-                    step_lr.append(base_lr[m] * lr_factor(schedule, step_of[m], total_steps[m]))
-                    step_of[m] += active[m]
-                torch.index_select(features, 0, data_rows[s], out=batch_features)
-                logits = net.train_forward(batch_features.view(count, batch_size, -1))
-                value, grad = targets.loss(logits, table_rows[s], weights[:, s])
-                net.train_backward(grad)
-                opt.step(step_lr, active)
-                loss_sum.addcmul_(value, counts[:, s])
-            epoch_seconds = time.perf_counter() - epoch_start
-            train_loss = (
-                loss_sum / torch.tensor([len(r) for r in rows_per_member], device=device)
-            ).tolist()
+            train_loss = _train_epoch(net, opt, targets, batches, rates, tracker.running)
             scores = _scores(net, val_dev), _scores(net, test_dev)
-            improved: list[int] = []  # members whose validation score is their best so far
-            for m in range(count):
-                if not running[m]:
-                    continue
-                last_factor = lr_factor(schedule, step_of[m] - 1, total_steps[m])
-                record: dict[str, Any] = {
-                    "epoch": epoch,
-                    "train_loss": train_loss[m],
-                    "lr": float(base_lr[m]) * last_factor,
-                }
-                if scores[0] is not None:
-                    record["val_accuracy"], record["val_nll"] = scores[0][0][m], scores[0][1][m]
-                if scores[1] is not None:
-                    record["test_accuracy"], record["test_nll"] = scores[1][0][m], scores[1][1][m]
-                record["seconds"] = epoch_seconds  # of the whole stack: the members share it
-                results[m].history.append(record)
-                if log_path is not None:
-                    append_jsonl(log_path, {**(members[m].log or {}), **record})
-                if not math.isfinite(train_loss[m]):
-                    results[m].diverged, running[m] = True, False
-                    continue
-                if scores[0] is None:
-                    continue
-                score = (record["val_accuracy"], -record["val_nll"])
-                if score > best_score[m]:
-                    best_score[m], results[m].best_epoch, stale[m] = score, epoch, 0
-                    improved.append(m)
-                else:
-                    stale[m] += 1
-                    if patience is not None and stale[m] >= patience:
-                        results[m].stopped_early, running[m] = True, False
+            seconds = time.perf_counter() - epoch_start  # of the whole stack: the members share it
+            improved = tracker.end_epoch(epoch, train_loss, scores, seconds, rates)
             if improved and restore_best:
                 with torch.no_grad():
                     rows = torch.tensor(improved, device=device)
@@ -596,22 +530,167 @@ def fit_many(
                         b.index_copy_(0, rows, p.index_select(0, rows))
             if task is not None:
                 progress.update(task, advance=1)
-            if not running.any():
+            if not any(tracker.running):
                 break
 
     with torch.no_grad():
-        for m, result in enumerate(results):
+        for m, result in enumerate(tracker.results):
             if val is not None and restore_best and not result.diverged and result.best_epoch:
                 for b, p in zip(best, net.parameters(), strict=True):
                     p[m] = b[m]
             else:
                 result.best_epoch = len(result.history)
-    for m, result in enumerate(results):
+    for m, result in enumerate(tracker.results):
         result.model = net.load_member(m, models[m])  # trained in place, as fit() does
-        result.seconds = (time.perf_counter() - started) / count
+        result.seconds = (time.perf_counter() - started) / len(models)
     if task is not None:
         progress.remove_task(task)
-    return results
+    return tracker.results
+
+
+class _Batches:
+    """Each member's shuffled batches of one epoch, laid out for the stacked step.
+
+    Members draw their own batch order from their own generator, exactly as ``fit`` does, and are
+    padded to the longest member's number of steps (padding rows get weight 0).
+    """
+
+    def __init__(
+        self, members: Sequence[Member], data: Dataset, batch_size: int, device: torch.device
+    ) -> None:
+        self.rows_per_member = [
+            torch.arange(len(data)) if m.rows is None else torch.as_tensor(m.rows).long()
+            for m in members
+        ]
+        if min(len(r) for r in self.rows_per_member) == 0:
+            raise SoftTargetsError("every member needs at least one training row")
+        self.steps_per_member = [math.ceil(len(r) / batch_size) for r in self.rows_per_member]
+        self.steps = max(self.steps_per_member)
+        self.batch_size, self.num_rows, self.device = batch_size, len(data), device
+        self.generators = [torch.Generator().manual_seed(m.seed) for m in members]
+        self.features = data.features.reshape(len(data), -1).to(device)
+        self.batch_features = self.features.new_empty(
+            len(members) * batch_size, self.features.shape[1]
+        )
+        self.rows_seen = torch.tensor([len(r) for r in self.rows_per_member], device=device)
+
+    def draw(self) -> None:
+        """Shuffle for a new epoch: per step, every member's data rows and target-table rows
+        ``(S, M * B)``, row weights ``(M, S, B)`` (a batch mean per member) and row counts."""
+        count, steps, size = len(self.generators), self.steps, self.batch_size
+        order, valid = _padded_orders(self.rows_per_member, self.generators, steps * size)
+        order, valid = order.to(self.device), valid.to(self.device).float()
+        self.data_rows = _rows_by_step(order, steps)
+        self.table_rows = _rows_by_step(order, steps, offset=self.num_rows)
+        self.counts = valid.view(count, steps, size).sum(2)  # (M, S); 0 once a member is done
+        self.weights = valid.view(count, steps, size) / self.counts.clamp_min(1)[..., None]
+        self.counts_by_step = self.counts.T.tolist()  # (S, M), on the host
+
+    def features_of(self, step: int) -> Tensor:
+        """The stacked input batch of ``step``: ``(M, B, features)``."""
+        torch.index_select(self.features, 0, self.data_rows[step], out=self.batch_features)
+        return self.batch_features.view(len(self.generators), self.batch_size, -1)
+
+
+class _LearningRates:
+    """Each member's learning rate step by step, as ``fit``'s schedule gives it."""
+
+    def __init__(self, base: list[float], schedule: str, total_steps: list[int]) -> None:
+        self.base, self.schedule, self.total_steps = base, schedule, total_steps
+        self.taken = [0] * len(base)  # optimizer steps each member has taken
+
+    def for_step(self, active: list[bool]) -> list[float]:
+        """The rates of this step; members that are ``active`` move on by one step."""
+        rates = [
+            base * lr_factor(self.schedule, taken, total)
+            for base, taken, total in zip(self.base, self.taken, self.total_steps, strict=True)
+        ]
+        self.taken = [taken + on for taken, on in zip(self.taken, active, strict=True)]
+        return rates
+
+    def last(self, m: int) -> float:
+        """Member ``m``'s rate at its last step (what ``fit`` records for an epoch)."""
+        return self.base[m] * lr_factor(self.schedule, self.taken[m] - 1, self.total_steps[m])
+
+
+def _train_epoch(
+    net: StackedMLP,
+    opt: StackedOptimizer,
+    targets: StackedTargets,
+    batches: _Batches,
+    rates: _LearningRates,
+    running: list[bool],
+) -> list[float]:
+    """One epoch of every running member; each member's mean training loss."""
+    batches.draw()
+    loss_sum = torch.zeros(len(running), device=batches.device)
+    for s in range(batches.steps):
+        active = [c > 0 and r for c, r in zip(batches.counts_by_step[s], running, strict=True)]
+        step_rates = rates.for_step(active)
+        logits = net.train_forward(batches.features_of(s))
+        value, grad = targets.loss(logits, batches.table_rows[s], batches.weights[:, s])
+        net.train_backward(grad)
+        opt.step(step_rates, active)
+        loss_sum.addcmul_(value, batches.counts[:, s])
+    return (loss_sum / batches.rows_seen).tolist()
+
+
+class _Selection:
+    """Per member: the epoch records, divergence, early stopping and the best validation epoch,
+    with ``fit``'s rules (best = highest validation accuracy, ties broken by validation NLL)."""
+
+    def __init__(
+        self,
+        models: Sequence[nn.Module],
+        members: Sequence[Member],
+        patience: int | None,
+        log_path: str | None,
+    ) -> None:
+        self.results = [FitResult(model=model) for model in models]
+        self.members, self.patience, self.log_path = members, patience, log_path
+        self.running = [True] * len(models)  # neither stopped early nor diverged
+        self.best_score = [(-math.inf, -math.inf)] * len(models)
+        self.stale = [0] * len(models)
+
+    def end_epoch(
+        self,
+        epoch: int,
+        train_loss: list[float],
+        scores: tuple[Any, Any],
+        seconds: float,
+        rates: _LearningRates,
+    ) -> list[int]:
+        """Record the epoch for every running member; the members whose validation score is
+        their best so far (their weights should be kept)."""
+        (val, test), improved = scores, []
+        for m, result in enumerate(self.results):
+            if not self.running[m]:
+                continue
+            record: dict[str, Any] = {
+                "epoch": epoch,
+                "train_loss": train_loss[m],
+                "lr": float(rates.last(m)),
+            }
+            if val is not None:
+                record["val_accuracy"], record["val_nll"] = val[0][m], val[1][m]
+            if test is not None:
+                record["test_accuracy"], record["test_nll"] = test[0][m], test[1][m]
+            record["seconds"] = seconds
+            result.history.append(record)
+            if self.log_path is not None:
+                append_jsonl(self.log_path, {**(self.members[m].log or {}), **record})
+            if not math.isfinite(train_loss[m]):
+                result.diverged, self.running[m] = True, False
+            elif val is not None:
+                score = (record["val_accuracy"], -record["val_nll"])
+                if score > self.best_score[m]:
+                    self.best_score[m], result.best_epoch, self.stale[m] = score, epoch, 0
+                    improved.append(m)
+                else:
+                    self.stale[m] += 1
+                    if self.patience is not None and self.stale[m] >= self.patience:
+                        result.stopped_early, self.running[m] = True, False
+        return improved
 
 
 @torch.no_grad()
