@@ -95,6 +95,27 @@ def test_largest_good_rate() -> None:
     assert largest_good_rate({0.01: 0.80, 0.1: 0.85, 1.0: 0.83}) == 0.1
 
 
+def test_dividing_the_loss_under_sgd_equals_rescaling_lr_and_weight_decay() -> None:
+    """The learning-rate study's "loss without T^2" arm rests on this identity of SGD."""
+    import torch
+
+    def train(loss_scale: float, lr: float, weight_decay: float) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randn(5, 3, generator=gen).requires_grad_()
+        opt = torch.optim.SGD([w], lr=lr, momentum=0.9, weight_decay=weight_decay)
+        for _ in range(20):
+            x = torch.randn(8, 5, generator=gen)
+            loss = loss_scale * torch.nn.functional.cross_entropy(x @ w, torch.arange(8) % 3)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return w.detach()
+
+    t2 = 16.0
+    torch.testing.assert_close(train(1 / t2, 0.5, 1e-3), train(1.0, 0.5 / t2, 1e-3 * t2))
+    assert not torch.allclose(train(1 / t2, 0.5, 1e-3), train(1.0, 0.5, 1e-3))
+
+
 def test_specificity_is_zero_for_a_shared_pattern_and_positive_for_class_patterns() -> None:
     import torch
 
