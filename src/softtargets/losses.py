@@ -143,6 +143,11 @@ class DistillationLoss(nn.Module):
         return f"temperature={self.temperature}, alpha={self.alpha}"
 
 
+# Up to this many classes, StoredDistillation builds [z / T, z] and mixes [q, s] with one small
+# matmul each (fewer ops); the matmuls cost O(K^2) per row, so many classes use elementwise ops.
+_FEW_CLASSES = 64
+
+
 class StoredDistillation:
     """Hinton's loss against a whole dataset's teacher logits, with a closed-form gradient.
 
@@ -156,10 +161,11 @@ class StoredDistillation:
     ``(alpha * T * softmax(z / T) + (1 - alpha) * softmax(z) - G) / B``. Handing it straight to
     ``logits.backward`` skips recording a dozen tiny autograd ops per step.
 
-    Why the step is written in so few, odd-looking ops (one matmul for ``[z / T, z]``, one
-    ``addmm`` for the gradient, one ``dot`` for the value): on the small models of this field each
-    op costs a few microseconds of dispatch, several times its arithmetic, and the step count of
-    ops is what ``bench/epoch_cost.py``'s stored / hard ratio measures.
+    Why the step is written in so few, odd-looking ops (for up to 64 classes one matmul for
+    ``[z / T, z]`` and one ``addmm`` for the gradient; one ``dot`` for the value): on the small
+    models of this field each op costs a few microseconds of dispatch, several times its
+    arithmetic, and the step's count of ops is what ``bench/epoch_cost.py``'s stored / hard ratio
+    measures.
 
     ``value_and_grad(z (B, K), rows (B,))`` returns the batch-mean loss, equal to
     ``distillation_loss(z, v[rows], y[rows], T, alpha)``, and its gradient ``(B, K)``.
@@ -176,23 +182,32 @@ class StoredDistillation:
         p = log_p.exp()
         k = p.shape[1]
         one_hot = F.one_hot(labels, k).to(p.dtype)
-        eye = torch.eye(k, device=p.device)
-        # [z / T, z] = z @ scales: (B, K) -> (B, 2K)
-        self._scales = torch.cat([eye / t, eye], dim=1)
-        # gradient per row: [q, s] @ mix - G = alpha T q + (1 - alpha) s - G
-        self._mix = torch.cat([a * t * eye, (1.0 - a) * eye], dim=0)  # (2K, K)
         self._neg_offset = -(a * t * p + (1.0 - a) * one_hot)  # (N, K)
         # value per row: alpha T^2 (sum p log p - sum p log q) - (1 - alpha) log s_y
-        #              = [log q, log s, 1] . [-alpha T^2 p, -(1 - alpha) onehot, alpha T^2 sum p log p]
+        #   = [log q, log s, 1] . [-alpha T^2 p, -(1 - alpha) onehot, alpha T^2 sum p log p]
         const = a * t * t * torch.linalg.vecdot(p, log_p)[:, None]
         self._value_weights = torch.cat([-a * t * t * p, -(1.0 - a) * one_hot, const], dim=1)
+        self._scales = self._mix = None
+        if k <= _FEW_CLASSES:
+            eye = torch.eye(k, device=p.device)
+            self._scales = torch.cat([eye / t, eye], dim=1)  # z @ scales = [z / T, z]
+            self._mix = torch.cat([a * t * eye, (1.0 - a) * eye], dim=0)  # [q, s] @ mix
 
     def value_and_grad(self, logits: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
         """``logits`` must not require grad (pass ``logits.detach()``)."""
         b, k = logits.shape
-        log_probs = torch.log_softmax((logits @ self._scales).view(b, 2, k), dim=-1).view(b, 2 * k)
+        t, a = self.temperature, self.alpha
+        if self._scales is not None:
+            both = (logits @ self._scales).view(b, 2, k)
+        else:
+            both = torch.stack([logits / t, logits], dim=1)
+        log_probs = torch.log_softmax(both, dim=-1).view(b, 2 * k)  # [log q, log s]
         offset = self._neg_offset.index_select(0, rows)
-        grad = torch.addmm(offset, log_probs.exp(), self._mix, beta=1.0 / b, alpha=1.0 / b)
+        if self._mix is not None:  # (alpha T q + (1 - alpha) s - G) / B
+            grad = torch.addmm(offset, log_probs.exp(), self._mix, beta=1.0 / b, alpha=1.0 / b)
+        else:
+            probs = log_probs.exp()
+            grad = (probs[:, :k] * (a * t) + probs[:, k:] * (1.0 - a) + offset) / b
         weights = self._value_weights.index_select(0, rows).view(-1)
         value = torch.dot(weights, F.pad(log_probs, (0, 1), value=1.0).view(-1))
         return value / b, grad
