@@ -75,6 +75,23 @@ def test_each_member_equals_fit_alone(parts, optimizer: str) -> None:
             assert a["val_accuracy"] == pytest.approx(b["val_accuracy"])
 
 
+def test_purely_soft_members_equal_fit_alone(parts) -> None:
+    """No member uses hard labels: the target table leaves the hard-label block out."""
+    train = parts.train
+    store = label(fit(build(train, 99, (32,)), train, epochs=3, lr=1e-2).model, train)
+    members = [Member(seed=0, targets=Distillation(store, 4.0, 1.0)), Member(seed=1, targets=store)]
+    common = dict(epochs=3, batch_size=32, lr=1e-2)
+    together = fit_many([build(train, m.seed) for m in members], train, members, **common)
+    for member, result in zip(members, together, strict=True):
+        alone = fit(build(train, member.seed), train, member.targets, seed=member.seed, **common)
+        torch.testing.assert_close(
+            weights(result.model), weights(alone.model), rtol=1e-4, atol=1e-5
+        )
+        assert result.history[-1]["train_loss"] == pytest.approx(
+            alone.history[-1]["train_loss"], rel=1e-4
+        )
+
+
 def test_zero_padding_to_a_wider_member_changes_nothing(parts) -> None:
     train = parts.train
     narrow, wide = build(train, 5, (3, 4)), build(train, 6, (20, 24))

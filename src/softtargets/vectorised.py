@@ -389,7 +389,8 @@ class StackedTargets:
     that do not depend on ``z`` are precomputed per row, so a step gathers them at once: ``G``,
     and for the value ``alpha T^2 p``, ``(1 - alpha) onehot(y)`` and ``alpha T^2 c``. When every
     member has ``T = 1`` (hard labels, probability targets), ``q = s`` and the value needs only
-    ``G`` and the constant.
+    ``G`` and the constant. The table holds ``M * N`` rows of ``K + 1`` floats (T = 1), ``2K + 1``
+    (every member purely soft) or ``3K + 1``.
     """
 
     def __init__(self, resolved: Sequence[tuple[Tensor, Tensor, float, float, bool]]) -> None:
@@ -404,9 +405,10 @@ class StackedTargets:
             if self.unit_temperature:
                 tables.append(torch.cat([grad_target, a * const], 1))
             else:
-                soft, hard = a * t * t * probs, (1 - a) * one_hot
-                tables.append(torch.cat([grad_target, soft, hard, a * t * t * const], 1))
-        self.rows_per_member = len(resolved[0][0])
+                hard = [(1 - a) * one_hot] if self.any_hard else []
+                tables.append(
+                    torch.cat([grad_target, a * t * t * probs, *hard, a * t * t * const], 1)
+                )
         self.table = torch.cat(tables)  # (M * N, C)
         self.soft_scale = torch.tensor([a * t for _, _, t, a, _ in resolved]).view(-1, 1, 1)
         self.hard_scale = torch.tensor([1 - a for _, _, _, a, _ in resolved]).view(-1, 1, 1)
