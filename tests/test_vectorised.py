@@ -164,3 +164,13 @@ def test_non_mlp_is_refused(parts) -> None:
     cnn = build_model("cnn1d", (6,), 3)
     with pytest.raises(SoftTargetsError, match="vectorised training takes"):
         fit_many([cnn], parts.train)
+
+
+def test_training_buffers_follow_the_module_to_a_new_dtype(parts) -> None:
+    net = StackedMLP([build(parts.train, 0), build(parts.train, 1)])
+    net.train_forward(torch.randn(2, 5, 6))
+    net.train_backward(torch.randn(2, 5, 3))
+    net = net.to(torch.float64)
+    logits = net.train_forward(torch.randn(2, 5, 6, dtype=torch.float64))
+    net.train_backward(torch.randn(2, 5, 3, dtype=torch.float64))
+    assert logits.dtype == net.weights[0].grad.dtype == torch.float64

@@ -206,7 +206,8 @@ class StackedMLP(nn.Module):
         return self._layer_list
 
     def _apply(self, fn: Any, recurse: bool = True) -> StackedMLP:
-        self._layer_list = None  # .to(device) may replace the Parameter objects
+        # .to(device) may replace the Parameter objects, and the buffers stay where they were
+        self._layer_list, self._train_shape, self._workspace = None, None, {}
         return super()._apply(fn, recurse)
 
     def _outputs_for(self, x: Tensor) -> list[Tensor]:
