@@ -196,17 +196,16 @@ class StoredDistillation:
     def value_and_grad(self, logits: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
         """``logits`` must not require grad (pass ``logits.detach()``)."""
         b, k = logits.shape
-        t, a = self.temperature, self.alpha
         if self._scales is not None:
             both = (logits @ self._scales).view(b, 2, k)
         else:
-            both = torch.stack([logits / t, logits], dim=1)
+            both = torch.stack([logits / self.temperature, logits], dim=1)
         log_probs = torch.log_softmax(both, dim=-1).view(b, 2 * k)  # [log q, log s]
         offset = self._neg_offset.index_select(0, rows)
         if self._mix is not None:  # (alpha T q + (1 - alpha) s - G) / B
             grad = torch.addmm(offset, log_probs.exp(), self._mix, beta=1.0 / b, alpha=1.0 / b)
         else:
-            probs = log_probs.exp()
+            probs, t, a = log_probs.exp(), self.temperature, self.alpha
             grad = (probs[:, :k] * (a * t) + probs[:, k:] * (1.0 - a) + offset) / b
         weights = self._value_weights.index_select(0, rows).view(-1)
         value = torch.dot(weights, F.pad(log_probs, (0, 1), value=1.0).view(-1))
