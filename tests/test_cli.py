@@ -71,6 +71,25 @@ def test_interrupted_run_resumes_without_redoing_finished_fits(tmp_path) -> None
     assert all(epochs == sorted(set(epochs)) for epochs in per_fit.values())  # no duplicates
 
 
+def test_mlp_students_train_together_and_other_students_one_by_one(tmp_path) -> None:
+    from softtargets.config import ModelConfig
+
+    mlp_run = run_distillation(demo_config(quick=True), tmp_path / "mlp")
+    # fit_many trains all four at once; each record's time is its share of the one run
+    assert len({r["seconds"] for r in mlp_run.results}) == 1
+    config = demo_config(quick=True)
+    config.student = ModelConfig(name="cnn1d", options={"channels": [4]})  # fit_many refuses it
+    cnn_run = run_distillation(config, tmp_path / "cnn")
+    assert sorted((r["method"], r["seed"]) for r in cnn_run.results) == [
+        ("hard", 0),
+        ("hard", 1),
+        ("soft", 0),
+        ("soft", 1),
+    ]
+    history = read_jsonl(tmp_path / "cnn" / "history.jsonl")
+    assert len([r for r in history if r.get("role") == "student"]) == 4 * 3
+
+
 def test_changed_teacher_settings_are_refused_and_student_settings_reuse_the_teacher(
     tmp_path,
 ) -> None:

@@ -24,6 +24,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -475,7 +476,7 @@ def fit_many(
     device: torch.device | str | None = None,
     patience: int | None = None,
     restore_best: bool = True,
-    log_path: str | None = None,
+    log_path: str | Path | None = None,
     progress: Any = None,
 ) -> list[FitResult]:
     """Train ``models[m]`` as ``members[m]`` describes, all at once; one :class:`FitResult` each.
@@ -647,7 +648,7 @@ class _Selection:
         models: Sequence[nn.Module],
         members: Sequence[Member],
         patience: int | None,
-        log_path: str | None,
+        log_path: str | Path | None,
     ) -> None:
         self.results = [FitResult(model=model) for model in models]
         self.members, self.patience, self.log_path = members, patience, log_path
