@@ -266,6 +266,7 @@ class StackedOptimizer:
         self.fused = self.params[0].device.type in ("cpu", "cuda")
         self._cached_slices: dict[tuple[int, int], tuple[list[Tensor], ...]] = {}
         self._grads_seen: list[Tensor | None] = [None] * len(self.params)
+        self._cached_steps: dict[tuple[int, int], tuple[int, list[Tensor]]] = {}
 
     def runs(self, lr: Sequence[float], active: Sequence[bool]) -> list[tuple[int, int]]:
         """Maximal ranges ``[a, b)`` of active members with equal (lr, weight decay, steps)."""
@@ -288,6 +289,18 @@ class StackedOptimizer:
             tensors = self.params, [p.grad for p in self.params], self.first, self.second
             self._cached_slices[a, b] = tuple([t[a:b] for t in group] for group in tensors)
         return self._cached_slices[a, b]
+
+    def _step_counts(self, a: int, b: int) -> list[Tensor]:
+        """Adam's step count for members ``[a, b)``, one tensor per parameter on the parameters'
+        device (where the fused kernels read it); ``adam()`` adds 1 to each in place, so the
+        tensors are kept for the next step of the same run."""
+        count = self.steps[a]
+        cached = self._cached_steps.get((a, b))
+        if cached is None or cached[0] != count:
+            device = self.params[0].device
+            cached = (count, [torch.tensor(float(count), device=device) for _ in self.params])
+        self._cached_steps[a, b] = (count + 1, cached[1])
+        return cached[1]
 
     @torch.no_grad()
     def step(self, lr: Sequence[float], active: Sequence[bool]) -> None:
@@ -316,14 +329,13 @@ class StackedOptimizer:
                     maximize=False,
                 )
             else:
-                steps = [torch.tensor(float(self.steps[a])) for _ in params]  # adam() adds 1
                 adam(
                     params,
                     grads,
                     first,
                     second,
                     [],
-                    steps,
+                    self._step_counts(a, b),
                     fused=self.fused,
                     decoupled_weight_decay=self.name == "adamw",
                     amsgrad=False,
