@@ -174,3 +174,25 @@ def test_training_buffers_follow_the_module_to_a_new_dtype(parts) -> None:
     logits = net.train_forward(torch.randn(2, 5, 6, dtype=torch.float64))
     net.train_backward(torch.randn(2, 5, 3, dtype=torch.float64))
     assert logits.dtype == net.weights[0].grad.dtype == torch.float64
+
+
+def test_stack_groups_split_a_width_sweep_and_keep_small_models_together() -> None:
+    from softtargets.vectorised import stack_groups
+
+    sweep = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    models = [build_model("mlp", (40,), 2, seed=s, hidden=[w]) for w in sweep for s in range(10)]
+    groups = stack_groups(models)
+    assert sorted(i for g in groups for i in g) == list(range(len(models)))
+    widest = [max(models[i][1].out_features for i in g) for g in groups]
+    assert len(groups) > 1 and min(widest) < 256  # narrow models are not padded to 256
+    tiny = [build_model("mlp", (6,), 3, hidden=h) for h in ([3, 4], [20, 24], [5, 5])]
+    assert stack_groups(tiny) == [[0, 1, 2]]  # padding costs less than another stack's step
+
+
+def test_models_of_different_depths_train_in_one_call(parts) -> None:
+    train = parts.train
+    shallow, deep = build(train, 0, (8,)), build(train, 1, (8, 8))
+    results = fit_many([shallow, deep], train, epochs=2, lr=1e-2)
+    alone = fit_many([build(train, 0, (8,))], train, [Member(seed=0)], epochs=2, lr=1e-2)
+    assert results[0].model is shallow and results[1].model is deep
+    torch.testing.assert_close(weights(shallow), weights(alone[0].model), rtol=0, atol=1e-6)

@@ -77,7 +77,7 @@ def run(ctx: StudyContext) -> StudyOutput:
                 for seed in ctx.seeds:
                     members.append(Member(seed=seed, targets=targets))
                     keys.append((width, method, seed))
-        ctx.log(f"width, {task}: {len(members)} students at once (padded to width {max(widths)})")
+        ctx.log(f"width, {task}: {len(members)} students, stacked by similar width")
         results = ctx.train(part, members, hidden=[[w] for w, _, _ in keys])
         rows += [
             {"task": task, "width": w, "method": m, "seed": s, "test_accuracy": test_accuracy(r)}
