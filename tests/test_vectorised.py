@@ -160,6 +160,11 @@ def test_early_stopping_and_divergence_are_per_member(parts) -> None:
     assert torch.isfinite(weights(results[1].model)).all()
 
 
+def test_bad_epochs_or_batch_size_is_a_clear_error(parts) -> None:
+    with pytest.raises(SoftTargetsError, match="batch_size must be >= 1"):
+        fit_many([build(parts.train, 0)], parts.train, batch_size=0)
+
+
 def test_non_mlp_is_refused(parts) -> None:
     cnn = build_model("cnn1d", (6,), 3)
     with pytest.raises(SoftTargetsError, match="vectorised training takes"):

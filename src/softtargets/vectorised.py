@@ -310,10 +310,10 @@ class StackedOptimizer:
         from torch.optim.adam import adam
         from torch.optim.sgd import sgd
 
-        grads = [p.grad for p in self.params]
-        if any(g is not seen for g, seen in zip(grads, self._grads_seen, strict=True)):
+        current = [p.grad for p in self.params]
+        if any(g is not seen for g, seen in zip(current, self._grads_seen, strict=True)):
             self._cached_slices.clear()  # new gradient tensors: the cached views are stale
-            self._grads_seen = grads
+            self._grads_seen = current
         for a, b in self.runs(lr, active):
             params, grads, first, second = self._slices(a, b)
             if self.name == "sgd":
@@ -509,6 +509,8 @@ def fit_many(
         raise SoftTargetsError("fit_many needs one Member per model (and at least one model)")
     if data.weights is not None:
         raise SoftTargetsError("fit_many does not take row weights; use fit() for weighted rows")
+    if epochs < 1 or batch_size < 1:
+        raise SoftTargetsError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
     settings = dict(
         val=val,
         test=test,
