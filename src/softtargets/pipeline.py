@@ -252,8 +252,8 @@ def run_distillation(
     done = {(r["method"], r["seed"]) for r in results}
     pending = [(m, s) for s in seeds for m in METHODS if (m, s) not in done]
     if pending and config.student.name == "mlp" and part.splits.train.weights is None:
-        # MLP students train all at once (softtargets.vectorised): same results to float
-        # tolerance, several times faster. A resumed run trains the ones not yet finished.
+        # MLP students train all at once (softtargets.vectorised), several times faster; each
+        # step equals fit's to float tolerance. A resumed run trains the ones not yet finished.
         results += _fit_students_together(config, part, pending, key, out_dir, progress)
     else:
         task = progress.add_task("students", total=len(pending)) if progress else None
@@ -274,7 +274,9 @@ def run_distillation(
     return outcome
 
 
-def _student(config: DistillConfig, part: TeacherRun, method: str, seed: int) -> tuple:
+def _student(
+    config: DistillConfig, part: TeacherRun, method: str, seed: int
+) -> tuple[nn.Module, Distillation | None]:
     """A fresh student model and its targets: ``None`` (hard labels) or a Distillation."""
     data = part.data
     student = build_model(
