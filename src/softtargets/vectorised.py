@@ -36,7 +36,6 @@ from torch import Tensor, nn
 from softtargets.data import Dataset
 from softtargets.errors import SoftTargetsError
 from softtargets.files import append_jsonl
-from softtargets.models import mlp
 from softtargets.targets import soften
 from softtargets.train import FitResult, Targets, lr_factor, resolve_device, resolve_targets
 
@@ -229,12 +228,6 @@ class StackedMLP(nn.Module):
                 lin.weight.copy_(weight[m, : lin.in_features, : lin.out_features].T)
                 lin.bias.copy_(bias[m, 0, : lin.out_features])
         return model
-
-    def member(self, m: int) -> nn.Sequential:
-        """Member ``m`` as a new :func:`~softtargets.models.mlp`, padding removed."""
-        return self.load_member(
-            m, mlp(self.in_features, self.widths[m], self.out_features, self.dropout)
-        )
 
 
 # ---------------------------------------------------------------------------- the optimizer
