@@ -62,9 +62,10 @@ def gradient_statistics(
     mean = flat.mean(0)
     between_cases = float(((flat - mean) ** 2).sum(1).mean())
     gen = torch.Generator().manual_seed(seed)
-    batch_means = torch.stack(
-        [flat[torch.randperm(len(flat), generator=gen)[:BATCH]].mean(0) for _ in range(batches)]
-    )
+    picks = torch.stack([torch.randperm(len(flat), generator=gen)[:BATCH] for _ in range(batches)])
+    # every batch mean at once: a (batches, N) matrix of 1/BATCH at the picked rows, times flat
+    choose = torch.zeros(batches, len(flat), dtype=flat.dtype).scatter_(1, picks, 1.0 / BATCH)
+    batch_means = choose @ flat
     between_batches = float(((batch_means - mean) ** 2).sum(1).mean())
     return {
         "variance_between_cases": between_cases,
