@@ -133,6 +133,15 @@ def build_distill_config(config_file: Path | None, **flags: Any) -> Any:
     return parse_config(DistillConfig, merged, source)
 
 
+def run_job(config: Any, out: Path, overwrite: bool) -> None:
+    """Run (or resume) one distillation job with progress bars, then print its results."""
+    from softtargets.pipeline import run_distillation
+
+    with make_progress() as progress:
+        outcome = run_distillation(config, out, overwrite=overwrite, progress=progress, log=say)
+    print_outcome(outcome)
+
+
 def print_outcome(outcome: Any) -> None:
     from softtargets.pipeline import soft_minus_hard, summary_rows
 
@@ -161,22 +170,14 @@ def demo(
     device: Device = None,
 ) -> None:
     """The main job on built-in data: teacher, stored logits, student with hard vs soft targets."""
-    from softtargets.pipeline import demo_config, run_distillation
+    from softtargets.pipeline import demo_config
 
     config = demo_config(quick=quick)
     if seeds is not None:
         config.seeds = seeds
     if device is not None:
         config.device = device
-    with make_progress() as progress:
-        outcome = run_distillation(
-            config,
-            out or Path("runs/demo"),
-            overwrite=overwrite,
-            progress=progress,
-            log=say,
-        )
-    print_outcome(outcome)
+    run_job(config, out or Path("runs/demo"), overwrite)
 
 
 @app.command()
@@ -252,8 +253,6 @@ def distill(
     device: Device = None,
 ) -> None:
     """Teacher (reused if the run directory has it), then students on hard vs soft targets."""
-    from softtargets.pipeline import run_distillation
-
     cfg = build_distill_config(
         config,
         data=data,
@@ -269,15 +268,7 @@ def distill(
         label_column=label_column,
         device=device,
     )
-    with make_progress() as progress:
-        outcome = run_distillation(
-            cfg,
-            out or Path("runs/distill"),
-            overwrite=overwrite,
-            progress=progress,
-            log=say,
-        )
-    print_outcome(outcome)
+    run_job(cfg, out or Path("runs/distill"), overwrite)
 
 
 @app.command()

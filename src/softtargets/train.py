@@ -191,6 +191,12 @@ def make_optimizer(
         return classes[name](model.parameters(), **options)
 
 
+def check_lengths(epochs: int, batch_size: int) -> None:
+    """Refuse an empty training run (``fit`` and ``fit_many`` share this check)."""
+    if epochs < 1 or batch_size < 1:
+        raise SoftTargetsError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
+
+
 def lr_factor(schedule: str, step: int, total_steps: int) -> float:
     """Multiplier of the base learning rate at ``step`` of ``total_steps``."""
     if schedule == "none":
@@ -258,8 +264,7 @@ def fit(
     """
     started = time.perf_counter()
     device = resolve_device(device)
-    if epochs < 1 or batch_size < 1:
-        raise SoftTargetsError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
+    check_lengths(epochs, batch_size)
     if test is not None and test.num_classes != data.num_classes:
         raise SoftTargetsError("test data has a different number of classes than the training data")
 

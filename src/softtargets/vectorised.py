@@ -37,7 +37,14 @@ from softtargets.data import Dataset
 from softtargets.errors import SoftTargetsError
 from softtargets.files import append_jsonl
 from softtargets.targets import soften
-from softtargets.train import FitResult, Targets, lr_factor, resolve_device, resolve_targets
+from softtargets.train import (
+    FitResult,
+    Targets,
+    check_lengths,
+    lr_factor,
+    resolve_device,
+    resolve_targets,
+)
 
 
 @dataclass
@@ -502,8 +509,7 @@ def fit_many(
         raise SoftTargetsError("fit_many needs one Member per model (and at least one model)")
     if data.weights is not None:
         raise SoftTargetsError("fit_many does not take row weights; use fit() for weighted rows")
-    if epochs < 1 or batch_size < 1:
-        raise SoftTargetsError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
+    check_lengths(epochs, batch_size)
     settings = dict(
         val=val,
         test=test,
