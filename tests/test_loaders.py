@@ -79,7 +79,9 @@ def test_mnist_idx(tmp_path, compress: bool) -> None:
     write_idx(tmp_path / "train-labels-idx1-ubyte", np.array([3, 1, 4]), compress)
     suffix = ".gz" if compress else ""
     data = load_data(str(tmp_path / f"train-images-idx3-ubyte{suffix}"))
-    assert data.feature_shape == (1, 4, 5) and data.labels.tolist() == [3, 1, 4]
+    assert data.feature_shape == (1, 4, 5)
+    # labels that are not 0..K-1 become class indices, keeping their values as class names
+    assert data.class_names == ("1", "3", "4") and data.labels.tolist() == [1, 0, 2]
     assert float(data.features[0, 0, 0, 1]) == pytest.approx(1 / 255)
 
 
@@ -97,7 +99,8 @@ def test_cifar_batch(tmp_path) -> None:
     with open(tmp_path / "data_batch_1", "wb") as handle:
         pickle.dump({b"data": data, b"labels": [0, 9, 3, 3]}, handle)
     loaded = load_file(tmp_path / "data_batch_1")
-    assert loaded.feature_shape == (3, 32, 32) and loaded.labels.tolist() == [0, 9, 3, 3]
+    assert loaded.feature_shape == (3, 32, 32)
+    assert [loaded.class_names[i] for i in loaded.labels] == ["0", "9", "3", "3"]
     # CIFAR stores each image as 1024 red, then green, then blue values
     assert float(loaded.features[1, 1, 0, 0]) == pytest.approx(data[1, 1024] / 255)
 

@@ -6,17 +6,21 @@ the key, never a silently ignored setting.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from softtargets.errors import SoftTargetsError
+from softtargets.targets import TEMPERATURE_RANGE
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: a temperature of .inf or a learning rate of NaN is refused here, before
+    # any training, not found out after a teacher has trained for minutes.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(Strict):
@@ -25,6 +29,10 @@ class DataConfig(Strict):
     name: str = Field("mnist1d", description="a built-in dataset name or a file path")
     options: dict[str, Any] = Field(default_factory=dict, description="built-in generator options")
     label_column: str | None = Field(None, description="label column for CSV / .npy files")
+    test: str | None = Field(
+        None, description="a separate test file (e.g. MNIST's t10k); then the data file is split "
+        "into training and validation rows only"
+    )
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     split_seed: int = 0
@@ -80,12 +88,24 @@ class DistillConfig(Strict):
     # Soft targets need more steps than hard labels to be matched (they say more per case), and
     # tolerate a larger learning rate: 100 epochs at 1e-2 let both kinds of target converge.
     student_training: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=100, lr=1e-2))
-    temperature: float = Field(4.0, gt=0)
+    temperature: float = Field(4.0, ge=TEMPERATURE_RANGE[0], le=TEMPERATURE_RANGE[1])
     alpha: float = Field(0.9, ge=0, le=1)
     seeds: int = Field(5, ge=1)
     first_seed: int = 0
     store_dtype: Literal["float32", "float16"] = "float32"
     device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:1, ...")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        return check_device_name(value)
+
+
+def check_device_name(value: str) -> str:
+    """``value`` if it names a device softtargets can use (its availability is checked later)."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        raise ValueError("the device must be auto, cpu, cuda, cuda:N or mps")
+    return value
 
 
 def explain(error: ValidationError, source: str) -> SoftTargetsError:
@@ -94,7 +114,8 @@ def explain(error: ValidationError, source: str) -> SoftTargetsError:
     where = ".".join(str(part) for part in first["loc"]) or "(top level)"
     if first["type"] == "extra_forbidden":
         return SoftTargetsError(f"{source}: unknown key {where!r}; check its spelling (see --help)")
-    return SoftTargetsError(f"{source}: {where}: {first['msg']} (got {first.get('input')!r})")
+    message = first["msg"].removeprefix("Value error, ")
+    return SoftTargetsError(f"{source}: {where}: {message} (got {first.get('input')!r})")
 
 
 def parse_config(model: type[Strict], values: dict[str, Any], source: str = "config") -> Any:
@@ -110,8 +131,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise SoftTargetsError(f"no config file at {path}")
+    if not path.is_file():
+        raise SoftTargetsError(f"{path} is a folder, not a config file; give a YAML file")
     try:
         values = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError:
+        raise SoftTargetsError(f"{path}: not a text file; give a YAML config") from None
     except yaml.YAMLError as err:
         raise SoftTargetsError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(values, dict):

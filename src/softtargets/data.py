@@ -148,6 +148,15 @@ class Dataset:
         if soft_targets is not None:
             p = validate(torch.as_tensor(soft_targets).float())
         k = max(int(y.max()) + 1 if n else 0, p.shape[1] if p is not None else 0)
+        if class_names is None and p is None and n:
+            present = torch.unique(y)
+            if len(present) != k:
+                # [0, 1, 0, 1000000] would otherwise make a million classes, most never seen
+                raise SoftTargetsError(
+                    f"labels use {len(present)} distinct values up to {k - 1}, so classes are "
+                    "missing; pass class_names= (one per class, if they exist) or map the labels "
+                    "to 0..K-1 with softtargets.data.encode_labels"
+                )
         if class_names is None:
             class_names = [str(i) for i in range(k)]
         class_names = tuple(str(c) for c in class_names)
@@ -308,6 +317,68 @@ class Dataset:
         )
 
 
+def encode_labels(values: Sequence[Any] | np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Class indices ``0..K-1`` and class names for raw label values, as a file holds them.
+
+    Integers that are already ``0..K-1``, each present, are kept (names ``"0".."K-1"``); other
+    integers (``1..10``, ``[3, 7]``, a stray ``99999999``) are mapped in increasing order and keep
+    their values as names; anything else (strings) is sorted by name. An empty label is an error.
+    """
+    raw = np.asarray(values)
+    if raw.ndim != 1:
+        raise SoftTargetsError(f"labels must be one value per row, got shape {raw.shape}")
+    if raw.dtype.kind in "fc":
+        if not np.all(np.isfinite(raw)) or not np.array_equal(raw, np.round(raw)):
+            raise SoftTargetsError(
+                "labels must be integer class indices or names; got fractional or NaN values"
+            )
+        raw = raw.astype(np.int64)
+    if raw.dtype.kind in "iub":
+        ints = raw.astype(np.int64)
+        unique = np.unique(ints)
+        if len(unique) and unique[0] == 0 and unique[-1] == len(unique) - 1:
+            return ints, tuple(str(i) for i in range(len(unique)))
+        return np.searchsorted(unique, ints), tuple(str(int(u)) for u in unique)
+    text = np.array([str(v).strip() for v in raw.tolist()], dtype=object)
+    empty = np.flatnonzero(text == "")
+    if len(empty):
+        raise SoftTargetsError(f"row {int(empty[0])} has an empty label; fill it or drop the row")
+    names = sorted(set(text.tolist()))
+    index = {name: i for i, name in enumerate(names)}
+    return np.array([index[v] for v in text], dtype=np.int64), tuple(names)
+
+
+def align_classes(data: Dataset, reference: Dataset, source: str = "the test data") -> Dataset:
+    """``data`` with its labels renumbered to ``reference``'s classes, matched by name.
+
+    For a separate test file: its classes must be among the training data's, and the features
+    must have the same shape.
+    """
+    if data.feature_shape != reference.feature_shape:
+        raise SoftTargetsError(
+            f"{source} has features of shape {data.feature_shape} but the training data "
+            f"{reference.feature_shape}; both files must hold the same kind of sample"
+        )
+    index = {name: i for i, name in enumerate(reference.class_names)}
+    unknown = [name for name in data.class_names if name not in index]
+    if unknown:
+        raise SoftTargetsError(
+            f"{source} has class {unknown[0]!r}, which the training data does not have "
+            f"(classes: {', '.join(reference.class_names[:20])})"
+        )
+    mapping = torch.tensor([index[name] for name in data.class_names], dtype=torch.long)
+    labels = mapping[data.labels.cpu()].to(data.labels.device)
+    return replace(data, labels=labels, class_names=reference.class_names, soft_targets=None)
+
+
+def labels_fingerprint(data: Dataset) -> str:
+    """A short hash of ``data``'s ids and labels (the features' hash is ``data.fingerprint``)."""
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(data.ids.cpu().numpy(), dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(data.labels.cpu().numpy(), dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def stratified_rows(labels: Tensor, fraction: float, seed: int = 0) -> Tensor:
     """Positions of a seeded, class-stratified ``fraction`` of rows (at least one per class)."""
     if not 0.0 < fraction <= 1.0:
@@ -349,11 +420,14 @@ def split(
     """Seeded, class-stratified split into train / validation / test fractions.
 
     The same ``seed`` always gives the same rows, so every model in a study sees the same test set.
+    ``test=0`` gives an empty test part (when the test rows come from another file).
     """
-    if not (0 <= val < 1 and 0 < test < 1 and val + test < 1):
+    if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
         raise SoftTargetsError(
             f"split fractions val={val}, test={test} must be >= 0 and sum to less than 1"
         )
+    if len(data) == 0:
+        raise SoftTargetsError("split: the data has no rows")
     gen = torch.Generator().manual_seed(seed)
     labels = data.labels.cpu()
     parts: dict[str, list[Tensor]] = {"train": [], "val": [], "test": []}
@@ -370,8 +444,11 @@ def split(
         parts["val"].append(rows[n_test : n_test + n_val])
         parts["train"].append(rows[n_test + n_val :])
     taken = {k: data.take(torch.cat(v).sort().values) for k, v in parts.items()}
-    if len(taken["train"]) == 0 or len(taken["test"]) == 0:
-        raise SoftTargetsError(f"split: {len(data)} rows are too few for these fractions")
+    if len(taken["train"]) == 0 or (test > 0 and len(taken["test"]) == 0):
+        raise SoftTargetsError(
+            f"split: {len(data)} rows are too few for val={val}, test={test}; give more rows or "
+            "smaller fractions"
+        )
     return Splits(**taken)
 
 
@@ -382,7 +459,13 @@ def holdout(data: Dataset, fraction: float, seed: int = 0) -> tuple[Tensor, Tens
     held = _stratified_pick(data.labels, fraction, seed, stratify=True)
     mask = torch.ones(len(data), dtype=torch.bool)
     mask[held] = False
-    return mask.nonzero().squeeze(1), held
+    kept = mask.nonzero().squeeze(1)
+    if len(kept) == 0 or len(held) == 0:
+        raise SoftTargetsError(
+            f"holding out {fraction:g} of {len(data)} rows leaves no rows to train or to "
+            "validate on; give more rows or pass val=None"
+        )
+    return kept, held
 
 
 @dataclass(frozen=True)

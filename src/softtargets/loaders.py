@@ -6,10 +6,16 @@
 | ``.npy`` | one 2-D array; the label is column ``label_column`` (default: the last) |
 | ``.csv`` | a header row; the label column (default ``label``) may hold names or integers; the other columns are numeric features; an ``id`` column, if present, gives the ids |
 | MNIST IDX | ``*-images-idx3-ubyte[.gz]`` with its ``*-labels-idx1-ubyte[.gz]`` beside it |
-| CIFAR batch | a pickled ``data_batch_*`` / ``test_batch`` dict with ``data`` and ``labels`` |
+| CIFAR batch | a pickled ``data_batch_*`` / ``test_batch`` dict with ``data`` and ``labels``, read by a restricted unpickler |
 | image folder | ``root/<class name>/<image>``, one sub-folder per class (PNG, JPEG, ...) |
 
-Every loader gives ids ``0..N-1`` in file order unless the file carries its own.
+Every loader gives ids ``0..N-1`` in file order unless the file carries its own. Integer labels
+that are not ``0..K-1`` (``1..10``, or a stray ``99999999``) become class indices in increasing
+order, keeping the values as class names (:func:`softtargets.data.encode_labels`).
+
+No data file is ever unpickled with the standard unpickler: a pickle can run any code. CIFAR's
+python batches are read by :class:`CifarUnpickler`, which builds only containers, strings, numbers
+and NumPy arrays; generic ``.pkl`` files are refused.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from softtargets.data import Dataset
+from softtargets.data import Dataset, encode_labels
 from softtargets.errors import SoftTargetsError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -40,13 +46,23 @@ def load_file(path: str | Path, label_column: str | int | None = None) -> Datase
     if name.endswith(".npz"):
         return load_npz(path)
     if name.endswith(".npy"):
+        if label_column is not None and not _is_int(str(label_column)):
+            raise SoftTargetsError(
+                f"{path}: the label column of an .npy file is a column number, got "
+                f"{label_column!r}"
+            )
         return load_npy(path, -1 if label_column is None else int(label_column))
     if name.endswith(".csv") or name.endswith(".csv.gz"):
         return load_csv(path, "label" if label_column is None else str(label_column))
     if "idx3-ubyte" in name or "idx1-ubyte" in name:
         return load_idx(path)
-    if name.startswith(("data_batch", "test_batch")) or name.endswith((".pkl", ".pickle")):
+    if name.startswith(("data_batch", "test_batch")):
         return load_cifar_batch(path)
+    if name.endswith((".pkl", ".pickle")):
+        raise SoftTargetsError(
+            f"{path.name}: pickle files are not read, since loading one can run any code; save the "
+            "arrays as .npz (np.savez(path, x=features, y=labels))"
+        )
     raise SoftTargetsError(
         f"cannot tell the format of {path.name}; use .npz, .npy, .csv, an MNIST IDX file "
         "(*-images-idx3-ubyte[.gz]), a CIFAR batch (data_batch_N) or an image folder"
@@ -56,23 +72,28 @@ def load_file(path: str | Path, label_column: str | int | None = None) -> Datase
 def load_npz(path: str | Path) -> Dataset:
     """An ``.npz`` archive with ``x``/``features`` and ``y``/``labels`` arrays."""
     try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {k: archive[k] for k in archive.files}
+    except (OSError, ValueError, EOFError) as err:  # object arrays need pickle: refused
         raise SoftTargetsError(f"{path}: not a readable .npz file ({err})") from None
-    with archive:
-        keys = set(archive.files)
-        x_key = next((k for k in ("x", "features", "X") if k in keys), None)
-        y_key = next((k for k in ("y", "labels", "Y") if k in keys), None)
-        if x_key is None or y_key is None:
-            raise SoftTargetsError(
-                f"{path}: expected arrays 'x' and 'y' (or 'features' and 'labels'), found "
-                f"{sorted(keys)}"
-            )
-        optional = {k: archive[k] for k in ("ids", "soft_targets", "weights") if k in keys}
-        names = [str(c) for c in archive["class_names"]] if "class_names" in keys else None
-        return Dataset.from_arrays(
-            archive[x_key], archive[y_key], class_names=names, name=Path(path).stem, **optional
+    x_key = next((k for k in ("x", "features", "X") if k in arrays), None)
+    y_key = next((k for k in ("y", "labels", "Y") if k in arrays), None)
+    if x_key is None or y_key is None:
+        raise SoftTargetsError(
+            f"{path}: expected arrays 'x' and 'y' (or 'features' and 'labels'), found "
+            f"{sorted(arrays)}"
         )
+    optional = {k: arrays[k] for k in ("ids", "soft_targets", "weights") if k in arrays}
+    labels: Any = arrays[y_key]
+    if "class_names" in arrays:
+        names: Any = [str(c) for c in arrays["class_names"].reshape(-1)]
+    elif "soft_targets" in arrays:
+        names = None
+    else:
+        labels, names = encode_labels(labels)
+    return Dataset.from_arrays(
+        arrays[x_key], labels, class_names=names, name=Path(path).stem, **optional
+    )
 
 
 def load_npy(path: str | Path, label_column: int = -1) -> Dataset:
@@ -86,20 +107,34 @@ def load_npy(path: str | Path, label_column: int = -1) -> Dataset:
             f"{path}: expected a 2-D array (rows x [features..., label]), got shape {table.shape}; "
             "for other layouts save an .npz with arrays x and y"
         )
+    if not -table.shape[1] <= label_column < table.shape[1]:
+        raise SoftTargetsError(
+            f"{path}: label column {label_column} does not exist; the array has "
+            f"{table.shape[1]} columns"
+        )
     col = label_column % table.shape[1]
-    labels = table[:, col]
+    labels, names = encode_labels(table[:, col])
     features = np.delete(table, col, axis=1)
-    return Dataset.from_arrays(features, labels, name=Path(path).stem)
+    return Dataset.from_arrays(features, labels, class_names=names, name=Path(path).stem)
 
 
 def load_csv(path: str | Path, label_column: str = "label") -> Dataset:
     """A CSV with a header; ``label_column`` holds class names or integers, the rest are features."""
     opener: Any = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", newline="") as handle:
-        rows = list(csv.reader(handle))
+    try:
+        with opener(path, "rt", newline="") as handle:
+            rows = list(csv.reader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise SoftTargetsError(f"{path}: not a readable text CSV file ({err})") from None
     if not rows:
         raise SoftTargetsError(f"{path}: the file is empty; it needs a header row and data rows")
     header, body = [h.strip() for h in rows[0]], [r for r in rows[1:] if r]
+    repeated = sorted({h for h in header if header.count(h) > 1})
+    if repeated:
+        raise SoftTargetsError(
+            f"{path}: the header names column {repeated[0]!r} more than once; give every "
+            "column its own name"
+        )
     if label_column not in header:
         raise SoftTargetsError(
             f"{path}: no column named {label_column!r}; columns are {', '.join(header)} "
@@ -125,14 +160,24 @@ def load_csv(path: str | Path, label_column: str = "label") -> Dataset:
                     "features must be numeric"
                 ) from None
     raw_labels = [row[label_at].strip() for row in body]
+    if "" in raw_labels:
+        line = raw_labels.index("") + 2
+        raise SoftTargetsError(
+            f"{path}: line {line} has an empty {label_column!r}; fill it or drop the row"
+        )
     if all(_is_int(v) for v in raw_labels):
-        labels = np.array([int(v) for v in raw_labels])
-        names = None
+        labels, names = encode_labels(np.array([int(v) for v in raw_labels]))
     else:
-        names = sorted(set(raw_labels))
-        index = {name: i for i, name in enumerate(names)}
-        labels = np.array([index[v] for v in raw_labels])
-    ids = np.array([int(row[id_at]) for row in body]) if id_at is not None else None
+        labels, names = encode_labels(raw_labels)
+    ids = None
+    if id_at is not None:
+        bad = next((r for r, row in enumerate(body) if not _is_int(row[id_at])), None)
+        if bad is not None:
+            raise SoftTargetsError(
+                f"{path}: line {bad + 2}, column 'id' is not an integer ({body[bad][id_at]!r}); "
+                "ids must be integers (or rename the column)"
+            )
+        ids = np.array([int(row[id_at]) for row in body])
     return Dataset.from_arrays(features, labels, ids=ids, class_names=names, name=Path(path).stem)
 
 
@@ -154,6 +199,11 @@ def _read_idx(path: Path) -> np.ndarray:
     dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     if dtype_code not in dtypes:
         raise SoftTargetsError(f"{path}: unknown IDX data type 0x{dtype_code:02x}")
+    if len(raw) < 4 + 4 * ndim:
+        raise SoftTargetsError(
+            f"{path}: the IDX header is cut short ({len(raw)} bytes, needs {4 + 4 * ndim}); "
+            "download the file again"
+        )
     shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=dtypes[dtype_code], offset=4 + 4 * ndim)
     if data.size != int(np.prod(shape)):
@@ -186,26 +236,65 @@ def load_idx(path: str | Path) -> Dataset:
         )
     scale = 255.0 if images.dtype == np.uint8 else 1.0
     features = (images.astype(np.float32) / scale)[:, None]
+    codes, names = encode_labels(labels.astype(np.int64))
     return Dataset.from_arrays(
-        features, labels.astype(np.int64), name=images_path.name.split("-")[0]
+        features, codes, class_names=names, name=images_path.name.split("-")[0]
     )
 
 
+class CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only what a CIFAR batch holds: dicts, lists, tuples, bytes,
+    strings, numbers and NumPy arrays. Any other global a pickle names (``os.system``,
+    ``builtins.eval``, a class to instantiate) is refused before it is looked up."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how Python 3 pickles bytes at protocol 2
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR batch never does")
+        if module.startswith("numpy.core.") and int(np.__version__.split(".")[0]) >= 2:
+            module = "numpy._core." + module.removeprefix("numpy.core.")  # renamed in NumPy 2
+        return super().find_class(module, name)
+
+
 def load_cifar_batch(path: str | Path) -> Dataset:
-    """One CIFAR-10/100 python batch: ``data (N, 3072) uint8`` and ``labels`` (or ``fine_labels``)."""
+    """One CIFAR-10/100 python batch: ``data (N, 3072) uint8`` and ``labels`` (or ``fine_labels``),
+    read with :class:`CifarUnpickler` (no code in the file can run)."""
     try:
         with open(path, "rb") as handle:
-            batch = pickle.load(handle, encoding="bytes")
-    except (OSError, pickle.UnpicklingError, EOFError) as err:
+            batch = CifarUnpickler(handle, encoding="bytes").load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
         raise SoftTargetsError(f"{path}: not a readable CIFAR batch ({err})") from None
+    if not isinstance(batch, dict):
+        raise SoftTargetsError(f"{path}: a CIFAR batch is a dict, this file holds {type(batch)}")
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
     label_key = next((k for k in ("labels", "fine_labels") if k in batch), None)
     if "data" not in batch or label_key is None:
         raise SoftTargetsError(f"{path}: a CIFAR batch needs 'data' and 'labels' entries")
-    data = np.asarray(batch["data"], dtype=np.uint8)
-    side = int(round((data.shape[1] / 3) ** 0.5))
+    try:
+        data = np.asarray(batch["data"], dtype=np.uint8)
+        raw_labels = np.asarray(batch[label_key], dtype=np.int64)
+    except (TypeError, ValueError) as err:
+        raise SoftTargetsError(f"{path}: 'data' or 'labels' is not numeric ({err})") from None
+    side = int(round((data.shape[1] / 3) ** 0.5)) if data.ndim == 2 else 0
+    if data.ndim != 2 or 3 * side * side != data.shape[1] or len(raw_labels) != len(data):
+        raise SoftTargetsError(
+            f"{path}: 'data' has shape {data.shape} and {len(raw_labels)} labels; a CIFAR batch "
+            "holds (N, 3 * side * side) bytes and N labels"
+        )
     features = data.reshape(-1, 3, side, side).astype(np.float32) / 255.0
-    return Dataset.from_arrays(features, np.asarray(batch[label_key]), name=Path(path).stem)
+    labels, names = encode_labels(raw_labels)
+    return Dataset.from_arrays(features, labels, class_names=names, name=Path(path).stem)
 
 
 def load_image_folder(root: str | Path, size: tuple[int, int] | None = None) -> Dataset:
@@ -221,17 +310,25 @@ def load_image_folder(root: str | Path, size: tuple[int, int] | None = None) -> 
         raise SoftTargetsError(f"{root}: an image folder needs one sub-folder per class")
     arrays, labels = [], []
     for label, name in enumerate(classes):
-        for file in sorted((root / name).iterdir()):
-            if file.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            with Image.open(file) as image:
-                image = image.convert("RGB")
-                if size is not None:
-                    image = image.resize((size[1], size[0]))
-                arrays.append(np.asarray(image, dtype=np.float32) / 255.0)
+        files = [f for f in sorted((root / name).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+        if not files:
+            # an empty class would still take a class index and an output of every model
+            raise SoftTargetsError(
+                f"{root}: class folder {name!r} holds no images; add images or remove the folder"
+            )
+        for file in files:
+            try:
+                with Image.open(file) as image:
+                    image = image.convert("RGB")
+                    if size is not None:
+                        image = image.resize((size[1], size[0]))
+                    arrays.append(np.asarray(image, dtype=np.float32) / 255.0)
+            except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+                raise SoftTargetsError(
+                    f"{file}: not a readable image ({str(err).splitlines()[0]}); remove or "
+                    "replace it"
+                ) from None
             labels.append(label)
-    if not arrays:
-        raise SoftTargetsError(f"{root}: no images found in the class folders")
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise SoftTargetsError(

@@ -14,9 +14,37 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from softtargets.errors import SoftTargetsError
-from softtargets.targets import check_temperature
+from softtargets.targets import check_finite, check_temperature, one_hot, validate
 
 Reduction = Literal["mean", "sum", "none"]
+
+
+def _check_weight(weight: Tensor | None, rows: int) -> None:
+    if weight is None:
+        return
+    if weight.shape != (rows,):
+        raise SoftTargetsError(
+            f"row weights have shape {tuple(weight.shape)}; give one weight per row ({rows},)"
+        )
+    check_finite(weight.detach()[:, None], "row weights", "give finite weights")
+    if (weight < 0).any():
+        row = int((weight < 0).nonzero()[0, 0])
+        raise SoftTargetsError(f"row weights: row {row} is negative; weights must be >= 0")
+
+
+def _check_labels(labels: Tensor, rows: int, num_classes: int) -> None:
+    if labels.shape != (rows,):
+        raise SoftTargetsError(
+            f"labels have shape {tuple(labels.shape)}; give one class index per row ({rows},)"
+        )
+    one_hot(labels[:0], num_classes)  # dtype check only, on no rows
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        row = int(bad.nonzero()[0, 0])
+        raise SoftTargetsError(
+            f"labels: row {row} has class {int(labels[row])}, outside 0..{num_classes - 1}; "
+            "the labels must index the logits' columns"
+        )
 
 
 def _reduce(per_row: Tensor, weight: Tensor | None, reduction: Reduction) -> Tensor:
@@ -38,21 +66,27 @@ def soft_cross_entropy(
     targets: Tensor,
     weight: Tensor | None = None,
     reduction: Reduction = "mean",
+    *,
+    check: bool = True,
 ) -> Tensor:
     """Cross-entropy against probability targets: ``-sum_k t_k log softmax(z)_k`` per row.
 
     Args:
         logits: ``(N, K)`` student logits.
-        targets: ``(N, K)`` target probabilities (rows sum to 1; not checked here, for speed:
-            check them once with :func:`softtargets.targets.validate`).
+        targets: ``(N, K)`` target probabilities: finite, non-negative, rows summing to 1.
         weight: optional ``(N,)`` non-negative row weights (e.g. the counts behind proportions).
         reduction: ``"mean"`` (weighted mean), ``"sum"`` or ``"none"``.
+        check: check ``targets`` and ``weight`` (each check is a host sync); the trainers check
+            them once, up front, and pass ``False`` in the training step.
     """
     if logits.shape != targets.shape:
         raise SoftTargetsError(
             f"logits have shape {tuple(logits.shape)} but targets {tuple(targets.shape)}; the "
             "model must output one logit per target class"
         )
+    if check:
+        validate(targets.detach(), logits.shape[-1], name="targets")
+        _check_weight(weight, logits.shape[0])
     per_row = -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1)
     return _reduce(per_row, weight, reduction)
 
@@ -62,6 +96,8 @@ def kl_at_temperature(
     teacher_logits: Tensor,
     temperature: float,
     reduction: Reduction = "mean",
+    *,
+    check: bool = True,
 ) -> Tensor:
     """``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` per row.
 
@@ -71,14 +107,21 @@ def kl_at_temperature(
 
     Args:
         student_logits: ``(N, K)``.
-        teacher_logits: ``(N, K)``, the same classes in the same order.
+        teacher_logits: ``(N, K)``, the same classes in the same order; finite.
         temperature: ``T > 0``.
+        check: check that the teacher's logits are finite (a host sync; ``False`` skips it).
     """
     t = check_temperature(temperature)
     if student_logits.shape != teacher_logits.shape:
         raise SoftTargetsError(
             f"student logits have shape {tuple(student_logits.shape)} but teacher logits "
             f"{tuple(teacher_logits.shape)}; teacher and student must have the same classes"
+        )
+    if check:
+        check_finite(
+            teacher_logits.detach().reshape(-1, teacher_logits.shape[-1]),
+            "teacher logits",
+            "the teacher has diverged; retrain it",
         )
     log_q = F.log_softmax(student_logits / t, dim=-1)
     log_p = F.log_softmax(teacher_logits.to(student_logits.dtype) / t, dim=-1)
@@ -95,6 +138,8 @@ def distillation_loss(
     temperature: float,
     alpha: float,
     reduction: Reduction = "mean",
+    *,
+    check: bool = True,
 ) -> Tensor:
     """Hinton's distillation loss.
 
@@ -109,10 +154,14 @@ def distillation_loss(
         alpha: weight of the soft term in ``[0, 1]``; ``alpha = 1`` is pure distillation,
             ``alpha = 0`` is plain cross-entropy on the hard labels.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        check: check the teacher's logits (finite) and the labels (integers in ``0..K-1``);
+            ``False`` skips these host syncs.
     """
     if not 0.0 <= float(alpha) <= 1.0:
         raise SoftTargetsError(f"alpha must be in [0, 1], got {alpha!r}")
-    soft = kl_at_temperature(student_logits, teacher_logits, temperature, reduction="none")
+    soft = kl_at_temperature(
+        student_logits, teacher_logits, temperature, reduction="none", check=check
+    )
     if alpha == 1.0:
         return _reduce(soft, None, reduction)
     if labels is None:
@@ -120,6 +169,8 @@ def distillation_loss(
             f"alpha={alpha} mixes in the hard-label term, which needs labels; pass labels or set "
             "alpha=1"
         )
+    if check:
+        _check_labels(labels, student_logits.shape[0], student_logits.shape[-1])
     hard = F.cross_entropy(student_logits, labels, reduction="none")
     return _reduce(alpha * soft + (1.0 - alpha) * hard, None, reduction)
 

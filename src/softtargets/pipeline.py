@@ -13,13 +13,13 @@ interrupted run resumes where it stopped:
 | ``results.jsonl`` | one line per finished fit (test accuracy, errors, NLL, ECE, agreement), keyed by the config |
 | ``accuracy.png`` | test accuracy per epoch, hard vs soft, mean and 95% band over seeds |
 | ``report.md`` | the table, the figure and how the run was made |
+
+The folder is a :class:`~softtargets.runfolder.RunFolder`: locked while the job runs, with a
+manifest of these files (the only ones ``--overwrite`` removes).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,12 +30,12 @@ import torch
 from torch import nn
 
 from softtargets.config import DistillConfig, dump_config
-from softtargets.data import Dataset, Splits, split
+from softtargets.data import Dataset, Splits, align_classes, labels_fingerprint, split
 from softtargets.errors import SoftTargetsError
-from softtargets.files import append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl
 from softtargets.loaders import load_data
 from softtargets.models import build_model, count_parameters, forward_flops
-from softtargets.report import markdown_table, plot_epoch_curves
+from softtargets.report import markdown_table, of_total, plot_epoch_curves
+from softtargets.runfolder import RunFolder, settings_key
 from softtargets.stats import mean_ci, paired_difference
 from softtargets.teacher import SoftTargetStore, label
 from softtargets.train import Distillation, evaluate, fit, resolve_device
@@ -51,6 +51,7 @@ class DistillOutcome:
     teacher: dict[str, Any]
     results: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    test_rows: int = 0
 
     def accuracies(self, method: str) -> list[float]:
         return [
@@ -68,11 +69,25 @@ class DistillOutcome:
 
 
 def load_splits(config: DistillConfig) -> tuple[Dataset, Splits]:
+    """The data of ``config`` and its train / validation / test parts.
+
+    With ``data.test`` (a separate test file, such as MNIST's ``t10k``) the data file is split into
+    training and validation rows only, and the test rows are that file's, with its classes matched
+    to the data's by name.
+    """
     data_cfg = config.data
     data = load_data(data_cfg.name, data_cfg.label_column, **data_cfg.options)
+    test = None
+    if data_cfg.test is not None:
+        test = align_classes(load_data(data_cfg.test, data_cfg.label_column), data, data_cfg.test)
     if data_cfg.classes is not None:
         data = data.subset(classes=data_cfg.classes, relabel=True)
-    parts = split(data, data_cfg.val_fraction, data_cfg.test_fraction, data_cfg.split_seed)
+        test = None if test is None else test.subset(classes=data_cfg.classes, relabel=True)
+    if test is None:
+        parts = split(data, data_cfg.val_fraction, data_cfg.test_fraction, data_cfg.split_seed)
+    else:
+        train_val = split(data, data_cfg.val_fraction, 0.0, data_cfg.split_seed)
+        parts = Splits(train_val.train, train_val.val, test)
     if data_cfg.label_noise > 0:
         # Training and validation labels are noisy alike (a real noisy dataset has no clean
         # validation set); the test labels stay clean, to measure what was learned.
@@ -85,24 +100,69 @@ def load_splits(config: DistillConfig) -> tuple[Dataset, Splits]:
     return data, parts
 
 
+TEACHER_SETTINGS = ("data", "teacher", "teacher_training", "first_seed", "store_dtype")
+
+
 def config_key(config: DistillConfig, teacher_only: bool = False) -> str:
-    """A short hash of the settings that determine the teacher (or the whole run)."""
+    """A short hash of the settings that determine the teacher (or the students' fits).
+
+    The number of seeds is not part of it: fits are recorded per seed, so raising ``seeds``
+    keeps the finished ones and trains only the new seeds.
+    """
     values = config.model_dump(mode="json")
     if teacher_only:
-        values = {
-            k: values[k]
-            for k in ("data", "teacher", "teacher_training", "first_seed", "store_dtype")
+        values = {k: values[k] for k in TEACHER_SETTINGS}
+    else:
+        values.pop("seeds")
+    return settings_key(values)
+
+
+FIT_IDENTITY = ("key", "role", "method", "seed")
+
+
+@dataclass
+class Prepared:
+    """Everything checked before a run writes anything: the data, its splits, the device, a
+    freshly built teacher and the key of the teacher's settings and data."""
+
+    data: Dataset
+    splits: Splits
+    device: torch.device
+    teacher: nn.Module
+    teacher_key: str
+
+
+def prepare(config: DistillConfig) -> Prepared:
+    """Check the whole config against its data before any training or writing: the device, the
+    data and its split, and that both models build with their options on this data."""
+    device = resolve_device(config.device)
+    data, splits = load_splits(config)
+    teacher = build_model(
+        config.teacher.name,
+        data.feature_shape,
+        data.num_classes,
+        seed=config.first_seed,
+        **config.teacher.options,
+    )
+    # The student is built now only to check its options (an error after the teacher has
+    # trained for minutes would waste them); each fit builds its own.
+    build_model(config.student.name, data.feature_shape, data.num_classes, **config.student.options)
+    key = settings_key(
+        {
+            "settings": config_key(config, teacher_only=True),
+            "data": data.fingerprint,
+            "labels": labels_fingerprint(data),
         }
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+    )
+    return Prepared(data, splits, device, teacher, key)
 
 
-def _forget_unfinished(out_dir: Path, finished: set[tuple[str, str, str, int]]) -> None:
+def _forget_unfinished(folder: RunFolder, finished: set[tuple]) -> None:
     """Drop history lines of fits that did not finish (an interrupted run), before resuming."""
-    path = out_dir / "history.jsonl"
-    records = read_jsonl(path)
-    kept = [r for r in records if (r["key"], r["role"], r["method"], r["seed"]) in finished]
+    records = folder.records("history.jsonl", required=FIT_IDENTITY)
+    kept = [r for r in records if tuple(r[k] for k in FIT_IDENTITY) in finished]
     if len(kept) != len(records):
-        atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        folder.rewrite_records("history.jsonl", kept)
 
 
 @dataclass
@@ -122,66 +182,56 @@ def run_teacher(
     out_dir: str | Path,
     *,
     overwrite: bool = False,
+    wait: bool = False,
     progress: Any = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> TeacherRun:
     """Fit the teacher and store its logits in ``out_dir``, or reload them if a previous run with the
-    same teacher settings finished them. A teacher made with other settings is refused."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save
+    same teacher settings and data finished them. A teacher made otherwise is refused.
 
-    out_dir = Path(out_dir)
-    if overwrite and out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "config.yaml", dump_config(config))
-    device = resolve_device(config.device)
-    data, splits = load_splits(config)
+    ``wait``: if another process holds the folder, wait for it instead of failing (the studies'
+    shared teachers).
+    """
+    prepared = prepare(config)
+    with RunFolder.open(out_dir, overwrite=overwrite, wait=wait, log=log) as folder:
+        return _teacher_in(folder, config, prepared, progress, log)
+
+
+def _teacher_in(
+    folder: RunFolder,
+    config: DistillConfig,
+    prepared: Prepared,
+    progress: Any,
+    log: Callable[[str], None],
+) -> TeacherRun:
+    """:func:`run_teacher` inside an open run folder."""
+    key, teacher = prepared.teacher_key, prepared.teacher
+    data, splits = prepared.data, prepared.splits
+    if folder.key("teacher") not in (None, key):  # checked before anything is written
+        raise SoftTargetsError(
+            f"{folder.root} holds a teacher made with other data or teacher settings; pass "
+            "--overwrite to replace it or --out to write elsewhere"
+        )
+    folder.write_text("config.yaml", dump_config(config))
     log(
         f"data: {data.name}, {len(splits.train)} train / {len(splits.val)} validation / "
-        f"{len(splits.test)} test rows, {data.num_classes} classes; device: {device}"
+        f"{len(splits.test)} test rows, {data.num_classes} classes; device: {prepared.device}"
     )
-
-    key = config_key(config, teacher_only=True)
-    teacher = build_model(
-        config.teacher.name,
-        data.feature_shape,
-        data.num_classes,
-        seed=config.first_seed,
-        **config.teacher.options,
-    )
-    weights_path, store_path = out_dir / "teacher.safetensors", out_dir / "store.safetensors"
-    fresh = not weights_path.exists()
-    if not fresh:
-        try:
-            with safe_open(str(weights_path), framework="pt") as handle:
-                saved_key = (handle.metadata() or {}).get("key")
-            if saved_key != key:
-                raise SoftTargetsError(
-                    f"{out_dir} holds a teacher made with other data or teacher settings; pass "
-                    "--overwrite to replace it or --out to write elsewhere"
-                )
-            teacher.load_state_dict(load_file(str(weights_path)))
-        except SoftTargetsError:
-            raise
-        except Exception as err:  # a torn or foreign file
-            raise SoftTargetsError(
-                f"{weights_path} cannot be loaded ({str(err).splitlines()[0]}); delete it or pass "
-                "--overwrite"
-            ) from None
-        teacher.to(device)
+    reloaded = folder.load_weights("teacher.safetensors", teacher, key)
+    if reloaded:
+        teacher.to(prepared.device)
         log("teacher: reloaded from a previous run")
     else:
-        _forget_unfinished(out_dir, set())  # a teacher that never finished leaves no history
+        _forget_unfinished(folder, set())  # a teacher that never finished leaves no history
         fit(
             teacher,
             splits.train,
             val=splits.val or None,
             test=splits.test,
             seed=config.first_seed,
-            device=device,
+            device=prepared.device,
             progress=progress,
-            log_path=out_dir / "history.jsonl",
+            log_path=folder.path("history.jsonl"),
             log_extra={
                 "key": key,
                 "role": "teacher",
@@ -190,11 +240,12 @@ def run_teacher(
             },
             **config.teacher_training.model_dump(),
         )
-        state = {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}
-        atomic_write_bytes(weights_path, save(state, metadata={"key": key}))
+        folder.save_weights("teacher.safetensors", teacher, key)
+        folder.set_key("teacher", key)
 
+    store_path = folder.path("store.safetensors")
     store = None
-    if store_path.exists() and not fresh:
+    if store_path.exists() and reloaded:
         try:
             store = SoftTargetStore.load(store_path, data=data, teacher=teacher)
         except SoftTargetsError as err:
@@ -215,14 +266,15 @@ def run_teacher(
         "method": "teacher",
         "seed": config.first_seed,
         **{f"test_{k}": v for k, v in metrics.items()},
+        "test_rows": len(splits.test),
         "parameters": count_parameters(teacher),
         "flops": forward_flops(teacher, data.feature_shape),
     }
     log(
         f"teacher {config.teacher.name}: test accuracy {metrics['accuracy']:.2%} "
-        f"({metrics['errors']} errors)"
+        f"({of_total(metrics['errors'], len(splits.test))} errors)"
     )
-    return TeacherRun(teacher, store, data, splits, record, device)
+    return TeacherRun(teacher, store, data, splits, record, prepared.device)
 
 
 def run_distillation(
@@ -235,42 +287,50 @@ def run_distillation(
 ) -> DistillOutcome:
     """Run (or resume) the whole job described by ``config`` into ``out_dir``; see the module doc.
 
-    Fits that finished under the same config are kept; a changed student setting (say, another
-    temperature) reuses the teacher and its store and trains new students.
+    Everything is checked before anything is written (:func:`prepare`), and the folder is locked
+    while the job runs. Fits that finished under the same config are kept, whatever the number of
+    seeds was; a changed student setting (say, another temperature) reuses the teacher and its
+    store and trains new students.
     """
     started = time.perf_counter()
-    out_dir = Path(out_dir)
-    part = run_teacher(config, out_dir, overwrite=overwrite, progress=progress, log=log)
-    key, teacher_key = config_key(config), part.record["key"]
-    results_path = out_dir / "results.jsonl"
-    results = [r for r in read_jsonl(results_path) if r.get("key") == key]
-    finished = {(r["key"], r["role"], r["method"], r["seed"]) for r in read_jsonl(results_path)}
-    finished.add((teacher_key, "teacher", "teacher", config.first_seed))
-    _forget_unfinished(out_dir, finished)
+    prepared = prepare(config)
+    with RunFolder.open(out_dir, overwrite=overwrite, log=log) as folder:
+        part = _teacher_in(folder, config, prepared, progress, log)
+        key, teacher_key = config_key(config), part.record["key"]
+        every = folder.records("results.jsonl", unique=FIT_IDENTITY, required=FIT_IDENTITY)
+        results = [r for r in every if r["key"] == key and r["role"] == "student"]
+        finished = {tuple(r[k] for k in FIT_IDENTITY) for r in every}
+        finished.add((teacher_key, "teacher", "teacher", config.first_seed))
+        _forget_unfinished(folder, finished)
 
-    seeds = range(config.first_seed, config.first_seed + config.seeds)
-    done = {(r["method"], r["seed"]) for r in results}
-    pending = [(m, s) for s in seeds for m in METHODS if (m, s) not in done]
-    if pending and config.student.name == "mlp" and part.splits.train.weights is None:
-        # MLP students train all at once (softtargets.vectorised), several times faster; each
-        # step equals fit's to float tolerance. A resumed run trains the ones not yet finished.
-        results += _fit_students_together(config, part, pending, key, out_dir, progress)
-    else:
-        task = progress.add_task("students", total=len(pending)) if progress else None
-        for method, seed in pending:
-            results.append(_fit_student(config, part, method, seed, key, out_dir, progress))
+        seeds = range(config.first_seed, config.first_seed + config.seeds)
+        done = {(r["method"], r["seed"]) for r in results}
+        pending = [(m, s) for s in seeds for m in METHODS if (m, s) not in done]
+        if len(pending) < 2 * len(seeds):
+            log(f"students: {2 * len(seeds) - len(pending)} fits kept from a previous run")
+        if pending and config.student.name == "mlp" and part.splits.train.weights is None:
+            # MLP students train all at once (softtargets.vectorised), several times faster; each
+            # step equals fit's to float tolerance. A resumed run trains the unfinished ones.
+            results += _fit_students_together(config, part, pending, key, folder, progress, log)
+        else:
+            task = progress.add_task("students", total=len(pending)) if progress else None
+            for method, seed in pending:
+                results.append(
+                    _fit_student(config, part, method, seed, key, folder, progress, log)
+                )
+                if task is not None:
+                    progress.update(task, advance=1)
             if task is not None:
-                progress.update(task, advance=1)
-        if task is not None:
-            progress.remove_task(task)
+                progress.remove_task(task)
 
-    outcome = DistillOutcome(
-        out_dir,
-        part.record,
-        [r for r in results if r["seed"] in seeds],
-        time.perf_counter() - started,
-    )
-    write_report(outcome, config)
+        outcome = DistillOutcome(
+            folder.root,
+            part.record,
+            [r for r in results if r["seed"] in seeds],
+            time.perf_counter() - started,
+            len(part.splits.test),
+        )
+        write_report(outcome, config, folder)
     return outcome
 
 
@@ -298,8 +358,9 @@ def _fit_student(
     method: str,
     seed: int,
     key: str,
-    out_dir: Path,
+    folder: RunFolder,
     progress: Any,
+    log: Callable[[str], None],
 ) -> dict[str, Any]:
     """Fit one student (hard or soft targets, one seed), log it, and return its result record."""
     splits = part.splits
@@ -313,11 +374,11 @@ def _fit_student(
         seed=seed,
         device=part.device,
         progress=progress,
-        log_path=out_dir / "history.jsonl",
+        log_path=folder.path("history.jsonl"),
         log_extra={"key": key, "role": "student", "method": method, "seed": seed},
         **config.student_training.model_dump(),
     )
-    return _student_record(part, student, outcome, method, seed, key, out_dir)
+    return _student_record(part, student, outcome, method, seed, key, folder, log)
 
 
 def _fit_students_together(
@@ -325,8 +386,9 @@ def _fit_students_together(
     part: TeacherRun,
     pending: list[tuple[str, int]],
     key: str,
-    out_dir: Path,
+    folder: RunFolder,
     progress: Any,
+    log: Callable[[str], None],
 ) -> list[dict[str, Any]]:
     """Fit the ``pending`` (method, seed) MLP students at once with :func:`fit_many`."""
     from softtargets.vectorised import Member, fit_many
@@ -349,11 +411,11 @@ def _fit_students_together(
         test=splits.test,
         device=part.device,
         progress=progress,
-        log_path=out_dir / "history.jsonl",
+        log_path=folder.path("history.jsonl"),
         **config.student_training.model_dump(),
     )
     return [
-        _student_record(part, outcome.model, outcome, method, seed, key, out_dir)
+        _student_record(part, outcome.model, outcome, method, seed, key, folder, log)
         for (method, seed), outcome in zip(pending, outcomes, strict=True)
     ]
 
@@ -365,7 +427,8 @@ def _student_record(
     method: str,
     seed: int,
     key: str,
-    out_dir: Path,
+    folder: RunFolder,
+    log: Callable[[str], None],
 ) -> dict[str, Any]:
     """Evaluate a trained student, append its result record to results.jsonl and return it."""
     metrics = evaluate(student, part.splits.test, reference=part.teacher)
@@ -375,13 +438,19 @@ def _student_record(
         "method": method,
         "seed": seed,
         **{f"test_{k}": v for k, v in metrics.items()},
+        "test_rows": len(part.splits.test),
         "selected_epoch": outcome.best_epoch,
         "epochs_run": len(outcome.history),
         "seconds": round(outcome.seconds, 3),
         "parameters": count_parameters(student),
         "flops": forward_flops(student, part.data.feature_shape),
     }
-    append_jsonl(out_dir / "results.jsonl", record)
+    folder.append("results.jsonl", record)
+    log(
+        f"student, {method} targets, seed {seed}: test accuracy {metrics['accuracy']:.2%} "
+        f"({of_total(metrics['errors'], len(part.splits.test))} errors), epoch "
+        f"{outcome.best_epoch} of {len(outcome.history)} selected on validation"
+    )
     return record
 
 
@@ -394,7 +463,7 @@ def summary_rows(outcome: DistillOutcome) -> list[list[str]]:
             "hard labels",
             "1",
             f"{t['test_accuracy'] * 100:.2f}",
-            f"{t['test_errors']:.0f}",
+            of_total(t["test_errors"], outcome.test_rows),
         ]
     ]
     names = {"hard": "hard labels", "soft": "teacher soft targets"}
@@ -407,7 +476,7 @@ def summary_rows(outcome: DistillOutcome) -> list[list[str]]:
                     names[method],
                     str(len(acc)),
                     mean_ci(acc).format(100),
-                    mean_ci(err).format(1, 1),
+                    f"{mean_ci(err).format(1, 1)} of {outcome.test_rows:,}",
                 ]
             )
     return rows
@@ -424,14 +493,14 @@ def soft_minus_hard(outcome: DistillOutcome) -> str:
     )
 
 
-def write_report(outcome: DistillOutcome, config: DistillConfig) -> Path:
-    """Redraw ``accuracy.png`` and ``report.md`` from the run directory's files."""
+def write_report(outcome: DistillOutcome, config: DistillConfig, folder: RunFolder) -> Path:
+    """Redraw ``accuracy.png`` and ``report.md`` from the run folder's files."""
     out = outcome.out_dir
     key = config_key(config)
     history = [
         r
-        for r in read_jsonl(out / "history.jsonl")
-        if r.get("role") == "student" and r.get("key") == key
+        for r in folder.records("history.jsonl", required=FIT_IDENTITY)
+        if r["role"] == "student" and r["key"] == key
     ]
     names = {
         "hard": "student, hard labels",
@@ -441,7 +510,7 @@ def write_report(outcome: DistillOutcome, config: DistillConfig) -> Path:
         r["curve"] = names.get(r["method"], r["method"])
     plot_epoch_curves(
         history,
-        out / "accuracy.png",
+        folder.path("accuracy.png"),
         group="curve",
         reference={"teacher (selected epoch)": outcome.teacher["test_accuracy"]},
         title=f"{config.data.name}: test accuracy per epoch",
@@ -471,8 +540,7 @@ Files: `config.yaml` (resolved config), `history.jsonl` (every epoch), `results.
 fit), `store.safetensors` (teacher logits), `teacher.safetensors` (teacher weights).
 Wall time of this invocation: {outcome.seconds:.1f} s.
 """
-    atomic_write_text(out / "report.md", text)
-    return out / "report.md"
+    return folder.write_text("report.md", text)
 
 
 def demo_config(quick: bool = False) -> DistillConfig:

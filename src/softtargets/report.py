@@ -92,6 +92,11 @@ def plot_epoch_curves(
     return save_figure(figure, path)
 
 
+def of_total(count: float, total: int) -> str:
+    """An error count with its denominator: ``"59 of 2,000"``."""
+    return f"{count:,.0f} of {total:,}"
+
+
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     """A GitHub-flavoured Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]

@@ -29,18 +29,29 @@ def _as_tensor(values: Tensor | np.ndarray | list, name: str) -> Tensor:
     return tensor
 
 
+#: Temperatures softtargets accepts. Beyond them the losses leave float32's range: z / T overflows
+#: for tiny T, and the T^2 factor of Hinton's loss times a KL that rounds to 0 for huge T.
+#: Hinton et al. use 1 to 20; T = 1e4 is already the logit-matching limit.
+TEMPERATURE_RANGE = (1e-2, 1e4)
+
+
 def check_temperature(temperature: float) -> float:
-    """Return ``temperature`` as a float if it is finite and > 0, else raise."""
-    t = float(temperature)
-    if not math.isfinite(t) or t <= 0:
+    """Return ``temperature`` as a float if it is in :data:`TEMPERATURE_RANGE`, else raise."""
+    try:
+        t = float(temperature)
+    except (TypeError, ValueError):
+        t = math.nan
+    low, high = TEMPERATURE_RANGE
+    if not math.isfinite(t) or not low <= t <= high:
         raise SoftTargetsError(
-            f"temperature must be a finite number > 0, got {temperature!r}; use T=1 for the plain "
-            "softmax and T>1 to soften it"
+            f"temperature must be a number from {low:g} to {high:g}, got {temperature!r}; use T=1 "
+            "for the plain softmax and T>1 to soften it"
         )
     return t
 
 
-def _check_finite(tensor: Tensor, name: str, fix: str) -> None:
+def check_finite(tensor: Tensor, name: str, fix: str) -> None:
+    """Raise, naming the first bad row, if ``tensor`` (rows first) holds NaN or inf."""
     bad = ~torch.isfinite(tensor)
     if bad.any():
         row = int(bad.nonzero()[0, 0])
@@ -81,14 +92,17 @@ def soften(logits: Tensor, temperature: float = 1.0) -> Tensor:
         raise SoftTargetsError(
             f"logits must have a class dimension, got shape {tuple(logits.shape)}; pass (N, K)"
         )
-    _check_finite(
+    check_finite(
         logits.reshape(-1, logits.shape[-1]),
         "logits",
         "check the teacher's outputs (a diverged teacher gives NaN logits)",
     )
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()
-    return torch.softmax(logits / t, dim=-1)
+    # Shift by the row maximum *before* dividing by T: (z - max) / T is <= 0 for any T > 0, so a
+    # tiny T gives -inf (probability 0) and 0 (the maximum), never inf - inf = NaN.
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    return torch.softmax(shifted / t, dim=-1)
 
 
 def validate(
@@ -106,7 +120,7 @@ def validate(
     """
     tensor = _as_tensor(probs, name)
     _check_matrix(tensor, name, num_classes)
-    _check_finite(tensor, name, "remove or fill the missing values")
+    check_finite(tensor, name, "remove or fill the missing values")
     negative = tensor < 0
     if negative.any():
         row, col = (int(i) for i in negative.nonzero()[0])
@@ -143,7 +157,7 @@ def from_counts(
     """
     tensor = _as_tensor(counts, "counts")
     _check_matrix(tensor, "counts", num_classes)
-    _check_finite(tensor, "counts", "remove the row or replace the missing count")
+    check_finite(tensor, "counts", "remove the row or replace the missing count")
     negative = tensor < 0
     if negative.any():
         row, col = (int(i) for i in negative.nonzero()[0])

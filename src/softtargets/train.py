@@ -24,7 +24,7 @@ from softtargets.errors import SoftTargetsError
 from softtargets.files import append_jsonl
 from softtargets.losses import StoredDistillation, soft_cross_entropy
 from softtargets.metrics import classification_report, predict_logits
-from softtargets.targets import check_temperature, validate
+from softtargets.targets import check_finite, check_temperature, validate
 from softtargets.teacher import SoftTargetStore
 
 OptimizerName = Literal["sgd", "adam", "adamw"]
@@ -78,10 +78,36 @@ class FitResult:
 
 
 def resolve_device(device: torch.device | str | None = None) -> torch.device:
-    """``cuda`` when available and no device is named, else the named device (or the CPU)."""
+    """``cuda`` when available and no device is named, else the named device, if it exists here."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SoftTargetsError(
+            f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps"
+        ) from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (resolved.index or 0) >= count:
+            raise SoftTargetsError(
+                f"device {device!r} is not available here ({count} CUDA devices; this PyTorch "
+                f"is {torch.__version__}); use --device cpu or auto"
+            )
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise SoftTargetsError(f"device {device!r} is not available here; use --device cpu or auto")
+    elif resolved.type not in ("cpu", "cuda", "mps"):
+        raise SoftTargetsError(f"device {device!r} is not supported; use auto, cpu, cuda or mps")
+    return resolved
+
+
+def check_output_width(logits: Tensor, num_classes: int) -> None:
+    """Refuse a model whose ``(B, K')`` output does not have one logit per class of the data."""
+    if logits.ndim != 2 or logits.shape[1] != num_classes:
+        raise SoftTargetsError(
+            f"the model outputs shape {tuple(logits.shape)} per batch but the data has "
+            f"{num_classes} classes; build the model with {num_classes} outputs"
+        )
 
 
 @dataclass(frozen=True)
@@ -125,6 +151,7 @@ def resolve_targets(targets: Targets, data: Dataset) -> ResolvedTargets:
                     f"teacher logits have shape {tuple(teacher_logits.shape)} but the data needs "
                     f"({len(data)}, {data.num_classes}): one row per sample, one column per class"
                 )
+        check_finite(teacher_logits, "teacher logits", "the teacher has diverged; retrain it")
         return ResolvedTargets("distill", None, teacher_logits, temperature, float(targets.alpha))
     probs = validate(targets, data.num_classes).float()
     if probs.shape[0] != len(data):
@@ -168,8 +195,11 @@ def make_objective(targets: Targets, data: Dataset, device: torch.device) -> Obj
         return lambda logits, rows: loss.value_and_grad(logits.detach(), rows)
     probs = resolved.probs.to(device)
     if weights is None:
-        return lambda logits, rows: (soft_cross_entropy(logits, probs[rows]), None)
-    return lambda logits, rows: (soft_cross_entropy(logits, probs[rows], weights[rows]), None)
+        return lambda logits, rows: (soft_cross_entropy(logits, probs[rows], check=False), None)
+    return lambda logits, rows: (
+        soft_cross_entropy(logits, probs[rows], weights[rows], check=False),
+        None,
+    )
 
 
 def make_optimizer(
@@ -189,6 +219,11 @@ def make_optimizer(
         return classes[name](model.parameters(), fused=True, **options)
     except (RuntimeError, TypeError):
         return classes[name](model.parameters(), **options)
+
+
+def check_not_empty(data: Dataset, name: str) -> None:
+    if len(data) == 0:
+        raise SoftTargetsError(f"the {name} has no rows; nothing to train or evaluate on")
 
 
 def check_lengths(epochs: int, batch_size: int) -> None:
@@ -265,8 +300,15 @@ def fit(
     started = time.perf_counter()
     device = resolve_device(device)
     check_lengths(epochs, batch_size)
-    if test is not None and test.num_classes != data.num_classes:
-        raise SoftTargetsError("test data has a different number of classes than the training data")
+    check_not_empty(data, "training data")
+    for part, name in ((val, "validation data"), (test, "test data")):
+        if isinstance(part, Dataset):
+            check_not_empty(part, name)
+            if part.num_classes != data.num_classes:
+                raise SoftTargetsError(
+                    f"the {name} has {part.num_classes} classes but the training data "
+                    f"{data.num_classes}; give both the same classes"
+                )
 
     train_rows = torch.arange(len(data))
     if isinstance(val, float):
@@ -303,6 +345,8 @@ def fit(
                 for group in opt.param_groups:
                     group["lr"] = lr * factor
                 logits = model(features.index_select(0, rows))
+                if step == 0:
+                    check_output_width(logits, data.num_classes)
                 loss, logits_grad = objective(logits, rows)
                 opt.zero_grad(set_to_none=True)
                 if logits_grad is None:
@@ -367,7 +411,9 @@ def evaluate(
     ``data``; agreement is the fraction of rows where both predict the same class.
     """
     device = resolve_device(device) if device is not None else next(model.parameters()).device
+    check_not_empty(data, "evaluation data")
     logits = predict_logits(model, data.features, batch_size, device)
+    check_output_width(logits, data.num_classes)
     ref = None
     if isinstance(reference, nn.Module):
         ref = predict_logits(
@@ -377,4 +423,11 @@ def evaluate(
         ref = reference.logits_for(data).to(device)
     elif reference is not None:
         ref = torch.as_tensor(reference).to(device)
+        if ref.shape != logits.shape:
+            raise SoftTargetsError(
+                f"reference logits have shape {tuple(ref.shape)}, the model's {tuple(logits.shape)};"
+                " give one row per sample of the data, one column per class"
+            )
+    if ref is not None:
+        check_output_width(ref, data.num_classes)
     return classification_report(logits, data.labels.to(device), ref)

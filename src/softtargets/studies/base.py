@@ -42,6 +42,7 @@ from softtargets.models import build_model
 from softtargets.pipeline import TeacherRun, run_teacher
 from softtargets.report import markdown_table
 from softtargets.stats import Verdict
+from softtargets.targets import TEMPERATURE_RANGE
 from softtargets.vectorised import Member, fit_many
 
 
@@ -51,7 +52,12 @@ class StudyConfig(Strict):
     data: str = Field("mnist1d", description="built-in dataset name or file")
     seeds: int = Field(5, ge=1)
     quick: bool = Field(False, description="a miniature of the same code path (for tests)")
-    temperature: float = Field(4.0, gt=0, description="temperature of the soft targets")
+    temperature: float = Field(
+        4.0,
+        ge=TEMPERATURE_RANGE[0],
+        le=TEMPERATURE_RANGE[1],
+        description="temperature of the soft targets",
+    )
     student_hidden: list[int] = Field(default_factory=lambda: [100, 100])
     student_training: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=100, lr=1e-2))
 
