@@ -30,8 +30,9 @@ class DataConfig(Strict):
     options: dict[str, Any] = Field(default_factory=dict, description="built-in generator options")
     label_column: str | None = Field(None, description="label column for CSV / .npy files")
     test: str | None = Field(
-        None, description="a separate test file (e.g. MNIST's t10k); then the data file is split "
-        "into training and validation rows only"
+        None,
+        description="a separate test file (e.g. MNIST's t10k); then the data file is split "
+        "into training and validation rows only",
     )
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from softtargets.errors import SoftTargetsError
-from softtargets.files import atomic_write_text
 from softtargets.report import markdown_table
+from softtargets.runfolder import RunFolder
 
 STUDY_GLOB = "study-*/results.json"
 
@@ -83,9 +83,11 @@ def build_report(runs: str | Path = "runs", out: str | Path | None = None) -> tu
             *sections,
         ]
     )
-    md_path, html_path = out / "report.md", out / "report.html"
-    atomic_write_text(md_path, markdown)
-    atomic_write_text(html_path, to_html(markdown, out))
+    # runs/ holds the study folders too (shared=True); report.md and report.html are the only
+    # files written here, and a report.md that softtargets did not write is never replaced.
+    with RunFolder.open(out, shared=True) as folder:
+        md_path = folder.write_text("report.md", markdown)
+        html_path = folder.write_text("report.html", to_html(markdown, out))
     return md_path, html_path
 
 

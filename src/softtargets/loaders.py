@@ -48,8 +48,7 @@ def load_file(path: str | Path, label_column: str | int | None = None) -> Datase
     if name.endswith(".npy"):
         if label_column is not None and not _is_int(str(label_column)):
             raise SoftTargetsError(
-                f"{path}: the label column of an .npy file is a column number, got "
-                f"{label_column!r}"
+                f"{path}: the label column of an .npy file is a column number, got {label_column!r}"
             )
         return load_npy(path, -1 if label_column is None else int(label_column))
     if name.endswith(".csv") or name.endswith(".csv.gz"):
@@ -261,7 +260,9 @@ class CifarUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR batch never does")
+            raise pickle.UnpicklingError(
+                f"it names {module}.{name}, which a CIFAR batch never does"
+            )
         if module.startswith("numpy.core.") and int(np.__version__.split(".")[0]) >= 2:
             module = "numpy._core." + module.removeprefix("numpy.core.")  # renamed in NumPy 2
         return super().find_class(module, name)

@@ -315,9 +315,7 @@ def run_distillation(
         else:
             task = progress.add_task("students", total=len(pending)) if progress else None
             for method, seed in pending:
-                results.append(
-                    _fit_student(config, part, method, seed, key, folder, progress, log)
-                )
+                results.append(_fit_student(config, part, method, seed, key, folder, progress, log))
                 if task is not None:
                     progress.update(task, advance=1)
             if task is not None:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from softtargets.errors import SoftTargetsError
-from softtargets.files import atomic_write_bytes, atomic_write_text
+from softtargets.runfolder import RunFolder
 from softtargets.sklearn import SoftLabelClassifier
 
 
@@ -86,8 +86,10 @@ class ProportionModel:
             "n_features_in": int(est.n_features_in_),
             "n_iter": int(est.n_iter_),
         }
-        atomic_write_bytes(directory / "model.safetensors", save(tensors))
-        atomic_write_text(directory / "model.json", json.dumps(meta, indent=1) + "\n")
+        # a run folder: never another's files, and never two writers at once
+        with RunFolder.open(directory) as folder:
+            folder.write_bytes("model.safetensors", save(tensors))
+            folder.write_text("model.json", json.dumps(meta, indent=1) + "\n")
         return directory
 
     @classmethod

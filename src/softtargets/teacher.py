@@ -22,10 +22,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from softtargets.data import Dataset
+from softtargets.data import Dataset, labels_fingerprint
 from softtargets.errors import SoftTargetsError
 from softtargets.files import atomic_write_bytes
 from softtargets.metrics import predict_logits
+from softtargets.targets import check_finite
 from softtargets.targets import soften as soften_logits
 
 FORMAT = "softtargets.store"
@@ -53,6 +54,9 @@ class SoftTargetStore:
         data_fingerprint: the labelled dataset's ``fingerprint``.
         class_names: the ``K`` class names, in column order.
         info: free-form description (teacher name, accuracy, ...), saved in the header.
+        labels_fingerprint: :func:`~softtargets.data.labels_fingerprint` of the labelled data
+            (``""`` when unknown, as for a store streamed by :func:`label_to_file`): a store
+            whose data has the same features but other labels is refused on loading.
     """
 
     logits: Tensor
@@ -61,6 +65,7 @@ class SoftTargetStore:
     data_fingerprint: str
     class_names: tuple[str, ...]
     info: dict[str, Any] = field(default_factory=dict)
+    labels_fingerprint: str = ""
 
     def __post_init__(self) -> None:
         order = torch.argsort(self.ids)
@@ -81,8 +86,17 @@ class SoftTargetStore:
         )
 
     # ------------------------------------------------------------------ checks
-    def check(self, data: Dataset | None = None, teacher: nn.Module | None = None) -> None:
-        """Raise if ``data`` or ``teacher`` is not the one this store was made from."""
+    def check(
+        self,
+        data: Dataset | None = None,
+        teacher: nn.Module | None = None,
+        labels: bool = False,
+    ) -> None:
+        """Raise if ``data`` or ``teacher`` is not the one this store was made from.
+
+        ``labels``: also require ``data``'s labels to be those the store was made with (when the
+        store knows them). Off for lookups, where a split with noisy labels is legitimate.
+        """
         if teacher is not None:
             found = fingerprint_module(teacher)
             if found != self.teacher_fingerprint:
@@ -101,6 +115,15 @@ class SoftTargetStore:
                 raise SoftTargetsError(
                     f"the teacher has {self.num_classes} classes but the data has "
                     f"{data.num_classes}; teacher and data must share their classes"
+                )
+            if (
+                labels
+                and self.labels_fingerprint
+                and (labels_fingerprint(data) != self.labels_fingerprint)
+            ):
+                raise SoftTargetsError(
+                    "this store was made for data with the same features but other labels; "
+                    "label this data with a teacher trained on these labels"
                 )
 
     # ------------------------------------------------------------------ lookup
@@ -140,6 +163,7 @@ class SoftTargetStore:
             "data_fingerprint": self.data_fingerprint,
             "class_names": json.dumps(list(self.class_names)),
             "info": json.dumps(self.info, sort_keys=True),
+            "labels_fingerprint": self.labels_fingerprint,
         }
 
     def save(self, path: str | Path) -> Path:
@@ -184,18 +208,38 @@ class SoftTargetStore:
                 f"{path} is store format version {meta.get('version')}, this softtargets reads "
                 f"version {FORMAT_VERSION}; label the data again"
             )
+        corrupt = f"{path}: the store is corrupt or was not written by softtargets"
         logits, ids = tensors["logits"], tensors["ids"]
+        if logits.dtype not in (torch.float32, torch.float16) or ids.dtype != torch.int64:
+            raise SoftTargetsError(
+                f"{corrupt} (logits are {logits.dtype}, ids {ids.dtype}; a store holds float32 "
+                "or float16 logits and int64 ids); label the data again"
+            )
         if logits.ndim != 2 or ids.shape != (logits.shape[0],):
-            raise SoftTargetsError(f"{path}: logits and ids do not line up; the store is corrupt")
+            raise SoftTargetsError(f"{corrupt} (logits and ids do not line up); label again")
+        try:
+            names = json.loads(meta["class_names"])
+            info = json.loads(meta.get("info", "{}"))
+            fingerprints = (meta["teacher_fingerprint"], meta["data_fingerprint"])
+        except (KeyError, json.JSONDecodeError) as err:
+            raise SoftTargetsError(f"{corrupt} (its header lacks {err}); label again") from None
+        if not isinstance(names, list) or len(names) != logits.shape[1]:
+            raise SoftTargetsError(
+                f"{corrupt} (class names do not match its {logits.shape[1]} columns); label again"
+            )
+        if torch.unique(ids).numel() != len(ids):
+            raise SoftTargetsError(f"{corrupt} (an id appears twice); label the data again")
+        check_finite(logits, f"{path}: logits", "the teacher had diverged; label again")
         store = cls(
             logits=logits,
             ids=ids,
-            teacher_fingerprint=meta["teacher_fingerprint"],
-            data_fingerprint=meta["data_fingerprint"],
-            class_names=tuple(json.loads(meta["class_names"])),
-            info=json.loads(meta.get("info", "{}")),
+            teacher_fingerprint=fingerprints[0],
+            data_fingerprint=fingerprints[1],
+            class_names=tuple(str(n) for n in names),
+            info=info if isinstance(info, dict) else {},
+            labels_fingerprint=str(meta.get("labels_fingerprint", "")),
         )
-        store.check(data, teacher)
+        store.check(data, teacher, labels=True)
         return store
 
 
@@ -229,10 +273,7 @@ def label(
             f"the teacher outputs {tuple(logits.shape[1:])} logits per row but the data has "
             f"{data.num_classes} classes; use a teacher trained on these classes"
         )
-    if not torch.isfinite(logits).all():
-        raise SoftTargetsError(
-            "the teacher produced NaN or inf logits; it has diverged, retrain it"
-        )
+    check_finite(logits, "teacher logits", "the teacher has diverged; retrain it")
     if dtype == torch.float16 and logits.abs().max() > torch.finfo(torch.float16).max:
         raise SoftTargetsError(
             "teacher logits exceed float16's range (65504); store them as float32"
@@ -244,6 +285,7 @@ def label(
         data_fingerprint=data.fingerprint,
         class_names=data.class_names,
         info=dict(info or {}),
+        labels_fingerprint=labels_fingerprint(data),
     )
 
 
@@ -303,6 +345,7 @@ def label_to_file(
         "data_fingerprint": "0" * 16,
         "class_names": json.dumps(list(class_names)),
         "info": json.dumps(info or {}, sort_keys=True),
+        "labels_fingerprint": "",  # the batches carry no labels
     }
     header = _safetensors_header(num_rows, num_classes, dtype, placeholder)
     ids_at, logits_at = len(header), len(header) + 8 * num_rows
@@ -323,8 +366,9 @@ def label_to_file(
                         f"the teacher outputs {tuple(logits.shape[1:])} logits per row but there "
                         f"are {num_classes} classes; use a teacher trained on these classes"
                     )
-                if not torch.isfinite(logits).all():
-                    raise SoftTargetsError("the teacher produced NaN or inf logits; retrain it")
+                check_finite(
+                    logits, f"teacher logits (rows from {written})", "the teacher has diverged"
+                )
                 if written + len(ids) > num_rows:
                     raise SoftTargetsError(f"the batches hold more than num_rows={num_rows} rows")
                 handle.seek(ids_at + 8 * written)

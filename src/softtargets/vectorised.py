@@ -652,9 +652,10 @@ def _fit_stack(
                     p[m] = b[m]
             else:
                 result.best_epoch = len(result.history)
+    share = (time.perf_counter() - started) / len(models)  # one clock reading: equal shares
     for m, result in enumerate(tracker.results):
         result.model = net.load_member(m, models[m])  # trained in place, as fit() does
-        result.seconds = (time.perf_counter() - started) / len(models)
+        result.seconds = share
     if task is not None:
         progress.remove_task(task)
     return tracker.results

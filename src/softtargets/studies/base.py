@@ -10,8 +10,11 @@ gives it a :class:`StudyContext` and writes ``runs/study-NAME/``:
 | ``*.png`` | the figures |
 | ``section.md`` | the study's section of the report |
 
-Teachers are trained once per dataset (and label-noise rate) and stored with the core's store, in
-``teachers/`` beside the study directories, so every study reuses them.
+The study directory is a :class:`~softtargets.runfolder.RunFolder` (locked while the study runs,
+with a manifest of what it wrote). Teachers are trained once per dataset (and label-noise rate)
+and stored with the core's store, each in a run folder of its own under ``teachers/`` beside the
+study directories, so every study reuses them; two studies that need the same teacher at once
+wait for each other instead of training it twice.
 """
 
 from __future__ import annotations
@@ -37,10 +40,10 @@ from softtargets.config import (
     TrainConfig,
     dump_config,
 )
-from softtargets.files import atomic_write_text
 from softtargets.models import build_model
 from softtargets.pipeline import TeacherRun, run_teacher
 from softtargets.report import markdown_table
+from softtargets.runfolder import RunFolder
 from softtargets.stats import Verdict
 from softtargets.targets import TEMPERATURE_RANGE
 from softtargets.vectorised import Member, fit_many
@@ -89,10 +92,18 @@ class StudyContext:
 
     name: str
     config: StudyConfig
-    out_dir: Path
+    folder: RunFolder
     progress: Any = None
     log: Callable[[str], None] = lambda message: None
     _teachers: dict[str, TeacherRun] = field(default_factory=dict)
+
+    @property
+    def out_dir(self) -> Path:
+        return self.folder.root
+
+    def path(self, name: str) -> Path:
+        """Where to write the study's file ``name`` (recorded in the folder's manifest)."""
+        return self.folder.path(name)
 
     @property
     def seeds(self) -> list[int]:
@@ -152,7 +163,9 @@ class StudyContext:
         key = config_key(config, teacher_only=True)
         if key not in self._teachers:
             where = self.out_dir.parent / "teachers" / f"{config.data.name.replace('/', '_')}-{key}"
-            self._teachers[key] = run_teacher(config, where, progress=self.progress, log=self.log)
+            self._teachers[key] = run_teacher(
+                config, where, wait=True, progress=self.progress, log=self.log
+            )
         return self._teachers[key]
 
     def train(
@@ -206,12 +219,24 @@ def run_study(
     from softtargets.studies import study_module
 
     module = study_module(name)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with RunFolder.open(out_dir, log=log) as folder:
+        return _run_in(folder, name, module, config, progress, log, command)
+
+
+def _run_in(
+    folder: RunFolder,
+    name: str,
+    module: Any,
+    config: StudyConfig,
+    progress: Any,
+    log: Callable[[str], None],
+    command: str | None,
+) -> dict[str, Any]:
+    """:func:`run_study` inside its open run folder."""
     resolved = config.resolved()
-    atomic_write_text(out_dir / "config.yaml", dump_config(resolved))
+    folder.write_text("config.yaml", dump_config(resolved))
     started = time.perf_counter()
-    ctx = StudyContext(name, resolved, out_dir, progress, log)
+    ctx = StudyContext(name, resolved, folder, progress, log)
     output: StudyOutput = module.run(ctx)
     seconds = time.perf_counter() - started
     command = command or " ".join(shlex.quote(a) for a in ["softtargets", *sys.argv[1:]])
@@ -230,9 +255,9 @@ def run_study(
         "rows": output.rows,
         "figures": [f.name for f in output.figures],
     }
-    atomic_write_text(out_dir / "results.csv", _csv(output.rows))
-    atomic_write_text(out_dir / "results.json", json.dumps(payload, indent=1, default=float) + "\n")
-    atomic_write_text(out_dir / "section.md", section_markdown(module.TITLE, output, facts))
+    folder.write_text("results.csv", _csv(output.rows))
+    folder.write_text("results.json", json.dumps(payload, indent=1, default=float) + "\n")
+    folder.write_text("section.md", section_markdown(module.TITLE, output, facts))
     return payload
 
 

@@ -63,7 +63,7 @@ def run(ctx: StudyContext) -> StudyOutput:
     figures = [
         plot_lines(
             curves(rows, "method", "fraction", "test_accuracy", 100),
-            ctx.out_dir / "accuracy_vs_fraction.png",
+            ctx.path("accuracy_vs_fraction.png"),
             xlabel="training data used (%)",
             ylabel="test accuracy (%)",
             logx=True,
@@ -80,7 +80,7 @@ def run(ctx: StudyContext) -> StudyOutput:
     figures.append(
         plot_epoch_curves(
             [rec for rec, _ in at_key],
-            ctx.out_dir / "epochs_at_3_percent.png",
+            ctx.path("epochs_at_3_percent.png"),
             group="curve",
             title="Test accuracy per epoch, 3% of the training data (mean, 95% band)",
         )

@@ -172,7 +172,7 @@ def run(ctx: StudyContext) -> StudyOutput:
                 ]
                 for name in ("sampled one-hot labels", "Bayes probabilities")
             },
-            ctx.out_dir / "bayes_vs_sampled.png",
+            ctx.path("bayes_vs_sampled.png"),
             ylabel="variance between cases",
             scale=1.0,
             title="gaussians: same expected gradient, different variance (final epoch)",
@@ -237,7 +237,11 @@ def _bayes_rows(ctx: StudyContext, settings: dict, sample: int) -> list[dict]:
                 labels,
                 lambda z, y: torch.nn.functional.cross_entropy(z, y[None]),
             ),
-            ("Bayes probabilities", bayes, lambda z, p: soft_cross_entropy(z, p[None], check=False)),
+            (
+                "Bayes probabilities",
+                bayes,
+                lambda z, p: soft_cross_entropy(z, p[None], check=False),
+            ),
         ):
             out.append(
                 {
@@ -272,4 +276,4 @@ def _variance_figure(rows: list[dict], ctx: StudyContext):
     axes.set_ylabel("variance between cases / |mean gradient|^2 (log)")
     axes.set_title(f"{ctx.config.data}: relative gradient variance (mean, 95% CI)")
     axes.legend(frameon=False)
-    return save_figure(figure, ctx.out_dir / "gradient_variance.png")
+    return save_figure(figure, ctx.path("gradient_variance.png"))

@@ -53,7 +53,7 @@ def run(ctx: StudyContext) -> StudyOutput:
     figures = [
         plot_lines(
             lines,
-            ctx.out_dir / "accuracy_vs_noise.png",
+            ctx.path("accuracy_vs_noise.png"),
             xlabel="training labels flipped (%)",
             ylabel="clean test accuracy (%)",
             title="Students under symmetric label noise",

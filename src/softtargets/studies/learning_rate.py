@@ -99,7 +99,7 @@ def run(ctx: StudyContext) -> StudyOutput:
     figures = [
         plot_lines(
             curves([r for r in rows if r["arm"] == arm], "method", "lr", "final_test_accuracy"),
-            ctx.out_dir / f"accuracy_vs_learning_rate_{slug}.png",
+            ctx.path(f"accuracy_vs_learning_rate_{slug}.png"),
             xlabel=f"learning rate ({arm})",
             ylabel="final test accuracy (%)",
             logx=True,

@@ -137,7 +137,7 @@ def run(ctx: StudyContext) -> StudyOutput:
     figures = [
         plot_bars(
             groups,
-            ctx.out_dir / "bias_shift.png",
+            ctx.path("bias_shift.png"),
             ylabel="test accuracy (%)",
             title="Students that never saw some classes, before/after a bias shift",
         )

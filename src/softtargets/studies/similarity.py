@@ -111,8 +111,8 @@ def run(ctx: StudyContext) -> StudyOutput:
         reverse=True,
     )[:5]
     figures = [
-        _heatmaps(means_at, names, ctx.out_dir / "class_similarity.png"),
-        _examples(test, store, names, ctx.out_dir / "examples.png"),
+        _heatmaps(means_at, names, ctx.path("class_similarity.png")),
+        _examples(test, store, names, ctx.path("examples.png")),
     ]
     diff = mean_ci(margins_at_4)
     notes = (

@@ -80,7 +80,7 @@ def run(ctx: StudyContext) -> StudyOutput:
     diff = difference(rows, ["targets"], "test_accuracy", (names[2],), (names[1],))
     figure = plot_bars(
         {n: [r["test_accuracy"] for r in rows if r["targets"] == n] for n in names},
-        ctx.out_dir / "targets.png",
+        ctx.path("targets.png"),
         ylabel="test accuracy (%)",
         title="Same rows, three kinds of target (mean, 95% CI, seeds as dots)",
     )

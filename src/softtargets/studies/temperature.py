@@ -53,7 +53,7 @@ def run(ctx: StudyContext) -> StudyOutput:
     figures = [
         plot_lines(
             curves(rows, "student", "T", "test_accuracy"),
-            ctx.out_dir / "accuracy_vs_temperature.png",
+            ctx.path("accuracy_vs_temperature.png"),
             xlabel="temperature T",
             ylabel="test accuracy (%)",
             logx=True,

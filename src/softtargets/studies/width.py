@@ -136,7 +136,7 @@ def run(ctx: StudyContext) -> StudyOutput:
         figures.append(
             plot_lines(
                 curves,
-                ctx.out_dir / f"accuracy_vs_width_{i}.png",
+                ctx.path(f"accuracy_vs_width_{i}.png"),
                 xlabel="hidden units (one ReLU layer)",
                 ylabel="test accuracy (%)",
                 logx=True,
