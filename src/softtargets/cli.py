@@ -8,6 +8,8 @@ ends with one ``error: ...`` line and exit status 2, never a traceback.
 from __future__ import annotations
 
 import functools
+import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -18,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from softtargets.config import DistillConfig
 from softtargets.errors import SoftTargetsError
 
 app = typer.Typer(
@@ -51,15 +54,25 @@ def say(message: str) -> None:
     console.print(message, highlight=False)
 
 
-def make_progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    )
+def _show_warning(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+    """Warnings (a repaired file, say) as one ``warning:`` line, without a source line."""
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def make_progress() -> Any:
+    """Progress bars on a terminal; elsewhere (a log, CI) a heartbeat line every 30 s."""
+    if err_console.is_terminal:
+        return Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=True,
+        )
+    from softtargets.heartbeat import HeartbeatProgress
+
+    return HeartbeatProgress(say, float(os.environ.get("SOFTTARGETS_HEARTBEAT_SECONDS", 30)))
 
 
 def parse_options(pairs: list[str] | None, what: str) -> dict[str, Any]:
@@ -77,7 +90,22 @@ def parse_options(pairs: list[str] | None, what: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- shared options
-Out = Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/<command>).")]
+# Flags default to None ("not given": the config file's or the built-in value applies); the
+# built-in default is shown in each flag's help, read from the config models themselves.
+_DEFAULTS = DistillConfig()
+
+
+def _default(role: str, name: str) -> str:
+    value = getattr(getattr(_DEFAULTS, f"{role}_training"), name)
+    return f" \\[default: {value}]"
+
+
+Out = Annotated[
+    Path | None,
+    typer.Option(
+        "--out", help="Run folder: new, empty, or one softtargets made \\[default: runs/<command>]."
+    ),
+]
 ConfigFile = Annotated[
     Path | None, typer.Option("--config", help="YAML config; flags given here override it.")
 ]
@@ -85,50 +113,166 @@ Data = Annotated[
     str | None,
     typer.Option(
         "--data",
-        help="Built-in name (digits, mnist1d, "
-        "gaussians) or a file (.npz .npy .csv IDX CIFAR folder).",
+        help="Built-in name (digits, mnist1d, gaussians) or a file (.npz .npy .csv IDX CIFAR "
+        f"folder) \\[default: {_DEFAULTS.data.name}].",
     ),
 ]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Delete the run directory first.")]
+TestData = Annotated[
+    str | None,
+    typer.Option(
+        "--test-data",
+        help="A separate test file (e.g. MNIST's t10k); the --data file is then split into "
+        "training and validation rows only.",
+    ),
+]
+ValFraction = Annotated[
+    float | None,
+    typer.Option(
+        "--val-fraction",
+        help=f"Fraction of rows for validation \\[default: {_DEFAULTS.data.val_fraction}].",
+    ),
+]
+TestFraction = Annotated[
+    float | None,
+    typer.Option(
+        "--test-fraction",
+        help=f"Fraction of rows for testing \\[default: {_DEFAULTS.data.test_fraction}].",
+    ),
+]
+LabelColumn = Annotated[
+    str | None,
+    typer.Option("--label-column", help="Label column of a CSV (name) or .npy (number)."),
+]
+Overwrite = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite", help="Remove the files an earlier run wrote in --out (only those) first."
+    ),
+]
 TeacherName = Annotated[
-    str | None, typer.Option("--teacher", help="Teacher model: mlp, cnn1d, cnn2d.")
+    str | None,
+    typer.Option(
+        "--teacher", help=f"Teacher model: mlp, cnn1d, cnn2d \\[default: {_DEFAULTS.teacher.name}]."
+    ),
 ]
 TeacherOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--teacher-option",
-        help="Teacher builder option key=value (repeatable), e.g. channels=[64,64].",
+        help="Teacher builder option key=value (repeatable), e.g. channels=[64,64] "
+        f"\\[default: {_DEFAULTS.teacher.options}]; see `softtargets models`.",
     ),
 ]
-TeacherEpochs = Annotated[int | None, typer.Option("--teacher-epochs", help="Teacher epochs.")]
-Seeds = Annotated[int | None, typer.Option("--seeds", help="Student seeds (>= 3 for a CI).")]
+Seeds = Annotated[
+    int | None,
+    typer.Option("--seeds", help=f"Student seeds (>= 3 for a CI) \\[default: {_DEFAULTS.seeds}]."),
+]
 Device = Annotated[
-    str | None, typer.Option("--device", help="auto (cuda if available), cpu, cuda.")
+    str | None,
+    typer.Option(
+        "--device", help="auto (cuda if available), cpu, cuda, cuda:N, mps \\[default: auto]."
+    ),
 ]
 
 
-def build_distill_config(config_file: Path | None, **flags: Any) -> Any:
-    """A :class:`DistillConfig` from an optional YAML file, then flags that were given."""
-    from softtargets.config import DistillConfig, load_yaml, parse_config
+def _training_options(role: str, prefix: str) -> dict[str, Any]:
+    """The typer options for one role's TrainConfig fields (``--{prefix}lr``, ...)."""
+    return {
+        "epochs": Annotated[
+            int | None,
+            typer.Option(
+                f"--{prefix}epochs", help=f"{role.capitalize()} epochs{_default(role, 'epochs')}."
+            ),
+        ],
+        "lr": Annotated[
+            float | None,
+            typer.Option(
+                f"--{prefix}lr", help=f"{role.capitalize()} learning rate{_default(role, 'lr')}."
+            ),
+        ],
+        "optimizer": Annotated[
+            str | None,
+            typer.Option(
+                f"--{prefix}optimizer",
+                help=f"{role.capitalize()} optimizer: sgd, adam, adamw{_default(role, 'optimizer')}.",
+            ),
+        ],
+        "batch_size": Annotated[
+            int | None,
+            typer.Option(
+                f"--{prefix}batch-size",
+                help=f"{role.capitalize()} batch size{_default(role, 'batch_size')}.",
+            ),
+        ],
+        "weight_decay": Annotated[
+            float | None,
+            typer.Option(
+                f"--{prefix}weight-decay",
+                help=f"{role.capitalize()} weight decay{_default(role, 'weight_decay')}.",
+            ),
+        ],
+        "patience": Annotated[
+            int | None,
+            typer.Option(
+                f"--{prefix}patience",
+                help=f"Stop {role.lower()} training after this many epochs without a better "
+                f"validation accuracy{_default(role, 'patience')}.",
+            ),
+        ],
+    }
 
-    values: dict[str, Any] = load_yaml(config_file) if config_file else {}
+
+_TEACHER = _training_options("teacher", "teacher-")
+_STUDENT = _training_options("student", "")
+TRAINING_FIELDS = tuple(_TEACHER)
+TeacherEpochs = _TEACHER["epochs"]
+TeacherLr = _TEACHER["lr"]
+TeacherOptimizer = _TEACHER["optimizer"]
+TeacherBatchSize = _TEACHER["batch_size"]
+TeacherWeightDecay = _TEACHER["weight_decay"]
+TeacherPatience = _TEACHER["patience"]
+StudentEpochs = _STUDENT["epochs"]
+StudentLr = _STUDENT["lr"]
+StudentOptimizer = _STUDENT["optimizer"]
+StudentBatchSize = _STUDENT["batch_size"]
+StudentWeightDecay = _STUDENT["weight_decay"]
+StudentPatience = _STUDENT["patience"]
+
+
+def build_distill_config(config_file: Path | None, base: Any = None, **flags: Any) -> Any:
+    """A :class:`DistillConfig` from ``base`` (default: the built-in one) or a YAML file, then the
+    flags that were given. Flags named ``teacher_<field>`` / ``student_<field>`` set the two
+    trainings' fields; ``val_fraction``, ``test_fraction``, ``test_data`` and ``label_column``
+    set the data's. Every command builds its config here, so every flag is checked the same way.
+    """
+    from softtargets.config import load_yaml, parse_config
+
     source = str(config_file) if config_file else "flags"
-    config = parse_config(DistillConfig, values, source)
+    if config_file:
+        config = parse_config(DistillConfig, load_yaml(config_file), source)
+    else:
+        config = base if base is not None else DistillConfig()
     updates = {k: v for k, v in flags.items() if v is not None and v != []}
-    data = config.data.model_dump()
-    if "data" in updates:
-        data = {**data, "name": updates.pop("data"), "options": {}}
-    if "label_column" in updates:
-        data["label_column"] = updates.pop("label_column")
     merged = config.model_dump()
-    merged["data"] = data
+    data = merged["data"]
+    if "data" in updates:
+        data.update(name=updates.pop("data"), options={})
+    for flag, field in (
+        ("label_column", "label_column"),
+        ("val_fraction", "val_fraction"),
+        ("test_fraction", "test_fraction"),
+        ("test_data", "test"),
+    ):
+        if flag in updates:
+            data[field] = updates.pop(flag)
     for role in ("teacher", "student"):
         if role in updates:
             merged[role] = {"name": updates.pop(role), "options": {}}
         if f"{role}_option" in updates:
             merged[role]["options"].update(parse_options(updates.pop(f"{role}_option"), role))
-        if f"{role}_epochs" in updates:
-            merged[f"{role}_training"]["epochs"] = updates.pop(f"{role}_epochs")
+        for field in TRAINING_FIELDS:
+            if f"{role}_{field}" in updates:
+                merged[f"{role}_training"][field] = updates.pop(f"{role}_{field}")
     merged.update(updates)
     return parse_config(DistillConfig, merged, source)
 
@@ -160,6 +304,11 @@ def print_outcome(outcome: Any) -> None:
 
 
 # ---------------------------------------------------------------------- commands
+@app.callback()
+def _setup() -> None:
+    warnings.showwarning = _show_warning
+
+
 @app.command()
 @friendly_errors
 def demo(
@@ -172,11 +321,7 @@ def demo(
     """The main job on built-in data: teacher, stored logits, student with hard vs soft targets."""
     from softtargets.pipeline import demo_config
 
-    config = demo_config(quick=quick)
-    if seeds is not None:
-        config.seeds = seeds
-    if device is not None:
-        config.device = device
+    config = build_distill_config(None, base=demo_config(quick=quick), seeds=seeds, device=device)
     run_job(config, out or Path("runs/demo"), overwrite)
 
 
@@ -184,12 +329,18 @@ def demo(
 @friendly_errors
 def teacher(
     data: Data = None,
+    test_data: TestData = None,
     teacher: TeacherName = None,
     teacher_option: TeacherOpt = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", help="Teacher epochs.")] = None,
-    label_column: Annotated[
-        str | None, typer.Option(help="Label column of a CSV/.npy file.")
-    ] = None,
+    epochs: TeacherEpochs = None,
+    lr: TeacherLr = None,
+    optimizer: TeacherOptimizer = None,
+    batch_size: TeacherBatchSize = None,
+    weight_decay: TeacherWeightDecay = None,
+    patience: TeacherPatience = None,
+    val_fraction: ValFraction = None,
+    test_fraction: TestFraction = None,
+    label_column: LabelColumn = None,
     out: Out = None,
     config: ConfigFile = None,
     overwrite: Overwrite = False,
@@ -201,21 +352,23 @@ def teacher(
     cfg = build_distill_config(
         config,
         data=data,
+        test_data=test_data,
         teacher=teacher,
         teacher_option=teacher_option,
         teacher_epochs=epochs,
+        teacher_lr=lr,
+        teacher_optimizer=optimizer,
+        teacher_batch_size=batch_size,
+        teacher_weight_decay=weight_decay,
+        teacher_patience=patience,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
         label_column=label_column,
         device=device,
     )
     out = out or Path("runs/teacher")
     with make_progress() as progress:
-        part = run_teacher(
-            cfg,
-            out,
-            overwrite=overwrite,
-            progress=progress,
-            log=say,
-        )
+        part = run_teacher(cfg, out, overwrite=overwrite, progress=progress, log=say)
     console.print(
         f"stored {len(part.store)} x {part.store.num_classes} logits in {out}/store.safetensors",
         highlight=False,
@@ -226,49 +379,114 @@ def teacher(
 @friendly_errors
 def distill(
     data: Data = None,
+    test_data: TestData = None,
     teacher: TeacherName = None,
     teacher_option: TeacherOpt = None,
     teacher_epochs: TeacherEpochs = None,
+    teacher_lr: TeacherLr = None,
+    teacher_optimizer: TeacherOptimizer = None,
+    teacher_batch_size: TeacherBatchSize = None,
+    teacher_weight_decay: TeacherWeightDecay = None,
+    teacher_patience: TeacherPatience = None,
     student: Annotated[
-        str | None, typer.Option("--student", help="Student model: mlp, cnn1d, cnn2d.")
+        str | None,
+        typer.Option(
+            "--student",
+            help=f"Student model: mlp, cnn1d, cnn2d \\[default: {_DEFAULTS.student.name}].",
+        ),
     ] = None,
     student_option: Annotated[
         list[str] | None,
-        typer.Option("--student-option", help="Student builder option key=value (repeatable)."),
+        typer.Option(
+            "--student-option",
+            help="Student builder option key=value (repeatable) "
+            f"\\[default: {_DEFAULTS.student.options}]; see `softtargets models`.",
+        ),
     ] = None,
     temperature: Annotated[
-        float | None, typer.Option("--temperature", "-T", help="Softmax temperature T.")
+        float | None,
+        typer.Option(
+            "--temperature",
+            "-T",
+            help=f"Softmax temperature T \\[default: {_DEFAULTS.temperature}].",
+        ),
     ] = None,
     alpha: Annotated[
-        float | None, typer.Option(help="Weight of the soft term (0 = hard only).")
+        float | None,
+        typer.Option(
+            help=f"Weight of the soft term (0 = hard only) \\[default: {_DEFAULTS.alpha}]."
+        ),
     ] = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", help="Student epochs.")] = None,
+    epochs: StudentEpochs = None,
+    lr: StudentLr = None,
+    optimizer: StudentOptimizer = None,
+    batch_size: StudentBatchSize = None,
+    weight_decay: StudentWeightDecay = None,
+    patience: StudentPatience = None,
     seeds: Seeds = None,
-    label_column: Annotated[
-        str | None, typer.Option(help="Label column of a CSV/.npy file.")
-    ] = None,
+    val_fraction: ValFraction = None,
+    test_fraction: TestFraction = None,
+    label_column: LabelColumn = None,
     out: Out = None,
     config: ConfigFile = None,
     overwrite: Overwrite = False,
     device: Device = None,
 ) -> None:
-    """Teacher (reused if the run directory has it), then students on hard vs soft targets."""
+    """Teacher (reused if the run folder has it), then students on hard vs soft targets."""
     cfg = build_distill_config(
         config,
         data=data,
+        test_data=test_data,
         teacher=teacher,
         teacher_option=teacher_option,
         teacher_epochs=teacher_epochs,
+        teacher_lr=teacher_lr,
+        teacher_optimizer=teacher_optimizer,
+        teacher_batch_size=teacher_batch_size,
+        teacher_weight_decay=teacher_weight_decay,
+        teacher_patience=teacher_patience,
         student=student,
         student_option=student_option,
         temperature=temperature,
         alpha=alpha,
         student_epochs=epochs,
+        student_lr=lr,
+        student_optimizer=optimizer,
+        student_batch_size=batch_size,
+        student_weight_decay=weight_decay,
+        student_patience=patience,
         seeds=seeds,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
         label_column=label_column,
         device=device,
     )
     run_job(cfg, out or Path("runs/distill"), overwrite)
+
+
+@app.command()
+def models() -> None:
+    """The model builders and their options, with defaults (for --teacher-option/--student-option)."""
+    import inspect
+
+    from softtargets.models import MODELS
+
+    skip = ("in_features", "in_shape", "out_features", "num_classes")
+    table = Table(title="models (any torch.nn.Module also works from Python)", title_justify="left")
+    for column in ("model", "option", "default", "what"):
+        table.add_column(column)
+    for name, (_, documented) in MODELS.items():
+        paragraph = (inspect.getdoc(documented) or "").split("\n\n")[0]
+        summary = paragraph.replace("\n", " ").replace("``", "")
+        options = [
+            p for p in inspect.signature(documented).parameters.values() if p.name not in skip
+        ]
+        for i, p in enumerate(options):
+            default = p.default
+            if isinstance(default, tuple):
+                default = list(default)
+            table.add_row(name if i == 0 else "", p.name, str(default), summary if i == 0 else "")
+    console.print(table)
 
 
 @app.command()
