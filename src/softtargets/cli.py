@@ -224,6 +224,7 @@ def _training_options(role: str, prefix: str) -> dict[str, Any]:
 
 _TEACHER = _training_options("teacher", "teacher-")
 _STUDENT = _training_options("student", "")
+_TEACHER_COMMAND = _training_options("teacher", "")  # the teacher command trains only a teacher
 TRAINING_FIELDS = tuple(_TEACHER)
 TeacherEpochs = _TEACHER["epochs"]
 TeacherLr = _TEACHER["lr"]
@@ -237,6 +238,12 @@ StudentOptimizer = _STUDENT["optimizer"]
 StudentBatchSize = _STUDENT["batch_size"]
 StudentWeightDecay = _STUDENT["weight_decay"]
 StudentPatience = _STUDENT["patience"]
+OnlyEpochs = _TEACHER_COMMAND["epochs"]
+OnlyLr = _TEACHER_COMMAND["lr"]
+OnlyOptimizer = _TEACHER_COMMAND["optimizer"]
+OnlyBatchSize = _TEACHER_COMMAND["batch_size"]
+OnlyWeightDecay = _TEACHER_COMMAND["weight_decay"]
+OnlyPatience = _TEACHER_COMMAND["patience"]
 
 
 def build_distill_config(config_file: Path | None, base: Any = None, **flags: Any) -> Any:
@@ -332,12 +339,12 @@ def teacher(
     test_data: TestData = None,
     teacher: TeacherName = None,
     teacher_option: TeacherOpt = None,
-    epochs: TeacherEpochs = None,
-    lr: TeacherLr = None,
-    optimizer: TeacherOptimizer = None,
-    batch_size: TeacherBatchSize = None,
-    weight_decay: TeacherWeightDecay = None,
-    patience: TeacherPatience = None,
+    epochs: OnlyEpochs = None,
+    lr: OnlyLr = None,
+    optimizer: OnlyOptimizer = None,
+    batch_size: OnlyBatchSize = None,
+    weight_decay: OnlyWeightDecay = None,
+    patience: OnlyPatience = None,
     val_fraction: ValFraction = None,
     test_fraction: TestFraction = None,
     label_column: LabelColumn = None,
