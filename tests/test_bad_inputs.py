@@ -112,6 +112,8 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (w / "folder.yaml").mkdir()
     (w / "binary.yaml").write_bytes(b"\xff\xfe\x00\x81")
     (w / "inf.yaml").write_text("temperature: .inf\n")
+    with RunFolder.open(w / "oldrun") as folder:
+        folder.write_text("results.jsonl", '{"accuracy": 0.9}\n')  # a line from elsewhere
     (w / "userdir").mkdir()
     (w / "userdir" / "report.md").write_text("my own notes\n")
     monkeypatch.chdir(w)
@@ -368,6 +370,11 @@ CLI_CASES: list[tuple[str, list[str], str]] = [
         "distill overwrite cwd",
         ["distill", "--data", "good.csv", "--out", ".", "--overwrite"],
         "current",
+    ),
+    (
+        "distill foreign record",
+        ["distill", "--data", "good.csv", "--out", "oldrun", *SMALL],
+        "record 1 has no 'key'",
     ),
     ("teacher lr", ["teacher", "--data", "good.csv", "--lr", "0"], "lr: Input should be greater"),
     ("study name", ["study", "nothing"], "unknown study 'nothing'"),

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from softtargets.cli import app
 from softtargets.config import DistillConfig, load_config
 from softtargets.errors import SoftTargetsError
-from softtargets.files import read_jsonl
+from softtargets.files import SoftTargetsWarning, read_jsonl
 from softtargets.pipeline import demo_config, run_distillation
 
 runner = CliRunner()
@@ -58,7 +58,8 @@ def test_interrupted_run_resumes_without_redoing_finished_fits(tmp_path) -> None
     with open(out / "history.jsonl", "a") as handle:
         handle.write('{"torn": ')
     teacher_mtime = (out / "teacher.safetensors").stat().st_mtime_ns
-    second = run_distillation(config, out)
+    with pytest.warns(SoftTargetsWarning, match="torn last line"):
+        second = run_distillation(config, out)
     assert (out / "teacher.safetensors").stat().st_mtime_ns == teacher_mtime  # not retrained
     assert len(read_jsonl(out / "results.jsonl")) == 4
     assert [r["test_accuracy"] for r in second.results] == [

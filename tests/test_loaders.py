@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import struct
 
@@ -103,6 +104,39 @@ def test_cifar_batch(tmp_path) -> None:
     assert [loaded.class_names[i] for i in loaded.labels] == ["0", "9", "3", "3"]
     # CIFAR stores each image as 1024 red, then green, then blue values
     assert float(loaded.features[1, 1, 0, 0]) == pytest.approx(data[1, 1024] / 255)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_batch_in_any_pickle_protocol(tmp_path, protocol: int) -> None:
+    data = np.arange(2 * 12, dtype=np.uint8).reshape(2, 12)  # two 2x2 RGB images
+    batch = {b"batch_label": b"training batch 1 of 5", b"data": data, b"labels": [1, 0],
+             b"filenames": [b"a.png", b"b.png"]}  # fmt: skip
+    with open(tmp_path / "data_batch_2", "wb") as handle:
+        pickle.dump(batch, handle, protocol=protocol)
+    loaded = load_file(tmp_path / "data_batch_2")
+    assert loaded.feature_shape == (3, 2, 2) and loaded.labels.tolist() == [1, 0]
+
+
+def test_a_cifar_named_pickle_cannot_run_code(tmp_path) -> None:
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self) -> tuple:
+            return (os.system, (f"touch {marker}",))
+
+    for name, payload in (
+        ("data_batch_1", {b"data": Evil(), b"labels": [0]}),
+        ("test_batch", Evil()),
+    ):
+        with open(tmp_path / name, "wb") as handle:
+            pickle.dump(payload, handle)
+        with pytest.raises(SoftTargetsError, match="not a readable CIFAR batch"):
+            load_file(tmp_path / name)
+    assert not marker.exists()
+    # the standard unpickler would have run it: the file really is malicious
+    with open(tmp_path / "test_batch", "rb") as handle:
+        pickle.load(handle)
+    assert marker.exists()
 
 
 def test_image_folder(tmp_path) -> None:

@@ -207,11 +207,15 @@ def _teacher_in(
     """:func:`run_teacher` inside an open run folder."""
     key, teacher = prepared.teacher_key, prepared.teacher
     data, splits = prepared.data, prepared.splits
-    if folder.key("teacher") not in (None, key):  # checked before anything is written
+    # Everything is checked before anything is written: the teacher's settings, and that the
+    # run's records are readable (a foreign line in them is an error naming it).
+    if folder.key("teacher") not in (None, key):
         raise SoftTargetsError(
             f"{folder.root} holds a teacher made with other data or teacher settings; pass "
             "--overwrite to replace it or --out to write elsewhere"
         )
+    for name in ("history.jsonl", "results.jsonl"):
+        folder.records(name, required=FIT_IDENTITY)
     folder.write_text("config.yaml", dump_config(config))
     log(
         f"data: {data.name}, {len(splits.train)} train / {len(splits.val)} validation / "
