@@ -395,6 +395,7 @@ CLI_CASES: list[tuple[str, list[str], str]] = [
         "did not make",
     ),
     ("predict no model", ["predict", "userdir", "good.csv"], "holds no model"),
+    ("predict over a file", ["predict", "userdir", "good.csv", "--out", "good.csv"], "exists"),
 ]
 
 

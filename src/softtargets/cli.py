@@ -619,6 +619,9 @@ def predict(
     model_dir: Annotated[Path, typer.Argument(help="A directory written by fit-proportions.")],
     file: Annotated[Path, typer.Argument(help="CSV holding the model's feature columns.")],
     out: Annotated[Path | None, typer.Option("--out", help="Write here (default: stdout).")] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace --out if it exists (it is refused else).")
+    ] = False,
 ) -> None:
     """Class probabilities for every row of a CSV, as CSV (row, then one column per class)."""
     import csv
@@ -627,6 +630,10 @@ def predict(
     from softtargets.files import atomic_write_text
     from softtargets.proportions import predict_file
 
+    if out is not None and out.exists() and not overwrite:
+        raise SoftTargetsError(
+            f"{out} exists; pass --overwrite to replace it or choose another --out"
+        )
     classes, probs = predict_file(model_dir, file)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
