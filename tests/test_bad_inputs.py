@@ -32,7 +32,7 @@ from softtargets.runfolder import RunFolder
 from softtargets.targets import from_counts, mix, smooth, soften, validate
 from softtargets.teacher import SoftTargetStore, label
 from softtargets.train import Distillation, evaluate, fit
-from softtargets.vectorised import fit_many
+from softtargets.vectorised import Member, fit_many
 
 runner = CliRunner()
 MARKER = "pwned-marker"
@@ -114,6 +114,8 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (w / "inf.yaml").write_text("temperature: .inf\n")
     with RunFolder.open(w / "oldrun") as folder:
         folder.write_text("results.jsonl", '{"accuracy": 0.9}\n')  # a line from elsewhere
+    (w / "fakeruns" / "study-x").mkdir(parents=True)
+    (w / "fakeruns" / "study-x" / "results.json").write_text('{"study": "x"}')
     (w / "userdir").mkdir()
     (w / "userdir" / "report.md").write_text("my own notes\n")
     monkeypatch.chdir(w)
@@ -267,6 +269,11 @@ API_CASES: list[tuple[str, Callable[[Path], object], str]] = [
     ("fit device tpu", lambda w: fit(mlp(), tiny(), device="tpu", epochs=1), "unknown device"),
     ("fit device cuda", lambda w: fit(mlp(), tiny(), device="cuda", epochs=1), "not available"),
     ("fit_many outputs", lambda w: fit_many([mlp(5)], tiny(), epochs=1), "to 5 classes"),
+    (
+        "fit_many member labels",
+        lambda w: fit_many([mlp()], tiny(), [Member(seed=0, labels=torch.arange(30))], epochs=1),
+        "row 3 has class 3, outside 0..2",
+    ),
     # the teacher store
     ("store NaN logits", lambda w: _store_case(w, logits=NAN_LOGITS), "logits: row 1 holds NaN"),
     (
@@ -380,6 +387,7 @@ CLI_CASES: list[tuple[str, list[str], str]] = [
     ("study name", ["study", "nothing"], "unknown study 'nothing'"),
     ("study seeds", ["study", "similarity", "--seeds", "0"], "seeds: Input should be greater"),
     ("report nothing", ["report", "--runs", "userdir"], "no studies found"),
+    ("report foreign study", ["report", "--runs", "fakeruns"], "has no 'title'"),
     (
         "fit-proportions out",
         [

@@ -215,3 +215,13 @@ def test_results_are_json_lines(tmp_path) -> None:
     for line in (out / "results.jsonl").read_text().splitlines():
         record = json.loads(line)
         assert 0.0 <= record["test_accuracy"] <= 1.0 and record["selected_epoch"] >= 1
+
+
+def test_the_command_line_starts_without_torch() -> None:
+    # --help must answer at once: torch is imported only by the commands that train
+    import subprocess
+    import sys
+
+    code = "import sys, softtargets.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

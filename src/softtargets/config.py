@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from softtargets.errors import SoftTargetsError
-from softtargets.targets import TEMPERATURE_RANGE
+from softtargets.limits import TEMPERATURE_RANGE
 
 
 class Strict(BaseModel):

@@ -26,11 +26,17 @@ def find_studies(runs: Path) -> list[tuple[Path, dict[str, Any]]]:
     from softtargets.studies import STUDIES
 
     found = []
+    needed = ("study", "title", "verdict", "config")
     for path in sorted(runs.glob(STUDY_GLOB)):
         try:
-            found.append((path.parent, json.loads(path.read_text())))
-        except json.JSONDecodeError:
+            result = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
             raise SoftTargetsError(f"{path} is not valid JSON; re-run that study") from None
+        missing = [k for k in needed if not isinstance(result, dict) or k not in result]
+        if missing or not (path.parent / "section.md").is_file():
+            what = f"no {missing[0]!r}" if missing else "no section.md beside it"
+            raise SoftTargetsError(f"{path} has {what}; re-run that study")
+        found.append((path.parent, result))
     order = list(STUDIES)
     found.sort(key=lambda item: order.index(item[1]["study"]) if item[1]["study"] in order else 99)
     return found

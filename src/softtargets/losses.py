@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from softtargets.errors import SoftTargetsError
-from softtargets.targets import check_finite, check_temperature, one_hot, validate
+from softtargets.targets import check_finite, check_labels, check_temperature, validate
 
 Reduction = Literal["mean", "sum", "none"]
 
@@ -30,21 +30,6 @@ def _check_weight(weight: Tensor | None, rows: int) -> None:
     if (weight < 0).any():
         row = int((weight < 0).nonzero()[0, 0])
         raise SoftTargetsError(f"row weights: row {row} is negative; weights must be >= 0")
-
-
-def _check_labels(labels: Tensor, rows: int, num_classes: int) -> None:
-    if labels.shape != (rows,):
-        raise SoftTargetsError(
-            f"labels have shape {tuple(labels.shape)}; give one class index per row ({rows},)"
-        )
-    one_hot(labels[:0], num_classes)  # dtype check only, on no rows
-    bad = (labels < 0) | (labels >= num_classes)
-    if bad.any():
-        row = int(bad.nonzero()[0, 0])
-        raise SoftTargetsError(
-            f"labels: row {row} has class {int(labels[row])}, outside 0..{num_classes - 1}; "
-            "the labels must index the logits' columns"
-        )
 
 
 def _reduce(per_row: Tensor, weight: Tensor | None, reduction: Reduction) -> Tensor:
@@ -170,7 +155,7 @@ def distillation_loss(
             "alpha=1"
         )
     if check:
-        _check_labels(labels, student_logits.shape[0], student_logits.shape[-1])
+        check_labels(labels, student_logits.shape[-1], student_logits.shape[0])
     hard = F.cross_entropy(student_logits, labels, reduction="none")
     return _reduce(alpha * soft + (1.0 - alpha) * hard, None, reduction)
 

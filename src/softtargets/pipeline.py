@@ -146,7 +146,9 @@ def prepare(config: DistillConfig) -> Prepared:
     )
     # The student is built now only to check its options (an error after the teacher has
     # trained for minutes would waste them); each fit builds its own.
-    build_model(config.student.name, data.feature_shape, data.num_classes, **config.student.options)
+    build_model(
+        config.student.name, data.feature_shape, data.num_classes, seed=0, **config.student.options
+    )  # seeded: the caller's random stream is left untouched
     key = settings_key(
         {
             "settings": config_key(config, teacher_only=True),

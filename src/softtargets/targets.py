@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from softtargets.errors import SoftTargetsError
+from softtargets.limits import TEMPERATURE_RANGE
 
 #: Rows of a probability matrix must sum to 1 within this absolute tolerance. Loose enough for
 #: proportions rounded to three decimals in a CSV file, tight enough to catch unnormalised scores.
@@ -27,12 +28,6 @@ def _as_tensor(values: Tensor | np.ndarray | list, name: str) -> Tensor:
     if not tensor.is_floating_point():
         tensor = tensor.to(torch.get_default_dtype())
     return tensor
-
-
-#: Temperatures softtargets accepts. Beyond them the losses leave float32's range: z / T overflows
-#: for tiny T, and the T^2 factor of Hinton's loss times a KL that rounds to 0 for huge T.
-#: Hinton et al. use 1 to 20; T = 1e4 is already the logit-matching limit.
-TEMPERATURE_RANGE = (1e-2, 1e4)
 
 
 def check_temperature(temperature: float) -> float:
@@ -176,24 +171,34 @@ def from_counts(
     return tensor / totals[:, None], totals
 
 
-def one_hot(labels: Tensor, num_classes: int) -> Tensor:
-    """``(N,)`` integer labels -> ``(N, K)`` float one-hot rows, with a clear error if out of range."""
+def check_labels(labels: Tensor, num_classes: int, rows: int | None = None) -> Tensor:
+    """Return ``labels`` if they are ``(N,)`` integer class indices in ``0..num_classes-1``
+    (and ``N == rows`` when given); else raise, naming the first bad row."""
     labels = torch.as_tensor(labels)
-    if labels.ndim != 1:
+    if labels.ndim != 1 or (rows is not None and labels.shape[0] != rows):
+        want = f"({rows},)" if rows is not None else "(N,)"
         raise SoftTargetsError(
-            f"labels must be a 1-D vector of class indices, got shape {tuple(labels.shape)}"
+            f"labels must be a vector of class indices of shape {want}, got shape "
+            f"{tuple(labels.shape)}"
         )
-    if labels.is_floating_point() or labels.dtype == torch.bool:
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise SoftTargetsError(
             f"labels must be integers (class indices), got dtype {labels.dtype}; "
             "convert with labels.long()"
         )
-    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-        bad = int(((labels < 0) | (labels >= num_classes)).nonzero()[0, 0])
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        row = int(bad.nonzero()[0, 0])
         raise SoftTargetsError(
-            f"labels: row {bad} has class {int(labels[bad])}, outside 0..{num_classes - 1}; "
+            f"labels: row {row} has class {int(labels[row])}, outside 0..{num_classes - 1}; "
             "check num_classes or remap the labels"
         )
+    return labels
+
+
+def one_hot(labels: Tensor, num_classes: int) -> Tensor:
+    """``(N,)`` integer labels -> ``(N, K)`` float one-hot rows, with a clear error if out of range."""
+    labels = check_labels(labels, num_classes)
     return torch.nn.functional.one_hot(labels.long(), num_classes).to(torch.get_default_dtype())
 
 

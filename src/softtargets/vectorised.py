@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from softtargets.data import Dataset
 from softtargets.errors import SoftTargetsError
 from softtargets.files import append_jsonl
-from softtargets.targets import soften
+from softtargets.targets import check_labels, soften
 from softtargets.train import (
     FitResult,
     Targets,
@@ -361,9 +361,9 @@ def _member_targets(member: Member, data: Dataset) -> tuple[Tensor, Tensor, floa
     distillation reports the soft term as a KL divergence (cross-entropy minus the teacher's
     entropy) and a probability matrix as the cross-entropy itself.
     """
-    labels = data.labels if member.labels is None else torch.as_tensor(member.labels).long()
-    if labels.shape != (len(data),):
-        raise SoftTargetsError(f"member labels must have shape ({len(data)},)")
+    labels = data.labels
+    if member.labels is not None:
+        labels = check_labels(member.labels, data.num_classes, len(data)).long()
     resolved = resolve_targets(member.targets, data)
     if resolved.kind == "hard":
         return torch.zeros(len(data), data.num_classes), labels, 1.0, 0.0, False

@@ -40,12 +40,12 @@ from softtargets.config import (
     TrainConfig,
     dump_config,
 )
+from softtargets.limits import TEMPERATURE_RANGE
 from softtargets.models import build_model
 from softtargets.pipeline import TeacherRun, run_teacher
 from softtargets.report import markdown_table
 from softtargets.runfolder import RunFolder
 from softtargets.stats import Verdict
-from softtargets.targets import TEMPERATURE_RANGE
 from softtargets.vectorised import Member, fit_many
 
 
