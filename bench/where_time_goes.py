@@ -28,15 +28,10 @@ import torch
 from softtargets.data import Dataset, split
 from softtargets.datasets import mnist1d
 from softtargets.models import build_model
+from softtargets.stacked import StackedMLP, StackedOptimizer
 from softtargets.teacher import label
 from softtargets.train import Distillation, make_objective, make_optimizer
-from softtargets.vectorised import (
-    Member,
-    StackedMLP,
-    StackedOptimizer,
-    StackedTargets,
-    _rows_by_step,
-)
+from softtargets.vectorised import Member, StackedTargets, _rows_by_step
 
 PHASES_FIT = ("forward", "loss", "backward", "optimizer")
 PHASES_MANY = ("gather", "forward", "loss", "backward", "optimizer")

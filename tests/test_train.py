@@ -9,9 +9,10 @@ from softtargets.data import Dataset, split
 from softtargets.datasets import gaussians
 from softtargets.errors import SoftTargetsError
 from softtargets.models import build_model
+from softtargets.selection import lr_factor
 from softtargets.targets import soften
 from softtargets.teacher import label
-from softtargets.train import Distillation, evaluate, fit, lr_factor
+from softtargets.train import Distillation, evaluate, fit
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,10 @@ from softtargets.data import split
 from softtargets.datasets import gaussians
 from softtargets.errors import SoftTargetsError
 from softtargets.models import build_model
+from softtargets.stacked import StackedMLP
 from softtargets.teacher import label
 from softtargets.train import Distillation, fit
-from softtargets.vectorised import Member, StackedMLP, fit_many
+from softtargets.vectorised import Member, fit_many
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +183,7 @@ def test_training_buffers_follow_the_module_to_a_new_dtype(parts) -> None:
 
 
 def test_stack_groups_split_a_width_sweep_and_keep_small_models_together() -> None:
-    from softtargets.vectorised import stack_groups
+    from softtargets.stacked import stack_groups
 
     sweep = [1, 2, 4, 8, 16, 32, 64, 128, 256]
     models = [build_model("mlp", (40,), 2, seed=s, hidden=[w]) for w in sweep for s in range(10)]

@@ -11,7 +11,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,9 +21,9 @@ from torch import Tensor, nn
 
 from softtargets.data import Dataset, holdout
 from softtargets.errors import SoftTargetsError
-from softtargets.files import append_jsonl
 from softtargets.losses import StoredDistillation, soft_cross_entropy
 from softtargets.metrics import classification_report, predict_logits
+from softtargets.selection import FitResult, LearningRates, Selection
 from softtargets.targets import check_finite, check_temperature, validate
 from softtargets.teacher import SoftTargetStore
 
@@ -48,33 +48,6 @@ class Distillation:
 
 
 Targets = None | str | Tensor | SoftTargetStore | Distillation
-
-
-@dataclass
-class FitResult:
-    """What :func:`fit` returns.
-
-    Attributes:
-        model: the trained model (weights of ``best_epoch`` when selected on validation).
-        history: one record per epoch (``epoch``, ``train_loss``, ``lr``, ``val_accuracy``,
-            ``val_nll``, ``test_accuracy``, ``test_nll``, ``seconds``; missing parts omitted).
-        best_epoch: the epoch whose weights ``model`` holds (1-based).
-        stopped_early: whether early stopping ended training.
-        diverged: whether the training loss became NaN or inf (training stops there).
-        seconds: wall time of the whole fit.
-    """
-
-    model: nn.Module
-    history: list[dict[str, Any]] = field(default_factory=list)
-    best_epoch: int = 0
-    stopped_early: bool = False
-    diverged: bool = False
-    seconds: float = 0.0
-
-    @property
-    def selected(self) -> dict[str, Any]:
-        """The history record of ``best_epoch``."""
-        return self.history[self.best_epoch - 1] if self.history else {}
 
 
 def resolve_device(device: torch.device | str | None = None) -> torch.device:
@@ -232,25 +205,17 @@ def check_lengths(epochs: int, batch_size: int) -> None:
         raise SoftTargetsError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
 
 
-def lr_factor(schedule: str, step: int, total_steps: int) -> float:
-    """Multiplier of the base learning rate at ``step`` of ``total_steps``."""
-    if schedule == "none":
-        return 1.0
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1)))
-    if schedule == "step":  # x0.1 at half and at three quarters of training
-        progress = step / max(total_steps, 1)
-        return 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
-    raise SoftTargetsError(f"unknown schedule {schedule!r}; choose none, cosine or step")
-
-
 @torch.no_grad()
-def _score(model: nn.Module, data: Dataset, device: torch.device) -> tuple[float, float]:
+def _score(
+    model: nn.Module, data: Dataset | None, device: torch.device
+) -> tuple[list[float], list[float]] | None:
+    """``([accuracy], [NLL])`` of ``model`` on ``data`` (one member, as :class:`Selection` takes)."""
+    if data is None:
+        return None
     logits = predict_logits(model, data.features, device=device)
     labels = data.labels.to(device)
-    return float((logits.argmax(1) == labels).float().mean()), float(
-        F.cross_entropy(logits, labels)
-    )
+    accuracy = float((logits.argmax(1) == labels).float().mean())
+    return [accuracy], [float(F.cross_entropy(logits, labels))]
 
 
 def fit(
@@ -320,13 +285,10 @@ def fit(
     val_dev = None if val is None else val.to(device)
     test_dev = None if test is None else test.to(device)
     opt = make_optimizer(model, optimizer, lr, weight_decay, momentum)
-    steps_per_epoch = math.ceil(len(train_rows) / batch_size)
-    total_steps = epochs * steps_per_epoch
-
-    result = FitResult(model=model)
-    best: tuple[float, float] | None = None
+    rates = LearningRates([lr], schedule, [epochs * math.ceil(len(train_rows) / batch_size)])
+    tracker = Selection([model], patience, log_path, [log_extra])
+    result = tracker.results[0]
     best_state: dict[str, Tensor] | None = None
-    epochs_without_gain = 0
     task = progress.add_task("training", total=epochs) if progress is not None else None
     generator = torch.Generator().manual_seed(seed)
     step = 0
@@ -341,9 +303,9 @@ def fit(
             loss_sum = torch.zeros((), device=device)
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
-                factor = lr_factor(schedule, step, total_steps)
+                (rate,) = rates.for_step((True,))
                 for group in opt.param_groups:
-                    group["lr"] = lr * factor
+                    group["lr"] = rate
                 logits = model(features.index_select(0, rows))
                 if step == 0:
                     check_output_width(logits, data.num_classes)
@@ -358,40 +320,19 @@ def fit(
                 loss_sum += loss.detach() * len(rows)
                 step += 1
             train_loss = float(loss_sum) / len(train_rows)  # one sync per epoch
-            record: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": lr * factor}
-            if val_dev is not None:
-                record["val_accuracy"], record["val_nll"] = _score(model, val_dev, device)
-            if test_dev is not None:
-                record["test_accuracy"], record["test_nll"] = _score(model, test_dev, device)
-            record["seconds"] = time.perf_counter() - epoch_start
-            result.history.append(record)
-            if log_path is not None:
-                append_jsonl(log_path, {**(log_extra or {}), **record})
+            scores = _score(model, val_dev, device), _score(model, test_dev, device)
+            seconds = time.perf_counter() - epoch_start
+            if tracker.end_epoch(epoch, [train_loss], scores, seconds, rates) and restore_best:
+                best_state = copy.deepcopy(model.state_dict())
             if on_epoch_end is not None:
-                on_epoch_end(record)
+                on_epoch_end(result.history[-1])
             if task is not None:
                 progress.update(task, advance=1)
-
-            if not math.isfinite(train_loss):
-                result.diverged = True
+            if not tracker.running[0]:  # diverged or stopped early
                 break
-            if val_dev is None:
-                continue
-            score = (record["val_accuracy"], -record["val_nll"])
-            if best is None or score > best:
-                best, result.best_epoch, epochs_without_gain = score, epoch, 0
-                if restore_best:
-                    best_state = copy.deepcopy(model.state_dict())
-            else:
-                epochs_without_gain += 1
-                if patience is not None and epochs_without_gain >= patience:
-                    result.stopped_early = True
-                    break
 
-    if best_state is not None and restore_best and not result.diverged:
+    if tracker.finish(restore_best)[0] and best_state is not None:
         model.load_state_dict(best_state)
-    else:
-        result.best_epoch = len(result.history)
     if task is not None:
         progress.remove_task(task)
     result.seconds = time.perf_counter() - started
