@@ -14,6 +14,7 @@ because these machines are noisy: absolute seconds from different runs are not c
 | matmul_fraction | FLOP/s of a 512-wide MLP's training step (batch 256) / this machine's matmul FLOP/s | >= 0.5 |
 | demo_seconds | wall time of `softtargets demo` (a fresh process, data cache warm) | < 60 |
 | study_seconds | wall time of each study's default run | < 600 each |
+| fit_many_hard_mb_k1000 | peak RSS increase of ``fit_many``, 16 x mlp 40-32-1000, 20k rows, hard labels | <= 100 MB |
 | label_peak_mb | peak memory of labelling N rows streamed to disk, for two N | flat in N |
 """
 
@@ -229,6 +230,32 @@ def label_peak_mb(sizes: list[int]) -> dict[str, Any]:
     }
 
 
+FIT_MANY_HARD_CHILD = """
+import resource, torch
+from softtargets.data import Dataset
+from softtargets.models import build_model
+from softtargets.vectorised import Member, fit_many
+rows, k = 20_000, 1000
+gen = torch.Generator().manual_seed(0)
+data = Dataset.from_arrays(torch.randn(rows, 40, generator=gen), torch.arange(rows) % k)
+models = [build_model("mlp", (40,), k, seed=i, hidden=[32]) for i in range(16)]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+fit_many(models, data, [Member(seed=i) for i in range(16)], epochs=1)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)
+"""
+
+
+def fit_many_hard_mb_k1000() -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-c", FIT_MANY_HARD_CHILD], check=True, capture_output=True, text=True
+    )
+    return {
+        "value": round(float(out.stdout.strip()), 1),
+        "goal": "<= 100",
+        "detail": "peak RSS increase (MB), fit_many of 16 x mlp 40-32-1000, 20k rows, hard labels",
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="softtargets performance figures")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller sizes")
@@ -247,6 +274,7 @@ def main() -> None:
     results["label_peak_mb"] = label_peak_mb(
         [100_000, 1_000_000] if not args.quick else [20_000, 100_000]
     )
+    results["fit_many_hard_mb_k1000"] = fit_many_hard_mb_k1000()
     machine = (
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch "
         f"threads, torch {torch.__version__}, Python {platform.python_version()}"

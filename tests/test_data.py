@@ -136,3 +136,14 @@ def test_unknown_builtin_and_option() -> None:
         load_builtin("mnist2d")
     with pytest.raises(SoftTargetsError, match="unknown option 'seperation'"):
         load_builtin("gaussians", seperation=2)
+
+
+def test_bayes_probabilities_in_chunks_equal_all_at_once() -> None:
+    from softtargets.datasets import bayes_probabilities
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 4, generator=gen, dtype=torch.float64)
+    centres = torch.randn(3, 2, 4, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(
+        bayes_probabilities(x, centres, chunk=7), bayes_probabilities(x, centres, chunk=1000)
+    )

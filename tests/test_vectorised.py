@@ -93,6 +93,51 @@ def test_purely_soft_members_equal_fit_alone(parts) -> None:
         )
 
 
+def test_hard_label_members_keep_integer_labels_and_equal_fit_alone(parts) -> None:
+    """Only hard labels: the target table is the (M * N,) labels, not a dense float table."""
+    from softtargets.vectorised import StackedTargets
+
+    train = parts.train
+    noisy = train.with_label_noise(0.3, seed=1)
+    members = [Member(seed=0), Member(seed=1, labels=noisy.labels)]
+    targets = StackedTargets.for_members(members, train)
+    assert targets.table.dtype == torch.int64 and targets.table.shape == (2 * len(train),)
+    # the same loss and gradient, to the bit, as the dense table of one-hot rows
+    dense = StackedTargets.for_members(members, train)
+    dense.labels_only = False
+    dense.table = torch.cat(
+        [dense._rows(None, y, 1.0, 0.0, False) for y in (train.labels, noisy.labels)]
+    )
+    logits = torch.randn(2, 5, train.num_classes, generator=torch.Generator().manual_seed(0))
+    rows, weight = torch.tensor([0, 3, 7, 8, 9, 400, 401, 402, 403, 404]), torch.full((2, 5), 0.2)
+    for a, b in zip(
+        targets.loss(logits.clone(), rows, weight),
+        dense.loss(logits.clone(), rows, weight),
+        strict=True,
+    ):
+        assert torch.equal(a, b)
+    common = dict(epochs=3, batch_size=32, schedule="cosine")
+    together = fit_many(
+        [build(train, m.seed) for m in members], train, members, val=parts.val, lr=1e-2, **common
+    )
+    for member, data, result in zip(members, (train, noisy), together, strict=True):
+        alone = fit(
+            build(train, member.seed),
+            data,
+            val=parts.val,
+            seed=member.seed,
+            lr=member.lr or 1e-2,
+            **common,
+        )
+        torch.testing.assert_close(
+            weights(result.model), weights(alone.model), rtol=1e-4, atol=1e-5
+        )
+        assert result.best_epoch == alone.best_epoch
+        assert [r["train_loss"] for r in result.history] == pytest.approx(
+            [r["train_loss"] for r in alone.history], rel=1e-4
+        )
+
+
 def test_zero_padding_to_a_wider_member_changes_nothing(parts) -> None:
     train = parts.train
     narrow, wide = build(train, 5, (3, 4)), build(train, 6, (20, 24))

@@ -66,20 +66,22 @@ class Member:
 
 
 # ---------------------------------------------------------------------------- targets
-def _member_targets(member: Member, data: Dataset) -> tuple[Tensor, Tensor, float, float, bool]:
-    """``(probs (N, K), labels (N,), temperature, alpha, is_distillation)`` for one member.
+def _member_targets(
+    member: Member, data: Dataset
+) -> tuple[Tensor | None, Tensor, float, float, bool]:
+    """``(probs (N, K) or None, labels (N,), temperature, alpha, is_distillation)`` for one member.
 
     The per-row loss is ``alpha T^2 H(probs, softmax(z / T)) + (1 - alpha) CE(z, label)``:
-    hard labels are ``alpha = 0``; a probability matrix is ``T = 1, alpha = 1``. As in ``fit``,
-    distillation reports the soft term as a KL divergence (cross-entropy minus the teacher's
-    entropy) and a probability matrix as the cross-entropy itself.
+    hard labels are ``probs = None, alpha = 0``; a probability matrix is ``T = 1, alpha = 1``. As
+    in ``fit``, distillation reports the soft term as a KL divergence (cross-entropy minus the
+    teacher's entropy) and a probability matrix as the cross-entropy itself.
     """
     labels = data.labels
     if member.labels is not None:
         labels = check_labels(member.labels, data.num_classes, len(data)).long()
     resolved = resolve_targets(member.targets, data)
     if resolved.kind == "hard":
-        return torch.zeros(len(data), data.num_classes), labels, 1.0, 0.0, False
+        return None, labels, 1.0, 0.0, False
     if resolved.kind == "probs":
         return resolved.probs, labels, 1.0, 1.0, False
     probs = soften(resolved.teacher_logits, resolved.temperature)
@@ -119,35 +121,48 @@ class StackedTargets:
     and for the value ``alpha T^2 p``, ``(1 - alpha) onehot(y)`` and ``alpha T^2 c``. When every
     member has ``T = 1`` (hard labels, probability targets), ``q = s`` and the value needs only
     ``G`` and the constant. The table holds ``M * N`` rows of ``K + 1`` floats (T = 1), ``2K + 1``
-    (every member purely soft) or ``3K + 1``.
+    (every member purely soft) or ``3K + 1``; when every member has hard labels, it holds just
+    the ``M * N`` labels.
     """
 
-    def __init__(self, resolved: Sequence[tuple[Tensor, Tensor, float, float, bool]]) -> None:
-        self.num_classes = resolved[0][0].shape[1]
+    def __init__(
+        self,
+        resolved: Sequence[tuple[Tensor | None, Tensor, float, float, bool]],
+        num_classes: int,
+    ) -> None:
+        self.num_classes = num_classes
         self.unit_temperature = all(t == 1.0 for _, _, t, _, _ in resolved)
         self.any_hard = any(a != 1.0 for _, _, _, a, _ in resolved)
-        tables = []
-        for probs, labels, t, a, is_kl in resolved:
-            one_hot = F.one_hot(labels, self.num_classes).to(probs.dtype)
-            const = (probs * probs.clamp_min(1e-30).log()).sum(-1, keepdim=True) * is_kl
-            grad_target = a * t * probs + (1 - a) * one_hot
-            if self.unit_temperature:
-                tables.append(torch.cat([grad_target, a * const], 1))
-            else:
-                hard = [(1 - a) * one_hot] if self.any_hard else []
-                tables.append(
-                    torch.cat([grad_target, a * t * t * probs, *hard, a * t * t * const], 1)
-                )
-        self.table = torch.cat(tables)  # (M * N, C)
+        # Only hard labels: the table is the labels themselves, (M * N,) integers, not a dense
+        # (M * N, K + 1) float table (at K = 1,000 that is 4 KB a row).
+        self.labels_only = all(probs is None for probs, _, _, _, _ in resolved)
+        if self.labels_only:
+            self.table = torch.cat([labels for _, labels, _, _, _ in resolved])
+        else:
+            self.table = torch.cat([self._rows(*member) for member in resolved])  # (M * N, C)
         self.soft_scale = torch.tensor([a * t for _, _, t, a, _ in resolved]).view(-1, 1, 1)
         self.hard_scale = torch.tensor([1 - a for _, _, _, a, _ in resolved]).view(-1, 1, 1)
         self.inverse_temperature = torch.tensor([1 / t for _, _, t, _, _ in resolved])
         self.inverse_temperature = self.inverse_temperature.view(-1, 1, 1)
 
+    def _rows(
+        self, probs: Tensor | None, labels: Tensor, t: float, a: float, is_kl: bool
+    ) -> Tensor:
+        """One member's rows of the dense table (see the class docstring for the columns)."""
+        one_hot = F.one_hot(labels, self.num_classes).float()
+        if probs is None:
+            probs = torch.zeros_like(one_hot)
+        const = (probs * probs.clamp_min(1e-30).log()).sum(-1, keepdim=True) * is_kl
+        grad_target = a * t * probs + (1 - a) * one_hot
+        if self.unit_temperature:
+            return torch.cat([grad_target, a * const], 1)
+        hard = [(1 - a) * one_hot] if self.any_hard else []
+        return torch.cat([grad_target, a * t * t * probs, *hard, a * t * t * const], 1)
+
     @classmethod
     def for_members(cls, members: Sequence[Member], data: Dataset) -> StackedTargets:
         """Resolve and check each member's targets against ``data``."""
-        return cls([_member_targets(m, data) for m in members])
+        return cls([_member_targets(m, data) for m in members], data.num_classes)
 
     def to(self, device: torch.device) -> StackedTargets:
         for name in ("table", "soft_scale", "hard_scale", "inverse_temperature"):
@@ -159,6 +174,17 @@ class StackedTargets:
         """``logits (M, B, K)``, their rows of :attr:`table` ``(M * B,)`` and row weights
         ``(M, B)`` -> each member's weighted loss ``(M,)`` and its gradient ``(M, B, K)``."""
         count, batch, k = logits.shape
+        if self.labels_only:  # cross-entropy on the labels: loss -log s_y, gradient s - onehot(y)
+            labels = self.table.index_select(0, table_rows).view(count, batch, 1)
+            # As _log_softmax_and_softmax, but log s is needed at the label only, so the one
+            # (M, B, K) buffer becomes s in place (at K = 1,000 it is 8 MB a step).
+            shifted = logits - logits.amax(dim=-1, keepdim=True)
+            picked = shifted.gather(-1, labels).squeeze(-1)
+            s = shifted.exp_()
+            total = s.sum(dim=-1, keepdim=True)
+            row_loss = total.log().squeeze(-1) - picked  # -log s_y, to the bit
+            grad = s.div_(total).scatter_add_(-1, labels, s.new_full(labels.shape, -1.0))
+            return (row_loss * weight).sum(1), grad.mul_(weight[..., None])
         rows = self.table.index_select(0, table_rows).view(count, batch, -1)
         grad_target, const = rows[..., :k], rows[..., -1]
         if self.unit_temperature:
