@@ -35,9 +35,10 @@ class Fingerprinter:
         self._ids, self._features = hashlib.sha256(), hashlib.sha256()
 
     def update(self, features: Tensor, ids: Tensor) -> None:
-        self._ids.update(np.ascontiguousarray(ids.detach().cpu().numpy(), dtype=np.int64).tobytes())
+        # hashlib reads contiguous arrays through the buffer protocol: no bytes copy of the data
+        self._ids.update(np.ascontiguousarray(ids.detach().cpu().numpy(), dtype=np.int64))
         self._features.update(
-            np.ascontiguousarray(features.detach().cpu().numpy(), dtype=np.float32).tobytes()
+            np.ascontiguousarray(features.detach().cpu().numpy(), dtype=np.float32)
         )
 
     def hexdigest(self) -> str:
@@ -374,8 +375,8 @@ def align_classes(data: Dataset, reference: Dataset, source: str = "the test dat
 def labels_fingerprint(data: Dataset) -> str:
     """A short hash of ``data``'s ids and labels (the features' hash is ``data.fingerprint``)."""
     digest = hashlib.sha256()
-    digest.update(np.ascontiguousarray(data.ids.cpu().numpy(), dtype=np.int64).tobytes())
-    digest.update(np.ascontiguousarray(data.labels.cpu().numpy(), dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(data.ids.cpu().numpy(), dtype=np.int64))
+    digest.update(np.ascontiguousarray(data.labels.cpu().numpy(), dtype=np.int64))
     return digest.hexdigest()[:16]
 
 
