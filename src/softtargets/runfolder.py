@@ -30,7 +30,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -82,7 +82,7 @@ class _Lock:
         self.path = path
         self._handle: Any = None
 
-    def acquire(self, wait: bool, log: Any) -> None:
+    def acquire(self, wait: bool, log: Callable[[str], None]) -> None:
         handle = open(self.path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
         if not self._try(handle, blocking=False):
             holder = self.path.read_text().strip() or "another process"
@@ -138,9 +138,8 @@ class RunFolder:
     ``append``/``records`` handle JSON lines.
     """
 
-    def __init__(self, root: Path, shared: bool = False) -> None:
+    def __init__(self, root: Path) -> None:
         self.root = root
-        self.shared = shared
         self._manifest: dict[str, Any] = {"format": FORMAT, "version": 1, "files": [], "keys": {}}
 
     # ------------------------------------------------------------------ opening
@@ -153,13 +152,13 @@ class RunFolder:
         overwrite: bool = False,
         shared: bool = False,
         wait: bool = False,
-        log: Any = lambda message: None,
+        log: Callable[[str], None] = lambda message: None,
     ) -> Iterator[RunFolder]:
         """Check ``path``, lock it, and (with ``overwrite``) remove what softtargets wrote there."""
         root = check_out_path(Path(path), shared)
         created = not root.exists()
         root.mkdir(parents=True, exist_ok=True)
-        folder = cls(root, shared)
+        folder = cls(root)
         lock = _Lock(root / LOCK)
         try:
             lock.acquire(wait, log)
@@ -175,11 +174,10 @@ class RunFolder:
                 folder.remove_written()
             yield folder
         except BaseException:
-            lock.release()
             if created:
                 _remove_if_only_ours(root)
             raise
-        else:
+        finally:
             lock.release()
 
     def _read_manifest(self) -> None:
