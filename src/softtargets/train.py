@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +18,9 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import Dataset as TorchDataset
 
+from softtargets import streams
 from softtargets.data import Dataset, holdout
 from softtargets.errors import SoftTargetsError
 from softtargets.losses import StoredDistillation, soft_cross_entropy
@@ -36,13 +38,14 @@ class Distillation:
     """Targets for Hinton distillation: ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE``.
 
     Attributes:
-        teacher: a :class:`SoftTargetStore` (rows looked up by sample id) or ``(N, K)`` teacher
-            logits aligned with the training data's rows.
+        teacher: a :class:`SoftTargetStore` (rows looked up by sample id), ``(N, K)`` teacher
+            logits aligned with the training data's rows, or the teacher module itself (run on
+            each batch of streamed data, for augmentation; once over in-memory data).
         temperature: ``T > 0``.
         alpha: weight of the soft term in ``[0, 1]``.
     """
 
-    teacher: SoftTargetStore | Tensor
+    teacher: SoftTargetStore | Tensor | nn.Module
     temperature: float = 4.0
     alpha: float = 0.9
 
@@ -117,6 +120,11 @@ def resolve_targets(targets: Targets, data: Dataset) -> ResolvedTargets:
             raise SoftTargetsError(f"alpha must be in [0, 1], got {targets.alpha!r}")
         if isinstance(targets.teacher, SoftTargetStore):
             teacher_logits = targets.teacher.logits_for(data)
+        elif isinstance(targets.teacher, nn.Module):
+            # In memory there is no augmentation: the teacher's outputs are the same every
+            # epoch, so it runs once here (as label() would), not on every batch.
+            teacher_logits = predict_logits(targets.teacher, data.features).cpu()
+            check_output_width(teacher_logits, data.num_classes)
         else:
             teacher_logits = torch.as_tensor(targets.teacher).float()
             if teacher_logits.shape != (len(data), data.num_classes):
@@ -194,7 +202,7 @@ def make_optimizer(
         return classes[name](model.parameters(), **options)
 
 
-def check_not_empty(data: Dataset, name: str) -> None:
+def check_not_empty(data: Dataset | TorchDataset, name: str) -> None:
     if len(data) == 0:
         raise SoftTargetsError(f"the {name} has no rows; nothing to train or evaluate on")
 
@@ -207,24 +215,83 @@ def check_lengths(epochs: int, batch_size: int) -> None:
 
 @torch.no_grad()
 def _score(
-    model: nn.Module, data: Dataset | None, device: torch.device
+    model: nn.Module, data: Dataset | TorchDataset | None, device: torch.device
 ) -> tuple[list[float], list[float]] | None:
     """``([accuracy], [NLL])`` of ``model`` on ``data`` (one member, as :class:`Selection` takes)."""
     if data is None:
         return None
-    logits = predict_logits(model, data.features, device=device)
-    labels = data.labels.to(device)
+    if streams.is_stream(data):
+        logits, labels, _, _ = streams.predict(model, data, 1024, device)
+    else:
+        logits, labels = predict_logits(model, data.features, device=device), data.labels.to(device)
     accuracy = float((logits.argmax(1) == labels).float().mean())
     return [accuracy], [float(F.cross_entropy(logits, labels))]
 
 
+class _MemoryBatches:
+    """In-memory data: each epoch a seeded permutation of the training rows, batched by index
+    (no ``DataLoader``: for small models its per-batch overhead would cost more than the model)."""
+
+    def __init__(
+        self,
+        data: Dataset,
+        rows: Tensor,
+        targets: Targets,
+        batch_size: int,
+        generator: torch.Generator,
+        device: torch.device,
+    ) -> None:
+        self.loss = make_objective(targets, data, device)  # loss(logits, rows)
+        self.features, self.rows, self.batch_size = data.features.to(device), rows, batch_size
+        self.generator, self.device = generator, device
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, int]]:
+        """``(inputs (B, ...), rows (B,), B)`` per batch; ``rows`` is what :attr:`loss` takes."""
+        order = self.rows[torch.randperm(len(self.rows), generator=self.generator)]
+        order = order.to(self.device)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            yield self.features.index_select(0, rows), rows, len(rows)
+
+
+class _StreamBatches:
+    """Streamed data (a ``torch.utils.data.Dataset`` of ``(x, label, id)``): a seeded, shuffling
+    ``DataLoader``; targets are looked up by id in a store or computed by an online teacher."""
+
+    def __init__(
+        self,
+        data: TorchDataset,
+        targets: Targets,
+        batch_size: int,
+        seed: int,
+        num_workers: int,
+        device: torch.device,
+    ) -> None:
+        self.loss = streams.stream_objective(targets, getattr(data, "num_classes", None), device)
+        self.loader = streams.loader(
+            data, batch_size, device, shuffle=True, seed=seed, num_workers=num_workers
+        )
+        self.data, self.device = data, device
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, tuple[Tensor, Tensor, Tensor], int]]:
+        """``(inputs, (labels, ids, inputs), B)`` per batch."""
+        for x, labels, ids in streams.batches_of(self.loader, self.device):
+            yield x, (labels, ids, x), len(labels)
+
+
 def fit(
     model: nn.Module,
-    data: Dataset,
+    data: Dataset | TorchDataset,
     targets: Targets = None,
     *,
-    val: Dataset | float | None = None,
-    test: Dataset | None = None,
+    val: Dataset | TorchDataset | float | None = None,
+    test: Dataset | TorchDataset | None = None,
     epochs: int = 30,
     batch_size: int = 128,
     optimizer: OptimizerName = "adam",
@@ -240,17 +307,22 @@ def fit(
     log_extra: dict[str, Any] | None = None,
     progress: Any = None,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+    num_workers: int = 0,
 ) -> FitResult:
     """Train ``model`` on ``data`` and return a :class:`FitResult`.
 
     Args:
         model: any module mapping ``(B, *data.feature_shape)`` to ``(B, K)`` logits.
-        data: training rows (features, labels, ids; soft targets/weights if used).
+        data: training rows: an in-memory :class:`Dataset` (features, labels, ids; soft
+            targets/weights if used), or a streamed ``torch.utils.data.Dataset`` of
+            ``(x, label, id)`` items (:mod:`softtargets.streams`), read through a ``DataLoader``.
         targets: ``None``/``"hard"`` for the labels; ``"soft"`` for ``data.soft_targets``; an
             ``(N, K)`` probability matrix aligned with ``data``; a :class:`SoftTargetStore`
-            (soft targets at T=1, looked up by id); or a :class:`Distillation`.
-        val: validation rows, or a fraction of ``data`` to hold out (seeded, stratified). Used for
-            early stopping and to select the returned weights, never the test set.
+            (soft targets at T=1, looked up by id); or a :class:`Distillation` (whose teacher, for
+            streamed data, may be a module run on each batch: online distillation).
+        val: validation rows, or a fraction of ``data`` to hold out (seeded, stratified; in-memory
+            data only). Used for early stopping and to select the returned weights, never the
+            test set.
         test: evaluated after every epoch for the history only; it never influences training.
         epochs, batch_size, optimizer, lr, weight_decay, momentum, schedule: the usual.
         seed: seeds batch order and dropout; the global random state is left untouched.
@@ -261,36 +333,36 @@ def fit(
         log_path: append one JSON line per epoch here (plus ``log_extra``).
         progress: a ``rich.progress.Progress`` to report epochs to.
         on_epoch_end: called with each epoch's record (one plain hook, minGPT-style).
+        num_workers: ``DataLoader`` worker processes for streamed data.
     """
     started = time.perf_counter()
     device = resolve_device(device)
     check_lengths(epochs, batch_size)
-    check_not_empty(data, "training data")
-    for part, name in ((val, "validation data"), (test, "test data")):
-        if isinstance(part, Dataset):
-            check_not_empty(part, name)
-            if part.num_classes != data.num_classes:
-                raise SoftTargetsError(
-                    f"the {name} has {part.num_classes} classes but the training data "
-                    f"{data.num_classes}; give both the same classes"
-                )
-
-    train_rows = torch.arange(len(data))
-    if isinstance(val, float):
-        train_rows, val_rows = holdout(data, val, seed)
-        val = data.take(val_rows)
+    num_classes = _check_parts(data, val, test)
     model.to(device)
-    objective = make_objective(targets, data, device)
-    features = data.features.to(device)
-    val_dev = None if val is None else val.to(device)
-    test_dev = None if test is None else test.to(device)
+    generator = torch.Generator().manual_seed(seed)
+    if streams.is_stream(data):
+        if isinstance(val, float):
+            raise SoftTargetsError(
+                "a validation fraction needs in-memory data; pass val= a dataset of its own"
+            )
+        batches: _MemoryBatches | _StreamBatches = _StreamBatches(
+            data, targets, batch_size, seed, num_workers, device
+        )
+    else:
+        train_rows = torch.arange(len(data))
+        if isinstance(val, float):
+            train_rows, val_rows = holdout(data, val, seed)
+            val = data.take(val_rows)
+        batches = _MemoryBatches(data, train_rows, targets, batch_size, generator, device)
+    val_dev = val.to(device) if isinstance(val, Dataset) else val
+    test_dev = test.to(device) if isinstance(test, Dataset) else test
     opt = make_optimizer(model, optimizer, lr, weight_decay, momentum)
-    rates = LearningRates([lr], schedule, [epochs * math.ceil(len(train_rows) / batch_size)])
+    rates = LearningRates([lr], schedule, [epochs * math.ceil(len(batches) / batch_size)])
     tracker = Selection([model], patience, log_path, [log_extra])
     result = tracker.results[0]
     best_state: dict[str, Tensor] | None = None
     task = progress.add_task("training", total=epochs) if progress is not None else None
-    generator = torch.Generator().manual_seed(seed)
     step = 0
 
     # fork_rng keeps dropout's random draws seeded without changing the caller's global stream.
@@ -299,17 +371,15 @@ def fit(
         for epoch in range(1, epochs + 1):
             epoch_start = time.perf_counter()
             model.train()
-            order = train_rows[torch.randperm(len(train_rows), generator=generator)].to(device)
             loss_sum = torch.zeros((), device=device)
-            for start in range(0, len(order), batch_size):
-                rows = order[start : start + batch_size]
+            for inputs, key, count in batches:
                 (rate,) = rates.for_step((True,))
                 for group in opt.param_groups:
                     group["lr"] = rate
-                logits = model(features.index_select(0, rows))
-                if step == 0:
-                    check_output_width(logits, data.num_classes)
-                loss, logits_grad = objective(logits, rows)
+                logits = model(inputs)
+                if step == 0 and num_classes is not None:
+                    check_output_width(logits, num_classes)
+                loss, logits_grad = batches.loss(logits, key)
                 opt.zero_grad(set_to_none=True)
                 if logits_grad is None:
                     loss.backward()
@@ -317,9 +387,9 @@ def fit(
                     logits.backward(logits_grad)
                 opt.step()
                 # detach() keeps this a device-side sum: no host sync inside the loop.
-                loss_sum += loss.detach() * len(rows)
+                loss_sum += loss.detach() * count
                 step += 1
-            train_loss = float(loss_sum) / len(train_rows)  # one sync per epoch
+            train_loss = float(loss_sum) / len(batches)  # one sync per epoch
             scores = _score(model, val_dev, device), _score(model, test_dev, device)
             seconds = time.perf_counter() - epoch_start
             if tracker.end_epoch(epoch, [train_loss], scores, seconds, rates) and restore_best:
@@ -339,20 +409,57 @@ def fit(
     return result
 
 
+def _classes_of(data: Any) -> int | None:
+    """The number of classes of a dataset, if it says (a user's torch Dataset may not)."""
+    return data.num_classes if isinstance(data, Dataset) else getattr(data, "num_classes", None)
+
+
+def _check_parts(data: Any, val: Any, test: Any) -> int | None:
+    """Refuse empty parts and parts with different numbers of classes; the number of classes."""
+    num_classes = _classes_of(data)
+    for part, name in ((data, "training data"), (val, "validation data"), (test, "test data")):
+        if part is None or isinstance(part, float):
+            continue
+        check_not_empty(part, name)
+        k = _classes_of(part)
+        if None not in (k, num_classes) and k != num_classes:
+            raise SoftTargetsError(
+                f"the {name} has {k} classes but the training data {num_classes}; give both the "
+                "same classes"
+            )
+    return num_classes
+
+
 def evaluate(
     model: nn.Module,
-    data: Dataset,
+    data: Dataset | TorchDataset,
     reference: nn.Module | SoftTargetStore | Tensor | None = None,
     batch_size: int = 4096,
     device: torch.device | str | None = None,
+    num_workers: int = 0,
 ) -> dict[str, float]:
     """Accuracy, error count, NLL, ECE and (with a ``reference``) agreement on ``data``.
 
-    ``reference`` is another model, a store (looked up by id) or ``(N, K)`` logits aligned with
-    ``data``; agreement is the fraction of rows where both predict the same class.
+    ``data`` is in memory or streamed (``(x, label, id)`` items). ``reference`` is another model,
+    a store (looked up by id) or ``(N, K)`` logits aligned with ``data``; agreement is the
+    fraction of rows where both predict the same class.
     """
     device = resolve_device(device) if device is not None else next(model.parameters()).device
     check_not_empty(data, "evaluation data")
+    if streams.is_stream(data):
+        if reference is not None and not isinstance(reference, nn.Module | SoftTargetStore):
+            raise SoftTargetsError("for streamed data the reference is a model or a store")
+        reference_model = reference if isinstance(reference, nn.Module) else None
+        logits, labels, ids, ref = streams.predict(
+            model, data, batch_size, device, reference_model, num_workers
+        )
+        num_classes = _classes_of(data) or logits.shape[1]
+        check_output_width(logits, num_classes)
+        if isinstance(reference, SoftTargetStore):
+            ref = reference.logits_for(ids).to(device)
+        if ref is not None:
+            check_output_width(ref, num_classes)
+        return classification_report(logits, labels, ref)
     logits = predict_logits(model, data.features, batch_size, device)
     check_output_width(logits, data.num_classes)
     ref = None

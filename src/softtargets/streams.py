@@ -1,0 +1,302 @@
+"""Streamed data: a ``torch.utils.data.Dataset`` of ``(x, label, id)`` items, batched by a
+``DataLoader``, for data that should not (or cannot) sit in memory as one tensor: images read from
+disk with random augmentation, memory-mapped arrays larger than RAM.
+
+:func:`~softtargets.train.fit`, :func:`~softtargets.train.evaluate` and
+:func:`~softtargets.teacher.label` take such a dataset wherever they take an in-memory
+:class:`~softtargets.data.Dataset`; the in-memory path (index batching, no ``DataLoader``) stays
+the fast default for tensors. Any dataset whose items are ``(x, label, id)`` works; those here add
+``num_classes`` and ``class_names`` (which let ``fit`` check the model's outputs):
+
+| class | reads |
+| --- | --- |
+| :class:`TensorRows` | an in-memory ``Dataset`` (a CIFAR batch, say), with an optional transform |
+| :class:`ArrayRows` | features from a memory-mapped ``.npy`` file, a row at a time |
+| :class:`ImageFolderRows` | ``root/<class>/<image>``, each image opened when it is needed |
+
+Soft targets for streamed data come from a store (looked up by the items' ids) or from a teacher
+run on each batch (``Distillation(teacher_module, T, alpha)``): stored logits belong to the
+un-augmented input, so with random augmentation only the online teacher sees what the student
+sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+from softtargets.data import Dataset, encode_labels
+from softtargets.errors import SoftTargetsError
+from softtargets.losses import distillation_loss
+from softtargets.targets import check_finite, check_temperature
+
+Transform = Callable[[Tensor], Tensor]
+
+
+def is_stream(data: Any) -> bool:
+    """Whether ``data`` is a streamed (``torch.utils.data.Dataset``) dataset."""
+    return isinstance(data, TorchDataset)
+
+
+class TensorRows(TorchDataset):
+    """An in-memory :class:`Dataset` as items ``(transform(x), label, id)``."""
+
+    def __init__(self, data: Dataset, transform: Transform | None = None) -> None:
+        self.data, self.transform = data, transform
+        self.num_classes, self.class_names = data.num_classes, data.class_names
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
+        x = self.data.features[i]
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, int(self.data.labels[i]), int(self.data.ids[i])
+
+
+class ArrayRows(TorchDataset):
+    """Rows of a memory-mapped ``.npy`` file of features ``(N, ...)``, with labels ``(N,)``.
+
+    Only the rows a batch needs are read from disk, so the file may be larger than memory.
+    ``labels`` is an array or a ``.npy`` path; ids default to ``0..N-1``. Labels that are not
+    ``0..K-1`` become class indices as the in-memory loaders make them.
+    """
+
+    def __init__(
+        self,
+        features: str | Path,
+        labels: str | Path | np.ndarray,
+        ids: np.ndarray | None = None,
+        transform: Transform | None = None,
+    ) -> None:
+        try:
+            self.features = np.load(features, mmap_mode="r", allow_pickle=False)
+            raw = np.load(labels, allow_pickle=False) if isinstance(labels, str | Path) else labels
+        except (OSError, ValueError) as err:
+            raise SoftTargetsError(f"{features}: not a readable .npy file ({err})") from None
+        self.labels, self.class_names = encode_labels(np.asarray(raw).reshape(-1))
+        self.num_classes = len(self.class_names)
+        n = len(self.features)
+        if self.features.ndim < 2 or len(self.labels) != n:
+            raise SoftTargetsError(
+                f"{features}: features {self.features.shape} and {len(self.labels)} labels; "
+                "give (N, ...) features and one label per row"
+            )
+        self.ids = np.arange(n) if ids is None else np.asarray(ids, dtype=np.int64)
+        if self.ids.shape != (n,) or len(np.unique(self.ids)) != n:
+            raise SoftTargetsError("ids must be one unique integer per row")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
+        x = torch.from_numpy(np.array(self.features[i], dtype=np.float32))  # copies one row
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, int(self.labels[i]), int(self.ids[i])
+
+
+class ImageFolderRows(TorchDataset):
+    """``root/<class>/<image>`` as items ``(transform(image (3, H, W) in [0, 1]), class, id)``.
+
+    Classes are the sorted folder names, ids the images' positions in sorted order (as
+    :func:`softtargets.loaders.load_image_folder` gives them). Images are opened when an item is
+    read, so the folder may be larger than memory; ``size=(H, W)`` resizes them.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        transform: Transform | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> None:
+        from softtargets.loaders import IMAGE_SUFFIXES
+
+        self.root, self.transform, self.size = Path(root), transform, size
+        if not self.root.is_dir():
+            raise SoftTargetsError(f"{root}: not a folder of class folders")
+        classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        self.files: list[tuple[Path, int]] = []
+        for label, name in enumerate(classes):
+            files = sorted(
+                f for f in (self.root / name).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not files:
+                raise SoftTargetsError(
+                    f"{root}: class folder {name!r} holds no images; add images or remove it"
+                )
+            self.files += [(f, label) for f in files]
+        if not self.files:
+            raise SoftTargetsError(f"{root}: an image folder needs one sub-folder per class")
+        self.class_names, self.num_classes = tuple(classes), len(classes)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
+        from PIL import Image
+
+        path, label = self.files[i]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+                if self.size is not None:
+                    image = image.resize((self.size[1], self.size[0]))
+                array = np.asarray(image, dtype=np.float32) / 255.0
+        except (OSError, ValueError) as err:
+            raise SoftTargetsError(f"{path}: not a readable image ({err})") from None
+        x = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, label, i
+
+
+def loader(
+    dataset: TorchDataset,
+    batch_size: int,
+    device: torch.device,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    num_workers: int = 0,
+) -> DataLoader:
+    """A ``DataLoader`` over ``(x, label, id)`` items: seeded shuffling, pinned memory on CUDA,
+    persistent workers when there are workers."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=num_workers > 0,
+    )
+
+
+def batches(
+    dataset: TorchDataset, batch_size: int, device: torch.device, **options: Any
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """``(x (B, ...), labels (B,), ids (B,))`` batches of ``dataset`` on ``device``."""
+    return batches_of(loader(dataset, batch_size, device, **options), device)
+
+
+def batches_of(items: DataLoader, device: torch.device) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """A loader's batches as ``(x, labels, ids)`` on ``device`` (ids stay on the CPU, where stores
+    look them up), checked as they come."""
+    for item in items:
+        if not isinstance(item, list | tuple) or len(item) != 3:
+            raise SoftTargetsError(
+                "a streamed dataset's items must be (x, label, id); this one gives "
+                f"{type(item).__name__} of {len(item) if hasattr(item, '__len__') else '?'}"
+            )
+        x, labels, ids = item
+        yield (
+            x.to(device, non_blocking=True).float(),
+            torch.as_tensor(labels).to(device, non_blocking=True).long(),
+            torch.as_tensor(ids).long(),
+        )
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    dataset: TorchDataset,
+    batch_size: int,
+    device: torch.device,
+    reference: nn.Module | None = None,
+    num_workers: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Eval-mode logits ``(N, K)``, labels ``(N,)`` and ids ``(N,)`` of a streamed dataset, in its
+    order, and the ``reference`` model's logits on the same inputs."""
+    modules = [m for m in (model, reference) if m is not None]
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    outputs: list[list[Tensor]] = [[], [], [], []]
+    try:
+        for x, labels, ids in batches(dataset, batch_size, device, num_workers=num_workers):
+            outputs[0].append(model(x).float())
+            outputs[1].append(labels)
+            outputs[2].append(ids)
+            if reference is not None:
+                outputs[3].append(reference(x.to(_device_of(reference))).float().to(device))
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.train(mode)
+    if not outputs[0]:
+        raise SoftTargetsError("the streamed dataset has no rows; nothing to evaluate")
+    logits, labels, ids = (torch.cat(part) for part in outputs[:3])
+    return logits, labels, ids, torch.cat(outputs[3]) if reference is not None else None
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def stream_objective(targets: Any, num_classes: int | None, device: torch.device) -> Callable:
+    """The training loss for streamed batches:
+    ``objective(logits (B, K), (labels (B,), ids (B,), x (B, ...))) -> (loss, None)``.
+
+    ``targets``: ``None``/``"hard"``, a :class:`~softtargets.teacher.SoftTargetStore` (soft
+    targets at T = 1, looked up by id), or a :class:`~softtargets.train.Distillation` whose
+    teacher is a store (looked up by id) or a module (run on each batch: online distillation).
+    """
+    from softtargets.teacher import SoftTargetStore
+    from softtargets.train import Distillation
+
+    if targets is None or (isinstance(targets, str) and targets == "hard"):
+        return lambda logits, key: (F.cross_entropy(logits, key[0]), None)
+    if isinstance(targets, SoftTargetStore):
+        targets = Distillation(targets, temperature=1.0, alpha=1.0)
+    if not isinstance(targets, Distillation):
+        raise SoftTargetsError(
+            "streamed data takes hard labels, a SoftTargetStore or a Distillation of a store or "
+            "a teacher module (probability matrices need in-memory data, aligned by row)"
+        )
+    t, alpha, teacher = (
+        check_temperature(targets.temperature),
+        float(targets.alpha),
+        targets.teacher,
+    )
+    if not 0.0 <= alpha <= 1.0:
+        raise SoftTargetsError(f"alpha must be in [0, 1], got {alpha!r}")
+    if isinstance(teacher, SoftTargetStore):
+        if num_classes is not None and teacher.num_classes != num_classes:
+            raise SoftTargetsError(
+                f"the teacher has {teacher.num_classes} classes but the data has {num_classes}; "
+                "teacher and data must share their classes"
+            )
+
+        def teacher_logits(key: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+            return teacher.logits_for(key[1]).to(device, non_blocking=True)
+
+    elif isinstance(teacher, nn.Module):
+        teacher.eval()  # online: the teacher sees each (augmented) batch the student sees
+        checked = []
+
+        def teacher_logits(key: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+            with torch.inference_mode():
+                v = teacher(key[2].to(_device_of(teacher))).float().to(device)
+            if not checked:  # once: a diverged teacher gives NaN everywhere
+                check_finite(v, "teacher logits", "the teacher has diverged; retrain it")
+                checked.append(True)
+            return v.clone()  # a normal tensor: inference tensors cannot enter autograd
+
+    else:
+        raise SoftTargetsError(
+            "for streamed data, Distillation's teacher is a SoftTargetStore or a teacher module"
+        )
+    return lambda logits, key: (
+        distillation_loss(logits, teacher_logits(key), key[0], t, alpha, check=False),
+        None,
+    )
