@@ -372,11 +372,17 @@ def align_classes(data: Dataset, reference: Dataset, source: str = "the test dat
     return replace(data, labels=labels, class_names=reference.class_names, soft_targets=None)
 
 
-def labels_fingerprint(data: Dataset) -> str:
-    """A short hash of ``data``'s ids and labels (the features' hash is ``data.fingerprint``)."""
+def labels_fingerprint(
+    data: Dataset | None = None, *, ids: Tensor | None = None, labels: Tensor | None = None
+) -> str:
+    """A short hash of ``data``'s ids and labels (the features' hash is ``data.fingerprint``), or
+    of ``ids (N,)`` and ``labels (N,)`` given alone (streamed data)."""
+    if data is not None:
+        ids, labels = data.ids, data.labels
+    assert ids is not None and labels is not None
     digest = hashlib.sha256()
-    digest.update(np.ascontiguousarray(data.ids.cpu().numpy(), dtype=np.int64))
-    digest.update(np.ascontiguousarray(data.labels.cpu().numpy(), dtype=np.int64))
+    digest.update(np.ascontiguousarray(ids.cpu().numpy(), dtype=np.int64))
+    digest.update(np.ascontiguousarray(labels.cpu().numpy(), dtype=np.int64))
     return digest.hexdigest()[:16]
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from torch.utils.data import Dataset as TorchDataset
 
 from softtargets.data import Dataset, encode_labels
@@ -161,6 +161,20 @@ class ImageFolderRows(TorchDataset):
         return x, label, i
 
 
+class _Shuffled(Sampler[int]):
+    """Each epoch one ``torch.randperm(n, generator)``: exactly the draws of the in-memory path
+    (``RandomSampler`` draws one permutation more per epoch, for its remainder)."""
+
+    def __init__(self, n: int, generator: torch.Generator) -> None:
+        self.n, self.generator = n, generator
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(torch.randperm(self.n, generator=self.generator).tolist())
+
+
 def loader(
     dataset: TorchDataset,
     batch_size: int,
@@ -171,12 +185,19 @@ def loader(
     num_workers: int = 0,
 ) -> DataLoader:
     """A ``DataLoader`` over ``(x, label, id)`` items: seeded shuffling, pinned memory on CUDA,
-    persistent workers when there are workers."""
+    persistent workers when there are workers.
+
+    The order of each epoch is ``torch.randperm(N, generator)`` from a generator seeded with
+    ``seed``, as :func:`~softtargets.train.fit` draws it for in-memory data, so the same data gives
+    the same batches either way. The workers' base seed comes from a generator of its own (the
+    loader would otherwise draw it from the order's generator, or from the global stream).
+    """
+    order = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
-        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        sampler=_Shuffled(len(dataset), order) if shuffle else None,
+        generator=torch.Generator().manual_seed(seed + 1),
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=num_workers > 0,

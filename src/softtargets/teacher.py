@@ -21,7 +21,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset as TorchDataset
 
+from softtargets import streams
 from softtargets.data import Dataset, labels_fingerprint
 from softtargets.errors import SoftTargetsError
 from softtargets.files import atomic_write_bytes
@@ -246,7 +248,7 @@ class SoftTargetStore:
 @torch.no_grad()
 def label(
     teacher: nn.Module,
-    data: Dataset,
+    data: Dataset | TorchDataset,
     batch_size: int = 4096,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
@@ -256,7 +258,10 @@ def label(
 
     Args:
         teacher: any module mapping ``(B, *feature_shape)`` to ``(B, K)`` logits.
-        data: the rows to label (their ids are kept).
+        data: the rows to label (their ids are kept): an in-memory :class:`Dataset`, or a streamed
+            dataset of ``(x, label, id)`` items (:mod:`softtargets.streams`; label it without
+            augmentation: stored logits belong to the plain input). The same rows give the same
+            store, fingerprints included, either way.
         batch_size: rows per forward pass (large: no gradients are kept).
         dtype: ``torch.float32`` or ``torch.float16`` for the stored logits (float16 halves the
             file; logits are rounded to about 3 significant digits).
@@ -265,13 +270,19 @@ def label(
     """
     if dtype not in (torch.float32, torch.float16):
         raise SoftTargetsError(f"store dtype must be float32 or float16, got {dtype}")
-    logits = predict_logits(
-        teacher, data.features, batch_size, None if device is None else torch.device(device)
-    ).cpu()
-    if logits.ndim != 2 or logits.shape[1] != data.num_classes:
+    where = None if device is None else torch.device(device)
+    if streams.is_stream(data):
+        logits, ids, data_fingerprint, labels_fp = _label_stream(teacher, data, batch_size, where)
+        num_classes = getattr(data, "num_classes", logits.shape[1])
+        names = getattr(data, "class_names", None) or [str(k) for k in range(num_classes)]
+    else:
+        logits = predict_logits(teacher, data.features, batch_size, where).cpu()
+        ids, data_fingerprint = data.ids.cpu().clone(), data.fingerprint
+        num_classes, names, labels_fp = data.num_classes, data.class_names, labels_fingerprint(data)
+    if logits.ndim != 2 or logits.shape[1] != num_classes:
         raise SoftTargetsError(
             f"the teacher outputs {tuple(logits.shape[1:])} logits per row but the data has "
-            f"{data.num_classes} classes; use a teacher trained on these classes"
+            f"{num_classes} classes; use a teacher trained on these classes"
         )
     check_finite(logits, "teacher logits", "the teacher has diverged; retrain it")
     if dtype == torch.float16 and logits.abs().max() > torch.finfo(torch.float16).max:
@@ -280,13 +291,44 @@ def label(
         )
     return SoftTargetStore(
         logits=logits.to(dtype),
-        ids=data.ids.cpu().clone(),
+        ids=ids,
         teacher_fingerprint=fingerprint_module(teacher),
-        data_fingerprint=data.fingerprint,
-        class_names=data.class_names,
+        data_fingerprint=data_fingerprint,
+        class_names=tuple(str(n) for n in names),
         info=dict(info or {}),
-        labels_fingerprint=labels_fingerprint(data),
+        labels_fingerprint=labels_fp,
     )
+
+
+def _label_stream(
+    teacher: nn.Module, data: TorchDataset, batch_size: int, device: torch.device | None
+) -> tuple[Tensor, Tensor, str, str]:
+    """A streamed dataset's teacher logits ``(N, K)``, ids ``(N,)`` and the data and labels
+    fingerprints, computed on the way as the in-memory dataset's would be."""
+    from softtargets.data import Fingerprinter
+
+    device = device or next(teacher.parameters()).device
+    hasher: Fingerprinter | None = None
+    logits, labels, ids = [], [], []
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        for x, y, i in streams.batches(data, batch_size, device):
+            if hasher is None:
+                hasher = Fingerprinter(tuple(x.shape[1:]))
+            hasher.update(x, i)
+            logits.append(teacher(x).float().cpu())
+            labels.append(y.cpu())
+            ids.append(i)
+    finally:
+        teacher.train(was_training)
+    if hasher is None:
+        raise SoftTargetsError("the streamed dataset has no rows; nothing to label")
+    all_ids, all_labels = torch.cat(ids), torch.cat(labels)
+    if torch.unique(all_ids).numel() != len(all_ids):
+        raise SoftTargetsError("the streamed dataset gives an id twice; ids must be unique")
+    fingerprint = labels_fingerprint(ids=all_ids, labels=all_labels)
+    return torch.cat(logits), all_ids, hasher.hexdigest(), fingerprint
 
 
 def _safetensors_header(
