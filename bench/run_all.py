@@ -14,6 +14,8 @@ because these machines are noisy: absolute seconds from different runs are not c
 | matmul_fraction | FLOP/s of a 512-wide MLP's training step (batch 256) / this machine's matmul FLOP/s | >= 0.5 |
 | demo_seconds | wall time of `softtargets demo` (a fresh process, data cache warm) | < 60 |
 | study_seconds | wall time of each study's default run | < 600 each |
+| stream_vs_memory_epoch | an epoch of ``fit`` through a DataLoader (``TensorRows``) / in memory | <= 1.5 |
+| stream_peak_mb | peak anonymous RSS of a streamed epoch over a memory-mapped .npy, for two N | flat in N |
 | fit_many_hard_mb_k1000 | peak RSS increase of ``fit_many``, 16 x mlp 40-32-1000, 20k rows, hard labels | <= 100 MB |
 | label_peak_mb | peak memory of labelling N rows streamed to disk, for two N | flat in N |
 """
@@ -261,6 +263,73 @@ def fit_many_hard_mb_k1000() -> dict[str, Any]:
     }
 
 
+def stream_vs_memory_epoch(train: Dataset, repeats: int) -> dict[str, Any]:
+    """An epoch of ``fit`` on streamed data (``TensorRows`` through a DataLoader) / in memory."""
+    from epoch_cost import epoch_seconds
+    from softtargets.streams import TensorRows
+
+    ratios = []
+    for r in range(repeats):
+
+        def student(seed: int = r) -> torch.nn.Module:
+            return build_model("mlp", train.feature_shape, 10, seed=seed, hidden=[100, 100])
+
+        memory = epoch_seconds(student(), train, None)
+        ratios.append(epoch_seconds(student(), TensorRows(train), None) / memory)
+    return {
+        "value": statistics.median(ratios),
+        "goal": "<= 1.5",
+        "detail": "mlp 100-100, MNIST-1D, batch 128, hard labels: DataLoader epoch / in-memory",
+    }
+
+
+STREAM_CHILD = """
+import sys, threading, time, numpy as np, torch
+from softtargets.models import build_model
+from softtargets.streams import ArrayRows
+from softtargets.train import fit
+rows, folder = int(sys.argv[1]), sys.argv[2]
+x = np.lib.format.open_memmap(f"{folder}/x.npy", "w+", np.float32, (rows, 40))
+for start in range(0, rows, 1 << 18):  # written in chunks: never all in memory
+    n = min(1 << 18, rows - start)
+    x[start : start + n] = np.random.default_rng(start).standard_normal((n, 40), np.float32)
+x.flush()
+del x
+np.save(f"{folder}/y.npy", np.arange(rows) % 10)
+def anon():  # anonymous memory only: mapped file pages are the page cache's, reclaimable
+    line = next(l for l in open("/proc/self/status") if l.startswith("RssAnon:"))
+    return int(line.split()[1]) / 1024
+peak, done = [anon()], threading.Event()
+def sample():
+    while not done.wait(0.01):
+        peak.append(anon())
+threading.Thread(target=sample, daemon=True).start()
+data = ArrayRows(f"{folder}/x.npy", f"{folder}/y.npy")
+fit(build_model("mlp", (40,), 10, seed=0, hidden=[32]), data, epochs=1, batch_size=1024)
+done.set()
+print(max(peak))
+"""
+
+
+def stream_peak_mb(sizes: list[int]) -> dict[str, Any]:
+    peaks = {}
+    for rows in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = subprocess.run(
+                [sys.executable, "-c", STREAM_CHILD, str(rows), tmp],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            peaks[f"{rows:,} rows"] = round(float(out.stdout.strip()), 1)
+    return {
+        "value": peaks,
+        "goal": "flat in rows",
+        "detail": "one streamed epoch over a memory-mapped .npy (40 float32 features), mlp "
+        "40-32-10, batch 1024; peak anonymous RSS (MB, sampled every 10 ms)",
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="softtargets performance figures")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller sizes")
@@ -280,6 +349,10 @@ def main() -> None:
         [100_000, 1_000_000] if not args.quick else [20_000, 100_000]
     )
     results["fit_many_hard_mb_k1000"] = fit_many_hard_mb_k1000()
+    results["stream_vs_memory_epoch"] = stream_vs_memory_epoch(parts.train, repeats + 2)
+    results["stream_peak_mb"] = stream_peak_mb(
+        [1_000_000, 4_000_000] if not args.quick else [100_000, 400_000]
+    )
     machine = (
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch "
         f"threads, torch {torch.__version__}, Python {platform.python_version()}"
