@@ -179,70 +179,150 @@ class DistillationLoss(nn.Module):
         return f"temperature={self.temperature}, alpha={self.alpha}"
 
 
-# Up to this many classes, StoredDistillation builds [z / T, z] and mixes [q, s] with one small
-# matmul each (fewer ops); the matmuls cost O(K^2) per row, so many classes use elementwise ops.
+# Up to this many classes, StoredDistillation precomputes per-row tables and builds [z / T, z] and
+# mixes [q, s] with one small matmul each (fewer ops); the matmuls cost O(K^2) per row and the
+# tables 4K + 1 floats a row, so many classes compute the teacher's side per batch instead.
 _FEW_CLASSES = 64
 
 
 class StoredDistillation:
     """Hinton's loss against a whole dataset's teacher logits, with a closed-form gradient.
 
-    For the training hot path. The teacher side never changes during training, so everything
-    about it is computed once here, per row: the gradient's offset ``G = alpha T p + (1 - alpha)
-    onehot(y)`` with ``p = softmax(v / T)``, and the value's weights. A step gathers its rows and
-    needs only the student's two log-softmaxes (at ``T`` and at 1), computed together.
-
-    The gradient with respect to the student logits ``z`` is known in closed form (Hinton et al.
-    2015, eq. 2, times the ``T^2`` factor, plus the hard term):
-    ``(alpha * T * softmax(z / T) + (1 - alpha) * softmax(z) - G) / B``. Handing it straight to
+    For the training hot path. The gradient with respect to the student logits ``z`` is known in
+    closed form (Hinton et al. 2015, eq. 2, times the ``T^2`` factor, plus the hard term):
+    ``(alpha T softmax(z / T) + (1 - alpha) softmax(z) - G) / B`` with
+    ``G = alpha T p + (1 - alpha) onehot(y)`` and ``p = softmax(v / T)``. Handing it straight to
     ``logits.backward`` skips recording a dozen tiny autograd ops per step.
 
-    Why the step is written in so few, odd-looking ops (for up to 64 classes one matmul for
-    ``[z / T, z]`` and one ``addmm`` for the gradient; one ``dot`` for the value): on the small
-    models of this field each op costs a few microseconds of dispatch, several times its
-    arithmetic, and the step's count of ops is what ``bench/epoch_cost.py``'s stored / hard ratio
-    measures.
+    Two ways to get the teacher's side, chosen by the number of classes ``K``:
+
+    * few classes (``K <= 64``): ``G`` and the value's weights are computed once per row; a step
+      gathers its rows and builds ``[z / T, z]`` with one matmul and the gradient with one
+      ``addmm`` (on the small models of this field each op costs a few microseconds of dispatch,
+      several times its arithmetic, and ``bench/epoch_cost.py``'s stored / hard ratio counts them);
+    * many classes: nothing per row is kept beyond the teacher's logits themselves (a store's own
+      tensor, float32 or float16, read through ``teacher_rows``); a step gathers its rows' logits
+      and computes ``p`` then, so memory stays at the store's size and there is no setup.
 
     ``value_and_grad(z (B, K), rows (B,))`` returns the batch-mean loss, equal to
-    ``distillation_loss(z, v[rows], y[rows], T, alpha)``, and its gradient ``(B, K)``.
+    ``distillation_loss(z, v[rows], y[rows], T, alpha)``, and its gradient ``(B, K)`` (with many
+    classes, a buffer that the next call overwrites: use it before calling again).
+
+    Args:
+        teacher_logits: ``(M, K)`` teacher logits.
+        labels: ``(N,)`` hard labels of the data's rows.
+        temperature, alpha: as :func:`distillation_loss`.
+        teacher_rows: ``(N,)`` the row of ``teacher_logits`` of each data row (default: the same).
     """
 
     def __init__(
-        self, teacher_logits: Tensor, labels: Tensor, temperature: float, alpha: float
+        self,
+        teacher_logits: Tensor,
+        labels: Tensor,
+        temperature: float,
+        alpha: float,
+        teacher_rows: Tensor | None = None,
     ) -> None:
         if not 0.0 <= float(alpha) <= 1.0:
             raise SoftTargetsError(f"alpha must be in [0, 1], got {alpha!r}")
         t = self.temperature = check_temperature(temperature)
         a = self.alpha = float(alpha)
+        k = self.num_classes = teacher_logits.shape[1]
+        self._scales = self._mix = None
+        if k > _FEW_CLASSES:
+            self._teacher, self._teacher_rows, self._labels = teacher_logits, teacher_rows, labels
+            self._teacher_lse, self._teacher_plogp = _teacher_row_constants(teacher_logits, t)
+            self._buffers: dict[tuple, tuple[Tensor, ...]] = {}
+            return
+        if teacher_rows is not None:
+            teacher_logits = teacher_logits.index_select(0, teacher_rows)
         log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)  # (N, K)
         p = log_p.exp()
-        k = p.shape[1]
         one_hot = F.one_hot(labels, k).to(p.dtype)
         self._neg_offset = -(a * t * p + (1.0 - a) * one_hot)  # (N, K)
         # value per row: alpha T^2 (sum p log p - sum p log q) - (1 - alpha) log s_y
         #   = [log q, log s, 1] . [-alpha T^2 p, -(1 - alpha) onehot, alpha T^2 sum p log p]
         const = a * t * t * torch.linalg.vecdot(p, log_p)[:, None]
         self._value_weights = torch.cat([-a * t * t * p, -(1.0 - a) * one_hot, const], dim=1)
-        self._scales = self._mix = None
-        if k <= _FEW_CLASSES:
-            eye = torch.eye(k, device=p.device)
-            self._scales = torch.cat([eye / t, eye], dim=1)  # z @ scales = [z / T, z]
-            self._mix = torch.cat([a * t * eye, (1.0 - a) * eye], dim=0)  # [q, s] @ mix
+        eye = torch.eye(k, device=p.device)
+        self._scales = torch.cat([eye / t, eye], dim=1)  # z @ scales = [z / T, z]
+        self._mix = torch.cat([a * t * eye, (1.0 - a) * eye], dim=0)  # [q, s] @ mix
 
     def value_and_grad(self, logits: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
         """``logits`` must not require grad (pass ``logits.detach()``)."""
+        if self._scales is None:
+            return self._many_classes(logits, rows)
         b, k = logits.shape
-        if self._scales is not None:
-            both = (logits @ self._scales).view(b, 2, k)
-        else:
-            both = torch.stack([logits / self.temperature, logits], dim=1)
+        both = (logits @ self._scales).view(b, 2, k)
         log_probs = torch.log_softmax(both, dim=-1).view(b, 2 * k)  # [log q, log s]
         offset = self._neg_offset.index_select(0, rows)
-        if self._mix is not None:  # (alpha T q + (1 - alpha) s - G) / B
-            grad = torch.addmm(offset, log_probs.exp(), self._mix, beta=1.0 / b, alpha=1.0 / b)
-        else:
-            probs, t, a = log_probs.exp(), self.temperature, self.alpha
-            grad = (probs[:, :k] * (a * t) + probs[:, k:] * (1.0 - a) + offset) / b
+        # (alpha T q + (1 - alpha) s - G) / B
+        grad = torch.addmm(offset, log_probs.exp(), self._mix, beta=1.0 / b, alpha=1.0 / b)
         weights = self._value_weights.index_select(0, rows).view(-1)
         value = torch.dot(weights, F.pad(log_probs, (0, 1), value=1.0).view(-1))
         return value / b, grad
+
+    def _many_classes(self, logits: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """The step with the teacher's side computed from this batch's logits (``K > 64``).
+
+        Per element: one ``exp`` for ``p`` (its log-normaliser and ``sum p log p`` are kept per
+        teacher row, 8 bytes a row), one for ``q``, one for ``s`` — a hard-label step takes two —
+        and about a dozen passes in all (``bench/run_all.py``'s ``stored_vs_hard_epoch_k1000``).
+        """
+        b, t, a = logits.shape[0], self.temperature, self.alpha
+        # Three (B, K) buffers, reused step after step: fresh ones of this size come from mmap
+        # and cost page faults on every step (measured: 1.7 ms a step with them, 1.0 without).
+        key = (b, logits.device)
+        if key not in self._buffers:
+            self._buffers = {key: tuple(torch.empty_like(logits) for _ in range(3))}
+        p, d, q = self._buffers[key]
+        where = rows if self._teacher_rows is None else self._teacher_rows.index_select(0, rows)
+        neg_lse = self._teacher_lse.index_select(0, where).neg_()[:, None]
+        v = self._teacher.index_select(0, where)  # (B, K); float16 stores widen in the add
+        torch.add(neg_lse, v, alpha=1.0 / t, out=p).exp_()  # p = exp(v / T - lse)
+        # The student's side from one shift d = z - max z, shared by q (at T) and s (at 1), and
+        # no log-softmax tensor: the value needs log q only under sum_k p_k (sum p = 1), and
+        # log s only at the label.
+        torch.sub(logits, logits.amax(dim=-1, keepdim=True), out=d)
+        torch.exp(torch.div(d, t, out=q), out=q)
+        # value: alpha T^2 (sum p log p - sum p log q) - (1 - alpha) log s_y, per row summed;
+        # sum_k p_k log q_k = sum_k p_k d_k / T - log sum_k exp(d_k / T)
+        total_q = q.sum(dim=-1, keepdim=True)
+        p_log_q = torch.linalg.vecdot(p, d).sum() / t - total_q.log().sum()
+        plogp = self._teacher_plogp.index_select(0, where).sum()
+        value = (a * t * t) * (plogp - p_log_q)
+        grad = q.div_(total_q).sub_(p).mul_(a * t / b)  # the batch mean's 1 / B folded in
+        if a < 1.0:
+            labels = self._labels.index_select(0, rows)[:, None]  # (B, 1)
+            d_y = d.gather(1, labels)
+            s = d.exp_()  # d is not needed any more
+            total_s = s.sum(dim=-1, keepdim=True)
+            value = value + (1.0 - a) * (total_s.log() - d_y).sum()  # -log s_y
+            grad.addcdiv_(s, total_s, value=(1.0 - a) / b).scatter_add_(
+                1, labels, grad.new_full(labels.shape, -(1.0 - a) / b)
+            )
+        return value / b, grad
+
+
+def log_softmax_and_softmax(z: Tensor) -> tuple[Tensor, Tensor]:
+    """``(log softmax(z), softmax(z))`` over the last axis from one ``exp`` per element (the pair
+    from ``F.log_softmax`` and an ``exp`` takes two); for few classes these elementwise passes are
+    also several times faster than ``F.log_softmax``'s reduction kernel on the CPU."""
+    shifted = z - z.amax(dim=-1, keepdim=True)
+    exp = shifted.exp()
+    total = exp.sum(dim=-1, keepdim=True)
+    return shifted.sub_(total.log()), exp.div_(total)
+
+
+def _teacher_row_constants(
+    logits: Tensor, temperature: float, chunk: int = 65536
+) -> tuple[Tensor, Tensor]:
+    """Per row of ``logits (M, K)``: ``logsumexp(v / T)`` and ``sum_k p_k log p_k`` with
+    ``p = softmax(v / T)``, in row chunks (no (M, K) temporary)."""
+    lse, plogp = [], []
+    for start in range(0, len(logits), chunk):
+        v = logits[start : start + chunk].float() / temperature
+        log_p, p = log_softmax_and_softmax(v)
+        lse.append(v[:, 0] - log_p[:, 0])  # log p_0 = v_0 - lse
+        plogp.append(torch.linalg.vecdot(p, log_p))
+    return torch.cat(lse), torch.cat(plogp)

@@ -91,8 +91,10 @@ class ResolvedTargets:
     """What a ``targets`` argument means for one dataset, checked once.
 
     ``kind`` is ``"hard"`` (the labels), ``"probs"`` (``probs``: ``(N, K)`` probability rows,
-    soft cross-entropy) or ``"distill"`` (``teacher_logits``: ``(N, K)``, Hinton's loss at
-    ``temperature`` with weight ``alpha``).
+    soft cross-entropy) or ``"distill"`` (Hinton's loss at ``temperature`` with weight ``alpha``
+    against teacher logits: row ``i`` of the data has ``teacher_logits[teacher_rows[i]]``, or
+    ``teacher_logits[i]`` when ``teacher_rows`` is ``None``). ``teacher_logits`` is a store's own
+    ``(M, K)`` tensor, not a copy: at 100k rows x 1,000 classes a copy would be 400 MB.
     """
 
     kind: Literal["hard", "probs", "distill"]
@@ -100,6 +102,14 @@ class ResolvedTargets:
     teacher_logits: Tensor | None = None
     temperature: float = 1.0
     alpha: float = 1.0
+    teacher_rows: Tensor | None = None
+
+    def dense_teacher_logits(self) -> Tensor:
+        """The teacher's logits row by row with the data, ``(N, K)`` float32 (a copy)."""
+        assert self.teacher_logits is not None
+        if self.teacher_rows is None:
+            return self.teacher_logits.float()
+        return self.teacher_logits.index_select(0, self.teacher_rows).float()
 
 
 def resolve_targets(targets: Targets, data: Dataset) -> ResolvedTargets:
@@ -118,8 +128,11 @@ def resolve_targets(targets: Targets, data: Dataset) -> ResolvedTargets:
         temperature = check_temperature(targets.temperature)
         if not 0.0 <= float(targets.alpha) <= 1.0:
             raise SoftTargetsError(f"alpha must be in [0, 1], got {targets.alpha!r}")
+        teacher_rows = None
         if isinstance(targets.teacher, SoftTargetStore):
-            teacher_logits = targets.teacher.logits_for(data)
+            store = targets.teacher
+            store.check(data)
+            teacher_logits, teacher_rows = store.logits, store.rows_for(data.ids.cpu())
         elif isinstance(targets.teacher, nn.Module):
             # In memory there is no augmentation: the teacher's outputs are the same every
             # epoch, so it runs once here (as label() would), not on every batch.
@@ -133,7 +146,9 @@ def resolve_targets(targets: Targets, data: Dataset) -> ResolvedTargets:
                     f"({len(data)}, {data.num_classes}): one row per sample, one column per class"
                 )
         check_finite(teacher_logits, "teacher logits", "the teacher has diverged; retrain it")
-        return ResolvedTargets("distill", None, teacher_logits, temperature, float(targets.alpha))
+        return ResolvedTargets(
+            "distill", None, teacher_logits, temperature, float(targets.alpha), teacher_rows
+        )
     probs = validate(targets, data.num_classes).float()
     if probs.shape[0] != len(data):
         raise SoftTargetsError(
@@ -170,8 +185,13 @@ def make_objective(targets: Targets, data: Dataset, device: torch.device) -> Obj
             raise SoftTargetsError(
                 "distillation ignores row weights; drop the data's weights or pass soft targets"
             )
+        rows = None if resolved.teacher_rows is None else resolved.teacher_rows.to(device)
         loss = StoredDistillation(
-            resolved.teacher_logits.to(device), labels, resolved.temperature, resolved.alpha
+            resolved.teacher_logits.to(device),
+            labels,
+            resolved.temperature,
+            resolved.alpha,
+            teacher_rows=rows,
         )
         return lambda logits, rows: loss.value_and_grad(logits.detach(), rows)
     probs = resolved.probs.to(device)

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from softtargets.data import Dataset
 from softtargets.errors import SoftTargetsError
+from softtargets.losses import log_softmax_and_softmax
 from softtargets.selection import FitResult, LearningRates, Selection
 from softtargets.stacked import StackedMLP, StackedOptimizer, stack_groups
 from softtargets.targets import check_labels, soften
@@ -84,7 +85,7 @@ def _member_targets(
         return None, labels, 1.0, 0.0, False
     if resolved.kind == "probs":
         return resolved.probs, labels, 1.0, 1.0, False
-    probs = soften(resolved.teacher_logits, resolved.temperature)
+    probs = soften(resolved.dense_teacher_logits(), resolved.temperature)
     return probs, labels, resolved.temperature, resolved.alpha, True
 
 
@@ -188,27 +189,18 @@ class StackedTargets:
         rows = self.table.index_select(0, table_rows).view(count, batch, -1)
         grad_target, const = rows[..., :k], rows[..., -1]
         if self.unit_temperature:
-            log_s, s = _log_softmax_and_softmax(logits)
+            log_s, s = log_softmax_and_softmax(logits)
             row_loss = const - (grad_target * log_s).sum(-1)
             grad = s.sub_(grad_target)
         else:
-            log_q, q = _log_softmax_and_softmax(logits * self.inverse_temperature)
+            log_q, q = log_softmax_and_softmax(logits * self.inverse_temperature)
             row_loss = const - (rows[..., k : 2 * k] * log_q).sum(-1)
             grad = q.mul_(self.soft_scale).sub_(grad_target)
             if self.any_hard:
-                log_s, s = _log_softmax_and_softmax(logits)
+                log_s, s = log_softmax_and_softmax(logits)
                 row_loss -= (rows[..., 2 * k : 3 * k] * log_s).sum(-1)
                 grad.addcmul_(s, self.hard_scale)
         return (row_loss * weight).sum(1), grad.mul_(weight[..., None])
-
-
-def _log_softmax_and_softmax(z: Tensor) -> tuple[Tensor, Tensor]:
-    """Stable log-softmax and softmax over the last axis. For the few classes of this field these
-    elementwise passes are several times faster than ``F.log_softmax``'s reduction kernel."""
-    shifted = z - z.amax(dim=-1, keepdim=True)
-    exp = shifted.exp()
-    total = exp.sum(dim=-1, keepdim=True)
-    return shifted.sub_(total.log()), exp.div_(total)
 
 
 # ---------------------------------------------------------------------------- fit_many
