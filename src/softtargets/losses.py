@@ -314,12 +314,11 @@ def log_softmax_and_softmax(z: Tensor) -> tuple[Tensor, Tensor]:
     return shifted.sub_(total.log()), exp.div_(total)
 
 
-def _teacher_row_constants(
-    logits: Tensor, temperature: float, chunk: int = 65536
-) -> tuple[Tensor, Tensor]:
+def _teacher_row_constants(logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     """Per row of ``logits (M, K)``: ``logsumexp(v / T)`` and ``sum_k p_k log p_k`` with
-    ``p = softmax(v / T)``, in row chunks (no (M, K) temporary)."""
+    ``p = softmax(v / T)``, a few million numbers at a time (no (M, K) temporary)."""
     lse, plogp = [], []
+    chunk = max(1, (1 << 22) // max(logits.shape[1], 1))  # rows of 16 MB of float32
     for start in range(0, len(logits), chunk):
         v = logits[start : start + chunk].float() / temperature
         log_p, p = log_softmax_and_softmax(v)

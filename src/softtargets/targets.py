@@ -45,11 +45,14 @@ def check_temperature(temperature: float) -> float:
     return t
 
 
-def check_finite(tensor: Tensor, name: str, fix: str, chunk: int = 65536) -> None:
+def check_finite(tensor: Tensor, name: str, fix: str) -> None:
     """Raise, naming the first bad row, if ``tensor`` (rows first) holds NaN or inf.
 
-    Rows are checked ``chunk`` at a time, so the check's mask stays small for a large store.
+    A few million numbers are checked at a time, so the check's mask stays small for a large
+    store (100k rows x 1,000 classes would otherwise take a 100 MB mask).
     """
+    per_row = max(1, tensor[:1].numel())
+    chunk = max(1, (1 << 22) // per_row)
     for start in range(0, max(len(tensor), 1), chunk):
         bad = ~torch.isfinite(tensor[start : start + chunk])
         if bad.any():
