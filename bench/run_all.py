@@ -14,6 +14,8 @@ because these machines are noisy: absolute seconds from different runs are not c
 | matmul_fraction | FLOP/s of a 512-wide MLP's training step (batch 256) / this machine's matmul FLOP/s | >= 0.5 |
 | demo_seconds | wall time of `softtargets demo` (a fresh process, data cache warm) | < 60 |
 | study_seconds | wall time of each study's default run | < 600 each |
+| stored_vs_hard_epoch_k1000 | stored-logit / hard-label epoch at K = 1,000 | <= 1.15 |
+| distill_memory_over_store | peak RSS of a stored-logit epoch beyond the loaded store, in store sizes (100k x 1,000) | <= 0.5 |
 | stream_vs_memory_epoch | an epoch of ``fit`` through a DataLoader (``TensorRows``) / in memory | <= 1.5 |
 | stream_peak_mb | peak anonymous RSS of a streamed epoch over a memory-mapped .npy, for two N | flat in N |
 | fit_many_hard_mb_k1000 | peak RSS increase of ``fit_many``, 16 x mlp 40-32-1000, 20k rows, hard labels | <= 100 MB |
