@@ -117,3 +117,44 @@ def test_streamed_store_checks_row_count(tmp_path, data, teacher) -> None:
     with pytest.raises(SoftTargetsError, match="held 10 rows, not num_rows=50"):
         label_to_file(teacher, chunks, 50, tmp_path / "s.safetensors", data.class_names)
     assert not (tmp_path / "s.safetensors").exists()  # nothing half-written is left
+
+
+def test_a_memory_mapped_store_equals_the_loaded_one_and_trains(tmp_path) -> None:
+    import numpy as np
+
+    from softtargets.train import Distillation, fit
+
+    # 50k rows x 100 classes: more rows than one 16 MB chunk of the store's checks (41,943)
+    gen = torch.Generator().manual_seed(0)
+    data = Dataset.from_arrays(torch.randn(50_000, 4, generator=gen), torch.arange(50_000) % 100)
+    logits = 3 * torch.randn(50_000, 100, generator=gen)
+    store = SoftTargetStore(logits, data.ids.clone(), "t" * 16, data.fingerprint, data.class_names)
+    path = store.save(tmp_path / "big.safetensors")
+    written = path.read_bytes()
+    mapped = SoftTargetStore.load(path, data=data, mmap=True)
+    assert (
+        isinstance(mapped.logits.numpy().base, np.memmap) or mapped.logits.numpy().base is not None
+    )
+    assert torch.equal(mapped.logits, logits) and torch.equal(mapped.ids, store.ids)
+    part = data.take(torch.arange(0, 50_000, 97))
+    model = build_model("mlp", (4,), 100, seed=0, hidden=[8])
+    common = dict(epochs=1, batch_size=64, lr=1e-2)
+    a = fit(model, part, Distillation(mapped, 2.0, 0.5), **common)
+    b = fit(
+        build_model("mlp", (4,), 100, seed=0, hidden=[8]),
+        part,
+        Distillation(store, 2.0, 0.5),
+        **common,
+    )
+    torch.testing.assert_close(
+        torch.cat([p.flatten() for p in a.model.parameters()]),
+        torch.cat([p.flatten() for p in b.model.parameters()]),
+    )
+    assert path.read_bytes() == written  # mapped copy-on-write: the file is never written
+
+
+def test_a_memory_mapped_store_refuses_bad_files(tmp_path) -> None:
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    with pytest.raises(SoftTargetsError, match="not a"):
+        SoftTargetStore.load(path, mmap=True)

@@ -185,8 +185,14 @@ class SoftTargetStore:
         path: str | Path,
         data: Dataset | None = None,
         teacher: nn.Module | None = None,
+        mmap: bool = False,
     ) -> SoftTargetStore:
-        """Read a store; with ``data`` or ``teacher`` given, refuse one that was made for others."""
+        """Read a store; with ``data`` or ``teacher`` given, refuse one that was made for others.
+
+        ``mmap=True`` maps the logits from the file instead of reading them: rows are read when a
+        batch needs them, so a store larger than memory trains (the pages are the page cache's,
+        which the system reclaims). The ids are read whole (8 bytes a row).
+        """
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
@@ -197,7 +203,10 @@ class SoftTargetStore:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 meta = handle.metadata() or {}
-                tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+                names = list(handle.keys())  # noqa: SIM118
+                tensors = {k: handle.get_tensor(k) for k in names if not mmap or k != "logits"}
+            if mmap and "logits" in names:
+                tensors["logits"] = _map_tensor(path, "logits")
         except (SafetensorError, OSError, ValueError) as err:
             raise SoftTargetsError(
                 f"{path} is not a readable store ({str(err).splitlines()[0]}); delete it and label "
@@ -329,6 +338,27 @@ def _label_stream(
         raise SoftTargetsError("the streamed dataset gives an id twice; ids must be unique")
     fingerprint = labels_fingerprint(ids=all_ids, labels=all_labels)
     return torch.cat(logits), all_ids, hasher.hexdigest(), fingerprint
+
+
+def _map_tensor(path: Path, name: str) -> Tensor:
+    """Tensor ``name`` of a safetensors file, memory-mapped (copy-on-write: the file is never
+    written) rather than read."""
+    import numpy as np
+
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        entry = json.loads(handle.read(size))[name]
+    dtypes = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32}
+    if entry["dtype"] not in dtypes:
+        raise ValueError(f"{name} has dtype {entry['dtype']}, which a store does not use")
+    start, end = entry["data_offsets"]
+    dtype, shape = np.dtype(dtypes[entry["dtype"]]), tuple(entry["shape"])
+    if end - start != dtype.itemsize * int(np.prod(shape)):
+        raise ValueError(f"{name}'s offsets do not match its shape")
+    if end == start:
+        return torch.from_numpy(np.empty(shape, dtype=dtype))
+    mapped = np.memmap(path, dtype=dtype, mode="c", offset=8 + size + start, shape=shape)
+    return torch.from_numpy(mapped)
 
 
 def _safetensors_header(
