@@ -158,3 +158,50 @@ def test_a_memory_mapped_store_refuses_bad_files(tmp_path) -> None:
     path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     with pytest.raises(SoftTargetsError, match="not a"):
         SoftTargetStore.load(path, mmap=True)
+
+
+def test_a_top_k_store_keeps_the_kept_classes_exact_and_is_small(tmp_path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    data = Dataset.from_arrays(torch.randn(300, 4, generator=gen), torch.arange(300) % 1000,
+                               class_names=[str(k) for k in range(1000)])  # fmt: skip
+    logits = 3 * torch.randn(300, 1000, generator=gen)
+    full = SoftTargetStore(logits, data.ids.clone(), "t" * 16, data.fingerprint, data.class_names)
+    top = full.top_k(32)
+    assert top.num_classes == 1000 and top.kept == 32 and top.top_indices.dtype == torch.int16
+    # at T = 1 the kept classes' probabilities and the rest's total are the teacher's
+    p_full, p_top = full.soften(1.0), top.soften(1.0)
+    kept = top.top_indices.long()
+    torch.testing.assert_close(p_top.gather(1, kept), p_full.gather(1, kept))
+    rest_full, rest_top = (p.scatter(1, kept, 0.0).sum(1) for p in (p_full, p_top))
+    torch.testing.assert_close(rest_top, rest_full)
+    assert torch.equal(top.top_k(5).top_indices, full.top_k(5).top_indices)
+    # on disk: at most 6% of the full store (float16 logits, int16 indices, float32 tail)
+    half = replace_logits(top, top.logits.half())
+    saved = half.save(tmp_path / "top.safetensors").stat().st_size
+    assert saved / full.save(tmp_path / "full.safetensors").stat().st_size <= 0.06
+    loaded = SoftTargetStore.load(tmp_path / "top.safetensors", data=data)
+    torch.testing.assert_close(loaded.logits_for(data), half.logits_for(data))
+    with pytest.raises(SoftTargetsError, match="top_k must be from 1 to 999"):
+        full.top_k(1000)
+
+
+def replace_logits(store: SoftTargetStore, logits: torch.Tensor) -> SoftTargetStore:
+    from dataclasses import replace
+
+    return replace(store, logits=logits)
+
+
+def test_distillation_from_a_top_k_store_equals_its_dense_logits(data, teacher) -> None:
+    from softtargets.train import Distillation, fit
+
+    top = label(teacher, data, top_k=2)  # 3 classes: one spread over the tail
+    dense = top.logits_for(data)
+    common = dict(epochs=2, batch_size=16, lr=1e-2)
+    a = fit(build_model("mlp", data.feature_shape, 3, seed=0, hidden=[8]), data,
+            Distillation(top, 2.0, 0.5), **common)  # fmt: skip
+    b = fit(build_model("mlp", data.feature_shape, 3, seed=0, hidden=[8]), data,
+            Distillation(dense, 2.0, 0.5), **common)  # fmt: skip
+    torch.testing.assert_close(
+        torch.cat([p.flatten() for p in a.model.parameters()]),
+        torch.cat([p.flatten() for p in b.model.parameters()]),
+    )

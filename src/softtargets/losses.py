@@ -7,6 +7,8 @@ log-softmax is computed stably, and reduces with ``"mean"`` (weighted mean over 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -227,16 +229,24 @@ class StoredDistillation:
             raise SoftTargetsError(f"alpha must be in [0, 1], got {alpha!r}")
         t = self.temperature = check_temperature(temperature)
         a = self.alpha = float(alpha)
-        k = self.num_classes = teacher_logits.shape[1]
+        # teacher_logits may also be a top-k store: anything with .dense(rows) -> (B, K) float32
+        if hasattr(teacher_logits, "dense"):
+            self._gather, k, count = teacher_logits.dense, teacher_logits.num_classes, None
+        else:
+            self._gather = functools.partial(_rows_of, teacher_logits)
+            k, count = teacher_logits.shape[1], len(teacher_logits)
+        self.num_classes = k
         self._scales = self._mix = None
         if k > _FEW_CLASSES:
-            self._teacher, self._teacher_rows, self._labels = teacher_logits, teacher_rows, labels
-            self._teacher_lse, self._teacher_plogp = _teacher_row_constants(teacher_logits, t)
+            self._teacher_rows, self._labels = teacher_rows, labels
+            self._teacher_lse, self._teacher_plogp = _teacher_row_constants(
+                self._gather, len(teacher_logits) if count is None else count, k, t
+            )
             self._buffers: dict[tuple, tuple[Tensor, ...]] = {}
             return
-        if teacher_rows is not None:
-            teacher_logits = teacher_logits.index_select(0, teacher_rows)
-        log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)  # (N, K)
+        if teacher_rows is None:
+            teacher_rows = torch.arange(len(labels), device=labels.device)
+        log_p = F.log_softmax(self._gather(teacher_rows).float() / t, dim=-1)  # (N, K)
         p = log_p.exp()
         one_hot = F.one_hot(labels, k).to(p.dtype)
         self._neg_offset = -(a * t * p + (1.0 - a) * one_hot)  # (N, K)
@@ -278,7 +288,7 @@ class StoredDistillation:
         p, d, q = self._buffers[key]
         where = rows if self._teacher_rows is None else self._teacher_rows.index_select(0, rows)
         neg_lse = self._teacher_lse.index_select(0, where).neg_()[:, None]
-        v = self._teacher.index_select(0, where)  # (B, K); float16 stores widen in the add
+        v = self._gather(where)  # (B, K); float16 stores widen in the add
         torch.add(neg_lse, v, alpha=1.0 / t, out=p).exp_()  # p = exp(v / T - lse)
         # The student's side from one shift d = z - max z, shared by q (at T) and s (at 1), and
         # no log-softmax tensor: the value needs log q only under sum_k p_k (sum p = 1), and
@@ -304,6 +314,10 @@ class StoredDistillation:
         return value / b, grad
 
 
+def _rows_of(logits: Tensor, rows: Tensor) -> Tensor:
+    return logits.index_select(0, rows.to(logits.device))
+
+
 def log_softmax_and_softmax(z: Tensor) -> tuple[Tensor, Tensor]:
     """``(log softmax(z), softmax(z))`` over the last axis from one ``exp`` per element (the pair
     from ``F.log_softmax`` and an ``exp`` takes two); for few classes these elementwise passes are
@@ -314,13 +328,15 @@ def log_softmax_and_softmax(z: Tensor) -> tuple[Tensor, Tensor]:
     return shifted.sub_(total.log()), exp.div_(total)
 
 
-def _teacher_row_constants(logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """Per row of ``logits (M, K)``: ``logsumexp(v / T)`` and ``sum_k p_k log p_k`` with
-    ``p = softmax(v / T)``, a few million numbers at a time (no (M, K) temporary)."""
+def _teacher_row_constants(
+    gather: Callable[[Tensor], Tensor], rows: int, k: int, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """Per teacher row (``gather(positions) -> (B, K)`` logits): ``logsumexp(v / T)`` and
+    ``sum_k p_k log p_k`` with ``p = softmax(v / T)``, a few million numbers at a time."""
     lse, plogp = [], []
-    chunk = max(1, (1 << 22) // max(logits.shape[1], 1))  # rows of 16 MB of float32
-    for start in range(0, len(logits), chunk):
-        v = logits[start : start + chunk].float() / temperature
+    chunk = max(1, (1 << 22) // max(k, 1))  # rows of 16 MB of float32
+    for start in range(0, rows, chunk):
+        v = gather(torch.arange(start, min(start + chunk, rows))).float() / temperature
         log_p, p = log_softmax_and_softmax(v)
         lse.append(v[:, 0] - log_p[:, 0])  # log p_0 = v_0 - lse
         plogp.append(torch.linalg.vecdot(p, log_p))

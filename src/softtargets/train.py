@@ -93,13 +93,14 @@ class ResolvedTargets:
     ``kind`` is ``"hard"`` (the labels), ``"probs"`` (``probs``: ``(N, K)`` probability rows,
     soft cross-entropy) or ``"distill"`` (Hinton's loss at ``temperature`` with weight ``alpha``
     against teacher logits: row ``i`` of the data has ``teacher_logits[teacher_rows[i]]``, or
-    ``teacher_logits[i]`` when ``teacher_rows`` is ``None``). ``teacher_logits`` is a store's own
-    ``(M, K)`` tensor, not a copy: at 100k rows x 1,000 classes a copy would be 400 MB.
+    ``teacher_logits[i]`` when ``teacher_rows`` is ``None``). ``teacher_logits`` is ``(N, K)``
+    logits or a store itself, read through its rows (a full store's own tensor, or a top-k store
+    expanded a batch at a time), never a copy: at 100k rows x 1,000 classes a copy is 400 MB.
     """
 
     kind: Literal["hard", "probs", "distill"]
     probs: Tensor | None = None
-    teacher_logits: Tensor | None = None
+    teacher_logits: Tensor | SoftTargetStore | None = None
     temperature: float = 1.0
     alpha: float = 1.0
     teacher_rows: Tensor | None = None
@@ -107,9 +108,12 @@ class ResolvedTargets:
     def dense_teacher_logits(self) -> Tensor:
         """The teacher's logits row by row with the data, ``(N, K)`` float32 (a copy)."""
         assert self.teacher_logits is not None
-        if self.teacher_rows is None:
+        rows = self.teacher_rows
+        if isinstance(self.teacher_logits, SoftTargetStore):
+            return self.teacher_logits.dense(rows)
+        if rows is None:
             return self.teacher_logits.float()
-        return self.teacher_logits.index_select(0, self.teacher_rows).float()
+        return self.teacher_logits.index_select(0, rows).float()
 
 
 def resolve_targets(targets: Targets, data: Dataset) -> ResolvedTargets:
@@ -132,7 +136,9 @@ def resolve_targets(targets: Targets, data: Dataset) -> ResolvedTargets:
         if isinstance(targets.teacher, SoftTargetStore):
             store = targets.teacher
             store.check(data)
-            teacher_logits, teacher_rows = store.logits, store.rows_for(data.ids.cpu())
+            teacher_logits, teacher_rows = store, store.rows_for(data.ids.cpu())
+            if store.tail is not None:
+                check_finite(store.tail[:, None], "teacher tail", "label the data again")
         elif isinstance(targets.teacher, nn.Module):
             # In memory there is no augmentation: the teacher's outputs are the same every
             # epoch, so it runs once here (as label() would), not on every batch.
@@ -145,7 +151,12 @@ def resolve_targets(targets: Targets, data: Dataset) -> ResolvedTargets:
                     f"teacher logits have shape {tuple(teacher_logits.shape)} but the data needs "
                     f"({len(data)}, {data.num_classes}): one row per sample, one column per class"
                 )
-        check_finite(teacher_logits, "teacher logits", "the teacher has diverged; retrain it")
+        kept = teacher_logits.logits if isinstance(teacher_logits, SoftTargetStore) else None
+        check_finite(
+            teacher_logits if kept is None else kept,
+            "teacher logits",
+            "the teacher has diverged; retrain it",
+        )
         return ResolvedTargets(
             "distill", None, teacher_logits, temperature, float(targets.alpha), teacher_rows
         )
@@ -186,8 +197,11 @@ def make_objective(targets: Targets, data: Dataset, device: torch.device) -> Obj
                 "distillation ignores row weights; drop the data's weights or pass soft targets"
             )
         rows = None if resolved.teacher_rows is None else resolved.teacher_rows.to(device)
+        teacher = resolved.teacher_logits
+        if isinstance(teacher, SoftTargetStore) and teacher.top_indices is None:
+            teacher = teacher.logits  # a full store: its own tensor, gathered directly
         loss = StoredDistillation(
-            resolved.teacher_logits.to(device),
+            teacher.to(device) if isinstance(teacher, Tensor) else teacher,
             labels,
             resolved.temperature,
             resolved.alpha,
