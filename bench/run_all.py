@@ -16,6 +16,7 @@ because these machines are noisy: absolute seconds from different runs are not c
 | study_seconds | wall time of each study's default run | < 600 each |
 | stored_vs_hard_epoch_k1000 | stored-logit / hard-label epoch at K = 1,000 | <= 1.15 |
 | distill_memory_over_store | peak RSS of a stored-logit epoch beyond the loaded store, in store sizes (100k x 1,000) | <= 0.5 |
+| topk_store_fraction_k1000 | file bytes of a top-32 store / the full store, K = 1,000 | <= 0.06 |
 | stream_vs_memory_epoch | an epoch of ``fit`` through a DataLoader (``TensorRows``) / in memory | <= 1.5 |
 | stream_peak_mb | peak anonymous RSS of a streamed epoch over a memory-mapped .npy, for two N | flat in N |
 | fit_many_hard_mb_k1000 | peak RSS increase of ``fit_many``, 16 x mlp 40-32-1000, 20k rows, hard labels | <= 100 MB |
@@ -339,6 +340,19 @@ def distill_memory_over_store() -> dict[str, Any]:
     }
 
 
+def topk_store_fraction_k1000() -> dict[str, Any]:
+    data, store = many_class_data(2_000, 1000)
+    with tempfile.TemporaryDirectory() as tmp:
+        full = store.save(f"{tmp}/full.safetensors").stat().st_size
+        top = store.top_k(32).save(f"{tmp}/top.safetensors").stat().st_size
+    return {
+        "value": round(top / full, 4),
+        "goal": "<= 0.06",
+        "detail": "file bytes of a top-32 store / the full store, K = 1,000, float32 logits "
+        "(int16 class indices, one float32 tail a row)",
+    }
+
+
 def stream_vs_memory_epoch(train: Dataset, repeats: int) -> dict[str, Any]:
     """An epoch of ``fit`` on streamed data (``TensorRows`` through a DataLoader) / in memory."""
     from epoch_cost import epoch_seconds
@@ -427,6 +441,7 @@ def main() -> None:
     results["fit_many_hard_mb_k1000"] = fit_many_hard_mb_k1000()
     results["stored_vs_hard_epoch_k1000"] = stored_vs_hard_epoch_k1000(repeats)
     results["distill_memory_over_store"] = distill_memory_over_store()
+    results["topk_store_fraction_k1000"] = topk_store_fraction_k1000()
     results["stream_vs_memory_epoch"] = stream_vs_memory_epoch(parts.train, repeats + 2)
     results["stream_peak_mb"] = stream_peak_mb(
         [1_000_000, 4_000_000] if not args.quick else [100_000, 400_000]
