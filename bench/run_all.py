@@ -19,6 +19,7 @@ because these machines are noisy: absolute seconds from different runs are not c
 | topk_store_fraction_k1000 | file bytes of a top-32 store / the full store, K = 1,000 | <= 0.06 |
 | stream_vs_memory_epoch | an epoch of ``fit`` through a DataLoader (``TensorRows``) / in memory | <= 1.5 |
 | stream_peak_mb | peak anonymous RSS of a streamed epoch over a memory-mapped .npy, for two N | flat in N |
+| label_peak_mb_in_k | peak memory of labelling 20,000 rows to disk at K = 10 and 10,000 | flat in K |
 | fit_many_hard_mb_k1000 | peak RSS increase of ``fit_many``, 16 x mlp 40-32-1000, 20k rows, hard labels | <= 100 MB |
 | label_peak_mb | peak memory of labelling N rows streamed to disk, for two N | flat in N |
 """
@@ -206,13 +207,14 @@ import resource, sys, torch
 from softtargets.models import build_model
 from softtargets.teacher import label_to_file
 rows, chunk = int(sys.argv[1]), 65536
-teacher = build_model("mlp", (40,), 10, seed=0, hidden=[64])
+k = int(sys.argv[3]) if len(sys.argv) > 3 else 10
+teacher = build_model("mlp", (40,), k, seed=0, hidden=[64])
 def batches():
     gen = torch.Generator().manual_seed(0)
     for start in range(0, rows, chunk):
         n = min(chunk, rows - start)
         yield torch.randn(n, 40, generator=gen), torch.arange(start, start + n)
-label_to_file(teacher, batches(), rows, sys.argv[2], [str(k) for k in range(10)])
+label_to_file(teacher, batches(), rows, sys.argv[2], [str(c) for c in range(k)])
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
 
@@ -420,6 +422,25 @@ def stream_peak_mb(sizes: list[int]) -> dict[str, Any]:
     }
 
 
+def label_peak_mb_in_k(rows: int = 20_000) -> dict[str, Any]:
+    peaks = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in (10, 10_000):
+            out = subprocess.run(
+                [sys.executable, "-c", LABEL_CHILD, str(rows), f"{tmp}/s", str(k)],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            peaks[f"K = {k:,}"] = round(float(out.stdout.strip()), 1)
+    return {
+        "value": peaks,
+        "goal": "flat in K",
+        "detail": f"label_to_file of {rows:,} rows in 65,536-row chunks, mlp 40-64-K teacher, "
+        "peak RSS of the process",
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="softtargets performance figures")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller sizes")
@@ -438,6 +459,7 @@ def main() -> None:
     results["label_peak_mb"] = label_peak_mb(
         [100_000, 1_000_000] if not args.quick else [20_000, 100_000]
     )
+    results["label_peak_mb_in_k"] = label_peak_mb_in_k()
     results["fit_many_hard_mb_k1000"] = fit_many_hard_mb_k1000()
     results["stored_vs_hard_epoch_k1000"] = stored_vs_hard_epoch_k1000(repeats)
     results["distill_memory_over_store"] = distill_memory_over_store()

@@ -205,3 +205,17 @@ def test_distillation_from_a_top_k_store_equals_its_dense_logits(data, teacher) 
         torch.cat([p.flatten() for p in a.model.parameters()]),
         torch.cat([p.flatten() for p in b.model.parameters()]),
     )
+
+
+def test_label_to_file_runs_the_teacher_in_pieces_for_many_classes(tmp_path) -> None:
+    from softtargets.teacher import label_to_file
+
+    gen = torch.Generator().manual_seed(0)
+    k = 50_000  # 83 rows make a 16 MB piece: the one 200-row batch takes three
+    data = Dataset.from_arrays(torch.randn(200, 4, generator=gen), torch.arange(200) % 3,
+                               class_names=[str(c) for c in range(k)])  # fmt: skip
+    teacher = build_model("mlp", (4,), k, seed=0, hidden=[4])
+    path = label_to_file(teacher, [(data.features, data.ids)], 200, tmp_path / "s.safetensors",
+                         data.class_names)  # fmt: skip
+    streamed = SoftTargetStore.load(path, data=data)
+    torch.testing.assert_close(streamed.logits, label(teacher, data).logits)

@@ -506,25 +506,32 @@ def label_to_file(
     try:
         with atomic_open(path, "wb") as handle:
             handle.truncate(logits_at + width * num_rows * num_classes)
+            # The teacher runs on pieces of at most ~4M logits (16 MB), whatever the caller's
+            # chunk: 65,536 rows at K = 10,000 would otherwise be 2.6 GB of logits at once.
+            piece = max(1, (1 << 22) // max(num_classes, 1))
             for features, ids in batches:
                 if hasher is None:
                     hasher = Fingerprinter(tuple(features.shape[1:]))
                 hasher.update(features, ids)
-                logits = teacher(features.to(device)).float().cpu()
-                if logits.shape != (len(ids), num_classes):
-                    raise SoftTargetsError(
-                        f"the teacher outputs {tuple(logits.shape[1:])} logits per row but there "
-                        f"are {num_classes} classes; use a teacher trained on these classes"
-                    )
-                check_finite(
-                    logits, f"teacher logits (rows from {written})", "the teacher has diverged"
-                )
                 if written + len(ids) > num_rows:
                     raise SoftTargetsError(f"the batches hold more than num_rows={num_rows} rows")
                 handle.seek(ids_at + 8 * written)
-                handle.write(ids.to(torch.int64).cpu().numpy().tobytes())
+                handle.write(ids.to(torch.int64).cpu().contiguous().numpy())
                 handle.seek(logits_at + width * num_classes * written)
-                handle.write(logits.to(dtype).numpy().tobytes())
+                for start in range(0, len(ids), piece):
+                    logits = teacher(features[start : start + piece].to(device)).float().cpu()
+                    if logits.shape != (min(piece, len(ids) - start), num_classes):
+                        raise SoftTargetsError(
+                            f"the teacher outputs {tuple(logits.shape[1:])} logits per row but "
+                            f"there are {num_classes} classes; use a teacher trained on these "
+                            "classes"
+                        )
+                    check_finite(
+                        logits,
+                        f"teacher logits (rows from {written + start})",
+                        "the teacher has diverged",
+                    )
+                    handle.write(logits.to(dtype).contiguous().numpy())  # no bytes copy
                 written += len(ids)
             if written != num_rows:
                 raise SoftTargetsError(f"the batches held {written} rows, not num_rows={num_rows}")
