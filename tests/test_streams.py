@@ -153,3 +153,10 @@ def test_streamed_misuse_is_a_clear_error(parts) -> None:
     other = SoftTargetStore(torch.zeros(3, 4), torch.arange(3), "t", "d", ("a", "b", "c", "d"))
     with pytest.raises(SoftTargetsError, match="teacher has 4 classes"):
         fit(student(), rows, Distillation(other), epochs=1)
+
+
+def test_worker_processes_give_the_same_fit(parts) -> None:
+    common = dict(epochs=2, batch_size=32, lr=1e-2, seed=1)
+    alone = fit(student(), TensorRows(parts.train), **common)
+    workers = fit(student(), TensorRows(parts.train), num_workers=1, **common)
+    torch.testing.assert_close(weights(workers.model), weights(alone.model))

@@ -48,6 +48,9 @@ class Batch(tuple):
     def __new__(cls, x: Tensor, labels: Tensor, ids: Tensor) -> Batch:
         return super().__new__(cls, (x, labels.long(), ids.long()))
 
+    def __getnewargs__(self) -> tuple[Tensor, Tensor, Tensor]:  # pickled from worker processes
+        return tuple(self)  # type: ignore[return-value]
+
 
 def collate(items: Any) -> Any:
     """``DataLoader``'s ``collate_fn``: a :class:`Batch` as it is, a list of items as usual."""
