@@ -203,7 +203,7 @@ def study_seconds(quick: bool) -> dict[str, Any]:
 
 
 LABEL_CHILD = """
-import resource, sys, torch
+import sys, torch
 from softtargets.models import build_model
 from softtargets.teacher import label_to_file
 rows, chunk = int(sys.argv[1]), 65536
@@ -215,7 +215,8 @@ def batches():
         n = min(chunk, rows - start)
         yield torch.randn(n, 40, generator=gen), torch.arange(start, start + n)
 label_to_file(teacher, batches(), rows, sys.argv[2], [str(c) for c in range(k)])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+# VmHWM, not ru_maxrss: ru_maxrss survives exec, so a child would report its parent's peak
+print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024)
 """
 
 
