@@ -203,11 +203,6 @@ class RunFolder:
         atomic_write_text(self.root / MANIFEST, text)
 
     # ------------------------------------------------------------------ files
-    @property
-    def written(self) -> list[str]:
-        """Names of the files softtargets wrote here (relative to the folder)."""
-        return list(self._manifest["files"])
-
     def path(self, name: str) -> Path:
         """Where to write ``name`` (a plain file name); it is recorded in the manifest first."""
         if not name or "/" in name or "\\" in name or name.startswith(".") or name in _OWN:
