@@ -231,16 +231,15 @@ class StoredDistillation:
         a = self.alpha = float(alpha)
         # teacher_logits may also be a top-k store: anything with .dense(rows) -> (B, K) float32
         if hasattr(teacher_logits, "dense"):
-            self._gather, k, count = teacher_logits.dense, teacher_logits.num_classes, None
+            self._gather, k = teacher_logits.dense, teacher_logits.num_classes
         else:
-            self._gather = functools.partial(_rows_of, teacher_logits)
-            k, count = teacher_logits.shape[1], len(teacher_logits)
+            self._gather, k = functools.partial(_rows_of, teacher_logits), teacher_logits.shape[1]
         self.num_classes = k
         self._scales = self._mix = None
         if k > _FEW_CLASSES:
             self._teacher_rows, self._labels = teacher_rows, labels
             self._teacher_lse, self._teacher_plogp = _teacher_row_constants(
-                self._gather, len(teacher_logits) if count is None else count, k, t
+                self._gather, len(teacher_logits), k, t
             )
             self._buffers: dict[tuple, tuple[Tensor, ...]] = {}
             return
@@ -337,7 +336,10 @@ def _teacher_row_constants(
     chunk = max(1, (1 << 22) // max(k, 1))  # rows of 16 MB of float32
     for start in range(0, rows, chunk):
         v = gather(torch.arange(start, min(start + chunk, rows))).float() / temperature
-        log_p, p = log_softmax_and_softmax(v)
-        lse.append(v[:, 0] - log_p[:, 0])  # log p_0 = v_0 - lse
-        plogp.append(torch.linalg.vecdot(p, log_p))
+        # logsumexp directly: recovering it as v_0 - log p_0 loses digits when v_0 is far below
+        # the row's maximum
+        row_lse = torch.logsumexp(v, dim=1)
+        log_p = v.sub_(row_lse[:, None])
+        lse.append(row_lse)
+        plogp.append(torch.linalg.vecdot(log_p.exp(), log_p))
     return torch.cat(lse), torch.cat(plogp)

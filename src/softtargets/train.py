@@ -374,7 +374,6 @@ def fit(
     check_lengths(epochs, batch_size)
     num_classes = _check_parts(data, val, test)
     model.to(device)
-    generator = torch.Generator().manual_seed(seed)
     if streams.is_stream(data):
         if isinstance(val, float):
             raise SoftTargetsError(
@@ -388,6 +387,7 @@ def fit(
         if isinstance(val, float):
             train_rows, val_rows = holdout(data, val, seed)
             val = data.take(val_rows)
+        generator = torch.Generator().manual_seed(seed)
         batches = _MemoryBatches(data, train_rows, targets, batch_size, generator, device)
     val_dev = val.to(device) if isinstance(val, Dataset) else val
     test_dev = test.to(device) if isinstance(test, Dataset) else test
@@ -445,7 +445,7 @@ def fit(
 
 def _classes_of(data: Any) -> int | None:
     """The number of classes of a dataset, if it says (a user's torch Dataset may not)."""
-    return data.num_classes if isinstance(data, Dataset) else getattr(data, "num_classes", None)
+    return getattr(data, "num_classes", None)
 
 
 def _check_parts(data: Any, val: Any, test: Any) -> int | None:
