@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from softtargets.data import Dataset, encode_labels
 from softtargets.errors import SoftTargetsError
@@ -301,42 +302,23 @@ def load_cifar_batch(path: str | Path) -> Dataset:
 def load_image_folder(root: str | Path, size: tuple[int, int] | None = None) -> Dataset:
     """``root/<class>/<image>``: classes sorted by folder name, images converted to RGB floats.
 
-    All images must share one size unless ``size=(height, width)`` is given to resize them.
+    All images must share one size unless ``size=(height, width)`` is given to resize them. The
+    folder is read as :class:`softtargets.streams.ImageFolderRows` reads it (one implementation of
+    the layout and its checks), then held in memory.
     """
-    from PIL import Image  # pillow comes with matplotlib
+    from softtargets.streams import ImageFolderRows
 
-    root = Path(root)
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise SoftTargetsError(f"{root}: an image folder needs one sub-folder per class")
-    arrays, labels = [], []
-    for label, name in enumerate(classes):
-        files = [f for f in sorted((root / name).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
-        if not files:
-            # an empty class would still take a class index and an output of every model
-            raise SoftTargetsError(
-                f"{root}: class folder {name!r} holds no images; add images or remove the folder"
-            )
-        for file in files:
-            try:
-                with Image.open(file) as image:
-                    image = image.convert("RGB")
-                    if size is not None:
-                        image = image.resize((size[1], size[0]))
-                    arrays.append(np.asarray(image, dtype=np.float32) / 255.0)
-            except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
-                raise SoftTargetsError(
-                    f"{file}: not a readable image ({str(err).splitlines()[0]}); remove or "
-                    "replace it"
-                ) from None
-            labels.append(label)
-    shapes = {a.shape for a in arrays}
+    rows = ImageFolderRows(root, size=size)
+    images = [rows[i][0] for i in range(len(rows))]  # (3, H, W) each
+    shapes = {tuple(x.shape[1:]) for x in images}
     if len(shapes) > 1:
         raise SoftTargetsError(
             f"{root}: images have different sizes {sorted(shapes)[:3]}; pass size=(H, W) to resize"
         )
-    features = np.stack(arrays).transpose(0, 3, 1, 2)
-    return Dataset.from_arrays(features, labels, class_names=classes, name=root.name)
+    labels = [label for _, label in rows.files]
+    return Dataset.from_arrays(
+        torch.stack(images), labels, class_names=rows.class_names, name=Path(root).name
+    )
 
 
 def load_data(name_or_path: str, label_column: str | int | None = None, **options: Any) -> Dataset:

@@ -179,8 +179,10 @@ class ImageFolderRows(TorchDataset):
                 f for f in (self.root / name).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES
             )
             if not files:
+                # an empty class would still take a class index and an output of every model
                 raise SoftTargetsError(
-                    f"{root}: class folder {name!r} holds no images; add images or remove it"
+                    f"{root}: class folder {name!r} holds no images; add images or remove the "
+                    "folder"
                 )
             self.files += [(f, label) for f in files]
         if not self.files:
@@ -200,8 +202,10 @@ class ImageFolderRows(TorchDataset):
                 if self.size is not None:
                     image = image.resize((self.size[1], self.size[0]))
                 array = np.asarray(image, dtype=np.float32) / 255.0
-        except (OSError, ValueError) as err:
-            raise SoftTargetsError(f"{path}: not a readable image ({err})") from None
+        except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+            raise SoftTargetsError(
+                f"{path}: not a readable image ({str(err).splitlines()[0]}); remove or replace it"
+            ) from None
         x = torch.from_numpy(array).permute(2, 0, 1).contiguous()
         if self.transform is not None:
             x = self.transform(x)
