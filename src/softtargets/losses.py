@@ -238,10 +238,13 @@ class StoredDistillation:
         self._scales = self._mix = None
         if k > _FEW_CLASSES:
             self._teacher_rows, self._labels = teacher_rows, labels
-            self._teacher_lse, self._teacher_plogp = _teacher_row_constants(
-                self._gather, len(teacher_logits), k, t
-            )
+            # (M, 2): [-logsumexp(v / T), sum p log p] per teacher row, gathered together
+            self._teacher_constants = _teacher_row_constants(self._gather, len(teacher_logits), k, t)
             self._buffers: dict[tuple, tuple[Tensor, ...]] = {}
+            # float32 logits are gathered straight into a buffer (no fresh (B, K) tensor a step)
+            plain = isinstance(teacher_logits, Tensor) and teacher_logits.dtype == torch.float32
+            self._float32_logits = teacher_logits if plain else None
+            self._weights_device: torch.device | None = None
             return
         if teacher_rows is None:
             teacher_rows = torch.arange(len(labels), device=labels.device)
@@ -271,46 +274,87 @@ class StoredDistillation:
         value = torch.dot(weights, F.pad(log_probs, (0, 1), value=1.0).view(-1))
         return value / b, grad
 
+    def _value_weights_for(self, device: torch.device) -> Tensor:
+        """Weights of the per-row pieces ``[sum p log p, p . z, m, log sum q, log sum s, z_y]``
+        summed over the batch: the value is their dot product (the last two only if alpha < 1)."""
+        if self._weights_device != device:
+            a, t = self.alpha, self.temperature
+            att = a * t * t
+            weights = [att, -att / t, att / t + (1.0 - a), att, 1.0 - a, -(1.0 - a)]
+            self._weights = torch.tensor(weights[: 4 if a == 1.0 else 6], device=device)
+            self._weights_device = device
+        return self._weights
+
     def _many_classes(self, logits: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
         """The step with the teacher's side computed from this batch's logits (``K > 64``).
 
         Per element: one ``exp`` for ``p`` (its log-normaliser and ``sum p log p`` are kept per
-        teacher row, 8 bytes a row), one for ``q``, one for ``s`` — a hard-label step takes two —
-        and about a dozen passes in all (``bench/run_all.py``'s ``stored_vs_hard_epoch_k1000``).
+        teacher row, 8 bytes a row) and one for ``q``; ``s`` is ``q^T`` by repeated squaring when
+        ``T`` is a whole number (a multiply costs a sixth of an ``exp`` on this CPU), else a third
+        ``exp``. About a dozen cheap passes over ``(B, K)`` in all
+        (``bench/run_all.py``'s ``stored_vs_hard_epoch_k1000``).
         """
         b, t, a = logits.shape[0], self.temperature, self.alpha
-        # Three (B, K) buffers, reused step after step: fresh ones of this size come from mmap
+        # Four (B, K) buffers, reused step after step: fresh ones of this size come from mmap
         # and cost page faults on every step (measured: 1.7 ms a step with them, 1.0 without).
         key = (b, logits.device)
         if key not in self._buffers:
-            self._buffers = {key: tuple(torch.empty_like(logits) for _ in range(3))}
-        p, d, q = self._buffers[key]
+            self._buffers = {key: tuple(torch.empty_like(logits) for _ in range(4))}
+        p, q, s, scratch = self._buffers[key]
         where = rows if self._teacher_rows is None else self._teacher_rows.index_select(0, rows)
-        neg_lse = self._teacher_lse.index_select(0, where).neg_()[:, None]
-        v = self._gather(where)  # (B, K); float16 stores widen in the add
-        torch.add(neg_lse, v, alpha=1.0 / t, out=p).exp_()  # p = exp(v / T - lse)
-        # The student's side from one shift d = z - max z, shared by q (at T) and s (at 1), and
-        # no log-softmax tensor: the value needs log q only under sum_k p_k (sum p = 1), and
-        # log s only at the label.
-        torch.sub(logits, logits.amax(dim=-1, keepdim=True), out=d)
-        torch.exp(torch.div(d, t, out=q), out=q)
-        # value: alpha T^2 (sum p log p - sum p log q) - (1 - alpha) log s_y, per row summed;
-        # sum_k p_k log q_k = sum_k p_k d_k / T - log sum_k exp(d_k / T)
+        constants = self._teacher_constants.index_select(0, where)  # (B, 2)
+        if self._float32_logits is not None:
+            v = torch.index_select(self._float32_logits, 0, where, out=p)
+        else:
+            v = self._gather(where)  # (B, K); float16 stores widen in the add
+        torch.add(constants[:, :1], v, alpha=1.0 / t, out=p).exp_()  # p = exp(v / T - lse)
+        # The student's side from its row maxima m, unnormalised: q = exp((z - m) / T) and
+        # s = exp(z - m). No log-softmax tensor: the value needs log q only under sum_k p_k
+        # (sum p = 1), so sum_k p_k log q_k = (p . z - m) / T - log sum_k q_k, and log s only at
+        # the label.
+        top = logits.amax(dim=-1, keepdim=True)  # (B, 1)
+        torch.add(top.mul(-1.0 / t), logits, alpha=1.0 / t, out=q).exp_()
         total_q = q.sum(dim=-1, keepdim=True)
-        p_log_q = torch.linalg.vecdot(p, d).sum() / t - total_q.log().sum()
-        plogp = self._teacher_plogp.index_select(0, where).sum()
-        value = (a * t * t) * (plogp - p_log_q)
-        grad = q.div_(total_q).sub_(p).mul_(a * t / b)  # the batch mean's 1 / B folded in
+        # The value, per row: alpha T^2 (sum p log p - sum p log q) - (1 - alpha) log s_y, from
+        # per-row pieces summed in one reduction (each small op costs ~10 us of dispatch here).
+        pieces = [constants[:, 1:], torch.linalg.vecdot(p, logits)[:, None], top, total_q.log()]
         if a < 1.0:
+            if float(t).is_integer() and 1 <= t <= 64:
+                s = _whole_power(q, int(t), s, scratch)
+            else:
+                torch.sub(logits, top, out=s).exp_()
             labels = self._labels.index_select(0, rows)[:, None]  # (B, 1)
-            d_y = d.gather(1, labels)
-            s = d.exp_()  # d is not needed any more
             total_s = s.sum(dim=-1, keepdim=True)
-            value = value + (1.0 - a) * (total_s.log() - d_y).sum()  # -log s_y
-            grad.addcdiv_(s, total_s, value=(1.0 - a) / b).scatter_add_(
+            pieces += [total_s.log(), logits.gather(1, labels)]
+        value = torch.cat(pieces, dim=1).sum(dim=0) @ self._value_weights_for(logits.device)
+        # grad = (alpha T (q / sum q - p) + (1 - alpha) (s / sum s - onehot)) / B
+        c = a * t / b
+        grad = q.mul_(c / total_q)
+        if a < 1.0:
+            grad.addcmul_(s, total_s.reciprocal_().mul_((1.0 - a) / b)).scatter_add_(
                 1, labels, grad.new_full(labels.shape, -(1.0 - a) / b)
             )
+        grad.sub_(p, alpha=c)
         return value / b, grad
+
+
+def _whole_power(base: Tensor, n: int, out: Tensor, scratch: Tensor) -> Tensor:
+    """``base ** n`` for a whole ``n >= 1`` by repeated squaring, without changing ``base``; the
+    result is in ``out`` or ``scratch`` (buffers shaped like ``base``), never ``base`` itself."""
+    if n == 1:
+        return out.copy_(base)
+    result: Tensor | None = None
+    square = base
+    while True:
+        if n & 1:
+            result = square if result is None else torch.mul(result, square, out=out)
+        n >>= 1
+        if n == 0:
+            assert result is not None
+            return result
+        if result is scratch:  # the next squaring overwrites scratch: keep the result aside
+            result = out.copy_(scratch)
+        square = torch.mul(base, base, out=scratch) if square is base else square.mul_(square)
 
 
 def _rows_of(logits: Tensor, rows: Tensor) -> Tensor:
@@ -329,9 +373,9 @@ def log_softmax_and_softmax(z: Tensor) -> tuple[Tensor, Tensor]:
 
 def _teacher_row_constants(
     gather: Callable[[Tensor], Tensor], rows: int, k: int, temperature: float
-) -> tuple[Tensor, Tensor]:
-    """Per teacher row (``gather(positions) -> (B, K)`` logits): ``logsumexp(v / T)`` and
-    ``sum_k p_k log p_k`` with ``p = softmax(v / T)``, a few million numbers at a time."""
+) -> Tensor:
+    """``(M, 2)``: per teacher row (``gather(positions) -> (B, K)`` logits), ``-logsumexp(v / T)``
+    and ``sum_k p_k log p_k`` with ``p = softmax(v / T)``, a few million numbers at a time."""
     lse, plogp = [], []
     chunk = max(1, (1 << 22) // max(k, 1))  # rows of 16 MB of float32
     for start in range(0, rows, chunk):
@@ -342,4 +386,4 @@ def _teacher_row_constants(
         log_p = v.sub_(row_lse[:, None])
         lse.append(row_lse)
         plogp.append(torch.linalg.vecdot(log_p.exp(), log_p))
-    return torch.cat(lse), torch.cat(plogp)
+    return torch.stack([torch.cat(lse).neg_(), torch.cat(plogp)], dim=1)
