@@ -132,7 +132,9 @@ def test_errors_are_clear() -> None:
         DistillationLoss(temperature=0)
 
 
-@pytest.mark.parametrize("t", [1.0, 4.0, 20.0])
+# whole temperatures take s = q^T by repeated squaring (3, 6 and 20 reach each of its
+# branches), 2.5 the third exp
+@pytest.mark.parametrize("t", [1.0, 2.5, 3.0, 4.0, 6.0, 20.0])
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("classes", [6, 100])  # the matmul path and the elementwise path
 def test_stored_distillation_closed_form_matches_autograd(t: float, alpha: float, classes) -> None:
@@ -147,3 +149,16 @@ def test_stored_distillation_closed_form_matches_autograd(t: float, alpha: float
     # the value is T^2 (sum p log p - sum p log q): two large float32 sums, a small difference
     assert float(value) == pytest.approx(float(want.detach()), rel=3e-5, abs=1e-6)
     torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_whole_power_matches_pow_and_leaves_its_base_alone() -> None:
+    from softtargets.losses import _whole_power
+
+    base = torch.rand(4, 7) + 0.5
+    kept = base.clone()
+    for n in range(1, 41):
+        out, scratch = torch.empty_like(base), torch.empty_like(base)
+        result = _whole_power(base, n, out, scratch)
+        torch.testing.assert_close(result, base.double().pow(n).float(), rtol=1e-5, atol=0)
+        assert result.data_ptr() != base.data_ptr()
+        assert torch.equal(base, kept)
