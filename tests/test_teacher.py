@@ -211,7 +211,7 @@ def test_label_to_file_runs_the_teacher_in_pieces_for_many_classes(tmp_path) -> 
     from softtargets.teacher import label_to_file
 
     gen = torch.Generator().manual_seed(0)
-    k = 50_000  # 83 rows make a 16 MB piece: the one 200-row batch takes three
+    k = 50_000  # 20 rows make a 4 MB piece: the one 200-row batch takes ten
     data = Dataset.from_arrays(torch.randn(200, 4, generator=gen), torch.arange(200) % 3,
                                class_names=[str(c) for c in range(k)])  # fmt: skip
     teacher = build_model("mlp", (4,), k, seed=0, hidden=[4])
@@ -219,3 +219,92 @@ def test_label_to_file_runs_the_teacher_in_pieces_for_many_classes(tmp_path) -> 
                          data.class_names)  # fmt: skip
     streamed = SoftTargetStore.load(path, data=data)
     torch.testing.assert_close(streamed.logits, label(teacher, data).logits)
+
+
+def _bucket_loss_float64(z, kept, classes, tail, labels, t, alpha):
+    """Written out independently: KL over k + 1 buckets in float64, plus the hard term."""
+    z, kept, tail = z.double(), kept.double(), tail.double()
+    n, k_all = z.shape
+    k = kept.shape[1]
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(n):
+        q = torch.softmax(z[i] / t, 0)
+        mask = torch.ones(k_all, dtype=torch.bool)
+        mask[classes[i]] = False
+        q_buckets = torch.cat([q[classes[i]], q[mask].sum()[None]])
+        # the teacher's K - k other logits, equal, with logsumexp tail[i]
+        others = torch.full(
+            (k_all - k,), float(tail[i] - torch.log(torch.tensor(float(k_all - k))))
+        )
+        v = torch.cat([kept[i], others.double()]) / t
+        p = torch.softmax(v, 0)
+        p_buckets = torch.cat([p[:k], p[k:].sum()[None]])
+        soft = t * t * (p_buckets * (p_buckets.log() - q_buckets.log())).sum()
+        hard = -torch.log_softmax(z[i], 0)[labels[i]]
+        total = total + alpha * soft + (1 - alpha) * hard
+    return total / n
+
+
+@pytest.mark.parametrize("t", [1.0, 3.0])
+@pytest.mark.parametrize("alpha", [1.0, 0.6])
+def test_bucket_loss_matches_its_formula_and_finite_differences(t, alpha) -> None:
+    from softtargets.losses import bucket_distillation_loss
+
+    gen = torch.Generator().manual_seed(3)
+    full = 3 * torch.randn(6, 12, generator=gen)
+    top = full.topk(4, dim=1)
+    tail = torch.logsumexp(full.scatter(1, top.indices, float("-inf")), dim=1)
+    labels = torch.randint(0, 12, (6,), generator=gen)
+    z = torch.randn(6, 12, generator=gen, dtype=torch.float64, requires_grad=True)
+    got = bucket_distillation_loss(
+        z.detach().float(), top.values, top.indices, tail, labels, t, alpha
+    )
+    want = _bucket_loss_float64(z.detach(), top.values, top.indices, tail, labels, t, alpha)
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    assert torch.autograd.gradcheck(
+        lambda x: bucket_distillation_loss(
+            x, top.values.double(), top.indices, tail.double(), labels, t, alpha
+        ),  # fmt: skip
+        (z,),
+    )
+
+
+def test_one_class_left_out_makes_bucket_and_uniform_the_same_loss() -> None:
+    from softtargets.losses import bucket_distillation_loss, distillation_loss
+
+    gen = torch.Generator().manual_seed(4)
+    full = 2 * torch.randn(5, 7, generator=gen)
+    top = full.topk(6, dim=1)
+    tail = torch.logsumexp(full.scatter(1, top.indices, float("-inf")), dim=1)
+    z, labels = torch.randn(5, 7, generator=gen), torch.randint(0, 7, (5,), generator=gen)
+    got = bucket_distillation_loss(z, top.values, top.indices, tail, labels, 2.0, 0.7)
+    assert float(got) == pytest.approx(
+        float(distillation_loss(z, full, labels, 2.0, 0.7)), rel=1e-5
+    )
+
+
+def test_fit_takes_a_bucket_tail_in_memory_and_streamed_alike(data, teacher) -> None:
+    from softtargets.streams import TensorRows
+    from softtargets.train import Distillation, fit
+    from softtargets.vectorised import Member, fit_many
+
+    top = label(teacher, data, top_k=1)
+    common = dict(epochs=2, batch_size=16, lr=1e-2)
+    targets = Distillation(top, 2.0, 0.5, tail="bucket")
+    memory = fit(build_model("mlp", data.feature_shape, 3, seed=0, hidden=[8]), data, targets,
+                 **common)  # fmt: skip
+    streamed = fit(build_model("mlp", data.feature_shape, 3, seed=0, hidden=[8]), TensorRows(data),
+                   targets, **common)  # fmt: skip
+    uniform = fit(build_model("mlp", data.feature_shape, 3, seed=0, hidden=[8]), data,
+                  Distillation(top, 2.0, 0.5), **common)  # fmt: skip
+    assert [r["train_loss"] for r in streamed.history] == pytest.approx(
+        [r["train_loss"] for r in memory.history], rel=1e-5
+    )
+    # with two of three classes in the tail the two readings are different losses
+    assert memory.history[0]["train_loss"] != pytest.approx(uniform.history[0]["train_loss"])
+    with pytest.raises(SoftTargetsError, match="tail='bucket' reads a top-k store"):
+        fit(teacher, data, Distillation(label(teacher, data), 2.0, tail="bucket"), epochs=1)
+    with pytest.raises(SoftTargetsError, match="unknown tail 'other'"):
+        fit(teacher, data, Distillation(top, 2.0, tail="other"), epochs=1)
+    with pytest.raises(SoftTargetsError, match="for tail='bucket' use fit"):
+        fit_many([teacher], data, [Member(seed=0, targets=targets)], epochs=1)

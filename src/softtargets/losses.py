@@ -8,6 +8,7 @@ log-softmax is computed stably, and reduces with ``"mean"`` (weighted mean over 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -162,6 +163,57 @@ def distillation_loss(
     return _reduce(alpha * soft + (1.0 - alpha) * hard, None, reduction)
 
 
+def bucket_distillation_loss(
+    student_logits: Tensor,
+    kept_logits: Tensor,
+    kept_classes: Tensor,
+    tail: Tensor,
+    labels: Tensor | None,
+    temperature: float,
+    alpha: float,
+) -> Tensor:
+    """Hinton's loss against a top-k teacher, over ``k + 1`` buckets: the kept classes and one
+    "other" bucket holding the rest of the teacher's mass (batch mean).
+
+    The soft term is ``T^2 KL(p || q)`` over the buckets, where the student's "other" probability
+    is the sum of its probabilities of the classes the teacher row did not keep: unlike spreading
+    the tail uniformly, it does not ask the student's small probabilities to be equal. The
+    teacher's other classes are read as :meth:`~softtargets.teacher.SoftTargetStore.dense` reads
+    them (each ``tail - log(K - k)``), so at ``T = 1`` the bucket holds exactly the teacher's
+    remaining mass.
+
+    Args:
+        student_logits: ``(B, K)``.
+        kept_logits: ``(B, k)`` the teacher's kept logits, ``k < K``.
+        kept_classes: ``(B, k)`` their classes (integers in ``0..K-1``, distinct per row).
+        tail: ``(B,)`` the logsumexp of the teacher's other ``K - k`` logits.
+        labels: ``(B,)`` hard labels (needed when ``alpha < 1``).
+        temperature, alpha: as :func:`distillation_loss`.
+    """
+    t = check_temperature(temperature)
+    num_classes, kept = student_logits.shape[1], kept_logits.shape[1]
+    if not 1 <= kept < num_classes:
+        raise SoftTargetsError(
+            f"a top-k teacher keeps {kept} of the student's {num_classes} classes; it must keep "
+            f"from 1 to {num_classes - 1}"
+        )
+    classes = kept_classes.long()
+    log_q = F.log_softmax(student_logits / t, dim=-1)  # (B, K)
+    other_log_q = torch.logsumexp(log_q.scatter(1, classes, float("-inf")), dim=1, keepdim=True)
+    student = torch.cat([log_q.gather(1, classes), other_log_q], dim=1)  # (B, k + 1)
+    others = math.log(num_classes - kept)
+    # at T: the K - k equal logits tail - log(K - k) sum to exp(log(K - k) + (tail - log(K-k)) / T)
+    other_teacher = others + (tail.float() - others) / t
+    log_p = F.log_softmax(torch.cat([kept_logits.float() / t, other_teacher[:, None]], 1), dim=1)
+    soft = (t * t) * (log_p.exp() * (log_p - student)).sum(dim=1)
+    if alpha == 1.0:
+        return soft.mean()
+    if labels is None:
+        raise SoftTargetsError(f"alpha={alpha} needs labels; pass labels or set alpha=1")
+    hard = F.cross_entropy(student_logits, labels, reduction="none")
+    return (alpha * soft + (1.0 - alpha) * hard).mean()
+
+
 class DistillationLoss(nn.Module):
     """:func:`distillation_loss` as a module with fixed ``temperature`` and ``alpha``."""
 
@@ -239,7 +291,9 @@ class StoredDistillation:
         if k > _FEW_CLASSES:
             self._teacher_rows, self._labels = teacher_rows, labels
             # (M, 2): [-logsumexp(v / T), sum p log p] per teacher row, gathered together
-            self._teacher_constants = _teacher_row_constants(self._gather, len(teacher_logits), k, t)
+            self._teacher_constants = _teacher_row_constants(
+                self._gather, len(teacher_logits), k, t
+            )
             self._buffers: dict[tuple, tuple[Tensor, ...]] = {}
             # float32 logits are gathered straight into a buffer (no fresh (B, K) tensor a step)
             plain = isinstance(teacher_logits, Tensor) and teacher_logits.dtype == torch.float32

@@ -35,7 +35,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 from softtargets.data import Dataset, encode_labels
 from softtargets.errors import SoftTargetsError
-from softtargets.losses import distillation_loss
+from softtargets.losses import bucket_distillation_loss, distillation_loss
 from softtargets.targets import check_finite, check_temperature
 
 Transform = Callable[[Tensor], Tensor]
@@ -327,7 +327,7 @@ def stream_objective(targets: Any, num_classes: int | None, device: torch.device
     teacher is a store (looked up by id) or a module (run on each batch: online distillation).
     """
     from softtargets.teacher import SoftTargetStore
-    from softtargets.train import Distillation
+    from softtargets.train import Distillation, check_tail
 
     if targets is None or (isinstance(targets, str) and targets == "hard"):
         return lambda logits, key: (F.cross_entropy(logits, key[0]), None)
@@ -351,6 +351,16 @@ def stream_objective(targets: Any, num_classes: int | None, device: torch.device
                 f"the teacher has {teacher.num_classes} classes but the data has {num_classes}; "
                 "teacher and data must share their classes"
             )
+        if check_tail(targets) == "bucket":
+
+            def bucket(logits: Tensor, key: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, None]:
+                kept, classes, tail = (
+                    part.to(device, non_blocking=True)
+                    for part in teacher.kept_rows(teacher.rows_for(key[1]))
+                )
+                return bucket_distillation_loss(logits, kept, classes, tail, key[0], t, alpha), None
+
+            return bucket
 
         def teacher_logits(key: tuple[Tensor, Tensor, Tensor]) -> Tensor:
             return teacher.logits_for(key[1]).to(device, non_blocking=True)

@@ -108,6 +108,17 @@ class SoftTargetStore:
         out = spread[:, None].expand(len(rows), self.num_classes).clone()
         return out.scatter_(1, self.top_indices.index_select(0, rows).long(), kept)
 
+    def kept_rows(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """A top-k store's rows ``rows (B,)`` as they are kept: logits ``(B, k)`` float32, their
+        classes ``(B, k)`` int64 and the tail's logsumexp ``(B,)``."""
+        if self.top_indices is None or self.tail is None:
+            raise SoftTargetsError("this store keeps every class; kept_rows is for top-k stores")
+        return (
+            self.logits.index_select(0, rows).float(),
+            self.top_indices.index_select(0, rows).long(),
+            self.tail.index_select(0, rows).float(),
+        )
+
     def top_k(self, k: int) -> SoftTargetStore:
         """This store keeping each row's ``k`` largest logits (see the class docstring)."""
         k = int(k)
@@ -506,9 +517,11 @@ def label_to_file(
     try:
         with atomic_open(path, "wb") as handle:
             handle.truncate(logits_at + width * num_rows * num_classes)
-            # The teacher runs on pieces of at most ~4M logits (16 MB), whatever the caller's
-            # chunk: 65,536 rows at K = 10,000 would otherwise be 2.6 GB of logits at once.
-            piece = max(1, (1 << 22) // max(num_classes, 1))
+            # The teacher runs on pieces of at most ~1M logits (4 MB), whatever the caller's
+            # chunk: 65,536 rows at K = 10,000 would otherwise be 2.6 GB of logits at once. With
+            # 16 MB pieces the process kept +100 MB at K = 10,000 (freed blocks of that size stay
+            # in the C heap); with 4 MB, +25 MB (bench/run_all.py's label_peak_mb_in_k).
+            piece = max(1, (1 << 20) // max(num_classes, 1))
             for features, ids in batches:
                 if hasher is None:
                     hasher = Fingerprinter(tuple(features.shape[1:]))

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset as TorchDataset
 from softtargets import streams
 from softtargets.data import Dataset, holdout
 from softtargets.errors import SoftTargetsError
-from softtargets.losses import StoredDistillation, soft_cross_entropy
+from softtargets.losses import StoredDistillation, bucket_distillation_loss, soft_cross_entropy
 from softtargets.metrics import classification_report, predict_logits
 from softtargets.selection import FitResult, LearningRates, Selection
 from softtargets.targets import check_finite, check_temperature, validate
@@ -43,11 +43,17 @@ class Distillation:
             each batch of streamed data, for augmentation; once over in-memory data).
         temperature: ``T > 0``.
         alpha: weight of the soft term in ``[0, 1]``.
+        tail: for a top-k store, how the classes a row did not keep enter the loss:
+            ``"uniform"`` (each gets an equal share of the remaining mass, the store's
+            :meth:`~softtargets.teacher.SoftTargetStore.dense` reading) or ``"bucket"`` (one
+            "other" class holding the remaining mass, :func:`~softtargets.losses.bucket_distillation_loss`;
+            ``fit`` only). ``bench/topk_vs_full.py`` measures which works better.
     """
 
     teacher: SoftTargetStore | Tensor | nn.Module
     temperature: float = 4.0
     alpha: float = 0.9
+    tail: Literal["uniform", "bucket"] = "uniform"
 
 
 Targets = None | str | Tensor | SoftTargetStore | Distillation
@@ -104,6 +110,7 @@ class ResolvedTargets:
     temperature: float = 1.0
     alpha: float = 1.0
     teacher_rows: Tensor | None = None
+    tail: Literal["uniform", "bucket"] = "uniform"
 
     def dense_teacher_logits(self) -> Tensor:
         """The teacher's logits row by row with the data, ``(N, K)`` float32 (a copy)."""
@@ -114,6 +121,19 @@ class ResolvedTargets:
         if rows is None:
             return self.teacher_logits.float()
         return self.teacher_logits.index_select(0, rows).float()
+
+
+def check_tail(targets: Distillation) -> Literal["uniform", "bucket"]:
+    """``targets.tail``, refused unless it is a known reading that applies to its teacher."""
+    if targets.tail not in ("uniform", "bucket"):
+        raise SoftTargetsError(f"unknown tail {targets.tail!r}; use 'uniform' or 'bucket'")
+    top_k = isinstance(targets.teacher, SoftTargetStore) and targets.teacher.top_indices is not None
+    if targets.tail == "bucket" and not top_k:
+        raise SoftTargetsError(
+            "tail='bucket' reads a top-k store's missing classes; this teacher keeps every class "
+            "(use store.top_k(k), or drop tail=)"
+        )
+    return targets.tail
 
 
 def resolve_targets(targets: Targets, data: Dataset) -> ResolvedTargets:
@@ -133,6 +153,7 @@ def resolve_targets(targets: Targets, data: Dataset) -> ResolvedTargets:
         if not 0.0 <= float(targets.alpha) <= 1.0:
             raise SoftTargetsError(f"alpha must be in [0, 1], got {targets.alpha!r}")
         teacher_rows = None
+        tail = check_tail(targets)
         if isinstance(targets.teacher, SoftTargetStore):
             store = targets.teacher
             store.check(data)
@@ -158,7 +179,7 @@ def resolve_targets(targets: Targets, data: Dataset) -> ResolvedTargets:
             "the teacher has diverged; retrain it",
         )
         return ResolvedTargets(
-            "distill", None, teacher_logits, temperature, float(targets.alpha), teacher_rows
+            "distill", None, teacher_logits, temperature, float(targets.alpha), teacher_rows, tail
         )
     probs = validate(targets, data.num_classes).float()
     if probs.shape[0] != len(data):
@@ -198,6 +219,8 @@ def make_objective(targets: Targets, data: Dataset, device: torch.device) -> Obj
             )
         rows = None if resolved.teacher_rows is None else resolved.teacher_rows.to(device)
         teacher = resolved.teacher_logits
+        if resolved.tail == "bucket":
+            return bucket_objective(teacher, rows, labels, resolved.temperature, resolved.alpha)
         if isinstance(teacher, SoftTargetStore) and teacher.top_indices is None:
             teacher = teacher.logits  # a full store: its own tensor, gathered directly
         loss = StoredDistillation(
@@ -215,6 +238,29 @@ def make_objective(targets: Targets, data: Dataset, device: torch.device) -> Obj
         soft_cross_entropy(logits, probs[rows], weights[rows], check=False),
         None,
     )
+
+
+def bucket_objective(
+    store: SoftTargetStore,
+    teacher_rows: Tensor | None,
+    labels: Tensor,
+    temperature: float,
+    alpha: float,
+) -> Objective:
+    """``objective(logits, rows)`` of :func:`~softtargets.losses.bucket_distillation_loss` for a
+    top-k store (autograd differentiates it); ``teacher_rows`` maps data rows to store rows."""
+
+    def objective(logits: Tensor, rows: Tensor) -> tuple[Tensor, None]:
+        where = (rows if teacher_rows is None else teacher_rows[rows]).cpu()
+        kept, classes, tail = store.kept_rows(where)
+        device = logits.device
+        value = bucket_distillation_loss(
+            logits, kept.to(device), classes.to(device), tail.to(device), labels[rows],
+            temperature, alpha,
+        )  # fmt: skip
+        return value, None
+
+    return objective
 
 
 def make_optimizer(

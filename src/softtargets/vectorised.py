@@ -85,6 +85,10 @@ def _member_targets(
         return None, labels, 1.0, 0.0, False
     if resolved.kind == "probs":
         return resolved.probs, labels, 1.0, 1.0, False
+    if resolved.tail == "bucket":
+        raise SoftTargetsError(
+            "fit_many spreads a top-k store's tail uniformly; for tail='bucket' use fit"
+        )
     probs = soften(resolved.dense_teacher_logits(), resolved.temperature)
     return probs, labels, resolved.temperature, resolved.alpha, True
 
