@@ -309,24 +309,30 @@ def stored_vs_hard_epoch_k1000(repeats: int) -> dict[str, Any]:
 
 
 DISTILL_MEMORY_CHILD = """
-import sys, torch
+import sys, threading, torch
 sys.path.insert(0, sys.argv[2])
 from run_all import many_class_data
 from softtargets.models import build_model
 from softtargets.teacher import SoftTargetStore
 from softtargets.train import Distillation, fit
-def status(key):
-    line = next(l for l in open("/proc/self/status") if l.startswith(key))
+def anon():  # bytes of anonymous memory; the loaded store's pages are the file's (safetensors maps
+    # it), counted in RSS only while resident, which made VmHWM vary from 0.2 to 1.3 store sizes
+    line = next(l for l in open("/proc/self/status") if l.startswith("RssAnon:"))
     return int(line.split()[1]) * 1024
 data, store = many_class_data(100_000, 1000)
 store.save(sys.argv[1])
 del store
 store = SoftTargetStore.load(sys.argv[1], data=data)  # as a user would: from the file
 student = build_model("mlp", (40,), 1000, seed=0, hidden=[100])
-before = status("VmRSS:")
-open("/proc/self/clear_refs", "w").write("5")  # restart the peak (VmHWM) from here
+before = anon()
+peak, done = [before], threading.Event()
+def sample():
+    while not done.wait(0.005):
+        peak.append(anon())
+threading.Thread(target=sample, daemon=True).start()
 fit(student, data, Distillation(store, 4.0, 0.9), epochs=1, batch_size=256, lr=1e-2)
-print((status("VmHWM:") - before) / store.logits.numel() / store.logits.element_size())
+done.set()
+print((max(peak) - before) / store.logits.numel() / store.logits.element_size())
 """
 
 
@@ -334,10 +340,11 @@ def distill_memory_over_store() -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         value = run_child(DISTILL_MEMORY_CHILD, f"{tmp}/store.safetensors", HERE)
     return {
-        "value": value,
+        "value": round(value, 3),
         "goal": "<= 0.5 (1.5 with the loaded store)",
-        "detail": "peak RSS during one stored-logit epoch beyond the loaded store, in store "
-        "sizes; 100k rows x K = 1,000 (381 MB), mlp 40-100-1000",
+        "detail": "peak anonymous memory (sampled every 5 ms) during one stored-logit epoch "
+        "beyond the loaded store, in store sizes; 100k rows x K = 1,000 (381 MB), mlp "
+        "40-100-1000; the store's own pages are the file's (safetensors maps it)",
     }
 
 

@@ -211,7 +211,7 @@ def test_label_to_file_runs_the_teacher_in_pieces_for_many_classes(tmp_path) -> 
     from softtargets.teacher import label_to_file
 
     gen = torch.Generator().manual_seed(0)
-    k = 50_000  # 20 rows make a 4 MB piece: the one 200-row batch takes ten
+    k = 50_000  # 5 rows make a piece (limits.CHUNK_NUMBERS): the one 200-row batch takes 40
     data = Dataset.from_arrays(torch.randn(200, 4, generator=gen), torch.arange(200) % 3,
                                class_names=[str(c) for c in range(k)])  # fmt: skip
     teacher = build_model("mlp", (4,), k, seed=0, hidden=[4])

@@ -10,3 +10,15 @@ from __future__ import annotations
 #: for tiny T, and the T^2 factor of Hinton's loss multiplies a KL that rounds to 0 for huge T.
 #: Hinton et al. use 1 to 20; T = 1e4 is already the logit-matching limit.
 TEMPERATURE_RANGE = (1e-2, 1e4)
+
+#: A chunked loop over rows (checking, labelling, per-row constants) takes about this many numbers
+#: at a time (1 MB of float32). Small on purpose: glibc's malloc keeps freed blocks of several MB
+#: in whichever arena they came from, and with another thread running (a progress bar's) a loop of
+#: 16 MB temporaries over a 381 MB store left up to +700 MB resident; with 1 MB ones, none
+#: (bench/run_all.py's distill_memory_over_store samples from a thread of its own).
+CHUNK_NUMBERS = 1 << 18
+
+
+def chunk_rows(numbers_per_row: int) -> int:
+    """Rows per chunk for rows of ``numbers_per_row`` numbers (at least one)."""
+    return max(1, CHUNK_NUMBERS // max(numbers_per_row, 1))

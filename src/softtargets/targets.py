@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from softtargets.errors import SoftTargetsError
-from softtargets.limits import TEMPERATURE_RANGE
+from softtargets.limits import TEMPERATURE_RANGE, chunk_rows
 
 #: Rows of a probability matrix must sum to 1 within this absolute tolerance. Loose enough for
 #: proportions rounded to three decimals in a CSV file, tight enough to catch unnormalised scores.
@@ -48,11 +48,11 @@ def check_temperature(temperature: float) -> float:
 def check_finite(tensor: Tensor, name: str, fix: str) -> None:
     """Raise, naming the first bad row, if ``tensor`` (rows first) holds NaN or inf.
 
-    A few million numbers are checked at a time, so the check's mask stays small for a large
-    store (100k rows x 1,000 classes would otherwise take a 100 MB mask).
+    A chunk of rows is checked at a time (``limits.CHUNK_NUMBERS``), so the check's mask stays
+    small for a large store (100k rows x 1,000 classes would otherwise take a 100 MB mask).
     """
     per_row = max(1, tensor[:1].numel())
-    chunk = max(1, (1 << 22) // per_row)
+    chunk = chunk_rows(per_row)
     for start in range(0, max(len(tensor), 1), chunk):
         bad = ~torch.isfinite(tensor[start : start + chunk])
         if bad.any():

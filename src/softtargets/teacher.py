@@ -28,6 +28,7 @@ from softtargets import streams
 from softtargets.data import Dataset, labels_fingerprint
 from softtargets.errors import SoftTargetsError
 from softtargets.files import atomic_write_bytes
+from softtargets.limits import chunk_rows
 from softtargets.metrics import predict_logits
 from softtargets.targets import check_finite
 from softtargets.targets import soften as soften_logits
@@ -129,7 +130,7 @@ class SoftTargetStore:
             )
         if self.top_indices is not None and k > self.kept:
             raise SoftTargetsError(f"this store keeps {self.kept} logits a row; k={k} is more")
-        chunk = max(1, (1 << 22) // self.num_classes)  # rows of 16 MB at a time
+        chunk = chunk_rows(self.num_classes)
         values, indices, tails = [], [], []
         for start in range(0, len(self), chunk):
             full = self.dense(torch.arange(start, min(start + chunk, len(self))))
@@ -517,11 +518,11 @@ def label_to_file(
     try:
         with atomic_open(path, "wb") as handle:
             handle.truncate(logits_at + width * num_rows * num_classes)
-            # The teacher runs on pieces of at most ~1M logits (4 MB), whatever the caller's
+            # The teacher runs on pieces of limits.CHUNK_NUMBERS logits, whatever the caller's
             # chunk: 65,536 rows at K = 10,000 would otherwise be 2.6 GB of logits at once. With
             # 16 MB pieces the process kept +100 MB at K = 10,000 (freed blocks of that size stay
-            # in the C heap); with 4 MB, +25 MB (bench/run_all.py's label_peak_mb_in_k).
-            piece = max(1, (1 << 20) // max(num_classes, 1))
+            # in the C heap; bench/run_all.py's label_peak_mb_in_k).
+            piece = chunk_rows(num_classes)
             for features, ids in batches:
                 if hasher is None:
                     hasher = Fingerprinter(tuple(features.shape[1:]))
