@@ -30,7 +30,7 @@ from softtargets.losses import distillation_loss, kl_at_temperature, soft_cross_
 from softtargets.models import build_model
 from softtargets.runfolder import RunFolder
 from softtargets.targets import from_counts, mix, smooth, soften, validate
-from softtargets.teacher import SoftTargetStore, label
+from softtargets.teacher import FORMAT_VERSION, SoftTargetStore, label
 from softtargets.train import Distillation, evaluate, fit
 from softtargets.vectorised import Member, fit_many
 
@@ -59,7 +59,7 @@ class Evil:
 def store_file(path: Path, logits: torch.Tensor, **meta: str) -> Path:
     header = {
         "format": "softtargets.store",
-        "version": "1",
+        "version": str(FORMAT_VERSION),
         "teacher_fingerprint": "t" * 16,
         "data_fingerprint": "d" * 16,
         "class_names": json.dumps([str(i) for i in range(logits.shape[1])]),

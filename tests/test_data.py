@@ -147,3 +147,24 @@ def test_bayes_probabilities_in_chunks_equal_all_at_once() -> None:
     torch.testing.assert_close(
         bayes_probabilities(x, centres, chunk=7), bayes_probabilities(x, centres, chunk=1000)
     )
+
+
+def test_fingerprint_is_the_same_for_any_chunking_across_blocks(monkeypatch) -> None:
+    import softtargets.data
+    from softtargets.data import Fingerprinter
+
+    monkeypatch.setattr(softtargets.data, "FINGERPRINT_BLOCK", 8)
+    features, ids = torch.randn(30, 4), torch.arange(30)
+    whole = Fingerprinter((4,))
+    whole.update(features, ids)
+    for size in (1, 3, 8, 13):
+        pieces = Fingerprinter((4,))
+        for start in range(0, 30, size):
+            pieces.update(features[start : start + size], ids[start : start + size])
+        assert pieces.hexdigest() == whole.hexdigest()
+    assert len(whole.block_digests()) == 4  # 8 + 8 + 8 + 6 rows
+    changed = features.clone()
+    changed[29, 0] += 1
+    other = Fingerprinter((4,))
+    other.update(changed, ids)
+    assert other.hexdigest() != whole.hexdigest()

@@ -308,3 +308,36 @@ def test_fit_takes_a_bucket_tail_in_memory_and_streamed_alike(data, teacher) -> 
         fit(teacher, data, Distillation(top, 2.0, tail="other"), epochs=1)
     with pytest.raises(SoftTargetsError, match="for tail='bucket' use fit"):
         fit_many([teacher], data, [Member(seed=0, targets=targets)], epochs=1)
+
+
+def test_a_store_labelled_in_shards_is_the_store_of_one_process(tmp_path, monkeypatch) -> None:
+    import softtargets.data
+    from softtargets.teacher import finish_shards, label_to_file, shard_rows
+
+    monkeypatch.setattr(softtargets.data, "FINGERPRINT_BLOCK", 8)  # 50 rows: 7 blocks
+    gen = torch.Generator().manual_seed(5)
+    data = Dataset.from_arrays(
+        torch.randn(50, 6, generator=gen), torch.arange(50) % 3, ids=torch.arange(500, 550)
+    )
+    teacher = build_model("mlp", data.feature_shape, 3, seed=0, hidden=[8])
+    path, count = tmp_path / "store.safetensors", 3
+    assert [len(shard_rows(50, i, count)) for i in range(count)] == [16, 16, 18]
+    for index in (2, 0):  # any order; the processes may also run at once
+        rows = shard_rows(50, index, count)
+        label_to_file(teacher, [(data.features[rows.start : rows.stop], data.ids[rows.start : rows.stop])],
+                      50, path, data.class_names, shard=(index, count))  # fmt: skip
+    with pytest.raises(SoftTargetsError, match="shard 1 of 3 .* is not written yet"):
+        finish_shards(path, count)
+    rows = shard_rows(50, 1, count)
+    with pytest.raises(SoftTargetsError, match="held 4 rows, not the 16 rows of shard 1 of 3"):
+        label_to_file(teacher, [(data.features[16:20], data.ids[16:20])], 50, path,
+                      data.class_names, shard=(1, count))  # fmt: skip
+    label_to_file(teacher, [(data.features[16:32], data.ids[16:32])], 50, path, data.class_names,
+                  shard=(1, count))  # fmt: skip
+    finish_shards(path, count)
+    store = SoftTargetStore.load(path, data=data, teacher=teacher)  # the same data fingerprint
+    whole = label(teacher, data)
+    assert store.data_fingerprint == whole.data_fingerprint == data.fingerprint
+    torch.testing.assert_close(store.logits, whole.logits)
+    assert torch.equal(store.ids, whole.ids)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store.safetensors"]  # notes removed
