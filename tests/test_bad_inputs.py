@@ -287,6 +287,11 @@ API_CASES: list[tuple[str, Callable[[Path], object], str]] = [
         "header lacks 'teacher_fingerprint'",
     ),
     ("store class names", lambda w: _store_case(w, meta={"class_names": "{oops"}), "corrupt"),
+    (
+        "store format 1",  # its data fingerprint hashed rows in one piece, not in blocks
+        lambda w: _store_case(w, meta={"version": "1"}),
+        "store format version 1, this softtargets reads version 2; label the data again",
+    ),
     ("store other labels", _relabelled_store, "same features but other labels"),
     ("label wrong classes", lambda w: label(mlp(5), tiny()), "5,\\) logits per row"),
     ("label NaN teacher", _nan_teacher, "teacher logits: row 0 holds NaN"),
