@@ -86,6 +86,13 @@ class LearningRates:
         self.taken = [taken + on for taken, on in zip(self.taken, active, strict=True)]
         return rates
 
+    def state(self) -> list[int]:
+        """What a checkpoint keeps: the steps each member has taken."""
+        return list(self.taken)
+
+    def restore(self, taken: Sequence[int]) -> None:
+        self.taken = [int(t) for t in taken]
+
     def last(self, m: int) -> float:
         """Member ``m``'s rate at its last step (what an epoch's record holds)."""
         return self.base[m] * lr_factor(self.schedule, self.taken[m] - 1, self.total_steps[m])
@@ -154,6 +161,33 @@ class Selection:
                     if self.patience is not None and self.stale[m] >= self.patience:
                         result.stopped_early, self.running[m] = True, False
         return improved
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps (JSON-able): every member's records and standing."""
+        return {
+            "results": [
+                {
+                    "history": r.history,
+                    "best_epoch": r.best_epoch,
+                    "stopped_early": r.stopped_early,
+                    "diverged": r.diverged,
+                }
+                for r in self.results
+            ],
+            "running": self.running,
+            "best_score": [list(score) for score in self.best_score],
+            "stale": self.stale,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from what :meth:`state` returned."""
+        for result, saved in zip(self.results, state["results"], strict=True):
+            result.history = list(saved["history"])
+            result.best_epoch = int(saved["best_epoch"])
+            result.stopped_early, result.diverged = saved["stopped_early"], saved["diverged"]
+        self.running = list(state["running"])
+        self.best_score = [tuple(score) for score in state["best_score"]]
+        self.stale = list(state["stale"])
 
     def finish(self, restore_best: bool) -> list[bool]:
         """Whether each member ends with its best epoch's weights (which the trainer then

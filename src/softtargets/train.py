@@ -8,6 +8,7 @@ would otherwise cost more than the model itself.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -20,8 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset as TorchDataset
 
+from softtargets import checkpoint as checkpoints
 from softtargets import streams
-from softtargets.data import Dataset, holdout
+from softtargets.data import Dataset, holdout, labels_fingerprint
 from softtargets.errors import SoftTargetsError
 from softtargets.losses import StoredDistillation, bucket_distillation_loss, soft_cross_entropy
 from softtargets.metrics import classification_report, predict_logits
@@ -31,6 +33,7 @@ from softtargets.teacher import SoftTargetStore
 
 OptimizerName = Literal["sgd", "adam", "adamw"]
 ScheduleName = Literal["none", "cosine", "step"]
+Precision = Literal["fp32", "bf16", "fp16"]
 
 
 @dataclass(frozen=True)
@@ -328,6 +331,10 @@ class _MemoryBatches:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def generators(self) -> dict[str, torch.Generator]:
+        """The generators that decide the batch order (a checkpoint saves their states)."""
+        return {"order": self.generator}
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, int]]:
         """``(inputs (B, ...), rows (B,), B)`` per batch; ``rows`` is what :attr:`loss` takes."""
         order = self.rows[torch.randperm(len(self.rows), generator=self.generator)]
@@ -359,6 +366,13 @@ class _StreamBatches:
     def __len__(self) -> int:
         return len(self.data)
 
+    def generators(self) -> dict[str, torch.Generator]:
+        """The sampler's order and the loader's worker seeds (a checkpoint saves their states)."""
+        found = {"workers": self.loader.generator}
+        if hasattr(self.loader.sampler, "generator"):
+            found["order"] = self.loader.sampler.generator
+        return found
+
     def __iter__(self) -> Iterator[tuple[Tensor, tuple[Tensor, Tensor, Tensor], int]]:
         """``(inputs, (labels, ids, inputs), B)`` per batch."""
         for x, labels, ids in streams.batches_of(self.loader, self.device):
@@ -388,6 +402,10 @@ def fit(
     progress: Any = None,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
     num_workers: int = 0,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 1,
+    precision: Precision = "fp32",
+    compile: bool = False,
 ) -> FitResult:
     """Train ``model`` on ``data`` and return a :class:`FitResult`.
 
@@ -414,6 +432,15 @@ def fit(
         progress: a ``rich.progress.Progress`` to report epochs to.
         on_epoch_end: called with each epoch's record (one plain hook, minGPT-style).
         num_workers: ``DataLoader`` worker processes for streamed data.
+        checkpoint: a file to save the whole training state to every ``checkpoint_every`` epochs
+            (and at the end), atomically; if it holds this fit's state already (same settings,
+            data and initial weights), training continues from there and ends with exactly the
+            weights and metrics of an uninterrupted run (:mod:`softtargets.checkpoint`).
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the model's forward pass
+            runs under autocast in that type (the loss is computed in float32; fp16 on CUDA
+            scales the loss against underflow).
+        compile: train through ``torch.compile(model)`` (the first steps compile it, which
+            takes seconds to minutes; evaluation uses the model itself).
     """
     started = time.perf_counter()
     device = resolve_device(device)
@@ -437,35 +464,65 @@ def fit(
         batches = _MemoryBatches(data, train_rows, targets, batch_size, generator, device)
     val_dev = val.to(device) if isinstance(val, Dataset) else val
     test_dev = test.to(device) if isinstance(test, Dataset) else test
+    forward = _autocast_forward(torch.compile(model) if compile else model, precision, device)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
+    settings = dict(
+        epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
+        weight_decay=weight_decay, momentum=momentum, schedule=schedule, seed=seed,
+        patience=patience, restore_best=restore_best, precision=precision, compile=compile,
+    )  # fmt: skip
+    key = _fit_key(model, data, targets, val, settings) if checkpoint is not None else ""
     opt = make_optimizer(model, optimizer, lr, weight_decay, momentum)
     rates = LearningRates([lr], schedule, [epochs * math.ceil(len(batches) / batch_size)])
     tracker = Selection([model], patience, log_path, [log_extra])
     result = tracker.results[0]
     best_state: dict[str, Tensor] | None = None
     task = progress.add_task("training", total=epochs) if progress is not None else None
-    step = 0
+    saved = checkpoints.load(checkpoint, key) if checkpoint is not None else None
+    first_epoch = 1
 
     # fork_rng keeps dropout's random draws seeded without changing the caller's global stream.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for epoch in range(1, epochs + 1):
+        if saved is not None:  # continue where the checkpoint left off
+            model.load_state_dict(saved.model)
+            opt.load_state_dict(saved.optimizer)
+            best_state = saved.best
+            tracker.restore(saved.progress["selection"])
+            rates.restore(saved.progress["rates"])
+            checkpoints.set_rng_states(saved.rng, batches.generators(), device)
+            first_epoch = saved.epoch + 1
+            if task is not None:
+                progress.update(task, advance=saved.epoch)
+        step = rates.taken[0]
+        for epoch in range(first_epoch, epochs + 1):
+            if not tracker.running[0]:  # diverged or stopped early (before a resume)
+                break
             epoch_start = time.perf_counter()
             model.train()
             loss_sum = torch.zeros((), device=device)
-            for inputs, key, count in batches:
+            for inputs, key_, count in batches:
                 (rate,) = rates.for_step((True,))
                 for group in opt.param_groups:
                     group["lr"] = rate
-                logits = model(inputs)
+                logits = forward(inputs)
                 if step == 0 and num_classes is not None:
                     check_output_width(logits, num_classes)
-                loss, logits_grad = batches.loss(logits, key)
+                loss, logits_grad = batches.loss(logits, key_)
                 opt.zero_grad(set_to_none=True)
-                if logits_grad is None:
-                    loss.backward()
-                else:  # the loss's gradient is known in closed form: autograd runs the model only
-                    logits.backward(logits_grad)
-                opt.step()
+                if scaler is not None:  # fp16 on CUDA: the gradient scaled against underflow
+                    if logits_grad is None:
+                        scaler.scale(loss).backward()
+                    else:
+                        logits.backward(scaler.scale(logits_grad))
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    if logits_grad is None:
+                        loss.backward()
+                    else:  # the gradient is known in closed form: autograd runs the model only
+                        logits.backward(logits_grad)
+                    opt.step()
                 # detach() keeps this a device-side sum: no host sync inside the loop.
                 loss_sum += loss.detach() * count
                 step += 1
@@ -474,12 +531,17 @@ def fit(
             seconds = time.perf_counter() - epoch_start
             if tracker.end_epoch(epoch, [train_loss], scores, seconds, rates) and restore_best:
                 best_state = copy.deepcopy(model.state_dict())
+            last = epoch == epochs or not tracker.running[0]
+            if checkpoint is not None and (epoch % checkpoint_every == 0 or last):
+                checkpoints.save(checkpoint, checkpoints.FitState(
+                    key=key, epoch=epoch, model=model.state_dict(), optimizer=opt.state_dict(),
+                    best=best_state, rng=checkpoints.rng_states(batches.generators(), device),
+                    progress={"selection": tracker.state(), "rates": rates.state()},
+                ))  # fmt: skip
             if on_epoch_end is not None:
                 on_epoch_end(result.history[-1])
             if task is not None:
                 progress.update(task, advance=1)
-            if not tracker.running[0]:  # diverged or stopped early
-                break
 
     if tracker.finish(restore_best)[0] and best_state is not None:
         model.load_state_dict(best_state)
@@ -487,6 +549,57 @@ def fit(
         progress.remove_task(task)
     result.seconds = time.perf_counter() - started
     return result
+
+
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _autocast_forward(
+    model: nn.Module | Callable[[Tensor], Tensor], precision: str, device: torch.device
+) -> Callable[[Tensor], Tensor]:
+    """``model``'s forward pass in ``precision``, returning float32 logits ``(B, K)``: the
+    losses' softmax and closed-form gradients need float32's range and digits."""
+    if precision == "fp32":
+        return model
+    if precision not in _AUTOCAST:
+        raise SoftTargetsError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
+    dtype = _AUTOCAST[precision]
+
+    def forward(inputs: Tensor) -> Tensor:
+        with torch.autocast(device.type, dtype=dtype):
+            return model(inputs).float()
+
+    return forward
+
+
+def _fit_key(
+    model: nn.Module, data: Any, targets: Targets, val: Any, settings: dict[str, Any]
+) -> str:
+    """The checkpoint key of a fit: its settings, the data, the targets and the initial weights."""
+    from softtargets.teacher import fingerprint_module
+
+    def describe(part: Any) -> Any:
+        if part is None or isinstance(part, (float, int, str)):
+            return part
+        if isinstance(part, Dataset):
+            return [part.fingerprint, len(part), labels_fingerprint(part)]
+        if isinstance(part, SoftTargetStore):
+            return [part.teacher_fingerprint, part.data_fingerprint, part.kept]
+        if isinstance(part, Distillation):
+            return ["distill", describe(part.teacher), part.temperature, part.alpha, part.tail]
+        if isinstance(part, nn.Module):
+            return fingerprint_module(part)
+        if isinstance(part, Tensor):
+            return hashlib.sha256(part.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+        return [type(part).__name__, len(part) if hasattr(part, "__len__") else None]
+
+    return checkpoints.fit_key(
+        settings=settings,
+        model=fingerprint_module(model),
+        data=describe(data),
+        targets=describe(targets),
+        val=describe(val),
+    )
 
 
 def _classes_of(data: Any) -> int | None:

@@ -1,0 +1,178 @@
+"""Resume inside a fit: everything a training run needs to continue, in one file.
+
+``fit(..., checkpoint=PATH)`` saves, after every epoch (or every ``checkpoint_every``), the model's
+weights, the optimizer's state, the best epoch's weights, the learning-rate schedule's position,
+the epoch bookkeeping and every random generator that decides what comes next (batch order,
+dropout, a loader's worker seeds). Killed at any point, the same call continues from the last
+epoch saved and ends with exactly the weights and metrics of an uninterrupted run (on the CPU;
+``tests/test_checkpoint.py`` kills a real process).
+
+The file is a safetensors file (tensors under ``model.``, ``best.``, ``optimizer.``, ``rng.``) with
+the rest as JSON in its header: never a pickle. It is written to a temporary file and renamed, so a
+kill leaves the previous checkpoint whole. It carries a key of the fit's settings, data and initial
+weights: a checkpoint of another fit is refused, never silently continued.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from softtargets.errors import SoftTargetsError
+from softtargets.files import atomic_write_bytes
+
+FORMAT = "softtargets.checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class FitState:
+    """A fit after ``epoch`` finished epochs.
+
+    Attributes:
+        key: :func:`fit_key` of the fit this state belongs to.
+        epoch: epochs finished.
+        model: the model's ``state_dict`` now.
+        optimizer: the optimizer's ``state_dict`` now.
+        best: the best validation epoch's weights so far (``None``: none kept).
+        rng: random states by name (``"torch"``, ``"cuda"``, ``"order.0"``, ...), uint8 tensors.
+        progress: JSON-able bookkeeping (epoch records, best epoch, patience, schedule position).
+    """
+
+    key: str
+    epoch: int
+    model: dict[str, Tensor]
+    optimizer: dict[str, Any]
+    best: dict[str, Tensor] | None = None
+    rng: dict[str, Tensor] = field(default_factory=dict)
+    progress: dict[str, Any] = field(default_factory=dict)
+
+
+def fit_key(**settings: Any) -> str:
+    """A short hash of a fit's settings (JSON-able values: hyperparameters, fingerprints)."""
+    blob = json.dumps(settings, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def save(path: str | Path, state: FitState) -> None:
+    """Write ``state`` to ``path`` atomically (temporary file, then rename)."""
+    from safetensors.torch import save as save_bytes
+
+    tensors: dict[str, Tensor] = {}
+    for prefix, part in (("model.", state.model), ("best.", state.best or {}), ("rng.", state.rng)):
+        for name, value in part.items():
+            tensors[prefix + name] = value.detach().cpu().contiguous().clone()
+    optimizer_json = _split_optimizer(state.optimizer, tensors)
+    meta = {
+        "format": FORMAT,
+        "version": str(FORMAT_VERSION),
+        "key": state.key,
+        "epoch": str(state.epoch),
+        "has_best": str(state.best is not None),
+        "optimizer": json.dumps(optimizer_json),
+        "progress": json.dumps(state.progress),
+    }
+    atomic_write_bytes(path, save_bytes(tensors, metadata=meta))
+
+
+def load(path: str | Path, key: str) -> FitState | None:
+    """The state saved at ``path`` for the fit ``key``; ``None`` if there is no file yet.
+
+    Raises if ``path`` holds something else, or the checkpoint of another fit.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as err:
+        raise SoftTargetsError(
+            f"{path} is not a readable checkpoint ({str(err).splitlines()[0]}); give another "
+            "checkpoint path"
+        ) from None
+    if meta.get("format") != FORMAT:
+        raise SoftTargetsError(
+            f"{path} is not a softtargets checkpoint; give another checkpoint path (softtargets "
+            "never overwrites a file it did not write)"
+        )
+    if meta.get("version") != str(FORMAT_VERSION):
+        raise SoftTargetsError(
+            f"{path} is checkpoint version {meta.get('version')}; this softtargets reads "
+            f"version {FORMAT_VERSION}: delete it to train from the start"
+        )
+    if meta.get("key") != key:
+        raise SoftTargetsError(
+            f"{path} is the checkpoint of another fit (other settings, data or initial weights); "
+            "delete it to train from the start, or give this fit another checkpoint path"
+        )
+    parts: dict[str, dict[str, Tensor]] = {"model": {}, "best": {}, "rng": {}, "optimizer": {}}
+    for name, value in tensors.items():
+        prefix, _, rest = name.partition(".")
+        parts[prefix][rest] = value
+    return FitState(
+        key=key,
+        epoch=int(meta["epoch"]),
+        model=parts["model"],
+        optimizer=_join_optimizer(json.loads(meta["optimizer"]), parts["optimizer"]),
+        best=parts["best"] if meta.get("has_best") == "True" else None,
+        rng=parts["rng"],
+        progress=json.loads(meta["progress"]),
+    )
+
+
+def _split_optimizer(state_dict: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Any]:
+    """An optimizer ``state_dict`` as JSON, its tensors moved into ``tensors`` under
+    ``optimizer.<param>.<name>``."""
+    state: dict[str, dict[str, Any]] = {}
+    for param, entries in state_dict["state"].items():
+        state[str(param)] = {}
+        for name, value in entries.items():
+            if isinstance(value, Tensor):
+                tensors[f"optimizer.{param}.{name}"] = value.detach().cpu().contiguous().clone()
+                state[str(param)][name] = {"tensor": True, "device": str(value.device)}
+            else:
+                state[str(param)][name] = {"value": value}
+    return {"state": state, "param_groups": state_dict["param_groups"]}
+
+
+def _join_optimizer(saved: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for param, entries in saved["state"].items():
+        state[int(param)] = {
+            name: tensors[f"{param}.{name}"].to(entry["device"])
+            if entry.get("tensor")
+            else entry["value"]
+            for name, entry in entries.items()
+        }
+    return {"state": state, "param_groups": saved["param_groups"]}
+
+
+def rng_states(generators: dict[str, torch.Generator], device: torch.device) -> dict[str, Tensor]:
+    """The global CPU (and CUDA) random states and ``generators``' states, by name."""
+    states = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    for name, generator in generators.items():
+        states[name] = generator.get_state()
+    return states
+
+
+def set_rng_states(
+    states: dict[str, Tensor], generators: dict[str, torch.Generator], device: torch.device
+) -> None:
+    """Put back what :func:`rng_states` saved."""
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+    for name, generator in generators.items():
+        generator.set_state(states[name])
