@@ -225,3 +225,38 @@ def test_the_command_line_starts_without_torch() -> None:
     code = "import sys, softtargets.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_teacher_interrupted_mid_fit_resumes_from_its_checkpoint(tmp_path, monkeypatch) -> None:
+    import softtargets.pipeline as pipeline
+    from softtargets.train import fit as real_fit
+
+    config = demo_config(quick=True)
+    whole = run_distillation(config, tmp_path / "whole")
+    calls = []
+
+    def interrupted(*args, **kwargs):  # the teacher's fit is stopped after its second epoch
+        calls.append(kwargs["checkpoint"].name)
+
+        def stop(record):
+            if record["epoch"] == 2:
+                raise KeyboardInterrupt
+
+        return real_fit(*args, on_epoch_end=stop, **kwargs)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(pipeline, "fit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_distillation(config, out)
+    assert calls[0].startswith("teacher-") and (out / calls[0]).exists()
+    monkeypatch.setattr(pipeline, "fit", real_fit)
+    resumed = run_distillation(config, out)
+    assert (out / "teacher.safetensors").read_bytes() == (
+        tmp_path / "whole" / "teacher.safetensors"
+    ).read_bytes()
+    assert [r["test_accuracy"] for r in resumed.results] == [
+        r["test_accuracy"] for r in whole.results
+    ]
+    epochs = [r["epoch"] for r in read_jsonl(out / "history.jsonl") if r["role"] == "teacher"]
+    assert epochs == list(range(1, config.teacher_training.epochs + 1))  # each epoch once
+    assert not list(out.glob("*.ckpt"))  # a finished fit's checkpoint is removed

@@ -130,6 +130,18 @@ def load(path: str | Path, key: str) -> FitState | None:
     )
 
 
+def saved_epoch(path: str | Path) -> int:
+    """The epochs a checkpoint has finished (0 if there is none, or it cannot be read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError):
+        return 0
+    return int(meta.get("epoch", 0)) if meta.get("format") == FORMAT else 0
+
+
 def _split_optimizer(state_dict: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Any]:
     """An optimizer ``state_dict`` as JSON, its tensors moved into ``tensors`` under
     ``optimizer.<param>.<name>``."""

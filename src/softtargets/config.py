@@ -63,6 +63,30 @@ class TrainConfig(Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     schedule: Literal["none", "cosine", "step"] = "cosine"
     patience: int | None = Field(None, ge=1)
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast type of the forward pass (the loss stays float32)"
+    )
+    compile: bool = Field(False, description="train through torch.compile(model)")
+    checkpoint_every: int = Field(
+        1, ge=0, description="epochs between checkpoints in the run folder (0: none)"
+    )
+
+    def fit_options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`~softtargets.train.fit` (its checkpoint path aside)."""
+        options = self.model_dump()
+        del options["checkpoint_every"]
+        return options
+
+    def stacked_options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`~softtargets.vectorised.fit_many`, which trains in fp32
+        without compiling: other settings are refused rather than ignored."""
+        options = self.fit_options()
+        if options.pop("precision") != "fp32" or options.pop("compile"):
+            raise SoftTargetsError(
+                "MLP students are trained together (fit_many), in fp32 and without compile; set "
+                "the student's precision to fp32 and compile to false"
+            )
+        return options
 
 
 class DistillConfig(Strict):

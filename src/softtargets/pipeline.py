@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from softtargets import checkpoint as checkpoints
 from softtargets.config import DistillConfig, dump_config
 from softtargets.data import Dataset, Splits, align_classes, labels_fingerprint, split
 from softtargets.errors import SoftTargetsError
@@ -160,11 +161,36 @@ def prepare(config: DistillConfig) -> Prepared:
 
 
 def _forget_unfinished(folder: RunFolder, finished: set[tuple]) -> None:
-    """Drop history lines of fits that did not finish (an interrupted run), before resuming."""
+    """Drop history lines of fits that did not finish (an interrupted run), before resuming;
+    a fit with a checkpoint keeps the lines of the epochs it saved (it continues after them)."""
     records = folder.records("history.jsonl", required=FIT_IDENTITY)
-    kept = [r for r in records if tuple(r[k] for k in FIT_IDENTITY) in finished]
+    saved: dict[tuple, int] = {}
+
+    def keep(record: dict[str, Any]) -> bool:
+        identity = tuple(record[k] for k in FIT_IDENTITY)
+        if identity in finished:
+            return True
+        if identity not in saved:
+            path = folder.root / _checkpoint_name(identity)
+            saved[identity] = checkpoints.saved_epoch(path) if path.exists() else 0
+        return int(record.get("epoch", 0)) <= saved[identity]
+
+    kept = [r for r in records if keep(r)]
     if len(kept) != len(records):
         folder.rewrite_records("history.jsonl", kept)
+
+
+def _checkpoint_name(identity: tuple) -> str:
+    """The run folder's checkpoint file of the fit ``(key, role, method, seed)``."""
+    key, role, method, seed = identity
+    return f"{role}-{method}-seed{seed}-{key}.ckpt"
+
+
+def _checkpoint(folder: RunFolder, every: int, identity: tuple) -> dict[str, Any]:
+    """``fit``'s checkpoint arguments for this fit (none when ``every`` is 0)."""
+    if every == 0:
+        return {}
+    return {"checkpoint": folder.path(_checkpoint_name(identity)), "checkpoint_every": every}
 
 
 @dataclass
@@ -229,6 +255,7 @@ def _teacher_in(
         log("teacher: reloaded from a previous run")
     else:
         _forget_unfinished(folder, set())  # a teacher that never finished leaves no history
+        identity = (key, "teacher", "teacher", config.first_seed)
         fit(
             teacher,
             splits.train,
@@ -244,10 +271,12 @@ def _teacher_in(
                 "method": "teacher",
                 "seed": config.first_seed,
             },
-            **config.teacher_training.model_dump(),
+            **_checkpoint(folder, config.teacher_training.checkpoint_every, identity),
+            **config.teacher_training.fit_options(),
         )
         folder.save_weights("teacher.safetensors", teacher, key)
         folder.set_key("teacher", key)
+        folder.remove(_checkpoint_name(identity))
 
     store_path = folder.path("store.safetensors")
     store = None
@@ -369,6 +398,7 @@ def _fit_student(
     """Fit one student (hard or soft targets, one seed), log it, and return its result record."""
     splits = part.splits
     student, targets = _student(config, part, method, seed)
+    identity, every = (key, "student", method, seed), config.student_training.checkpoint_every
     outcome = fit(
         student,
         splits.train,
@@ -380,9 +410,12 @@ def _fit_student(
         progress=progress,
         log_path=folder.path("history.jsonl"),
         log_extra={"key": key, "role": "student", "method": method, "seed": seed},
-        **config.student_training.model_dump(),
+        **_checkpoint(folder, every, identity),
+        **config.student_training.fit_options(),
     )
-    return _student_record(part, student, outcome, method, seed, key, folder, log)
+    record = _student_record(part, student, outcome, method, seed, key, folder, log)
+    folder.remove(_checkpoint_name(identity))
+    return record
 
 
 def _fit_students_together(
@@ -416,7 +449,7 @@ def _fit_students_together(
         device=part.device,
         progress=progress,
         log_path=folder.path("history.jsonl"),
-        **config.student_training.model_dump(),
+        **config.student_training.stacked_options(),
     )
     return [
         _student_record(part, outcome.model, outcome, method, seed, key, folder, log)

@@ -228,6 +228,13 @@ class RunFolder:
         atomic_write_bytes(target, data)
         return target
 
+    def remove(self, name: str) -> None:
+        """Delete ``name``, a file this folder wrote (a finished fit's checkpoint)."""
+        if name in self._manifest["files"]:
+            (self.root / name).unlink(missing_ok=True)
+            self._manifest["files"].remove(name)
+            self._save_manifest()
+
     def remove_written(self) -> list[str]:
         """Remove every file the manifest lists (``--overwrite``); nothing else. Returns them."""
         removed = []

@@ -445,6 +445,8 @@ def fit(
     started = time.perf_counter()
     device = resolve_device(device)
     check_lengths(epochs, batch_size)
+    if checkpoint is not None and checkpoint_every < 1:
+        raise SoftTargetsError(f"checkpoint_every must be >= 1 epoch, got {checkpoint_every}")
     num_classes = _check_parts(data, val, test)
     model.to(device)
     if streams.is_stream(data):

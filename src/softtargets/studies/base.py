@@ -182,7 +182,7 @@ class StudyContext:
             build_model("mlp", data.feature_shape, data.num_classes, seed=m.seed, hidden=list(w))
             for m, w in zip(members, widths, strict=True)
         ]
-        settings = {**self.config.student_training.model_dump(), **overrides}
+        settings = {**self.config.student_training.stacked_options(), **overrides}
         return fit_many(
             models,
             data,

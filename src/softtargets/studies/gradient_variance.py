@@ -100,7 +100,7 @@ def snapshots(
 def run(ctx: StudyContext) -> StudyOutput:
     part = ctx.teacher()
     train = part.splits.train
-    settings = ctx.config.student_training.model_dump()
+    settings = ctx.config.student_training.fit_options()
     epochs = settings["epochs"]
     at = sorted({0, max(1, epochs // 10), max(1, epochs // 2), epochs})
     sample = 64 if ctx.quick else 512
