@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset as TorchDataset
 
 from softtargets import checkpoint as checkpoints
-from softtargets import streams
+from softtargets import distributed, streams
 from softtargets.data import Dataset, holdout, labels_fingerprint
 from softtargets.errors import SoftTargetsError
 from softtargets.losses import StoredDistillation, bucket_distillation_loss, soft_cross_entropy
@@ -335,13 +335,27 @@ class _MemoryBatches:
         """The generators that decide the batch order (a checkpoint saves their states)."""
         return {"order": self.generator}
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, int]]:
-        """``(inputs (B, ...), rows (B,), B)`` per batch; ``rows`` is what :attr:`loss` takes."""
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, int, float]]:
+        """``(inputs (b, ...), rows (b,), b, weight)`` per batch; ``rows`` is what :attr:`loss`
+        takes.
+
+        Every process draws the same order; under several processes each global batch of ``B``
+        rows is dealt out row by row (process ``r`` of ``N`` takes rows ``r, r + N, ...``), so
+        the processes together see the batches one process would. ``weight = b N / B`` turns each
+        process's batch mean into its share of the global batch mean once DDP averages the
+        gradients; a process left without a row (a last batch of fewer than ``N``) takes one row
+        with weight 0, since every process must take every step.
+        """
         order = self.rows[torch.randperm(len(self.rows), generator=self.generator)]
         order = order.to(self.device)
+        rank, world = distributed.rank(), distributed.world_size()
         for start in range(0, len(order), self.batch_size):
-            rows = order[start : start + self.batch_size]
-            yield self.features.index_select(0, rows), rows, len(rows)
+            batch = order[start : start + self.batch_size]
+            rows = batch[rank::world]
+            count, weight = len(rows), len(rows) * world / len(batch)
+            if count == 0:
+                rows, weight = batch[:1], 0.0
+            yield self.features.index_select(0, rows), rows, count, weight
 
 
 class _StreamBatches:
@@ -376,7 +390,7 @@ class _StreamBatches:
     def __iter__(self) -> Iterator[tuple[Tensor, tuple[Tensor, Tensor, Tensor], int]]:
         """``(inputs, (labels, ids, inputs), B)`` per batch."""
         for x, labels, ids in streams.batches_of(self.loader, self.device):
-            yield x, (labels, ids, x), len(labels)
+            yield x, (labels, ids, x), len(labels), 1.0
 
 
 def fit(
@@ -466,7 +480,17 @@ def fit(
         batches = _MemoryBatches(data, train_rows, targets, batch_size, generator, device)
     val_dev = val.to(device) if isinstance(val, Dataset) else val
     test_dev = test.to(device) if isinstance(test, Dataset) else test
-    forward = _autocast_forward(torch.compile(model) if compile else model, precision, device)
+    trained = model
+    if distributed.active():  # gradients averaged over the processes; rank 0's weights to start
+        if streams.is_stream(data):
+            raise SoftTargetsError(
+                "training on several processes takes in-memory data (a Dataset); streamed data "
+                "trains on one process"
+            )
+        trained = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    forward = _autocast_forward(torch.compile(trained) if compile else trained, precision, device)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
     settings = dict(
         epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
@@ -476,7 +500,8 @@ def fit(
     key = _fit_key(model, data, targets, val, settings) if checkpoint is not None else ""
     opt = make_optimizer(model, optimizer, lr, weight_decay, momentum)
     rates = LearningRates([lr], schedule, [epochs * math.ceil(len(batches) / batch_size)])
-    tracker = Selection([model], patience, log_path, [log_extra])
+    main = distributed.is_main()  # only rank 0 writes the log and the checkpoint
+    tracker = Selection([model], patience, log_path if main else None, [log_extra])
     result = tracker.results[0]
     best_state: dict[str, Tensor] | None = None
     task = progress.add_task("training", total=epochs) if progress is not None else None
@@ -485,7 +510,7 @@ def fit(
 
     # fork_rng keeps dropout's random draws seeded without changing the caller's global stream.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+        torch.manual_seed(seed + distributed.rank())  # dropout differs between the processes
         if saved is not None:  # continue where the checkpoint left off
             model.load_state_dict(saved.model)
             opt.load_state_dict(saved.optimizer)
@@ -493,6 +518,8 @@ def fit(
             tracker.restore(saved.progress["selection"])
             rates.restore(saved.progress["rates"])
             checkpoints.set_rng_states(saved.rng, batches.generators(), device)
+            if distributed.rank():  # rank 0's states were saved: the others' dropout draws apart
+                torch.manual_seed(int(torch.randint(2**62, ())) + distributed.rank())
             first_epoch = saved.epoch + 1
             if task is not None:
                 progress.update(task, advance=saved.epoch)
@@ -503,7 +530,7 @@ def fit(
             epoch_start = time.perf_counter()
             model.train()
             loss_sum = torch.zeros((), device=device)
-            for inputs, key_, count in batches:
+            for inputs, key_, count, weight in batches:
                 (rate,) = rates.for_step((True,))
                 for group in opt.param_groups:
                     group["lr"] = rate
@@ -511,6 +538,10 @@ def fit(
                 if step == 0 and num_classes is not None:
                     check_output_width(logits, num_classes)
                 loss, logits_grad = batches.loss(logits, key_)
+                value = loss.detach()
+                if weight != 1.0:  # this process's share of the global batch (see _MemoryBatches)
+                    loss = loss * weight
+                    logits_grad = None if logits_grad is None else logits_grad * weight
                 opt.zero_grad(set_to_none=True)
                 if scaler is not None:  # fp16 on CUDA: the gradient scaled against underflow
                     if logits_grad is None:
@@ -526,15 +557,15 @@ def fit(
                         logits.backward(logits_grad)
                     opt.step()
                 # detach() keeps this a device-side sum: no host sync inside the loop.
-                loss_sum += loss.detach() * count
+                loss_sum += value * count
                 step += 1
-            train_loss = float(loss_sum) / len(batches)  # one sync per epoch
+            train_loss = float(distributed.sum_(loss_sum)) / len(batches)  # one sync per epoch
             scores = _score(model, val_dev, device), _score(model, test_dev, device)
             seconds = time.perf_counter() - epoch_start
             if tracker.end_epoch(epoch, [train_loss], scores, seconds, rates) and restore_best:
                 best_state = copy.deepcopy(model.state_dict())
             last = epoch == epochs or not tracker.running[0]
-            if checkpoint is not None and (epoch % checkpoint_every == 0 or last):
+            if checkpoint is not None and main and (epoch % checkpoint_every == 0 or last):
                 checkpoints.save(checkpoint, checkpoints.FitState(
                     key=key, epoch=epoch, model=model.state_dict(), optimizer=opt.state_dict(),
                     best=best_state, rng=checkpoints.rng_states(batches.generators(), device),

@@ -1,0 +1,103 @@
+"""Several processes: what ``torchrun`` gives each one, and the few collective steps softtargets
+takes (``gloo`` on the CPU, ``nccl`` on CUDA).
+
+Under ``torchrun --nproc-per-node N ...`` every process runs the same program. :func:`setup`
+joins the process group from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...);
+outside torchrun it does nothing and every helper answers as for one process, so the same code
+runs either way. Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from softtargets.errors import SoftTargetsError
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or another launcher setting its variables)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup(device: torch.device | None = None, timeout_s: float = 300.0) -> None:
+    """Join the process group torchrun set up for this process (idempotent; nothing outside
+    torchrun). ``gloo`` for the CPU, ``nccl`` for CUDA (each rank on ``cuda:LOCAL_RANK``)."""
+    if not launched() or dist.is_initialized():
+        return
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise SoftTargetsError(
+            f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but {', '.join(missing)} is not set; start "
+            "the processes with torchrun (see README: Several processes or machines)"
+        )
+    cuda = device is not None and device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    try:
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    except (RuntimeError, ValueError) as err:  # a rendezvous that never completes, a bad address
+        raise SoftTargetsError(
+            f"could not join the {os.environ['WORLD_SIZE']} processes at "
+            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
+            f"({str(err).splitlines()[0]}); check that every process was started with the same "
+            "--rdzv-endpoint and --nnodes"
+        ) from None
+
+
+def active() -> bool:
+    """Whether this process is one of several in a process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    """Rank 0: the one process that writes files and prints."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def sum_(value: torch.Tensor) -> torch.Tensor:
+    """``value`` summed over the processes (in place; itself for one process)."""
+    if active():
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def gather_to_main(item: Any) -> list[Any] | None:
+    """Every process's ``item``, in rank order, on rank 0 (``None`` elsewhere)."""
+    if not active():
+        return [item]
+    items: list[Any] | None = [None] * world_size() if is_main() else None
+    dist.gather_object(item, items, dst=0)
+    return items
+
+
+def share_from_main(item: Any) -> Any:
+    """Rank 0's ``item`` on every process."""
+    if not active():
+        return item
+    box = [item]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def my_share(count: int) -> range:
+    """This process's share of ``count`` independent jobs (job ``j`` runs on rank ``j mod N``):
+    how a sweep of fits spreads over the processes, each fit whole on one of them."""
+    return range(rank(), count, world_size())

@@ -1,0 +1,92 @@
+"""Several processes: 2 CPU processes started by torchrun (gloo) train as one process does."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from softtargets import distributed
+from softtargets.errors import SoftTargetsError
+
+CHILD = """
+import json, sys, torch
+from softtargets import distributed
+from softtargets.data import split
+from softtargets.datasets import gaussians
+from softtargets.models import build_model
+from softtargets.teacher import label
+from softtargets.train import Distillation, _MemoryBatches, fit
+distributed.setup()
+parts = split(gaussians(num_samples=600, num_classes=3, dim=6, separation=3.0), 0.2, 0.2)
+teacher = fit(build_model("mlp", (6,), 3, seed=9, hidden=[32]), parts.train, epochs=3).model
+targets = {"hard": None, "stored logits": Distillation(label(teacher, parts.train), 4.0, 0.7)}
+out = {}
+for name, target in targets.items():
+    for seed in range(3):
+        model = build_model("mlp", (6,), 3, seed=seed, hidden=[16])
+        # batch 50 of 360 rows: the last batch (10 rows) is dealt out unevenly too
+        r = fit(model, parts.train, target, val=parts.val, test=parts.test, epochs=5, lr=1e-2,
+                batch_size=50, seed=seed)
+        out[f"{name} {seed}"] = {
+            "weights": torch.cat([p.detach().flatten() for p in model.parameters()]).tolist(),
+            "test": r.selected["test_accuracy"],
+            "loss": [h["train_loss"] for h in r.history],
+        }
+batches = _MemoryBatches(parts.train, torch.arange(len(parts.train)), None, 50,
+                         torch.Generator().manual_seed(0), torch.device("cpu"))
+seen = [int(x) for _, rows, count, _ in batches for x in rows[:count]]
+everyone = distributed.gather_to_main(seen)
+if distributed.is_main():
+    json.dump({"fits": out, "rows": everyone, "world": distributed.world_size()},
+              open(sys.argv[1], "w"))
+"""
+
+
+def run_child(tmp_path, processes: int) -> dict:
+    out = tmp_path / f"{processes}.json"
+    command = [sys.executable, "-c", CHILD, str(out)]
+    if processes > 1:
+        script = tmp_path / "child.py"
+        script.write_text(CHILD)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc-per-node={processes}", str(script), str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_two_processes_train_as_one_and_see_every_row_once(tmp_path) -> None:
+    one, two = run_child(tmp_path, 1), run_child(tmp_path, 2)
+    assert two["world"] == 2 and one["world"] == 1
+    rank0, rank1 = (set(rows) for rows in two["rows"])
+    assert not rank0 & rank1 and len(rank0 | rank1) == 360 == sum(map(len, two["rows"]))
+    for name, fit_one in one["fits"].items():
+        fit_two = two["fits"][name]
+        # the same global batches and gradients, reduced in another order: rounding only
+        torch.testing.assert_close(
+            torch.tensor(fit_two["weights"]), torch.tensor(fit_one["weights"]), rtol=1e-4, atol=1e-5
+        )
+        assert fit_two["loss"] == pytest.approx(fit_one["loss"], rel=1e-4)
+        assert abs(fit_two["test"] - fit_one["test"]) <= 0.01, name
+
+
+def test_a_launch_without_its_rendezvous_gives_one_line(monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(SoftTargetsError, match="RANK, MASTER_ADDR, MASTER_PORT is not set"):
+        distributed.setup()
+    assert not distributed.active() and distributed.rank() == 0
+
+
+def test_one_process_helpers_answer_as_one() -> None:
+    assert distributed.world_size() == 1 and distributed.is_main()
+    assert distributed.gather_to_main({"a": 1}) == [{"a": 1}]
+    assert list(distributed.my_share(3)) == [0, 1, 2]
+    assert float(distributed.sum_(torch.tensor(2.0))) == 2.0
