@@ -90,3 +90,46 @@ def test_one_process_helpers_answer_as_one() -> None:
     assert distributed.gather_to_main({"a": 1}) == [{"a": 1}]
     assert list(distributed.my_share(3)) == [0, 1, 2]
     assert float(distributed.sum_(torch.tensor(2.0))) == 2.0
+
+
+LABEL_CHILD = """
+import sys
+import softtargets.data
+softtargets.data.FINGERPRINT_BLOCK = 64  # 300 rows: 5 blocks, shards of 2 and 3
+from softtargets import distributed
+from softtargets.datasets import gaussians
+from softtargets.models import build_model
+from softtargets.streams import TensorRows
+from softtargets.teacher import label_dataset_to_file
+distributed.setup()
+data = gaussians(num_samples=300, num_classes=4, dim=5, separation=2.0)
+teacher = build_model("mlp", (5,), 4, seed=0, hidden=[8])
+label_dataset_to_file(teacher, data, sys.argv[1], batch_size=50)
+label_dataset_to_file(teacher, TensorRows(data), sys.argv[2], batch_size=50)
+"""
+
+
+def test_labelling_on_two_processes_makes_the_one_process_store(tmp_path, monkeypatch) -> None:
+    import softtargets.data
+    from softtargets.datasets import gaussians
+    from softtargets.models import build_model
+    from softtargets.teacher import SoftTargetStore, label
+
+    script = tmp_path / "label.py"
+    script.write_text(LABEL_CHILD)
+    paths = [tmp_path / "memory.safetensors", tmp_path / "streamed.safetensors"]
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(script), *map(str, paths)],  # fmt: skip
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    monkeypatch.setattr(softtargets.data, "FINGERPRINT_BLOCK", 64)
+    data = gaussians(num_samples=300, num_classes=4, dim=5, separation=2.0)
+    teacher = build_model("mlp", (5,), 4, seed=0, hidden=[8])
+    whole = label(teacher, data)
+    for path in paths:
+        store = SoftTargetStore.load(path, data=data, teacher=teacher)  # same fingerprints
+        assert torch.equal(store.ids, whole.ids)
+        torch.testing.assert_close(store.logits, whole.logits)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["label.py", *(p.name for p in paths)]

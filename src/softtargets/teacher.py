@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data import Subset
 
 from softtargets import streams
 from softtargets.data import Dataset, labels_fingerprint
@@ -550,6 +551,52 @@ def label_to_file(
     note_path = _shard_note(path, index, count)
     atomic_write_text(note_path, json.dumps(note))
     return note_path
+
+
+def label_dataset_to_file(
+    teacher: nn.Module,
+    data: Dataset | TorchDataset,
+    path: str | Path,
+    batch_size: int = 65536,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """:func:`label_to_file` for a whole dataset (in memory, or streamed: a torch ``Dataset`` of
+    ``(x, label, id)``), on every process at once under torchrun.
+
+    Under torchrun each process labels its :func:`shard_rows` and writes them into the one file;
+    rank 0 joins the shards (:func:`finish_shards`) when all are written. The store is the one a
+    single process makes (same ids and fingerprint): 1M rows on N processes take about 1/N of
+    the time. Outside torchrun it is :func:`label_to_file` over every row.
+    """
+    from softtargets import distributed
+
+    rank, world = distributed.rank(), distributed.world_size()
+    names = list(getattr(data, "class_names", None) or [])
+    if not names:
+        raise SoftTargetsError("the dataset does not name its classes; give it class_names")
+    rows = shard_rows(len(data), rank, world) if world > 1 else range(len(data))
+
+    def chunks() -> Iterator[tuple[Tensor, Tensor]]:
+        if isinstance(data, Dataset):
+            for start in range(rows.start, rows.stop, batch_size):
+                end = min(start + batch_size, rows.stop)
+                yield data.features[start:end], data.ids[start:end]
+        else:
+            part = Subset(data, list(rows))
+            for x, _, ids in streams.batches(part, batch_size, torch.device("cpu")):
+                yield x, ids
+
+    shard = (rank, world) if world > 1 else None
+    written = label_to_file(teacher, chunks(), len(data), path, names, dtype, device, info, shard)
+    if world == 1:
+        return written
+    distributed.barrier()  # every shard written
+    if distributed.is_main():
+        finish_shards(path, world)
+    distributed.barrier()  # the store is in place for every process
+    return Path(path)
 
 
 def shard_rows(num_rows: int, index: int, count: int) -> range:
