@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -153,6 +154,62 @@ def resume_overhead(train: Dataset, repeats: int) -> dict[str, Any]:
         "goal": "<= 1.05",
         "detail": "fit of 3 epochs on MNIST-1D's training rows with a checkpoint (safetensors + "
         "JSON, atomic) after every epoch / without; median over repeats",
+    }
+
+
+DDP_CHILD = """
+import statistics, sys, torch
+torch.set_num_threads(1)
+from softtargets import distributed
+from softtargets.data import Dataset
+from softtargets.models import build_model
+from softtargets.train import fit
+distributed.setup()
+gen = torch.Generator().manual_seed(0)
+data = Dataset.from_arrays(torch.randn(16_384, 256, generator=gen), torch.arange(16_384) % 10)
+model = build_model("mlp", (256,), 10, seed=0, hidden=[1024, 1024])
+result = fit(model, data, epochs=3, batch_size=1024, lr=1e-3, device="cpu")
+if distributed.is_main():
+    print(len(data) / statistics.median(h["seconds"] for h in result.history))
+"""
+
+
+def ddp_speedup_2proc(repeats: int) -> dict[str, Any]:
+    """Rows a second of one training epoch, 2 processes x 1 thread (torchrun, gloo) / 1 x 1."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ratios, one_rates, two_rates = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "ddp_child.py"
+        script.write_text(DDP_CHILD)
+        for _ in range(repeats):
+            one = float(
+                subprocess.run(
+                    [sys.executable, str(script)],
+                    env=env,
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout.split()[-1]
+            )
+            launch = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node=2",
+                str(script),
+            ]
+            two = float(subprocess.run(launch, env=env, check=True, capture_output=True,
+                                       text=True).stdout.split()[-1])  # fmt: skip
+            ratios.append(two / one)
+            one_rates.append(one)
+            two_rates.append(two)
+    return {
+        "value": statistics.median(ratios),
+        "goal": ">= 1.6",
+        "detail": "mlp 256-1024-1024-10, 16,384 rows, batch 1,024 (512 a process), Adam: rows/s "
+        f"of an epoch, {statistics.median(two_rates):,.0f} on 2 processes x 1 thread vs "
+        f"{statistics.median(one_rates):,.0f} on 1 x 1",
     }
 
 
@@ -486,6 +543,7 @@ def main() -> None:
     results["topk_store_fraction_k1000"] = topk_store_fraction_k1000()
     results["stream_vs_memory_epoch"] = stream_vs_memory_epoch(parts.train, repeats + 2)
     results["resume_overhead"] = resume_overhead(parts.train, repeats)
+    results["ddp_speedup_2proc"] = ddp_speedup_2proc(3 if not args.quick else 1)
     results["stream_peak_mb"] = stream_peak_mb(
         [1_000_000, 4_000_000] if not args.quick else [100_000, 400_000]
     )
