@@ -133,3 +133,36 @@ def test_labelling_on_two_processes_makes_the_one_process_store(tmp_path, monkey
         assert torch.equal(store.ids, whole.ids)
         torch.testing.assert_close(store.logits, whole.logits)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["label.py", *(p.name for p in paths)]
+
+
+def test_the_demo_on_two_processes_writes_the_run_one_process_writes(tmp_path) -> None:
+    from softtargets.files import read_jsonl
+
+    def demo(out, *extra: str) -> None:
+        done = subprocess.run(
+            [sys.executable, "-m", "softtargets", "demo", "--quick", "--out", str(out), *extra],
+            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+    demo(tmp_path / "one")
+    demo(tmp_path / "two", "--nproc", "2")
+
+    def fits(out) -> dict:
+        return {(r["role"], r["method"], r["seed"]): r for r in read_jsonl(out / "results.jsonl")}
+
+    one, two = fits(tmp_path / "one"), fits(tmp_path / "two")
+    assert one.keys() == two.keys()  # every student once, written by rank 0 alone
+    for name in one:  # the teacher trained with DDP differs by rounding only
+        assert abs(one[name]["test_accuracy"] - two[name]["test_accuracy"]) <= 0.02, name
+    epochs = [(r["role"], r["method"], r["seed"], r["epoch"]) for r in read_jsonl(tmp_path / "two" / "history.jsonl")]  # fmt: skip
+    assert len(epochs) == len(set(epochs)) == len(read_jsonl(tmp_path / "one" / "history.jsonl"))
+    manifest = json.loads((tmp_path / "two" / ".softtargets-run.json").read_text())
+    assert sorted(manifest["files"]) == sorted(p.name for p in (tmp_path / "two").iterdir()
+                                               if not p.name.startswith("."))  # fmt: skip
+    # started on 2 processes, resumed on 1: the missing fit is trained, the rest kept
+    lines = (tmp_path / "two" / "results.jsonl").read_text().splitlines()
+    (tmp_path / "two" / "results.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    demo(tmp_path / "two")
+    assert fits(tmp_path / "two").keys() == one.keys()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -167,6 +168,15 @@ Seeds = Annotated[
     int | None,
     typer.Option("--seeds", help=f"Student seeds (>= 3 for a CI) \\[default: {_DEFAULTS.seeds}]."),
 ]
+Nproc = Annotated[
+    int,
+    typer.Option(
+        "--nproc",
+        min=1,
+        help="Processes on this machine: relaunches the command under torchrun (the teacher "
+        "trains with DDP, the students are spread over the processes) \\[default: 1].",
+    ),
+]
 Device = Annotated[
     str | None,
     typer.Option(
@@ -284,13 +294,43 @@ def build_distill_config(config_file: Path | None, base: Any = None, **flags: An
     return parse_config(DistillConfig, merged, source)
 
 
-def run_job(config: Any, out: Path, overwrite: bool) -> None:
-    """Run (or resume) one distillation job with progress bars, then print its results."""
-    from softtargets.pipeline import run_distillation
+def run_job(config: Any, out: Path, overwrite: bool, nproc: int = 1) -> None:
+    """Run (or resume) one distillation job with progress bars, then print its results.
 
+    With ``nproc > 1`` the same command is started again under torchrun; under torchrun (however
+    started) only rank 0 shows progress and prints.
+    """
+    from softtargets import distributed
+    from softtargets.pipeline import run_distillation
+    from softtargets.train import resolve_device
+
+    if nproc > 1 and not distributed.launched():
+        raise typer.Exit(relaunch_under_torchrun(nproc))
+    distributed.setup(resolve_device(config.device))
+    if not distributed.is_main():
+        run_distillation(config, out, overwrite=overwrite)
+        return
     with make_progress() as progress:
         outcome = run_distillation(config, out, overwrite=overwrite, progress=progress, log=say)
     print_outcome(outcome)
+
+
+def relaunch_under_torchrun(nproc: int) -> int:
+    """Run this command line again as ``torchrun --standalone --nproc-per-node N -m softtargets
+    ...`` (without ``--nproc``); its exit status."""
+    import subprocess
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", "-m", "softtargets", *args]  # fmt: skip
+    return subprocess.run(command).returncode
 
 
 def print_outcome(outcome: Any) -> None:
@@ -324,12 +364,13 @@ def demo(
     quick: Annotated[bool, typer.Option("--quick", help="A tiny run of the same steps.")] = False,
     overwrite: Overwrite = False,
     device: Device = None,
+    nproc: Nproc = 1,
 ) -> None:
     """The main job on built-in data: teacher, stored logits, student with hard vs soft targets."""
     from softtargets.pipeline import demo_config
 
     config = build_distill_config(None, base=demo_config(quick=quick), seeds=seeds, device=device)
-    run_job(config, out or Path("runs/demo"), overwrite)
+    run_job(config, out or Path("runs/demo"), overwrite, nproc)
 
 
 @app.command()
@@ -438,6 +479,7 @@ def distill(
     config: ConfigFile = None,
     overwrite: Overwrite = False,
     device: Device = None,
+    nproc: Nproc = 1,
 ) -> None:
     """Teacher (reused if the run folder has it), then students on hard vs soft targets."""
     cfg = build_distill_config(
@@ -468,7 +510,7 @@ def distill(
         label_column=label_column,
         device=device,
     )
-    run_job(cfg, out or Path("runs/distill"), overwrite)
+    run_job(cfg, out or Path("runs/distill"), overwrite, nproc)
 
 
 @app.command()

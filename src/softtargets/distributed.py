@@ -10,6 +10,8 @@ runs either way. Only rank 0 writes files.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -49,9 +51,36 @@ def setup(device: torch.device | None = None, timeout_s: float = 300.0) -> None:
         ) from None
 
 
+_alone = 0  # depth of alone() blocks
+
+
 def active() -> bool:
-    """Whether this process is one of several in a process group."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """Whether this process is one of several in a process group (and not inside
+    :func:`alone`)."""
+    return (
+        not _alone and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    )
+
+
+@contextmanager
+def alone() -> Iterator[None]:
+    """Inside this block the process works on its own (a sweep's fits, each whole on one rank):
+    ``fit`` neither wraps the model in DDP nor deals out batches."""
+    global _alone
+    _alone += 1
+    try:
+        yield
+    finally:
+        _alone -= 1
+
+
+def group_rank() -> int:
+    """This process's rank in the group, even inside :func:`alone`."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def group_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def rank() -> int:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from softtargets import checkpoint as checkpoints
+from softtargets import distributed
 from softtargets.config import DistillConfig, dump_config
 from softtargets.data import Dataset, Splits, align_classes, labels_fingerprint, split
 from softtargets.errors import SoftTargetsError
@@ -194,6 +195,19 @@ def _checkpoint(folder: RunFolder, every: int, identity: tuple) -> dict[str, Any
 
 
 @dataclass
+class Finished:
+    """A finished student fit: its result record and its epoch records (for the history)."""
+
+    record: dict[str, Any]
+    history: list[dict[str, Any]]
+
+
+def _history(folder: RunFolder) -> Path | None:
+    """Where fits log their epochs: the run's history, written by rank 0 only."""
+    return folder.path("history.jsonl") if folder.writer else None
+
+
+@dataclass
 class TeacherRun:
     """A fitted (or reloaded) teacher with its store, the data and the splits it was made on."""
 
@@ -293,7 +307,8 @@ def _teacher_in(
             dtype=dtype,
             info={"teacher": config.teacher.model_dump(), "data": config.data.name},
         )
-        store.save(store_path)
+        if folder.writer:
+            store.save(store_path)
     metrics = evaluate(teacher, splits.test)
     record = {
         "key": key,
@@ -343,18 +358,9 @@ def run_distillation(
         pending = [(m, s) for s in seeds for m in METHODS if (m, s) not in done]
         if len(pending) < 2 * len(seeds):
             log(f"students: {2 * len(seeds) - len(pending)} fits kept from a previous run")
-        if pending and config.student.name == "mlp" and part.splits.train.weights is None:
-            # MLP students train all at once (softtargets.vectorised), several times faster; each
-            # step equals fit's to float tolerance. A resumed run trains the unfinished ones.
-            results += _fit_students_together(config, part, pending, key, folder, progress, log)
-        else:
-            task = progress.add_task("students", total=len(pending)) if progress else None
-            for method, seed in pending:
-                results.append(_fit_student(config, part, method, seed, key, folder, progress, log))
-                if task is not None:
-                    progress.update(task, advance=1)
-            if task is not None:
-                progress.remove_task(task)
+        results += [
+            f.record for f in _fit_students(config, part, pending, key, folder, progress, log)
+        ]
 
         outcome = DistillOutcome(
             folder.root,
@@ -365,6 +371,67 @@ def run_distillation(
         )
         write_report(outcome, config, folder)
     return outcome
+
+
+def _fit_students(
+    config: DistillConfig,
+    part: TeacherRun,
+    pending: list[tuple[str, int]],
+    key: str,
+    folder: RunFolder,
+    progress: Any,
+    log: Callable[[str], None],
+) -> list[Finished]:
+    """Fit the ``pending`` (method, seed) students. Under torchrun they are spread over the
+    processes, each fit whole on one (``distributed.my_share``), and rank 0 writes every
+    result and epoch record; the list holds them all on rank 0 (and this process's elsewhere)."""
+    if not distributed.active():
+        return _fit_students_here(config, part, pending, key, folder, progress, log)
+    pending = distributed.share_from_main(pending)  # what rank 0 read from results.jsonl
+    every = config.student_training.checkpoint_every
+    if folder.writer and every:  # register every checkpoint name before any process writes one
+        for method, seed in pending:
+            folder.path(_checkpoint_name((key, "student", method, seed)))
+    distributed.barrier()
+    mine = [pending[i] for i in distributed.my_share(len(pending))]
+    with distributed.alone():
+        finished = _fit_students_here(config, part, mine, key, folder, progress, log)
+    gathered = distributed.gather_to_main(finished)
+    if gathered is None:
+        return finished
+    theirs = [f for rank_finished in gathered[1:] for f in rank_finished]
+    for f in theirs:  # rank 0 wrote its own as they finished
+        for epoch in f.history:
+            folder.append("history.jsonl", epoch)
+        folder.append("results.jsonl", f.record)
+    for method, seed in pending:
+        folder.remove(_checkpoint_name((key, "student", method, seed)))
+    return [f for rank_finished in gathered for f in rank_finished]
+
+
+def _fit_students_here(
+    config: DistillConfig,
+    part: TeacherRun,
+    pending: list[tuple[str, int]],
+    key: str,
+    folder: RunFolder,
+    progress: Any,
+    log: Callable[[str], None],
+) -> list[Finished]:
+    """Fit the ``pending`` students in this process."""
+    if pending and config.student.name == "mlp" and part.splits.train.weights is None:
+        # MLP students train all at once (softtargets.vectorised), several times faster; each
+        # step equals fit's to float tolerance. A resumed run trains the unfinished ones.
+        return _fit_students_together(config, part, pending, key, folder, progress, log)
+    finished = []
+    task = progress.add_task("students", total=len(pending)) if progress else None
+    for method, seed in pending:
+        finished.append(_fit_student(config, part, method, seed, key, folder, progress, log))
+        if task is not None:
+            progress.update(task, advance=1)
+    if task is not None:
+        progress.remove_task(task)
+    return finished
 
 
 def _student(
@@ -394,8 +461,8 @@ def _fit_student(
     folder: RunFolder,
     progress: Any,
     log: Callable[[str], None],
-) -> dict[str, Any]:
-    """Fit one student (hard or soft targets, one seed), log it, and return its result record."""
+) -> Finished:
+    """Fit one student (hard or soft targets, one seed), log it, and return what it gave."""
     splits = part.splits
     student, targets = _student(config, part, method, seed)
     identity, every = (key, "student", method, seed), config.student_training.checkpoint_every
@@ -408,14 +475,16 @@ def _fit_student(
         seed=seed,
         device=part.device,
         progress=progress,
-        log_path=folder.path("history.jsonl"),
+        log_path=_history(folder),
         log_extra={"key": key, "role": "student", "method": method, "seed": seed},
         **_checkpoint(folder, every, identity),
         **config.student_training.fit_options(),
     )
-    record = _student_record(part, student, outcome, method, seed, key, folder, log)
+    finished = _student_record(part, student, outcome, method, seed, key, folder, log)
     folder.remove(_checkpoint_name(identity))
-    return record
+    if not folder.writer:  # a sweep's other process: rank 0 keeps the records, not this file
+        (folder.root / _checkpoint_name(identity)).unlink(missing_ok=True)
+    return finished
 
 
 def _fit_students_together(
@@ -426,7 +495,7 @@ def _fit_students_together(
     folder: RunFolder,
     progress: Any,
     log: Callable[[str], None],
-) -> list[dict[str, Any]]:
+) -> list[Finished]:
     """Fit the ``pending`` (method, seed) MLP students at once with :func:`fit_many`."""
     from softtargets.vectorised import Member, fit_many
 
@@ -448,7 +517,7 @@ def _fit_students_together(
         test=splits.test,
         device=part.device,
         progress=progress,
-        log_path=folder.path("history.jsonl"),
+        log_path=_history(folder),
         **config.student_training.stacked_options(),
     )
     return [
@@ -466,8 +535,9 @@ def _student_record(
     key: str,
     folder: RunFolder,
     log: Callable[[str], None],
-) -> dict[str, Any]:
-    """Evaluate a trained student, append its result record to results.jsonl and return it."""
+) -> Finished:
+    """Evaluate a trained student, append its result record to results.jsonl and return it with
+    its epoch records."""
     metrics = evaluate(student, part.splits.test, reference=part.teacher)
     record = {
         "key": key,
@@ -488,7 +558,8 @@ def _student_record(
         f"({of_total(metrics['errors'], len(part.splits.test))} errors), epoch "
         f"{outcome.best_epoch} of {len(outcome.history)} selected on validation"
     )
-    return record
+    identity = {"key": key, "role": "student", "method": method, "seed": seed}
+    return Finished(record, [{**identity, **epoch} for epoch in outcome.history])
 
 
 def summary_rows(outcome: DistillOutcome) -> list[list[str]]:

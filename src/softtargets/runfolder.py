@@ -138,8 +138,11 @@ class RunFolder:
     ``append``/``records`` handle JSON lines.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, writer: bool = True) -> None:
         self.root = root
+        # Under torchrun only rank 0 writes; the other processes read the folder through a
+        # view whose writing methods do nothing (their results reach rank 0 as objects).
+        self.writer = writer
         self._manifest: dict[str, Any] = {"format": FORMAT, "version": 1, "files": [], "keys": {}}
 
     # ------------------------------------------------------------------ opening
@@ -154,7 +157,34 @@ class RunFolder:
         wait: bool = False,
         log: Callable[[str], None] = lambda message: None,
     ) -> Iterator[RunFolder]:
-        """Check ``path``, lock it, and (with ``overwrite``) remove what softtargets wrote there."""
+        """Check ``path``, lock it, and (with ``overwrite``) remove what softtargets wrote there.
+
+        Under torchrun rank 0 does all that; the other processes wait for it and get a view that
+        reads the folder and writes nothing.
+        """
+        from softtargets import distributed
+
+        if distributed.active() and not distributed.is_main():
+            distributed.barrier()  # rank 0 has checked, locked and prepared the folder
+            folder = cls(Path(path).resolve(), writer=False)
+            folder._read_manifest()
+            yield folder
+            return
+        with cls._open_as_writer(path, overwrite, shared, wait, log) as folder:
+            if distributed.active():
+                distributed.barrier()
+            yield folder
+
+    @classmethod
+    @contextmanager
+    def _open_as_writer(
+        cls,
+        path: str | Path,
+        overwrite: bool,
+        shared: bool,
+        wait: bool,
+        log: Callable[[str], None],
+    ) -> Iterator[RunFolder]:
         root = check_out_path(Path(path), shared)
         created = not root.exists()
         root.mkdir(parents=True, exist_ok=True)
@@ -199,6 +229,8 @@ class RunFolder:
         self._manifest = {**self._manifest, "files": [str(f) for f in files], "keys": keys}
 
     def _save_manifest(self) -> None:
+        if not self.writer:
+            return
         text = json.dumps(self._manifest, indent=1, sort_keys=True) + "\n"
         atomic_write_text(self.root / MANIFEST, text)
 
@@ -208,6 +240,8 @@ class RunFolder:
         if not name or "/" in name or "\\" in name or name.startswith(".") or name in _OWN:
             raise SoftTargetsError(f"{name!r} is not a plain file name for a run folder")
         target = self.root / name
+        if not self.writer:
+            return target
         if name not in self._manifest["files"]:
             if target.exists() or target.is_symlink():
                 raise SoftTargetsError(
@@ -220,17 +254,19 @@ class RunFolder:
 
     def write_text(self, name: str, text: str) -> Path:
         target = self.path(name)
-        atomic_write_text(target, text)
+        if self.writer:
+            atomic_write_text(target, text)
         return target
 
     def write_bytes(self, name: str, data: bytes) -> Path:
         target = self.path(name)
-        atomic_write_bytes(target, data)
+        if self.writer:
+            atomic_write_bytes(target, data)
         return target
 
     def remove(self, name: str) -> None:
         """Delete ``name``, a file this folder wrote (a finished fit's checkpoint)."""
-        if name in self._manifest["files"]:
+        if self.writer and name in self._manifest["files"]:
             (self.root / name).unlink(missing_ok=True)
             self._manifest["files"].remove(name)
             self._save_manifest()
@@ -260,7 +296,8 @@ class RunFolder:
 
     # ------------------------------------------------------------------ JSON lines
     def append(self, name: str, record: dict[str, Any]) -> None:
-        append_jsonl(self.path(name), record)
+        if self.writer:
+            append_jsonl(self.path(name), record)
 
     def records(
         self, name: str, unique: Sequence[str] = (), required: Sequence[str] = ()
