@@ -166,3 +166,20 @@ def test_the_demo_on_two_processes_writes_the_run_one_process_writes(tmp_path) -
     (tmp_path / "two" / "results.jsonl").write_text("\n".join(lines[:-1]) + "\n")
     demo(tmp_path / "two")
     assert fits(tmp_path / "two").keys() == one.keys()
+
+
+def test_a_study_on_two_processes_gives_the_one_process_rows(tmp_path) -> None:
+    def study(out, *extra: str) -> dict:
+        done = subprocess.run(
+            [sys.executable, "-m", "softtargets", "study", "temperature", "--quick", "--out",
+             str(out), *extra],
+            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return json.loads((out / "results.json").read_text())
+
+    # both studies share the teacher in tmp_path/teachers (trained by the first, reloaded by the
+    # second); the students are spread over the processes, each whole on one: the same rows
+    one, two = study(tmp_path / "one"), study(tmp_path / "two", "--nproc", "2")
+    assert two["rows"] == one["rows"] and two["verdict"] == one["verdict"]

@@ -555,8 +555,10 @@ def study(
     ] = None,
     quick: Annotated[bool, typer.Option("--quick", help="A miniature of the same steps.")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Default runs/study-NAME.")] = None,
+    nproc: Nproc = 1,
 ) -> None:
     """Measure one claim about soft targets: results, figures, verdict (runs/study-NAME/)."""
+    from softtargets import distributed
     from softtargets.studies import study_module
     from softtargets.studies.base import StudyConfig, run_study
 
@@ -570,6 +572,12 @@ def study(
 
     config = parse_config(StudyConfig, values, "flags")
     out = out or Path("runs") / f"study-{name}"
+    if nproc > 1 and not distributed.launched():
+        raise typer.Exit(relaunch_under_torchrun(nproc))
+    distributed.setup()
+    if not distributed.is_main():  # the students are spread over the processes; rank 0 reports
+        run_study(name, config, out)
+        return
     with make_progress() as progress:
         result = run_study(
             name,

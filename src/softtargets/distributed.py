@@ -92,8 +92,9 @@ def world_size() -> int:
 
 
 def is_main() -> bool:
-    """Rank 0: the one process that writes files and prints."""
-    return rank() == 0
+    """Rank 0 of the process group (even inside :func:`alone`): the one process that writes the
+    run's files and prints."""
+    return group_rank() == 0
 
 
 def barrier() -> None:
@@ -114,6 +115,15 @@ def gather_to_main(item: Any) -> list[Any] | None:
         return [item]
     items: list[Any] | None = [None] * world_size() if is_main() else None
     dist.gather_object(item, items, dst=0)
+    return items
+
+
+def gather_to_all(item: Any) -> list[Any]:
+    """Every process's ``item``, in rank order, on every process."""
+    if not active():
+        return [item]
+    items: list[Any] = [None] * world_size()
+    dist.all_gather_object(items, item)
     return items
 
 

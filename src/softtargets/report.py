@@ -33,10 +33,13 @@ def new_figure(width: float = 6.4, height: float = 4.0) -> tuple[Figure, Any]:
 
 
 def save_figure(figure: Figure, path: str | Path) -> Path:
-    """Write ``figure`` as PNG, atomically."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    atomic_write_bytes(path, buffer.getvalue())
+    """Write ``figure`` as PNG, atomically (under torchrun, rank 0 alone writes)."""
+    from softtargets import distributed
+
+    if distributed.is_main():
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png")
+        atomic_write_bytes(path, buffer.getvalue())
     return Path(path)
 
 

@@ -500,7 +500,7 @@ def fit(
     key = _fit_key(model, data, targets, val, settings) if checkpoint is not None else ""
     opt = make_optimizer(model, optimizer, lr, weight_decay, momentum)
     rates = LearningRates([lr], schedule, [epochs * math.ceil(len(batches) / batch_size)])
-    main = distributed.is_main()  # only rank 0 writes the log and the checkpoint
+    main = distributed.rank() == 0  # of the processes training this model, rank 0 writes
     tracker = Selection([model], patience, log_path if main else None, [log_extra])
     result = tracker.results[0]
     best_state: dict[str, Tensor] | None = None

@@ -32,6 +32,7 @@ from typing import Any
 
 from pydantic import Field
 
+from softtargets import distributed
 from softtargets.config import (
     DataConfig,
     DistillConfig,
@@ -183,16 +184,22 @@ class StudyContext:
             for m, w in zip(members, widths, strict=True)
         ]
         settings = {**self.config.student_training.stacked_options(), **overrides}
-        return fit_many(
-            models,
-            data,
-            members,
-            val=part.splits.val,
-            test=part.splits.test,
-            device=part.device,
-            progress=self.progress,
-            **settings,
-        )
+        common = dict(val=part.splits.val, test=part.splits.test, device=part.device, **settings)
+        if not distributed.active():
+            return fit_many(models, data, members, progress=self.progress, **common)
+        # Under torchrun the members are spread over the processes, each trained whole on one,
+        # and every process gets every result (the study goes on alike on each; rank 0 writes).
+        mine = list(distributed.my_share(len(members)))
+        with distributed.alone():
+            local = fit_many(
+                [models[i] for i in mine], data, [members[i] for i in mine],
+                progress=self.progress, **common,
+            ) if mine else []  # fmt: skip
+        results: list = [None] * len(members)
+        for share in distributed.gather_to_all(list(zip(mine, local, strict=True))):
+            for i, result in share:
+                results[i] = result
+        return results
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:
