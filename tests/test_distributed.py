@@ -19,18 +19,21 @@ from softtargets import distributed
 from softtargets.data import split
 from softtargets.datasets import gaussians
 from softtargets.models import build_model
+from softtargets.streams import TensorRows
 from softtargets.teacher import label
 from softtargets.train import Distillation, _MemoryBatches, fit
 distributed.setup()
 parts = split(gaussians(num_samples=600, num_classes=3, dim=6, separation=3.0), 0.2, 0.2)
 teacher = fit(build_model("mlp", (6,), 3, seed=9, hidden=[32]), parts.train, epochs=3).model
-targets = {"hard": None, "stored logits": Distillation(label(teacher, parts.train), 4.0, 0.7)}
+stored = Distillation(label(teacher, parts.train), 4.0, 0.7)
+runs = {"hard": (None, parts.train), "stored logits": (stored, parts.train),
+        "streamed": (stored, TensorRows(parts.train))}
 out = {}
-for name, target in targets.items():
-    for seed in range(3):
+for name, (target, train) in runs.items():
+    for seed in range(3 if name != "streamed" else 1):
         model = build_model("mlp", (6,), 3, seed=seed, hidden=[16])
         # batch 50 of 360 rows: the last batch (10 rows) is dealt out unevenly too
-        r = fit(model, parts.train, target, val=parts.val, test=parts.test, epochs=5, lr=1e-2,
+        r = fit(model, train, target, val=parts.val, test=parts.test, epochs=5, lr=1e-2,
                 batch_size=50, seed=seed)
         out[f"{name} {seed}"] = {
             "weights": torch.cat([p.detach().flatten() for p in model.parameters()]).tolist(),
@@ -183,3 +186,19 @@ def test_a_study_on_two_processes_gives_the_one_process_rows(tmp_path) -> None:
     # second); the students are spread over the processes, each whole on one: the same rows
     one, two = study(tmp_path / "one"), study(tmp_path / "two", "--nproc", "2")
     assert two["rows"] == one["rows"] and two["verdict"] == one["verdict"]
+
+
+def test_shares_of_streamed_batches_cover_every_row_once_with_fillers_weighted_zero() -> None:
+    from softtargets.streams import _ShuffledShare, share_weight
+
+    n, batch, world = 61, 20, 3  # the last global batch holds 1 row: two processes get a filler
+    seen, weights = [], {}
+    for rank in range(world):
+        sampler = _ShuffledShare(n, torch.Generator().manual_seed(0), batch, rank, world)
+        for index, rows in enumerate(sampler):
+            count, weight = share_weight(n, batch, index, rank, world)
+            assert len(rows) == max(count, 1)
+            seen += rows[:count]
+            weights[index] = weights.get(index, 0.0) + weight
+    assert sorted(seen) == list(range(n))
+    assert all(total == pytest.approx(world) for total in weights.values())  # DDP averages by N

@@ -228,6 +228,38 @@ class _Shuffled(Sampler[int]):
             yield from chunk.tolist()
 
 
+class _ShuffledShare(Sampler[list[int]]):
+    """One process's batches of :class:`_Shuffled`'s order under several processes: each global
+    batch of ``batch_size`` rows is dealt out row by row (process ``r`` of ``N`` takes rows
+    ``r, r + N, ...``), as :func:`~softtargets.train.fit` deals in-memory batches; a process left
+    without a row takes the batch's first (``fit`` gives it weight 0), since every process must
+    take every step."""
+
+    def __init__(
+        self, n: int, generator: torch.Generator, batch_size: int, rank: int, world: int
+    ) -> None:
+        self.n, self.generator, self.batch_size = n, generator, batch_size
+        self.rank, self.world = rank, world
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.n, generator=self.generator)
+        for start in range(0, self.n, self.batch_size):
+            batch = order[start : start + self.batch_size]
+            mine = batch[self.rank :: self.world]
+            yield (mine if len(mine) else batch[:1]).tolist()
+
+
+def share_weight(n: int, batch_size: int, index: int, rank: int, world: int) -> tuple[int, float]:
+    """Rows and weight of process ``rank``'s part of global batch ``index``: ``(b, b N / B)``,
+    or ``(0, 0.0)`` for a process given a filler row."""
+    size = min(batch_size, n - index * batch_size)
+    count = len(range(rank, size, world))
+    return count, count * world / size
+
+
 def loader(
     dataset: TorchDataset,
     batch_size: int,
@@ -236,20 +268,30 @@ def loader(
     shuffle: bool = False,
     seed: int = 0,
     num_workers: int = 0,
+    rank: int = 0,
+    world: int = 1,
 ) -> DataLoader:
     """A ``DataLoader`` over ``(x, label, id)`` items: seeded shuffling, pinned memory on CUDA,
     persistent workers when there are workers.
 
     The order of each epoch is ``torch.randperm(N, generator)`` from a generator seeded with
     ``seed``, as :func:`~softtargets.train.fit` draws it for in-memory data, so the same data gives
-    the same batches either way. The workers' base seed comes from a generator of its own (the
+    the same batches either way; with ``world > 1`` process ``rank`` gets its share of each
+    (:class:`_ShuffledShare`). The workers' base seed comes from a generator of its own (the
     loader would otherwise draw it from the order's generator, or from the global stream).
     """
     order = torch.Generator().manual_seed(seed)
+    if shuffle and world > 1:  # this process's share of every global batch
+        sharing = _ShuffledShare(len(dataset), order, batch_size, rank, world)
+        batching: dict[str, Any] = {"batch_sampler": sharing}
+    else:
+        batching = {
+            "batch_size": batch_size,
+            "sampler": _Shuffled(len(dataset), order) if shuffle else None,
+        }
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=_Shuffled(len(dataset), order) if shuffle else None,
+        **batching,
         generator=torch.Generator().manual_seed(seed + 1),
         collate_fn=collate,
         num_workers=num_workers,

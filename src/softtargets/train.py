@@ -372,10 +372,12 @@ class _StreamBatches:
         device: torch.device,
     ) -> None:
         self.loss = streams.stream_objective(targets, getattr(data, "num_classes", None), device)
+        self.rank, self.world = distributed.rank(), distributed.world_size()
         self.loader = streams.loader(
-            data, batch_size, device, shuffle=True, seed=seed, num_workers=num_workers
-        )
-        self.data, self.device = data, device
+            data, batch_size, device, shuffle=True, seed=seed, num_workers=num_workers,
+            rank=self.rank, world=self.world,
+        )  # fmt: skip
+        self.data, self.device, self.batch_size = data, device, batch_size
 
     def __len__(self) -> int:
         return len(self.data)
@@ -383,14 +385,21 @@ class _StreamBatches:
     def generators(self) -> dict[str, torch.Generator]:
         """The sampler's order and the loader's worker seeds (a checkpoint saves their states)."""
         found = {"workers": self.loader.generator}
-        if hasattr(self.loader.sampler, "generator"):
-            found["order"] = self.loader.sampler.generator
+        for sampler in (self.loader.batch_sampler, self.loader.sampler):
+            if hasattr(sampler, "generator"):
+                found["order"] = sampler.generator
         return found
 
-    def __iter__(self) -> Iterator[tuple[Tensor, tuple[Tensor, Tensor, Tensor], int]]:
-        """``(inputs, (labels, ids, inputs), B)`` per batch."""
-        for x, labels, ids in streams.batches_of(self.loader, self.device):
-            yield x, (labels, ids, x), len(labels), 1.0
+    def __iter__(self) -> Iterator[tuple[Tensor, tuple[Tensor, Tensor, Tensor], int, float]]:
+        """``(inputs, (labels, ids, inputs), b, weight)`` per batch (weights as in
+        :class:`_MemoryBatches`, for several processes)."""
+        for index, (x, labels, ids) in enumerate(streams.batches_of(self.loader, self.device)):
+            count, weight = len(labels), 1.0
+            if self.world > 1:
+                count, weight = streams.share_weight(
+                    len(self.data), self.batch_size, index, self.rank, self.world
+                )
+            yield x, (labels, ids, x), count, weight
 
 
 def fit(
@@ -482,11 +491,6 @@ def fit(
     test_dev = test.to(device) if isinstance(test, Dataset) else test
     trained = model
     if distributed.active():  # gradients averaged over the processes; rank 0's weights to start
-        if streams.is_stream(data):
-            raise SoftTargetsError(
-                "training on several processes takes in-memory data (a Dataset); streamed data "
-                "trains on one process"
-            )
         trained = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
