@@ -172,6 +172,8 @@ def test_teacher_command_then_store_reused(tmp_path) -> None:
         ("teacher: {name: mlp, options: {hiden: [3]}}\n", "unknown option 'hiden' for model 'mlp'"),
         ("data: {name: nonexistent}\n", "unknown dataset 'nonexistent'"),
         ("- a list\n", "must be a mapping"),
+        ("student_training: {precision: bf16}\n", "MLP students are trained together"),
+        ("teacher_training: {precision: fp8}\n", "Input should be 'fp32', 'bf16' or 'fp16'"),
     ],
 )
 def test_bad_configs_give_one_line_errors(tmp_path, yaml_text: str, message: str) -> None:
@@ -260,3 +262,14 @@ def test_a_teacher_interrupted_mid_fit_resumes_from_its_checkpoint(tmp_path, mon
     epochs = [r["epoch"] for r in read_jsonl(out / "history.jsonl") if r["role"] == "teacher"]
     assert epochs == list(range(1, config.teacher_training.epochs + 1))  # each epoch once
     assert not list(out.glob("*.ckpt"))  # a finished fit's checkpoint is removed
+
+
+def test_a_bf16_teacher_and_a_checkpointless_run(tmp_path) -> None:
+    fp32 = run_distillation(demo_config(quick=True), tmp_path / "fp32")
+    config = demo_config(quick=True)
+    config.teacher_training.precision = "bf16"
+    config.student_training.checkpoint_every = 0
+    bf16 = run_distillation(config, tmp_path / "bf16")
+    # the same teacher to bf16's rounding: 100 test rows, at most 3 of them decided otherwise
+    assert abs(bf16.teacher["test_accuracy"] - fp32.teacher["test_accuracy"]) <= 0.03
+    assert len(bf16.results) == 4 and not list((tmp_path / "bf16").glob("*.ckpt"))

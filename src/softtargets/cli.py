@@ -229,6 +229,21 @@ def _training_options(role: str, prefix: str) -> dict[str, Any]:
                 f"validation accuracy{_default(role, 'patience')}.",
             ),
         ],
+        "precision": Annotated[
+            str | None,
+            typer.Option(
+                f"--{prefix}precision",
+                help=f"{role.capitalize()} forward pass in fp32, bf16 or fp16 (autocast; the "
+                f"loss stays fp32){_default(role, 'precision')}.",
+            ),
+        ],
+        "compile": Annotated[
+            bool | None,
+            typer.Option(
+                f"--{prefix}compile/--{prefix}no-compile",
+                help=f"Train the {role.lower()} through torch.compile{_default(role, 'compile')}.",
+            ),
+        ],
     }
 
 
@@ -254,6 +269,9 @@ OnlyOptimizer = _TEACHER_COMMAND["optimizer"]
 OnlyBatchSize = _TEACHER_COMMAND["batch_size"]
 OnlyWeightDecay = _TEACHER_COMMAND["weight_decay"]
 OnlyPatience = _TEACHER_COMMAND["patience"]
+TeacherPrecision, TeacherCompile = _TEACHER["precision"], _TEACHER["compile"]
+StudentPrecision, StudentCompile = _STUDENT["precision"], _STUDENT["compile"]
+OnlyPrecision, OnlyCompile = _TEACHER_COMMAND["precision"], _TEACHER_COMMAND["compile"]
 
 
 def build_distill_config(config_file: Path | None, base: Any = None, **flags: Any) -> Any:
@@ -386,6 +404,8 @@ def teacher(
     batch_size: OnlyBatchSize = None,
     weight_decay: OnlyWeightDecay = None,
     patience: OnlyPatience = None,
+    precision: OnlyPrecision = None,
+    compile: OnlyCompile = None,
     val_fraction: ValFraction = None,
     test_fraction: TestFraction = None,
     label_column: LabelColumn = None,
@@ -409,6 +429,8 @@ def teacher(
         teacher_batch_size=batch_size,
         teacher_weight_decay=weight_decay,
         teacher_patience=patience,
+        teacher_precision=precision,
+        teacher_compile=compile,
         val_fraction=val_fraction,
         test_fraction=test_fraction,
         label_column=label_column,
@@ -436,6 +458,8 @@ def distill(
     teacher_batch_size: TeacherBatchSize = None,
     teacher_weight_decay: TeacherWeightDecay = None,
     teacher_patience: TeacherPatience = None,
+    teacher_precision: TeacherPrecision = None,
+    teacher_compile: TeacherCompile = None,
     student: Annotated[
         str | None,
         typer.Option(
@@ -471,6 +495,8 @@ def distill(
     batch_size: StudentBatchSize = None,
     weight_decay: StudentWeightDecay = None,
     patience: StudentPatience = None,
+    precision: StudentPrecision = None,
+    compile: StudentCompile = None,
     seeds: Seeds = None,
     val_fraction: ValFraction = None,
     test_fraction: TestFraction = None,
@@ -494,6 +520,8 @@ def distill(
         teacher_batch_size=teacher_batch_size,
         teacher_weight_decay=teacher_weight_decay,
         teacher_patience=teacher_patience,
+        teacher_precision=teacher_precision,
+        teacher_compile=teacher_compile,
         student=student,
         student_option=student_option,
         temperature=temperature,
@@ -504,6 +532,8 @@ def distill(
         student_batch_size=batch_size,
         student_weight_decay=weight_decay,
         student_patience=patience,
+        student_precision=precision,
+        student_compile=compile,
         seeds=seeds,
         val_fraction=val_fraction,
         test_fraction=test_fraction,

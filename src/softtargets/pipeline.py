@@ -151,6 +151,8 @@ def prepare(config: DistillConfig) -> Prepared:
     build_model(
         config.student.name, data.feature_shape, data.num_classes, seed=0, **config.student.options
     )  # seeded: the caller's random stream is left untouched
+    if config.student.name == "mlp" and splits.train.weights is None:
+        config.student_training.stacked_options()  # they train together: fp32, no compile
     key = settings_key(
         {
             "settings": config_key(config, teacher_only=True),
