@@ -1,0 +1,186 @@
+"""Distillation losses beyond Hinton's: each a plain function of student and teacher logits.
+
+Shapes: ``B`` rows, ``K`` classes; ``student_logits`` and ``teacher_logits`` are ``(B, K)``,
+``labels`` ``(B,)``. Every function returns the batch mean (a scalar) and is differentiable by
+autograd in the student's logits; none adds the hard-label cross-entropy (the trainer mixes it in
+with ``1 - alpha``, see :class:`~softtargets.train.Distillation`). ``tests/test_methods.py``
+checks each against a float64 formula written out independently and by finite differences.
+
+=============  ==========================================================  ====================
+method         per row                                                     reference
+=============  ==========================================================  ====================
+``kd``         ``T^2 KL(p_T || p_S)``                                      Hinton et al. 2015
+``dkd``        ``T^2 (alpha TCKD + beta NCKD)``                            Zhao et al. CVPR 2022
+``dist``       ``tau^2 (beta inter + gamma intra)`` (a batch statistic)    Huang et al. 2022
+``jsd``        ``beta KL(p_T || m) + (1 - beta) KL(p_S || m)``             Agarwal et al. (GKD)
+``rkl``        ``T^2 KL(p_S || p_T)``                                      reverse KL
+``tv``         ``1/2 sum_k |p_T - p_S|``                                   total variation
+=============  ==========================================================  ====================
+
+``p_T`` and ``p_S`` are the teacher's and the student's softmax at temperature ``T``. With
+``standardize=True`` (Sun et al. CVPR 2024, logit standardisation) both sides' logits are z-scored
+per row before the temperature; it is an option of ``kd`` and ``dkd``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from softtargets.errors import SoftTargetsError
+from softtargets.targets import check_temperature
+
+
+def standardize(logits: Tensor, eps: float = 1e-7) -> Tensor:
+    """``(z - mean) / (std + eps)`` per row, ``std`` with Bessel's correction as in Sun et al.'s
+    code: a row's scale and shift no longer matter, only its shape."""
+    mean = logits.mean(dim=-1, keepdim=True)
+    return (logits - mean) / (logits.std(dim=-1, keepdim=True) + eps)
+
+
+def _softened(logits: Tensor, temperature: float, standardized: bool) -> Tensor:
+    return (standardize(logits) if standardized else logits) / check_temperature(temperature)
+
+
+def _check_pair(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    if student_logits.shape != teacher_logits.shape or student_logits.ndim != 2:
+        raise SoftTargetsError(
+            f"student logits have shape {tuple(student_logits.shape)} but teacher logits "
+            f"{tuple(teacher_logits.shape)}; give both as (rows, classes) with the same classes"
+        )
+    return teacher_logits.to(student_logits.dtype)
+
+
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 4.0,
+    standardize: bool = False,
+) -> Tensor:
+    """Hinton's soft term, ``T^2 KL(p_T || p_S)`` (batch mean); with ``standardize`` the logits are
+    z-scored per row first (logit standardisation)."""
+    teacher_logits = _check_pair(student_logits, teacher_logits)
+    t = check_temperature(temperature)
+    log_q = F.log_softmax(_softened(student_logits, t, standardize), dim=-1)
+    log_p = F.log_softmax(_softened(teacher_logits, t, standardize), dim=-1)
+    return (t * t) * F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1).mean()
+
+
+def dkd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    temperature: float = 4.0,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    standardize: bool = False,
+) -> Tensor:
+    """Decoupled KD (Zhao et al. CVPR 2022): ``T^2`` times the batch mean of
+    ``alpha TCKD + beta NCKD``.
+
+    TCKD is the KL divergence of the binary distributions ``[p_y, 1 - p_y]`` (teacher || student)
+    at the target class ``y``; NCKD the KL divergence of the distributions over the other classes,
+    each renormalised. Defaults are the paper's CIFAR-100 ones (alpha 1, beta 8, T 4); the paper
+    adds the cross-entropy with a warm-up, which the trainer's ``1 - alpha`` mix stands in for.
+    """
+    teacher_logits = _check_pair(student_logits, teacher_logits)
+    t = check_temperature(temperature)
+    target = F.one_hot(labels.long(), student_logits.shape[1]).bool()  # (B, K)
+
+    def parts(logits: Tensor) -> tuple[Tensor, Tensor]:
+        """``log [p_y, 1 - p_y]`` (B, 2) and log of the renormalised non-target part (B, K)."""
+        log_p = F.log_softmax(_softened(logits, t, standardize), dim=-1)
+        log_y = log_p.masked_select(target).view(-1, 1)
+        log_rest = torch.logsumexp(log_p.masked_fill(target, float("-inf")), dim=-1, keepdim=True)
+        log_others = log_p.masked_fill(target, float("-inf")) - log_rest
+        return torch.cat([log_y, log_rest], dim=1), log_others
+
+    binary_s, others_s = parts(student_logits)
+    binary_t, others_t = parts(teacher_logits)
+    tckd = F.kl_div(binary_s, binary_t, reduction="none", log_target=True).sum(-1)
+    # The target class is -inf on both sides: kl_div with log targets gives 0 there, not NaN.
+    nckd = F.kl_div(
+        others_s.masked_fill(target, 0.0),
+        others_t.masked_fill(target, 0.0),
+        reduction="none",
+        log_target=True,
+    )
+    nckd = nckd.masked_fill(target, 0.0).sum(-1)
+    return (t * t) * (alpha * tckd + beta * nckd).mean()
+
+
+def _pearson_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
+    """Pearson correlation of each row of ``a`` with the same row of ``b`` -> ``(B,)``."""
+    a, b = a - a.mean(dim=1, keepdim=True), b - b.mean(dim=1, keepdim=True)
+    return F.cosine_similarity(a, b, dim=1, eps=eps)
+
+
+def dist_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+) -> Tensor:
+    """DIST (Huang et al. 2022): ``tau^2 (beta (1 - inter) + gamma (1 - intra))`` with
+    ``inter`` the mean Pearson correlation of student and teacher probabilities row by row (over
+    classes) and ``intra`` column by column (over the batch's rows), probabilities at
+    ``tau = temperature``. A statistic of the batch, not a sum over rows: it needs batches of
+    several rows."""
+    teacher_logits = _check_pair(student_logits, teacher_logits)
+    t = check_temperature(temperature)
+    if student_logits.shape[0] < 2:
+        raise SoftTargetsError("dist_loss compares classes across a batch; give at least 2 rows")
+    y_s = F.softmax(student_logits / t, dim=1)
+    y_t = F.softmax(teacher_logits / t, dim=1)
+    inter = 1.0 - _pearson_rows(y_s, y_t).mean()
+    intra = 1.0 - _pearson_rows(y_s.T, y_t.T).mean()
+    return (t * t) * (beta * inter + gamma * intra)
+
+
+def jsd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Generalised Jensen-Shannon divergence (as in GKD): the batch mean of
+    ``beta KL(p_T || m) + (1 - beta) KL(p_S || m)`` with ``m = beta p_T + (1 - beta) p_S``.
+    ``beta`` in ``(0, 1)``; 0.5 gives the symmetric JSD, bounded by ``log 2``."""
+    teacher_logits = _check_pair(student_logits, teacher_logits)
+    if not 0.0 < beta < 1.0:
+        raise SoftTargetsError(f"jsd beta must be in (0, 1), got {beta!r}")
+    t = check_temperature(temperature)
+    log_s = F.log_softmax(student_logits / t, dim=-1)
+    log_t = F.log_softmax(teacher_logits / t, dim=-1)
+    # log m = logsumexp(log beta + log p_T, log (1 - beta) + log p_S): stable where either is tiny
+    log_m = torch.logsumexp(torch.stack([log_t + math.log(beta), log_s + math.log1p(-beta)]), dim=0)
+    to_teacher = F.kl_div(log_m, log_t, reduction="none", log_target=True).sum(-1)
+    to_student = F.kl_div(log_m, log_s, reduction="none", log_target=True).sum(-1)
+    return (beta * to_teacher + (1.0 - beta) * to_student).mean()
+
+
+def reverse_kl_loss(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0
+) -> Tensor:
+    """``T^2 KL(p_S || p_T)`` (batch mean): mode-seeking, the student may drop classes the teacher
+    gives little mass; ``T^2`` as in :func:`kd_loss` keeps the gradient's scale."""
+    teacher_logits = _check_pair(student_logits, teacher_logits)
+    t = check_temperature(temperature)
+    log_s = F.log_softmax(student_logits / t, dim=-1)
+    log_t = F.log_softmax(teacher_logits / t, dim=-1)
+    return (t * t) * F.kl_div(log_t, log_s, reduction="none", log_target=True).sum(-1).mean()
+
+
+def total_variation_loss(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0
+) -> Tensor:
+    """``1/2 sum_k |p_T - p_S|`` (batch mean), in ``[0, 1]``; no ``T^2`` (it is bounded)."""
+    teacher_logits = _check_pair(student_logits, teacher_logits)
+    t = check_temperature(temperature)
+    p_s = F.softmax(student_logits / t, dim=-1)
+    p_t = F.softmax(teacher_logits / t, dim=-1)
+    return 0.5 * (p_t - p_s).abs().sum(-1).mean()

@@ -1,0 +1,163 @@
+"""Each distillation method against its formula written out here in float64, element by element,
+and against finite differences of itself."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from softtargets.errors import SoftTargetsError
+from softtargets.losses.methods import (
+    dist_loss,
+    dkd_loss,
+    jsd_loss,
+    kd_loss,
+    reverse_kl_loss,
+    standardize,
+    total_variation_loss,
+)
+
+
+def softmax(row: list[float], t: float) -> list[float]:
+    top = max(row)
+    e = [math.exp((v - top) / t) for v in row]
+    return [v / sum(e) for v in e]
+
+
+def kl(p: list[float], q: list[float]) -> float:
+    return sum(a * math.log(a / b) for a, b in zip(p, q, strict=True) if a > 0)
+
+
+def zscore(row: list[float]) -> list[float]:
+    mean = sum(row) / len(row)
+    std = math.sqrt(sum((v - mean) ** 2 for v in row) / (len(row) - 1))
+    return [(v - mean) / (std + 1e-7) for v in row]
+
+
+def pearson(a: list[float], b: list[float]) -> float:
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    num = sum((x - ma) * (y - mb) for x, y in zip(a, b, strict=True))
+    den = math.sqrt(sum((x - ma) ** 2 for x in a)) * math.sqrt(sum((y - mb) ** 2 for y in b))
+    return num / den
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(7)
+    student = torch.randn(5, 6, generator=g, dtype=torch.float64) * 2
+    teacher = torch.randn(5, 6, generator=g, dtype=torch.float64) * 3
+    labels = torch.randint(0, 6, (5,), generator=g)
+    return student, teacher, labels
+
+
+@pytest.mark.parametrize("standardized", [False, True])
+def test_kd_matches_its_formula(batch, standardized) -> None:
+    s, t, _ = batch
+    prep = zscore if standardized else (lambda r: r)
+    want = sum(16 * kl(softmax(prep(tr), 4), softmax(prep(sr), 4))
+               for sr, tr in zip(s.tolist(), t.tolist(), strict=True)) / 5  # fmt: skip
+    assert float(kd_loss(s, t, 4.0, standardize=standardized)) == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize("standardized", [False, True])
+def test_dkd_matches_its_formula(batch, standardized) -> None:
+    s, t, y = batch
+    prep = zscore if standardized else (lambda r: r)
+    total = 0.0
+    for sr, tr, label in zip(s.tolist(), t.tolist(), y.tolist(), strict=True):
+        ps, pt = softmax(prep(sr), 2.0), softmax(prep(tr), 2.0)
+        tckd = kl([pt[label], 1 - pt[label]], [ps[label], 1 - ps[label]])
+        others = [k for k in range(6) if k != label]
+        ns = [ps[k] / sum(ps[j] for j in others) for k in others]
+        nt = [pt[k] / sum(pt[j] for j in others) for k in others]
+        total += 4.0 * (0.5 * tckd + 3.0 * kl(nt, ns))
+    got = dkd_loss(s, t, y, temperature=2.0, alpha=0.5, beta=3.0, standardize=standardized)
+    assert float(got) == pytest.approx(total / 5, rel=1e-9)
+
+
+def test_dkd_with_alpha_beta_one_is_not_kd_but_its_parts_add_up(batch) -> None:
+    # KL(p_T || p_S) = TCKD + (1 - p_T,y) NCKD (Zhao et al., eq. 3): with beta = 1 - p_T,y the
+    # decoupled loss is Hinton's again, row by row
+    s, t, y = batch
+    for i in range(5):
+        p_ty = float(torch.softmax(t[i] / 2.0, 0)[y[i]])
+        decoupled = dkd_loss(s[i : i + 1], t[i : i + 1], y[i : i + 1], 2.0, 1.0, 1.0 - p_ty)
+        assert float(decoupled) == pytest.approx(float(kd_loss(s[i : i + 1], t[i : i + 1], 2.0)))
+
+
+def test_dist_matches_its_formula(batch) -> None:
+    s, t, _ = batch
+    ys = [softmax(r, 3.0) for r in s.tolist()]
+    yt = [softmax(r, 3.0) for r in t.tolist()]
+    inter = 1 - sum(pearson(a, b) for a, b in zip(ys, yt, strict=True)) / 5
+    columns = lambda rows: [list(c) for c in zip(*rows, strict=True)]  # noqa: E731
+    intra = 1 - sum(pearson(a, b) for a, b in zip(columns(ys), columns(yt), strict=True)) / 6
+    want = 9.0 * (2.0 * inter + 0.5 * intra)
+    got = dist_loss(s, t, temperature=3.0, beta=2.0, gamma=0.5)
+    assert float(got) == pytest.approx(want, rel=1e-7)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_jsd_matches_its_formula_and_is_symmetric_at_one_half(batch, beta) -> None:
+    s, t, _ = batch
+    total = 0.0
+    for sr, tr in zip(s.tolist(), t.tolist(), strict=True):
+        ps, pt = softmax(sr, 2.0), softmax(tr, 2.0)
+        m = [beta * a + (1 - beta) * b for a, b in zip(pt, ps, strict=True)]
+        total += beta * kl(pt, m) + (1 - beta) * kl(ps, m)
+    assert float(jsd_loss(s, t, beta, 2.0)) == pytest.approx(total / 5, rel=1e-9)
+    if beta == 0.5:
+        assert float(jsd_loss(t, s, beta, 2.0)) == pytest.approx(total / 5, rel=1e-9)
+        assert total / 5 <= math.log(2)
+
+
+def test_reverse_kl_and_total_variation_match_their_formulas(batch) -> None:
+    s, t, _ = batch
+    rows = list(zip(s.tolist(), t.tolist(), strict=True))
+    rkl = sum(4.0 * kl(softmax(sr, 2.0), softmax(tr, 2.0)) for sr, tr in rows) / 5
+    tv = sum(0.5 * sum(abs(a - b) for a, b in zip(softmax(tr, 2.0), softmax(sr, 2.0), strict=True))
+             for sr, tr in rows) / 5  # fmt: skip
+    assert float(reverse_kl_loss(s, t, 2.0)) == pytest.approx(rkl, rel=1e-9)
+    assert float(total_variation_loss(s, t, 2.0)) == pytest.approx(tv, rel=1e-9)
+
+
+METHODS = {
+    "kd": lambda s, t, y: kd_loss(s, t, 3.0),
+    "kd standardized": lambda s, t, y: kd_loss(s, t, 3.0, standardize=True),
+    "dkd": lambda s, t, y: dkd_loss(s, t, y, 3.0, 1.0, 8.0),
+    "dkd standardized": lambda s, t, y: dkd_loss(s, t, y, 3.0, 1.0, 8.0, standardize=True),
+    "dist": lambda s, t, y: dist_loss(s, t, 2.0, 1.0, 1.0),
+    "jsd": lambda s, t, y: jsd_loss(s, t, 0.3, 2.0),
+    "rkl": lambda s, t, y: reverse_kl_loss(s, t, 2.0),
+    "tv": lambda s, t, y: total_variation_loss(s, t, 2.0),
+}
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_gradients_match_finite_differences(batch, name) -> None:
+    s, t, y = batch
+    s = s.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: METHODS[name](x, t, y), (s,))
+
+
+@pytest.mark.parametrize("name", ["kd", "kd standardized", "dkd", "dist", "jsd", "rkl", "tv"])
+def test_a_student_equal_to_its_teacher_has_zero_loss(batch, name) -> None:
+    _, t, y = batch
+    assert float(METHODS[name](t.clone(), t, y)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_standardize_removes_scale_and_shift() -> None:
+    z = torch.randn(4, 9, dtype=torch.float64)
+    torch.testing.assert_close(standardize(3 * z + 5), standardize(z))
+
+
+def test_bad_shapes_and_options_are_one_line_errors(batch) -> None:
+    s, t, y = batch
+    with pytest.raises(SoftTargetsError, match="same classes"):
+        kd_loss(s, t[:, :4])
+    with pytest.raises(SoftTargetsError, match="jsd beta must be in"):
+        jsd_loss(s, t, beta=1.0)
+    with pytest.raises(SoftTargetsError, match="at least 2 rows"):
+        dist_loss(s[:1], t[:1])
