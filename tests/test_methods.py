@@ -161,3 +161,80 @@ def test_bad_shapes_and_options_are_one_line_errors(batch) -> None:
         jsd_loss(s, t, beta=1.0)
     with pytest.raises(SoftTargetsError, match="at least 2 rows"):
         dist_loss(s[:1], t[:1])
+
+
+@pytest.fixture(scope="module")
+def task():
+    from softtargets.data import split
+    from softtargets.datasets import gaussians
+    from softtargets.models import build_model
+    from softtargets.teacher import label
+    from softtargets.train import fit
+
+    parts = split(gaussians(num_samples=600, num_classes=4, dim=6, separation=2.5), 0.2, 0.2)
+    teacher = fit(build_model("mlp", (6,), 4, seed=9, hidden=[32]), parts.train, epochs=10,
+                  lr=1e-2).model  # fmt: skip
+    return parts, label(teacher, parts.train)
+
+
+def _student():
+    from softtargets.models import build_model
+
+    return build_model("mlp", (6,), 4, seed=0, hidden=[16])
+
+
+def _weights(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_kd_through_the_generic_path_equals_the_closed_form_one(task) -> None:
+    from softtargets.train import Distillation, fit
+
+    parts, store = task
+    common = dict(epochs=3, lr=1e-2, batch_size=32)
+    fast = fit(_student(), parts.train, Distillation(store, 4.0, 0.7), **common)
+    generic = fit(_student(), parts.train,
+                  Distillation(store, 4.0, 0.7, options={"standardize": False}), **common)  # fmt: skip
+    torch.testing.assert_close(_weights(generic.model), _weights(fast.model), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("kd", {"standardize": True}),
+        ("dkd", {"beta": 2.0}),
+        ("dist", {}),
+        ("jsd", {}),
+        ("rkl", {}),
+        ("tv", {}),
+    ],  # fmt: skip
+)
+def test_every_method_trains_from_a_store_in_memory_and_streamed(task, method, options) -> None:
+    from softtargets.streams import TensorRows
+    from softtargets.train import Distillation, evaluate, fit
+
+    parts, store = task
+    targets = Distillation(store, 2.0, 0.8, method=method, options=options)
+    common = dict(epochs=8, lr=1e-2, batch_size=32)
+    memory = fit(_student(), parts.train, targets, **common)
+    streamed = fit(_student(), TensorRows(parts.train), targets, **common)
+    # the same batches in the same order: the same training either way
+    torch.testing.assert_close(_weights(streamed.model), _weights(memory.model), rtol=1e-4,
+                               atol=1e-5)  # fmt: skip
+    assert memory.history[-1]["train_loss"] < memory.history[0]["train_loss"]
+    assert evaluate(memory.model, parts.test)["accuracy"] > 0.5  # 4 classes: chance is 0.25
+
+
+def test_unknown_methods_and_options_are_one_line_errors(task) -> None:
+    from softtargets.train import Distillation, fit
+    from softtargets.vectorised import Member, fit_many
+
+    parts, store = task
+    with pytest.raises(SoftTargetsError, match="unknown method 'fitnets'; use one of kd, dkd"):
+        fit(_student(), parts.train, Distillation(store, method="fitnets"), epochs=1)
+    with pytest.raises(SoftTargetsError, match="unknown option 'gamma' for method 'dkd'"):
+        fit(_student(), parts.train, Distillation(store, method="dkd", options={"gamma": 1}),
+            epochs=1)  # fmt: skip
+    with pytest.raises(SoftTargetsError, match="for method 'dkd' use fit"):
+        fit_many([_student()], parts.train, [Member(0, Distillation(store, method="dkd"))],
+                 epochs=1)  # fmt: skip

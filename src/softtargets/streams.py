@@ -36,6 +36,7 @@ from torch.utils.data import Dataset as TorchDataset
 from softtargets.data import Dataset, encode_labels
 from softtargets.errors import SoftTargetsError
 from softtargets.losses import bucket_distillation_loss, distillation_loss
+from softtargets.losses.methods import check_method, method_loss
 from softtargets.targets import check_finite, check_temperature
 
 Transform = Callable[[Tensor], Tensor]
@@ -422,6 +423,12 @@ def stream_objective(targets: Any, num_classes: int | None, device: torch.device
     else:
         raise SoftTargetsError(
             "for streamed data, Distillation's teacher is a SoftTargetStore or a teacher module"
+        )
+    options = check_method(targets.method, targets.options)
+    if targets.method != "kd" or options:
+        return lambda logits, key: (
+            method_loss(targets.method, options, logits, teacher_logits(key), key[0], t, alpha),
+            None,
         )
     return lambda logits, key: (
         distillation_loss(logits, teacher_logits(key), key[0], t, alpha, check=False),

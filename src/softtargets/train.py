@@ -8,11 +8,12 @@ would otherwise cost more than the model itself.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +27,7 @@ from softtargets import distributed, streams
 from softtargets.data import Dataset, holdout, labels_fingerprint
 from softtargets.errors import SoftTargetsError
 from softtargets.losses import StoredDistillation, bucket_distillation_loss, soft_cross_entropy
+from softtargets.losses.methods import check_method, method_loss
 from softtargets.metrics import classification_report, predict_logits
 from softtargets.selection import FitResult, LearningRates, Selection
 from softtargets.targets import check_finite, check_temperature, validate
@@ -51,12 +53,19 @@ class Distillation:
             :meth:`~softtargets.teacher.SoftTargetStore.dense` reading) or ``"bucket"`` (one
             "other" class holding the remaining mass, :func:`~softtargets.losses.bucket_distillation_loss`;
             ``fit`` only). ``bench/topk_vs_full.py`` measures which works better.
+        method: the soft term: ``"kd"`` (Hinton's, the default), ``"dkd"``, ``"dist"``,
+            ``"jsd"``, ``"rkl"`` or ``"tv"`` (:mod:`softtargets.losses.methods`); the loss is
+            ``alpha x method + (1 - alpha) x cross-entropy`` either way.
+        options: the method's own options (say ``{"beta": 8.0}`` for DKD,
+            ``{"standardize": True}`` for logit standardisation with KD or DKD).
     """
 
     teacher: SoftTargetStore | Tensor | nn.Module
     temperature: float = 4.0
     alpha: float = 0.9
     tail: Literal["uniform", "bucket"] = "uniform"
+    method: str = "kd"
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 Targets = None | str | Tensor | SoftTargetStore | Distillation
@@ -114,6 +123,13 @@ class ResolvedTargets:
     alpha: float = 1.0
     teacher_rows: Tensor | None = None
     tail: Literal["uniform", "bucket"] = "uniform"
+    method: str = "kd"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def plain_kd(self) -> bool:
+        """Hinton's loss without options: the trainers' closed-form fast paths apply."""
+        return self.method == "kd" and not self.options
 
     def dense_teacher_logits(self) -> Tensor:
         """The teacher's logits row by row with the data, ``(N, K)`` float32 (a copy)."""
@@ -181,8 +197,22 @@ def resolve_targets(targets: Targets, data: Dataset) -> ResolvedTargets:
             "teacher logits",
             "the teacher has diverged; retrain it",
         )
+        options = check_method(targets.method, targets.options)
+        if targets.method != "kd" and tail == "bucket":
+            raise SoftTargetsError(
+                f"tail='bucket' is a reading of Hinton's loss; method {targets.method!r} takes a "
+                "top-k store with the uniform tail"
+            )
         return ResolvedTargets(
-            "distill", None, teacher_logits, temperature, float(targets.alpha), teacher_rows, tail
+            "distill",
+            None,
+            teacher_logits,
+            temperature,
+            float(targets.alpha),
+            teacher_rows,
+            tail,
+            targets.method,
+            options,
         )
     probs = validate(targets, data.num_classes).float()
     if probs.shape[0] != len(data):
@@ -224,6 +254,8 @@ def make_objective(targets: Targets, data: Dataset, device: torch.device) -> Obj
         teacher = resolved.teacher_logits
         if resolved.tail == "bucket":
             return bucket_objective(teacher, rows, labels, resolved.temperature, resolved.alpha)
+        if not resolved.plain_kd:
+            return method_objective(resolved, labels, device)
         if isinstance(teacher, SoftTargetStore) and teacher.top_indices is None:
             teacher = teacher.logits  # a full store: its own tensor, gathered directly
         loss = StoredDistillation(
@@ -241,6 +273,31 @@ def make_objective(targets: Targets, data: Dataset, device: torch.device) -> Obj
         soft_cross_entropy(logits, probs[rows], weights[rows], check=False),
         None,
     )
+
+
+def method_objective(resolved: ResolvedTargets, labels: Tensor, device: torch.device) -> Objective:
+    """``objective(logits, rows)`` of a distillation method other than plain KD
+    (:func:`~softtargets.losses.methods.method_loss`; autograd differentiates it), the teacher's
+    logits gathered a batch at a time."""
+    teacher, teacher_rows = resolved.teacher_logits, resolved.teacher_rows
+    if isinstance(teacher, SoftTargetStore):
+        gather = teacher.dense
+    else:
+        teacher = teacher.to(device)
+        gather = functools.partial(teacher.index_select, 0)
+
+    def objective(logits: Tensor, rows: Tensor) -> tuple[Tensor, None]:
+        where = rows if teacher_rows is None else teacher_rows.to(rows.device)[rows]
+        if isinstance(resolved.teacher_logits, SoftTargetStore):
+            where = where.cpu()
+        v = gather(where).to(device).float()
+        value = method_loss(
+            resolved.method, resolved.options, logits, v, labels[rows], resolved.temperature,
+            resolved.alpha,
+        )  # fmt: skip
+        return value, None
+
+    return objective
 
 
 def bucket_objective(
@@ -623,7 +680,10 @@ def _fit_key(
         if isinstance(part, SoftTargetStore):
             return [part.teacher_fingerprint, part.data_fingerprint, part.kept]
         if isinstance(part, Distillation):
-            return ["distill", describe(part.teacher), part.temperature, part.alpha, part.tail]
+            return [
+                "distill", describe(part.teacher), part.temperature, part.alpha, part.tail,
+                part.method, part.options,
+            ]  # fmt: skip
         if isinstance(part, nn.Module):
             return fingerprint_module(part)
         if isinstance(part, Tensor):

@@ -89,6 +89,11 @@ def _member_targets(
         raise SoftTargetsError(
             "fit_many spreads a top-k store's tail uniformly; for tail='bucket' use fit"
         )
+    if not resolved.plain_kd:
+        raise SoftTargetsError(
+            f"fit_many trains Hinton's loss (method 'kd' without options); for method "
+            f"{resolved.method!r} use fit"
+        )
     probs = soften(resolved.dense_teacher_logits(), resolved.temperature)
     return probs, labels, resolved.temperature, resolved.alpha, True
 

@@ -25,6 +25,9 @@ per row before the temperature; it is an option of ``kd`` and ``dkd``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -184,3 +187,55 @@ def total_variation_loss(
     p_s = F.softmax(student_logits / t, dim=-1)
     p_t = F.softmax(teacher_logits / t, dim=-1)
     return 0.5 * (p_t - p_s).abs().sum(-1).mean()
+
+
+@dataclass(frozen=True)
+class Method:
+    """A distillation method as the trainers use it: its loss and the options it takes."""
+
+    loss: Callable[..., Tensor]
+    options: tuple[str, ...]
+    uses_labels: bool = False
+
+
+METHODS: dict[str, Method] = {
+    "kd": Method(kd_loss, ("standardize",)),
+    "dkd": Method(dkd_loss, ("alpha", "beta", "standardize"), uses_labels=True),
+    "dist": Method(dist_loss, ("beta", "gamma")),
+    "jsd": Method(jsd_loss, ("beta",)),
+    "rkl": Method(reverse_kl_loss, ()),
+    "tv": Method(total_variation_loss, ()),
+}
+
+
+def check_method(name: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """The options of method ``name``, refused with one line if the method or an option is
+    unknown; returns them as a plain dict."""
+    if name not in METHODS:
+        raise SoftTargetsError(f"unknown method {name!r}; use one of {', '.join(METHODS)}")
+    options = dict(options or {})
+    allowed = METHODS[name].options
+    for key in options:
+        if key not in allowed:
+            known = ", ".join(allowed) if allowed else "none"
+            raise SoftTargetsError(f"unknown option {key!r} for method {name!r}; it takes: {known}")
+    return options
+
+
+def method_loss(
+    name: str,
+    options: dict[str, Any],
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    temperature: float,
+    weight: float,
+) -> Tensor:
+    """``weight x method + (1 - weight) x cross-entropy on the labels`` (batch mean): how ``fit``
+    mixes a method's soft term with the hard labels (``Distillation.alpha`` is ``weight``)."""
+    method = METHODS[name]
+    args = (labels,) if method.uses_labels else ()
+    soft = method.loss(student_logits, teacher_logits, *args, temperature=temperature, **options)
+    if weight == 1.0:
+        return soft
+    return weight * soft + (1.0 - weight) * F.cross_entropy(student_logits, labels)
