@@ -273,3 +273,33 @@ def test_a_bf16_teacher_and_a_checkpointless_run(tmp_path) -> None:
     # the same teacher to bf16's rounding: 100 test rows, at most 3 of them decided otherwise
     assert abs(bf16.teacher["test_accuracy"] - fp32.teacher["test_accuracy"]) <= 0.03
     assert len(bf16.results) == 4 and not list((tmp_path / "bf16").glob("*.ckpt"))
+
+
+def test_one_run_compares_several_methods_on_the_same_teacher_and_seeds(tmp_path) -> None:
+    from softtargets.cli import parse_method_options
+    from softtargets.pipeline import method_differences, summary_rows
+
+    assert parse_method_options(["dkd:beta=2", "standardize=true"], ["kd", "dkd"]) == {
+        "dkd": {"beta": 2, "standardize": True},
+        "kd": {"standardize": True},
+    }
+    with pytest.raises(SoftTargetsError, match="none of the methods \\['jsd'\\] takes it"):
+        parse_method_options(["gamma=1"], ["jsd"])
+    config = demo_config(quick=True)
+    config.methods = ["kd", "dkd", "jsd"]
+    config.method_options = {"dkd": {"beta": 2.0}}
+    out = run_distillation(config, tmp_path / "run")
+    assert sorted((r["method"], r["seed"]) for r in out.results) == [
+        (m, s) for m in ("dkd", "hard", "jsd", "soft") for s in (0, 1)
+    ]
+    assert [row[1] for row in summary_rows(out)][-2:] == ["teacher, DKD", "teacher, JSD"]
+    lines = method_differences(out)
+    assert lines[0].startswith("DKD: minus hard labels") and "minus KD" in lines[0]
+    assert "JSD: minus hard labels" in (tmp_path / "run" / "report.md").read_text()
+    # a method added later trains only its own students; the others are kept
+    config.methods = ["kd", "dkd", "jsd", "rkl"]
+    again = run_distillation(config, tmp_path / "run")
+    assert len(again.results) == 10 and len(read_jsonl(tmp_path / "run" / "results.jsonl")) == 10
+    result = runner.invoke(app, ["distill", "--method", "fitnets", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "unknown method 'fitnets'" in result.output
+    assert not (tmp_path / "x").exists()

@@ -90,6 +90,29 @@ def parse_options(pairs: list[str] | None, what: str) -> dict[str, Any]:
     return options
 
 
+def parse_method_options(pairs: list[str] | None, methods: list[str]) -> dict[str, dict]:
+    """``--method-option`` values: ``dkd:beta=8`` for one method, or ``beta=8`` for every given
+    method that takes ``beta`` (an option no given method takes is an error)."""
+    from softtargets.limits import METHOD_OPTIONS
+
+    options: dict[str, dict[str, Any]] = {}
+    for pair in pairs or []:
+        method, sep, rest = pair.partition(":")
+        if sep and "=" not in method:
+            targets = [method]
+        else:
+            targets, rest = [m for m in methods if pair.partition("=")[0].strip() in
+                             METHOD_OPTIONS.get(m, ())], pair  # fmt: skip
+            if not targets:
+                raise SoftTargetsError(
+                    f"method option {pair!r}: none of the methods {methods} takes it; write "
+                    "METHOD:key=value or see the README's methods table"
+                )
+        for target in targets:
+            options.setdefault(target, {}).update(parse_options([rest], f"{target} method"))
+    return options
+
+
 # ---------------------------------------------------------------------- shared options
 # Flags default to None ("not given": the config file's or the built-in value applies); the
 # built-in default is shown in each flag's help, read from the config models themselves.
@@ -352,7 +375,7 @@ def relaunch_under_torchrun(nproc: int) -> int:
 
 
 def print_outcome(outcome: Any) -> None:
-    from softtargets.pipeline import soft_minus_hard, summary_rows
+    from softtargets.pipeline import method_differences, soft_minus_hard, summary_rows
 
     table = Table(title="test set: mean ± 95% CI over seeds", title_justify="left")
     for column in ("model", "targets", "runs", "test accuracy (%)", "test errors"):
@@ -361,6 +384,8 @@ def print_outcome(outcome: Any) -> None:
         table.add_row(*row)
     console.print(table)
     console.print(f"soft - hard: {soft_minus_hard(outcome)}", highlight=False)
+    for line in method_differences(outcome):
+        console.print(line, highlight=False)
     console.print(
         f"wrote {outcome.out_dir}/ (report.md, accuracy.png, results.jsonl, store) "
         f"in {outcome.seconds:.1f} s",
@@ -489,6 +514,21 @@ def distill(
             help=f"Weight of the soft term (0 = hard only) \\[default: {_DEFAULTS.alpha}]."
         ),
     ] = None,
+    method: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--method",
+            help="Distillation method, repeatable to compare several on the same teacher and "
+            "seeds: kd, dkd, dist, jsd, rkl, tv \\[default: kd].",
+        ),
+    ] = None,
+    method_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--method-option",
+            help="A method's option, key=value or METHOD:key=value (repeatable), e.g. dkd:beta=8.",
+        ),
+    ] = None,
     epochs: StudentEpochs = None,
     lr: StudentLr = None,
     optimizer: StudentOptimizer = None,
@@ -526,6 +566,8 @@ def distill(
         student_option=student_option,
         temperature=temperature,
         alpha=alpha,
+        methods=method,
+        method_options=parse_method_options(method_option, method or ["kd"]) or None,
         student_epochs=epochs,
         student_lr=lr,
         student_optimizer=optimizer,

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from softtargets.errors import SoftTargetsError
-from softtargets.limits import TEMPERATURE_RANGE
+from softtargets.limits import METHOD_OPTIONS, TEMPERATURE_RANGE, check_method_name
 
 
 class Strict(BaseModel):
@@ -115,6 +115,15 @@ class DistillConfig(Strict):
     student_training: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=100, lr=1e-2))
     temperature: float = Field(4.0, ge=TEMPERATURE_RANGE[0], le=TEMPERATURE_RANGE[1])
     alpha: float = Field(0.9, ge=0, le=1)
+    methods: list[str] = Field(
+        default_factory=lambda: ["kd"],
+        min_length=1,
+        description="distillation methods compared with hard labels on the same teacher and "
+        "seeds: kd (Hinton), dkd, dist, jsd, rkl, tv",
+    )
+    method_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="each method's own options, e.g. {dkd: {beta: 8}}"
+    )
     seeds: int = Field(5, ge=1)
     first_seed: int = 0
     store_dtype: Literal["float32", "float16"] = "float32"
@@ -124,6 +133,26 @@ class DistillConfig(Strict):
     @classmethod
     def _known_device(cls, value: str) -> str:
         return check_device_name(value)
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name not in METHOD_OPTIONS:
+                raise ValueError(f"unknown method {name!r}; use {', '.join(METHOD_OPTIONS)}")
+        if len(set(value)) != len(value):
+            raise ValueError("a method is named twice")
+        return value
+
+    @field_validator("method_options")
+    @classmethod
+    def _known_method_options(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name, options in value.items():
+            try:
+                check_method_name(name, options)
+            except SoftTargetsError as err:
+                raise ValueError(str(err)) from None
+        return value
 
 
 def check_device_name(value: str) -> str:

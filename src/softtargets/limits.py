@@ -6,6 +6,8 @@ starts without importing torch.
 
 from __future__ import annotations
 
+from softtargets.errors import SoftTargetsError
+
 #: Temperatures softtargets accepts. Beyond them the losses leave float32's range: z / T overflows
 #: for tiny T, and the T^2 factor of Hinton's loss multiplies a KL that rounds to 0 for huge T.
 #: Hinton et al. use 1 to 20; T = 1e4 is already the logit-matching limit.
@@ -22,3 +24,28 @@ CHUNK_NUMBERS = 1 << 18
 def chunk_rows(numbers_per_row: int) -> int:
     """Rows per chunk for rows of ``numbers_per_row`` numbers (at least one)."""
     return max(1, CHUNK_NUMBERS // max(numbers_per_row, 1))
+
+
+#: The distillation methods (``softtargets.losses.methods``) and the options each takes, here so
+#: that configs check them without importing torch.
+METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
+    "kd": ("standardize",),
+    "dkd": ("alpha", "beta", "standardize"),
+    "dist": ("beta", "gamma"),
+    "jsd": ("beta",),
+    "rkl": (),
+    "tv": (),
+}
+
+
+def check_method_name(name: str, options: dict | None) -> dict:
+    """``options`` of method ``name`` as a dict; one-line error for an unknown method or option."""
+    if name not in METHOD_OPTIONS:
+        raise SoftTargetsError(f"unknown method {name!r}; use one of {', '.join(METHOD_OPTIONS)}")
+    options = dict(options or {})
+    allowed = METHOD_OPTIONS[name]
+    for key in options:
+        if key not in allowed:
+            known = ", ".join(allowed) if allowed else "none"
+            raise SoftTargetsError(f"unknown option {key!r} for method {name!r}; it takes: {known}")
+    return options

@@ -42,7 +42,17 @@ from softtargets.stats import mean_ci, paired_difference
 from softtargets.teacher import SoftTargetStore, label
 from softtargets.train import Distillation, evaluate, fit, resolve_device
 
-METHODS = ("hard", "soft")
+METHODS = ("hard", "soft")  # the demo's two: hard labels and Hinton's soft targets ("kd")
+
+
+def record_method(method: str) -> str:
+    """A distillation method's name in results and tables: Hinton's KD is ``"soft"``."""
+    return "soft" if method == "kd" else method
+
+
+def student_methods(config: DistillConfig) -> list[str]:
+    """The students' targets of a run, as results name them: ``hard``, then each method."""
+    return ["hard", *(record_method(m) for m in config.methods)]
 
 
 @dataclass
@@ -114,8 +124,9 @@ def config_key(config: DistillConfig, teacher_only: bool = False) -> str:
     values = config.model_dump(mode="json")
     if teacher_only:
         values = {k: values[k] for k in TEACHER_SETTINGS}
-    else:
+    else:  # fits are recorded per seed and method: more of either trains only the new ones
         values.pop("seeds")
+        values.pop("methods")
     return settings_key(values)
 
 
@@ -357,9 +368,11 @@ def run_distillation(
 
         seeds = range(config.first_seed, config.first_seed + config.seeds)
         done = {(r["method"], r["seed"]) for r in results}
-        pending = [(m, s) for s in seeds for m in METHODS if (m, s) not in done]
-        if len(pending) < 2 * len(seeds):
-            log(f"students: {2 * len(seeds) - len(pending)} fits kept from a previous run")
+        methods = student_methods(config)
+        pending = [(m, s) for s in seeds for m in methods if (m, s) not in done]
+        if len(pending) < len(methods) * len(seeds):
+            kept = len(methods) * len(seeds) - len(pending)
+            log(f"students: {kept} fits kept from a previous run")
         results += [
             f.record for f in _fit_students(config, part, pending, key, folder, progress, log)
         ]
@@ -421,11 +434,16 @@ def _fit_students_here(
     log: Callable[[str], None],
 ) -> list[Finished]:
     """Fit the ``pending`` students in this process."""
-    if pending and config.student.name == "mlp" and part.splits.train.weights is None:
-        # MLP students train all at once (softtargets.vectorised), several times faster; each
-        # step equals fit's to float tolerance. A resumed run trains the unfinished ones.
-        return _fit_students_together(config, part, pending, key, folder, progress, log)
     finished = []
+    if config.student.name == "mlp" and part.splits.train.weights is None:
+        # MLP students train all at once (softtargets.vectorised), several times faster; each
+        # step equals fit's to float tolerance. A resumed run trains the unfinished ones. fit_many
+        # trains hard labels and plain KD; other methods train one by one below.
+        plain = not config.method_options.get("kd")
+        together = [p for p in pending if p[0] == "hard" or (p[0] == "soft" and plain)]
+        if together:
+            finished += _fit_students_together(config, part, together, key, folder, progress, log)
+        pending = [p for p in pending if p not in together]
     task = progress.add_task("students", total=len(pending)) if progress else None
     for method, seed in pending:
         finished.append(_fit_student(config, part, method, seed, key, folder, progress, log))
@@ -448,8 +466,15 @@ def _student(
         seed=seed,
         **config.student.options,
     )
-    targets = (
-        None if method == "hard" else Distillation(part.store, config.temperature, config.alpha)
+    if method == "hard":
+        return student, None
+    name = "kd" if method == "soft" else method
+    targets = Distillation(
+        part.store,
+        config.temperature,
+        config.alpha,
+        method=name,
+        options=dict(config.method_options.get(name, {})),
     )
     return student, targets
 
@@ -577,19 +602,48 @@ def summary_rows(outcome: DistillOutcome) -> list[list[str]]:
         ]
     ]
     names = {"hard": "hard labels", "soft": "teacher soft targets"}
-    for method in METHODS:
+    for method in dict.fromkeys([*METHODS, *(r["method"] for r in outcome.results)]):
         acc, err = outcome.accuracies(method), outcome.errors(method)
         if acc:
             rows.append(
                 [
                     "student",
-                    names[method],
+                    names.get(method, f"teacher, {method.upper()}"),
                     str(len(acc)),
                     mean_ci(acc).format(100),
                     f"{mean_ci(err).format(1, 1)} of {outcome.test_rows:,}",
                 ]
             )
     return rows
+
+
+def method_differences(outcome: DistillOutcome) -> list[str]:
+    """For each method other than hard labels and KD: its paired test-accuracy difference from
+    hard labels and from KD (95% CIs over the seeds both have)."""
+    lines = []
+    methods = dict.fromkeys(r["method"] for r in outcome.results)
+    for method in methods:
+        if method in ("hard", "soft"):
+            continue
+        parts = []
+        for base, base_name in (("hard", "hard labels"), ("soft", "KD")):
+            pair = _paired(outcome, method, base)
+            if pair is not None:
+                parts.append(f"minus {base_name} {pair}")
+        lines.append(f"{method.upper()}: " + ("; ".join(parts) or "n/a (needs >= 2 seeds)"))
+    return lines
+
+
+def _paired(outcome: DistillOutcome, method: str, base: str) -> str | None:
+    mine = {r["seed"]: r["test_accuracy"] for r in outcome.results if r["method"] == method}
+    theirs = {r["seed"]: r["test_accuracy"] for r in outcome.results if r["method"] == base}
+    seeds = sorted(set(mine) & set(theirs))
+    if len(seeds) < 2:
+        return None
+    diff = paired_difference([mine[s] for s in seeds], [theirs[s] for s in seeds])
+    return (
+        f"{diff.format(100)} points [{diff.low * 100:+.2f}, {diff.high * 100:+.2f}], {diff.n} seeds"
+    )
 
 
 def soft_minus_hard(outcome: DistillOutcome) -> str:
@@ -600,6 +654,15 @@ def soft_minus_hard(outcome: DistillOutcome) -> str:
     return (
         f"{diff.format(100)} points (95% CI {diff.low * 100:+.2f} to {diff.high * 100:+.2f}, "
         f"paired over {diff.n} seeds)"
+    )
+
+
+def _methods_paragraph(outcome: DistillOutcome) -> str:
+    lines = method_differences(outcome)
+    if not lines:
+        return ""
+    return "\n\nOther methods, paired over seeds (test accuracy, 95% CI):\n\n" + "\n".join(
+        f"- {line}" for line in lines
     )
 
 
@@ -639,7 +702,7 @@ alpha = {config.alpha:g}.
 
 {table}
 
-Soft minus hard, test accuracy: {soft_minus_hard(outcome)}.
+Soft minus hard, test accuracy: {soft_minus_hard(outcome)}.{_methods_paragraph(outcome)}
 
 Means over seeds with 95% Student-t confidence intervals. Each model's weights are those of its
 best *validation* epoch; the test set is only evaluated, never used to choose anything.

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from softtargets.errors import SoftTargetsError
+from softtargets.limits import METHOD_OPTIONS, check_method_name
 from softtargets.targets import check_temperature
 
 
@@ -199,27 +200,22 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "kd": Method(kd_loss, ("standardize",)),
-    "dkd": Method(dkd_loss, ("alpha", "beta", "standardize"), uses_labels=True),
-    "dist": Method(dist_loss, ("beta", "gamma")),
-    "jsd": Method(jsd_loss, ("beta",)),
-    "rkl": Method(reverse_kl_loss, ()),
-    "tv": Method(total_variation_loss, ()),
+    name: Method(loss, METHOD_OPTIONS[name], uses_labels=name == "dkd")
+    for name, loss in (
+        ("kd", kd_loss),
+        ("dkd", dkd_loss),
+        ("dist", dist_loss),
+        ("jsd", jsd_loss),
+        ("rkl", reverse_kl_loss),
+        ("tv", total_variation_loss),
+    )
 }
 
 
 def check_method(name: str, options: dict[str, Any] | None) -> dict[str, Any]:
     """The options of method ``name``, refused with one line if the method or an option is
     unknown; returns them as a plain dict."""
-    if name not in METHODS:
-        raise SoftTargetsError(f"unknown method {name!r}; use one of {', '.join(METHODS)}")
-    options = dict(options or {})
-    allowed = METHODS[name].options
-    for key in options:
-        if key not in allowed:
-            known = ", ".join(allowed) if allowed else "none"
-            raise SoftTargetsError(f"unknown option {key!r} for method {name!r}; it takes: {known}")
-    return options
+    return check_method_name(name, options)
 
 
 def method_loss(
