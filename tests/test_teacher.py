@@ -341,3 +341,34 @@ def test_a_store_labelled_in_shards_is_the_store_of_one_process(tmp_path, monkey
     torch.testing.assert_close(store.logits, whole.logits)
     assert torch.equal(store.ids, whole.ids)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store.safetensors"]  # notes removed
+
+
+def test_an_ensemble_store_averages_its_teachers_by_id(data) -> None:
+    from softtargets.teacher import ensemble
+    from softtargets.train import Distillation, fit
+
+    a = label(build_model("mlp", data.feature_shape, 3, seed=0, hidden=[8]), data)
+    b = label(build_model("mlp", data.feature_shape, 3, seed=1, hidden=[8]), data)
+    order = torch.randperm(len(b), generator=torch.Generator().manual_seed(0))
+    b_shuffled = SoftTargetStore(b.logits[order], b.ids[order], b.teacher_fingerprint,
+                                 b.data_fingerprint, b.class_names)  # fmt: skip
+    mean_p = (a.soften(1.0) + b.soften(1.0)) / 2
+    probs = ensemble([a, b_shuffled])  # rows matched by id, not position
+    torch.testing.assert_close(probs.soften(1.0), mean_p)
+    torch.testing.assert_close(ensemble([a, b], "logits").logits, (a.logits + b.logits) / 2)
+    torch.testing.assert_close(ensemble([a, b], weights=[1, 0]).soften(1.0), a.soften(1.0))
+    weighted = ensemble([a, b], weights=[3, 1]).soften(1.0)
+    torch.testing.assert_close(weighted, 0.75 * a.soften(1.0) + 0.25 * b.soften(1.0))
+    assert probs.teacher_fingerprint not in (a.teacher_fingerprint, b.teacher_fingerprint)
+    result = fit(build_model("mlp", data.feature_shape, 3, seed=2, hidden=[8]), data,
+                 Distillation(probs, 2.0, 0.5), epochs=2)  # fmt: skip
+    assert len(result.history) == 2
+    with pytest.raises(SoftTargetsError, match="weights must be 2 finite numbers"):
+        ensemble([a, b], weights=[0, 0])
+    with pytest.raises(SoftTargetsError, match="unknown combine 'median'"):
+        ensemble([a, b], "median")
+    other = Dataset.from_arrays(data.features, data.labels, ids=data.ids,
+                                class_names=["x", "y", "z"])  # fmt: skip
+    c = label(build_model("mlp", data.feature_shape, 3, seed=3, hidden=[8]), other)
+    with pytest.raises(SoftTargetsError, match="store 1 has classes"):
+        ensemble([a, c])

@@ -753,3 +753,67 @@ def _write_rows(
     if written != len(rows):
         raise SoftTargetsError(f"the batches held {written} rows, not {expected}")
     return hasher if hasher is not None else Fingerprinter(())
+
+
+def ensemble(
+    stores: Sequence[SoftTargetStore],
+    combine: str = "probs",
+    weights: Sequence[float] | None = None,
+) -> SoftTargetStore:
+    """One store from several teachers' stores of the same rows: Hinton's ensemble -> one model.
+
+    ``combine="probs"``: the (weighted) mean of the teachers' probabilities at ``T = 1``, stored
+    as its log (so ``soften(1.0)`` is that mean; at another ``T`` the store softens the mean's
+    log); ``"logits"``: the (weighted) mean of their logits. ``weights`` (one per store, >= 0,
+    not all 0) default to equal. The stores must hold the same ids, classes and data (each row
+    is matched by id); top-k stores enter through their dense reading.
+    """
+    if not stores:
+        raise SoftTargetsError("ensemble needs at least one store")
+    if combine not in ("probs", "logits"):
+        raise SoftTargetsError(f"unknown combine {combine!r}; use 'probs' or 'logits'")
+    w = torch.ones(len(stores)) if weights is None else torch.as_tensor(weights, dtype=torch.float)
+    if w.shape != (len(stores),) or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise SoftTargetsError(
+            f"ensemble weights must be {len(stores)} finite numbers >= 0, not all 0; got "
+            f"{list(weights or [])}"
+        )
+    w = w / w.sum()
+    first = stores[0]
+    for i, store in enumerate(stores[1:], start=1):
+        if store.class_names != first.class_names:
+            raise SoftTargetsError(
+                f"store {i} has classes {list(store.class_names)[:5]}... but store 0 "
+                f"{list(first.class_names)[:5]}...; an ensemble's teachers share their classes"
+            )
+        if store.data_fingerprint != first.data_fingerprint or len(store) != len(first):
+            raise SoftTargetsError(
+                f"store {i} was made for other data than store 0; label the same data with "
+                "every teacher"
+            )
+    rows = [torch.arange(len(first))] + [s.rows_for(first.ids) for s in stores[1:]]
+    out = torch.empty(len(first), first.num_classes)
+    chunk = chunk_rows(first.num_classes)
+    for start in range(0, len(first), chunk):
+        part = slice(start, min(start + chunk, len(first)))
+        logits = torch.stack([s.dense(r[part]) for s, r in zip(stores, rows, strict=True)])
+        if combine == "logits":
+            out[part] = torch.einsum("m,mbk->bk", w, logits)
+        else:  # log sum_m w_m softmax(v_m): stable in log space
+            log_p = torch.log_softmax(logits, dim=-1) + w.log()[:, None, None]
+            out[part] = torch.logsumexp(log_p, dim=0)
+    members = hashlib.sha256("".join(s.teacher_fingerprint for s in stores).encode())
+    members.update(f"{combine}:{w.tolist()}".encode())
+    return SoftTargetStore(
+        logits=out,
+        ids=first.ids.clone(),
+        teacher_fingerprint=members.hexdigest()[:16],
+        data_fingerprint=first.data_fingerprint,
+        class_names=first.class_names,
+        info={
+            "ensemble": [s.teacher_fingerprint for s in stores],
+            "combine": combine,
+            "weights": w.tolist(),
+        },  # fmt: skip
+        labels_fingerprint=first.labels_fingerprint,
+    )
