@@ -162,3 +162,17 @@ def test_whole_power_matches_pow_and_leaves_its_base_alone() -> None:
         torch.testing.assert_close(result, base.double().pow(n).float(), rtol=1e-5, atol=0)
         assert result.data_ptr() != base.data_ptr()
         assert torch.equal(base, kept)
+
+
+def test_soft_cross_entropy_and_grad_is_the_loss_and_its_autograd_gradient() -> None:
+    from softtargets.losses import soft_cross_entropy_and_grad
+
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    p = torch.softmax(torch.randn(6, 4, generator=g, dtype=torch.float64), 1)
+    w = torch.rand(6, generator=g, dtype=torch.float64)
+    want = soft_cross_entropy(z, p, w, reduction="sum")
+    (want_grad,) = torch.autograd.grad(want, z)
+    value, grad = soft_cross_entropy_and_grad(z.detach(), p, w)
+    assert float(value) == pytest.approx(float(want), rel=1e-12)
+    torch.testing.assert_close(grad, want_grad)

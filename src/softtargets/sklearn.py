@@ -33,6 +33,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
 from softtargets.errors import SoftTargetsError
+from softtargets.losses import soft_cross_entropy, soft_cross_entropy_and_grad
 
 
 def soft_label_targets(
@@ -174,13 +175,13 @@ class SoftLabelClassifier(ClassifierMixin, BaseEstimator):
         k = P.shape[1]
         total = w.sum()
 
+        targets, weights = torch.from_numpy(P), torch.from_numpy(w)
+
         def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
             W, b = theta[: d * k].reshape(d, k), theta[d * k :]
-            Z = X @ W + b
-            Z -= Z.max(1, keepdims=True)
-            log_s = Z - np.log(np.exp(Z).sum(1, keepdims=True))
-            loss = -(w[:, None] * P * log_s).sum() + 0.5 * self.alpha * (W**2).sum()
-            R = w[:, None] * (np.exp(log_s) - P)  # d loss / d Z
+            value, dz = soft_cross_entropy_and_grad(torch.from_numpy(X @ W + b), targets, weights)
+            R = dz.numpy()  # d loss / d Z
+            loss = float(value) + 0.5 * self.alpha * (W**2).sum()
             grad = np.concatenate([(X.T @ R + self.alpha * W).ravel(), R.sum(0)])
             return loss / total, grad / total
 
@@ -229,8 +230,7 @@ class SoftLabelClassifier(ClassifierMixin, BaseEstimator):
 
         def closure() -> torch.Tensor:
             optimizer.zero_grad()
-            log_s = torch.log_softmax(net(x), dim=1)
-            loss = -(weights[:, None] * p * log_s).sum()
+            loss = soft_cross_entropy(net(x), p, weights, reduction="sum", check=False)
             loss = (loss + 0.5 * self.alpha * sum((m**2).sum() for m in weight_params)) / total
             loss.backward()
             return loss

@@ -80,6 +80,22 @@ def soft_cross_entropy(
     return _reduce(per_row, weight, reduction)
 
 
+def soft_cross_entropy_and_grad(
+    logits: Tensor, targets: Tensor, weight: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """``sum_i w_i H(p_i, softmax(z_i))`` and its gradient ``w_i (softmax(z_i) - p_i)`` with
+    respect to the logits, in closed form (for optimisers that take both, such as L-BFGS).
+
+    Args:
+        logits: ``(N, K)``; targets: ``(N, K)`` probability rows (not checked here);
+        weight: optional ``(N,)`` row weights (default 1).
+    """
+    log_s, s = log_softmax_and_softmax(logits)
+    w = torch.ones(logits.shape[0], dtype=logits.dtype) if weight is None else weight
+    value = -(w[:, None] * targets * log_s).sum()
+    return value, w[:, None] * (s - targets)
+
+
 def kl_at_temperature(
     student_logits: Tensor,
     teacher_logits: Tensor,
