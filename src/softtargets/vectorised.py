@@ -17,9 +17,8 @@ tests train padded and unpadded models side by side.)
 The stacked model, its optimizer and the grouping into stacks live in :mod:`softtargets.stacked`;
 the loss and its closed-form gradient in :mod:`softtargets.losses.stacked`; the epoch bookkeeping
 (records, learning rates, divergence, early stopping, the best epoch) is
-:mod:`softtargets.selection`'s,
-the same as ``fit``'s. What differs from ``fit`` is only how a step is computed and a batch
-fetched (:class:`_Batches`).
+:mod:`softtargets.selection`'s, the same as ``fit``'s. What differs from ``fit`` is only how a
+step is computed and a batch fetched (:class:`_Batches`).
 """
 
 from __future__ import annotations
