@@ -26,6 +26,7 @@ from softtargets import checkpoint as checkpoints
 from softtargets import distributed, streams
 from softtargets.data import Dataset, holdout, labels_fingerprint
 from softtargets.errors import SoftTargetsError
+from softtargets.features import FeatureDistillation, FeatureObjective
 from softtargets.losses import StoredDistillation, bucket_distillation_loss, soft_cross_entropy
 from softtargets.losses.methods import check_method, method_loss
 from softtargets.metrics import classification_report, predict_logits
@@ -68,7 +69,7 @@ class Distillation:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-Targets = None | str | Tensor | SoftTargetStore | Distillation
+Targets = None | str | Tensor | SoftTargetStore | Distillation | FeatureDistillation
 
 
 def resolve_device(device: torch.device | str | None = None) -> torch.device:
@@ -529,6 +530,14 @@ def fit(
         raise SoftTargetsError(f"checkpoint_every must be >= 1 epoch, got {checkpoint_every}")
     num_classes = _check_parts(data, val, test)
     model.to(device)
+    features = targets if isinstance(targets, FeatureDistillation) else None
+    if features is not None:
+        if checkpoint is not None or distributed.active():
+            raise SoftTargetsError(
+                "feature distillation trains in one process without a checkpoint so far (its "
+                "adapters are not saved); drop checkpoint= or run it on one process"
+            )
+        targets = None  # the batches' own loss is replaced by the feature objective below
     if streams.is_stream(data):
         if isinstance(val, float):
             raise SoftTargetsError(
@@ -544,6 +553,10 @@ def fit(
             val = data.take(val_rows)
         generator = torch.Generator().manual_seed(seed)
         batches = _MemoryBatches(data, train_rows, targets, batch_size, generator, device)
+    trainable: nn.Module = model
+    if features is not None:  # the teacher online, hooks on both models, adapters trained too
+        feature_objective = _feature_objective(features, model, data, batches, device)
+        trainable = nn.ModuleList([model, feature_objective.adapters])
     val_dev = val.to(device) if isinstance(val, Dataset) else val
     test_dev = test.to(device) if isinstance(test, Dataset) else test
     trained = model
@@ -559,7 +572,7 @@ def fit(
         patience=patience, restore_best=restore_best, precision=precision, compile=compile,
     )  # fmt: skip
     key = _fit_key(model, data, targets, val, settings) if checkpoint is not None else ""
-    opt = make_optimizer(model, optimizer, lr, weight_decay, momentum)
+    opt = make_optimizer(trainable, optimizer, lr, weight_decay, momentum)
     rates = LearningRates([lr], schedule, [epochs * math.ceil(len(batches) / batch_size)])
     main = distributed.rank() == 0  # of the processes training this model, rank 0 writes
     tracker = Selection([model], patience, log_path if main else None, [log_extra])
@@ -637,6 +650,8 @@ def fit(
             if task is not None:
                 progress.update(task, advance=1)
 
+    if features is not None:
+        feature_objective.remove_hooks()
     if tracker.finish(restore_best)[0] and best_state is not None:
         model.load_state_dict(best_state)
     if task is not None:
@@ -697,6 +712,27 @@ def _fit_key(
         targets=describe(targets),
         val=describe(val),
     )
+
+
+def _feature_objective(
+    spec: FeatureDistillation,
+    model: nn.Module,
+    data: Any,
+    batches: _MemoryBatches | _StreamBatches,
+    device: torch.device,
+) -> FeatureObjective:
+    """Build the feature objective on a sample of ``data`` and make it ``batches``' loss."""
+    if isinstance(batches, _MemoryBatches):
+        objective = FeatureObjective(spec, model, batches.features[:2])
+        labels = data.labels.to(device)
+        batches.loss = lambda logits, rows: (
+            objective.loss(logits, batches.features.index_select(0, rows), labels[rows]),
+            None,
+        )
+    else:
+        objective = FeatureObjective(spec, model, torch.as_tensor(data[0][0])[None].to(device))
+        batches.loss = lambda logits, key: (objective.loss(logits, key[2], key[0]), None)
+    return objective
 
 
 def _classes_of(data: Any) -> int | None:

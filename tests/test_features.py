@@ -1,0 +1,135 @@
+"""Feature distillation: the paired features move towards the teacher's, through adapters learned
+with the student, for MLPs, 1-D and 2-D CNNs and any module."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from softtargets.data import Dataset
+from softtargets.errors import SoftTargetsError
+from softtargets.features import FeatureDistillation, FeaturePair, pair_loss
+from softtargets.models import build_model
+from softtargets.streams import TensorRows
+from softtargets.train import fit
+
+
+def data_of(shape: tuple[int, ...], rows: int = 96) -> Dataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, *shape, generator=g)
+    return Dataset.from_arrays(x, (x.flatten(1).sum(1) > 0).long())
+
+
+def feature_gap(student, teacher, pair: FeaturePair, x, adapter) -> float:
+    """The pair's loss on ``x`` with the student's and teacher's features as they are now."""
+    seen = {}
+    hooks = [
+        student.get_submodule(pair.student).register_forward_hook(
+            lambda m, i, o: seen.__setitem__("s", o)
+        ),
+        teacher.get_submodule(pair.teacher).register_forward_hook(
+            lambda m, i, o: seen.__setitem__("t", o)
+        ),
+    ]
+    with torch.no_grad():
+        student(x), teacher(x)
+        s = seen["s"] if pair.loss == "attention" else adapter(seen["s"])
+        value = float(pair_loss(pair.loss, s, seen["t"]))
+    for h in hooks:
+        h.remove()
+    return value
+
+
+CASES = {
+    # (student, teacher, pair): the student's layer is narrower than the teacher's -> an adapter
+    "mlp linear": (
+        ("mlp", (6,), {"hidden": [4]}),
+        ("mlp", (6,), {"hidden": [12]}),
+        FeaturePair("2", "2", "mse"),
+    ),  # fmt: skip
+    "cnn1d conv 1x1": (
+        ("cnn1d", (1, 16), {"channels": [3]}),
+        ("cnn1d", (1, 16), {"channels": [6]}),
+        FeaturePair("2", "2", "cosine"),
+    ),  # fmt: skip
+    "cnn2d attention": (
+        ("cnn2d", (1, 8, 8), {"channels": [2, 3]}),
+        ("cnn2d", (1, 8, 8), {"channels": [4, 6]}),
+        FeaturePair("5", "5", "attention"),
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_paired_features_move_towards_the_teachers(case) -> None:
+    (s_name, shape, s_opts), (t_name, _, t_opts), pair = CASES[case]
+    data = data_of(shape)
+    teacher = build_model(t_name, shape, 2, seed=1, **t_opts)
+    spec = FeatureDistillation(teacher, [pair], weight=10.0, alpha=0.5)
+    # the same student, trained with and without the feature term
+    plain = fit(build_model(s_name, shape, 2, seed=0, **s_opts), data, epochs=6, lr=1e-2)
+    distilled = fit(build_model(s_name, shape, 2, seed=0, **s_opts), data, spec, epochs=6, lr=1e-2)
+    assert len(distilled.history) == 6 and all(
+        torch.isfinite(torch.tensor(r["train_loss"])) for r in distilled.history
+    )
+    if pair.loss == "attention":
+        identity = nn.Identity()
+        before = feature_gap(plain.model, teacher, pair, data.features, identity)
+        after = feature_gap(distilled.model, teacher, pair, data.features, identity)
+        assert after < before  # the attention maps moved towards the teacher's
+    weights_before = [p.clone() for p in teacher.parameters()]
+    fit(build_model(s_name, shape, 2, seed=0, **s_opts), data, spec, epochs=1)
+    assert all(torch.equal(a, b) for a, b in zip(weights_before, teacher.parameters(), strict=True))
+
+
+def test_feature_loss_of_an_mse_pair_falls_as_the_adapter_and_student_learn() -> None:
+    data = data_of((6,))
+    teacher = build_model("mlp", (6,), 2, seed=1, hidden=[12])
+    pair = FeaturePair("2", "2", "mse")
+    losses = []
+    spec = FeatureDistillation(teacher, [pair], weight=1.0, alpha=0.0)  # features + hard labels
+    result = fit(build_model("mlp", (6,), 2, seed=0, hidden=[4]), data, spec, epochs=15, lr=1e-2,
+                 on_epoch_end=lambda r: losses.append(r["train_loss"]))  # fmt: skip
+    assert losses[-1] < 0.8 * losses[0]
+    assert result.model[1].out_features == 4  # the caller's student, trained
+
+
+def test_any_module_and_streamed_data_and_a_tuple_pair() -> None:
+    class Net(nn.Module):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(6, width), nn.Tanh())
+            self.head = nn.Linear(width, 2)
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    data = data_of((6,))
+    spec = FeatureDistillation(Net(10), [("body", "body")], alpha=0.5)
+    torch.manual_seed(0)
+    memory = fit(Net(5), data, spec, epochs=2, batch_size=16)
+    torch.manual_seed(0)
+    streamed = fit(Net(5), TensorRows(data), spec, epochs=2, batch_size=16)
+    assert memory.history[0]["train_loss"] == pytest.approx(streamed.history[0]["train_loss"])
+
+
+def test_bad_pairs_are_one_line_errors(tmp_path) -> None:
+    data = data_of((6,))
+    teacher = build_model("mlp", (6,), 2, seed=1, hidden=[12])
+
+    def student() -> nn.Module:
+        return build_model("mlp", (6,), 2, seed=0, hidden=[4])
+
+    with pytest.raises(SoftTargetsError, match="the student has no module 'fc9'"):
+        fit(student(), data, FeatureDistillation(teacher, [("fc9", "2")]), epochs=1)
+    with pytest.raises(SoftTargetsError, match="unknown feature loss 'l1'"):
+        fit(student(), data, FeatureDistillation(teacher, [FeaturePair("2", "2", "l1")]), epochs=1)
+    signal = data_of((1, 16))
+    short = build_model("cnn1d", (1, 16), 2, seed=1, channels=[6, 6])  # layer 4: length 4
+    with pytest.raises(SoftTargetsError, match="differ beyond their channels"):
+        fit(build_model("cnn1d", (1, 16), 2, seed=0, channels=[3]), signal,
+            FeatureDistillation(short, [("2", "4")]), epochs=1)  # length 8 vs 4  # fmt: skip
+    with pytest.raises(SoftTargetsError, match="without a checkpoint so far"):
+        fit(student(), data, FeatureDistillation(teacher, [("2", "2")]), epochs=1,
+            checkpoint=tmp_path / "c.ckpt")  # fmt: skip
