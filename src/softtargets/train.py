@@ -8,12 +8,10 @@ would otherwise cost more than the model itself.
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,49 +25,38 @@ from softtargets import distributed, streams
 from softtargets.data import Dataset, holdout, labels_fingerprint
 from softtargets.errors import SoftTargetsError
 from softtargets.features import FeatureDistillation, FeatureObjective
-from softtargets.losses import StoredDistillation, bucket_distillation_loss, soft_cross_entropy
-from softtargets.losses.methods import check_method, method_loss
 from softtargets.metrics import classification_report, predict_logits
+from softtargets.objectives import (
+    Distillation,
+    ResolvedTargets,
+    Targets,
+    check_output_width,
+    check_tail,
+    make_objective,
+    resolve_targets,
+)
 from softtargets.selection import FitResult, LearningRates, Selection
-from softtargets.targets import check_finite, check_temperature, validate
 from softtargets.teacher import SoftTargetStore
+
+# Where the targets' names live is softtargets.objectives; the trainers' users import them here.
+__all__ = [
+    "Distillation",
+    "FeatureDistillation",
+    "FitResult",
+    "ResolvedTargets",
+    "Targets",
+    "check_output_width",
+    "check_tail",
+    "evaluate",
+    "fit",
+    "make_objective",
+    "resolve_device",
+    "resolve_targets",
+]
 
 OptimizerName = Literal["sgd", "adam", "adamw"]
 ScheduleName = Literal["none", "cosine", "step"]
 Precision = Literal["fp32", "bf16", "fp16"]
-
-
-@dataclass(frozen=True)
-class Distillation:
-    """Targets for Hinton distillation: ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE``.
-
-    Attributes:
-        teacher: a :class:`SoftTargetStore` (rows looked up by sample id), ``(N, K)`` teacher
-            logits aligned with the training data's rows, or the teacher module itself (run on
-            each batch of streamed data, for augmentation; once over in-memory data).
-        temperature: ``T > 0``.
-        alpha: weight of the soft term in ``[0, 1]``.
-        tail: for a top-k store, how the classes a row did not keep enter the loss:
-            ``"uniform"`` (each gets an equal share of the remaining mass, the store's
-            :meth:`~softtargets.teacher.SoftTargetStore.dense` reading) or ``"bucket"`` (one
-            "other" class holding the remaining mass, :func:`~softtargets.losses.bucket_distillation_loss`;
-            ``fit`` only). ``bench/topk_vs_full.py`` measures which works better.
-        method: the soft term: ``"kd"`` (Hinton's, the default), ``"dkd"``, ``"dist"``,
-            ``"jsd"``, ``"rkl"`` or ``"tv"`` (:mod:`softtargets.losses.methods`); the loss is
-            ``alpha x method + (1 - alpha) x cross-entropy`` either way.
-        options: the method's own options (say ``{"beta": 8.0}`` for DKD,
-            ``{"standardize": True}`` for logit standardisation with KD or DKD).
-    """
-
-    teacher: SoftTargetStore | Tensor | nn.Module
-    temperature: float = 4.0
-    alpha: float = 0.9
-    tail: Literal["uniform", "bucket"] = "uniform"
-    method: str = "kd"
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-Targets = None | str | Tensor | SoftTargetStore | Distillation | FeatureDistillation
 
 
 def resolve_device(device: torch.device | str | None = None) -> torch.device:
@@ -94,234 +81,6 @@ def resolve_device(device: torch.device | str | None = None) -> torch.device:
     elif resolved.type not in ("cpu", "cuda", "mps"):
         raise SoftTargetsError(f"device {device!r} is not supported; use auto, cpu, cuda or mps")
     return resolved
-
-
-def check_output_width(logits: Tensor, num_classes: int) -> None:
-    """Refuse a model whose ``(B, K')`` output does not have one logit per class of the data."""
-    if logits.ndim != 2 or logits.shape[1] != num_classes:
-        raise SoftTargetsError(
-            f"the model outputs shape {tuple(logits.shape)} per batch but the data has "
-            f"{num_classes} classes; build the model with {num_classes} outputs"
-        )
-
-
-@dataclass(frozen=True)
-class ResolvedTargets:
-    """What a ``targets`` argument means for one dataset, checked once.
-
-    ``kind`` is ``"hard"`` (the labels), ``"probs"`` (``probs``: ``(N, K)`` probability rows,
-    soft cross-entropy) or ``"distill"`` (Hinton's loss at ``temperature`` with weight ``alpha``
-    against teacher logits: row ``i`` of the data has ``teacher_logits[teacher_rows[i]]``, or
-    ``teacher_logits[i]`` when ``teacher_rows`` is ``None``). ``teacher_logits`` is ``(N, K)``
-    logits or a store itself, read through its rows (a full store's own tensor, or a top-k store
-    expanded a batch at a time), never a copy: at 100k rows x 1,000 classes a copy is 400 MB.
-    """
-
-    kind: Literal["hard", "probs", "distill"]
-    probs: Tensor | None = None
-    teacher_logits: Tensor | SoftTargetStore | None = None
-    temperature: float = 1.0
-    alpha: float = 1.0
-    teacher_rows: Tensor | None = None
-    tail: Literal["uniform", "bucket"] = "uniform"
-    method: str = "kd"
-    options: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def plain_kd(self) -> bool:
-        """Hinton's loss without options: the trainers' closed-form fast paths apply."""
-        return self.method == "kd" and not self.options
-
-    def dense_teacher_logits(self) -> Tensor:
-        """The teacher's logits row by row with the data, ``(N, K)`` float32 (a copy)."""
-        assert self.teacher_logits is not None
-        rows = self.teacher_rows
-        if isinstance(self.teacher_logits, SoftTargetStore):
-            return self.teacher_logits.dense(rows)
-        if rows is None:
-            return self.teacher_logits.float()
-        return self.teacher_logits.index_select(0, rows).float()
-
-
-def check_tail(targets: Distillation) -> Literal["uniform", "bucket"]:
-    """``targets.tail``, refused unless it is a known reading that applies to its teacher."""
-    if targets.tail not in ("uniform", "bucket"):
-        raise SoftTargetsError(f"unknown tail {targets.tail!r}; use 'uniform' or 'bucket'")
-    top_k = isinstance(targets.teacher, SoftTargetStore) and targets.teacher.top_indices is not None
-    if targets.tail == "bucket" and not top_k:
-        raise SoftTargetsError(
-            "tail='bucket' reads a top-k store's missing classes; this teacher keeps every class "
-            "(use store.top_k(k), or drop tail=)"
-        )
-    return targets.tail
-
-
-def resolve_targets(targets: Targets, data: Dataset) -> ResolvedTargets:
-    """Check ``targets`` against ``data`` and say what they are (see :func:`fit`'s ``targets``)."""
-    if targets is None or (isinstance(targets, str) and targets == "hard"):
-        return ResolvedTargets("hard")
-    if isinstance(targets, str):
-        if targets != "soft":
-            raise SoftTargetsError(f"unknown targets {targets!r}; use 'hard', 'soft' or a tensor")
-        if data.soft_targets is None:
-            raise SoftTargetsError("targets='soft' but the data carries no soft_targets")
-        targets = data.soft_targets
-    if isinstance(targets, SoftTargetStore):
-        targets = Distillation(targets, temperature=1.0, alpha=1.0)
-    if isinstance(targets, Distillation):
-        temperature = check_temperature(targets.temperature)
-        if not 0.0 <= float(targets.alpha) <= 1.0:
-            raise SoftTargetsError(f"alpha must be in [0, 1], got {targets.alpha!r}")
-        teacher_rows = None
-        tail = check_tail(targets)
-        if isinstance(targets.teacher, SoftTargetStore):
-            store = targets.teacher
-            store.check(data)
-            teacher_logits, teacher_rows = store, store.rows_for(data.ids.cpu())
-            if store.tail is not None:
-                check_finite(store.tail[:, None], "teacher tail", "label the data again")
-        elif isinstance(targets.teacher, nn.Module):
-            # In memory there is no augmentation: the teacher's outputs are the same every
-            # epoch, so it runs once here (as label() would), not on every batch.
-            teacher_logits = predict_logits(targets.teacher, data.features).cpu()
-            check_output_width(teacher_logits, data.num_classes)
-        else:
-            teacher_logits = torch.as_tensor(targets.teacher).float()
-            if teacher_logits.shape != (len(data), data.num_classes):
-                raise SoftTargetsError(
-                    f"teacher logits have shape {tuple(teacher_logits.shape)} but the data needs "
-                    f"({len(data)}, {data.num_classes}): one row per sample, one column per class"
-                )
-        kept = teacher_logits.logits if isinstance(teacher_logits, SoftTargetStore) else None
-        check_finite(
-            teacher_logits if kept is None else kept,
-            "teacher logits",
-            "the teacher has diverged; retrain it",
-        )
-        options = check_method(targets.method, targets.options)
-        if targets.method != "kd" and tail == "bucket":
-            raise SoftTargetsError(
-                f"tail='bucket' is a reading of Hinton's loss; method {targets.method!r} takes a "
-                "top-k store with the uniform tail"
-            )
-        return ResolvedTargets(
-            "distill",
-            None,
-            teacher_logits,
-            temperature,
-            float(targets.alpha),
-            teacher_rows,
-            tail,
-            targets.method,
-            options,
-        )
-    probs = validate(targets, data.num_classes).float()
-    if probs.shape[0] != len(data):
-        raise SoftTargetsError(
-            f"soft targets have {probs.shape[0]} rows but the data has {len(data)}; give one row "
-            "per sample, in the data's order"
-        )
-    return ResolvedTargets("probs", probs)
-
-
-Objective = Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]]
-
-
-def make_objective(targets: Targets, data: Dataset, device: torch.device) -> Objective:
-    """The training loss as ``objective(student_logits (B, K), rows (B,)) -> (loss, grad)``.
-
-    ``rows`` index ``data``'s rows. ``grad`` is ``None`` when autograd differentiates ``loss``;
-    otherwise it is the loss's gradient with respect to the logits in closed form ``(B, K)`` and
-    ``loss`` is a plain value. Every per-row tensor is resolved and moved to ``device`` here, once,
-    so the training step only gathers rows.
-    """
-    resolved = resolve_targets(targets, data)
-    labels = data.labels.to(device)
-    weights = None if data.weights is None else data.weights.to(device)
-    if resolved.kind == "hard":
-        if weights is None:
-            return lambda logits, rows: (F.cross_entropy(logits, labels[rows]), None)
-        return lambda logits, rows: (
-            (F.cross_entropy(logits, labels[rows], reduction="none") * weights[rows]).sum()
-            / weights[rows].sum(),
-            None,
-        )
-    if resolved.kind == "distill":
-        if weights is not None:
-            raise SoftTargetsError(
-                "distillation ignores row weights; drop the data's weights or pass soft targets"
-            )
-        rows = None if resolved.teacher_rows is None else resolved.teacher_rows.to(device)
-        teacher = resolved.teacher_logits
-        if resolved.tail == "bucket":
-            return bucket_objective(teacher, rows, labels, resolved.temperature, resolved.alpha)
-        if not resolved.plain_kd:
-            return method_objective(resolved, labels, device)
-        if isinstance(teacher, SoftTargetStore) and teacher.top_indices is None:
-            teacher = teacher.logits  # a full store: its own tensor, gathered directly
-        loss = StoredDistillation(
-            teacher.to(device) if isinstance(teacher, Tensor) else teacher,
-            labels,
-            resolved.temperature,
-            resolved.alpha,
-            teacher_rows=rows,
-        )
-        return lambda logits, rows: loss.value_and_grad(logits.detach(), rows)
-    probs = resolved.probs.to(device)
-    if weights is None:
-        return lambda logits, rows: (soft_cross_entropy(logits, probs[rows], check=False), None)
-    return lambda logits, rows: (
-        soft_cross_entropy(logits, probs[rows], weights[rows], check=False),
-        None,
-    )
-
-
-def method_objective(resolved: ResolvedTargets, labels: Tensor, device: torch.device) -> Objective:
-    """``objective(logits, rows)`` of a distillation method other than plain KD
-    (:func:`~softtargets.losses.methods.method_loss`; autograd differentiates it), the teacher's
-    logits gathered a batch at a time."""
-    teacher, teacher_rows = resolved.teacher_logits, resolved.teacher_rows
-    if isinstance(teacher, SoftTargetStore):
-        gather = teacher.dense
-    else:
-        teacher = teacher.to(device)
-        gather = functools.partial(teacher.index_select, 0)
-
-    def objective(logits: Tensor, rows: Tensor) -> tuple[Tensor, None]:
-        where = rows if teacher_rows is None else teacher_rows.to(rows.device)[rows]
-        if isinstance(resolved.teacher_logits, SoftTargetStore):
-            where = where.cpu()
-        v = gather(where).to(device).float()
-        value = method_loss(
-            resolved.method, resolved.options, logits, v, labels[rows], resolved.temperature,
-            resolved.alpha,
-        )  # fmt: skip
-        return value, None
-
-    return objective
-
-
-def bucket_objective(
-    store: SoftTargetStore,
-    teacher_rows: Tensor | None,
-    labels: Tensor,
-    temperature: float,
-    alpha: float,
-) -> Objective:
-    """``objective(logits, rows)`` of :func:`~softtargets.losses.bucket_distillation_loss` for a
-    top-k store (autograd differentiates it); ``teacher_rows`` maps data rows to store rows."""
-
-    def objective(logits: Tensor, rows: Tensor) -> tuple[Tensor, None]:
-        where = (rows if teacher_rows is None else teacher_rows[rows]).cpu()
-        kept, classes, tail = store.kept_rows(where)
-        device = logits.device
-        value = bucket_distillation_loss(
-            logits, kept.to(device), classes.to(device), tail.to(device), labels[rows],
-            temperature, alpha,
-        )  # fmt: skip
-        return value, None
-
-    return objective
 
 
 def make_optimizer(

@@ -40,7 +40,8 @@ from softtargets.losses.stacked import StackedLoss
 from softtargets.selection import FitResult, LearningRates, Selection
 from softtargets.stacked import StackedMLP, StackedOptimizer, stack_groups
 from softtargets.targets import check_labels, soften
-from softtargets.train import Targets, check_lengths, resolve_device, resolve_targets
+from softtargets.objectives import Targets, resolve_targets
+from softtargets.train import check_lengths, resolve_device
 
 
 @dataclass
