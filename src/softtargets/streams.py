@@ -369,8 +369,8 @@ def stream_objective(targets: Any, num_classes: int | None, device: torch.device
     targets at T = 1, looked up by id), or a :class:`~softtargets.train.Distillation` whose
     teacher is a store (looked up by id) or a module (run on each batch: online distillation).
     """
-    from softtargets.teacher import SoftTargetStore
     from softtargets.objectives import Distillation, check_tail
+    from softtargets.teacher import SoftTargetStore
 
     if targets is None or (isinstance(targets, str) and targets == "hard"):
         return lambda logits, key: (F.cross_entropy(logits, key[0]), None)

@@ -37,10 +37,10 @@ from torch import Tensor, nn
 from softtargets.data import Dataset
 from softtargets.errors import SoftTargetsError
 from softtargets.losses.stacked import StackedLoss
+from softtargets.objectives import Targets, resolve_targets
 from softtargets.selection import FitResult, LearningRates, Selection
 from softtargets.stacked import StackedMLP, StackedOptimizer, stack_groups
 from softtargets.targets import check_labels, soften
-from softtargets.objectives import Targets, resolve_targets
 from softtargets.train import check_lengths, resolve_device
 
 
