@@ -133,3 +133,16 @@ def test_bad_pairs_are_one_line_errors(tmp_path) -> None:
     with pytest.raises(SoftTargetsError, match="without a checkpoint so far"):
         fit(student(), data, FeatureDistillation(teacher, [("2", "2")]), epochs=1,
             checkpoint=tmp_path / "c.ckpt")  # fmt: skip
+
+
+def test_hooks_leave_the_models_even_when_training_fails() -> None:
+    data = data_of((6,))
+    teacher = build_model("mlp", (6,), 2, seed=1, hidden=[12])
+    student = build_model("mlp", (6,), 2, seed=0, hidden=[4])
+
+    def fail(record) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(student, data, FeatureDistillation(teacher, [("2", "2")]), epochs=2, on_epoch_end=fail)
+    assert not any(m._forward_hooks for m in [*student.modules(), *teacher.modules()])

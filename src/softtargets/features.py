@@ -22,7 +22,8 @@ online teacher (``temperature``, ``alpha``, ``method``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,6 +35,7 @@ from softtargets.errors import SoftTargetsError
 from softtargets.losses.methods import check_method, method_loss
 
 FeatureLossName = Literal["mse", "cosine", "attention"]
+FEATURE_LOSSES = ("mse", "cosine", "attention")
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ def pair_loss(kind: str, student: Tensor, teacher: Tensor) -> Tensor:
         if student_map.shape != teacher_map.shape:
             raise SoftTargetsError("attention transfer pairs features of the same spatial size")
         return (student_map - teacher_map).pow(2).mean()
-    raise SoftTargetsError(f"unknown feature loss {kind!r}; use mse, cosine or attention")
+    raise SoftTargetsError(f"unknown feature loss {kind!r}; use {', '.join(FEATURE_LOSSES)}")
 
 
 class FeatureObjective(nn.Module):
@@ -128,7 +130,10 @@ class FeatureObjective(nn.Module):
         if not self.pairs:
             raise SoftTargetsError("FeatureDistillation needs at least one (student, teacher) pair")
         for pair in self.pairs:
-            pair_loss(pair.loss, torch.zeros(1, 1, 1), torch.zeros(1, 1, 1))  # a known loss?
+            if pair.loss not in FEATURE_LOSSES:
+                raise SoftTargetsError(
+                    f"unknown feature loss {pair.loss!r}; use {', '.join(FEATURE_LOSSES)}"
+                )
         self.options = check_method(spec.method, spec.options)
         self.teacher = spec.teacher.eval()
         self._seen: dict[str, Tensor] = {}
@@ -160,9 +165,14 @@ class FeatureObjective(nn.Module):
 
         return hook
 
-    def remove_hooks(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
+    @contextmanager
+    def hooks_removed(self) -> Iterator[None]:
+        """A block after which this objective's hooks are off the student and the teacher."""
+        try:
+            yield
+        finally:
+            for handle in self._hooks:
+                handle.remove()
 
     def loss(self, logits: Tensor, inputs: Tensor, labels: Tensor) -> Tensor:
         """The batch's loss; the student's forward on ``inputs`` has just run (its features are

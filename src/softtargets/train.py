@@ -7,6 +7,7 @@ would otherwise cost more than the model itself.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import math
@@ -342,7 +343,9 @@ def fit(
     first_epoch = 1
 
     # fork_rng keeps dropout's random draws seeded without changing the caller's global stream.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    # The feature objective's hooks leave the caller's models when training ends, however it ends.
+    hooks = feature_objective.hooks_removed() if features is not None else contextlib.nullcontext()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), hooks:
         torch.manual_seed(seed + distributed.rank())  # dropout differs between the processes
         if saved is not None:  # continue where the checkpoint left off
             model.load_state_dict(saved.model)
@@ -409,8 +412,6 @@ def fit(
             if task is not None:
                 progress.update(task, advance=1)
 
-    if features is not None:
-        feature_objective.remove_hooks()
     if tracker.finish(restore_best)[0] and best_state is not None:
         model.load_state_dict(best_state)
     if task is not None:
