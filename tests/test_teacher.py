@@ -341,6 +341,12 @@ def test_a_store_labelled_in_shards_is_the_store_of_one_process(tmp_path, monkey
     torch.testing.assert_close(store.logits, whole.logits)
     assert torch.equal(store.ids, whole.ids)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store.safetensors"]  # notes removed
+    foreign = tmp_path / "other.safetensors.partial"
+    foreign.write_text("mine")
+    with pytest.raises(SoftTargetsError, match="is not a shard file of this store"):
+        label_to_file(teacher, [(data.features[:16], data.ids[:16])], 50,
+                      tmp_path / "other.safetensors", data.class_names, shard=(0, count))  # fmt: skip
+    assert foreign.read_text() == "mine"
 
 
 def test_an_ensemble_store_averages_its_teachers_by_id(data) -> None:

@@ -531,6 +531,11 @@ def label_to_file(
     partial.parent.mkdir(parents=True, exist_ok=True)
     # Every shard opens the one file without truncating it (the others may be writing) and sets
     # its size, the same for all; each writes only its own byte ranges.
+    if partial.exists() and partial.stat().st_size not in (0, layout.size):
+        raise SoftTargetsError(
+            f"{partial} exists and is not a shard file of this store; softtargets does not "
+            "overwrite it: move it, or write the store elsewhere"
+        )
     fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o666)
     with os.fdopen(fd, "r+b") as handle:
         if handle.seek(0, os.SEEK_END) != layout.size:
