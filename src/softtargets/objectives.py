@@ -247,16 +247,18 @@ def method_objective(resolved: ResolvedTargets, labels: Tensor, device: torch.de
     (:func:`~softtargets.losses.methods.method_loss`; autograd differentiates it), the teacher's
     logits gathered a batch at a time."""
     teacher, teacher_rows = resolved.teacher_logits, resolved.teacher_rows
-    if isinstance(teacher, SoftTargetStore):
-        gather = teacher.dense
-    else:
-        teacher = teacher.to(device)
-        gather = functools.partial(teacher.index_select, 0)
+    # A store is read on the CPU; a tensor of logits moves, once, to where the model trains. The
+    # row map moves once too, not on every step.
+    on_store = isinstance(teacher, SoftTargetStore)
+    where_device = torch.device("cpu") if on_store else device
+    gather = teacher.dense if on_store else functools.partial(teacher.to(device).index_select, 0)
+    if teacher_rows is not None:
+        teacher_rows = teacher_rows.to(where_device)
 
     def objective(logits: Tensor, rows: Tensor) -> tuple[Tensor, None]:
-        where = rows if teacher_rows is None else teacher_rows.to(rows.device)[rows]
-        if isinstance(resolved.teacher_logits, SoftTargetStore):
-            where = where.cpu()
+        where = rows.to(where_device)
+        if teacher_rows is not None:
+            where = teacher_rows[where]
         v = gather(where).to(device).float()
         value = method_loss(
             resolved.method, resolved.options, logits, v, labels[rows], resolved.temperature,
