@@ -303,3 +303,26 @@ def test_one_run_compares_several_methods_on_the_same_teacher_and_seeds(tmp_path
     result = runner.invoke(app, ["distill", "--method", "fitnets", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "unknown method 'fitnets'" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_fitnet_from_the_command_line_pairs_the_penultimate_features(tmp_path) -> None:
+    """``--method fitnet``: KD plus a hint between the features feeding each classifier (the
+    demo: CNN teacher, MLP student: a Linear adapter), one student at a time, checkpointed."""
+    from softtargets.config import dump_config
+
+    quick = tmp_path / "quick.yaml"
+    quick.write_text(dump_config(demo_config(quick=True)))
+    result = runner.invoke(app, ["distill", "--config", str(quick), "--method", "kd", "--method",
+                                 "fitnet", "--method-option", "fitnet:weight=2", "--out",
+                                 str(tmp_path / "run")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    results = read_jsonl(tmp_path / "run" / "results.jsonl")
+    assert sorted((r["method"], r["seed"]) for r in results) == [
+        (m, s) for m in ("fitnet", "hard", "soft") for s in (0, 1)
+    ]
+    assert "FITNET: minus hard labels" in (tmp_path / "run" / "report.md").read_text()
+    assert not list((tmp_path / "run").glob("*.ckpt"))  # each fit's checkpoint went with it
+    bad = runner.invoke(app, ["distill", "--config", str(quick), "--method", "fitnet",
+                              "--method-option",
+                              "fitnet:student_layer=fc9", "--out", str(tmp_path / "bad")])  # fmt: skip
+    assert bad.exit_code == 2 and "the student has no module 'fc9'" in bad.output

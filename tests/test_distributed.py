@@ -18,6 +18,7 @@ import json, sys, torch
 from softtargets import distributed
 from softtargets.data import split
 from softtargets.datasets import gaussians
+from softtargets.features import FeatureDistillation
 from softtargets.models import build_model
 from softtargets.streams import TensorRows
 from softtargets.teacher import label
@@ -26,11 +27,13 @@ distributed.setup()
 parts = split(gaussians(num_samples=600, num_classes=3, dim=6, separation=3.0), 0.2, 0.2)
 teacher = fit(build_model("mlp", (6,), 3, seed=9, hidden=[32]), parts.train, epochs=3).model
 stored = Distillation(label(teacher, parts.train), 4.0, 0.7)
+# feature distillation: the adapter (16 -> 32 units) is trained beside the model, averaged too
+features = FeatureDistillation(teacher, [("1", "1")], weight=1.0, temperature=4.0, alpha=0.7)
 runs = {"hard": (None, parts.train), "stored logits": (stored, parts.train),
-        "streamed": (stored, TensorRows(parts.train))}
+        "streamed": (stored, TensorRows(parts.train)), "features": (features, parts.train)}
 out = {}
 for name, (target, train) in runs.items():
-    for seed in range(3 if name != "streamed" else 1):
+    for seed in range(3 if name in ("hard", "stored logits") else 1):
         model = build_model("mlp", (6,), 3, seed=seed, hidden=[16])
         # batch 50 of 360 rows: the last batch (10 rows) is dealt out unevenly too
         r = fit(model, train, target, val=parts.val, test=parts.test, epochs=5, lr=1e-2,

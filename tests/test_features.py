@@ -130,9 +130,34 @@ def test_bad_pairs_are_one_line_errors(tmp_path) -> None:
     with pytest.raises(SoftTargetsError, match="differ beyond their channels"):
         fit(build_model("cnn1d", (1, 16), 2, seed=0, channels=[3]), signal,
             FeatureDistillation(short, [("2", "4")]), epochs=1)  # length 8 vs 4  # fmt: skip
-    with pytest.raises(SoftTargetsError, match="without a checkpoint so far"):
-        fit(student(), data, FeatureDistillation(teacher, [("2", "2")]), epochs=1,
-            checkpoint=tmp_path / "c.ckpt")  # fmt: skip
+
+
+def test_a_feature_fit_resumes_exactly_adapters_included(tmp_path) -> None:
+    """The checkpoint holds the adapters (learned with the student) beside the model."""
+    data = data_of((6,))
+    teacher = build_model("mlp", (6,), 2, seed=1, hidden=[12])
+    targets = FeatureDistillation(teacher, [FeaturePair("2", "2", "mse")], weight=2.0)
+
+    def student() -> nn.Module:
+        return build_model("mlp", (6,), 2, seed=0, hidden=[4], dropout=0.2)
+
+    def stop_after_two(record: dict) -> None:
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    common = dict(epochs=5, lr=1e-2, batch_size=16, seed=3)
+    whole = fit(student(), data, targets, **common)
+    path = tmp_path / "f.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        fit(student(), data, targets, checkpoint=path, on_epoch_end=stop_after_two, **common)
+    resumed = fit(student(), data, targets, checkpoint=path, **common)
+    for a, b in zip(resumed.model.parameters(), whole.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in whole.history]
+    # another pair is another fit: its checkpoint is refused, not silently reused
+    other = FeatureDistillation(teacher, [FeaturePair("2", "2", "cosine")], weight=2.0)
+    with pytest.raises(SoftTargetsError, match="checkpoint"):
+        fit(student(), data, other, checkpoint=path, **common)
 
 
 def test_hooks_leave_the_models_even_when_training_fails() -> None:

@@ -235,6 +235,33 @@ def test_unknown_methods_and_options_are_one_line_errors(task) -> None:
     with pytest.raises(SoftTargetsError, match="unknown option 'gamma' for method 'dkd'"):
         fit(_student(), parts.train, Distillation(store, method="dkd", options={"gamma": 1}),
             epochs=1)  # fmt: skip
-    with pytest.raises(SoftTargetsError, match="for method 'dkd' use fit"):
-        fit_many([_student()], parts.train, [Member(0, Distillation(store, method="dkd"))],
+    with pytest.raises(SoftTargetsError, match="unknown method 'fitnets'"):
+        fit_many([_student()], parts.train, [Member(0, Distillation(store, method="fitnets"))],
                  epochs=1)  # fmt: skip
+
+
+def test_fit_many_trains_every_method_as_fit_does(task) -> None:
+    """Methods outside the stacked closed form (and the bucket tail) ride along in ``fit_many``
+    with ``fit``'s own objective: each member equals ``fit`` alone, beside closed-form members."""
+    from softtargets.train import Distillation, fit
+    from softtargets.vectorised import Member, fit_many
+
+    parts, store = task
+    half = torch.arange(0, len(parts.train), 2)  # a member with fewer rows finishes early
+    members = [
+        Member(0, Distillation(store, 2.0, 0.8)),
+        Member(1, Distillation(store, 4.0, 0.7, method="dkd", options={"beta": 2.0})),
+        Member(2, Distillation(store, 1.0, 1.0, method="dist")),
+        Member(3, Distillation(store, 2.0, 0.9, method="jsd"), rows=half),
+        Member(4, Distillation(store.top_k(2), 2.0, 1.0, tail="bucket")),
+        Member(5),
+    ]
+    common = dict(epochs=3, lr=1e-2, batch_size=32, val=parts.val)
+    together = fit_many([_student() for _ in members], parts.train, members, **common)
+    for member, result in zip(members, together, strict=True):
+        rows = parts.train if member.rows is None else parts.train.take(member.rows)
+        alone = fit(_student(), rows, member.targets, seed=member.seed, **common)
+        torch.testing.assert_close(_weights(result.model), _weights(alone.model), rtol=1e-4,
+                                   atol=1e-5)  # fmt: skip
+        for a, b in zip(result.history, alone.history, strict=True):
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)

@@ -90,6 +90,22 @@ def test_matching_smoothing_entropy() -> None:
     assert smoothing_entropy(1.0, 10) == pytest.approx(__import__("math").log(10))
 
 
+def test_methods_study_chooses_each_temperature_on_validation_only() -> None:
+    from softtargets.studies.methods import select_temperatures
+
+    rows = [
+        {"task": "a", "targets": "KD", "T": t, "seed": s, "val_accuracy": v, "test_accuracy": w}
+        for t, s, v, w in [
+            (1.0, 0, 0.70, 0.99), (1.0, 1, 0.72, 0.99),  # best on test, worse on validation
+            (4.0, 0, 0.80, 0.10), (4.0, 1, 0.78, 0.10),
+            (2.0, 0, 0.79, 0.50), (2.0, 1, 0.79, 0.50),  # the same mean: the lower T wins
+        ]
+    ]  # fmt: skip
+    assert select_temperatures(rows) == {("a", "KD"): 2.0}
+    rows[2]["val_accuracy"] = 0.81
+    assert select_temperatures(rows) == {("a", "KD"): 4.0}
+
+
 def test_largest_good_rate() -> None:
     assert largest_good_rate({0.01: 0.80, 0.1: 0.85, 1.0: 0.845, 3.0: 0.1}) == 1.0
     assert largest_good_rate({0.01: 0.80, 0.1: 0.85, 1.0: 0.83}) == 0.1

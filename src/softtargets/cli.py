@@ -93,7 +93,7 @@ def parse_options(pairs: list[str] | None, what: str) -> dict[str, Any]:
 def parse_method_options(pairs: list[str] | None, methods: list[str]) -> dict[str, dict]:
     """``--method-option`` values: ``dkd:beta=8`` for one method, or ``beta=8`` for every given
     method that takes ``beta`` (an option no given method takes is an error)."""
-    from softtargets.limits import METHOD_OPTIONS
+    from softtargets.limits import RUN_METHOD_OPTIONS
 
     options: dict[str, dict[str, Any]] = {}
     for pair in pairs or []:
@@ -102,7 +102,7 @@ def parse_method_options(pairs: list[str] | None, methods: list[str]) -> dict[st
             targets = [method]
         else:
             targets, rest = [m for m in methods if pair.partition("=")[0].strip() in
-                             METHOD_OPTIONS.get(m, ())], pair  # fmt: skip
+                             RUN_METHOD_OPTIONS.get(m, ())], pair  # fmt: skip
             if not targets:
                 raise SoftTargetsError(
                     f"method option {pair!r}: none of the methods {methods} takes it; write "
@@ -519,7 +519,8 @@ def distill(
         typer.Option(
             "--method",
             help="Distillation method, repeatable to compare several on the same teacher and "
-            "seeds: kd, dkd, dist, jsd, rkl, tv \\[default: kd].",
+            "seeds: kd, dkd, dist, jsd, rkl, tv, fitnet (KD plus a hint on the penultimate "
+            "features) \\[default: kd].",
         ),
     ] = None,
     method_option: Annotated[

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from softtargets.errors import SoftTargetsError
-from softtargets.limits import METHOD_OPTIONS, TEMPERATURE_RANGE, check_method_name
+from softtargets.limits import RUN_METHOD_OPTIONS, TEMPERATURE_RANGE, check_method_name
 
 
 class Strict(BaseModel):
@@ -119,7 +119,7 @@ class DistillConfig(Strict):
         default_factory=lambda: ["kd"],
         min_length=1,
         description="distillation methods compared with hard labels on the same teacher and "
-        "seeds: kd (Hinton), dkd, dist, jsd, rkl, tv",
+        "seeds: kd (Hinton), dkd, dist, jsd, rkl, tv, fitnet (KD plus a feature hint)",
     )
     method_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="each method's own options, e.g. {dkd: {beta: 8}}"
@@ -138,8 +138,8 @@ class DistillConfig(Strict):
     @classmethod
     def _known_methods(cls, value: list[str]) -> list[str]:
         for name in value:
-            if name not in METHOD_OPTIONS:
-                raise ValueError(f"unknown method {name!r}; use {', '.join(METHOD_OPTIONS)}")
+            if name not in RUN_METHOD_OPTIONS:
+                raise ValueError(f"unknown method {name!r}; use {', '.join(RUN_METHOD_OPTIONS)}")
         if len(set(value)) != len(value):
             raise ValueError("a method is named twice")
         return value
@@ -149,7 +149,7 @@ class DistillConfig(Strict):
     def _known_method_options(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for name, options in value.items():
             try:
-                check_method_name(name, options)
+                check_method_name(name, options, features=True)
             except SoftTargetsError as err:
                 raise ValueError(str(err)) from None
         return value

@@ -109,6 +109,25 @@ def sum_(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def broadcast_parameters(module: torch.nn.Module) -> None:
+    """Rank 0's parameters of ``module`` on every process (in place), as DDP does for the model
+    it wraps: for modules trained beside it (feature distillation's adapters)."""
+    if active():
+        with torch.no_grad():
+            for parameter in module.parameters():
+                dist.broadcast(parameter.data, src=0)
+
+
+def average_gradients(module: torch.nn.Module) -> None:
+    """Each gradient of ``module`` averaged over the processes (in place), as DDP averages the
+    gradients of the model it wraps."""
+    if active():
+        for parameter in module.parameters():
+            if parameter.grad is not None:
+                dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
+                parameter.grad.div_(world_size())
+
+
 def gather_to_main(item: Any) -> list[Any] | None:
     """Every process's ``item``, in rank order, on rank 0 (``None`` elsewhere)."""
     if not active():

@@ -69,6 +69,20 @@ class FeatureDistillation:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+def penultimate(model: nn.Module, which: str = "model") -> str:
+    """The dotted path of the module whose output feeds ``model``'s last ``Linear`` layer (the
+    features a linear classifier reads): FitNets' hint, by default, for the models of
+    :mod:`softtargets.models` and any ``nn.Sequential`` ending in a ``Linear``."""
+    names = [name for name, _ in model.named_children()]
+    last = [i for i, (_, child) in enumerate(model.named_children()) if isinstance(child, nn.Linear)]
+    if not isinstance(model, nn.Sequential) or not last or last[-1] == 0:
+        raise SoftTargetsError(
+            f"cannot tell which layer of the {which} ({type(model).__name__}) feeds its "
+            "classifier; name it (method option student_layer= / teacher_layer=)"
+        )
+    return names[last[-1] - 1]
+
+
 def _module(model: nn.Module, path: str, which: str) -> nn.Module:
     try:
         return model.get_submodule(path)

@@ -38,12 +38,22 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-def check_method_name(name: str, options: dict | None) -> dict:
-    """``options`` of method ``name`` as a dict; one-line error for an unknown method or option."""
-    if name not in METHOD_OPTIONS:
-        raise SoftTargetsError(f"unknown method {name!r}; use one of {', '.join(METHOD_OPTIONS)}")
+#: methods of a run (``softtargets distill --method``) that pair features, not logits: the
+#: student learns the run's KD plus one feature pair (:mod:`softtargets.features`)
+FEATURE_METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
+    "fitnet": ("student_layer", "teacher_layer", "loss", "weight"),
+}
+RUN_METHOD_OPTIONS = {**METHOD_OPTIONS, **FEATURE_METHOD_OPTIONS}
+
+
+def check_method_name(name: str, options: dict | None, *, features: bool = False) -> dict:
+    """``options`` of method ``name`` as a dict; one-line error for an unknown method or option.
+    ``features``: the feature methods a run may name (``fitnet``) are known too."""
+    known = RUN_METHOD_OPTIONS if features else METHOD_OPTIONS
+    if name not in known:
+        raise SoftTargetsError(f"unknown method {name!r}; use one of {', '.join(known)}")
     options = dict(options or {})
-    allowed = METHOD_OPTIONS[name]
+    allowed = known[name]
     for key in options:
         if key not in allowed:
             known = ", ".join(allowed) if allowed else "none"

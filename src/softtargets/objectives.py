@@ -242,27 +242,36 @@ def make_objective(targets: Targets, data: Dataset, device: torch.device) -> Obj
     )
 
 
+def teacher_gatherer(resolved: ResolvedTargets, device: torch.device) -> Callable[[Tensor], Tensor]:
+    """``gather(rows (B,)) -> (B, K)`` float32 teacher logits on ``device`` for rows of the data:
+    a store read on the CPU (a top-k store expanded a batch at a time), a tensor of logits moved
+    to ``device`` once. The row map moves once too, not on every step."""
+    teacher, teacher_rows = resolved.teacher_logits, resolved.teacher_rows
+    on_store = isinstance(teacher, SoftTargetStore)
+    where_device = torch.device("cpu") if on_store else device
+    read = teacher.dense if on_store else functools.partial(teacher.to(device).index_select, 0)
+    if teacher_rows is not None:
+        teacher_rows = teacher_rows.to(where_device)
+
+    def gather(rows: Tensor) -> Tensor:
+        where = rows.to(where_device)
+        if teacher_rows is not None:
+            where = teacher_rows[where]
+        return read(where).to(device).float()
+
+    return gather
+
+
 def method_objective(resolved: ResolvedTargets, labels: Tensor, device: torch.device) -> Objective:
     """``objective(logits, rows)`` of a distillation method other than plain KD
     (:func:`~softtargets.losses.methods.method_loss`; autograd differentiates it), the teacher's
     logits gathered a batch at a time."""
-    teacher, teacher_rows = resolved.teacher_logits, resolved.teacher_rows
-    # A store is read on the CPU; a tensor of logits moves, once, to where the model trains. The
-    # row map moves once too, not on every step.
-    on_store = isinstance(teacher, SoftTargetStore)
-    where_device = torch.device("cpu") if on_store else device
-    gather = teacher.dense if on_store else functools.partial(teacher.to(device).index_select, 0)
-    if teacher_rows is not None:
-        teacher_rows = teacher_rows.to(where_device)
+    gather = teacher_gatherer(resolved, device)
 
     def objective(logits: Tensor, rows: Tensor) -> tuple[Tensor, None]:
-        where = rows.to(where_device)
-        if teacher_rows is not None:
-            where = teacher_rows[where]
-        v = gather(where).to(device).float()
         value = method_loss(
-            resolved.method, resolved.options, logits, v, labels[rows], resolved.temperature,
-            resolved.alpha,
+            resolved.method, resolved.options, logits, gather(rows), labels[rows],
+            resolved.temperature, resolved.alpha,
         )  # fmt: skip
         return value, None
 

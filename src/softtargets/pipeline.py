@@ -34,6 +34,8 @@ from softtargets import distributed
 from softtargets.config import DistillConfig, dump_config
 from softtargets.data import Dataset, Splits, align_classes, labels_fingerprint, split
 from softtargets.errors import SoftTargetsError
+from softtargets.features import FeatureDistillation, FeaturePair, penultimate
+from softtargets.limits import FEATURE_METHOD_OPTIONS
 from softtargets.loaders import load_data
 from softtargets.models import build_model, count_parameters, forward_flops
 from softtargets.report import markdown_table, of_total, plot_epoch_curves
@@ -437,10 +439,10 @@ def _fit_students_here(
     finished = []
     if config.student.name == "mlp" and part.splits.train.weights is None:
         # MLP students train all at once (softtargets.vectorised), several times faster; each
-        # step equals fit's to float tolerance. A resumed run trains the unfinished ones. fit_many
-        # trains hard labels and plain KD; other methods train one by one below.
-        plain = not config.method_options.get("kd")
-        together = [p for p in pending if p[0] == "hard" or (p[0] == "soft" and plain)]
+        # step equals fit's to float tolerance (every logit method: those outside the stacked
+        # closed form use fit's own objective). A resumed run trains the unfinished ones.
+        # Feature methods run the teacher on every batch: one student at a time, below.
+        together = [p for p in pending if p[0] not in FEATURE_METHOD_OPTIONS]
         if together:
             finished += _fit_students_together(config, part, together, key, folder, progress, log)
         pending = [p for p in pending if p not in together]
@@ -456,8 +458,9 @@ def _fit_students_here(
 
 def _student(
     config: DistillConfig, part: TeacherRun, method: str, seed: int
-) -> tuple[nn.Module, Distillation | None]:
-    """A fresh student model and its targets: ``None`` (hard labels) or a Distillation."""
+) -> tuple[nn.Module, Distillation | FeatureDistillation | None]:
+    """A fresh student model and its targets: ``None`` (hard labels), a Distillation, or a
+    FeatureDistillation (``fitnet``)."""
     data = part.data
     student = build_model(
         config.student.name,
@@ -468,6 +471,8 @@ def _student(
     )
     if method == "hard":
         return student, None
+    if method in FEATURE_METHOD_OPTIONS:
+        return student, _feature_targets(config, part, student, method)
     name = "kd" if method == "soft" else method
     targets = Distillation(
         part.store,
@@ -477,6 +482,22 @@ def _student(
         options=dict(config.method_options.get(name, {})),
     )
     return student, targets
+
+
+def _feature_targets(
+    config: DistillConfig, part: TeacherRun, student: nn.Module, method: str
+) -> FeatureDistillation:
+    """``fitnet``: the run's KD (its T and alpha) against the teacher run online, plus one hint
+    pair — by default the features feeding each model's classifier, MSE through an adapter."""
+    options = dict(config.method_options.get(method, {}))
+    pair = FeaturePair(
+        options.get("student_layer") or penultimate(student, "student"),
+        options.get("teacher_layer") or penultimate(part.teacher, "teacher"),
+        options.get("loss", "mse"),
+    )
+    return FeatureDistillation(
+        part.teacher, [pair], float(options.get("weight", 1.0)), config.temperature, config.alpha
+    )
 
 
 def _fit_student(

@@ -292,11 +292,6 @@ def fit(
     model.to(device)
     features = targets if isinstance(targets, FeatureDistillation) else None
     if features is not None:
-        if checkpoint is not None or distributed.active():
-            raise SoftTargetsError(
-                "feature distillation trains in one process without a checkpoint so far (its "
-                "adapters are not saved); drop checkpoint= or run it on one process"
-            )
         targets = None  # the batches' own loss is replaced by the feature objective below
     if streams.is_stream(data):
         if isinstance(val, float):
@@ -313,10 +308,17 @@ def fit(
             val = data.take(val_rows)
         generator = torch.Generator().manual_seed(seed)
         batches = _MemoryBatches(data, train_rows, targets, batch_size, generator, device)
+    # What the optimizer trains and a checkpoint saves: the model, and with feature
+    # distillation the adapters too (trained beside the model, averaged like it under DDP).
     trainable: nn.Module = model
+    adapters: nn.Module | None = None
     if features is not None:  # the teacher online, hooks on both models, adapters trained too
-        feature_objective = _feature_objective(features, model, data, batches, device)
-        trainable = nn.ModuleList([model, feature_objective.adapters])
+        with torch.random.fork_rng(devices=[]):  # the adapters' initial weights follow seed
+            torch.manual_seed(seed)
+            feature_objective = _feature_objective(features, model, data, batches, device)
+        adapters = feature_objective.adapters
+        distributed.broadcast_parameters(adapters)
+        trainable = nn.ModuleList([model, adapters])
     val_dev = val.to(device) if isinstance(val, Dataset) else val
     test_dev = test.to(device) if isinstance(test, Dataset) else test
     trained = model
@@ -331,7 +333,8 @@ def fit(
         weight_decay=weight_decay, momentum=momentum, schedule=schedule, seed=seed,
         patience=patience, restore_best=restore_best, precision=precision, compile=compile,
     )  # fmt: skip
-    key = _fit_key(model, data, targets, val, settings) if checkpoint is not None else ""
+    described = features if features is not None else targets
+    key = _fit_key(model, data, described, val, settings) if checkpoint is not None else ""
     opt = make_optimizer(trainable, optimizer, lr, weight_decay, momentum)
     rates = LearningRates([lr], schedule, [epochs * math.ceil(len(batches) / batch_size)])
     main = distributed.rank() == 0  # of the processes training this model, rank 0 writes
@@ -348,7 +351,7 @@ def fit(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), hooks:
         torch.manual_seed(seed + distributed.rank())  # dropout differs between the processes
         if saved is not None:  # continue where the checkpoint left off
-            model.load_state_dict(saved.model)
+            trainable.load_state_dict(saved.model)
             opt.load_state_dict(saved.optimizer)
             best_state = saved.best
             tracker.restore(saved.progress["selection"])
@@ -384,6 +387,8 @@ def fit(
                         scaler.scale(loss).backward()
                     else:
                         logits.backward(scaler.scale(logits_grad))
+                    if adapters is not None:
+                        distributed.average_gradients(adapters)
                     scaler.step(opt)
                     scaler.update()
                 else:
@@ -391,6 +396,8 @@ def fit(
                         loss.backward()
                     else:  # the gradient is known in closed form: autograd runs the model only
                         logits.backward(logits_grad)
+                    if adapters is not None:
+                        distributed.average_gradients(adapters)
                     opt.step()
                 # detach() keeps this a device-side sum: no host sync inside the loop.
                 loss_sum += value * count
@@ -403,7 +410,7 @@ def fit(
             last = epoch == epochs or not tracker.running[0]
             if checkpoint is not None and main and (epoch % checkpoint_every == 0 or last):
                 checkpoints.save(checkpoint, checkpoints.FitState(
-                    key=key, epoch=epoch, model=model.state_dict(), optimizer=opt.state_dict(),
+                    key=key, epoch=epoch, model=trainable.state_dict(), optimizer=opt.state_dict(),
                     best=best_state, rng=checkpoints.rng_states(batches.generators(), device),
                     progress={"selection": tracker.state(), "rates": rates.state()},
                 ))  # fmt: skip
@@ -454,6 +461,12 @@ def _fit_key(
             return [part.fingerprint, len(part), labels_fingerprint(part)]
         if isinstance(part, SoftTargetStore):
             return [part.teacher_fingerprint, part.data_fingerprint, part.kept]
+        if isinstance(part, FeatureDistillation):
+            pairs = [list(p) if isinstance(p, tuple) else list(vars(p).values()) for p in part.pairs]
+            return [
+                "features", fingerprint_module(part.teacher), pairs, part.weight,
+                part.temperature, part.alpha, part.method, part.options,
+            ]  # fmt: skip
         if isinstance(part, Distillation):
             return [
                 "distill", describe(part.teacher), part.temperature, part.alpha, part.tail,

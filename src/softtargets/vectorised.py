@@ -23,10 +23,11 @@ step is computed and a batch fetched (:class:`_Batches`).
 
 from __future__ import annotations
 
+import ast
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,14 @@ from torch import Tensor, nn
 from softtargets.data import Dataset
 from softtargets.errors import SoftTargetsError
 from softtargets.losses.stacked import StackedLoss
-from softtargets.objectives import Targets, resolve_targets
+from softtargets.losses.methods import method_loss
+from softtargets.objectives import (
+    ResolvedTargets,
+    Targets,
+    make_objective,
+    resolve_targets,
+    teacher_gatherer,
+)
 from softtargets.selection import FitResult, LearningRates, Selection
 from softtargets.stacked import StackedMLP, StackedOptimizer, stack_groups
 from softtargets.targets import check_labels, soften
@@ -68,33 +76,36 @@ class Member:
 
 
 # ---------------------------------------------------------------------------- targets
+def _member_data(member: Member, data: Dataset) -> Dataset:
+    """``data`` with the member's own labels (say noisy ones) when it has them."""
+    if member.labels is None:
+        return data
+    labels = check_labels(member.labels, data.num_classes, len(data)).long()
+    return replace(data, labels=labels.to(data.labels.device))
+
+
+def _closed_form(resolved: ResolvedTargets) -> bool:
+    """Whether :class:`StackedLoss`'s closed form covers these targets: hard labels, probability
+    rows, or Hinton's loss with a uniform tail. Other methods and the bucket tail train through
+    ``fit``'s own objective (:func:`~softtargets.objectives.make_objective`) and autograd."""
+    return resolved.kind != "distill" or (resolved.plain_kd and resolved.tail == "uniform")
+
+
 def _member_targets(
-    member: Member, data: Dataset
+    resolved: ResolvedTargets, labels: Tensor
 ) -> tuple[Tensor | None, Tensor, float, float, bool]:
     """``(probs (N, K) or None, labels (N,), temperature, alpha, is_distillation)`` for one member.
 
     The per-row loss is ``alpha T^2 H(probs, softmax(z / T)) + (1 - alpha) CE(z, label)``:
     hard labels are ``probs = None, alpha = 0``; a probability matrix is ``T = 1, alpha = 1``. As
     in ``fit``, distillation reports the soft term as a KL divergence (cross-entropy minus the
-    teacher's entropy) and a probability matrix as the cross-entropy itself.
+    teacher's entropy) and a probability matrix as the cross-entropy itself. A member outside the
+    closed form gets hard-label rows here as a placeholder (its loss is computed apart).
     """
-    labels = data.labels
-    if member.labels is not None:
-        labels = check_labels(member.labels, data.num_classes, len(data)).long()
-    resolved = resolve_targets(member.targets, data)
-    if resolved.kind == "hard":
+    if resolved.kind == "hard" or not _closed_form(resolved):
         return None, labels, 1.0, 0.0, False
     if resolved.kind == "probs":
         return resolved.probs, labels, 1.0, 1.0, False
-    if resolved.tail == "bucket":
-        raise SoftTargetsError(
-            "fit_many spreads a top-k store's tail uniformly; for tail='bucket' use fit"
-        )
-    if not resolved.plain_kd:
-        raise SoftTargetsError(
-            f"fit_many trains Hinton's loss (method 'kd' without options); for method "
-            f"{resolved.method!r} use fit"
-        )
     probs = soften(resolved.dense_teacher_logits(), resolved.temperature)
     return probs, labels, resolved.temperature, resolved.alpha, True
 
@@ -123,12 +134,95 @@ def _rows_by_step(order: Tensor, steps: int, offset: int = 0) -> Tensor:
 
 class StackedTargets(StackedLoss):
     """:class:`~softtargets.losses.stacked.StackedLoss` of members' targets, each resolved and
-    checked against the data as ``fit`` does."""
+    checked against the data as ``fit`` does.
+
+    Members whose targets the closed form does not cover (a distillation method other than plain
+    KD, or a top-k store's bucket tail) get ``fit``'s own loss, differentiated by autograd in
+    their logits: members of one method, options, ``T`` and ``alpha`` in one call of
+    :func:`~softtargets.losses.methods.method_loss` vectorised over them (``torch.func.vmap``);
+    a member whose batch is short (its epoch's last) or with a bucket tail, through ``fit``'s
+    objective alone.
+    """
 
     @classmethod
-    def for_members(cls, members: Sequence[Member], data: Dataset) -> StackedTargets:
-        """Resolve and check each member's targets against ``data``."""
-        return cls([_member_targets(m, data) for m in members], data.num_classes)
+    def for_members(
+        cls, members: Sequence[Member], data: Dataset, device: torch.device | str = "cpu"
+    ) -> StackedTargets:
+        """Resolve and check each member's targets against ``data``; the table on ``device``."""
+        device = torch.device(device)
+        resolved, objectives, groups = [], {}, {}
+        gatherers, labels = {}, {}
+        for m, member in enumerate(members):
+            own = _member_data(member, data)
+            targets = resolve_targets(member.targets, own)
+            resolved.append(_member_targets(targets, own.labels))
+            if _closed_form(targets):
+                continue
+            objectives[m] = make_objective(member.targets, own, device)
+            if targets.tail == "uniform":
+                key = (targets.method, repr(sorted(targets.options.items())),
+                       targets.temperature, targets.alpha)  # fmt: skip
+                groups.setdefault(key, []).append(m)
+                gatherers[m] = teacher_gatherer(targets, device)
+                labels[m] = own.labels.to(device)
+        stacked = cls(resolved, data.num_classes).to(device)
+        stacked.num_rows, stacked.objectives = len(data), objectives
+        stacked.groups = {key: (_vectorised_method(*key), ms) for key, ms in groups.items()}
+        stacked.gatherers, stacked.labels = gatherers, labels
+        return stacked
+
+    def loss(self, logits: Tensor, table_rows: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """As :meth:`StackedLoss.loss`, with the members outside the closed form replaced by
+        their loss's batch mean over their real rows and its autograd gradient."""
+        value, grad = super().loss(logits, table_rows, weight)
+        if not self.objectives:
+            return value, grad
+        count, batch, _ = logits.shape
+        data_rows = table_rows.view(count, batch) - (
+            torch.arange(count, device=table_rows.device)[:, None] * self.num_rows
+        )
+        real = weight > 0
+        complete = real.all(1).tolist()  # one host sync a step
+        alone = set(self.objectives)
+        for vectorised, group in self.groups.values():
+            whole = [m for m in group if complete[m]]
+            if not whole:
+                continue
+            alone -= set(whole)
+            index = torch.tensor(whole, device=logits.device)
+            rows = data_rows.index_select(0, index)
+            teacher = torch.stack([self.gatherers[m](r) for m, r in zip(whole, rows, strict=True)])
+            member_labels = torch.stack(
+                [self.labels[m][r] for m, r in zip(whole, rows, strict=True)]
+            )
+            member_grad, member_value = vectorised(
+                logits.index_select(0, index).detach(), teacher, member_labels
+            )
+            value[index], grad[index] = member_value.detach(), member_grad.detach()
+        for m in sorted(alone):
+            if not bool(real[m].any()):
+                continue  # this member has finished its epoch: nothing to add
+            member_logits = logits[m][real[m]].detach().requires_grad_(True)
+            with torch.enable_grad():
+                member_value, _ = self.objectives[m](member_logits, data_rows[m][real[m]])
+                (member_grad,) = torch.autograd.grad(member_value, member_logits)
+            value[m] = member_value.detach()
+            grad[m].zero_()[real[m]] = member_grad
+        return value, grad
+
+
+def _vectorised_method(
+    method: str, options: str, temperature: float, alpha: float
+) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """``f(logits (G, B, K), teacher logits (G, B, K), labels (G, B)) -> (gradient (G, B, K),
+    value (G,))`` of :func:`~softtargets.losses.methods.method_loss` for ``G`` members at once
+    (``options`` as ``repr`` of its sorted items, the group's key)."""
+    parsed = dict(ast.literal_eval(options))
+
+    def one(logits: Tensor, teacher: Tensor, labels: Tensor) -> Tensor:
+        return method_loss(method, parsed, logits, teacher, labels, temperature, alpha)
+
+    return torch.func.vmap(torch.func.grad_and_value(one))
 
 
 # ---------------------------------------------------------------------------- fit_many
@@ -224,7 +318,7 @@ def _fit_stack(
             f"the models map {net.in_features} features to {net.out_features} classes; the data "
             f"has {data.num_features} features and {data.num_classes} classes"
         )
-    targets = StackedTargets.for_members(members, data).to(device)
+    targets = StackedTargets.for_members(members, data, device)
     batches = _Batches(members, data, batch_size, device)
     rates = LearningRates(
         [m.lr if m.lr is not None else lr for m in members],

@@ -92,12 +92,14 @@ def dkd_loss(
     """
     teacher_logits = _check_pair(student_logits, teacher_logits)
     t = check_temperature(temperature)
-    target = F.one_hot(labels.long(), student_logits.shape[1]).bool()  # (B, K)
+    labels = labels.long().view(-1, 1)
+    # (B, K) mask of each row's label (scatter, not one_hot: one_hot reads the labels' max)
+    target = torch.zeros_like(student_logits, dtype=torch.bool).scatter(1, labels, True)
 
     def parts(logits: Tensor) -> tuple[Tensor, Tensor]:
         """``log [p_y, 1 - p_y]`` (B, 2) and log of the renormalised non-target part (B, K)."""
         log_p = F.log_softmax(_softened(logits, t, standardize), dim=-1)
-        log_y = log_p.masked_select(target).view(-1, 1)
+        log_y = log_p.gather(1, labels)  # (gather, not masked_select: it vmaps)
         log_rest = torch.logsumexp(log_p.masked_fill(target, float("-inf")), dim=-1, keepdim=True)
         log_others = log_p.masked_fill(target, float("-inf")) - log_rest
         return torch.cat([log_y, log_rest], dim=1), log_others

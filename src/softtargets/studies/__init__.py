@@ -11,6 +11,7 @@
 | label-noise | a teacher's soft targets soften label noise |
 | omit-class | dark knowledge: a class never seen in the transfer set is still learned |
 | smoothing-vs-teacher | the gain is the teacher's information, not softening alone |
+| methods | the newer distillation losses (DKD and others) beat Hinton's KD |
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ STUDIES = {
     "label-noise": "label_noise",
     "omit-class": "omit_class",
     "smoothing-vs-teacher": "smoothing",
+    "methods": "methods",
 }
 
 
