@@ -23,10 +23,9 @@ step is computed and a batch fetched (:class:`_Batches`).
 
 from __future__ import annotations
 
-import ast
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -138,10 +137,10 @@ class StackedTargets(StackedLoss):
 
     Members whose targets the closed form does not cover (a distillation method other than plain
     KD, or a top-k store's bucket tail) get ``fit``'s own loss, differentiated by autograd in
-    their logits: members of one method, options, ``T`` and ``alpha`` in one call of
-    :func:`~softtargets.losses.methods.method_loss` vectorised over them (``torch.func.vmap``);
-    a member whose batch is short (its epoch's last) or with a bucket tail, through ``fit``'s
-    objective alone.
+    their logits: members of one method and options in one call of
+    :func:`~softtargets.losses.methods.method_loss` on their stacked batches (each with its own
+    ``T`` and ``alpha``); a member whose batch is short (its epoch's last) or with a bucket tail,
+    through ``fit``'s objective alone.
     """
 
     @classmethod
@@ -151,7 +150,7 @@ class StackedTargets(StackedLoss):
         """Resolve and check each member's targets against ``data``; the table on ``device``."""
         device = torch.device(device)
         resolved, objectives, groups = [], {}, {}
-        gatherers, labels = {}, {}
+        gatherers, labels, settings = {}, {}, {}
         for m, member in enumerate(members):
             own = _member_data(member, data)
             targets = resolve_targets(member.targets, own)
@@ -160,14 +159,14 @@ class StackedTargets(StackedLoss):
                 continue
             objectives[m] = make_objective(member.targets, own, device)
             if targets.tail == "uniform":
-                key = (targets.method, repr(sorted(targets.options.items())),
-                       targets.temperature, targets.alpha)  # fmt: skip
+                key = (targets.method, repr(sorted(targets.options.items())))
                 groups.setdefault(key, []).append(m)
                 gatherers[m] = teacher_gatherer(targets, device)
                 labels[m] = own.labels.to(device)
+                settings[m] = (targets.method, targets.options, targets.temperature, targets.alpha)
         stacked = cls(resolved, data.num_classes).to(device)
         stacked.num_rows, stacked.objectives = len(data), objectives
-        stacked.groups = {key: (_vectorised_method(*key), ms) for key, ms in groups.items()}
+        stacked.groups, stacked.settings = list(groups.values()), settings
         stacked.gatherers, stacked.labels = gatherers, labels
         return stacked
 
@@ -184,21 +183,27 @@ class StackedTargets(StackedLoss):
         real = weight > 0
         complete = real.all(1).tolist()  # one host sync a step
         alone = set(self.objectives)
-        for vectorised, group in self.groups.values():
+        for group in self.groups:
             whole = [m for m in group if complete[m]]
             if not whole:
                 continue
             alone -= set(whole)
             index = torch.tensor(whole, device=logits.device)
             rows = data_rows.index_select(0, index)
-            teacher = torch.stack([self.gatherers[m](r) for m, r in zip(whole, rows, strict=True)])
-            member_labels = torch.stack(
-                [self.labels[m][r] for m, r in zip(whole, rows, strict=True)]
+            pairs = list(zip(whole, rows, strict=True))
+            teacher = torch.stack([self.gatherers[m](r) for m, r in pairs])  # (G, B, K)
+            member_labels = torch.stack([self.labels[m][r] for m, r in pairs])  # (G, B)
+            method, options, _, _ = self.settings[whole[0]]
+            temperature, alpha = (
+                torch.tensor([self.settings[m][i] for m in whole], device=logits.device)
+                for i in (2, 3)
             )
-            member_grad, member_value = vectorised(
-                logits.index_select(0, index).detach(), teacher, member_labels
-            )
-            value[index], grad[index] = member_value.detach(), member_grad.detach()
+            member_logits = logits.index_select(0, index).requires_grad_(True)
+            with torch.enable_grad():  # each member's mean depends on its own logits only
+                member_value = method_loss(method, options, member_logits, teacher,
+                                           member_labels, temperature, alpha)  # fmt: skip
+                (member_grad,) = torch.autograd.grad(member_value.sum(), member_logits)
+            value[index], grad[index] = member_value.detach(), member_grad
         for m in sorted(alone):
             if not bool(real[m].any()):
                 continue  # this member has finished its epoch: nothing to add
@@ -209,20 +214,6 @@ class StackedTargets(StackedLoss):
             value[m] = member_value.detach()
             grad[m].zero_()[real[m]] = member_grad
         return value, grad
-
-
-def _vectorised_method(
-    method: str, options: str, temperature: float, alpha: float
-) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]:
-    """``f(logits (G, B, K), teacher logits (G, B, K), labels (G, B)) -> (gradient (G, B, K),
-    value (G,))`` of :func:`~softtargets.losses.methods.method_loss` for ``G`` members at once
-    (``options`` as ``repr`` of its sorted items, the group's key)."""
-    parsed = dict(ast.literal_eval(options))
-
-    def one(logits: Tensor, teacher: Tensor, labels: Tensor) -> Tensor:
-        return method_loss(method, parsed, logits, teacher, labels, temperature, alpha)
-
-    return torch.func.vmap(torch.func.grad_and_value(one))
 
 
 # ---------------------------------------------------------------------------- fit_many

@@ -2,7 +2,10 @@
 
 Shapes: ``B`` rows, ``K`` classes; ``student_logits`` and ``teacher_logits`` are ``(B, K)``,
 ``labels`` ``(B,)``. Every function returns the batch mean (a scalar) and is differentiable by
-autograd in the student's logits; none adds the hard-label cross-entropy (the trainer mixes it in
+autograd in the student's logits. Each also takes a stack of ``M`` such batches, ``(M, B, K)``
+logits and ``(M, B)`` labels, with ``temperature`` (and ``method_loss``'s ``weight``) a float or
+an ``(M,)`` tensor, and returns the ``(M,)`` batch means: how ``fit_many`` computes its members of
+one method in one call; none adds the hard-label cross-entropy (the trainer mixes it in
 with ``1 - alpha``, see :class:`~softtargets.train.Distillation`). ``tests/test_methods.py``
 checks each against a float64 formula written out independently and by finite differences.
 
@@ -45,12 +48,28 @@ def standardize(logits: Tensor, eps: float = 1e-7) -> Tensor:
     return (logits - mean) / (logits.std(dim=-1, keepdim=True) + eps)
 
 
-def _softened(logits: Tensor, temperature: float, standardized: bool) -> Tensor:
-    return (standardize(logits) if standardized else logits) / check_temperature(temperature)
+def _temperatures(temperature: float | Tensor, logits: Tensor) -> tuple[Any, Any]:
+    """``(divisor, factor)``: ``temperature`` broadcast against ``(..., B, K)`` logits and against
+    the ``(...)`` losses. A float is checked as everywhere; a tensor holds one value per leading
+    index (``fit_many``'s members)."""
+    if not isinstance(temperature, Tensor):
+        t = check_temperature(temperature)
+        return t, t
+    if temperature.shape != logits.shape[:-2]:
+        raise SoftTargetsError(
+            f"temperatures of shape {tuple(temperature.shape)} for logits of shape "
+            f"{tuple(logits.shape)}; give one per stacked batch"
+        )
+    t = temperature.to(logits.dtype)
+    return t[..., None, None], t
+
+
+def _softened(logits: Tensor, divisor: Any, standardized: bool) -> Tensor:
+    return (standardize(logits) if standardized else logits) / divisor
 
 
 def _check_pair(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    if student_logits.shape != teacher_logits.shape or student_logits.ndim != 2:
+    if student_logits.shape != teacher_logits.shape or student_logits.ndim < 2:
         raise SoftTargetsError(
             f"student logits have shape {tuple(student_logits.shape)} but teacher logits "
             f"{tuple(teacher_logits.shape)}; give both as (rows, classes) with the same classes"
@@ -67,10 +86,11 @@ def kd_loss(
     """Hinton's soft term, ``T^2 KL(p_T || p_S)`` (batch mean); with ``standardize`` the logits are
     z-scored per row first (logit standardisation)."""
     teacher_logits = _check_pair(student_logits, teacher_logits)
-    t = check_temperature(temperature)
-    log_q = F.log_softmax(_softened(student_logits, t, standardize), dim=-1)
-    log_p = F.log_softmax(_softened(teacher_logits, t, standardize), dim=-1)
-    return (t * t) * F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1).mean()
+    divisor, t = _temperatures(temperature, student_logits)
+    log_q = F.log_softmax(_softened(student_logits, divisor, standardize), dim=-1)
+    log_p = F.log_softmax(_softened(teacher_logits, divisor, standardize), dim=-1)
+    kl = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1).mean(-1)
+    return (t * t) * kl
 
 
 def dkd_loss(
@@ -91,18 +111,18 @@ def dkd_loss(
     adds the cross-entropy with a warm-up, which the trainer's ``1 - alpha`` mix stands in for.
     """
     teacher_logits = _check_pair(student_logits, teacher_logits)
-    t = check_temperature(temperature)
-    labels = labels.long().view(-1, 1)
-    # (B, K) mask of each row's label (scatter, not one_hot: one_hot reads the labels' max)
-    target = torch.zeros_like(student_logits, dtype=torch.bool).scatter(1, labels, True)
+    divisor, t = _temperatures(temperature, student_logits)
+    labels = labels.long().unsqueeze(-1)  # (..., B, 1)
+    # (..., B, K) mask of each row's label (scatter, not one_hot: one_hot reads the labels' max)
+    target = torch.zeros_like(student_logits, dtype=torch.bool).scatter(-1, labels, True)
 
     def parts(logits: Tensor) -> tuple[Tensor, Tensor]:
-        """``log [p_y, 1 - p_y]`` (B, 2) and log of the renormalised non-target part (B, K)."""
-        log_p = F.log_softmax(_softened(logits, t, standardize), dim=-1)
-        log_y = log_p.gather(1, labels)  # (gather, not masked_select: it vmaps)
+        """``log [p_y, 1 - p_y]`` (..., B, 2) and log of the renormalised non-target part."""
+        log_p = F.log_softmax(_softened(logits, divisor, standardize), dim=-1)
+        log_y = log_p.gather(-1, labels)
         log_rest = torch.logsumexp(log_p.masked_fill(target, float("-inf")), dim=-1, keepdim=True)
         log_others = log_p.masked_fill(target, float("-inf")) - log_rest
-        return torch.cat([log_y, log_rest], dim=1), log_others
+        return torch.cat([log_y, log_rest], dim=-1), log_others
 
     binary_s, others_s = parts(student_logits)
     binary_t, others_t = parts(teacher_logits)
@@ -115,13 +135,14 @@ def dkd_loss(
         log_target=True,
     )
     nckd = nckd.masked_fill(target, 0.0).sum(-1)
-    return (t * t) * (alpha * tckd + beta * nckd).mean()
+    return (t * t) * (alpha * tckd + beta * nckd).mean(-1)
 
 
 def _pearson_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
-    """Pearson correlation of each row of ``a`` with the same row of ``b`` -> ``(B,)``."""
-    a, b = a - a.mean(dim=1, keepdim=True), b - b.mean(dim=1, keepdim=True)
-    return F.cosine_similarity(a, b, dim=1, eps=eps)
+    """Pearson correlation of each row of ``a`` with the same row of ``b``: ``(..., B, K)`` ->
+    ``(..., B)``."""
+    a, b = a - a.mean(dim=-1, keepdim=True), b - b.mean(dim=-1, keepdim=True)
+    return F.cosine_similarity(a, b, dim=-1, eps=eps)
 
 
 def dist_loss(
@@ -137,13 +158,13 @@ def dist_loss(
     ``tau = temperature``. A statistic of the batch, not a sum over rows: it needs batches of
     several rows."""
     teacher_logits = _check_pair(student_logits, teacher_logits)
-    t = check_temperature(temperature)
-    if student_logits.shape[0] < 2:
+    divisor, t = _temperatures(temperature, student_logits)
+    if student_logits.shape[-2] < 2:
         raise SoftTargetsError("dist_loss compares classes across a batch; give at least 2 rows")
-    y_s = F.softmax(student_logits / t, dim=1)
-    y_t = F.softmax(teacher_logits / t, dim=1)
-    inter = 1.0 - _pearson_rows(y_s, y_t).mean()
-    intra = 1.0 - _pearson_rows(y_s.T, y_t.T).mean()
+    y_s = F.softmax(student_logits / divisor, dim=-1)
+    y_t = F.softmax(teacher_logits / divisor, dim=-1)
+    inter = 1.0 - _pearson_rows(y_s, y_t).mean(-1)
+    intra = 1.0 - _pearson_rows(y_s.transpose(-1, -2), y_t.transpose(-1, -2)).mean(-1)
     return (t * t) * (beta * inter + gamma * intra)
 
 
@@ -159,14 +180,14 @@ def jsd_loss(
     teacher_logits = _check_pair(student_logits, teacher_logits)
     if not 0.0 < beta < 1.0:
         raise SoftTargetsError(f"jsd beta must be in (0, 1), got {beta!r}")
-    t = check_temperature(temperature)
-    log_s = F.log_softmax(student_logits / t, dim=-1)
-    log_t = F.log_softmax(teacher_logits / t, dim=-1)
+    divisor, _ = _temperatures(temperature, student_logits)
+    log_s = F.log_softmax(student_logits / divisor, dim=-1)
+    log_t = F.log_softmax(teacher_logits / divisor, dim=-1)
     # log m = logsumexp(log beta + log p_T, log (1 - beta) + log p_S): stable where either is tiny
     log_m = torch.logsumexp(torch.stack([log_t + math.log(beta), log_s + math.log1p(-beta)]), dim=0)
     to_teacher = F.kl_div(log_m, log_t, reduction="none", log_target=True).sum(-1)
     to_student = F.kl_div(log_m, log_s, reduction="none", log_target=True).sum(-1)
-    return (beta * to_teacher + (1.0 - beta) * to_student).mean()
+    return (beta * to_teacher + (1.0 - beta) * to_student).mean(-1)
 
 
 def reverse_kl_loss(
@@ -175,10 +196,11 @@ def reverse_kl_loss(
     """``T^2 KL(p_S || p_T)`` (batch mean): mode-seeking, the student may drop classes the teacher
     gives little mass; ``T^2`` as in :func:`kd_loss` keeps the gradient's scale."""
     teacher_logits = _check_pair(student_logits, teacher_logits)
-    t = check_temperature(temperature)
-    log_s = F.log_softmax(student_logits / t, dim=-1)
-    log_t = F.log_softmax(teacher_logits / t, dim=-1)
-    return (t * t) * F.kl_div(log_t, log_s, reduction="none", log_target=True).sum(-1).mean()
+    divisor, t = _temperatures(temperature, student_logits)
+    log_s = F.log_softmax(student_logits / divisor, dim=-1)
+    log_t = F.log_softmax(teacher_logits / divisor, dim=-1)
+    kl = F.kl_div(log_t, log_s, reduction="none", log_target=True).sum(-1).mean(-1)
+    return (t * t) * kl
 
 
 def total_variation_loss(
@@ -186,10 +208,10 @@ def total_variation_loss(
 ) -> Tensor:
     """``1/2 sum_k |p_T - p_S|`` (batch mean), in ``[0, 1]``; no ``T^2`` (it is bounded)."""
     teacher_logits = _check_pair(student_logits, teacher_logits)
-    t = check_temperature(temperature)
-    p_s = F.softmax(student_logits / t, dim=-1)
-    p_t = F.softmax(teacher_logits / t, dim=-1)
-    return 0.5 * (p_t - p_s).abs().sum(-1).mean()
+    divisor, _ = _temperatures(temperature, student_logits)
+    p_s = F.softmax(student_logits / divisor, dim=-1)
+    p_t = F.softmax(teacher_logits / divisor, dim=-1)
+    return 0.5 * (p_t - p_s).abs().sum(-1).mean(-1)
 
 
 @dataclass(frozen=True)
@@ -226,14 +248,21 @@ def method_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
     labels: Tensor,
-    temperature: float,
-    weight: float,
+    temperature: float | Tensor,
+    weight: float | Tensor,
 ) -> Tensor:
     """``weight x method + (1 - weight) x cross-entropy on the labels`` (batch mean): how ``fit``
-    mixes a method's soft term with the hard labels (``Distillation.alpha`` is ``weight``)."""
+    mixes a method's soft term with the hard labels (``Distillation.alpha`` is ``weight``). On a
+    stack ``(M, B, K)`` of batches: ``(M,)`` means, ``temperature`` and ``weight`` floats or
+    ``(M,)`` tensors."""
     method = METHODS[name]
     args = (labels,) if method.uses_labels else ()
     soft = method.loss(student_logits, teacher_logits, *args, temperature=temperature, **options)
-    if weight == 1.0:
+    if not isinstance(weight, Tensor) and weight == 1.0:
         return soft
-    return weight * soft + (1.0 - weight) * F.cross_entropy(student_logits, labels)
+    if student_logits.ndim == 2:
+        hard = F.cross_entropy(student_logits, labels)
+    else:  # per stacked batch: the mean of -log softmax at each row's label
+        log_s = F.log_softmax(student_logits, dim=-1)
+        hard = -log_s.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1).mean(-1)
+    return weight * soft + (1.0 - weight) * hard
