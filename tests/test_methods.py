@@ -265,3 +265,27 @@ def test_fit_many_trains_every_method_as_fit_does(task) -> None:
                                    atol=1e-5)  # fmt: skip
         for a, b in zip(result.history, alone.history, strict=True):
             assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("kd", {}), ("kd", {"standardize": True}), ("dkd", {"beta": 2.0}), ("dist", {}),
+     ("jsd", {"beta": 0.3}), ("rkl", {}), ("tv", {})],  # fmt: skip
+)
+def test_a_stack_of_batches_gives_each_batchs_own_loss(name, options) -> None:
+    """``(M, B, K)`` with a temperature and a weight per batch: ``fit_many``'s one call for the
+    members of one method equals one call per member."""
+    from softtargets.losses.methods import method_loss
+
+    g = torch.Generator().manual_seed(3)
+    student = torch.randn(3, 6, 5, generator=g, dtype=torch.float64)
+    teacher = torch.randn(3, 6, 5, generator=g, dtype=torch.float64) * 2
+    labels = torch.randint(0, 5, (3, 6), generator=g)
+    temperatures, weights = [1.0, 2.0, 4.0], [1.0, 0.9, 0.5]
+    stacked = method_loss(name, options, student, teacher, labels,
+                          torch.tensor(temperatures), torch.tensor(weights))  # fmt: skip
+    assert stacked.shape == (3,)
+    for m in range(3):
+        alone = method_loss(name, options, student[m], teacher[m], labels[m], temperatures[m],
+                            weights[m])  # fmt: skip
+        torch.testing.assert_close(stacked[m], alone)

@@ -132,6 +132,24 @@ def test_dividing_the_loss_under_sgd_equals_rescaling_lr_and_weight_decay() -> N
     assert not torch.allclose(train(1 / t2, 0.5, 1e-3), train(1.0, 0.5, 1e-3))
 
 
+def test_shuffling_the_off_target_mass_keeps_label_probability_and_entropy() -> None:
+    import torch
+
+    from softtargets.studies.similarity import shuffle_off_target
+    from softtargets.targets import entropy
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(50, 6, generator=g) * 2, 1)
+    labels = torch.randint(0, 6, (50,), generator=g)
+    shuffled = shuffle_off_target(probs, labels, seed=1)
+    rows = torch.arange(50)
+    assert torch.equal(shuffled[rows, labels], probs[rows, labels])
+    torch.testing.assert_close(entropy(shuffled), entropy(probs))
+    torch.testing.assert_close(shuffled.sum(1), probs.sum(1))
+    assert (shuffled != probs).any(1).float().mean() > 0.9  # the structure moved
+    assert torch.equal(shuffle_off_target(probs, labels, seed=1), shuffled)  # seeded
+
+
 def test_specificity_is_zero_for_a_shared_pattern_and_positive_for_class_patterns() -> None:
     import torch
 

@@ -1,11 +1,19 @@
-"""``similarity``: do soft targets carry the similarity structure between classes?
+"""``similarity``: do soft targets carry the similarity structure between classes, and is that
+structure what a student learns from?
 
 The teacher's mean soft target per true class at T = 1, 4 and 20 (heatmaps), the most similar
 class pairs, a few test inputs with their soft targets, and the contrast with label smoothing,
-whose off-target mass is uniform by construction. The verdict asks whether the off-target part of
-a held-out row's soft target follows *its own* class's pattern (measured on training rows) better
-than another class's pattern, on the same coordinates: a positive margin means the teacher's "which
-2s look like 3s" is class-specific structure, not a bias shared by all inputs.
+whose off-target mass is uniform by construction.
+
+Pre-registered: the primary statistic is the control that ties the gain to the structure. Three
+students per seed learn the same training rows from probability targets (soft cross-entropy):
+one-hot labels; the teacher's soft targets at T = 4; and the same soft targets with each row's
+off-target probabilities shuffled among its off-target classes (a fresh permutation per row and
+seed: the same target probability and entropy, no similarity structure). Primary: soft minus
+shuffled test accuracy, paired by seed, 95% t-interval; "supported" when it is above 0. Reported
+beside it: the share of the soft-target gain over one-hot labels that survives the shuffle, and
+the own-class margin (does a held-out row's off-target part follow its own class's pattern
+better than another class's; its interval is over test rows of one teacher, not seeds).
 """
 
 from __future__ import annotations
@@ -13,16 +21,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from softtargets.report import new_figure, save_figure
+from softtargets.report import markdown_table, new_figure, save_figure
 from softtargets.stats import mean_ci, verdict
 from softtargets.studies.base import StudyContext, StudyOutput
+from softtargets.studies.common import difference, plot_bars, summary_rows, test_accuracy
 from softtargets.targets import entropy, smooth
+from softtargets.vectorised import Member
 
 TITLE = "Similarity structure (similarity)"
 CLAIM = (
-    "A held-out example's off-target probabilities follow the pattern of its own class more "
-    "closely than that of other classes: soft targets carry class-specific similarity "
-    "structure."
+    "Soft targets carry class-specific similarity structure, and it is what the student learns "
+    "from: the teacher's soft targets beat the same targets with each row's off-target "
+    "probabilities shuffled."
 )
 TEMPERATURES = [1.0, 4.0, 20.0]
 
@@ -60,6 +70,21 @@ def specificity(probs: torch.Tensor, labels: torch.Tensor, pattern: torch.Tensor
         )
         margins[rows] += (corr_own - corr_alien).nan_to_num(0.0)
     return margins / (k - 1)
+
+
+def shuffle_off_target(probs: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """``(N, K)`` rows with each row's off-target probabilities permuted at random among its
+    off-target classes: the label's probability, the entropy and each row's sum stay; which
+    wrong classes get the mass does not."""
+    n, k = probs.shape
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.ones(n, k, dtype=torch.bool)
+    keep[torch.arange(n), labels] = False
+    rest = probs[keep].view(n, k - 1)
+    order = torch.rand(n, k - 1, generator=g).argsort(1)
+    out = probs.clone()
+    out[keep] = rest.gather(1, order).flatten()
+    return out
 
 
 def class_means(probs: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -114,8 +139,17 @@ def run(ctx: StudyContext) -> StudyOutput:
         _heatmaps(means_at, names, ctx.path("class_similarity.png")),
         _examples(test, store, names, ctx.path("examples.png")),
     ]
-    diff = mean_ci(margins_at_4)
+    control = _shuffle_control(ctx, part)
+    figures.append(control.figure)
+    margin = mean_ci(margins_at_4)
     notes = (
+        f"Shuffle control (probability targets at T = {CONTROL_T:g}, soft cross-entropy, "
+        f"{len(ctx.seeds)} seeds): {control.retained:.0%} of the soft-target gain over one-hot "
+        "labels survives shuffling each row's off-target mass. "
+        f"Own-class margin at T = 4: {margin.format(1, 3)} (95% CI over test rows).\n\n"
+        + markdown_table(list(control.summary[0]), [list(r.values()) for r in control.summary])
+        + "\n\n"
+    ) + (
         "Most similar class pairs at T = 4 (mean soft-target mass one puts on the other, "
         "symmetrised): " + ", ".join(f"{a}-{b} ({p:.3f})" for p, a, b in pairs) + ". "
         "Label smoothing gives every wrong class the same mass (spread 0); the teacher's "
@@ -125,8 +159,56 @@ def run(ctx: StudyContext) -> StudyOutput:
         f"{len(test)} test rows, one teacher (trained once per dataset)."
     )
     return StudyOutput(
-        rows, summary, figures, verdict(CLAIM, diff, "own-class margin at T = 4", 1, "", 3), notes
+        rows,
+        summary,
+        figures,
+        verdict(CLAIM, control.difference, "soft - shuffled test accuracy", 100, " points"),
+        notes,
     )
+
+
+CONTROL_T = 4.0
+
+
+class _Control:
+    """What the shuffle control measured."""
+
+    def __init__(self, summary, figure, difference, retained) -> None:
+        self.summary, self.figure = summary, figure
+        self.difference, self.retained = difference, retained
+
+
+def _shuffle_control(ctx: StudyContext, part) -> _Control:
+    """One-hot, soft and shuffled-soft students per seed (see the module docstring)."""
+    train = part.splits.train
+    soft = part.store.soften(CONTROL_T, train)
+    one_hot = torch.nn.functional.one_hot(train.labels, train.num_classes).float()
+    names = ("one-hot", "teacher soft targets", "soft targets, off-target shuffled")
+    members, keys = [], []
+    for seed in ctx.seeds:
+        for name, probs in zip(
+            names, (one_hot, soft, shuffle_off_target(soft, train.labels, 1000 + seed)),
+            strict=True,
+        ):
+            members.append(Member(seed=seed, targets=probs))
+            keys.append((name, seed))
+    results = ctx.train(part, members)
+    rows = [
+        {"targets": n, "seed": s, "test_accuracy": test_accuracy(r)}
+        for (n, s), r in zip(keys, results, strict=True)
+    ]
+    summary = summary_rows(rows, ["targets"], "test_accuracy", "student test accuracy (%)")
+    figure = plot_bars(
+        {n: [r["test_accuracy"] for r in rows if r["targets"] == n] for n in names},
+        ctx.path("shuffle_control.png"),
+        ylabel="test accuracy (%)",
+        title="Soft targets with and without their similarity structure (mean, 95% CI)",
+    )
+    mean = {n: np.mean([r["test_accuracy"] for r in rows if r["targets"] == n]) for n in names}
+    gain = mean[names[1]] - mean[names[0]]
+    retained = (mean[names[2]] - mean[names[0]]) / gain if gain else float("nan")
+    diff = difference(rows, ["targets"], "test_accuracy", (names[1],), (names[2],))
+    return _Control(summary, figure, diff, retained)
 
 
 def _heatmaps(means_at: dict[float, torch.Tensor], names: list[str], path):
