@@ -85,6 +85,7 @@ class StudyOutput:
     figures: list[Path]
     verdict: Verdict
     notes: str = ""
+    seeds: list[int] | None = None  # when the study used other seeds than the config's
 
 
 @dataclass
@@ -250,7 +251,7 @@ def _run_in(
     facts = {
         "study": name,
         "title": module.TITLE,
-        "seeds": ctx.seeds,
+        "seeds": output.seeds or ctx.seeds,
         "seconds": round(seconds, 1),
         "command": command,
         "config": resolved.model_dump(mode="json"),
