@@ -132,6 +132,35 @@ def test_dividing_the_loss_under_sgd_equals_rescaling_lr_and_weight_decay() -> N
     assert not torch.allclose(train(1 / t2, 0.5, 1e-3), train(1.0, 0.5, 1e-3))
 
 
+def test_row_matched_smoothing_keeps_each_rows_label_probability() -> None:
+    import torch
+
+    from softtargets.studies.smoothing import row_matched_smoothing
+
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.5, 0.25, 0.25]])
+    labels = torch.tensor([0, 2, 1])
+    out = row_matched_smoothing(probs, labels)
+    want = torch.tensor([[0.7, 0.15, 0.15], [0.2, 0.2, 0.6], [1 / 3, 1 / 3, 1 / 3]])
+    torch.testing.assert_close(out, want)  # the last row: 0.25 < 1/3, raised to uniform
+
+
+def test_label_smoothing_of_a_teacher_changes_its_key_only_when_set() -> None:
+    from softtargets.pipeline import config_key
+
+    plain = demo_config_for_keys()
+    before = config_key(plain, teacher_only=True)
+    plain.teacher_training.label_smoothing = 0.0
+    assert config_key(plain, teacher_only=True) == before
+    plain.teacher_training.label_smoothing = 0.1
+    assert config_key(plain, teacher_only=True) != before
+
+
+def demo_config_for_keys():
+    from softtargets.pipeline import demo_config
+
+    return demo_config(quick=True)
+
+
 def test_shuffling_the_off_target_mass_keeps_label_probability_and_entropy() -> None:
     import torch
 

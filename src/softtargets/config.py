@@ -70,11 +70,15 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(
         1, ge=0, description="epochs between checkpoints in the run folder (0: none)"
     )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="smooth the hard labels by eps (a teacher, hard students)"
+    )
 
     def fit_options(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`~softtargets.train.fit` (its checkpoint path aside)."""
+        """Keyword arguments of :func:`~softtargets.train.fit` (its checkpoint path and targets
+        aside)."""
         options = self.model_dump()
-        del options["checkpoint_every"]
+        del options["checkpoint_every"], options["label_smoothing"]
         return options
 
     def stacked_options(self) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from softtargets import checkpoint as checkpoints
 from softtargets import distributed
@@ -41,6 +41,7 @@ from softtargets.models import build_model, count_parameters, forward_flops
 from softtargets.report import markdown_table, of_total, plot_epoch_curves
 from softtargets.runfolder import RunFolder, settings_key
 from softtargets.stats import mean_ci, paired_difference
+from softtargets.targets import smooth
 from softtargets.teacher import SoftTargetStore, label
 from softtargets.train import Distillation, evaluate, fit, resolve_device
 
@@ -124,6 +125,9 @@ def config_key(config: DistillConfig, teacher_only: bool = False) -> str:
     keeps the finished ones and trains only the new seeds.
     """
     values = config.model_dump(mode="json")
+    for training in ("teacher_training", "student_training"):
+        if not values[training]["label_smoothing"]:  # keys from before the option stay valid
+            del values[training]["label_smoothing"]
     if teacher_only:
         values = {k: values[k] for k in TEACHER_SETTINGS}
     else:  # fits are recorded per seed and method: more of either trains only the new ones
@@ -288,6 +292,7 @@ def _teacher_in(
         fit(
             teacher,
             splits.train,
+            _hard_targets(splits.train, config.teacher_training.label_smoothing),
             val=splits.val or None,
             test=splits.test,
             seed=config.first_seed,
@@ -470,7 +475,7 @@ def _student(
         **config.student.options,
     )
     if method == "hard":
-        return student, None
+        return student, _hard_targets(part.splits.train, config.student_training.label_smoothing)
     if method in FEATURE_METHOD_OPTIONS:
         return student, _feature_targets(config, part, student, method)
     name = "kd" if method == "soft" else method
@@ -482,6 +487,11 @@ def _student(
         options=dict(config.method_options.get(name, {})),
     )
     return student, targets
+
+
+def _hard_targets(train: Dataset, eps: float) -> Tensor | None:
+    """The labels as targets: ``None`` (plain cross-entropy), or smoothed by ``eps``."""
+    return smooth(train.labels, train.num_classes, eps) if eps else None
 
 
 def _feature_targets(
