@@ -78,6 +78,18 @@ def test_verdict_overlapping_interval_is_inconclusive() -> None:
     assert v.label == INCONCLUSIVE and "95% CI" in v.evidence and "points" in v.evidence
 
 
+def test_a_claim_of_two_parts_needs_both() -> None:
+    from softtargets.stats import all_of
+
+    yes = verdict("c", mean_ci([0.05, 0.06, 0.055]), "a")
+    no = verdict("c", mean_ci([-0.05, -0.06, -0.055]), "b")
+    maybe = verdict("c", mean_ci([0.05, -0.04, 0.02]), "d")
+    assert all_of("c", [yes, yes]).label == SUPPORTED
+    assert all_of("c", [yes, maybe]).label == INCONCLUSIVE
+    assert all_of("c", [maybe, no]).label == NOT_SUPPORTED
+    assert "a = " in all_of("c", [yes, no]).evidence and "b = " in all_of("c", [yes, no]).evidence
+
+
 def test_verdict_needs_two_runs() -> None:
     assert verdict("c", mean_ci([0.5]), "d").label == INCONCLUSIVE
 

@@ -97,3 +97,16 @@ def verdict(
         f"(95% CI {low:+.{digits}f} to {high:+.{digits}f}, n = {difference.n})"
     )
     return Verdict(claim, label, evidence)
+
+
+def all_of(claim: str, parts: Sequence[Verdict]) -> Verdict:
+    """A claim that needs every one of ``parts``: "supported" when all are, "not supported" when
+    any is, else "inconclusive"; the evidence lists each part's."""
+    labels = {p.label for p in parts}
+    if labels == {SUPPORTED}:
+        label = SUPPORTED
+    elif NOT_SUPPORTED in labels:
+        label = NOT_SUPPORTED
+    else:
+        label = INCONCLUSIVE
+    return Verdict(claim, label, "; ".join(f"{p.evidence}: {p.label}" for p in parts))
