@@ -149,7 +149,52 @@ def bayes_probabilities(x: torch.Tensor, centres: torch.Tensor, chunk: int = 409
     return torch.cat(parts) if parts else x.new_empty(0, centres.shape[0])
 
 
-BUILTIN = {"digits": digits, "mnist1d": mnist1d, "gaussians": gaussians}
+def margin_task(
+    num_samples: int = 4000,
+    dim: int = 10,
+    margin: float = 0.1,
+    hidden: int = 16,
+    seed: int = 0,
+) -> Dataset:
+    """A realizable binary task with a controlled margin (Mandal, Lin, Srikant 2024's setting).
+
+    A fixed random two-layer ReLU network ``s(x) = v . relu(W x + b)`` (``hidden`` units, seeded)
+    labels ``x ~ N(0, I_dim)`` by the sign of ``s(x)``; points with ``|s(x)| < margin x std(s)``
+    are rejected, so every point lies at least ``margin`` (in units of the score's spread) from
+    the boundary. Noise-free: a wide enough network reaches 100%; a smaller ``margin`` is a harder
+    task. ``true_probs`` is the one-hot truth.
+    """
+    if num_samples < 2 or dim < 1 or hidden < 1 or not 0 <= margin < 3:
+        raise SoftTargetsError(
+            "margin_task needs num_samples >= 2, dim >= 1, hidden >= 1 and 0 <= margin < 3"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    weights = torch.randn(hidden, dim, generator=gen, dtype=torch.float64) / dim**0.5
+    bias = torch.randn(hidden, generator=gen, dtype=torch.float64) * 0.5
+    out = torch.randn(hidden, generator=gen, dtype=torch.float64)
+    reference = torch.randn(20_000, dim, generator=gen, dtype=torch.float64)
+    raw = torch.relu(reference @ weights.T + bias) @ out
+    centre, spread = float(raw.median()), float(raw.std())  # the median: balanced classes
+
+    def score(x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x @ weights.T + bias) @ out - centre
+
+    kept: list[torch.Tensor] = []
+    count = 0
+    while count < num_samples:  # rejection: keep the points outside the margin band
+        x = torch.randn(4 * num_samples, dim, generator=gen, dtype=torch.float64)
+        x = x[score(x).abs() >= margin * spread]
+        kept.append(x)
+        count += len(x)
+    x = torch.cat(kept)[:num_samples]
+    labels = (score(x) > 0).long()
+    data = Dataset.from_arrays(
+        x.float(), labels, class_names=["negative", "positive"], name=f"margin-task-{margin:g}"
+    )
+    return replace(data, true_probs=torch.nn.functional.one_hot(labels, 2).float())
+
+
+BUILTIN = {"digits": digits, "mnist1d": mnist1d, "gaussians": gaussians, "margin_task": margin_task}
 
 
 def load_builtin(name: str, **options: Any) -> Dataset:

@@ -152,10 +152,14 @@ class StudyContext:
         label_noise: float = 0.0,
         options: dict[str, Any] | None = None,
         classes: list[int] | None = None,
+        seed: int = 0,
     ) -> TeacherRun:
-        """The teacher (fitted once, then reloaded from ``teachers/``) with its store and splits."""
+        """The teacher (fitted once, then reloaded from ``teachers/``) with its store and splits.
+        ``seed``: another independently trained teacher of the same settings and data (its
+        initial weights, batch order and dropout; the split stays)."""
         config = self.distill_config(data, label_noise, options)
         config.data.classes = classes
+        config.first_seed = seed
         return self.teacher_for(config)
 
     def teacher_for(self, config: DistillConfig) -> TeacherRun:

@@ -1,7 +1,7 @@
 """``methods``: do the newer distillation losses beat Hinton's, with the same teacher and student?
 
 Pre-registered before any result: on the default task (MNIST-1D, CNN teacher, MLP 100-100
-student, alpha = 0.9) and on a harder one (50 overlapping gaussian classes, MLP teacher), every
+student, alpha = 0.9) and on a harder one (20 overlapping gaussian classes, MLP teacher), every
 method of :mod:`softtargets.losses.methods` — KD, KD with logit standardisation, DKD, DIST, JSD,
 reverse KL, total variation — and hard labels train the same student from the same stored
 teacher, for every seed. Each method's temperature is chosen from ``{1, 2, 4}`` by its mean
@@ -54,7 +54,7 @@ def _tasks(ctx: StudyContext) -> dict[str, tuple[str | None, dict[str, Any] | No
     hard = (
         {"num_samples": 800, "num_classes": 8, "dim": 10, "separation": 1.5}
         if ctx.quick
-        else {"num_samples": 8000, "num_classes": 50, "dim": 20, "separation": 2.0}
+        else {"num_samples": 4000, "num_classes": 20, "dim": 20, "separation": 2.5}
     )
     return {default: (None, None), f"gaussians, {hard['num_classes']} classes": ("gaussians", hard)}
 
