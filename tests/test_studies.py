@@ -90,6 +90,38 @@ def test_a_claim_of_two_parts_needs_both() -> None:
     assert "a = " in all_of("c", [yes, no]).evidence and "b = " in all_of("c", [yes, no]).evidence
 
 
+def test_sign_test_for_grid_outcomes() -> None:
+    from softtargets.stats import sign_test
+
+    # every seed on the same grid point: a t-interval would have zero width; the sign test
+    # needs enough seeds
+    assert sign_test("c", [0.3] * 5, "d").label == INCONCLUSIVE  # 5 of 5: p = 0.0625
+    assert sign_test("c", [0.3] * 9 + [0.0], "d").label == SUPPORTED  # ties dropped: p = 0.004
+    assert sign_test("c", [-0.3] * 9 + [0.3], "d").label == NOT_SUPPORTED
+    assert "p = 0.0215" in sign_test("c", [0.3] * 9 + [-0.3], "d").evidence
+
+
+def test_initial_gradient_norm_is_fits_loss_gradient() -> None:
+    import torch
+
+    from softtargets.data import split
+    from softtargets.datasets import gaussians
+    from softtargets.losses import distillation_loss
+    from softtargets.models import build_model
+    from softtargets.studies.learning_rate import initial_gradient_norm
+    from softtargets.teacher import label
+    from softtargets.train import Distillation
+
+    train = split(gaussians(num_samples=300, num_classes=3, dim=5), 0.2, 0.2).train
+    store = label(build_model("mlp", (5,), 3, seed=4, hidden=[8]), train)
+    model = build_model("mlp", (5,), 3, seed=0, hidden=[8])
+    norm = initial_gradient_norm(model, train, Distillation(store, 4.0, 1.0))
+    value = distillation_loss(model(train.features), store.logits_for(train), None, 4.0, 1.0)
+    grads = torch.autograd.grad(value, list(model.parameters()))
+    assert norm == pytest.approx(float(torch.cat([g.flatten() for g in grads]).norm()), rel=1e-5)
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_verdict_needs_two_runs() -> None:
     assert verdict("c", mean_ci([0.5]), "d").label == INCONCLUSIVE
 

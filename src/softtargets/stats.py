@@ -110,3 +110,26 @@ def all_of(claim: str, parts: Sequence[Verdict]) -> Verdict:
     else:
         label = INCONCLUSIVE
     return Verdict(claim, label, "; ".join(f"{p.evidence}: {p.label}" for p in parts))
+
+
+def sign_test(
+    claim: str, differences: Sequence[float], what: str, unit: str = "", alpha: float = 0.05
+) -> Verdict:
+    """Judge ``claim`` from paired ``differences`` that take few distinct values (say grid
+    points), where a t-interval misleads (every seed on one grid point: zero width). Exact
+    two-sided sign test, ties dropped: "supported" when p < ``alpha`` and more differences are
+    positive, "not supported" when p < ``alpha`` and more are negative, else "inconclusive"."""
+    above = sum(d > 0 for d in differences)
+    below = sum(d < 0 for d in differences)
+    ties = len(differences) - above - below
+    p = float(scipy_stats.binomtest(above, above + below).pvalue) if above + below else 1.0
+    if p < alpha:
+        label = SUPPORTED if above > below else NOT_SUPPORTED
+    else:
+        label = INCONCLUSIVE
+    median = float(np.median(differences)) if len(differences) else float("nan")
+    evidence = (
+        f"{what}: median {median:+.2f}{unit}; positive in {above}, negative in {below}, tied in "
+        f"{ties} of {len(differences)} seeds (exact sign test, p = {p:.3g})"
+    )
+    return Verdict(claim, label, evidence)
