@@ -12,6 +12,8 @@
 | omit-class | dark knowledge: a class never seen in the transfer set is still learned |
 | smoothing-vs-teacher | the gain is the teacher's information, not softening alone |
 | methods | the newer distillation losses (DKD and others) beat Hinton's KD |
+| lighter-student | soft targets carry a teacher's knowledge into a much lighter network |
+| generalisation | soft targets narrow the train-test gap and calibrate better |
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ STUDIES = {
     "omit-class": "omit_class",
     "smoothing-vs-teacher": "smoothing",
     "methods": "methods",
+    "lighter-student": "lighter_student",
+    "generalisation": "generalisation",
 }
 
 
