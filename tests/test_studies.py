@@ -40,6 +40,34 @@ def test_every_study_runs_quick_and_writes_its_files(runs, name: str) -> None:
     assert f"**Verdict: {result['verdict']['label']}**" in (out / "section.md").read_text()
 
 
+@pytest.mark.parametrize("name", ["similarity", "data-fraction", "omit-class"])
+def test_a_study_runs_on_a_users_own_files(tmp_path, name: str) -> None:
+    """``--data FILE --test-data FILE``: the study's teacher and students use the user's rows,
+    the test file only for reporting."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+
+    def write(path, rows: int) -> None:
+        x = rng.normal(size=(rows, 6)).astype(np.float32)
+        y = (x[:, 0] > 0).astype(int) + 2 * (x[:, 1] > 0).astype(int)  # 4 classes
+        np.savez(path, x=x, y=y)
+
+    write(tmp_path / "mine.npz", 400)
+    write(tmp_path / "mine_test.npz", 120)
+    out = tmp_path / "runs" / f"study-{name}"
+    result = runner.invoke(app, ["study", name, "--quick", "--data", str(tmp_path / "mine.npz"),
+                                 "--test-data", str(tmp_path / "mine_test.npz"), "--out",
+                                 str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["config"]["data"].endswith("mine.npz")
+    assert payload["config"]["test_data"].endswith("mine_test.npz")
+    # the study's teacher was trained on the user's file, tested on every row of the test file
+    assert list((tmp_path / "runs" / "teachers").glob("*mine.npz*/teacher.safetensors"))
+    assert "360 train / 40 validation / 120 test rows" in result.output
+
+
 def test_report_gathers_every_study(runs) -> None:
     for name in ("similarity", "smoothing-vs-teacher"):
         if not (runs / f"study-{name}" / "results.json").exists():

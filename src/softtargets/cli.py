@@ -617,12 +617,13 @@ def study(
     name: Annotated[
         str,
         typer.Argument(
-            help="similarity, temperature, data-fraction, "
-            "learning-rate, gradient-variance, width, label-noise, "
-            "omit-class or smoothing-vs-teacher."
+            help="similarity, temperature, data-fraction, learning-rate, gradient-variance, "
+            "width, label-noise, omit-class, smoothing-vs-teacher, methods, lighter-student or "
+            "generalisation."
         ),
     ],
     data: Data = None,
+    test_data: TestData = None,
     seeds: Annotated[
         int | None, typer.Option("--seeds", help="Seeds per point (default 5).")
     ] = None,
@@ -639,6 +640,8 @@ def study(
     values: dict[str, Any] = {"quick": quick}
     if data is not None:
         values["data"] = data
+    if test_data is not None:
+        values["test_data"] = test_data
     if seeds is not None:
         values["seeds"] = seeds
     from softtargets.config import parse_config

@@ -54,6 +54,9 @@ class StudyConfig(Strict):
     """Settings common to every study."""
 
     data: str = Field("mnist1d", description="built-in dataset name or file")
+    test_data: str | None = Field(
+        None, description="a separate test file for the data file (then split into train/val)"
+    )
     seeds: int = Field(5, ge=1)
     quick: bool = Field(False, description="a miniature of the same code path (for tests)")
     temperature: float = Field(
@@ -140,8 +143,14 @@ class StudyContext:
                 k: ([8] * len(v) if isinstance(v, list) else v) for k, v in teacher.options.items()
             }
             training.epochs = 3
+        own = name == self.config.data  # the user's data: its own test file, if given
         return DistillConfig(
-            data=DataConfig(name=name, options=options, label_noise=label_noise),
+            data=DataConfig(
+                name=name,
+                options=options,
+                label_noise=label_noise,
+                test=self.config.test_data if own else None,
+            ),
             teacher=teacher,
             teacher_training=training,
         )

@@ -25,7 +25,8 @@ from softtargets.report import markdown_table, new_figure, save_figure
 from softtargets.stats import mean_ci, verdict
 from softtargets.studies.base import StudyContext, StudyOutput
 from softtargets.studies.common import difference, plot_bars, summary_rows, test_accuracy
-from softtargets.targets import entropy, smooth
+from softtargets.metrics import predict_logits
+from softtargets.targets import entropy, smooth, soften
 from softtargets.vectorised import Member
 
 TITLE = "Similarity structure (similarity)"
@@ -97,9 +98,11 @@ def run(ctx: StudyContext) -> StudyOutput:
     train, test, store = part.splits.train, part.splits.test, part.store
     k, names = train.num_classes, list(train.class_names)
     rows, summary, margins_at_4 = [], [], []
+    # The teacher on the test rows themselves: a separate test file is not in the store.
+    test_logits = predict_logits(part.teacher, test.features)
     means_at = {}
     for t in TEMPERATURES:
-        train_p, test_p = store.soften(t, train), store.soften(t, test)
+        train_p, test_p = store.soften(t, train), soften(test_logits, t)
         means_at[t] = class_means(test_p, test.labels, k)
         # the class patterns from training rows, compared with each held-out row
         margin = specificity(test_p, test.labels, class_means(train_p, train.labels, k))
@@ -137,7 +140,7 @@ def run(ctx: StudyContext) -> StudyOutput:
     )[:5]
     figures = [
         _heatmaps(means_at, names, ctx.path("class_similarity.png")),
-        _examples(test, store, names, ctx.path("examples.png")),
+        _examples(test, soften(test_logits, 4.0), names, ctx.path("examples.png")),
     ]
     control = _shuffle_control(ctx, part)
     figures.append(control.figure)
@@ -227,11 +230,10 @@ def _heatmaps(means_at: dict[float, torch.Tensor], names: list[str], path):
     return save_figure(figure, path)
 
 
-def _examples(test, store, names: list[str], path, count: int = 4):
+def _examples(test, probs: torch.Tensor, names: list[str], path, count: int = 4):
     figure, _ = new_figure(3.2 * count, 4.6)
     figure.clear()
     axes = figure.subplots(2, count)
-    probs = store.soften(4.0, test)
     picks = [int((test.labels == c).nonzero()[0, 0]) for c in range(min(count, len(names)))]
     for col, row in enumerate(picks):
         x = test.features[row]
