@@ -78,6 +78,8 @@ def test_report_gathers_every_study(runs) -> None:
     html = (runs / "report.html").read_text()
     assert "| study | claim | verdict (95%) | evidence |" in markdown
     assert "(quick run)" in markdown
+    studies = len(list(runs.glob("study-*/results.json")))
+    assert f"**Reading {studies} verdicts together.**" in markdown  # the multiple-testing note
     assert html.count("data:image/png;base64,") >= 2 and "<table>" in html
     assert 'src="data:image/png;base64,"' not in html  # every figure found and embedded
 

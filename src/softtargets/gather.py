@@ -86,6 +86,10 @@ def build_report(runs: str | Path = "runs", out: str | Path | None = None) -> tu
             "",
             table,
             "",
+            multiple_comparisons(len(studies), sum(
+                r["verdict"]["label"] != "inconclusive" for _, r in studies
+            )),  # fmt: skip
+            "",
             *sections,
         ]
     )
@@ -95,6 +99,20 @@ def build_report(runs: str | Path = "runs", out: str | Path | None = None) -> tu
         md_path = folder.write_text("report.md", markdown)
         html_path = folder.write_text("report.html", to_html(markdown, out))
     return md_path, html_path
+
+
+def multiple_comparisons(tests: int, decided: int) -> str:
+    """The report's note on reading several 95% verdicts together."""
+    return (
+        f"**Reading {tests} verdicts together.** Each verdict is a separate two-sided test at "
+        f"the 5% level, so even if soft targets did nothing, about {0.05 * tests:.1f} of "
+        f"{tests} would be expected to come out decided by chance ({decided} came out "
+        "supported or not supported here). Each study's primary statistic was fixed in its "
+        "module docstring before its results existed; the other comparisons in a section are "
+        f"secondary. To hold the chance of any false verdict at 5%, read each interval at "
+        f"{100 - 5 / max(tests, 1):.2f}% (Bonferroni): a verdict whose interval barely "
+        "excludes 0 may not survive that."
+    )
 
 
 def _relative(directory: Path, out: Path) -> str:
