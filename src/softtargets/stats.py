@@ -37,6 +37,13 @@ class Estimate:
             return f"{self.mean * scale:.{digits}f}"
         return f"{self.mean * scale:.{digits}f} ± {self.half_width * scale:.{digits}f}"
 
+    def describe(self, scale: float = 1.0, unit: str = "", digits: int = 2) -> str:
+        """``"mean ± half_width unit (95% CI low to high)"``, values multiplied by ``scale``."""
+        low, high = self.low * scale, self.high * scale
+        return (
+            f"{self.format(scale, digits)}{unit} (95% CI {low:+.{digits}f} to {high:+.{digits}f})"
+        )
+
 
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> Estimate:
     """Mean and Student-t confidence half-width of ``values`` (``nan`` half-width for one value)."""

@@ -36,8 +36,8 @@ from torch import Tensor, nn
 
 from softtargets.data import Dataset
 from softtargets.errors import SoftTargetsError
-from softtargets.losses.stacked import StackedLoss
 from softtargets.losses.methods import method_loss
+from softtargets.losses.stacked import StackedLoss
 from softtargets.objectives import (
     ResolvedTargets,
     Targets,

@@ -55,7 +55,8 @@ def key_gap_per_teacher(ctx: StudyContext, teacher_seed: int, seeds: list[int]) 
         rows = equal_step_rows(stratified_rows(train.labels, KEY_FRACTION, seed), len(train))
         members += [Member(seed=seed, rows=rows), Member(seed=seed, targets=soft, rows=rows)]
     results = ctx.train(part, members)
-    gaps = [test_accuracy(s) - test_accuracy(h) for h, s in zip(results[::2], results[1::2])]
+    pairs = zip(results[::2], results[1::2], strict=True)  # (hard, soft) per seed
+    gaps = [test_accuracy(s) - test_accuracy(h) for h, s in pairs]
     return sum(gaps) / len(gaps)
 
 
@@ -168,8 +169,7 @@ def run(ctx: StudyContext) -> StudyOutput:
             f"Soft targets at 3% recover {recovered:.0%} of the gap between hard labels at 3% "
             "and hard labels on all the data (Hinton et al.: (57.0 - 44.5) / (58.9 - 44.5) = "
             f"87%). Over {teachers} independently trained teachers ({len(seeds)} seeds each), "
-            f"soft - hard at 3%: {over_teachers.format(100)} points (95% CI "
-            f"{over_teachers.low * 100:+.2f} to {over_teachers.high * 100:+.2f})."
+            f"soft - hard at 3%: {over_teachers.describe(100, ' points')}."
         ),
     )
 

@@ -106,7 +106,7 @@ def run(ctx: StudyContext) -> StudyOutput:
 
     def versus(reading: str, column: str, a: str, b: str) -> str:
         d = paired_difference(of(reading, a, column), of(reading, b, column))
-        return f"{d.format(100)} (95% CI {d.low * 100:+.2f} to {d.high * 100:+.2f})"
+        return d.describe(100)
 
     figures = [
         plot_epoch_curves(

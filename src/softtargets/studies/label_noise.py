@@ -17,10 +17,10 @@ Beside it at 30%: self-distillation minus noisy labels, and teacher minus smooth
 
 from __future__ import annotations
 
+from softtargets.config import ModelConfig
 from softtargets.stats import verdict
 from softtargets.studies.base import StudyContext, StudyOutput
 from softtargets.studies.common import curves, difference, plot_lines, summary_rows, test_accuracy
-from softtargets.config import ModelConfig
 from softtargets.targets import smooth
 from softtargets.train import Distillation
 from softtargets.vectorised import Member
@@ -82,7 +82,7 @@ def run(ctx: StudyContext) -> StudyOutput:
 
     def versus(better: str, worse: str) -> str:
         d = difference(rows, keys, "clean_test_accuracy", (KEY_RATE, better), (KEY_RATE, worse))
-        return f"{d.format(100)} (95% CI {d.low * 100:+.2f} to {d.high * 100:+.2f})"
+        return d.describe(100)
 
     diff = difference(
         rows, keys, "clean_test_accuracy",

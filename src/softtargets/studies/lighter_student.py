@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 
 from softtargets.metrics import agreement, predict_logits
-from softtargets.models import build_model, count_parameters
+from softtargets.models import count_parameters
 from softtargets.stats import mean_ci, paired_difference, verdict
 from softtargets.studies.base import StudyContext, StudyOutput
 from softtargets.studies.common import curves, plot_lines, summary_rows, test_accuracy
@@ -128,8 +128,8 @@ def run(ctx: StudyContext) -> StudyOutput:
         f"{train.num_features}-h-h-{train.num_classes}, h = "
         + ", ".join(f"{w} ({s:.0%})" for s, w in widths.items())
         + f"; soft targets at T = {ctx.config.temperature:g}, alpha = {ALPHA:g}. Fidelity, soft "
-        f"minus hard agreement with the teacher averaged over sizes: {fidelity.format(100)} points "
-        f"(95% CI {fidelity.low * 100:+.2f} to {fidelity.high * 100:+.2f}). Hinton et al.'s MNIST "
+        f"minus hard agreement with the teacher averaged over sizes: "
+        f"{fidelity.describe(100, ' points')}. Hinton et al.'s MNIST "
         "anchor: teacher 67 errors, 800-800 student 146 errors with hard labels, 74 distilled. "
         f"Here the largest students ({shares[-1]:.0%}) make {errors['hard']:.0f} errors with hard "
         f"labels and {errors['soft']:.0f} with soft targets, on average."

@@ -21,11 +21,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from softtargets.metrics import predict_logits
 from softtargets.report import markdown_table, new_figure, save_figure
 from softtargets.stats import mean_ci, verdict
 from softtargets.studies.base import StudyContext, StudyOutput
 from softtargets.studies.common import difference, plot_bars, summary_rows, test_accuracy
-from softtargets.metrics import predict_logits
 from softtargets.targets import entropy, smooth, soften
 from softtargets.vectorised import Member
 

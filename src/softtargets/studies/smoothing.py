@@ -112,7 +112,7 @@ def run(ctx: StudyContext) -> StudyOutput:
 
     def versus(better: str, worse: str) -> str:
         d = difference(rows, ["targets"], "test_accuracy", (better,), (worse,))
-        return f"{d.format(100)} points (95% CI {d.low * 100:+.2f} to {d.high * 100:+.2f})"
+        return d.describe(100, " points")
 
     figure = plot_bars(
         {n: [r["test_accuracy"] for r in rows if r["targets"] == n] for n in names},

@@ -14,6 +14,8 @@ interaction (narrow minus wide), which says whether the best temperature depends
 
 from __future__ import annotations
 
+import math
+
 from softtargets.stats import mean_ci, paired_difference, verdict
 from softtargets.studies.base import StudyContext, StudyOutput
 from softtargets.studies.common import curves, plot_lines, summary_rows, test_accuracy
@@ -89,15 +91,16 @@ def run(ctx: StudyContext) -> StudyOutput:
     wide_gain = band_difference(rows, wide, middle, high)
     primary, wide_estimate = mean_ci(narrow_gain), mean_ci(wide_gain)
     interaction = paired_difference(narrow_gain, wide_gain)
-    bands = f"T in {{{', '.join(f'{t:g}' for t in middle)}}} minus T in {{{', '.join(f'{t:g}' for t in high)}}}"
+    def band(temperatures) -> str:
+        return "{" + ", ".join(f"{t:g}" for t in temperatures) + "}"
+
+    bands = f"T in {band(middle)} minus T in {band(high)}"
     notes = (
         "Mean entropy of the soft targets on the training rows: "
         + ", ".join(f"T = {t:g}: {h:.3f} nats" for t, h in entropies.items())
-        + f" (uniform: {__import__('math').log(part.splits.train.num_classes):.3f}). "
-        f"{len(seeds)} seeds. {bands}: narrow {primary.format(100)} points, wide "
-        f"{wide_estimate.format(100)} (95% CI {wide_estimate.low * 100:+.2f} to "
-        f"{wide_estimate.high * 100:+.2f}); narrow minus wide {interaction.format(100)} "
-        f"(95% CI {interaction.low * 100:+.2f} to {interaction.high * 100:+.2f}). "
+        + f" (uniform: {math.log(part.splits.train.num_classes):.3f}). "
+        f"{len(seeds)} seeds. {bands}: narrow {primary.describe(100, ' points')}; wide "
+        f"{wide_estimate.describe(100)}; narrow minus wide {interaction.describe(100)}. "
         "Literature: wide students flat for T > 8; 30-unit students best at T = 2.5 to 4."
     )
     return StudyOutput(

@@ -164,8 +164,8 @@ def run(ctx: StudyContext) -> StudyOutput:
         )
     notes = (
         f"Interaction over {teachers} independently trained teachers per margin (each a mean "
-        f"over {len(ctx.seeds[:3])}+ seeds): {over_teachers.format(100)} points (95% CI "
-        f"{over_teachers.low * 100:+.2f} to {over_teachers.high * 100:+.2f}). Soft labels are "
+        f"over {len(ctx.seeds[:3])}+ seeds): {over_teachers.describe(100, ' points')}. Soft "
+        "labels are "
         f"the teacher's probabilities (T = {TEMPERATURE:g}, alpha = 1). Smallest widths are "
         f"read on validation accuracy against the widest hard student's minus "
         f"{TOLERANCE * 100:g} point; the test set chooses nothing."
