@@ -168,3 +168,20 @@ def test_fingerprint_is_the_same_for_any_chunking_across_blocks(monkeypatch) -> 
     other = Fingerprinter((4,))
     other.update(changed, ids)
     assert other.hexdigest() != whole.hexdigest()
+
+
+def test_margin_task_is_balanced_noise_free_and_more_linear_at_a_larger_margin() -> None:
+    from softtargets.datasets import margin_task
+
+    easy, hard = margin_task(2000, margin=1.0), margin_task(2000, margin=0.0)
+    assert torch.equal(margin_task(2000, margin=1.0).features, easy.features)  # seeded
+    for data in (easy, hard):
+        assert 0.45 < float(data.labels.float().mean()) < 0.55
+        assert torch.equal(data.true_probs.argmax(1), data.labels)  # noise-free
+    # a least-squares linear classifier: the boundary is curved, and the margin makes it easier
+    def linear_accuracy(data) -> float:
+        x = torch.cat([data.features, torch.ones(len(data), 1)], 1).double()
+        w = torch.linalg.lstsq(x, (data.labels * 2 - 1).double()[:, None]).solution
+        return float(((x @ w).squeeze(1) > 0).long().eq(data.labels).double().mean())
+
+    assert linear_accuracy(hard) < linear_accuracy(easy) < 0.99
