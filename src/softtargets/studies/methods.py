@@ -11,7 +11,7 @@ seed's test accuracy is that of its validation-selected epoch.
 Primary statistic: DKD minus KD test accuracy on the default task, paired by seed, with its 95%
 t-interval; "supported" when the interval is above 0 (Zhao et al. 2022 report +2.99 points on
 CIFAR-100, ResNet32x4 -> ResNet8x4). Every other method minus KD and minus hard labels, on both
-tasks, is reported beside it as secondary (14 more intervals: at 95% each, about one may exclude 0
+tasks, is reported beside it as secondary (25 more intervals: at 95% each, about one may exclude 0
 by chance).
 """
 
