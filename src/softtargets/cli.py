@@ -137,8 +137,8 @@ Data = Annotated[
     str | None,
     typer.Option(
         "--data",
-        help="Built-in name (digits, mnist1d, gaussians) or a file (.npz .npy .csv IDX CIFAR "
-        f"folder) \\[default: {_DEFAULTS.data.name}].",
+        help="Built-in name (digits, gaussians, margin_task, mnist1d) or a file (.npz .npy .csv "
+        f"IDX CIFAR folder) \\[default: {_DEFAULTS.data.name}].",
     ),
 ]
 TestData = Annotated[
