@@ -255,6 +255,8 @@ def test_fit_many_trains_every_method_as_fit_does(task) -> None:
         Member(3, Distillation(store, 2.0, 0.9, method="jsd"), rows=half),
         Member(4, Distillation(store.top_k(2), 2.0, 1.0, tail="bucket")),
         Member(5),
+        Member(6, Distillation(store, 2.0, 0.8, method="rkl")),  # closed form in fit
+        Member(7, Distillation(store, 2.0, 0.8, method="tv")),
     ]
     common = dict(epochs=3, lr=1e-2, batch_size=32, val=parts.val)
     together = fit_many([_student() for _ in members], parts.train, members, **common)
@@ -289,3 +291,20 @@ def test_a_stack_of_batches_gives_each_batchs_own_loss(name, options) -> None:
         alone = method_loss(name, options, student[m], teacher[m], labels[m], temperatures[m],
                             weights[m])  # fmt: skip
         torch.testing.assert_close(stacked[m], alone)
+
+
+@pytest.mark.parametrize("name", ["rkl", "tv"])
+@pytest.mark.parametrize("weight", [1.0, 0.7])
+def test_closed_form_gradients_equal_autograds(batch, name, weight) -> None:
+    """``fit`` takes reverse KL and total variation without autograd: the same value and
+    gradient as autograd through :func:`method_loss` (float64)."""
+    from softtargets.losses.methods import method_loss, method_value_and_grad
+
+    s, t, y = batch
+    value, grad = method_value_and_grad(name, {}, s, t, y, 2.0, weight)
+    z = s.clone().requires_grad_(True)
+    want = method_loss(name, {}, z, t, y, 2.0, weight)
+    (want_grad,) = torch.autograd.grad(want, z)
+    torch.testing.assert_close(value, want.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-9, atol=1e-12)
+    assert method_value_and_grad("dkd", {}, s, t, y, 2.0, weight) is None  # autograd's

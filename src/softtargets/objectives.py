@@ -23,7 +23,7 @@ from softtargets.data import Dataset
 from softtargets.errors import SoftTargetsError
 from softtargets.features import FeatureDistillation
 from softtargets.losses import StoredDistillation, bucket_distillation_loss, soft_cross_entropy
-from softtargets.losses.methods import check_method, method_loss
+from softtargets.losses.methods import check_method, method_loss, method_value_and_grad
 from softtargets.metrics import predict_logits
 from softtargets.targets import check_finite, check_temperature, validate
 from softtargets.teacher import SoftTargetStore
@@ -268,12 +268,15 @@ def method_objective(resolved: ResolvedTargets, labels: Tensor, device: torch.de
     logits gathered a batch at a time."""
     gather = teacher_gatherer(resolved, device)
 
-    def objective(logits: Tensor, rows: Tensor) -> tuple[Tensor, None]:
-        value = method_loss(
+    def objective(logits: Tensor, rows: Tensor) -> tuple[Tensor, Tensor | None]:
+        args = (
             resolved.method, resolved.options, logits, gather(rows), labels[rows],
             resolved.temperature, resolved.alpha,
         )  # fmt: skip
-        return value, None
+        closed = method_value_and_grad(*args)  # reverse KL, total variation: no autograd
+        if closed is not None:
+            return closed[0], closed[1].to(logits.dtype)
+        return method_loss(*args), None
 
     return objective
 

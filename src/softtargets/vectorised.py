@@ -209,8 +209,9 @@ class StackedTargets(StackedLoss):
                 continue  # this member has finished its epoch: nothing to add
             member_logits = logits[m][real[m]].detach().requires_grad_(True)
             with torch.enable_grad():
-                member_value, _ = self.objectives[m](member_logits, data_rows[m][real[m]])
-                (member_grad,) = torch.autograd.grad(member_value, member_logits)
+                member_value, member_grad = self.objectives[m](member_logits, data_rows[m][real[m]])
+                if member_grad is None:  # no closed form: autograd
+                    (member_grad,) = torch.autograd.grad(member_value, member_logits)
             value[m] = member_value.detach()
             grad[m].zero_()[real[m]] = member_grad
         return value, grad

@@ -214,24 +214,70 @@ def total_variation_loss(
     return 0.5 * (p_t - p_s).abs().sum(-1).mean(-1)
 
 
+# ---------------------------------------------------------------- closed-form gradients
+# For ``fit``: a (B, K) batch, a float temperature; each returns the batch mean and its gradient
+# with respect to the student's logits, (B, K), with no autograd graph (tested against autograd).
+# They compute in float32 at least (half-precision logits under autocast are widened).
+
+
+def _wide(logits: Tensor) -> Tensor:
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
+def reverse_kl_value_and_grad(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """:func:`reverse_kl_loss` and its gradient: row ``T^2 sum_k q_k (log q_k - log p_k)`` with
+    ``q`` the student's softmax at T, ``p`` the teacher's; gradient
+    ``T q_j (log q_j - log p_j - KL_row) / B`` (the ``+1`` of ``d(q log q)`` cancels as
+    ``sum q = 1``)."""
+    t = check_temperature(temperature)
+    with torch.no_grad():
+        log_q = F.log_softmax(_wide(student_logits) / t, dim=-1)
+        log_p = F.log_softmax(_wide(_check_pair(student_logits, teacher_logits)) / t, dim=-1)
+        q = log_q.exp()
+        gap = log_q - log_p
+        kl = (q * gap).sum(-1, keepdim=True)  # (B, 1)
+        batch = student_logits.shape[0]
+        return (t * t) * kl.mean(), (t / batch) * q * (gap - kl)
+
+
+def total_variation_value_and_grad(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """:func:`total_variation_loss` and its gradient: with ``s = sign(q - p)``,
+    ``d/dz_j = q_j (s_j - sum_k s_k q_k) / (2 T B)`` (``sign(0) = 0``, the subgradient autograd
+    takes too)."""
+    t = check_temperature(temperature)
+    with torch.no_grad():
+        q = F.softmax(_wide(student_logits) / t, dim=-1)
+        p = F.softmax(_wide(_check_pair(student_logits, teacher_logits)) / t, dim=-1)
+        sign = (q - p).sign()
+        batch = student_logits.shape[0]
+        value = 0.5 * (q - p).abs().sum(-1).mean()
+        return value, q * (sign - (sign * q).sum(-1, keepdim=True)) / (2 * t * batch)
+
+
 @dataclass(frozen=True)
 class Method:
-    """A distillation method as the trainers use it: its loss and the options it takes."""
+    """A distillation method as the trainers use it: its loss, the options it takes, and its
+    value and closed-form gradient where there is one (``fit`` then skips autograd for it)."""
 
     loss: Callable[..., Tensor]
     options: tuple[str, ...]
     uses_labels: bool = False
+    value_and_grad: Callable[..., tuple[Tensor, Tensor]] | None = None
 
 
 METHODS: dict[str, Method] = {
-    name: Method(loss, METHOD_OPTIONS[name], uses_labels=name == "dkd")
-    for name, loss in (
-        ("kd", kd_loss),
-        ("dkd", dkd_loss),
-        ("dist", dist_loss),
-        ("jsd", jsd_loss),
-        ("rkl", reverse_kl_loss),
-        ("tv", total_variation_loss),
+    name: Method(loss, METHOD_OPTIONS[name], uses_labels=name == "dkd", value_and_grad=closed)
+    for name, loss, closed in (
+        ("kd", kd_loss, None),  # plain KD has its own closed form: losses.StoredDistillation
+        ("dkd", dkd_loss, None),
+        ("dist", dist_loss, None),
+        ("jsd", jsd_loss, None),
+        ("rkl", reverse_kl_loss, reverse_kl_value_and_grad),
+        ("tv", total_variation_loss, total_variation_value_and_grad),
     )
 }
 
@@ -266,3 +312,30 @@ def method_loss(
         log_s = F.log_softmax(student_logits, dim=-1)
         hard = -log_s.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1).mean(-1)
     return weight * soft + (1.0 - weight) * hard
+
+
+def method_value_and_grad(
+    name: str,
+    options: dict[str, Any],
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    temperature: float,
+    weight: float,
+) -> tuple[Tensor, Tensor] | None:
+    """:func:`method_loss` of a ``(B, K)`` batch and its gradient w.r.t. the student's logits in
+    closed form, or ``None`` when the method has none (then autograd differentiates
+    :func:`method_loss`). The cross-entropy part's gradient is ``(softmax(z) - onehot(y)) / B``."""
+    method = METHODS[name]
+    if method.value_and_grad is None or options:
+        return None
+    soft, soft_grad = method.value_and_grad(student_logits, teacher_logits, temperature)
+    if weight == 1.0:
+        return soft, soft_grad
+    with torch.no_grad():
+        log_s = F.log_softmax(_wide(student_logits), dim=-1)
+        picked = log_s.gather(-1, labels.long().view(-1, 1))
+        hard = -picked.mean()
+        hard_grad = log_s.exp().scatter_add_(-1, labels.long().view(-1, 1), -torch.ones_like(picked))
+        hard_grad /= student_logits.shape[0]
+    return weight * soft + (1.0 - weight) * hard, weight * soft_grad + (1.0 - weight) * hard_grad
