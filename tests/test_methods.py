@@ -293,17 +293,18 @@ def test_a_stack_of_batches_gives_each_batchs_own_loss(name, options) -> None:
         torch.testing.assert_close(stacked[m], alone)
 
 
-@pytest.mark.parametrize("name", ["rkl", "tv"])
+@pytest.mark.parametrize(("name", "options"), [("rkl", {}), ("tv", {}), ("jsd", {}),
+                                               ("jsd", {"beta": 0.2})])  # fmt: skip
 @pytest.mark.parametrize("weight", [1.0, 0.7])
-def test_closed_form_gradients_equal_autograds(batch, name, weight) -> None:
-    """``fit`` takes reverse KL and total variation without autograd: the same value and
+def test_closed_form_gradients_equal_autograds(batch, name, options, weight) -> None:
+    """``fit`` takes reverse KL, total variation and JSD without autograd: the same value and
     gradient as autograd through :func:`method_loss` (float64)."""
     from softtargets.losses.methods import method_loss, method_value_and_grad
 
     s, t, y = batch
-    value, grad = method_value_and_grad(name, {}, s, t, y, 2.0, weight)
+    value, grad = method_value_and_grad(name, options, s, t, y, 2.0, weight)
     z = s.clone().requires_grad_(True)
-    want = method_loss(name, {}, z, t, y, 2.0, weight)
+    want = method_loss(name, options, z, t, y, 2.0, weight)
     (want_grad,) = torch.autograd.grad(want, z)
     torch.testing.assert_close(value, want.detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad, want_grad, rtol=1e-9, atol=1e-12)

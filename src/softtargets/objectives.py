@@ -273,7 +273,7 @@ def method_objective(resolved: ResolvedTargets, labels: Tensor, device: torch.de
             resolved.method, resolved.options, logits, gather(rows), labels[rows],
             resolved.temperature, resolved.alpha,
         )  # fmt: skip
-        closed = method_value_and_grad(*args)  # reverse KL, total variation: no autograd
+        closed = method_value_and_grad(*args)  # reverse KL, TV, JSD: no autograd
         if closed is not None:
             return closed[0], closed[1].to(logits.dtype)
         return method_loss(*args), None

@@ -258,6 +258,28 @@ def total_variation_value_and_grad(
         return value, q * (sign - (sign * q).sum(-1, keepdim=True)) / (2 * t * batch)
 
 
+def jsd_value_and_grad(
+    student_logits: Tensor, teacher_logits: Tensor, beta: float = 0.5, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """:func:`jsd_loss` and its gradient. With ``m = beta p + (1 - beta) q`` the row's derivative
+    in ``q`` is ``(1 - beta) log(q_k / m_k)`` (the other terms cancel as ``m`` mixes ``p`` and
+    ``q``), so ``d/dz_j = q_j (g_j - sum_k q_k g_k) / (T B)`` with ``g = (1 - beta) log(q / m)``."""
+    if not 0.0 < beta < 1.0:
+        raise SoftTargetsError(f"jsd beta must be in (0, 1), got {beta!r}")
+    t = check_temperature(temperature)
+    with torch.no_grad():
+        log_q = F.log_softmax(_wide(student_logits) / t, dim=-1)
+        log_p = F.log_softmax(_wide(_check_pair(student_logits, teacher_logits)) / t, dim=-1)
+        log_m = torch.logsumexp(
+            torch.stack([log_p + math.log(beta), log_q + math.log1p(-beta)]), dim=0
+        )
+        p, q = log_p.exp(), log_q.exp()
+        row = beta * (p * (log_p - log_m)).sum(-1) + (1.0 - beta) * (q * (log_q - log_m)).sum(-1)
+        g = (1.0 - beta) * (log_q - log_m)
+        batch = student_logits.shape[0]
+        return row.mean(), q * (g - (q * g).sum(-1, keepdim=True)) / (t * batch)
+
+
 @dataclass(frozen=True)
 class Method:
     """A distillation method as the trainers use it: its loss, the options it takes, and its
@@ -275,7 +297,7 @@ METHODS: dict[str, Method] = {
         ("kd", kd_loss, None),  # plain KD has its own closed form: losses.StoredDistillation
         ("dkd", dkd_loss, None),
         ("dist", dist_loss, None),
-        ("jsd", jsd_loss, None),
+        ("jsd", jsd_loss, jsd_value_and_grad),
         ("rkl", reverse_kl_loss, reverse_kl_value_and_grad),
         ("tv", total_variation_loss, total_variation_value_and_grad),
     )
@@ -327,9 +349,11 @@ def method_value_and_grad(
     closed form, or ``None`` when the method has none (then autograd differentiates
     :func:`method_loss`). The cross-entropy part's gradient is ``(softmax(z) - onehot(y)) / B``."""
     method = METHODS[name]
-    if method.value_and_grad is None or options:
+    if method.value_and_grad is None:
         return None
-    soft, soft_grad = method.value_and_grad(student_logits, teacher_logits, temperature)
+    soft, soft_grad = method.value_and_grad(
+        student_logits, teacher_logits, temperature=temperature, **options
+    )
     if weight == 1.0:
         return soft, soft_grad
     with torch.no_grad():
