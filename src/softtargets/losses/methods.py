@@ -23,6 +23,10 @@ method         per row                                                     refer
 ``p_T`` and ``p_S`` are the teacher's and the student's softmax at temperature ``T``. With
 ``standardize=True`` (Sun et al. CVPR 2024, logit standardisation) both sides' logits are z-scored
 per row before the temperature; it is an option of ``kd`` and ``dkd``.
+
+``fit`` differentiates reverse KL, total variation and JSD in closed form
+(:func:`method_value_and_grad`); DKD and DIST go through autograd (and every method does in
+``fit_many``'s stacked call).
 """
 
 from __future__ import annotations
