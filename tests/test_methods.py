@@ -271,8 +271,15 @@ def test_fit_many_trains_every_method_as_fit_does(task) -> None:
 
 @pytest.mark.parametrize(
     ("name", "options"),
-    [("kd", {}), ("kd", {"standardize": True}), ("dkd", {"beta": 2.0}), ("dist", {}),
-     ("jsd", {"beta": 0.3}), ("rkl", {}), ("tv", {})],  # fmt: skip
+    [
+        ("kd", {}),
+        ("kd", {"standardize": True}),
+        ("dkd", {"beta": 2.0}),
+        ("dist", {}),
+        ("jsd", {"beta": 0.3}),
+        ("rkl", {}),
+        ("tv", {}),
+    ],  # fmt: skip
 )
 def test_a_stack_of_batches_gives_each_batchs_own_loss(name, options) -> None:
     """``(M, B, K)`` with a temperature and a weight per batch: ``fit_many``'s one call for the
@@ -293,13 +300,21 @@ def test_a_stack_of_batches_gives_each_batchs_own_loss(name, options) -> None:
         torch.testing.assert_close(stacked[m], alone)
 
 
-@pytest.mark.parametrize(("name", "options"), [("rkl", {}), ("tv", {}), ("jsd", {}),
-                                               ("jsd", {"beta": 0.2})])  # fmt: skip
+CLOSED_FORM_CASES = [
+    ("kd", {}), ("kd", {"standardize": True}), ("dkd", {}),
+    ("dkd", {"alpha": 0.5, "beta": 2.0, "standardize": True}), ("dist", {}),
+    ("dist", {"beta": 2.0, "gamma": 0.5}), ("jsd", {}), ("jsd", {"beta": 0.2}), ("rkl", {}),
+    ("tv", {}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "options"), CLOSED_FORM_CASES)
 @pytest.mark.parametrize("weight", [1.0, 0.7])
 def test_closed_form_gradients_equal_autograds(batch, name, options, weight) -> None:
-    """``fit`` takes reverse KL, total variation and JSD without autograd: the same value and
-    gradient as autograd through :func:`method_loss` (float64)."""
-    from softtargets.losses.methods import method_loss, method_value_and_grad
+    """``fit`` trains every method without autograd: the same value and gradient as autograd
+    through :func:`method_loss` (float64)."""
+    from softtargets.losses.closed import method_value_and_grad
+    from softtargets.losses.methods import method_loss
 
     s, t, y = batch
     value, grad = method_value_and_grad(name, options, s, t, y, 2.0, weight)
@@ -308,4 +323,72 @@ def test_closed_form_gradients_equal_autograds(batch, name, options, weight) -> 
     (want_grad,) = torch.autograd.grad(want, z)
     torch.testing.assert_close(value, want.detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad, want_grad, rtol=1e-9, atol=1e-12)
-    assert method_value_and_grad("dkd", {}, s, t, y, 2.0, weight) is None  # autograd's
+
+
+@pytest.mark.parametrize(("name", "options"), CLOSED_FORM_CASES)
+def test_closed_form_gradients_of_a_stack_equal_autograds(name, options) -> None:
+    """``fit_many``'s one call for the members of a method: ``(M, B, K)`` with a temperature
+    and a weight per member, against autograd of the summed member means."""
+    from softtargets.losses.closed import method_value_and_grad
+    from softtargets.losses.methods import method_loss
+
+    g = torch.Generator().manual_seed(11)
+    s = torch.randn(3, 6, 5, generator=g, dtype=torch.float64) * 2
+    t = torch.randn(3, 6, 5, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, 5, (3, 6), generator=g)
+    temperatures = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    weights = torch.tensor([1.0, 0.9, 0.5], dtype=torch.float64)
+    value, grad = method_value_and_grad(name, options, s, t, y, temperatures, weights)
+    z = s.clone().requires_grad_(True)
+    want = method_loss(name, options, z, t, y, temperatures, weights)
+    (want_grad,) = torch.autograd.grad(want.sum(), z)
+    torch.testing.assert_close(value, want.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-9, atol=1e-12)
+
+
+def test_dkd_closed_form_survives_a_certain_teacher() -> None:
+    """A teacher with all its mass on the label (``1 - p_y`` underflows at T = 1) gives finite
+    DKD values and gradients, as autograd does."""
+    from softtargets.losses.closed import method_value_and_grad
+    from softtargets.losses.methods import dkd_loss
+
+    student = torch.tensor([[2.0, 0.5, -1.0], [0.0, 0.0, 0.0]])
+    teacher = torch.tensor([[200.0, 0.0, 0.0], [0.0, 150.0, -150.0]])
+    labels = torch.tensor([0, 1])
+    value, grad = method_value_and_grad("dkd", {}, student, teacher, labels, 1.0, 1.0)
+    z = student.clone().requires_grad_(True)
+    want = dkd_loss(z, teacher, labels, temperature=1.0)
+    (want_grad,) = torch.autograd.grad(want, z)
+    assert torch.isfinite(value) and torch.isfinite(grad).all()
+    torch.testing.assert_close(value, want.detach())
+    torch.testing.assert_close(grad, want_grad)
+
+
+@pytest.mark.parametrize("classes", [5, 70])  # a table of every row's teacher side; per batch
+@pytest.mark.parametrize(
+    ("name", "options"), [("dkd", {"beta": 2.0}), ("dist", {}), ("kd", {"standardize": True})]
+)
+def test_fits_objective_is_the_closed_form_of_its_rows(classes, name, options) -> None:
+    """``fit``'s objective for a method (its teacher side computed once for every row with few
+    classes, from each batch with many) gives :func:`method_value_and_grad` of the batch's rows."""
+    from softtargets.data import Dataset
+    from softtargets.losses.closed import TABLE_CLASSES, method_value_and_grad
+    from softtargets.objectives import make_objective
+    from softtargets.train import Distillation
+
+    assert 5 <= TABLE_CLASSES < 70
+    g = torch.Generator().manual_seed(5)
+    labels = torch.arange(40) % classes
+    data = Dataset.from_arrays(torch.randn(40, 3, generator=g), labels, class_names=[
+        str(k) for k in range(classes)])  # fmt: skip
+    teacher = torch.randn(40, classes, generator=g) * 3
+    targets = Distillation(teacher, 2.0, 0.8, method=name, options=options)
+    objective = make_objective(targets, data, torch.device("cpu"))
+    rows = torch.tensor([3, 7, 1, 30, 12, 0])
+    student = torch.randn(6, classes, generator=g)
+    value, grad = objective(student, rows)
+    want_value, want_grad = method_value_and_grad(
+        name, options, student, teacher[rows], labels[rows], 2.0, 0.8
+    )
+    torch.testing.assert_close(value, want_value)
+    torch.testing.assert_close(grad, want_grad)

@@ -5,7 +5,8 @@ probability matrix, a store, a :class:`Distillation` of stored logits or of a te
 :func:`make_objective` turns it into ``objective(student_logits (B, K), rows (B,)) -> (loss,
 grad)``, the one function the training step calls: the closed-form Hinton loss
 (:class:`~softtargets.losses.StoredDistillation`), a top-k store's bucket reading, another
-distillation method (:mod:`softtargets.losses.methods`) or plain cross-entropy.
+distillation method (:mod:`softtargets.losses.methods`, each with its closed-form
+gradient) or plain cross-entropy.
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ from softtargets.data import Dataset
 from softtargets.errors import SoftTargetsError
 from softtargets.features import FeatureDistillation
 from softtargets.losses import StoredDistillation, bucket_distillation_loss, soft_cross_entropy
-from softtargets.losses.methods import check_method, method_loss, method_value_and_grad
+from softtargets.losses.closed import (
+    TABLE_CLASSES,
+    MethodTable,
+    method_step,
+    method_value_and_grad,
+)
+from softtargets.losses.methods import check_method
 from softtargets.metrics import predict_logits
 from softtargets.targets import check_finite, check_temperature, validate
 from softtargets.teacher import SoftTargetStore
@@ -263,20 +270,28 @@ def teacher_gatherer(resolved: ResolvedTargets, device: torch.device) -> Callabl
 
 
 def method_objective(resolved: ResolvedTargets, labels: Tensor, device: torch.device) -> Objective:
-    """``objective(logits, rows)`` of a distillation method other than plain KD
-    (:func:`~softtargets.losses.methods.method_loss`; autograd differentiates it), the teacher's
-    logits gathered a batch at a time."""
+    """``objective(logits, rows)`` of a distillation method other than plain KD: its value and
+    closed-form gradient (:mod:`softtargets.losses.closed`). With few classes the teacher's side
+    of every row is computed once (:class:`~softtargets.losses.closed.MethodTable`); with many,
+    from each batch's gathered logits (memory stays at the store's size)."""
     gather = teacher_gatherer(resolved, device)
+    method, options = resolved.method, resolved.options
+    temperature, alpha = resolved.temperature, resolved.alpha
+    num_classes = gather(labels.new_zeros(1)).shape[-1]
+    if num_classes <= TABLE_CLASSES:
+        table = MethodTable(method, options, gather, labels, temperature, num_classes)
 
-    def objective(logits: Tensor, rows: Tensor) -> tuple[Tensor, Tensor | None]:
-        args = (
-            resolved.method, resolved.options, logits, gather(rows), labels[rows],
-            resolved.temperature, resolved.alpha,
-        )  # fmt: skip
-        closed = method_value_and_grad(*args)  # reverse KL, TV, JSD: no autograd
-        if closed is not None:
-            return closed[0], closed[1].to(logits.dtype)
-        return method_loss(*args), None
+        def objective(logits: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+            value, grad = method_step(method, options, logits, table.rows(rows), temperature, alpha)
+            return value, grad.to(logits.dtype)
+
+        return objective
+
+    def objective(logits: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        value, grad = method_value_and_grad(
+            method, options, logits, gather(rows), labels[rows], temperature, alpha
+        )
+        return value, grad.to(logits.dtype)
 
     return objective
 

@@ -35,8 +35,9 @@ from torch.utils.data import Dataset as TorchDataset
 
 from softtargets.data import Dataset, encode_labels
 from softtargets.errors import SoftTargetsError
-from softtargets.losses import bucket_distillation_loss, distillation_loss
-from softtargets.losses.methods import check_method, method_loss
+from softtargets.losses import bucket_distillation_loss
+from softtargets.losses.closed import method_value_and_grad
+from softtargets.losses.methods import check_method
 from softtargets.targets import check_finite, check_temperature
 
 Transform = Callable[[Tensor], Tensor]
@@ -363,7 +364,8 @@ def _device_of(module: nn.Module) -> torch.device:
 
 def stream_objective(targets: Any, num_classes: int | None, device: torch.device) -> Callable:
     """The training loss for streamed batches:
-    ``objective(logits (B, K), (labels (B,), ids (B,), x (B, ...))) -> (loss, None)``.
+    ``objective(logits (B, K), (labels (B,), ids (B,), x (B, ...))) -> (loss, grad)``, ``grad``
+    the closed-form gradient in the logits, or ``None`` where autograd differentiates ``loss``.
 
     ``targets``: ``None``/``"hard"``, a :class:`~softtargets.teacher.SoftTargetStore` (soft
     targets at T = 1, looked up by id), or a :class:`~softtargets.train.Distillation` whose
@@ -425,12 +427,13 @@ def stream_objective(targets: Any, num_classes: int | None, device: torch.device
             "for streamed data, Distillation's teacher is a SoftTargetStore or a teacher module"
         )
     options = check_method(targets.method, targets.options)
-    if targets.method != "kd" or options:
-        return lambda logits, key: (
-            method_loss(targets.method, options, logits, teacher_logits(key), key[0], t, alpha),
-            None,
+
+    def objective(logits: Tensor, key: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        # Hinton's loss or another method, closed-form gradient (the teacher's side from this
+        # batch's logits: streamed rows come in any order, so there is no table to gather from)
+        value, grad = method_value_and_grad(
+            targets.method, options, logits, teacher_logits(key), key[0], t, alpha
         )
-    return lambda logits, key: (
-        distillation_loss(logits, teacher_logits(key), key[0], t, alpha, check=False),
-        None,
-    )
+        return value, grad.to(logits.dtype)
+
+    return objective

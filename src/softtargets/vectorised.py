@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from softtargets.data import Dataset
 from softtargets.errors import SoftTargetsError
-from softtargets.losses.methods import method_loss
+from softtargets.losses.closed import method_value_and_grad
 from softtargets.losses.stacked import StackedLoss
 from softtargets.objectives import (
     ResolvedTargets,
@@ -86,7 +86,7 @@ def _member_data(member: Member, data: Dataset) -> Dataset:
 def _closed_form(resolved: ResolvedTargets) -> bool:
     """Whether :class:`StackedLoss`'s closed form covers these targets: hard labels, probability
     rows, or Hinton's loss with a uniform tail. Other methods and the bucket tail train through
-    ``fit``'s own objective (:func:`~softtargets.objectives.make_objective`) and autograd."""
+    ``fit``'s own objective (:func:`~softtargets.objectives.make_objective`)."""
     return resolved.kind != "distill" or (resolved.plain_kd and resolved.tail == "uniform")
 
 
@@ -135,12 +135,12 @@ class StackedTargets(StackedLoss):
     """:class:`~softtargets.losses.stacked.StackedLoss` of members' targets, each resolved and
     checked against the data as ``fit`` does.
 
-    Members whose targets the closed form does not cover (a distillation method other than plain
-    KD, or a top-k store's bucket tail) get ``fit``'s own loss, differentiated by autograd in
-    their logits: members of one method and options in one call of
-    :func:`~softtargets.losses.methods.method_loss` on their stacked batches (each with its own
-    ``T`` and ``alpha``); a member whose batch is short (its epoch's last) or with a bucket tail,
-    through ``fit``'s objective alone.
+    Members whose targets this table does not cover (a distillation method other than plain KD,
+    or a top-k store's bucket tail) get ``fit``'s own loss: members of one method and options in
+    one call of :func:`~softtargets.losses.closed.method_value_and_grad` on their stacked
+    batches (each with its own ``T`` and ``alpha``, closed-form gradients); a member whose batch
+    is short (its epoch's last) or with a bucket tail, through ``fit``'s objective alone (the
+    bucket tail through autograd).
     """
 
     @classmethod
@@ -171,8 +171,8 @@ class StackedTargets(StackedLoss):
         return stacked
 
     def loss(self, logits: Tensor, table_rows: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-        """As :meth:`StackedLoss.loss`, with the members outside the closed form replaced by
-        their loss's batch mean over their real rows and its autograd gradient."""
+        """As :meth:`StackedLoss.loss`, with the members outside the table replaced by their
+        loss's batch mean over their real rows and its gradient."""
         value, grad = super().loss(logits, table_rows, weight)
         if not self.objectives:
             return value, grad
@@ -198,19 +198,18 @@ class StackedTargets(StackedLoss):
                 torch.tensor([self.settings[m][i] for m in whole], device=logits.device)
                 for i in (2, 3)
             )
-            member_logits = logits.index_select(0, index).requires_grad_(True)
-            with torch.enable_grad():  # each member's mean depends on its own logits only
-                member_value = method_loss(method, options, member_logits, teacher,
-                                           member_labels, temperature, alpha)  # fmt: skip
-                (member_grad,) = torch.autograd.grad(member_value.sum(), member_logits)
-            value[index], grad[index] = member_value.detach(), member_grad
+            member_value, member_grad = method_value_and_grad(
+                method, options, logits.index_select(0, index), teacher, member_labels,
+                temperature, alpha,
+            )  # fmt: skip
+            value[index], grad[index] = member_value, member_grad.to(grad.dtype)
         for m in sorted(alone):
             if not bool(real[m].any()):
                 continue  # this member has finished its epoch: nothing to add
             member_logits = logits[m][real[m]].detach().requires_grad_(True)
-            with torch.enable_grad():
+            with torch.enable_grad():  # the bucket tail's objective needs autograd
                 member_value, member_grad = self.objectives[m](member_logits, data_rows[m][real[m]])
-                if member_grad is None:  # no closed form: autograd
+                if member_grad is None:
                     (member_grad,) = torch.autograd.grad(member_value, member_logits)
             value[m] = member_value.detach()
             grad[m].zero_()[real[m]] = member_grad

@@ -24,9 +24,9 @@ method         per row                                                     refer
 ``standardize=True`` (Sun et al. CVPR 2024, logit standardisation) both sides' logits are z-scored
 per row before the temperature; it is an option of ``kd`` and ``dkd``.
 
-``fit`` differentiates reverse KL, total variation and JSD in closed form
-(:func:`method_value_and_grad`); DKD and DIST go through autograd (and every method does in
-``fit_many``'s stacked call).
+These are the reference formulas, differentiated by autograd; ``fit`` and ``fit_many`` train
+with the same losses' closed-form gradients (:mod:`softtargets.losses.closed`), which the tests
+hold to autograd through these.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def standardize(logits: Tensor, eps: float = 1e-7) -> Tensor:
     return (logits - mean) / (logits.std(dim=-1, keepdim=True) + eps)
 
 
-def _temperatures(temperature: float | Tensor, logits: Tensor) -> tuple[Any, Any]:
+def temperatures(temperature: float | Tensor, logits: Tensor) -> tuple[Any, Any]:
     """``(divisor, factor)``: ``temperature`` broadcast against ``(..., B, K)`` logits and against
     the ``(...)`` losses. A float is checked as everywhere; a tensor holds one value per leading
     index (``fit_many``'s members)."""
@@ -72,7 +72,7 @@ def _softened(logits: Tensor, divisor: Any, standardized: bool) -> Tensor:
     return (standardize(logits) if standardized else logits) / divisor
 
 
-def _check_pair(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+def check_pair(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     if student_logits.shape != teacher_logits.shape or student_logits.ndim < 2:
         raise SoftTargetsError(
             f"student logits have shape {tuple(student_logits.shape)} but teacher logits "
@@ -89,8 +89,8 @@ def kd_loss(
 ) -> Tensor:
     """Hinton's soft term, ``T^2 KL(p_T || p_S)`` (batch mean); with ``standardize`` the logits are
     z-scored per row first (logit standardisation)."""
-    teacher_logits = _check_pair(student_logits, teacher_logits)
-    divisor, t = _temperatures(temperature, student_logits)
+    teacher_logits = check_pair(student_logits, teacher_logits)
+    divisor, t = temperatures(temperature, student_logits)
     log_q = F.log_softmax(_softened(student_logits, divisor, standardize), dim=-1)
     log_p = F.log_softmax(_softened(teacher_logits, divisor, standardize), dim=-1)
     kl = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1).mean(-1)
@@ -114,8 +114,8 @@ def dkd_loss(
     each renormalised. Defaults are the paper's CIFAR-100 ones (alpha 1, beta 8, T 4); the paper
     adds the cross-entropy with a warm-up, which the trainer's ``1 - alpha`` mix stands in for.
     """
-    teacher_logits = _check_pair(student_logits, teacher_logits)
-    divisor, t = _temperatures(temperature, student_logits)
+    teacher_logits = check_pair(student_logits, teacher_logits)
+    divisor, t = temperatures(temperature, student_logits)
     labels = labels.long().unsqueeze(-1)  # (..., B, 1)
     # (..., B, K) mask of each row's label (scatter, not one_hot: one_hot reads the labels' max)
     target = torch.zeros_like(student_logits, dtype=torch.bool).scatter(-1, labels, True)
@@ -149,6 +149,11 @@ def _pearson_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
     return F.cosine_similarity(a, b, dim=-1, eps=eps)
 
 
+def check_several_rows(logits: Tensor) -> None:
+    if logits.shape[-2] < 2:
+        raise SoftTargetsError("dist_loss compares classes across a batch; give at least 2 rows")
+
+
 def dist_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -161,10 +166,9 @@ def dist_loss(
     classes) and ``intra`` column by column (over the batch's rows), probabilities at
     ``tau = temperature``. A statistic of the batch, not a sum over rows: it needs batches of
     several rows."""
-    teacher_logits = _check_pair(student_logits, teacher_logits)
-    divisor, t = _temperatures(temperature, student_logits)
-    if student_logits.shape[-2] < 2:
-        raise SoftTargetsError("dist_loss compares classes across a batch; give at least 2 rows")
+    teacher_logits = check_pair(student_logits, teacher_logits)
+    divisor, t = temperatures(temperature, student_logits)
+    check_several_rows(student_logits)
     y_s = F.softmax(student_logits / divisor, dim=-1)
     y_t = F.softmax(teacher_logits / divisor, dim=-1)
     inter = 1.0 - _pearson_rows(y_s, y_t).mean(-1)
@@ -181,10 +185,10 @@ def jsd_loss(
     """Generalised Jensen-Shannon divergence (as in GKD): the batch mean of
     ``beta KL(p_T || m) + (1 - beta) KL(p_S || m)`` with ``m = beta p_T + (1 - beta) p_S``.
     ``beta`` in ``(0, 1)``; 0.5 gives the symmetric JSD, bounded by ``log 2``."""
-    teacher_logits = _check_pair(student_logits, teacher_logits)
+    teacher_logits = check_pair(student_logits, teacher_logits)
     if not 0.0 < beta < 1.0:
         raise SoftTargetsError(f"jsd beta must be in (0, 1), got {beta!r}")
-    divisor, _ = _temperatures(temperature, student_logits)
+    divisor, _ = temperatures(temperature, student_logits)
     log_s = F.log_softmax(student_logits / divisor, dim=-1)
     log_t = F.log_softmax(teacher_logits / divisor, dim=-1)
     # log m = logsumexp(log beta + log p_T, log (1 - beta) + log p_S): stable where either is tiny
@@ -199,8 +203,8 @@ def reverse_kl_loss(
 ) -> Tensor:
     """``T^2 KL(p_S || p_T)`` (batch mean): mode-seeking, the student may drop classes the teacher
     gives little mass; ``T^2`` as in :func:`kd_loss` keeps the gradient's scale."""
-    teacher_logits = _check_pair(student_logits, teacher_logits)
-    divisor, t = _temperatures(temperature, student_logits)
+    teacher_logits = check_pair(student_logits, teacher_logits)
+    divisor, t = temperatures(temperature, student_logits)
     log_s = F.log_softmax(student_logits / divisor, dim=-1)
     log_t = F.log_softmax(teacher_logits / divisor, dim=-1)
     kl = F.kl_div(log_t, log_s, reduction="none", log_target=True).sum(-1).mean(-1)
@@ -211,99 +215,33 @@ def total_variation_loss(
     student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0
 ) -> Tensor:
     """``1/2 sum_k |p_T - p_S|`` (batch mean), in ``[0, 1]``; no ``T^2`` (it is bounded)."""
-    teacher_logits = _check_pair(student_logits, teacher_logits)
-    divisor, _ = _temperatures(temperature, student_logits)
+    teacher_logits = check_pair(student_logits, teacher_logits)
+    divisor, _ = temperatures(temperature, student_logits)
     p_s = F.softmax(student_logits / divisor, dim=-1)
     p_t = F.softmax(teacher_logits / divisor, dim=-1)
     return 0.5 * (p_t - p_s).abs().sum(-1).mean(-1)
 
 
-# ---------------------------------------------------------------- closed-form gradients
-# For ``fit``: a (B, K) batch, a float temperature; each returns the batch mean and its gradient
-# with respect to the student's logits, (B, K), with no autograd graph (tested against autograd).
-# They compute in float32 at least (half-precision logits under autocast are widened).
-
-
-def _wide(logits: Tensor) -> Tensor:
-    return logits if logits.dtype == torch.float64 else logits.float()
-
-
-def reverse_kl_value_and_grad(
-    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0
-) -> tuple[Tensor, Tensor]:
-    """:func:`reverse_kl_loss` and its gradient: row ``T^2 sum_k q_k (log q_k - log p_k)`` with
-    ``q`` the student's softmax at T, ``p`` the teacher's; gradient
-    ``T q_j (log q_j - log p_j - KL_row) / B`` (the ``+1`` of ``d(q log q)`` cancels as
-    ``sum q = 1``)."""
-    t = check_temperature(temperature)
-    with torch.no_grad():
-        log_q = F.log_softmax(_wide(student_logits) / t, dim=-1)
-        log_p = F.log_softmax(_wide(_check_pair(student_logits, teacher_logits)) / t, dim=-1)
-        q = log_q.exp()
-        gap = log_q - log_p
-        kl = (q * gap).sum(-1, keepdim=True)  # (B, 1)
-        batch = student_logits.shape[0]
-        return (t * t) * kl.mean(), (t / batch) * q * (gap - kl)
-
-
-def total_variation_value_and_grad(
-    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0
-) -> tuple[Tensor, Tensor]:
-    """:func:`total_variation_loss` and its gradient: with ``s = sign(q - p)``,
-    ``d/dz_j = q_j (s_j - sum_k s_k q_k) / (2 T B)`` (``sign(0) = 0``, the subgradient autograd
-    takes too)."""
-    t = check_temperature(temperature)
-    with torch.no_grad():
-        q = F.softmax(_wide(student_logits) / t, dim=-1)
-        p = F.softmax(_wide(_check_pair(student_logits, teacher_logits)) / t, dim=-1)
-        sign = (q - p).sign()
-        batch = student_logits.shape[0]
-        value = 0.5 * (q - p).abs().sum(-1).mean()
-        return value, q * (sign - (sign * q).sum(-1, keepdim=True)) / (2 * t * batch)
-
-
-def jsd_value_and_grad(
-    student_logits: Tensor, teacher_logits: Tensor, beta: float = 0.5, temperature: float = 1.0
-) -> tuple[Tensor, Tensor]:
-    """:func:`jsd_loss` and its gradient. With ``m = beta p + (1 - beta) q`` the row's derivative
-    in ``q`` is ``(1 - beta) log(q_k / m_k)`` (the other terms cancel as ``m`` mixes ``p`` and
-    ``q``), so ``d/dz_j = q_j (g_j - sum_k q_k g_k) / (T B)`` with ``g = (1 - beta) log(q / m)``."""
-    if not 0.0 < beta < 1.0:
-        raise SoftTargetsError(f"jsd beta must be in (0, 1), got {beta!r}")
-    t = check_temperature(temperature)
-    with torch.no_grad():
-        log_q = F.log_softmax(_wide(student_logits) / t, dim=-1)
-        log_p = F.log_softmax(_wide(_check_pair(student_logits, teacher_logits)) / t, dim=-1)
-        log_m = torch.logsumexp(
-            torch.stack([log_p + math.log(beta), log_q + math.log1p(-beta)]), dim=0
-        )
-        p, q = log_p.exp(), log_q.exp()
-        row = beta * (p * (log_p - log_m)).sum(-1) + (1.0 - beta) * (q * (log_q - log_m)).sum(-1)
-        g = (1.0 - beta) * (log_q - log_m)
-        batch = student_logits.shape[0]
-        return row.mean(), q * (g - (q * g).sum(-1, keepdim=True)) / (t * batch)
-
-
 @dataclass(frozen=True)
 class Method:
-    """A distillation method as the trainers use it: its loss, the options it takes, and its
-    value and closed-form gradient where there is one (``fit`` then skips autograd for it)."""
+    """A distillation method: its loss (the reference, differentiable by autograd), the options it
+    takes and whether it reads the labels. Its closed-form gradient, which the trainers use, is
+    :mod:`softtargets.losses.closed`'s."""
 
     loss: Callable[..., Tensor]
     options: tuple[str, ...]
     uses_labels: bool = False
-    value_and_grad: Callable[..., tuple[Tensor, Tensor]] | None = None
 
 
 METHODS: dict[str, Method] = {
-    name: Method(loss, METHOD_OPTIONS[name], uses_labels=name == "dkd", value_and_grad=closed)
-    for name, loss, closed in (
-        ("kd", kd_loss, None),  # plain KD has its own closed form: losses.StoredDistillation
-        ("dkd", dkd_loss, None),
-        ("dist", dist_loss, None),
-        ("jsd", jsd_loss, jsd_value_and_grad),
-        ("rkl", reverse_kl_loss, reverse_kl_value_and_grad),
-        ("tv", total_variation_loss, total_variation_value_and_grad),
+    name: Method(loss, METHOD_OPTIONS[name], uses_labels=name == "dkd")
+    for name, loss in (
+        ("kd", kd_loss),
+        ("dkd", dkd_loss),
+        ("dist", dist_loss),
+        ("jsd", jsd_loss),
+        ("rkl", reverse_kl_loss),
+        ("tv", total_variation_loss),
     )
 }
 
@@ -338,32 +276,3 @@ def method_loss(
         log_s = F.log_softmax(student_logits, dim=-1)
         hard = -log_s.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1).mean(-1)
     return weight * soft + (1.0 - weight) * hard
-
-
-def method_value_and_grad(
-    name: str,
-    options: dict[str, Any],
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    labels: Tensor,
-    temperature: float,
-    weight: float,
-) -> tuple[Tensor, Tensor] | None:
-    """:func:`method_loss` of a ``(B, K)`` batch and its gradient w.r.t. the student's logits in
-    closed form, or ``None`` when the method has none (then autograd differentiates
-    :func:`method_loss`). The cross-entropy part's gradient is ``(softmax(z) - onehot(y)) / B``."""
-    method = METHODS[name]
-    if method.value_and_grad is None:
-        return None
-    soft, soft_grad = method.value_and_grad(
-        student_logits, teacher_logits, temperature=temperature, **options
-    )
-    if weight == 1.0:
-        return soft, soft_grad
-    with torch.no_grad():
-        log_s = F.log_softmax(_wide(student_logits), dim=-1)
-        picked = log_s.gather(-1, labels.long().view(-1, 1))
-        hard = -picked.mean()
-        hard_grad = log_s.exp().scatter_add_(-1, labels.long().view(-1, 1), -torch.ones_like(picked))
-        hard_grad /= student_logits.shape[0]
-    return weight * soft + (1.0 - weight) * hard, weight * soft_grad + (1.0 - weight) * hard_grad

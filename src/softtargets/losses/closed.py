@@ -1,0 +1,369 @@
+"""The distillation methods' values with their gradients in closed form: what the trainers use.
+
+:mod:`softtargets.losses.methods` writes each method as a loss that autograd differentiates (the
+reference); here each is split in two, so that a trainer pays only for the student's side:
+
+* the **teacher's side** (:func:`teacher_side`): what a method needs of the teacher's softmax at
+  ``T``, packed in one ``(..., B, C)`` table. It does not depend on the student, so ``fit``
+  computes it once for every row (:class:`MethodTable`) and a step gathers its rows;
+* the **step** (:func:`method_step`): the student's softmax at ``T`` (and at 1 for the
+  cross-entropy, in the same pass), the method's value and its gradient in ``u = z / T``, then
+  the gradient in the logits ``z`` (``/ T``, the ``T^2`` factor, the z-score's Jacobian for logit
+  standardisation) and the ``1 - alpha`` cross-entropy mixed in.
+
+Shapes: a ``(B, K)`` batch with a float temperature, or a stack ``(M, B, K)`` with a float or
+``(M,)`` temperatures and weights (``fit_many``'s members of one method); values are batch means
+``()`` or ``(M,)``. Everything runs under ``no_grad`` in float32 at least (half-precision logits
+under autocast are widened). ``tests/test_methods.py`` holds every value and gradient to autograd
+through the reference losses, in float64.
+
+On this CPU a small op costs ~5 us whatever its size, several times its arithmetic for the
+``(128, 10)`` batches of the studies, so the steps count ops: ``F.log_softmax`` (a reduction kernel,
+~40 us a call here) is replaced by elementwise passes, and the two softmaxes share one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from softtargets.errors import SoftTargetsError
+from softtargets.limits import chunk_rows
+from softtargets.losses import log_softmax_and_softmax
+from softtargets.losses.methods import (
+    check_pair,
+    check_several_rows,
+    standardize,
+    temperatures,
+)
+
+
+def _wide(logits: Tensor) -> Tensor:
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
+def _softmax_backward(probs: Tensor, grad_probs: Tensor) -> Tensor:
+    """The gradient in ``u`` from the gradient in ``probs = softmax(u)``: ``p (g - sum_k p_k g_k)``."""
+    return probs * (grad_probs - (probs * grad_probs).sum(-1, keepdim=True))
+
+
+def _standardized(logits: Tensor, eps: float = 1e-7) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`~softtargets.losses.methods.standardize` ``(z)`` with what its backward needs:
+    ``(z~, d, s, std)``, ``d = z - mean``, ``s = std + eps`` (Bessel's std over ``K``)."""
+    std, mean = torch.std_mean(logits, dim=-1, keepdim=True)
+    d, s = logits - mean, std + eps
+    return d / s, d, s, std
+
+
+def _standardize_backward(grad: Tensor, d: Tensor, s: Tensor, std: Tensor) -> Tensor:
+    """The gradient in ``z`` from the gradient in ``z~`` (:func:`_standardized`'s parts):
+    ``(g - mean g) / s - (g . d) d / (s^2 (K - 1) std)``."""
+    along = (grad * d).sum(-1, keepdim=True).div_(s * s * (d.shape[-1] - 1) * std)
+    return (grad - grad.mean(dim=-1, keepdim=True)).div_(s).sub_(along * d)
+
+
+def _off_target(
+    log_probs: Tensor, target: Tensor, index: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """From log-probabilities ``(..., B, K)``, the ``target`` mask and the labels' ``index``
+    ``(..., B, 1)``: ``log p_y``, ``log (1 - p_y)`` ``(..., B, 1)``, and the log-softmax and
+    softmax over the other classes (``-inf`` and 0 at the target). ``1 - p_y`` is read as
+    ``p_k / p^_k`` at one other class ``k``, not subtracted from 1 (which loses every digit when
+    ``p_y`` is near 1)."""
+    log_others, others = log_softmax_and_softmax(log_probs.masked_fill(target, float("-inf")))
+    other = (index + 1) % log_probs.shape[-1]  # any class but the label
+    log_rest = log_probs.gather(-1, other) - log_others.gather(-1, other)
+    return log_probs.gather(-1, index), log_rest, log_others, others
+
+
+# ---------------------------------------------------------------- each method, in two sides
+# A method's teacher side takes the teacher's ``log p`` and ``p`` at T ``(..., B, K)``, the labels'
+# index ``(..., B, 1)``, its one-hot ``(..., B, K)`` and its options, and returns the parts its step
+# needs, ``(..., B, c)`` each. Its step takes the student's ``log q`` and ``q`` at T, those parts
+# and the options, and returns the batch *sum* of the method's row values (before any T^2 or
+# other factor) with its gradient in ``u = z / T`` ``(..., B, K)``; the driver divides by ``B``.
+# Steps compute only what depends on the student.
+
+
+def _plain_teacher(log_p, p, index, one_hot, **_) -> tuple[Tensor, ...]:
+    return log_p, p, (p * log_p).sum(-1, keepdim=True)  # ... and sum_k p log p per row
+
+
+def _kd(log_q, q, teacher, **_) -> tuple[Tensor, Tensor]:
+    """``KL(p || q) = sum p log p - sum p log q``; gradient ``q - p``."""
+    _, p, entropy = teacher
+    return entropy.sum((-2, -1)) - (p * log_q).sum((-2, -1)), q - p
+
+
+def _dkd_teacher(log_p, p, index, one_hot, alpha=1.0, beta=8.0, **_) -> tuple[Tensor, ...]:
+    """DKD's row value is ``const - W . log q + c log r`` with ``r = 1 - q_y`` the student's
+    non-target mass, ``W = alpha p_y e_y + beta p^``, ``c = beta - alpha (1 - p_y)`` and
+    ``const = alpha (p_y log p_y + p_r log p_r) + beta sum p^ log p^`` (``p^`` the teacher's
+    renormalised non-target probabilities, ``p_r = 1 - p_y``): all the teacher's."""
+    log_py, log_pr, log_others, others = _off_target(log_p, one_hot.bool(), index)
+    py, pr = log_py.exp(), log_pr.exp()
+    weights = one_hot * (alpha * py) + beta * others
+    const = alpha * (py * log_py + pr * log_pr) + beta * (others * log_others.clamp_min(-1e30)).sum(
+        -1, keepdim=True
+    )
+    return weights, beta - alpha * pr, const, 1.0 - one_hot
+
+
+def _dkd(log_q, q, teacher, alpha=1.0, **_) -> tuple[Tensor, Tensor]:
+    """``alpha TCKD + beta NCKD`` as ``const - W . log q + c log r`` (see :func:`_dkd_teacher`).
+    Its gradient, ``alpha (q - p_y e_y - p_r q^) + beta (q^ - p^)`` with ``q^ = q / r`` off the
+    target (TCKD's and NCKD's), is ``alpha q - W + c q^``."""
+    weights, c, const, off = teacher
+    q_off = q * off
+    # r is a sum of the non-target probabilities, exact to rounding; it underflows only when every
+    # one of them does (a logit gap above ~100 T), and the clamp keeps that case finite
+    r = q_off.sum(-1, keepdim=True).clamp_min_(1e-30)
+    value = const.sum((-2, -1)) - (weights * log_q).sum((-2, -1)) + (c * r.log()).sum((-2, -1))
+    grad = torch.add(q_off.mul_(c / r), q, alpha=alpha).sub_(weights)
+    return value, grad
+
+
+def _pearson_and_grad(a: Tensor, b_hat: Tensor, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
+    """Pearson correlation of each row of ``a`` with a centred, unit-norm row ``b_hat``
+    ``(..., n)``, and its gradient in ``a``: ``(b^ - r a^) / |a - mean a|`` with ``a^`` the
+    centred row over its norm (centred already, so it passes the centring unchanged)."""
+    a = a - a.mean(dim=-1, keepdim=True)
+    norm_a = a.square().sum(-1, keepdim=True).sqrt_().clamp_min_(eps)
+    a_hat = a.div_(norm_a)
+    r = (a_hat * b_hat).sum(-1, keepdim=True)
+    return r.squeeze(-1), (b_hat - r * a_hat).div_(norm_a)
+
+
+def _unit_centred(a: Tensor, eps: float = 1e-8) -> Tensor:
+    a = a - a.mean(dim=-1, keepdim=True)
+    return a.div_(a.square().sum(-1, keepdim=True).sqrt_().clamp_min_(eps))
+
+
+def _dist_teacher(log_p, p, index, one_hot, **_) -> tuple[Tensor, ...]:
+    """Each teacher row centred and of unit norm (the inter-class relation's side), and ``p``
+    (the intra-class relation centres columns over the batch, so it is a step's work)."""
+    return _unit_centred(p), p
+
+
+def _dist(log_q, q, teacher, beta=1.0, gamma=1.0, **_) -> tuple[Tensor, Tensor]:
+    """``B (beta (1 - inter) + gamma (1 - intra))``; in the student's probabilities the
+    gradient is ``-(beta R + gamma B C / K)``, ``R`` and ``C`` the row-wise and column-wise
+    Pearson gradients, then back through the softmax."""
+    check_several_rows(q)
+    rows_hat, p = teacher
+    batch, k = q.shape[-2:]
+    inter, grad_rows = _pearson_and_grad(q, rows_hat)
+    columns_hat = _unit_centred(p.transpose(-1, -2))
+    intra, grad_cols = _pearson_and_grad(q.transpose(-1, -2), columns_hat)
+    value = beta * (batch - inter.sum(-1)) + gamma * batch * (1.0 - intra.mean(-1))
+    grad_q = grad_rows.mul_(-beta).add_(grad_cols.transpose(-1, -2), alpha=-gamma * batch / k)
+    return value, _softmax_backward(q, grad_q)
+
+
+def _jsd_teacher(log_p, p, index, one_hot, beta=0.5, **_) -> tuple[Tensor, ...]:
+    if not 0.0 < beta < 1.0:
+        raise SoftTargetsError(f"jsd beta must be in (0, 1), got {beta!r}")
+    return beta * p, beta * (p * log_p).sum(-1, keepdim=True)
+
+
+def _jsd(log_q, q, teacher, beta=0.5, **_) -> tuple[Tensor, Tensor]:
+    """``beta KL(p || m) + (1 - beta) KL(q || m)`` with ``m = beta p + (1 - beta) q``, which is
+    ``beta sum p log p + (1 - beta) sum q log q - sum m log m``; its derivative in ``q`` is
+    ``(1 - beta) log(q / m)`` (the other terms cancel as ``m`` mixes ``p`` and ``q``)."""
+    beta_p, beta_entropy = teacher
+    m = torch.add(beta_p, q, alpha=1.0 - beta)
+    # m is below 1e-38 only where p and q both are, and each term is weighted by p, q or m there
+    log_m = m.clamp_min(1e-38).log_()
+    value = (
+        beta_entropy.sum((-2, -1))
+        + (1.0 - beta) * (q * log_q).sum((-2, -1))
+        - (m * log_m).sum((-2, -1))
+    )
+    return value, _softmax_backward(q, log_q.sub(log_m).mul_(1.0 - beta))
+
+
+def _rkl(log_q, q, teacher, **_) -> tuple[Tensor, Tensor]:
+    """``KL(q || p)``; gradient ``q (log q - log p - KL)`` (the ``+1`` of ``d(q log q)`` cancels
+    as ``sum q = 1``)."""
+    log_p = teacher[0]
+    gap = log_q - log_p
+    kl = (q * gap).sum(-1, keepdim=True)  # (..., B, 1)
+    return kl.sum((-2, -1)), gap.sub_(kl).mul_(q)
+
+
+def _tv_teacher(log_p, p, index, one_hot, **_) -> tuple[Tensor, ...]:
+    return (p,)
+
+
+def _tv(log_q, q, teacher, **_) -> tuple[Tensor, Tensor]:
+    """``sum_k |q - p|`` (the factor 1/2 is the driver's); gradient ``q (s - sum_k s_k q_k)`` with
+    ``s = sign(q - p)`` (``sign(0) = 0``, the subgradient autograd takes too)."""
+    gap = q - teacher[0]
+    return gap.abs().sum((-2, -1)), _softmax_backward(q, gap.sign_())
+
+
+@dataclass(frozen=True)
+class _Sides:
+    """A method's two sides and the factor of its loss: ``T^2`` (``squared``) or a constant."""
+
+    teacher: Callable[..., tuple[Tensor, ...]]
+    step: Callable[..., tuple[Tensor, Tensor]]
+    squared: bool = True
+    factor: float = 1.0
+
+
+SIDES: dict[str, _Sides] = {
+    "kd": _Sides(_plain_teacher, _kd),
+    "dkd": _Sides(_dkd_teacher, _dkd),
+    "dist": _Sides(_dist_teacher, _dist),
+    "jsd": _Sides(_jsd_teacher, _jsd, squared=False),
+    "rkl": _Sides(_plain_teacher, _rkl),
+    "tv": _Sides(_tv_teacher, _tv, squared=False, factor=0.5),
+}
+
+
+def _one_hot(labels: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    """``(index (..., B, 1), one-hot (..., B, K))`` of the labels, for logits ``like``."""
+    index = labels.long().unsqueeze(-1)
+    return index, torch.zeros_like(like).scatter_(-1, index, 1.0)
+
+
+def teacher_side(
+    name: str,
+    options: dict[str, Any],
+    teacher_logits: Tensor,
+    labels: Tensor,
+    temperature: float | Tensor,
+) -> tuple[Tensor, ...]:
+    """What method ``name``'s step needs of the teacher, from its logits ``(..., B, K)`` (z-scored
+    first with ``standardize``) at ``T``: ``(..., B, c)`` tensors, the last the labels' one-hot
+    (for the cross-entropy)."""
+    v = _wide(teacher_logits)
+    if options.get("standardize", False):
+        v = standardize(v)
+    divisor, _ = temperatures(temperature, v)
+    log_p, p = log_softmax_and_softmax(v / divisor)
+    index, one_hot = _one_hot(labels, v)
+    return *SIDES[name].teacher(log_p, p, index, one_hot, **_settings(options)), one_hot
+
+
+def _settings(options: dict[str, Any]) -> dict[str, Any]:
+    """A method's own options, without ``standardize`` (which the driver applies)."""
+    return {k: v for k, v in options.items() if k != "standardize"}
+
+
+def method_step(
+    name: str,
+    options: dict[str, Any],
+    student_logits: Tensor,
+    teacher: tuple[Tensor, ...],
+    temperature: float | Tensor,
+    weight: float | Tensor,
+) -> tuple[Tensor, Tensor]:
+    """``weight x method + (1 - weight) x cross-entropy`` against the teacher's parts and the
+    labels' one-hot (:func:`teacher_side`), and its gradient in the student's logits,
+    ``(..., B, K)``."""
+    sides = SIDES[name]
+    with torch.no_grad():
+        z = _wide(student_logits)
+        batch = z.shape[-2]
+        divisor, t = temperatures(temperature, z)
+        standardized = options.get("standardize", False)
+        if standardized:
+            z_tilde, *standard_parts = _standardized(z)
+            u = z_tilde / divisor
+        else:
+            u = z / divisor
+        mixed = isinstance(weight, Tensor) or weight != 1.0
+        if mixed:  # the softmax at T and at 1 in one pass over (..., B, 2, K)
+            log_both, both = log_softmax_and_softmax(torch.stack([u, z], dim=-2))
+            (log_q, log_s), (q, s) = log_both.unbind(-2), both.unbind(-2)
+        else:
+            log_q, q = log_softmax_and_softmax(u)
+        *parts, one_hot = teacher
+        value, grad = sides.step(log_q, q, parts, **_settings(options))
+        # the loss is factor x value / B; d/dz = d/du / T, and T^2 d/du / T = T d/du. A weight
+        # per stacked batch scales its values (M,) and its gradients' rows (M, 1, 1).
+        if isinstance(weight, Tensor):
+            weight = weight.to(z.dtype)
+            weight_rows = weight[:, None, None]
+        else:
+            weight_rows = weight
+        per_row = sides.factor / batch
+        if sides.squared:
+            value_scale, grad_scale = weight * per_row * t * t, weight_rows * per_row * divisor
+        else:
+            value_scale, grad_scale = weight * per_row, weight_rows * per_row / divisor
+        grad = grad.mul_(grad_scale)
+        if standardized:
+            grad = _standardize_backward(grad, *standard_parts)
+        value = value * value_scale
+        if not mixed:
+            return value, grad
+        # cross-entropy: value -log s_y, gradient (softmax(z) - onehot(y)) / B
+        hard_grad = s - one_hot
+        value = value - (one_hot * log_s).sum((-2, -1)) * ((1.0 - weight) / batch)
+        if isinstance(weight_rows, Tensor):
+            return value, grad.addcmul_(hard_grad, (1.0 - weight_rows) / batch)
+        return value, grad.add_(hard_grad, alpha=(1.0 - weight_rows) / batch)
+
+
+def method_value_and_grad(
+    name: str,
+    options: dict[str, Any],
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    temperature: float | Tensor,
+    weight: float | Tensor,
+) -> tuple[Tensor, Tensor]:
+    """:func:`~softtargets.losses.methods.method_loss` and its gradient w.r.t. the student's
+    logits in closed form, without autograd: of a ``(B, K)`` batch, or of a stack ``(M, B, K)``
+    (``(M,)`` values; ``temperature`` and ``weight`` floats or ``(M,)`` tensors)."""
+    teacher_logits = check_pair(student_logits, teacher_logits)
+    with torch.no_grad():
+        teacher = teacher_side(name, options, teacher_logits, labels, temperature)
+    return method_step(name, options, student_logits, teacher, temperature, weight)
+
+
+# Up to this many classes a fit keeps the teacher's side of every row (a few K floats a row);
+# with more, it computes it from each batch's logits, so memory stays at the store's size.
+TABLE_CLASSES = 64
+
+
+class MethodTable:
+    """A method's teacher side for every row of the data, computed once: a step gathers its rows
+    (one ``index_select``) instead of recomputing the teacher's softmax.
+
+    Args:
+        name, options, temperature: the method, as :func:`teacher_side` takes them.
+        gather: ``gather(rows (B,)) -> (B, K)`` teacher logits of data rows.
+        labels: the data's ``(N,)`` labels (DKD's parts need them).
+        num_classes: ``K``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        options: dict[str, Any],
+        gather: Callable[[Tensor], Tensor],
+        labels: Tensor,
+        temperature: float,
+        num_classes: int,
+    ) -> None:
+        chunks: list[Tensor] = []
+        chunk = chunk_rows(2 * num_classes)
+        for start in range(0, len(labels), chunk):
+            rows = torch.arange(start, min(len(labels), start + chunk), device=labels.device)
+            parts = teacher_side(name, options, gather(rows), labels[rows], temperature)
+            self.widths = [part.shape[-1] for part in parts]
+            chunks.append(torch.cat(parts, dim=-1))
+        self.table = torch.cat(chunks)  # (N, C)
+
+    def rows(self, rows: Tensor) -> tuple[Tensor, ...]:
+        """The teacher's parts of data ``rows`` ``(B,)``: views of one gathered ``(B, C)``."""
+        return self.table.index_select(0, rows).split(self.widths, dim=-1)
