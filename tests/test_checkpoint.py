@@ -53,10 +53,14 @@ def stop_after(epoch: int):
     return hook
 
 
-@pytest.mark.parametrize("streamed", [False, True])
-def test_a_fit_stopped_after_an_epoch_resumes_exactly(parts, tmp_path, streamed) -> None:
+@pytest.mark.parametrize(
+    ("streamed", "method"), [(False, "kd"), (True, "kd"), (False, "dkd"), (True, "dkd")]
+)
+def test_a_fit_stopped_after_an_epoch_resumes_exactly(parts, tmp_path, streamed, method) -> None:
     teacher = fit(build_model("mlp", (6,), 3, seed=9, hidden=[12]), parts.train, epochs=3).model
-    targets = Distillation(label(teacher, parts.train), 4.0, 0.7)
+    # DKD with a warm-up over 5 epochs: the resumed epochs take up the warm-up where it was
+    options = {"warmup": 5} if method == "dkd" else {}
+    targets = Distillation(label(teacher, parts.train), 4.0, 0.7, method=method, options=options)
     train = TensorRows(parts.train) if streamed else parts.train
     common = dict(val=parts.val, epochs=6, lr=1e-2, schedule="cosine", batch_size=32)
     whole = fit(student(), train, targets, **common)

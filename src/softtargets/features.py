@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from softtargets.errors import SoftTargetsError
-from softtargets.losses.methods import check_method, method_loss
+from softtargets.losses.methods import check_method, method_loss, split_warmup
 
 FeatureLossName = Literal["mse", "cosine", "attention"]
 FEATURE_LOSSES = ("mse", "cosine", "attention")
@@ -148,7 +148,11 @@ class FeatureObjective(nn.Module):
                 raise SoftTargetsError(
                     f"unknown feature loss {pair.loss!r}; use {', '.join(FEATURE_LOSSES)}"
                 )
-        self.options = check_method(spec.method, spec.options)
+        self.options, warmup = split_warmup(check_method(spec.method, spec.options))
+        if warmup:
+            raise SoftTargetsError(
+                "feature distillation takes no warmup yet; drop the method's warmup option"
+            )
         self.teacher = spec.teacher.eval()
         self._seen: dict[str, Tensor] = {}
         self._hooks = []

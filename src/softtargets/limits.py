@@ -27,14 +27,18 @@ def chunk_rows(numbers_per_row: int) -> int:
 
 
 #: The distillation methods (``softtargets.losses.methods``) and the options each takes, here so
-#: that configs check them without importing torch.
+#: that configs check them without importing torch. Every method also takes ``warmup`` (epochs over
+#: which the soft term's weight rises to alpha, DKD's recipe): the trainers' option, not the loss's.
 METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
-    "kd": ("standardize",),
-    "dkd": ("alpha", "beta", "standardize"),
-    "dist": ("beta", "gamma"),
-    "jsd": ("beta",),
-    "rkl": (),
-    "tv": (),
+    name: (*own, "warmup")
+    for name, own in {
+        "kd": ("standardize",),
+        "dkd": ("alpha", "beta", "standardize"),
+        "dist": ("beta", "gamma"),
+        "jsd": ("beta",),
+        "rkl": (),
+        "tv": (),
+    }.items()
 }
 
 
@@ -58,4 +62,14 @@ def check_method_name(name: str, options: dict | None, *, features: bool = False
         if key not in allowed:
             known = ", ".join(allowed) if allowed else "none"
             raise SoftTargetsError(f"unknown option {key!r} for method {name!r}; it takes: {known}")
+    if "warmup" in options:
+        check_warmup(options["warmup"])
     return options
+
+
+def check_warmup(warmup: object) -> int:
+    """A warm-up's length: a whole number of epochs >= 0, refused with one line otherwise."""
+    whole = isinstance(warmup, int | float) and not isinstance(warmup, bool)
+    if not whole or warmup < 0 or float(warmup) != int(warmup):  # type: ignore[operator,arg-type]
+        raise SoftTargetsError(f"warmup must be a whole number of epochs >= 0, got {warmup!r}")
+    return int(warmup)  # type: ignore[arg-type]

@@ -30,7 +30,7 @@ from softtargets.losses.closed import (
     method_step,
     method_value_and_grad,
 )
-from softtargets.losses.methods import check_method
+from softtargets.losses.methods import check_method, split_warmup, warmup_ramp
 from softtargets.metrics import predict_logits
 from softtargets.targets import check_finite, check_temperature, validate
 from softtargets.teacher import SoftTargetStore
@@ -55,7 +55,10 @@ class Distillation:
             ``"jsd"``, ``"rkl"`` or ``"tv"`` (:mod:`softtargets.losses.methods`); the loss is
             ``alpha x method + (1 - alpha) x cross-entropy`` either way.
         options: the method's own options (say ``{"beta": 8.0}`` for DKD,
-            ``{"standardize": True}`` for logit standardisation with KD or DKD).
+            ``{"standardize": True}`` for logit standardisation with KD or DKD), and ``warmup``
+            for any method: epochs over which the soft term's weight rises linearly to
+            ``alpha`` (``alpha x min(epoch / warmup, 1)``, the cross-entropy's staying
+            ``1 - alpha``; DKD's recipe, 20 epochs in Zhao et al.).
     """
 
     teacher: SoftTargetStore | Tensor | nn.Module
@@ -85,7 +88,8 @@ class ResolvedTargets:
     ``kind`` is ``"hard"`` (the labels), ``"probs"`` (``probs``: ``(N, K)`` probability rows,
     soft cross-entropy) or ``"distill"`` (Hinton's loss at ``temperature`` with weight ``alpha``
     against teacher logits: row ``i`` of the data has ``teacher_logits[teacher_rows[i]]``, or
-    ``teacher_logits[i]`` when ``teacher_rows`` is ``None``). ``teacher_logits`` is ``(N, K)``
+    ``teacher_logits[i]`` when ``teacher_rows`` is ``None``; ``method`` and its ``options``,
+    with the soft term warmed up over ``warmup`` epochs). ``teacher_logits`` is ``(N, K)``
     logits or a store itself, read through its rows (a full store's own tensor, or a top-k store
     expanded a batch at a time), never a copy: at 100k rows x 1,000 classes a copy is 400 MB.
     """
@@ -99,11 +103,12 @@ class ResolvedTargets:
     tail: Literal["uniform", "bucket"] = "uniform"
     method: str = "kd"
     options: dict[str, Any] = field(default_factory=dict)
+    warmup: int = 0
 
     @property
     def plain_kd(self) -> bool:
-        """Hinton's loss without options: the trainers' closed-form fast paths apply."""
-        return self.method == "kd" and not self.options
+        """Hinton's loss without options or warm-up: the trainers' fastest paths apply."""
+        return self.method == "kd" and not self.options and self.warmup == 0
 
     def dense_teacher_logits(self) -> Tensor:
         """The teacher's logits row by row with the data, ``(N, K)`` float32 (a copy)."""
@@ -171,11 +176,11 @@ def resolve_targets(targets: Targets, data: Dataset) -> ResolvedTargets:
             "teacher logits",
             "the teacher has diverged; retrain it",
         )
-        options = check_method(targets.method, targets.options)
-        if targets.method != "kd" and tail == "bucket":
+        options, warmup = split_warmup(check_method(targets.method, targets.options))
+        if (targets.method != "kd" or options or warmup) and tail == "bucket":
             raise SoftTargetsError(
-                f"tail='bucket' is a reading of Hinton's loss; method {targets.method!r} takes a "
-                "top-k store with the uniform tail"
+                f"tail='bucket' is a reading of Hinton's plain loss; method {targets.method!r} "
+                "with options or a warm-up takes a top-k store with the uniform tail"
             )
         return ResolvedTargets(
             "distill",
@@ -187,6 +192,7 @@ def resolve_targets(targets: Targets, data: Dataset) -> ResolvedTargets:
             tail,
             targets.method,
             options,
+            warmup,
         )
     probs = validate(targets, data.num_classes).float()
     if probs.shape[0] != len(data):
@@ -269,11 +275,30 @@ def teacher_gatherer(resolved: ResolvedTargets, device: torch.device) -> Callabl
     return gather
 
 
-def method_objective(resolved: ResolvedTargets, labels: Tensor, device: torch.device) -> Objective:
-    """``objective(logits, rows)`` of a distillation method other than plain KD: its value and
-    closed-form gradient (:mod:`softtargets.losses.closed`). With few classes the teacher's side
-    of every row is computed once (:class:`~softtargets.losses.closed.MethodTable`); with many,
-    from each batch's gathered logits (memory stays at the store's size)."""
+class MethodObjective:
+    """``objective(logits, rows) -> (loss, grad)`` of a distillation method with its warm-up:
+    ``step(logits, rows, ramp)`` with the soft term's factor of the epoch, which the trainers set
+    with :meth:`start_epoch` (the one hook an objective may have)."""
+
+    def __init__(self, step: Callable[[Tensor, Any, float], tuple[Tensor, Tensor]], warmup: int):
+        self.step, self.warmup = step, warmup
+        self.ramp = warmup_ramp(1, warmup)
+
+    def start_epoch(self, epoch: int) -> None:
+        """Before epoch ``epoch`` (from 1): the soft term's factor ``min(epoch / warmup, 1)``."""
+        self.ramp = warmup_ramp(epoch, self.warmup)
+
+    def __call__(self, logits: Tensor, rows: Any) -> tuple[Tensor, Tensor]:
+        return self.step(logits, rows, self.ramp)
+
+
+def method_objective(
+    resolved: ResolvedTargets, labels: Tensor, device: torch.device
+) -> MethodObjective:
+    """The objective of a distillation method other than plain KD: its value and closed-form
+    gradient (:mod:`softtargets.losses.closed`). With few classes the teacher's side of every row
+    is computed once (:class:`~softtargets.losses.closed.MethodTable`); with many, from each
+    batch's gathered logits (memory stays at the store's size)."""
     gather = teacher_gatherer(resolved, device)
     method, options = resolved.method, resolved.options
     temperature, alpha = resolved.temperature, resolved.alpha
@@ -281,19 +306,20 @@ def method_objective(resolved: ResolvedTargets, labels: Tensor, device: torch.de
     if num_classes <= TABLE_CLASSES:
         table = MethodTable(method, options, gather, labels, temperature, num_classes)
 
-        def objective(logits: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
-            value, grad = method_step(method, options, logits, table.rows(rows), temperature, alpha)
+        def step(logits: Tensor, rows: Tensor, ramp: float) -> tuple[Tensor, Tensor]:
+            parts = table.rows(rows)
+            value, grad = method_step(method, options, logits, parts, temperature, alpha, ramp)
             return value, grad.to(logits.dtype)
 
-        return objective
+        return MethodObjective(step, resolved.warmup)
 
-    def objective(logits: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    def per_batch(logits: Tensor, rows: Tensor, ramp: float) -> tuple[Tensor, Tensor]:
         value, grad = method_value_and_grad(
-            method, options, logits, gather(rows), labels[rows], temperature, alpha
+            method, options, logits, gather(rows), labels[rows], temperature, alpha, ramp
         )
         return value, grad.to(logits.dtype)
 
-    return objective
+    return MethodObjective(per_batch, resolved.warmup)
 
 
 def bucket_objective(

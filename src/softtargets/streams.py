@@ -37,7 +37,7 @@ from softtargets.data import Dataset, encode_labels
 from softtargets.errors import SoftTargetsError
 from softtargets.losses import bucket_distillation_loss
 from softtargets.losses.closed import method_value_and_grad
-from softtargets.losses.methods import check_method
+from softtargets.losses.methods import check_method, split_warmup
 from softtargets.targets import check_finite, check_temperature
 
 Transform = Callable[[Tensor], Tensor]
@@ -371,7 +371,7 @@ def stream_objective(targets: Any, num_classes: int | None, device: torch.device
     targets at T = 1, looked up by id), or a :class:`~softtargets.train.Distillation` whose
     teacher is a store (looked up by id) or a module (run on each batch: online distillation).
     """
-    from softtargets.objectives import Distillation, check_tail
+    from softtargets.objectives import Distillation, MethodObjective, check_tail
     from softtargets.teacher import SoftTargetStore
 
     if targets is None or (isinstance(targets, str) and targets == "hard"):
@@ -426,14 +426,16 @@ def stream_objective(targets: Any, num_classes: int | None, device: torch.device
         raise SoftTargetsError(
             "for streamed data, Distillation's teacher is a SoftTargetStore or a teacher module"
         )
-    options = check_method(targets.method, targets.options)
+    options, warmup = split_warmup(check_method(targets.method, targets.options))
 
-    def objective(logits: Tensor, key: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def step(
+        logits: Tensor, key: tuple[Tensor, Tensor, Tensor], ramp: float
+    ) -> tuple[Tensor, Tensor]:
         # Hinton's loss or another method, closed-form gradient (the teacher's side from this
         # batch's logits: streamed rows come in any order, so there is no table to gather from)
         value, grad = method_value_and_grad(
-            targets.method, options, logits, teacher_logits(key), key[0], t, alpha
+            targets.method, options, logits, teacher_logits(key), key[0], t, alpha, ramp
         )
         return value, grad.to(logits.dtype)
 
-    return objective
+    return MethodObjective(step, warmup)

@@ -363,11 +363,14 @@ def fit(
             if task is not None:
                 progress.update(task, advance=saved.epoch)
         step = rates.taken[0]
+        start_epoch = getattr(batches.loss, "start_epoch", None)
         for epoch in range(first_epoch, epochs + 1):
             if not tracker.running[0]:  # diverged or stopped early (before a resume)
                 break
             epoch_start = time.perf_counter()
             model.train()
+            if start_epoch is not None:  # a warm-up's factor for this epoch (resumes included)
+                start_epoch(epoch)
             loss_sum = torch.zeros((), device=device)
             for inputs, key_, count, weight in batches:
                 (rate,) = rates.for_step((True,))

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from softtargets.data import Dataset
 from softtargets.errors import SoftTargetsError
 from softtargets.losses.closed import method_value_and_grad
+from softtargets.losses.methods import warmup_ramp
 from softtargets.losses.stacked import StackedLoss
 from softtargets.objectives import (
     ResolvedTargets,
@@ -163,12 +164,21 @@ class StackedTargets(StackedLoss):
                 groups.setdefault(key, []).append(m)
                 gatherers[m] = teacher_gatherer(targets, device)
                 labels[m] = own.labels.to(device)
-                settings[m] = (targets.method, targets.options, targets.temperature, targets.alpha)
+                settings[m] = (targets.method, targets.options, targets.temperature, targets.alpha,
+                               targets.warmup)  # fmt: skip
         stacked = cls(resolved, data.num_classes).to(device)
         stacked.num_rows, stacked.objectives = len(data), objectives
         stacked.groups, stacked.settings = list(groups.values()), settings
         stacked.gatherers, stacked.labels = gatherers, labels
+        stacked.start_epoch(1)
         return stacked
+
+    def start_epoch(self, epoch: int) -> None:
+        """Before epoch ``epoch`` (from 1): each member's warm-up factor for its soft term."""
+        self.ramps = {m: warmup_ramp(epoch, s[4]) for m, s in self.settings.items()}
+        for objective in self.objectives.values():
+            if hasattr(objective, "start_epoch"):
+                objective.start_epoch(epoch)
 
     def loss(self, logits: Tensor, table_rows: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
         """As :meth:`StackedLoss.loss`, with the members outside the table replaced by their
@@ -193,14 +203,15 @@ class StackedTargets(StackedLoss):
             pairs = list(zip(whole, rows, strict=True))
             teacher = torch.stack([self.gatherers[m](r) for m, r in pairs])  # (G, B, K)
             member_labels = torch.stack([self.labels[m][r] for m, r in pairs])  # (G, B)
-            method, options, _, _ = self.settings[whole[0]]
+            method, options = self.settings[whole[0]][:2]
             temperature, alpha = (
                 torch.tensor([self.settings[m][i] for m in whole], device=logits.device)
                 for i in (2, 3)
             )
+            ramp = torch.tensor([self.ramps[m] for m in whole], device=logits.device)
             member_value, member_grad = method_value_and_grad(
                 method, options, logits.index_select(0, index), teacher, member_labels,
-                temperature, alpha,
+                temperature, alpha, ramp,
             )  # fmt: skip
             value[index], grad[index] = member_value, member_grad.to(grad.dtype)
         for m in sorted(alone):
@@ -333,6 +344,7 @@ def _fit_stack(
         for epoch in range(1, epochs + 1):
             epoch_start = time.perf_counter()
             net.train()
+            targets.start_epoch(epoch)  # warm-ups
             train_loss = _train_epoch(net, opt, targets, batches, rates, tracker.running)
             scores = _scores(net, val_dev), _scores(net, test_dev)
             seconds = time.perf_counter() - epoch_start  # of the whole stack: the members share it

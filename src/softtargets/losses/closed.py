@@ -263,10 +263,12 @@ def method_step(
     teacher: tuple[Tensor, ...],
     temperature: float | Tensor,
     weight: float | Tensor,
+    ramp: float | Tensor = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    """``weight x method + (1 - weight) x cross-entropy`` against the teacher's parts and the
-    labels' one-hot (:func:`teacher_side`), and its gradient in the student's logits,
-    ``(..., B, K)``."""
+    """``weight x ramp x method + (1 - weight) x cross-entropy`` against the teacher's parts and
+    the labels' one-hot (:func:`teacher_side`), and its gradient in the student's logits,
+    ``(..., B, K)``; ``ramp`` is a warm-up's factor
+    (:func:`~softtargets.losses.methods.warmup_ramp`)."""
     sides = SIDES[name]
     with torch.no_grad():
         z = _wide(student_logits)
@@ -288,16 +290,13 @@ def method_step(
         value, grad = sides.step(log_q, q, parts, **_settings(options))
         # the loss is factor x value / B; d/dz = d/du / T, and T^2 d/du / T = T d/du. A weight
         # per stacked batch scales its values (M,) and its gradients' rows (M, 1, 1).
-        if isinstance(weight, Tensor):
-            weight = weight.to(z.dtype)
-            weight_rows = weight[:, None, None]
-        else:
-            weight_rows = weight
+        weight, weight_rows = _per_batch(weight, z.dtype)
+        soft, soft_rows = _per_batch(weight * ramp, z.dtype)
         per_row = sides.factor / batch
         if sides.squared:
-            value_scale, grad_scale = weight * per_row * t * t, weight_rows * per_row * divisor
+            value_scale, grad_scale = soft * per_row * t * t, soft_rows * per_row * divisor
         else:
-            value_scale, grad_scale = weight * per_row, weight_rows * per_row / divisor
+            value_scale, grad_scale = soft * per_row, soft_rows * per_row / divisor
         grad = grad.mul_(grad_scale)
         if standardized:
             grad = _standardize_backward(grad, *standard_parts)
@@ -312,6 +311,15 @@ def method_step(
         return value, grad.add_(hard_grad, alpha=(1.0 - weight_rows) / batch)
 
 
+def _per_batch(weight: float | Tensor, dtype: torch.dtype) -> tuple[Any, Any]:
+    """``(weight for the values, weight for the gradients' rows)``: a float twice, or ``(M,)``
+    and ``(M, 1, 1)`` for one weight per stacked batch."""
+    if not isinstance(weight, Tensor):
+        return weight, weight
+    weight = weight.to(dtype)
+    return weight, weight[:, None, None]
+
+
 def method_value_and_grad(
     name: str,
     options: dict[str, Any],
@@ -320,6 +328,7 @@ def method_value_and_grad(
     labels: Tensor,
     temperature: float | Tensor,
     weight: float | Tensor,
+    ramp: float | Tensor = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """:func:`~softtargets.losses.methods.method_loss` and its gradient w.r.t. the student's
     logits in closed form, without autograd: of a ``(B, K)`` batch, or of a stack ``(M, B, K)``
@@ -327,7 +336,7 @@ def method_value_and_grad(
     teacher_logits = check_pair(student_logits, teacher_logits)
     with torch.no_grad():
         teacher = teacher_side(name, options, teacher_logits, labels, temperature)
-    return method_step(name, options, student_logits, teacher, temperature, weight)
+    return method_step(name, options, student_logits, teacher, temperature, weight, ramp)
 
 
 # Up to this many classes a fit keeps the teacher's side of every row (a few K floats a row);

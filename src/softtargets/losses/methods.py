@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from softtargets.errors import SoftTargetsError
-from softtargets.limits import METHOD_OPTIONS, check_method_name
+from softtargets.limits import METHOD_OPTIONS, check_method_name, check_warmup
 from softtargets.targets import check_temperature
 
 
@@ -252,6 +252,20 @@ def check_method(name: str, options: dict[str, Any] | None) -> dict[str, Any]:
     return check_method_name(name, options)
 
 
+def split_warmup(options: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """``(the loss's options, warm-up epochs)``: ``warmup`` is the trainers' option (a whole
+    number of epochs >= 0), refused with one line otherwise."""
+    options = dict(options)
+    return options, check_warmup(options.pop("warmup", 0))
+
+
+def warmup_ramp(epoch: int, warmup: int) -> float:
+    """The soft term's factor at ``epoch`` (from 1) with a linear warm-up over ``warmup`` epochs:
+    ``min(epoch / warmup, 1)``, as Zhao et al.'s DKD code (the cross-entropy's weight is fixed);
+    1 without one."""
+    return 1.0 if warmup <= 0 else min(epoch / warmup, 1.0)
+
+
 def method_loss(
     name: str,
     options: dict[str, Any],
@@ -260,14 +274,17 @@ def method_loss(
     labels: Tensor,
     temperature: float | Tensor,
     weight: float | Tensor,
+    ramp: float | Tensor = 1.0,
 ) -> Tensor:
-    """``weight x method + (1 - weight) x cross-entropy on the labels`` (batch mean): how ``fit``
-    mixes a method's soft term with the hard labels (``Distillation.alpha`` is ``weight``). On a
-    stack ``(M, B, K)`` of batches: ``(M,)`` means, ``temperature`` and ``weight`` floats or
-    ``(M,)`` tensors."""
+    """``weight x ramp x method + (1 - weight) x cross-entropy on the labels`` (batch mean): how
+    ``fit`` mixes a method's soft term with the hard labels (``Distillation.alpha`` is ``weight``;
+    ``ramp`` is a warm-up's factor, :func:`warmup_ramp`). On a stack ``(M, B, K)`` of batches:
+    ``(M,)`` means, ``temperature``, ``weight`` and ``ramp`` floats or ``(M,)`` tensors."""
     method = METHODS[name]
     args = (labels,) if method.uses_labels else ()
     soft = method.loss(student_logits, teacher_logits, *args, temperature=temperature, **options)
+    if isinstance(ramp, Tensor) or ramp != 1.0:
+        soft = ramp * soft
     if not isinstance(weight, Tensor) and weight == 1.0:
         return soft
     if student_logits.ndim == 2:
