@@ -46,9 +46,14 @@ def _wide(logits: Tensor) -> Tensor:
     return logits if logits.dtype == torch.float64 else logits.float()
 
 
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """``sum_k a_k b_k`` over the last axis, one op (a multiply and a sum are two)."""
+    return torch.linalg.vecdot(a, b)
+
+
 def _softmax_backward(probs: Tensor, grad_probs: Tensor) -> Tensor:
     """The gradient in ``u`` from the gradient in ``probs = softmax(u)``: ``p (g - sum_k p_k g_k)``."""
-    return probs * (grad_probs - (probs * grad_probs).sum(-1, keepdim=True))
+    return probs * (grad_probs - _dot(probs, grad_probs).unsqueeze_(-1))
 
 
 def _standardized(logits: Tensor, eps: float = 1e-7) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -96,7 +101,7 @@ def _plain_teacher(log_p, p, index, one_hot, **_) -> tuple[Tensor, ...]:
 def _kd(log_q, q, teacher, **_) -> tuple[Tensor, Tensor]:
     """``KL(p || q) = sum p log p - sum p log q``; gradient ``q - p``."""
     _, p, entropy = teacher
-    return entropy.sum((-2, -1)) - (p * log_q).sum((-2, -1)), q - p
+    return (entropy.squeeze(-1) - _dot(p, log_q)).sum(-1), q - p
 
 
 def _dkd_teacher(log_p, p, index, one_hot, alpha=1.0, beta=8.0, **_) -> tuple[Tensor, ...]:
@@ -122,7 +127,7 @@ def _dkd(log_q, q, teacher, alpha=1.0, **_) -> tuple[Tensor, Tensor]:
     # r is a sum of the non-target probabilities, exact to rounding; it underflows only when every
     # one of them does (a logit gap above ~100 T), and the clamp keeps that case finite
     r = q_off.sum(-1, keepdim=True).clamp_min_(1e-30)
-    value = const.sum((-2, -1)) - (weights * log_q).sum((-2, -1)) + (c * r.log()).sum((-2, -1))
+    value = (const - _dot(weights, log_q).unsqueeze_(-1)).addcmul_(c, r.log()).sum((-2, -1))
     grad = torch.add(q_off.mul_(c / r), q, alpha=alpha).sub_(weights)
     return value, grad
 
@@ -178,11 +183,8 @@ def _jsd(log_q, q, teacher, beta=0.5, **_) -> tuple[Tensor, Tensor]:
     m = torch.add(beta_p, q, alpha=1.0 - beta)
     # m is below 1e-38 only where p and q both are, and each term is weighted by p, q or m there
     log_m = m.clamp_min(1e-38).log_()
-    value = (
-        beta_entropy.sum((-2, -1))
-        + (1.0 - beta) * (q * log_q).sum((-2, -1))
-        - (m * log_m).sum((-2, -1))
-    )
+    rows = torch.add(beta_entropy.squeeze(-1), _dot(q, log_q), alpha=1.0 - beta)
+    value = rows.sub_(_dot(m, log_m)).sum(-1)
     return value, _softmax_backward(q, log_q.sub(log_m).mul_(1.0 - beta))
 
 
@@ -191,7 +193,7 @@ def _rkl(log_q, q, teacher, **_) -> tuple[Tensor, Tensor]:
     as ``sum q = 1``)."""
     log_p = teacher[0]
     gap = log_q - log_p
-    kl = (q * gap).sum(-1, keepdim=True)  # (..., B, 1)
+    kl = _dot(q, gap).unsqueeze_(-1)  # (..., B, 1)
     return kl.sum((-2, -1)), gap.sub_(kl).mul_(q)
 
 
@@ -305,7 +307,7 @@ def method_step(
             return value, grad
         # cross-entropy: value -log s_y, gradient (softmax(z) - onehot(y)) / B
         hard_grad = s - one_hot
-        value = value - (one_hot * log_s).sum((-2, -1)) * ((1.0 - weight) / batch)
+        value = value - _dot(one_hot, log_s).sum(-1) * ((1.0 - weight) / batch)
         if isinstance(weight_rows, Tensor):
             return value, grad.addcmul_(hard_grad, (1.0 - weight_rows) / batch)
         return value, grad.add_(hard_grad, alpha=(1.0 - weight_rows) / batch)
