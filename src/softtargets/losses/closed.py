@@ -24,7 +24,7 @@ On this CPU a small op costs ~5 us whatever its size, several times its arithmet
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,17 +94,27 @@ def _off_target(
 # Steps compute only what depends on the student.
 
 
-def _plain_teacher(log_p, p, index, one_hot, **_) -> tuple[Tensor, ...]:
+def _plain_teacher(
+    log_p: Tensor, p: Tensor, index: Tensor, one_hot: Tensor, **_: Any
+) -> tuple[Tensor, ...]:
     return log_p, p, (p * log_p).sum(-1, keepdim=True)  # ... and sum_k p log p per row
 
 
-def _kd(log_q, q, teacher, **_) -> tuple[Tensor, Tensor]:
+def _kd(log_q: Tensor, q: Tensor, teacher: Sequence[Tensor], **_: Any) -> tuple[Tensor, Tensor]:
     """``KL(p || q) = sum p log p - sum p log q``; gradient ``q - p``."""
     _, p, entropy = teacher
     return (entropy.squeeze(-1) - _dot(p, log_q)).sum(-1), q - p
 
 
-def _dkd_teacher(log_p, p, index, one_hot, alpha=1.0, beta=8.0, **_) -> tuple[Tensor, ...]:
+def _dkd_teacher(
+    log_p: Tensor,
+    p: Tensor,
+    index: Tensor,
+    one_hot: Tensor,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    **_: Any,
+) -> tuple[Tensor, ...]:
     """DKD's row value is ``const - W . log q + c log r`` with ``r = 1 - q_y`` the student's
     non-target mass, ``W = alpha p_y e_y + beta p^``, ``c = beta - alpha (1 - p_y)`` and
     ``const = alpha (p_y log p_y + p_r log p_r) + beta sum p^ log p^`` (``p^`` the teacher's
@@ -112,13 +122,15 @@ def _dkd_teacher(log_p, p, index, one_hot, alpha=1.0, beta=8.0, **_) -> tuple[Te
     log_py, log_pr, log_others, others = _off_target(log_p, one_hot.bool(), index)
     py, pr = log_py.exp(), log_pr.exp()
     weights = one_hot * (alpha * py) + beta * others
-    const = alpha * (py * log_py + pr * log_pr) + beta * (others * log_others.clamp_min(-1e30)).sum(
-        -1, keepdim=True
-    )
+    # 0 x -inf at the target is NaN: the clamp makes it 0 x -1e30
+    entropy = _dot(others, log_others.clamp_min(-1e30)).unsqueeze_(-1)
+    const = alpha * (py * log_py + pr * log_pr) + beta * entropy
     return weights, beta - alpha * pr, const, 1.0 - one_hot
 
 
-def _dkd(log_q, q, teacher, alpha=1.0, **_) -> tuple[Tensor, Tensor]:
+def _dkd(
+    log_q: Tensor, q: Tensor, teacher: Sequence[Tensor], alpha: float = 1.0, **_: Any
+) -> tuple[Tensor, Tensor]:
     """``alpha TCKD + beta NCKD`` as ``const - W . log q + c log r`` (see :func:`_dkd_teacher`).
     Its gradient, ``alpha (q - p_y e_y - p_r q^) + beta (q^ - p^)`` with ``q^ = q / r`` off the
     target (TCKD's and NCKD's), is ``alpha q - W + c q^``."""
@@ -148,13 +160,22 @@ def _unit_centred(a: Tensor, eps: float = 1e-8) -> Tensor:
     return a.div_(a.square().sum(-1, keepdim=True).sqrt_().clamp_min_(eps))
 
 
-def _dist_teacher(log_p, p, index, one_hot, **_) -> tuple[Tensor, ...]:
+def _dist_teacher(
+    log_p: Tensor, p: Tensor, index: Tensor, one_hot: Tensor, **_: Any
+) -> tuple[Tensor, ...]:
     """Each teacher row centred and of unit norm (the inter-class relation's side), and ``p``
     (the intra-class relation centres columns over the batch, so it is a step's work)."""
     return _unit_centred(p), p
 
 
-def _dist(log_q, q, teacher, beta=1.0, gamma=1.0, **_) -> tuple[Tensor, Tensor]:
+def _dist(
+    log_q: Tensor,
+    q: Tensor,
+    teacher: Sequence[Tensor],
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    **_: Any,
+) -> tuple[Tensor, Tensor]:
     """``B (beta (1 - inter) + gamma (1 - intra))``; in the student's probabilities the
     gradient is ``-(beta R + gamma B C / K)``, ``R`` and ``C`` the row-wise and column-wise
     Pearson gradients, then back through the softmax."""
@@ -169,13 +190,17 @@ def _dist(log_q, q, teacher, beta=1.0, gamma=1.0, **_) -> tuple[Tensor, Tensor]:
     return value, _softmax_backward(q, grad_q)
 
 
-def _jsd_teacher(log_p, p, index, one_hot, beta=0.5, **_) -> tuple[Tensor, ...]:
+def _jsd_teacher(
+    log_p: Tensor, p: Tensor, index: Tensor, one_hot: Tensor, beta: float = 0.5, **_: Any
+) -> tuple[Tensor, ...]:
     if not 0.0 < beta < 1.0:
         raise SoftTargetsError(f"jsd beta must be in (0, 1), got {beta!r}")
     return beta * p, beta * (p * log_p).sum(-1, keepdim=True)
 
 
-def _jsd(log_q, q, teacher, beta=0.5, **_) -> tuple[Tensor, Tensor]:
+def _jsd(
+    log_q: Tensor, q: Tensor, teacher: Sequence[Tensor], beta: float = 0.5, **_: Any
+) -> tuple[Tensor, Tensor]:
     """``beta KL(p || m) + (1 - beta) KL(q || m)`` with ``m = beta p + (1 - beta) q``, which is
     ``beta sum p log p + (1 - beta) sum q log q - sum m log m``; its derivative in ``q`` is
     ``(1 - beta) log(q / m)`` (the other terms cancel as ``m`` mixes ``p`` and ``q``)."""
@@ -188,7 +213,7 @@ def _jsd(log_q, q, teacher, beta=0.5, **_) -> tuple[Tensor, Tensor]:
     return value, _softmax_backward(q, log_q.sub(log_m).mul_(1.0 - beta))
 
 
-def _rkl(log_q, q, teacher, **_) -> tuple[Tensor, Tensor]:
+def _rkl(log_q: Tensor, q: Tensor, teacher: Sequence[Tensor], **_: Any) -> tuple[Tensor, Tensor]:
     """``KL(q || p)``; gradient ``q (log q - log p - KL)`` (the ``+1`` of ``d(q log q)`` cancels
     as ``sum q = 1``)."""
     log_p = teacher[0]
@@ -197,11 +222,13 @@ def _rkl(log_q, q, teacher, **_) -> tuple[Tensor, Tensor]:
     return kl.sum((-2, -1)), gap.sub_(kl).mul_(q)
 
 
-def _tv_teacher(log_p, p, index, one_hot, **_) -> tuple[Tensor, ...]:
+def _tv_teacher(
+    log_p: Tensor, p: Tensor, index: Tensor, one_hot: Tensor, **_: Any
+) -> tuple[Tensor, ...]:
     return (p,)
 
 
-def _tv(log_q, q, teacher, **_) -> tuple[Tensor, Tensor]:
+def _tv(log_q: Tensor, q: Tensor, teacher: Sequence[Tensor], **_: Any) -> tuple[Tensor, Tensor]:
     """``sum_k |q - p|`` (the factor 1/2 is the driver's); gradient ``q (s - sum_k s_k q_k)`` with
     ``s = sign(q - p)`` (``sign(0) = 0``, the subgradient autograd takes too)."""
     gap = q - teacher[0]
