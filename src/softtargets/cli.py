@@ -197,7 +197,7 @@ Nproc = Annotated[
         "--nproc",
         min=1,
         help="Processes on this machine: relaunches the command under torchrun (the teacher "
-        "trains with DDP, the students are spread over the processes) \\[default: 1].",
+        "trains with DDP, the students are spread over the processes).",
     ),
 ]
 Device = Annotated[
