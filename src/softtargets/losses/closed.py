@@ -144,20 +144,24 @@ def _dkd(
     return value, grad
 
 
-def _pearson_and_grad(a: Tensor, b_hat: Tensor, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
+def _pearson_and_grad(
+    a: Tensor, b_hat: Tensor, mean: float | None = None, eps: float = 1e-8
+) -> tuple[Tensor, Tensor]:
     """Pearson correlation of each row of ``a`` with a centred, unit-norm row ``b_hat``
     ``(..., n)``, and its gradient in ``a``: ``(b^ - r a^) / |a - mean a|`` with ``a^`` the
-    centred row over its norm (centred already, so it passes the centring unchanged)."""
-    a = a - a.mean(dim=-1, keepdim=True)
-    norm_a = a.square().sum(-1, keepdim=True).sqrt_().clamp_min_(eps)
+    centred row over its norm (centred already, so it passes the centring unchanged). ``mean``:
+    the rows' mean when it is known (``1 / K`` for probability rows), saving its reduction."""
+    a = a - (a.mean(dim=-1, keepdim=True) if mean is None else mean)
+    norm_a = torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp_min_(eps)
     a_hat = a.div_(norm_a)
-    r = (a_hat * b_hat).sum(-1, keepdim=True)
-    return r.squeeze(-1), (b_hat - r * a_hat).div_(norm_a)
+    r = _dot(a_hat, b_hat).unsqueeze_(-1)
+    return r.squeeze(-1), torch.addcmul(b_hat, r, a_hat, value=-1.0).div_(norm_a)
 
 
-def _unit_centred(a: Tensor, eps: float = 1e-8) -> Tensor:
-    a = a - a.mean(dim=-1, keepdim=True)
-    return a.div_(a.square().sum(-1, keepdim=True).sqrt_().clamp_min_(eps))
+def _unit_centred(a: Tensor, mean: float | None = None, eps: float = 1e-8) -> Tensor:
+    """Each row of ``a`` minus its mean, over its norm."""
+    a = a - (a.mean(dim=-1, keepdim=True) if mean is None else mean)
+    return a.div_(torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp_min_(eps))
 
 
 def _dist_teacher(
@@ -165,7 +169,7 @@ def _dist_teacher(
 ) -> tuple[Tensor, ...]:
     """Each teacher row centred and of unit norm (the inter-class relation's side), and ``p``
     (the intra-class relation centres columns over the batch, so it is a step's work)."""
-    return _unit_centred(p), p
+    return _unit_centred(p, 1.0 / p.shape[-1]), p
 
 
 def _dist(
@@ -182,10 +186,12 @@ def _dist(
     check_several_rows(q)
     rows_hat, p = teacher
     batch, k = q.shape[-2:]
-    inter, grad_rows = _pearson_and_grad(q, rows_hat)
+    inter, grad_rows = _pearson_and_grad(q, rows_hat, 1.0 / k)  # a probability row's mean
     columns_hat = _unit_centred(p.transpose(-1, -2))
     intra, grad_cols = _pearson_and_grad(q.transpose(-1, -2), columns_hat)
-    value = beta * (batch - inter.sum(-1)) + gamma * batch * (1.0 - intra.mean(-1))
+    # B (beta (1 - mean inter) + gamma (1 - mean intra)), as sums
+    value = torch.add(inter.sum(-1).mul_(-beta), intra.sum(-1), alpha=-gamma * batch / k)
+    value = value.add_((beta + gamma) * batch)
     grad_q = grad_rows.mul_(-beta).add_(grad_cols.transpose(-1, -2), alpha=-gamma * batch / k)
     return value, _softmax_backward(q, grad_q)
 
