@@ -303,11 +303,11 @@ def test_a_stack_of_batches_gives_each_batchs_own_loss(name, options) -> None:
 
 
 CLOSED_FORM_CASES = [
-    ("kd", {}), ("kd", {"standardize": True}), ("dkd", {}),
-    ("dkd", {"alpha": 0.5, "beta": 2.0, "standardize": True}), ("dist", {}),
-    ("dist", {"beta": 2.0, "gamma": 0.5}), ("dist", {"beta": 0.0}), ("jsd", {}),
-    ("jsd", {"beta": 0.2}), ("rkl", {}),
-    ("tv", {}),
+    ("kd", {}), ("kd", {"standardize": True}),
+    ("dkd", {}), ("dkd", {"alpha": 0.5, "beta": 2.0, "standardize": True}),
+    ("dist", {}), ("dist", {"beta": 2.0, "gamma": 0.5}), ("dist", {"beta": 0.0}),
+    ("jsd", {}), ("jsd", {"beta": 0.2}),
+    ("rkl", {}), ("tv", {}),
 ]  # fmt: skip
 
 

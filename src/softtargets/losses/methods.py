@@ -73,6 +73,8 @@ def _softened(logits: Tensor, divisor: Any, standardized: bool) -> Tensor:
 
 
 def check_pair(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """The teacher's logits in the student's dtype, refused with one line unless both are
+    ``(..., B, K)`` of one shape."""
     if student_logits.shape != teacher_logits.shape or student_logits.ndim < 2:
         raise SoftTargetsError(
             f"student logits have shape {tuple(student_logits.shape)} but teacher logits "
@@ -111,8 +113,9 @@ def dkd_loss(
 
     TCKD is the KL divergence of the binary distributions ``[p_y, 1 - p_y]`` (teacher || student)
     at the target class ``y``; NCKD the KL divergence of the distributions over the other classes,
-    each renormalised. Defaults are the paper's CIFAR-100 ones (alpha 1, beta 8, T 4); the paper
-    adds the cross-entropy with a warm-up, which the trainer's ``1 - alpha`` mix stands in for.
+    each renormalised. Defaults are the paper's CIFAR-100 ones (alpha 1, beta 8, T 4). The paper
+    warms this term up over its first 20 epochs beside a full cross-entropy; the trainers add the
+    cross-entropy with weight ``1 - alpha`` and warm up with the ``warmup`` option.
     """
     teacher_logits = check_pair(student_logits, teacher_logits)
     divisor, t = temperatures(temperature, student_logits)
@@ -150,6 +153,7 @@ def _pearson_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
 
 
 def check_several_rows(logits: Tensor) -> None:
+    """DIST's relations need a batch: refuse fewer than 2 rows with one line."""
     if logits.shape[-2] < 2:
         raise SoftTargetsError("dist_loss compares classes across a batch; give at least 2 rows")
 
