@@ -148,11 +148,7 @@ class FeatureObjective(nn.Module):
                 raise SoftTargetsError(
                     f"unknown feature loss {pair.loss!r}; use {', '.join(FEATURE_LOSSES)}"
                 )
-        self.options, warmup = split_warmup(check_method(spec.method, spec.options))
-        if warmup:
-            raise SoftTargetsError(
-                "feature distillation takes no warmup yet; drop the method's warmup option"
-            )
+        self.options, self.warmup = split_warmup(check_method(spec.method, spec.options))
         self.teacher = spec.teacher.eval()
         self._seen: dict[str, Tensor] = {}
         self._hooks = []
@@ -192,9 +188,9 @@ class FeatureObjective(nn.Module):
             for handle in self._hooks:
                 handle.remove()
 
-    def loss(self, logits: Tensor, inputs: Tensor, labels: Tensor) -> Tensor:
+    def loss(self, logits: Tensor, inputs: Tensor, labels: Tensor, ramp: float = 1.0) -> Tensor:
         """The batch's loss; the student's forward on ``inputs`` has just run (its features are
-        held by the hooks)."""
+        held by the hooks). ``ramp``: the logit loss's warm-up factor of the epoch."""
         student_features = [self._seen[f"s{i}"] for i in range(len(self.pairs))]
         with torch.inference_mode():
             teacher_logits = self.teacher(inputs).float()
@@ -203,7 +199,8 @@ class FeatureObjective(nn.Module):
         teacher_features = [self._seen[f"t{i}"].clone() for i in range(len(self.pairs))]
         spec = self.spec
         value = method_loss(
-            spec.method, self.options, logits, teacher_logits, labels, spec.temperature, spec.alpha
+            spec.method, self.options, logits, teacher_logits, labels, spec.temperature,
+            spec.alpha, ramp,
         ) if spec.alpha > 0 else F.cross_entropy(logits, labels)  # fmt: skip
         for pair, adapter, s, t in zip(
             self.pairs, self.adapters, student_features, teacher_features, strict=True

@@ -45,7 +45,7 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
 #: methods of a run (``softtargets distill --method``) that pair features, not logits: the
 #: student learns the run's KD plus one feature pair (:mod:`softtargets.features`)
 FEATURE_METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
-    "fitnet": ("student_layer", "teacher_layer", "loss", "weight"),
+    "fitnet": ("student_layer", "teacher_layer", "loss", "weight", "warmup"),
 }
 RUN_METHOD_OPTIONS = {**METHOD_OPTIONS, **FEATURE_METHOD_OPTIONS}
 

@@ -278,9 +278,12 @@ def teacher_gatherer(resolved: ResolvedTargets, device: torch.device) -> Callabl
 class MethodObjective:
     """``objective(logits, rows) -> (loss, grad)`` of a distillation method with its warm-up:
     ``step(logits, rows, ramp)`` with the soft term's factor of the epoch, which the trainers set
-    with :meth:`start_epoch` (the one hook an objective may have)."""
+    with :meth:`start_epoch` (the one hook an objective may have). ``grad`` is ``None`` where
+    autograd differentiates ``loss`` (feature distillation)."""
 
-    def __init__(self, step: Callable[[Tensor, Any, float], tuple[Tensor, Tensor]], warmup: int):
+    def __init__(
+        self, step: Callable[[Tensor, Any, float], tuple[Tensor, Tensor | None]], warmup: int
+    ):
         self.step, self.warmup = step, warmup
         self.ramp = warmup_ramp(1, warmup)
 
@@ -288,7 +291,7 @@ class MethodObjective:
         """Before epoch ``epoch`` (from 1): the soft term's factor ``min(epoch / warmup, 1)``."""
         self.ramp = warmup_ramp(epoch, self.warmup)
 
-    def __call__(self, logits: Tensor, rows: Any) -> tuple[Tensor, Tensor]:
+    def __call__(self, logits: Tensor, rows: Any) -> tuple[Tensor, Tensor | None]:
         return self.step(logits, rows, self.ramp)
 
 

@@ -505,8 +505,10 @@ def _feature_targets(
         options.get("teacher_layer") or penultimate(part.teacher, "teacher"),
         options.get("loss", "mse"),
     )
+    weight = float(options.get("weight", 1.0))
+    warmup = {"warmup": options["warmup"]} if "warmup" in options else {}
     return FeatureDistillation(
-        part.teacher, [pair], float(options.get("weight", 1.0)), config.temperature, config.alpha
+        part.teacher, [pair], weight, config.temperature, config.alpha, options=warmup
     )
 
 

@@ -29,6 +29,7 @@ from softtargets.features import FeatureDistillation, FeatureObjective
 from softtargets.metrics import classification_report, predict_logits
 from softtargets.objectives import (
     Distillation,
+    MethodObjective,
     ResolvedTargets,
     Targets,
     check_output_width,
@@ -501,13 +502,18 @@ def _feature_objective(
     if isinstance(batches, _MemoryBatches):
         objective = FeatureObjective(spec, model, batches.features[:2])
         labels = data.labels.to(device)
-        batches.loss = lambda logits, rows: (
-            objective.loss(logits, batches.features.index_select(0, rows), labels[rows]),
-            None,
-        )
+
+        def step(logits: Tensor, rows: Tensor, ramp: float) -> tuple[Tensor, None]:
+            inputs = batches.features.index_select(0, rows)
+            return objective.loss(logits, inputs, labels[rows], ramp), None
+
     else:
         objective = FeatureObjective(spec, model, torch.as_tensor(data[0][0])[None].to(device))
-        batches.loss = lambda logits, key: (objective.loss(logits, key[2], key[0]), None)
+
+        def step(logits: Tensor, key: Any, ramp: float) -> tuple[Tensor, None]:
+            return objective.loss(logits, key[2], key[0], ramp), None
+
+    batches.loss = MethodObjective(step, objective.warmup)  # autograd: the grad is None
     return objective
 
 
