@@ -382,3 +382,16 @@ def test_an_ensemble_store_averages_its_teachers_by_id(data) -> None:
     c = label(build_model("mlp", data.feature_shape, 3, seed=3, hidden=[8]), other)
     with pytest.raises(SoftTargetsError, match="store 1 has classes"):
         ensemble([a, c])
+
+
+def test_a_stores_finiteness_is_checked_once_until_it_changes() -> None:
+    """``fit_many`` resolves a store per member: a checked store is not read again, but one
+    changed in place since (its tensor's version counter moved) is checked afresh."""
+    store = SoftTargetStore(torch.randn(5, 3), torch.arange(5), "t", "d", ("a", "b", "c"))
+    store.check_finite()
+    state = store._finite_state
+    store.check_finite()
+    assert store._finite_state == state
+    store.logits[2, 1] = float("nan")
+    with pytest.raises(SoftTargetsError, match="teacher logits: row 2 holds NaN or inf"):
+        store.check_finite()

@@ -156,8 +156,7 @@ def resolve_targets(targets: Targets, data: Dataset) -> ResolvedTargets:
             store = targets.teacher
             store.check(data)
             teacher_logits, teacher_rows = store, store.rows_for(data.ids.cpu())
-            if store.tail is not None:
-                check_finite(store.tail[:, None], "teacher tail", "label the data again")
+            store.check_finite()
         elif isinstance(targets.teacher, nn.Module):
             # In memory there is no augmentation: the teacher's outputs are the same every
             # epoch, so it runs once here (as label() would), not on every batch.
@@ -170,12 +169,8 @@ def resolve_targets(targets: Targets, data: Dataset) -> ResolvedTargets:
                     f"teacher logits have shape {tuple(teacher_logits.shape)} but the data needs "
                     f"({len(data)}, {data.num_classes}): one row per sample, one column per class"
                 )
-        kept = teacher_logits.logits if isinstance(teacher_logits, SoftTargetStore) else None
-        check_finite(
-            teacher_logits if kept is None else kept,
-            "teacher logits",
-            "the teacher has diverged; retrain it",
-        )
+        if not isinstance(teacher_logits, SoftTargetStore):
+            check_finite(teacher_logits, "teacher logits", "the teacher has diverged; retrain it")
         options, warmup = split_warmup(check_method(targets.method, targets.options))
         if (targets.method != "kd" or options or warmup) and tail == "bucket":
             raise SoftTargetsError(

@@ -197,6 +197,19 @@ class SoftTargetStore:
                 )
 
     # ------------------------------------------------------------------ lookup
+    def check_finite(self) -> None:
+        """Refuse, with one line naming the row, a store whose logits (or top-k tail) hold NaN or
+        inf. A store checked before and not changed since (by the tensors' version counters) is
+        not read again: ``fit_many`` resolves the same store once per member."""
+        tail = self.tail
+        state = (id(self.logits), self.logits._version, id(tail), getattr(tail, "_version", None))
+        if getattr(self, "_finite_state", None) == state:
+            return
+        check_finite(self.logits, "teacher logits", "the teacher has diverged; retrain it")
+        if tail is not None:
+            check_finite(tail[:, None], "teacher tail", "label the data again")
+        self._finite_state = state
+
     def rows_for(self, ids: Tensor) -> Tensor:
         """Row positions of ``ids (M,)`` in this store -> ``(M,)``; raises on unknown ids."""
         ids = ids.to(self._sorted_ids.device).long()
