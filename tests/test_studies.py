@@ -40,7 +40,7 @@ def test_every_study_runs_quick_and_writes_its_files(runs, name: str) -> None:
     assert f"**Verdict: {result['verdict']['label']}**" in (out / "section.md").read_text()
 
 
-@pytest.mark.parametrize("name", ["similarity", "data-fraction", "omit-class"])
+@pytest.mark.parametrize("name", ["similarity", "data-fraction", "omit-class", "width"])
 def test_a_study_runs_on_a_users_own_files(tmp_path, name: str) -> None:
     """``--data FILE --test-data FILE``: the study's teacher and students use the user's rows,
     the test file only for reporting."""
@@ -66,6 +66,8 @@ def test_a_study_runs_on_a_users_own_files(tmp_path, name: str) -> None:
     # the study's teacher was trained on the user's file, tested on every row of the test file
     assert list((tmp_path / "runs" / "teachers").glob("*mine.npz*/teacher.safetensors"))
     assert "360 train / 40 validation / 120 test rows" in result.output
+    if name == "width":  # its own margin tasks, and the user's data beside them
+        assert any(str(r["margin"]).endswith("mine.npz") for r in payload["rows"])
 
 
 def test_report_gathers_every_study(runs) -> None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from softtargets.stats import mean_ci, paired_difference, verdict
-from softtargets.studies.base import StudyContext, StudyOutput
+from softtargets.studies.base import StudyConfig, StudyContext, StudyOutput
 from softtargets.studies.common import grouped, plot_lines, test_accuracy
 from softtargets.train import Distillation
 from softtargets.vectorised import Member
@@ -51,9 +51,15 @@ def _task_options(ctx: StudyContext, margin: float) -> dict:
     return {"num_samples": 600 if ctx.quick else 4000, "dim": 10, "margin": margin}
 
 
-def _train_task(ctx: StudyContext, margin: float, teacher_seed: int, widths, seeds) -> list[dict]:
-    """Hard and soft students of every width for one margin and one teacher."""
-    part = ctx.teacher("margin_task", options=_task_options(ctx, margin), seed=teacher_seed)
+def _train_task(
+    ctx: StudyContext, margin: float | str, teacher_seed: int, widths, seeds
+) -> list[dict]:
+    """Hard and soft students of every width for one margin and one teacher; ``margin`` a name
+    instead of a number: the study's own ``--data`` (no margin to control, no interaction)."""
+    if isinstance(margin, str):
+        part = ctx.teacher(None, seed=teacher_seed)
+    else:
+        part = ctx.teacher("margin_task", options=_task_options(ctx, margin), seed=teacher_seed)
     soft = Distillation(part.store, ctx.config.temperature, 1.0)
     members, keys = [], []
     for width in widths:
@@ -61,7 +67,7 @@ def _train_task(ctx: StudyContext, margin: float, teacher_seed: int, widths, see
             for seed in seeds:
                 members.append(Member(seed=seed, targets=targets))
                 keys.append((width, method, seed))
-    ctx.log(f"width, margin {margin:g}, teacher {teacher_seed}: {len(members)} students")
+    ctx.log(f"width, {_label(margin)}, teacher {teacher_seed}: {len(members)} students")
     results = ctx.train(part, members, hidden=[[w] for w, _, _ in keys])
     return [
         {
@@ -78,7 +84,11 @@ def _train_task(ctx: StudyContext, margin: float, teacher_seed: int, widths, see
     ]
 
 
-def small_width_gap(rows: list[dict], margin: float, teacher: int, small) -> dict[int, float]:
+def _label(margin: float | str) -> str:
+    return f"margin {margin:g}" if isinstance(margin, float) else f"your data ({margin})"
+
+
+def small_width_gap(rows: list[dict], margin: float | str, teacher: int, small) -> dict[int, float]:
     """Per seed: soft minus hard test accuracy averaged over the ``small`` widths."""
     by_seed: dict[int, list[float]] = defaultdict(list)
     acc = {
@@ -92,7 +102,7 @@ def small_width_gap(rows: list[dict], margin: float, teacher: int, small) -> dic
     return {seed: sum(v) / len(v) for seed, v in sorted(by_seed.items())}
 
 
-def smallest_width(rows: list[dict], margin: float, method: str, widths) -> str:
+def smallest_width(rows: list[dict], margin: float | str, method: str, widths) -> str:
     """The smallest width whose mean validation accuracy (teacher 0) reaches the widest hard
     student's minus :data:`TOLERANCE`; ``"> max"`` if none does."""
     val = grouped(
@@ -119,12 +129,18 @@ def run(ctx: StudyContext) -> StudyOutput:
             # the per-seed statistics use teacher 0; the other teachers need fewer seeds
             seeds = ctx.seeds if teacher == 0 else ctx.seeds[:3]
             rows += _train_task(ctx, margin, teacher, widths, seeds)
+    # A user's --data has no margin to control: its widths are trained and reported beside the
+    # margin tasks (the gap and smallest widths), outside the pre-registered interaction.
+    own = ctx.config.data if ctx.config.data != StudyConfig().data else None
+    if own is not None:
+        rows += _train_task(ctx, own, 0, widths, ctx.seeds)
 
     easy, hard = margins[0], margins[-1]
-    gaps = {m: small_width_gap(rows, m, 0, small) for m in margins}
+    shown = [*margins, *([own] if own is not None else [])]
+    gaps = {m: small_width_gap(rows, m, 0, small) for m in shown}
     primary = paired_difference(list(gaps[hard].values()), list(gaps[easy].values()))
     summary = []
-    for margin in margins:
+    for margin in shown:
         gap = mean_ci(list(gaps[margin].values()))
         teacher_accuracy = [
             r["teacher_test_accuracy"] for r in rows if r["margin"] == margin and r["width"] == 1
@@ -146,7 +162,7 @@ def run(ctx: StudyContext) -> StudyOutput:
     ]
     over_teachers = mean_ci(per_teacher)
     figures = []
-    for i, margin in enumerate(margins):
+    for i, margin in enumerate(shown):
         curves: dict[str, dict[float, list[float]]] = {}
         for (w, m), values in grouped(
             [r for r in rows if r["margin"] == margin and r["teacher"] == 0],
@@ -161,7 +177,7 @@ def run(ctx: StudyContext) -> StudyOutput:
                 xlabel="hidden units (one ReLU layer)",
                 ylabel="test accuracy (%)",
                 logx=True,
-                title=f"margin {margin:g}: accuracy vs width (teacher 0, mean, 95% CI)",
+                title=f"{_label(margin)}: accuracy vs width (teacher 0, mean, 95% CI)",
             )
         )
     notes = (
@@ -171,6 +187,12 @@ def run(ctx: StudyContext) -> StudyOutput:
         "Smallest widths are "
         f"read on validation accuracy against the widest hard student's minus "
         f"{TOLERANCE * 100:g} point; the test set chooses nothing."
+        + (
+            f" The row '{own}' is your --data, trained at the same widths: it has no margin "
+            "to control, so it stands beside the margin tasks, outside the verdict."
+            if own is not None
+            else ""
+        )
     )
     return StudyOutput(
         rows,
