@@ -230,7 +230,7 @@ def make_objective(targets: Targets, data: Dataset, device: torch.device) -> Obj
         if resolved.tail == "bucket":
             return bucket_objective(teacher, rows, labels, resolved.temperature, resolved.alpha)
         if not resolved.plain_kd:
-            return method_objective(resolved, labels, device)
+            return method_objective(resolved, labels, data.num_classes, device)
         if isinstance(teacher, SoftTargetStore) and teacher.top_indices is None:
             teacher = teacher.logits  # a full store: its own tensor, gathered directly
         loss = StoredDistillation(
@@ -291,16 +291,16 @@ class MethodObjective:
 
 
 def method_objective(
-    resolved: ResolvedTargets, labels: Tensor, device: torch.device
+    resolved: ResolvedTargets, labels: Tensor, num_classes: int, device: torch.device
 ) -> MethodObjective:
     """The objective of a distillation method other than plain KD: its value and closed-form
     gradient (:mod:`softtargets.losses.closed`). With few classes the teacher's side of every row
     is computed once (:class:`~softtargets.losses.closed.MethodTable`); with many, from each
-    batch's gathered logits (memory stays at the store's size)."""
+    batch's gathered logits (memory stays at the store's size). ``num_classes``: the data's, which
+    :func:`resolve_targets` has checked the teacher's against."""
     gather = teacher_gatherer(resolved, device)
     method, options = resolved.method, resolved.options
     temperature, alpha = resolved.temperature, resolved.alpha
-    num_classes = gather(labels.new_zeros(1)).shape[-1]
     if num_classes <= TABLE_CLASSES:
         table = MethodTable(method, options, gather, labels, temperature, num_classes)
 
