@@ -558,12 +558,10 @@ def main() -> None:
         action="append",
         metavar="FIGURE",
         help="measure only this figure (repeatable); the others in latest.json are kept, each "
-        "with the date it was measured",
+        "with the date it was measured and whether that run was --quick",
     )
     args = parser.parse_args()
     repeats = 2 if args.quick else 5
-    data = mnist1d(5000)
-    parts = split(data, 0.1, 0.2)
     # name -> how to measure it (a pair of names for the two ratios measured together)
     figures: dict[str | tuple[str, str], Any] = {
         "vectorised_speedup": lambda: vectorised_speedup(parts.train, parts.val, repeats, 3),
@@ -595,6 +593,9 @@ def main() -> None:
         parser.error(
             f"unknown figure(s) {', '.join(unknown)}; choose from {', '.join(sorted(names))}"
         )
+    # the figures' data, once the names are known good (the lambdas read it when called)
+    data = mnist1d(5000)
+    parts = split(data, 0.1, 0.2)
     date = time.strftime("%Y-%m-%d %H:%M")
     results: dict[str, Any] = {}
     for key, measure in figures.items():
@@ -603,7 +604,7 @@ def main() -> None:
             continue
         values = measure()
         for name, value in zip(keys, values if isinstance(key, tuple) else (values,), strict=True):
-            results[name] = {**value, "measured": date}
+            results[name] = {**value, "measured": date, "quick": args.quick}
     machine = (
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch "
         f"threads, torch {torch.__version__}, Python {platform.python_version()}"
@@ -618,7 +619,7 @@ def main() -> None:
     if args.only and path.exists():  # keep the figures not measured now, with their dates
         earlier = json.loads(path.read_text())
         kept = {
-            name: {"measured": earlier["date"], **value}
+            name: {"measured": earlier["date"], "quick": earlier["quick"], **value}
             for name, value in earlier["results"].items()
         }
         results = {**kept, **results}
