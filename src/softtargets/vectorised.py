@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -132,6 +132,17 @@ def _rows_by_step(order: Tensor, steps: int, offset: int = 0) -> Tensor:
     return shifted.view(count, steps, -1).transpose(0, 1).reshape(steps, -1)
 
 
+class _MethodSettings(NamedTuple):
+    """What the stacked call of a member's method needs (not its resolved targets: those hold
+    the teacher's logits, which the member's gatherer has already moved where they are read)."""
+
+    method: str
+    options: dict[str, Any]
+    temperature: float
+    alpha: float
+    warmup: int
+
+
 class StackedTargets(StackedLoss):
     """:class:`~softtargets.losses.stacked.StackedLoss` of members' targets, each resolved and
     checked against the data as ``fit`` does.
@@ -164,8 +175,10 @@ class StackedTargets(StackedLoss):
                 groups.setdefault(key, []).append(m)
                 gatherers[m] = teacher_gatherer(targets, device)
                 labels[m] = own.labels.to(device)
-                settings[m] = (targets.method, targets.options, targets.temperature, targets.alpha,
-                               targets.warmup)  # fmt: skip
+                settings[m] = _MethodSettings(
+                    targets.method, targets.options, targets.temperature, targets.alpha,
+                    targets.warmup,
+                )  # fmt: skip
         stacked = cls(resolved, data.num_classes).to(device)
         stacked.num_rows, stacked.objectives = len(data), objectives
         stacked.groups, stacked.settings = list(groups.values()), settings
@@ -175,7 +188,7 @@ class StackedTargets(StackedLoss):
 
     def start_epoch(self, epoch: int) -> None:
         """Before epoch ``epoch`` (from 1): each member's warm-up factor for its soft term."""
-        self.ramps = {m: warmup_ramp(epoch, s[4]) for m, s in self.settings.items()}
+        self.ramps = {m: warmup_ramp(epoch, s.warmup) for m, s in self.settings.items()}
         for objective in self.objectives.values():
             if hasattr(objective, "start_epoch"):
                 objective.start_epoch(epoch)
@@ -203,15 +216,15 @@ class StackedTargets(StackedLoss):
             pairs = list(zip(whole, rows, strict=True))
             teacher = torch.stack([self.gatherers[m](r) for m, r in pairs])  # (G, B, K)
             member_labels = torch.stack([self.labels[m][r] for m, r in pairs])  # (G, B)
-            method, options = self.settings[whole[0]][:2]
+            first = self.settings[whole[0]]
             temperature, alpha = (
-                torch.tensor([self.settings[m][i] for m in whole], device=logits.device)
-                for i in (2, 3)
+                torch.tensor([getattr(self.settings[m], k) for m in whole], device=logits.device)
+                for k in ("temperature", "alpha")
             )
             ramp = torch.tensor([self.ramps[m] for m in whole], device=logits.device)
             member_value, member_grad = method_value_and_grad(
-                method, options, logits.index_select(0, index), teacher, member_labels,
-                temperature, alpha, ramp,
+                first.method, first.options, logits.index_select(0, index), teacher,
+                member_labels, temperature, alpha, ramp,
             )  # fmt: skip
             value[index], grad[index] = member_value, member_grad.to(grad.dtype)
         for m in sorted(alone):
