@@ -274,12 +274,16 @@ class MethodObjective:
     """``objective(logits, rows) -> (loss, grad)`` of a distillation method with its warm-up:
     ``step(logits, rows, ramp)`` with the soft term's factor of the epoch, which the trainers set
     with :meth:`start_epoch` (the one hook an objective may have). ``grad`` is ``None`` where
-    autograd differentiates ``loss`` (feature distillation)."""
+    autograd differentiates ``loss`` (feature distillation). ``table``: the teacher's side of
+    every row, where the step reads one (``fit_many`` reads it for its stacked call too)."""
 
     def __init__(
-        self, step: Callable[[Tensor, Any, float], tuple[Tensor, Tensor | None]], warmup: int
+        self,
+        step: Callable[[Tensor, Any, float], tuple[Tensor, Tensor | None]],
+        warmup: int,
+        table: MethodTable | None = None,
     ):
-        self.step, self.warmup = step, warmup
+        self.step, self.warmup, self.table = step, warmup, table
         self.ramp = warmup_ramp(1, warmup)
 
     def start_epoch(self, epoch: int) -> None:
@@ -309,7 +313,7 @@ def method_objective(
             value, grad = method_step(method, options, logits, parts, temperature, alpha, ramp)
             return value, grad.to(logits.dtype)
 
-        return MethodObjective(step, resolved.warmup)
+        return MethodObjective(step, resolved.warmup, table)
 
     def per_batch(logits: Tensor, rows: Tensor, ramp: float) -> tuple[Tensor, Tensor]:
         value, grad = method_value_and_grad(

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from softtargets.data import Dataset
 from softtargets.errors import SoftTargetsError
-from softtargets.losses.closed import method_value_and_grad
+from softtargets.losses.closed import method_step, method_value_and_grad
 from softtargets.losses.methods import warmup_ramp
 from softtargets.losses.stacked import StackedLoss
 from softtargets.objectives import (
@@ -149,10 +149,12 @@ class StackedTargets(StackedLoss):
 
     Members whose targets this table does not cover (a distillation method other than plain KD,
     or a top-k store's bucket tail) get ``fit``'s own loss: members of one method and options in
-    one call of :func:`~softtargets.losses.closed.method_value_and_grad` on their stacked
-    batches (each with its own ``T`` and ``alpha``, closed-form gradients); a member whose batch
-    is short (its epoch's last) or with a bucket tail, through ``fit``'s objective alone (the
-    bucket tail through autograd).
+    one closed-form call on their stacked batches (each with its own ``T`` and ``alpha``), from
+    the teacher's side that each member's ``fit`` objective tabled for every row
+    (:func:`~softtargets.losses.closed.method_step`), or with many classes from the gathered
+    logits (:func:`~softtargets.losses.closed.method_value_and_grad`); a member whose batch is
+    short (its epoch's last) or with a bucket tail, through ``fit``'s objective alone (the bucket
+    tail through autograd).
     """
 
     @classmethod
@@ -162,7 +164,7 @@ class StackedTargets(StackedLoss):
         """Resolve and check each member's targets against ``data``; the table on ``device``."""
         device = torch.device(device)
         resolved, objectives, groups = [], {}, {}
-        gatherers, labels, settings = {}, {}, {}
+        gatherers, labels, settings, tables = {}, {}, {}, {}
         for m, member in enumerate(members):
             own = _member_data(member, data)
             targets = resolve_targets(member.targets, own)
@@ -173,8 +175,12 @@ class StackedTargets(StackedLoss):
             if targets.tail == "uniform":
                 key = (targets.method, repr(sorted(targets.options.items())))
                 groups.setdefault(key, []).append(m)
-                gatherers[m] = teacher_gatherer(targets, device)
-                labels[m] = own.labels.to(device)
+                # the teacher's side of every row when fit's objective keeps one (few classes);
+                # otherwise the teacher's logits, gathered each step
+                tables[m] = getattr(objectives[m], "table", None)
+                if tables[m] is None:
+                    gatherers[m] = teacher_gatherer(targets, device)
+                    labels[m] = own.labels.to(device)
                 settings[m] = _MethodSettings(
                     targets.method, targets.options, targets.temperature, targets.alpha,
                     targets.warmup,
@@ -182,7 +188,7 @@ class StackedTargets(StackedLoss):
         stacked = cls(resolved, data.num_classes).to(device)
         stacked.num_rows, stacked.objectives = len(data), objectives
         stacked.groups, stacked.settings = list(groups.values()), settings
-        stacked.gatherers, stacked.labels = gatherers, labels
+        stacked.gatherers, stacked.labels, stacked.tables = gatherers, labels, tables
         stacked.start_epoch(1)
         return stacked
 
@@ -214,18 +220,27 @@ class StackedTargets(StackedLoss):
             index = torch.tensor(whole, device=logits.device)
             rows = data_rows.index_select(0, index)
             pairs = list(zip(whole, rows, strict=True))
-            teacher = torch.stack([self.gatherers[m](r) for m, r in pairs])  # (G, B, K)
-            member_labels = torch.stack([self.labels[m][r] for m, r in pairs])  # (G, B)
             first = self.settings[whole[0]]
             temperature, alpha = (
                 torch.tensor([getattr(self.settings[m], k) for m in whole], device=logits.device)
                 for k in ("temperature", "alpha")
             )
             ramp = torch.tensor([self.ramps[m] for m in whole], device=logits.device)
-            member_value, member_grad = method_value_and_grad(
-                first.method, first.options, logits.index_select(0, index), teacher,
-                member_labels, temperature, alpha, ramp,
-            )  # fmt: skip
+            member_logits = logits.index_select(0, index)
+            table = self.tables[whole[0]]  # one method, one K: all members have one, or none
+            if table is not None:  # (G, B, C) gathered from each member's table
+                parts = torch.stack([self.tables[m].table.index_select(0, r) for m, r in pairs])
+                member_value, member_grad = method_step(
+                    first.method, first.options, member_logits, parts.split(table.widths, -1),
+                    temperature, alpha, ramp,
+                )  # fmt: skip
+            else:
+                teacher = torch.stack([self.gatherers[m](r) for m, r in pairs])  # (G, B, K)
+                member_labels = torch.stack([self.labels[m][r] for m, r in pairs])  # (G, B)
+                member_value, member_grad = method_value_and_grad(
+                    first.method, first.options, member_logits, teacher, member_labels,
+                    temperature, alpha, ramp,
+                )  # fmt: skip
             value[index], grad[index] = member_value, member_grad.to(grad.dtype)
         for m in sorted(alone):
             if not bool(real[m].any()):
