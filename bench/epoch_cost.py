@@ -19,12 +19,13 @@ import statistics
 
 import torch
 
-from softtargets.data import split
-from softtargets.datasets import mnist1d
-from softtargets.models import build_model, forward_flops
-from softtargets.streams import TensorRows
-from softtargets.teacher import label
-from softtargets.train import Distillation, fit
+from softtargets.data.builtin import mnist1d
+from softtargets.data.dataset import split
+from softtargets.data.streams import TensorRows
+from softtargets.store.label import label
+from softtargets.training.fit import fit
+from softtargets.training.models import build_model, forward_flops
+from softtargets.training.objectives import Distillation
 
 
 def epoch_seconds(model, data, targets, epochs: int = 3, batch_size: int = 128) -> float:

@@ -48,13 +48,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from epoch_cost import epoch_seconds, online_epoch_seconds  # noqa: E402
-from softtargets.data import Dataset, split  # noqa: E402
-from softtargets.datasets import mnist1d  # noqa: E402
-from softtargets.files import atomic_write_text  # noqa: E402
-from softtargets.models import build_model, forward_flops  # noqa: E402
-from softtargets.teacher import label  # noqa: E402
-from softtargets.train import Distillation, fit  # noqa: E402
-from softtargets.vectorised import Member, fit_many  # noqa: E402
+from softtargets.data.builtin import mnist1d
+from softtargets.data.dataset import Dataset, split
+from softtargets.files import atomic_write_text
+from softtargets.store.label import label
+from softtargets.training.fit import fit
+from softtargets.training.fit_many import Member, fit_many
+from softtargets.training.models import build_model, forward_flops
+from softtargets.training.objectives import Distillation
 
 
 def vectorised_speedup(train: Dataset, val: Dataset, repeats: int, epochs: int) -> dict[str, Any]:
@@ -165,9 +166,9 @@ DDP_CHILD = """
 import statistics, sys, torch
 torch.set_num_threads(1)
 from softtargets import distributed
-from softtargets.data import Dataset
-from softtargets.models import build_model
-from softtargets.train import fit
+from softtargets.data.dataset import Dataset
+from softtargets.training.models import build_model
+from softtargets.training.fit import fit
 distributed.setup()
 gen = torch.Generator().manual_seed(0)
 data = Dataset.from_arrays(torch.randn(16_384, 256, generator=gen), torch.arange(16_384) % 10)
@@ -219,11 +220,11 @@ def ddp_speedup_2proc(repeats: int) -> dict[str, Any]:
 
 def methods_epoch_ratio(data: Dataset, train: Dataset, repeats: int) -> dict[str, Any]:
     """Each distillation method's stored-logit epoch / the hard-label epoch, same student."""
-    from softtargets.limits import METHOD_OPTIONS
+    from softtargets.losses.methods import LOGIT_METHODS
 
     teacher = build_model("cnn1d", data.feature_shape, 10, seed=0, channels=[64, 64, 64])
     store = label(teacher, data)
-    variants = {m: (m, {}) for m in METHOD_OPTIONS}
+    variants = {m: (m, {}) for m in LOGIT_METHODS}
     variants.update({f"{m}+standardize": (m, {"standardize": True}) for m in ("kd", "dkd")})
     ratios: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(repeats):
@@ -331,8 +332,8 @@ def run_child(script: str, *args: Any) -> float:
 
 LABEL_CHILD = """
 import sys, torch
-from softtargets.models import build_model
-from softtargets.teacher import label_to_file
+from softtargets.training.models import build_model
+from softtargets.store.write import label_to_file
 rows, chunk = int(sys.argv[1]), 65536
 k = int(sys.argv[3]) if len(sys.argv) > 3 else 10
 teacher = build_model("mlp", (40,), k, seed=0, hidden=[64])
@@ -361,9 +362,9 @@ def label_peak_mb(sizes: list[int]) -> dict[str, Any]:
 
 FIT_MANY_HARD_CHILD = """
 import torch
-from softtargets.data import Dataset
-from softtargets.models import build_model
-from softtargets.vectorised import Member, fit_many
+from softtargets.data.dataset import Dataset
+from softtargets.training.models import build_model
+from softtargets.training.fit_many import Member, fit_many
 def status(key):  # kB -> MB, from the kernel's own counters
     line = next(l for l in open("/proc/self/status") if l.startswith(key))
     return int(line.split()[1]) / 1024
@@ -389,7 +390,7 @@ def fit_many_hard_mb_k1000() -> dict[str, Any]:
 
 def many_class_data(rows: int, k: int) -> tuple[Dataset, Any]:
     """Random features, labels and teacher logits for ``k`` classes (timing and memory only)."""
-    from softtargets.teacher import SoftTargetStore
+    from softtargets.store.store import SoftTargetStore
 
     gen = torch.Generator().manual_seed(0)
     data = Dataset.from_arrays(
@@ -427,9 +428,10 @@ DISTILL_MEMORY_CHILD = """
 import sys, threading, torch
 sys.path.insert(0, sys.argv[2])
 from run_all import many_class_data
-from softtargets.models import build_model
-from softtargets.teacher import SoftTargetStore
-from softtargets.train import Distillation, fit
+from softtargets.training.models import build_model
+from softtargets.store.store import SoftTargetStore
+from softtargets.training.objectives import Distillation
+from softtargets.training.fit import fit
 def anon():  # bytes of anonymous memory; the loaded store's pages are the file's (safetensors maps
     # it), counted in RSS only while resident, which made VmHWM vary from 0.2 to 1.3 store sizes
     line = next(l for l in open("/proc/self/status") if l.startswith("RssAnon:"))
@@ -479,7 +481,7 @@ def topk_store_fraction_k1000() -> dict[str, Any]:
 def stream_vs_memory_epoch(train: Dataset, repeats: int) -> dict[str, Any]:
     """An epoch of ``fit`` on streamed data (``TensorRows`` through a DataLoader) / in memory."""
     from epoch_cost import epoch_seconds
-    from softtargets.streams import TensorRows
+    from softtargets.data.streams import TensorRows
 
     ratios = []
     for r in range(repeats):
@@ -498,9 +500,9 @@ def stream_vs_memory_epoch(train: Dataset, repeats: int) -> dict[str, Any]:
 
 STREAM_CHILD = """
 import sys, threading, time, numpy as np, torch
-from softtargets.models import build_model
-from softtargets.streams import ArrayRows
-from softtargets.train import fit
+from softtargets.training.models import build_model
+from softtargets.data.streams import ArrayRows
+from softtargets.training.fit import fit
 rows, folder = int(sys.argv[1]), sys.argv[2]
 x = np.lib.format.open_memmap(f"{folder}/x.npy", "w+", np.float32, (rows, 40))
 for start in range(0, rows, 1 << 18):  # written in chunks: never all in memory

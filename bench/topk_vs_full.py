@@ -22,13 +22,15 @@ from pathlib import Path
 
 import torch
 
-from softtargets.data import split
-from softtargets.datasets import gaussians
-from softtargets.models import build_model
-from softtargets.stats import mean_ci, paired_difference
-from softtargets.teacher import label
-from softtargets.train import Distillation, evaluate, fit
-from softtargets.vectorised import Member, fit_many
+from softtargets.data.builtin import gaussians
+from softtargets.data.dataset import split
+from softtargets.run.stats import mean_ci, paired_difference
+from softtargets.store.label import label
+from softtargets.training.fit import fit
+from softtargets.training.fit_many import Member, fit_many
+from softtargets.training.metrics import evaluate
+from softtargets.training.models import build_model
+from softtargets.training.objectives import Distillation
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ Two tables, microseconds per step (median over repeats of the mean over ``--step
 
 Phases are timed with ``time.perf_counter`` around the same calls the training loops make (no
 profiler running: it inflates small ops several-fold). The loops are copies of the inner loops
-of ``softtargets.train.fit`` and ``softtargets.vectorised.fit_many``, kept minimal.
+of ``softtargets.training.fit.fit`` and ``softtargets.training.fit_many.fit_many``, kept minimal.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ from collections import defaultdict
 
 import torch
 
-from softtargets.data import Dataset, split
-from softtargets.datasets import mnist1d
-from softtargets.models import build_model
-from softtargets.stacked import StackedMLP, StackedOptimizer
-from softtargets.teacher import label
-from softtargets.train import Distillation, make_objective, make_optimizer
-from softtargets.vectorised import Member, StackedTargets, _rows_by_step
+from softtargets.data.builtin import mnist1d
+from softtargets.data.dataset import Dataset, split
+from softtargets.store.label import label
+from softtargets.training.common import make_optimizer
+from softtargets.training.fit_many import Member, StackedTargets, _rows_by_step
+from softtargets.training.models import build_model
+from softtargets.training.objectives import Distillation, make_objective
+from softtargets.training.stacked import StackedMLP, StackedOptimizer
 
 PHASES_FIT = ("forward", "loss", "backward", "optimizer")
 PHASES_MANY = ("gather", "forward", "loss", "backward", "optimizer")

@@ -21,18 +21,21 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from softtargets.cli import app
+from softtargets.cli.app import app
 from softtargets.config import DistillConfig, load_yaml, parse_config
-from softtargets.data import Dataset, split
+from softtargets.data.dataset import Dataset, split
+from softtargets.data.files import load_file
+from softtargets.data.targets import from_counts, mix, smooth, soften, validate
 from softtargets.errors import SoftTargetsError
-from softtargets.loaders import load_file
-from softtargets.losses import distillation_loss, kl_at_temperature, soft_cross_entropy
-from softtargets.models import build_model
-from softtargets.runfolder import RunFolder
-from softtargets.targets import from_counts, mix, smooth, soften, validate
-from softtargets.teacher import FORMAT_VERSION, SoftTargetStore, label
-from softtargets.train import Distillation, evaluate, fit
-from softtargets.vectorised import Member, fit_many
+from softtargets.losses.reference import distillation_loss, kl_at_temperature, soft_cross_entropy
+from softtargets.run.folder import RunFolder
+from softtargets.store.label import label
+from softtargets.store.store import FORMAT_VERSION, SoftTargetStore
+from softtargets.training.fit import fit
+from softtargets.training.fit_many import Member, fit_many
+from softtargets.training.metrics import evaluate
+from softtargets.training.models import build_model
+from softtargets.training.objectives import Distillation
 
 runner = CliRunner()
 MARKER = "pwned-marker"

@@ -14,13 +14,14 @@ import pytest
 import torch
 from torch import nn
 
-from softtargets.data import split
-from softtargets.datasets import gaussians
+from softtargets.data.builtin import gaussians
+from softtargets.data.dataset import split
+from softtargets.data.streams import TensorRows
 from softtargets.errors import SoftTargetsError
-from softtargets.models import build_model
-from softtargets.streams import TensorRows
-from softtargets.teacher import label
-from softtargets.train import Distillation, fit
+from softtargets.store.label import label
+from softtargets.training.fit import fit
+from softtargets.training.models import build_model
+from softtargets.training.objectives import Distillation
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +94,10 @@ def test_another_fits_checkpoint_or_a_foreign_file_is_refused(parts, tmp_path) -
 CHILD = """
 import sys, time, torch
 from safetensors.torch import save_file
-from softtargets.data import split
-from softtargets.datasets import gaussians
-from softtargets.models import build_model
-from softtargets.train import fit
+from softtargets.data.dataset import split
+from softtargets.data.builtin import gaussians
+from softtargets.training.models import build_model
+from softtargets.training.fit import fit
 parts = split(gaussians(num_samples=400, num_classes=3, dim=6, separation=3.0), 0.2, 0.2)
 out, checkpoint, marker = sys.argv[1], sys.argv[2], sys.argv[3]
 def hook(record):

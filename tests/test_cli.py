@@ -7,11 +7,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from softtargets.cli import app
-from softtargets.config import DistillConfig, load_config
+from softtargets.cli.app import app
+from softtargets.config import DistillConfig, demo_config, load_config
 from softtargets.errors import SoftTargetsError
 from softtargets.files import SoftTargetsWarning, read_jsonl
-from softtargets.pipeline import demo_config, run_distillation
+from softtargets.run.distill import run_distillation
 
 runner = CliRunner()
 
@@ -41,8 +41,8 @@ def test_quick_demo_writes_a_complete_run(tmp_path) -> None:
     assert sorted((r["method"], r["seed"]) for r in results) == [
         ("hard", 0),
         ("hard", 1),
-        ("soft", 0),
-        ("soft", 1),
+        ("kd", 0),
+        ("kd", 1),
     ]
     assert "| student | teacher soft targets | 2 |" in (out / "report.md").read_text()
     assert load_config(DistillConfig, out / "config.yaml") == demo_config(quick=True)
@@ -84,8 +84,8 @@ def test_mlp_students_train_together_and_other_students_one_by_one(tmp_path) -> 
     assert sorted((r["method"], r["seed"]) for r in cnn_run.results) == [
         ("hard", 0),
         ("hard", 1),
-        ("soft", 0),
-        ("soft", 1),
+        ("kd", 0),
+        ("kd", 1),
     ]
     history = read_jsonl(tmp_path / "cnn" / "history.jsonl")
     assert len([r for r in history if r.get("role") == "student"]) == 4 * 3
@@ -224,14 +224,14 @@ def test_the_command_line_starts_without_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, softtargets.cli; print('torch' in sys.modules)"
+    code = "import sys, softtargets.cli.app; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
 def test_a_teacher_interrupted_mid_fit_resumes_from_its_checkpoint(tmp_path, monkeypatch) -> None:
-    import softtargets.pipeline as pipeline
-    from softtargets.train import fit as real_fit
+    import softtargets.run.teacher as pipeline
+    from softtargets.training.fit import fit as real_fit
 
     config = demo_config(quick=True)
     whole = run_distillation(config, tmp_path / "whole")
@@ -276,8 +276,8 @@ def test_a_bf16_teacher_and_a_checkpointless_run(tmp_path) -> None:
 
 
 def test_one_run_compares_several_methods_on_the_same_teacher_and_seeds(tmp_path) -> None:
-    from softtargets.cli import parse_method_options
-    from softtargets.pipeline import method_differences, summary_rows
+    from softtargets.cli.options import parse_method_options
+    from softtargets.run.report import distill_rows, method_differences
 
     assert parse_method_options(["dkd:beta=2", "standardize=true"], ["kd", "dkd"]) == {
         "dkd": {"beta": 2, "standardize": True},
@@ -290,9 +290,9 @@ def test_one_run_compares_several_methods_on_the_same_teacher_and_seeds(tmp_path
     config.method_options = {"dkd": {"beta": 2.0}}
     out = run_distillation(config, tmp_path / "run")
     assert sorted((r["method"], r["seed"]) for r in out.results) == [
-        (m, s) for m in ("dkd", "hard", "jsd", "soft") for s in (0, 1)
+        (m, s) for m in ("dkd", "hard", "jsd", "kd") for s in (0, 1)
     ]
-    assert [row[1] for row in summary_rows(out)][-2:] == ["teacher, DKD", "teacher, JSD"]
+    assert [row[1] for row in distill_rows(out)][-2:] == ["teacher, DKD", "teacher, JSD"]
     lines = method_differences(out)
     assert lines[0].startswith("DKD: minus hard labels") and "minus KD" in lines[0]
     assert "JSD: minus hard labels" in (tmp_path / "run" / "report.md").read_text()
@@ -318,7 +318,7 @@ def test_fitnet_from_the_command_line_pairs_the_penultimate_features(tmp_path) -
     assert result.exit_code == 0, result.output
     results = read_jsonl(tmp_path / "run" / "results.jsonl")
     assert sorted((r["method"], r["seed"]) for r in results) == [
-        (m, s) for m in ("fitnet", "hard", "soft") for s in (0, 1)
+        (m, s) for m in ("fitnet", "hard", "kd") for s in (0, 1)
     ]
     assert "FITNET: minus hard labels" in (tmp_path / "run" / "report.md").read_text()
     assert not list((tmp_path / "run").glob("*.ckpt"))  # each fit's checkpoint went with it

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from softtargets.data import Dataset, split
-from softtargets.datasets import digits, gaussians, load_builtin, mnist1d
+from softtargets.data.builtin import digits, gaussians, load_builtin, mnist1d
+from softtargets.data.dataset import Dataset, split
 from softtargets.errors import SoftTargetsError
 
 
@@ -139,7 +139,7 @@ def test_unknown_builtin_and_option() -> None:
 
 
 def test_bayes_probabilities_in_chunks_equal_all_at_once() -> None:
-    from softtargets.datasets import bayes_probabilities
+    from softtargets.data.builtin import bayes_probabilities
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(50, 4, generator=gen, dtype=torch.float64)
@@ -150,10 +150,10 @@ def test_bayes_probabilities_in_chunks_equal_all_at_once() -> None:
 
 
 def test_fingerprint_is_the_same_for_any_chunking_across_blocks(monkeypatch) -> None:
-    import softtargets.data
-    from softtargets.data import Fingerprinter
+    import softtargets.data.dataset
+    from softtargets.data.dataset import Fingerprinter
 
-    monkeypatch.setattr(softtargets.data, "FINGERPRINT_BLOCK", 8)
+    monkeypatch.setattr(softtargets.data.dataset, "FINGERPRINT_BLOCK", 8)
     features, ids = torch.randn(30, 4), torch.arange(30)
     whole = Fingerprinter((4,))
     whole.update(features, ids)
@@ -171,7 +171,7 @@ def test_fingerprint_is_the_same_for_any_chunking_across_blocks(monkeypatch) -> 
 
 
 def test_margin_task_is_balanced_noise_free_and_more_linear_at_a_larger_margin() -> None:
-    from softtargets.datasets import margin_task
+    from softtargets.data.builtin import margin_task
 
     easy, hard = margin_task(2000, margin=1.0), margin_task(2000, margin=0.0)
     assert torch.equal(margin_task(2000, margin=1.0).features, easy.features)  # seeded

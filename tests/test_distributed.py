@@ -16,13 +16,15 @@ from softtargets.errors import SoftTargetsError
 CHILD = """
 import json, sys, torch
 from softtargets import distributed
-from softtargets.data import split
-from softtargets.datasets import gaussians
-from softtargets.features import FeatureDistillation
-from softtargets.models import build_model
-from softtargets.streams import TensorRows
-from softtargets.teacher import label
-from softtargets.train import Distillation, _MemoryBatches, fit
+from softtargets.data.dataset import split
+from softtargets.data.builtin import gaussians
+from softtargets.training.features import FeatureDistillation
+from softtargets.training.models import build_model
+from softtargets.data.streams import TensorRows
+from softtargets.store.label import label
+from softtargets.training.objectives import Distillation
+from softtargets.training.batches import _MemoryBatches
+from softtargets.training.fit import fit
 distributed.setup()
 parts = split(gaussians(num_samples=600, num_classes=3, dim=6, separation=3.0), 0.2, 0.2)
 teacher = fit(build_model("mlp", (6,), 3, seed=9, hidden=[32]), parts.train, epochs=3).model
@@ -100,13 +102,13 @@ def test_one_process_helpers_answer_as_one() -> None:
 
 LABEL_CHILD = """
 import sys
-import softtargets.data
-softtargets.data.FINGERPRINT_BLOCK = 64  # 300 rows: 5 blocks, shards of 2 and 3
+import softtargets.data.dataset
+softtargets.data.dataset.FINGERPRINT_BLOCK = 64  # 300 rows: 5 blocks, shards of 2 and 3
 from softtargets import distributed
-from softtargets.datasets import gaussians
-from softtargets.models import build_model
-from softtargets.streams import TensorRows
-from softtargets.teacher import label_dataset_to_file
+from softtargets.data.builtin import gaussians
+from softtargets.training.models import build_model
+from softtargets.data.streams import TensorRows
+from softtargets.store.write import label_dataset_to_file
 distributed.setup()
 data = gaussians(num_samples=300, num_classes=4, dim=5, separation=2.0)
 teacher = build_model("mlp", (5,), 4, seed=0, hidden=[8])
@@ -116,10 +118,11 @@ label_dataset_to_file(teacher, TensorRows(data), sys.argv[2], batch_size=50)
 
 
 def test_labelling_on_two_processes_makes_the_one_process_store(tmp_path, monkeypatch) -> None:
-    import softtargets.data
-    from softtargets.datasets import gaussians
-    from softtargets.models import build_model
-    from softtargets.teacher import SoftTargetStore, label
+    import softtargets.data.dataset
+    from softtargets.data.builtin import gaussians
+    from softtargets.store.label import label
+    from softtargets.store.store import SoftTargetStore
+    from softtargets.training.models import build_model
 
     script = tmp_path / "label.py"
     script.write_text(LABEL_CHILD)
@@ -130,7 +133,7 @@ def test_labelling_on_two_processes_makes_the_one_process_store(tmp_path, monkey
         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    monkeypatch.setattr(softtargets.data, "FINGERPRINT_BLOCK", 64)
+    monkeypatch.setattr(softtargets.data.dataset, "FINGERPRINT_BLOCK", 64)
     data = gaussians(num_samples=300, num_classes=4, dim=5, separation=2.0)
     teacher = build_model("mlp", (5,), 4, seed=0, hidden=[8])
     whole = label(teacher, data)
@@ -192,7 +195,7 @@ def test_a_study_on_two_processes_gives_the_one_process_rows(tmp_path) -> None:
 
 
 def test_shares_of_streamed_batches_cover_every_row_once_with_fillers_weighted_zero() -> None:
-    from softtargets.streams import _ShuffledShare, share_weight
+    from softtargets.data.streams import _ShuffledShare, share_weight
 
     n, batch, world = 61, 20, 3  # the last global batch holds 1 row: two processes get a filler
     seen, weights = [], {}

@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from softtargets.data import Dataset
+from softtargets.data.dataset import Dataset
+from softtargets.data.streams import TensorRows
 from softtargets.errors import SoftTargetsError
-from softtargets.features import FeatureDistillation, FeaturePair, pair_loss
-from softtargets.models import build_model
-from softtargets.streams import TensorRows
-from softtargets.train import fit
+from softtargets.training.features import FeatureDistillation, FeaturePair, pair_loss
+from softtargets.training.fit import fit
+from softtargets.training.models import build_model
 
 
 def data_of(shape: tuple[int, ...], rows: int = 96) -> Dataset:

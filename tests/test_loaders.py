@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from softtargets.data.files import load_data, load_file
 from softtargets.errors import SoftTargetsError
-from softtargets.loaders import load_data, load_file
 
 
 def test_npz_with_optional_arrays(tmp_path) -> None:

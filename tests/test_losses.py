@@ -7,12 +7,8 @@ import pytest
 import torch
 
 from softtargets.errors import SoftTargetsError
-from softtargets.losses import (
-    DistillationLoss,
-    StoredDistillation,
-    distillation_loss,
-    soft_cross_entropy,
-)
+from softtargets.losses.closed import StoredDistillation
+from softtargets.losses.reference import DistillationLoss, distillation_loss, soft_cross_entropy
 
 
 def softmax64(z: np.ndarray, t: float = 1.0) -> np.ndarray:
@@ -152,7 +148,7 @@ def test_stored_distillation_closed_form_matches_autograd(t: float, alpha: float
 
 
 def test_whole_power_matches_pow_and_leaves_its_base_alone() -> None:
-    from softtargets.losses import _whole_power
+    from softtargets.losses.closed import _whole_power
 
     base = torch.rand(4, 7) + 0.5
     kept = base.clone()
@@ -165,7 +161,7 @@ def test_whole_power_matches_pow_and_leaves_its_base_alone() -> None:
 
 
 def test_soft_cross_entropy_and_grad_is_the_loss_and_its_autograd_gradient() -> None:
-    from softtargets.losses import soft_cross_entropy_and_grad
+    from softtargets.losses.reference import soft_cross_entropy_and_grad
 
     g = torch.Generator().manual_seed(1)
     z = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)

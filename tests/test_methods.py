@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from softtargets.errors import SoftTargetsError
-from softtargets.losses.methods import (
+from softtargets.losses.reference import (
     dist_loss,
     dkd_loss,
     jsd_loss,
@@ -167,11 +167,11 @@ def test_bad_shapes_and_options_are_one_line_errors(batch) -> None:
 
 @pytest.fixture(scope="module")
 def task():
-    from softtargets.data import split
-    from softtargets.datasets import gaussians
-    from softtargets.models import build_model
-    from softtargets.teacher import label
-    from softtargets.train import fit
+    from softtargets.data.builtin import gaussians
+    from softtargets.data.dataset import split
+    from softtargets.store.label import label
+    from softtargets.training.fit import fit
+    from softtargets.training.models import build_model
 
     parts = split(gaussians(num_samples=600, num_classes=4, dim=6, separation=2.5), 0.2, 0.2)
     teacher = fit(build_model("mlp", (6,), 4, seed=9, hidden=[32]), parts.train, epochs=10,
@@ -180,7 +180,7 @@ def task():
 
 
 def _student():
-    from softtargets.models import build_model
+    from softtargets.training.models import build_model
 
     return build_model("mlp", (6,), 4, seed=0, hidden=[16])
 
@@ -190,7 +190,8 @@ def _weights(model):
 
 
 def test_kd_through_the_generic_path_equals_the_closed_form_one(task) -> None:
-    from softtargets.train import Distillation, fit
+    from softtargets.training.fit import fit
+    from softtargets.training.objectives import Distillation
 
     parts, store = task
     common = dict(epochs=3, lr=1e-2, batch_size=32)
@@ -212,8 +213,10 @@ def test_kd_through_the_generic_path_equals_the_closed_form_one(task) -> None:
     ],  # fmt: skip
 )
 def test_every_method_trains_from_a_store_in_memory_and_streamed(task, method, options) -> None:
-    from softtargets.streams import TensorRows
-    from softtargets.train import Distillation, evaluate, fit
+    from softtargets.data.streams import TensorRows
+    from softtargets.training.fit import fit
+    from softtargets.training.metrics import evaluate
+    from softtargets.training.objectives import Distillation
 
     parts, store = task
     targets = Distillation(store, 2.0, 0.8, method=method, options=options)
@@ -228,8 +231,9 @@ def test_every_method_trains_from_a_store_in_memory_and_streamed(task, method, o
 
 
 def test_unknown_methods_and_options_are_one_line_errors(task) -> None:
-    from softtargets.train import Distillation, fit
-    from softtargets.vectorised import Member, fit_many
+    from softtargets.training.fit import fit
+    from softtargets.training.fit_many import Member, fit_many
+    from softtargets.training.objectives import Distillation
 
     parts, store = task
     with pytest.raises(SoftTargetsError, match="unknown method 'fitnets'; use one of kd, dkd"):
@@ -245,8 +249,9 @@ def test_unknown_methods_and_options_are_one_line_errors(task) -> None:
 def test_fit_many_trains_every_method_as_fit_does(task) -> None:
     """Methods outside the stacked closed form (and the bucket tail) ride along in ``fit_many``
     with ``fit``'s own objective: each member equals ``fit`` alone, beside closed-form members."""
-    from softtargets.train import Distillation, fit
-    from softtargets.vectorised import Member, fit_many
+    from softtargets.training.fit import fit
+    from softtargets.training.fit_many import Member, fit_many
+    from softtargets.training.objectives import Distillation
 
     parts, store = task
     half = torch.arange(0, len(parts.train), 2)  # a member with fewer rows finishes early
@@ -286,7 +291,7 @@ def test_fit_many_trains_every_method_as_fit_does(task) -> None:
 def test_a_stack_of_batches_gives_each_batchs_own_loss(name, options) -> None:
     """``(M, B, K)`` with a temperature and a weight per batch: ``fit_many``'s one call for the
     members of one method equals one call per member."""
-    from softtargets.losses.methods import method_loss
+    from softtargets.losses.reference import method_loss
 
     g = torch.Generator().manual_seed(3)
     student = torch.randn(3, 6, 5, generator=g, dtype=torch.float64)
@@ -317,7 +322,7 @@ def test_closed_form_gradients_equal_autograds(batch, name, options, weight, ram
     """``fit`` trains every method without autograd: the same value and gradient as autograd
     through :func:`method_loss` (float64), during a warm-up (``ramp``) too."""
     from softtargets.losses.closed import method_value_and_grad
-    from softtargets.losses.methods import method_loss
+    from softtargets.losses.reference import method_loss
 
     s, t, y = batch
     value, grad = method_value_and_grad(name, options, s, t, y, 2.0, weight, ramp)
@@ -333,7 +338,7 @@ def test_closed_form_gradients_of_a_stack_equal_autograds(name, options) -> None
     """``fit_many``'s one call for the members of a method: ``(M, B, K)`` with a temperature
     and a weight per member, against autograd of the summed member means."""
     from softtargets.losses.closed import method_value_and_grad
-    from softtargets.losses.methods import method_loss
+    from softtargets.losses.reference import method_loss
 
     g = torch.Generator().manual_seed(11)
     s = torch.randn(3, 6, 5, generator=g, dtype=torch.float64) * 2
@@ -354,7 +359,7 @@ def test_dkd_closed_form_survives_a_certain_teacher() -> None:
     """A teacher with all its mass on the label (``1 - p_y`` underflows at T = 1) gives finite
     DKD values and gradients, as autograd does."""
     from softtargets.losses.closed import method_value_and_grad
-    from softtargets.losses.methods import dkd_loss
+    from softtargets.losses.reference import dkd_loss
 
     student = torch.tensor([[2.0, 0.5, -1.0], [0.0, 0.0, 0.0]])
     teacher = torch.tensor([[200.0, 0.0, 0.0], [0.0, 150.0, -150.0]])
@@ -375,10 +380,9 @@ def test_dkd_closed_form_survives_a_certain_teacher() -> None:
 def test_fits_objective_is_the_closed_form_of_its_rows(classes, name, options) -> None:
     """``fit``'s objective for a method (its teacher side computed once for every row with few
     classes, from each batch with many) gives :func:`method_value_and_grad` of the batch's rows."""
-    from softtargets.data import Dataset
+    from softtargets.data.dataset import Dataset
     from softtargets.losses.closed import TABLE_CLASSES, method_value_and_grad
-    from softtargets.objectives import make_objective
-    from softtargets.train import Distillation
+    from softtargets.training.objectives import Distillation, make_objective
 
     assert 5 <= TABLE_CLASSES < 70
     g = torch.Generator().manual_seed(5)
@@ -402,9 +406,10 @@ def test_a_warmup_ramps_the_soft_term_in_fit_fit_many_and_streamed(task) -> None
     """``warmup`` (any method's option): the soft term at ``alpha x min(epoch / warmup, 1)``.
     A 1-epoch warm-up is no warm-up, to the bit; a longer one trains differently, and ``fit_many``
     and streamed data give ``fit``'s weights."""
-    from softtargets.streams import TensorRows
-    from softtargets.train import Distillation, fit
-    from softtargets.vectorised import Member, fit_many
+    from softtargets.data.streams import TensorRows
+    from softtargets.training.fit import fit
+    from softtargets.training.fit_many import Member, fit_many
+    from softtargets.training.objectives import Distillation
 
     parts, store = task
     common = dict(epochs=4, lr=1e-2, batch_size=32)
@@ -428,7 +433,8 @@ def test_a_warmup_ramps_the_soft_term_in_fit_fit_many_and_streamed(task) -> None
 
 @pytest.mark.parametrize("warmup", [-1, 2.5, "ten", True])
 def test_a_bad_warmup_is_a_one_line_error(task, warmup) -> None:
-    from softtargets.train import Distillation, fit
+    from softtargets.training.fit import fit
+    from softtargets.training.objectives import Distillation
 
     parts, store = task
     targets = Distillation(store, method="jsd", options={"warmup": warmup})

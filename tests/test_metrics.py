@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from softtargets.metrics import accuracy, agreement, error_count, expected_calibration_error, nll
-from softtargets.stats import mean_ci, paired_difference
+from softtargets.run.stats import mean_ci, paired_difference
+from softtargets.training.metrics import (
+    accuracy,
+    agreement,
+    error_count,
+    expected_calibration_error,
+    nll,
+)
 
 
 def test_ece_against_a_loop_written_reference() -> None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from softtargets.errors import SoftTargetsError
-from softtargets.models import build_model, count_parameters, forward_flops
+from softtargets.training.models import build_model, count_parameters, forward_flops
 
 
 @pytest.mark.parametrize(

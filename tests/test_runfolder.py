@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from softtargets.cli import app
+from softtargets.cli.app import app
+from softtargets.config import demo_config
 from softtargets.errors import SoftTargetsError
 from softtargets.files import SoftTargetsWarning, append_jsonl, atomic_write_text, read_jsonl
-from softtargets.pipeline import demo_config, run_distillation
-from softtargets.runfolder import LOCK, MANIFEST, RunFolder
+from softtargets.run.distill import run_distillation
+from softtargets.run.folder import LOCK, MANIFEST, RunFolder
 
 runner = CliRunner()
 
@@ -120,7 +121,7 @@ HOLDER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from softtargets.runfolder import RunFolder
+    from softtargets.run.folder import RunFolder
     folder, ready, release = (Path(a) for a in sys.argv[1:4])
     with RunFolder.open(folder):
         ready.write_text("locked")
@@ -206,7 +207,7 @@ def test_more_seeds_train_only_the_new_ones(tmp_path) -> None:
     second = run_distillation(config, out)
     old = {(r["method"], r["seed"]): r for r in first.results}
     new = {(r["method"], r["seed"]): r for r in second.results}
-    assert sorted(new) == sorted([*old, ("hard", 2), ("soft", 2)])
+    assert sorted(new) == sorted([*old, ("hard", 2), ("kd", 2)])
     assert all(new[k] == old[k] for k in old)  # kept, not retrained
     students = [r for r in read_jsonl(out / "history.jsonl") if r["role"] == "student"]
     assert len(students) == 6 * config.student_training.epochs  # each fit's epochs once
@@ -262,7 +263,7 @@ def test_output_to_a_log_gets_a_line_per_fit(tmp_path) -> None:
 def test_the_heartbeat_says_what_is_running() -> None:
     import threading
 
-    from softtargets.heartbeat import HeartbeatProgress
+    from softtargets.cli.heartbeat import HeartbeatProgress
 
     lines: list[str] = []
     beat = threading.Event()

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from softtargets.data import aggregate, expand
+from softtargets.data.counts import aggregate, expand
 from softtargets.errors import SoftTargetsError
-from softtargets.sklearn import SoftLabelClassifier, expected_failed_checks
+from softtargets.training.sklearn import SoftLabelClassifier, expected_failed_checks
 
 sm = pytest.importorskip("statsmodels.api")
 
@@ -155,7 +155,7 @@ def test_aggregate_and_expand_round_trip() -> None:
 def test_fit_proportions_and_predict_commands(tmp_path, star98) -> None:
     from typer.testing import CliRunner
 
-    from softtargets.cli import app
+    from softtargets.cli.app import app
 
     X, counts = star98
     lines = ["a,b,yes,no"] + [

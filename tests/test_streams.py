@@ -8,13 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-from softtargets.data import split
-from softtargets.datasets import gaussians
+from softtargets.data.builtin import gaussians
+from softtargets.data.dataset import split
+from softtargets.data.streams import ArrayRows, ImageFolderRows, TensorRows
 from softtargets.errors import SoftTargetsError
-from softtargets.models import build_model
-from softtargets.streams import ArrayRows, ImageFolderRows, TensorRows
-from softtargets.teacher import SoftTargetStore, label
-from softtargets.train import Distillation, evaluate, fit
+from softtargets.store.label import label
+from softtargets.store.store import SoftTargetStore
+from softtargets.training.fit import fit
+from softtargets.training.metrics import evaluate
+from softtargets.training.models import build_model
+from softtargets.training.objectives import Distillation
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from softtargets.cli import app
-from softtargets.stats import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, mean_ci, verdict
+from softtargets.cli.app import app
+from softtargets.config import StudyConfig
+from softtargets.run.stats import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, mean_ci, verdict
 from softtargets.studies import STUDIES
-from softtargets.studies.base import StudyConfig, run_study
+from softtargets.studies.base import run_study
 from softtargets.studies.gradient_variance import gradient_statistics
 from softtargets.studies.learning_rate import largest_good_rate
 from softtargets.studies.similarity import specificity
@@ -111,7 +112,7 @@ def test_verdict_overlapping_interval_is_inconclusive() -> None:
 
 
 def test_a_claim_of_two_parts_needs_both() -> None:
-    from softtargets.stats import all_of
+    from softtargets.run.stats import all_of
 
     yes = verdict("c", mean_ci([0.05, 0.06, 0.055]), "a")
     no = verdict("c", mean_ci([-0.05, -0.06, -0.055]), "b")
@@ -123,7 +124,7 @@ def test_a_claim_of_two_parts_needs_both() -> None:
 
 
 def test_sign_test_for_grid_outcomes() -> None:
-    from softtargets.stats import sign_test
+    from softtargets.run.stats import sign_test
 
     # every seed on the same grid point: a t-interval would have zero width; the sign test
     # needs enough seeds
@@ -136,13 +137,13 @@ def test_sign_test_for_grid_outcomes() -> None:
 def test_initial_gradient_norm_is_fits_loss_gradient() -> None:
     import torch
 
-    from softtargets.data import split
-    from softtargets.datasets import gaussians
-    from softtargets.losses import distillation_loss
-    from softtargets.models import build_model
+    from softtargets.data.builtin import gaussians
+    from softtargets.data.dataset import split
+    from softtargets.losses.reference import distillation_loss
+    from softtargets.store.label import label
     from softtargets.studies.learning_rate import initial_gradient_norm
-    from softtargets.teacher import label
-    from softtargets.train import Distillation
+    from softtargets.training.models import build_model
+    from softtargets.training.objectives import Distillation
 
     train = split(gaussians(num_samples=300, num_classes=3, dim=5), 0.2, 0.2).train
     store = label(build_model("mlp", (5,), 3, seed=4, hidden=[8]), train)
@@ -221,7 +222,7 @@ def test_row_matched_smoothing_keeps_each_rows_label_probability() -> None:
 
 
 def test_label_smoothing_of_a_teacher_changes_its_key_only_when_set() -> None:
-    from softtargets.pipeline import config_key
+    from softtargets.run.teacher import config_key
 
     plain = demo_config_for_keys()
     before = config_key(plain, teacher_only=True)
@@ -232,7 +233,7 @@ def test_label_smoothing_of_a_teacher_changes_its_key_only_when_set() -> None:
 
 
 def demo_config_for_keys():
-    from softtargets.pipeline import demo_config
+    from softtargets.config import demo_config
 
     return demo_config(quick=True)
 
@@ -240,8 +241,8 @@ def demo_config_for_keys():
 def test_shuffling_the_off_target_mass_keeps_label_probability_and_entropy() -> None:
     import torch
 
+    from softtargets.data.targets import entropy
     from softtargets.studies.similarity import shuffle_off_target
-    from softtargets.targets import entropy
 
     g = torch.Generator().manual_seed(0)
     probs = torch.softmax(torch.randn(50, 6, generator=g) * 2, 1)

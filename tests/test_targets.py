@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from softtargets.data.targets import entropy, from_counts, mix, smooth, soften, validate
 from softtargets.errors import SoftTargetsError
-from softtargets.targets import entropy, from_counts, mix, smooth, soften, validate
 
 
 def test_soften_matches_the_formula_in_float64() -> None:

@@ -4,11 +4,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from softtargets.data import Dataset
+from softtargets.data.dataset import Dataset
+from softtargets.data.targets import soften
 from softtargets.errors import SoftTargetsError
-from softtargets.models import build_model
-from softtargets.targets import soften
-from softtargets.teacher import SoftTargetStore, fingerprint_module, label
+from softtargets.store.label import label
+from softtargets.store.store import SoftTargetStore, fingerprint_module
+from softtargets.training.models import build_model
 
 
 @pytest.fixture
@@ -97,7 +98,7 @@ def test_fingerprint_changes_with_any_weight(teacher) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_streamed_store_equals_in_memory_store(tmp_path, data, teacher, dtype) -> None:
-    from softtargets.teacher import label_to_file
+    from softtargets.store.write import label_to_file
 
     chunks = ((data.features[i : i + 7], data.ids[i : i + 7]) for i in range(0, len(data), 7))
     path = label_to_file(
@@ -111,7 +112,7 @@ def test_streamed_store_equals_in_memory_store(tmp_path, data, teacher, dtype) -
 
 
 def test_streamed_store_checks_row_count(tmp_path, data, teacher) -> None:
-    from softtargets.teacher import label_to_file
+    from softtargets.store.write import label_to_file
 
     chunks = [(data.features[:10], data.ids[:10])]
     with pytest.raises(SoftTargetsError, match="held 10 rows, not num_rows=50"):
@@ -122,7 +123,8 @@ def test_streamed_store_checks_row_count(tmp_path, data, teacher) -> None:
 def test_a_memory_mapped_store_equals_the_loaded_one_and_trains(tmp_path) -> None:
     import numpy as np
 
-    from softtargets.train import Distillation, fit
+    from softtargets.training.fit import fit
+    from softtargets.training.objectives import Distillation
 
     # 50k rows x 100 classes: more rows than one 16 MB chunk of the store's checks (41,943)
     gen = torch.Generator().manual_seed(0)
@@ -192,7 +194,8 @@ def replace_logits(store: SoftTargetStore, logits: torch.Tensor) -> SoftTargetSt
 
 
 def test_distillation_from_a_top_k_store_equals_its_dense_logits(data, teacher) -> None:
-    from softtargets.train import Distillation, fit
+    from softtargets.training.fit import fit
+    from softtargets.training.objectives import Distillation
 
     top = label(teacher, data, top_k=2)  # 3 classes: one spread over the tail
     dense = top.logits_for(data)
@@ -208,7 +211,7 @@ def test_distillation_from_a_top_k_store_equals_its_dense_logits(data, teacher) 
 
 
 def test_label_to_file_runs_the_teacher_in_pieces_for_many_classes(tmp_path) -> None:
-    from softtargets.teacher import label_to_file
+    from softtargets.store.write import label_to_file
 
     gen = torch.Generator().manual_seed(0)
     k = 50_000  # 5 rows make a piece (limits.CHUNK_NUMBERS): the one 200-row batch takes 40
@@ -248,7 +251,7 @@ def _bucket_loss_float64(z, kept, classes, tail, labels, t, alpha):
 @pytest.mark.parametrize("t", [1.0, 3.0])
 @pytest.mark.parametrize("alpha", [1.0, 0.6])
 def test_bucket_loss_matches_its_formula_and_finite_differences(t, alpha) -> None:
-    from softtargets.losses import bucket_distillation_loss
+    from softtargets.losses.reference import bucket_distillation_loss
 
     gen = torch.Generator().manual_seed(3)
     full = 3 * torch.randn(6, 12, generator=gen)
@@ -270,7 +273,7 @@ def test_bucket_loss_matches_its_formula_and_finite_differences(t, alpha) -> Non
 
 
 def test_one_class_left_out_makes_bucket_and_uniform_the_same_loss() -> None:
-    from softtargets.losses import bucket_distillation_loss, distillation_loss
+    from softtargets.losses.reference import bucket_distillation_loss, distillation_loss
 
     gen = torch.Generator().manual_seed(4)
     full = 2 * torch.randn(5, 7, generator=gen)
@@ -284,9 +287,10 @@ def test_one_class_left_out_makes_bucket_and_uniform_the_same_loss() -> None:
 
 
 def test_fit_takes_a_bucket_tail_in_memory_and_streamed_alike(data, teacher) -> None:
-    from softtargets.streams import TensorRows
-    from softtargets.train import Distillation, fit
-    from softtargets.vectorised import Member, fit_many
+    from softtargets.data.streams import TensorRows
+    from softtargets.training.fit import fit
+    from softtargets.training.fit_many import Member, fit_many
+    from softtargets.training.objectives import Distillation
 
     top = label(teacher, data, top_k=1)
     common = dict(epochs=2, batch_size=16, lr=1e-2)
@@ -315,10 +319,10 @@ def test_fit_takes_a_bucket_tail_in_memory_and_streamed_alike(data, teacher) -> 
 
 
 def test_a_store_labelled_in_shards_is_the_store_of_one_process(tmp_path, monkeypatch) -> None:
-    import softtargets.data
-    from softtargets.teacher import finish_shards, label_to_file, shard_rows
+    import softtargets.data.dataset
+    from softtargets.store.write import finish_shards, label_to_file, shard_rows
 
-    monkeypatch.setattr(softtargets.data, "FINGERPRINT_BLOCK", 8)  # 50 rows: 7 blocks
+    monkeypatch.setattr(softtargets.data.dataset, "FINGERPRINT_BLOCK", 8)  # 50 rows: 7 blocks
     gen = torch.Generator().manual_seed(5)
     data = Dataset.from_arrays(
         torch.randn(50, 6, generator=gen), torch.arange(50) % 3, ids=torch.arange(500, 550)
@@ -354,8 +358,9 @@ def test_a_store_labelled_in_shards_is_the_store_of_one_process(tmp_path, monkey
 
 
 def test_an_ensemble_store_averages_its_teachers_by_id(data) -> None:
-    from softtargets.teacher import ensemble
-    from softtargets.train import Distillation, fit
+    from softtargets.store.label import ensemble
+    from softtargets.training.fit import fit
+    from softtargets.training.objectives import Distillation
 
     a = label(build_model("mlp", data.feature_shape, 3, seed=0, hidden=[8]), data)
     b = label(build_model("mlp", data.feature_shape, 3, seed=1, hidden=[8]), data)

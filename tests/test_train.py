@@ -5,14 +5,16 @@ import json
 import pytest
 import torch
 
-from softtargets.data import Dataset, split
-from softtargets.datasets import gaussians
+from softtargets.data.builtin import gaussians
+from softtargets.data.dataset import Dataset, split
+from softtargets.data.targets import soften
 from softtargets.errors import SoftTargetsError
-from softtargets.models import build_model
-from softtargets.selection import lr_factor
-from softtargets.targets import soften
-from softtargets.teacher import label
-from softtargets.train import Distillation, evaluate, fit
+from softtargets.store.label import label
+from softtargets.training.fit import fit
+from softtargets.training.metrics import evaluate
+from softtargets.training.models import build_model
+from softtargets.training.objectives import Distillation
+from softtargets.training.selection import lr_factor
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from softtargets.data import split
-from softtargets.datasets import gaussians
+from softtargets.data.builtin import gaussians
+from softtargets.data.dataset import split
 from softtargets.errors import SoftTargetsError
-from softtargets.models import build_model
-from softtargets.stacked import StackedMLP
-from softtargets.teacher import label
-from softtargets.train import Distillation, fit
-from softtargets.vectorised import Member, fit_many
+from softtargets.store.label import label
+from softtargets.training.fit import fit
+from softtargets.training.fit_many import Member, fit_many
+from softtargets.training.models import build_model
+from softtargets.training.objectives import Distillation
+from softtargets.training.stacked import StackedMLP
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def test_purely_soft_members_equal_fit_alone(parts) -> None:
 
 def test_hard_label_members_keep_integer_labels_and_equal_fit_alone(parts) -> None:
     """Only hard labels: the target table is the (M * N,) labels, not a dense float table."""
-    from softtargets.vectorised import StackedTargets
+    from softtargets.training.fit_many import StackedTargets
 
     train = parts.train
     noisy = train.with_label_noise(0.3, seed=1)
@@ -228,7 +229,7 @@ def test_training_buffers_follow_the_module_to_a_new_dtype(parts) -> None:
 
 
 def test_stack_groups_split_a_width_sweep_and_keep_small_models_together() -> None:
-    from softtargets.stacked import stack_groups
+    from softtargets.training.stacked import stack_groups
 
     sweep = [1, 2, 4, 8, 16, 32, 64, 128, 256]
     models = [build_model("mlp", (40,), 2, seed=s, hidden=[w]) for w in sweep for s in range(10)]

@@ -1,5 +1,7 @@
 """``python -m softtargets`` is the ``softtargets`` command."""
 
-from softtargets.cli import main
+from __future__ import annotations
+
+from softtargets.cli.app import main
 
 main()

@@ -6,7 +6,9 @@ the key, never a silently ignored setting.
 
 from __future__ import annotations
 
+import inspect
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,7 +16,46 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from softtargets.errors import SoftTargetsError
-from softtargets.limits import RUN_METHOD_OPTIONS, TEMPERATURE_RANGE, check_method_name
+
+#: Temperatures softtargets accepts. Beyond them the losses leave float32's range: z / T overflows
+#: for tiny T, and the T^2 factor of Hinton's loss multiplies a KL that rounds to 0 for huge T.
+#: Hinton et al. use 1 to 20; T = 1e4 is already the logit-matching limit.
+TEMPERATURE_RANGE = (1e-2, 1e4)
+
+
+#: A chunked loop over rows (checking, labelling, per-row constants) takes about this many numbers
+#: at a time (1 MB of float32). Small on purpose: glibc's malloc keeps freed blocks of several MB
+#: in whichever arena they came from, and with another thread running (a progress bar's) a loop of
+#: 16 MB temporaries over a 381 MB store left up to +700 MB resident; with 1 MB ones, none
+#: (bench/run_all.py's distill_memory_over_store samples from a thread of its own).
+CHUNK_NUMBERS = 1 << 18
+
+
+def chunk_rows(numbers_per_row: int) -> int:
+    """Rows per chunk for rows of ``numbers_per_row`` numbers (at least one)."""
+    return max(1, CHUNK_NUMBERS // max(numbers_per_row, 1))
+
+
+def accepted_options(builder: Callable[..., Any], skip: tuple[str, ...] = ()) -> list[str]:
+    """Names of the keyword parameters ``builder`` accepts, minus ``skip``."""
+    params = inspect.signature(builder).parameters.values()
+    return [
+        p.name
+        for p in params
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in skip
+    ]
+
+
+def check_options(
+    builder: Callable[..., Any], options: dict[str, Any], what: str, skip: tuple[str, ...] = ()
+) -> None:
+    """Raise if ``options`` holds a key that ``builder`` does not take."""
+    valid = accepted_options(builder, skip)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise SoftTargetsError(
+            f"unknown option {unknown[0]!r} for {what}; valid options: {', '.join(valid) or 'none'}"
+        )
 
 
 class Strict(BaseModel):
@@ -53,7 +94,7 @@ class ModelConfig(Strict):
 
 
 class TrainConfig(Strict):
-    """Arguments of :func:`softtargets.train.fit`."""
+    """Arguments of :func:`softtargets.training.fit.fit`."""
 
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(128, ge=1)
@@ -75,14 +116,14 @@ class TrainConfig(Strict):
     )
 
     def fit_options(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`~softtargets.train.fit` (its checkpoint path and targets
+        """Keyword arguments of :func:`~softtargets.training.fit.fit` (its checkpoint path and targets
         aside)."""
         options = self.model_dump()
         del options["checkpoint_every"], options["label_smoothing"]
         return options
 
     def stacked_options(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`~softtargets.vectorised.fit_many`, which trains in fp32
+        """Keyword arguments of :func:`~softtargets.training.fit_many.fit_many`, which trains in fp32
         without compiling: other settings are refused rather than ignored."""
         options = self.fit_options()
         if options.pop("precision") != "fp32" or options.pop("compile"):
@@ -123,7 +164,7 @@ class DistillConfig(Strict):
         default_factory=lambda: ["kd"],
         min_length=1,
         description="distillation methods compared with hard labels on the same teacher and "
-        "seeds: kd (Hinton), dkd, dist, jsd, rkl, tv, fitnet (KD plus a feature hint)",
+        "seeds (softtargets methods lists them)",
     )
     method_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="each method's own options, e.g. {dkd: {beta: 8}}"
@@ -140,22 +181,11 @@ class DistillConfig(Strict):
 
     @field_validator("methods")
     @classmethod
-    def _known_methods(cls, value: list[str]) -> list[str]:
-        for name in value:
-            if name not in RUN_METHOD_OPTIONS:
-                raise ValueError(f"unknown method {name!r}; use {', '.join(RUN_METHOD_OPTIONS)}")
+    def _methods_once(cls, value: list[str]) -> list[str]:
+        # the names themselves are the method registry's (softtargets.losses.reference), checked
+        # against it when a run starts (run.teacher.prepare), before anything is written
         if len(set(value)) != len(value):
             raise ValueError("a method is named twice")
-        return value
-
-    @field_validator("method_options")
-    @classmethod
-    def _known_method_options(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        for name, options in value.items():
-            try:
-                check_method_name(name, options, features=True)
-            except SoftTargetsError as err:
-                raise ValueError(str(err)) from None
         return value
 
 
@@ -209,3 +239,50 @@ def load_config(model: type[Strict], path: str | Path) -> Any:
 def dump_config(config: BaseModel) -> str:
     """The resolved config as YAML (what ``runs/<name>/config.yaml`` holds)."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def demo_config(quick: bool = False) -> DistillConfig:
+    """The demo: MNIST-1D at its standard size, a CNN teacher, an MLP student.
+
+    Why this pairing: on MNIST-1D a small CNN is far better than an MLP of similar cost (its
+    convolutions know that a digit may be shifted), so there is knowledge to transfer; the MLP
+    student overfits the 3,500 training signals with hard labels, which is where soft targets help
+    most. ``quick`` shrinks every step (data, epochs, seeds) for tests; the code path is the same.
+    """
+    config = DistillConfig()
+    if quick:
+        config.data.options["num_samples"] = 500
+        config.teacher.options["channels"] = [8, 8]
+        config.teacher_training.epochs = 3
+        config.student_training.epochs = 3
+        config.seeds = 2
+    return config
+
+
+class StudyConfig(Strict):
+    """Settings common to every study."""
+
+    data: str = Field("mnist1d", description="built-in dataset name or file")
+    test_data: str | None = Field(
+        None, description="a separate test file for the data file (then split into train/val)"
+    )
+    seeds: int = Field(5, ge=1)
+    quick: bool = Field(False, description="a miniature of the same code path (for tests)")
+    temperature: float = Field(
+        4.0,
+        ge=TEMPERATURE_RANGE[0],
+        le=TEMPERATURE_RANGE[1],
+        description="temperature of the soft targets",
+    )
+    student_hidden: list[int] = Field(default_factory=lambda: [100, 100])
+    student_training: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=100, lr=1e-2))
+
+    def resolved(self) -> StudyConfig:
+        """The quick miniature, if asked for: smaller data, students, epochs, seeds."""
+        if not self.quick:
+            return self
+        quick = self.model_copy(deep=True)
+        quick.seeds = min(self.seeds, 2)
+        quick.student_hidden = [16]
+        quick.student_training = TrainConfig(epochs=3, lr=1e-2)
+        return quick

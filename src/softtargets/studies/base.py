@@ -10,7 +10,7 @@ gives it a :class:`StudyContext` and writes ``runs/study-NAME/``:
 | ``*.png`` | the figures |
 | ``section.md`` | the study's section of the report |
 
-The study directory is a :class:`~softtargets.runfolder.RunFolder` (locked while the study runs,
+The study directory is a :class:`~softtargets.run.folder.RunFolder` (locked while the study runs,
 with a manifest of what it wrote). Teachers are trained once per dataset (and label-noise rate)
 and stored with the core's store, each in a run folder of its own under ``teachers/`` beside the
 study directories, so every study reuses them; two studies that need the same teacher at once
@@ -19,8 +19,6 @@ wait for each other instead of training it twice.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import shlex
 import sys
@@ -30,65 +28,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
-
 from softtargets import distributed
 from softtargets.config import (
     DataConfig,
     DistillConfig,
     ModelConfig,
-    Strict,
+    StudyConfig,
     TrainConfig,
     dump_config,
 )
-from softtargets.limits import TEMPERATURE_RANGE
-from softtargets.models import build_model
-from softtargets.pipeline import TeacherRun, run_teacher
-from softtargets.report import markdown_table
-from softtargets.runfolder import RunFolder
-from softtargets.stats import Verdict
-from softtargets.vectorised import Member, fit_many
-
-
-class StudyConfig(Strict):
-    """Settings common to every study."""
-
-    data: str = Field("mnist1d", description="built-in dataset name or file")
-    test_data: str | None = Field(
-        None, description="a separate test file for the data file (then split into train/val)"
-    )
-    seeds: int = Field(5, ge=1)
-    quick: bool = Field(False, description="a miniature of the same code path (for tests)")
-    temperature: float = Field(
-        4.0,
-        ge=TEMPERATURE_RANGE[0],
-        le=TEMPERATURE_RANGE[1],
-        description="temperature of the soft targets",
-    )
-    student_hidden: list[int] = Field(default_factory=lambda: [100, 100])
-    student_training: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=100, lr=1e-2))
-
-    def resolved(self) -> StudyConfig:
-        """The quick miniature, if asked for: smaller data, students, epochs, seeds."""
-        if not self.quick:
-            return self
-        quick = self.model_copy(deep=True)
-        quick.seeds = min(self.seeds, 2)
-        quick.student_hidden = [16]
-        quick.student_training = TrainConfig(epochs=3, lr=1e-2)
-        return quick
-
-
-@dataclass
-class StudyOutput:
-    """What a study returns."""
-
-    rows: list[dict[str, Any]]
-    summary: list[dict[str, Any]]
-    figures: list[Path]
-    verdict: Verdict
-    notes: str = ""
-    seeds: list[int] | None = None  # when the study used other seeds than the config's
+from softtargets.run.folder import RunFolder
+from softtargets.run.report import StudyOutput, _csv, section_markdown
+from softtargets.run.teacher import TeacherRun, run_teacher
+from softtargets.training.fit_many import Member, fit_many
+from softtargets.training.models import build_model
 
 
 @dataclass
@@ -173,7 +126,7 @@ class StudyContext:
 
     def teacher_for(self, config: DistillConfig) -> TeacherRun:
         """The teacher of ``config``, cached in ``teachers/`` beside the study directories."""
-        from softtargets.pipeline import config_key
+        from softtargets.run.teacher import config_key
 
         key = config_key(config, teacher_only=True)
         if key not in self._teachers:
@@ -214,17 +167,6 @@ class StudyContext:
             for i, result in share:
                 results[i] = result
         return results
-
-
-def _csv(rows: list[dict[str, Any]]) -> str:
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
 
 
 def run_study(
@@ -280,29 +222,3 @@ def _run_in(
     folder.write_text("results.json", json.dumps(payload, indent=1, default=float) + "\n")
     folder.write_text("section.md", section_markdown(module.TITLE, output, facts))
     return payload
-
-
-def section_markdown(title: str, output: StudyOutput, facts: dict[str, Any]) -> str:
-    """The study's report section: claim, verdict, summary table, figures, notes, provenance."""
-    v = output.verdict
-    lines = [
-        f"## {title}",
-        "",
-        f"**Claim:** {v.claim}",
-        "",
-        f"**Verdict: {v.label}** — {v.evidence}.",
-        "",
-    ]
-    if output.summary:
-        header: list[str] = []
-        for row in output.summary:
-            header += [k for k in row if k not in header]
-        lines += [
-            markdown_table(header, [[row.get(h, "") for h in header] for row in output.summary]),
-            "",
-        ]
-    lines += [f"![{f.stem}]({f.name})" for f in output.figures] + [""]
-    if output.notes:
-        lines += [output.notes.strip(), ""]
-    lines += [f"Seeds {facts['seeds']}; {facts['seconds']} s; command: `{facts['command']}`.", ""]
-    return "\n".join(lines)

@@ -24,23 +24,41 @@ from __future__ import annotations
 
 import torch
 
-from softtargets.data import stratified_rows
-from softtargets.report import plot_epoch_curves
-from softtargets.stats import mean_ci, verdict
-from softtargets.studies.base import StudyContext, StudyOutput
-from softtargets.studies.common import curves, difference, plot_lines, summary_rows, test_accuracy
-from softtargets.train import Distillation, evaluate
-from softtargets.vectorised import Member
+from softtargets.data.dataset import stratified_rows
+from softtargets.run.report import (
+    StudyOutput,
+    curves,
+    difference,
+    plot_epoch_curves,
+    plot_lines,
+    summary_rows,
+    test_accuracy,
+)
+from softtargets.run.stats import mean_ci, verdict
+from softtargets.studies.base import StudyContext
+from softtargets.training.fit_many import Member
+from softtargets.training.metrics import evaluate
+from softtargets.training.objectives import Distillation
 
 TITLE = "Less data (data-fraction)"
+
+
 CLAIM = (
     "Trained on 3% of the data, a student learns much more from the teacher's soft targets "
     "than from hard labels (Hinton et al. 2015, sec. 6)."
 )
+
+
 FRACTIONS = [0.01, 0.03, 0.1, 0.3, 1.0]
+
+
 KEY_FRACTION = 0.03
+
+
 #: MNIST-1D samples of this study's pool (the others use 5,000): 3% must be usable
 POOL = 10_000
+
+
 TEACHERS = 3
 
 
@@ -137,6 +155,7 @@ def run(ctx: StudyContext) -> StudyOutput:
 
     teachers = 2 if ctx.quick else TEACHERS
     seeds = ctx.seeds[:3]
+
     def key_mean(method: str) -> float:
         values = [
             r["test_accuracy"] for r in rows

@@ -18,23 +18,31 @@ from __future__ import annotations
 
 import torch
 
-from softtargets.data import stratified_rows
-from softtargets.metrics import expected_calibration_error, predict_logits
-from softtargets.report import plot_epoch_curves
-from softtargets.stats import paired_difference, verdict
-from softtargets.studies.base import StudyContext, StudyOutput
-from softtargets.studies.common import summary_rows
-from softtargets.targets import smooth
-from softtargets.train import Distillation
-from softtargets.vectorised import Member
+from softtargets.data.dataset import stratified_rows
+from softtargets.data.targets import smooth
+from softtargets.run.report import StudyOutput, plot_epoch_curves, summary_rows
+from softtargets.run.stats import paired_difference, verdict
+from softtargets.store.label import predict_logits
+from softtargets.studies.base import StudyContext
+from softtargets.training.fit_many import Member
+from softtargets.training.metrics import expected_calibration_error
+from softtargets.training.objectives import Distillation
 
 TITLE = "Regularisation and calibration (generalisation)"
+
+
 CLAIM = (
     "Without early stopping, a student trained on soft targets has a smaller gap between train "
     "and test accuracy than one trained on hard labels (Hinton et al. 2015, sec. 6)."
 )
+
+
 FRACTION = 0.1
+
+
 SMOOTHING = 0.1
+
+
 READINGS = ("last epoch", "early stopping")
 
 
@@ -90,9 +98,7 @@ def run(ctx: StudyContext) -> StudyOutput:
         ("gap", "train - test (points)", 100),
         ("ece", "ECE (%)", 100),
     ):
-        for row, other in zip(
-            summary, summary_rows(rows, keys_, column, "x", scale), strict=True
-        ):
+        for row, other in zip(summary, summary_rows(rows, keys_, column, "x", scale), strict=True):
             row[label] = other["x"]
 
     def of(reading: str, name: str, column: str) -> list[float]:

@@ -32,21 +32,34 @@ import math
 import torch
 from torch.func import functional_call, grad, vmap
 
-from softtargets.datasets import gaussians
-from softtargets.losses import distillation_loss, soft_cross_entropy
-from softtargets.models import build_model
-from softtargets.report import PALETTE, new_figure, save_figure
-from softtargets.stats import all_of, mean_ci, paired_difference, verdict
-from softtargets.studies.base import StudyContext, StudyOutput
-from softtargets.studies.common import plot_bars, summary_rows
-from softtargets.train import Distillation, fit
+from softtargets.data.builtin import gaussians
+from softtargets.losses.reference import distillation_loss, soft_cross_entropy
+from softtargets.run.report import (
+    PALETTE,
+    StudyOutput,
+    new_figure,
+    plot_bars,
+    save_figure,
+    summary_rows,
+)
+from softtargets.run.stats import all_of, mean_ci, paired_difference, verdict
+from softtargets.studies.base import StudyContext
+from softtargets.training.fit import fit
+from softtargets.training.models import build_model
+from softtargets.training.objectives import Distillation
 
 TITLE = "Gradient variance (gradient-variance)"
+
+
 CLAIM = (
     "Soft targets (T = 4) give less variance in the gradient between training cases than hard "
     "labels, relative to the mean gradient, at the same points of training."
 )
+
+
 TEMPERATURES = [1.0, 2.0, 4.0, 8.0]
+
+
 BATCH = 32
 
 

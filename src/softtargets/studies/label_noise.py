@@ -18,19 +18,32 @@ Beside it at 30%: self-distillation minus noisy labels, and teacher minus smooth
 from __future__ import annotations
 
 from softtargets.config import ModelConfig
-from softtargets.stats import verdict
-from softtargets.studies.base import StudyContext, StudyOutput
-from softtargets.studies.common import curves, difference, plot_lines, summary_rows, test_accuracy
-from softtargets.targets import smooth
-from softtargets.train import Distillation
-from softtargets.vectorised import Member
+from softtargets.data.targets import smooth
+from softtargets.run.report import (
+    StudyOutput,
+    curves,
+    difference,
+    plot_lines,
+    summary_rows,
+    test_accuracy,
+)
+from softtargets.run.stats import verdict
+from softtargets.studies.base import StudyContext
+from softtargets.training.fit_many import Member
+from softtargets.training.objectives import Distillation
 
 TITLE = "Label noise (label-noise)"
+
+
 CLAIM = (
     "With 30% of the training labels flipped, a student learns more from the (noisily "
     "trained) teacher's soft targets than from the noisy labels."
 )
+
+
 RATES = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+
+
 KEY_RATE = 0.3
 
 

@@ -34,22 +34,29 @@ from typing import Any
 
 import torch
 
-from softtargets.models import build_model
-from softtargets.objectives import make_objective
-from softtargets.stats import paired_difference, sign_test
-from softtargets.studies.base import StudyContext, StudyOutput
-from softtargets.studies.common import curves, plot_lines, summary_rows
-from softtargets.train import Distillation
-from softtargets.vectorised import Member
+from softtargets.run.report import StudyOutput, curves, plot_lines, summary_rows
+from softtargets.run.stats import paired_difference, sign_test
+from softtargets.studies.base import StudyContext
+from softtargets.training.fit_many import Member
+from softtargets.training.models import build_model
+from softtargets.training.objectives import Distillation, make_objective
 
 TITLE = "Higher learning rates (learning-rate)"
+
+
 CLAIM = (
     "With soft targets the largest learning rate that still reaches within 1 point of the best "
     "accuracy is higher than with hard labels, at equal first-step length (SGD, learning rates "
     "normalised by each loss's initial gradient norm)."
 )
+
+
 NORMALISED = "SGD, normalised by the initial gradient norm"
+
+
 SGD_SCALED, SGD_UNSCALED, ADAM = "SGD, T^2-scaled loss", "SGD, loss without T^2", "Adam"
+
+
 RATES = {
     # factors of sqrt(2) where hard and soft students go from training well to collapsing (a
     # first run with doubling steps: both fine at 0.08, both at chance from 0.32)
@@ -58,13 +65,19 @@ RATES = {
     SGD_UNSCALED: [0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
     ADAM: [0.001, 0.003, 0.01, 0.03, 0.1, 0.3],
 }
+
+
 QUICK_RATES = {
     NORMALISED: [0.04, 2.56],
     SGD_SCALED: [0.1, 3.0],
     SGD_UNSCALED: [0.1, 3.0],
     ADAM: [0.01, 0.3],
 }
+
+
 PRIMARY_SEEDS = 10  # at least: a sign test over 5 seeds cannot reach p < 0.05
+
+
 EPOCHS = 60
 
 
@@ -103,8 +116,13 @@ def run(ctx: StudyContext) -> StudyOutput:
     primary_seeds = ctx.seeds if ctx.quick else list(range(max(PRIMARY_SEEDS, len(ctx.seeds))))
     norms = {
         (method, seed): initial_gradient_norm(
-            build_model("mlp", train.feature_shape, train.num_classes, seed=seed,
-                        hidden=list(ctx.config.student_hidden)),
+            build_model(
+                "mlp",
+                train.feature_shape,
+                train.num_classes,
+                seed=seed,
+                hidden=list(ctx.config.student_hidden),
+            ),
             train,
             None if method == "hard" else soft,
         )  # fmt: skip
@@ -185,7 +203,9 @@ def run(ctx: StudyContext) -> StudyOutput:
         summary,
         figures,
         sign_test(
-            CLAIM, per_seed[NORMALISED], "log10(largest good normalised lr), soft - hard",
+            CLAIM,
+            per_seed[NORMALISED],
+            "log10(largest good normalised lr), soft - hard",
             " decades",
         ),  # fmt: skip
         notes,

@@ -17,20 +17,27 @@ from __future__ import annotations
 
 import math
 
-from softtargets.metrics import agreement, predict_logits
-from softtargets.models import count_parameters
-from softtargets.stats import mean_ci, paired_difference, verdict
-from softtargets.studies.base import StudyContext, StudyOutput
-from softtargets.studies.common import curves, plot_lines, summary_rows, test_accuracy
-from softtargets.train import Distillation
-from softtargets.vectorised import Member
+from softtargets.run.report import StudyOutput, curves, plot_lines, summary_rows, test_accuracy
+from softtargets.run.stats import mean_ci, paired_difference, verdict
+from softtargets.store.label import predict_logits
+from softtargets.studies.base import StudyContext
+from softtargets.training.fit_many import Member
+from softtargets.training.metrics import agreement
+from softtargets.training.models import count_parameters
+from softtargets.training.objectives import Distillation
 
 TITLE = "A lighter student (lighter-student)"
+
+
 CLAIM = (
     "Across students of 1% to 50% of the teacher's parameters, soft targets give higher test "
     "accuracy than hard labels (Hinton et al. 2015: 146 -> 74 errors for an 800-800 student)."
 )
+
+
 SHARES = [0.01, 0.03, 0.1, 0.3, 0.5]
+
+
 ALPHA = 0.9
 
 
@@ -118,8 +125,13 @@ def run(ctx: StudyContext) -> StudyOutput:
     ]
     errors = {
         method: mean_ci(
-            [1 - r["test_accuracy"] for r in rows if r["share"] == shares[-1] and r["method"] == method]
-        ).mean * len(test)
+            [
+                1 - r["test_accuracy"]
+                for r in rows
+                if r["share"] == shares[-1] and r["method"] == method
+            ]
+        ).mean
+        * len(test)
         for method in ("hard", "soft")
     }
     notes = (

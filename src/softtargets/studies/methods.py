@@ -2,7 +2,7 @@
 
 Pre-registered before any result: on the default task (MNIST-1D, CNN teacher, MLP 100-100
 student, alpha = 0.9) and on a harder one (20 overlapping gaussian classes, MLP teacher), every
-method of :mod:`softtargets.losses.methods` — KD, KD with logit standardisation, DKD, DIST, JSD,
+method of :mod:`softtargets.losses.reference` — KD, KD with logit standardisation, DKD, DIST, JSD,
 reverse KL, total variation — and hard labels train the same student from the same stored
 teacher, for every seed. DKD follows its paper's recipe (Zhao et al.'s code): its own alpha 1
 and beta 8, the cross-entropy and the DKD term weighted 1 : 1 (a mix of 0.5 here; the students'
@@ -24,19 +24,27 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from softtargets.stats import mean_ci, paired_difference, verdict
-from softtargets.studies.base import StudyContext, StudyOutput
-from softtargets.studies.common import plot_bars, test_accuracy
-from softtargets.train import Distillation
-from softtargets.vectorised import Member
+from softtargets.run.report import StudyOutput, plot_bars, test_accuracy
+from softtargets.run.stats import mean_ci, paired_difference, verdict
+from softtargets.studies.base import StudyContext
+from softtargets.training.fit_many import Member
+from softtargets.training.objectives import Distillation
 
 TITLE = "Distillation methods (methods)"
+
+
 CLAIM = (
     "Decoupled KD beats Hinton's KD with the same teacher, student and seeds "
     "(Zhao et al. 2022: +2.99 points on CIFAR-100)."
 )
+
+
 ALPHA = 0.9  # the mix of every method but DKD's recipe: CE 0.1 : soft 0.9, as mdistiller's KD
+
+
 TEMPERATURES = [1.0, 4.0]
+
+
 #: name in the tables -> (method, options, mix of the soft term against the cross-entropy)
 METHODS: dict[str, tuple[str, dict[str, Any], float]] = {
     "KD": ("kd", {}, ALPHA),
@@ -48,7 +56,11 @@ METHODS: dict[str, tuple[str, dict[str, Any], float]] = {
     "reverse KL": ("rkl", {}, ALPHA),
     "total variation": ("tv", {}, ALPHA),
 }
+
+
 HARD = "hard labels"
+
+
 #: the published ranking (CIFAR-100, ResNet32x4 -> ResNet8x4, top-1 %), for the README and report
 PUBLISHED = {"KD": 73.33, "DKD": 76.32, "KD + logit standardisation": 76.62}
 

@@ -19,20 +19,26 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from softtargets.metrics import predict_logits
-from softtargets.stats import mean_ci, paired_difference, verdict
-from softtargets.studies.base import StudyContext, StudyOutput
-from softtargets.studies.common import plot_bars
-from softtargets.train import Distillation
-from softtargets.vectorised import Member
+from softtargets.run.report import StudyOutput, plot_bars
+from softtargets.run.stats import mean_ci, paired_difference, verdict
+from softtargets.store.label import predict_logits
+from softtargets.studies.base import StudyContext
+from softtargets.training.fit_many import Member
+from softtargets.training.objectives import Distillation
 
 TITLE = "Dark knowledge about an unseen class (omit-class)"
+
+
 CLAIM = (
     "A student distilled without ever seeing class 3 gets more test 3s right after a bias shift "
     "than a hard-label student of the same rows after its own (dark knowledge; Hinton et al. "
     "2015: 98.6% of 3s)."
 )
+
+
 TEMPERATURE = 20.0  # Hinton's MNIST distillation temperature
+
+
 SHIFTS = np.linspace(0.0, 15.0, 61)
 
 
@@ -176,8 +182,13 @@ def run(ctx: StudyContext) -> StudyOutput:
         table,
         summary,
         figures,
-        verdict(CLAIM, primary, f"soft - hard accuracy on test {omitted_name}s after the shift",
-                100, " points"),  # fmt: skip
+        verdict(
+            CLAIM,
+            primary,
+            f"soft - hard accuracy on test {omitted_name}s after the shift",
+            100,
+            " points",
+        ),  # fmt: skip
         notes=(
             f"Soft targets at T = {TEMPERATURE:g} only (alpha = 1); hard-label students of the "
             f"same rows as the control. The shift is searched on {SHIFTS[0]:g}..{SHIFTS[-1]:g} "

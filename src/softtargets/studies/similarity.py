@@ -21,20 +21,32 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from softtargets.metrics import predict_logits
-from softtargets.report import markdown_table, new_figure, save_figure
-from softtargets.stats import mean_ci, verdict
-from softtargets.studies.base import StudyContext, StudyOutput
-from softtargets.studies.common import difference, plot_bars, summary_rows, test_accuracy
-from softtargets.targets import entropy, smooth, soften
-from softtargets.vectorised import Member
+from softtargets.data.targets import entropy, smooth, soften
+from softtargets.run.report import (
+    StudyOutput,
+    difference,
+    markdown_table,
+    new_figure,
+    plot_bars,
+    save_figure,
+    summary_rows,
+    test_accuracy,
+)
+from softtargets.run.stats import mean_ci, verdict
+from softtargets.store.label import predict_logits
+from softtargets.studies.base import StudyContext
+from softtargets.training.fit_many import Member
 
 TITLE = "Similarity structure (similarity)"
+
+
 CLAIM = (
     "Soft targets carry class-specific similarity structure, and it is what the student learns "
     "from: the teacher's soft targets beat the same targets with each row's off-target "
     "probabilities shuffled."
 )
+
+
 TEMPERATURES = [1.0, 4.0, 20.0]
 
 
@@ -190,7 +202,8 @@ def _shuffle_control(ctx: StudyContext, part) -> _Control:
     members, keys = [], []
     for seed in ctx.seeds:
         for name, probs in zip(
-            names, (one_hot, soft, shuffle_off_target(soft, train.labels, 1000 + seed)),
+            names,
+            (one_hot, soft, shuffle_off_target(soft, train.labels, 1000 + seed)),
             strict=True,
         ):
             members.append(Member(seed=seed, targets=probs))

@@ -21,13 +21,15 @@ import math
 
 import torch
 
-from softtargets.stats import verdict
-from softtargets.studies.base import StudyContext, StudyOutput
-from softtargets.studies.common import difference, plot_bars, summary_rows, test_accuracy
-from softtargets.targets import entropy, smooth
-from softtargets.vectorised import Member
+from softtargets.data.targets import entropy, smooth
+from softtargets.run.report import StudyOutput, difference, plot_bars, summary_rows, test_accuracy
+from softtargets.run.stats import verdict
+from softtargets.studies.base import StudyContext
+from softtargets.training.fit_many import Member
 
 TITLE = "Teacher vs label smoothing (smoothing-vs-teacher)"
+
+
 CLAIM = (
     "The teacher's soft targets beat label smoothing of the same entropy: the gain comes from "
     "the teacher's information, not from softening alone."

@@ -18,20 +18,28 @@ from __future__ import annotations
 
 import math
 
-from softtargets.stats import mean_ci, paired_difference, verdict
-from softtargets.studies.base import StudyContext, StudyOutput
-from softtargets.studies.common import curves, plot_lines, summary_rows, test_accuracy
-from softtargets.targets import entropy
-from softtargets.train import Distillation
-from softtargets.vectorised import Member
+from softtargets.data.targets import entropy
+from softtargets.run.report import StudyOutput, curves, plot_lines, summary_rows, test_accuracy
+from softtargets.run.stats import mean_ci, paired_difference, verdict
+from softtargets.studies.base import StudyContext
+from softtargets.training.fit_many import Member
+from softtargets.training.objectives import Distillation
 
 TITLE = "Temperature (temperature)"
+
+
 CLAIM = (
     "A narrow student (30 units per layer) does better at T = 2.5 to 4 than at T = 8 to 20 "
     "(Hinton et al. 2015, sec. 3: 2.5 to 4 best for 30 units)."
 )
+
+
 TEMPERATURES = [1.0, 2.0, 2.5, 3.0, 4.0, 8.0, 20.0]
+
+
 MIDDLE, HIGH = (2.5, 3.0, 4.0), (8.0, 20.0)
+
+
 SEEDS = 20  # at least: this study's differences are a point or two
 
 
@@ -46,6 +54,8 @@ def band_difference(rows: list[dict], student: str, middle, high) -> list[float]
         sum(acc[t] for t in middle) / len(middle) - sum(acc[t] for t in high) / len(high)
         for _, acc in sorted(by_seed.items())
     ]
+
+
 ALPHA = 0.9  # Hinton's weighted average of the soft and (lightly weighted) hard objectives
 
 
@@ -93,6 +103,7 @@ def run(ctx: StudyContext) -> StudyOutput:
     wide_gain = band_difference(rows, wide, middle, high)
     primary, wide_estimate = mean_ci(narrow_gain), mean_ci(wide_gain)
     interaction = paired_difference(narrow_gain[: len(wide_gain)], wide_gain)  # common seeds
+
     def band(temperatures) -> str:
         return "{" + ", ".join(f"{t:g}" for t in temperatures) + "}"
 

@@ -6,7 +6,7 @@ O(gamma^-4 ln(1 / eps)) with hard labels, where gamma is the task's separation m
 grows as the margin shrinks. Their difficulty is a small margin on a *realizable* task, not label
 noise (adding Bayes noise makes every width fail alike).
 
-Here: :func:`~softtargets.datasets.margin_task` tasks — labels from a fixed random ReLU network,
+Here: :func:`~softtargets.data.builtin.margin_task` tasks — labels from a fixed random ReLU network,
 noise-free, points closer to its boundary than ``margin`` (in units of the score's spread)
 rejected — at margins 1, 0.3 and 0 (the hardest). For each, an MLP teacher (256-256) is
 trained on the hard labels and one-hidden-layer ReLU students of widths 1 to 64 learn from the
@@ -26,23 +26,38 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from softtargets.stats import mean_ci, paired_difference, verdict
-from softtargets.studies.base import StudyConfig, StudyContext, StudyOutput
-from softtargets.studies.common import grouped, plot_lines, test_accuracy
-from softtargets.train import Distillation
-from softtargets.vectorised import Member
+from softtargets.config import StudyConfig
+from softtargets.run.report import StudyOutput, grouped, plot_lines, test_accuracy
+from softtargets.run.stats import mean_ci, paired_difference, verdict
+from softtargets.studies.base import StudyContext
+from softtargets.training.fit_many import Member
+from softtargets.training.objectives import Distillation
 
 TITLE = "Fewer neurons (width)"
+
+
 CLAIM = (
     "Soft labels help small networks more as the task's margin shrinks: the soft-minus-hard "
     "accuracy gap of narrow students is larger at a small margin than at a large one (Mandal, "
     "Lin, Srikant 2024)."
 )
+
+
 WIDTHS = [1, 2, 4, 8, 16, 32, 64]
+
+
 SMALL = (1, 2, 4, 8)  # the widths the primary statistic averages over
+
+
 MARGINS = [1.0, 0.3, 0.0]  # from easy to hard
+
+
 TEACHERS = 3  # independently trained teachers per margin, for the teacher-to-teacher check
+
+
 TOLERANCE = 0.01  # the width target: the widest hard student's validation accuracy minus this
+
+
 #: The teacher, trained to ~99% on noise-free labels, is confident: at T = 1 its probabilities are
 #: near one-hot except at the boundary, so the soft labels are read at the study's T (4).
 

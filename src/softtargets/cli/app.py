@@ -1,0 +1,565 @@
+"""The ``softtargets`` command.
+
+Each command is a thin shell over a Python function (``pipeline.run_distillation``, ...): it
+builds a typed config from a YAML file and flags (the flags and that step are
+:mod:`softtargets.cli.options`'s), shows progress, and prints a table. Bad input ends with one
+``error: ...`` line and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from softtargets.cli.options import (
+    DEFAULTS,
+    ConfigFile,
+    Data,
+    Device,
+    LabelColumn,
+    Nproc,
+    OnlyBatchSize,
+    OnlyCompile,
+    OnlyEpochs,
+    OnlyLr,
+    OnlyOptimizer,
+    OnlyPatience,
+    OnlyPrecision,
+    OnlyWeightDecay,
+    Out,
+    Overwrite,
+    Seeds,
+    StudentBatchSize,
+    StudentCompile,
+    StudentEpochs,
+    StudentLr,
+    StudentOptimizer,
+    StudentPatience,
+    StudentPrecision,
+    StudentWeightDecay,
+    TeacherBatchSize,
+    TeacherCompile,
+    TeacherEpochs,
+    TeacherLr,
+    TeacherName,
+    TeacherOpt,
+    TeacherOptimizer,
+    TeacherPatience,
+    TeacherPrecision,
+    TeacherWeightDecay,
+    TestData,
+    TestFraction,
+    ValFraction,
+    build_distill_config,
+    parse_method_options,
+)
+from softtargets.errors import SoftTargetsError
+
+app = typer.Typer(
+    help="Train classifiers on soft targets and distil knowledge from teachers.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+
+
+console = Console()
+
+
+err_console = Console(stderr=True)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly_errors(command: F) -> F:
+    """Turn :class:`SoftTargetsError` into one ``error:`` line and exit status 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except SoftTargetsError as err:
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def say(message: str) -> None:
+    """Print one progress line (passed as ``log=`` to the long-running functions)."""
+    console.print(message, highlight=False)
+
+
+def _show_warning(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+    """Warnings (a repaired file, say) as one ``warning:`` line, without a source line."""
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def make_progress() -> Any:
+    """Progress bars on a terminal; elsewhere (a log, CI) a heartbeat line every 30 s."""
+    if err_console.is_terminal:
+        return Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=True,
+        )
+    from softtargets.cli.heartbeat import HeartbeatProgress
+
+    return HeartbeatProgress(say, float(os.environ.get("SOFTTARGETS_HEARTBEAT_SECONDS", 30)))
+
+
+def run_job(config: Any, out: Path, overwrite: bool, nproc: int = 1) -> None:
+    """Run (or resume) one distillation job with progress bars, then print its results.
+
+    With ``nproc > 1`` the same command is started again under torchrun; under torchrun (however
+    started) only rank 0 shows progress and prints.
+    """
+    from softtargets import distributed
+    from softtargets.run.distill import run_distillation
+    from softtargets.training.common import resolve_device
+
+    if nproc > 1 and not distributed.launched():
+        raise typer.Exit(relaunch_under_torchrun(nproc))
+    distributed.setup(resolve_device(config.device))
+    if not distributed.is_main():
+        run_distillation(config, out, overwrite=overwrite)
+        return
+    with make_progress() as progress:
+        outcome = run_distillation(config, out, overwrite=overwrite, progress=progress, log=say)
+    print_outcome(outcome)
+
+
+def relaunch_under_torchrun(nproc: int) -> int:
+    """Run this command line again as ``torchrun --standalone --nproc-per-node N -m softtargets
+    ...`` (without ``--nproc``); its exit status."""
+    import subprocess
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", "-m", "softtargets", *args]  # fmt: skip
+    return subprocess.run(command).returncode
+
+
+def print_outcome(outcome: Any) -> None:
+    from softtargets.run.report import distill_rows, method_differences, soft_minus_hard
+
+    table = Table(title="test set: mean ± 95% CI over seeds", title_justify="left")
+    for column in ("model", "targets", "runs", "test accuracy (%)", "test errors"):
+        table.add_column(column, justify="left" if column in ("model", "targets") else "right")
+    for row in distill_rows(outcome):
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"soft - hard: {soft_minus_hard(outcome)}", highlight=False)
+    for line in method_differences(outcome):
+        console.print(line, highlight=False)
+    console.print(
+        f"wrote {outcome.out_dir}/ (report.md, accuracy.png, results.jsonl, store) "
+        f"in {outcome.seconds:.1f} s",
+        highlight=False,
+    )
+
+
+# ---------------------------------------------------------------------- commands
+@app.callback()
+def _setup() -> None:
+    warnings.showwarning = _show_warning
+
+
+@app.command()
+@friendly_errors
+def demo(
+    out: Out = None,
+    seeds: Seeds = None,
+    quick: Annotated[bool, typer.Option("--quick", help="A tiny run of the same steps.")] = False,
+    overwrite: Overwrite = False,
+    device: Device = None,
+    nproc: Nproc = 1,
+) -> None:
+    """The main job on built-in data: teacher, stored logits, student with hard vs soft targets."""
+    from softtargets.config import demo_config
+
+    config = build_distill_config(None, base=demo_config(quick=quick), seeds=seeds, device=device)
+    run_job(config, out or Path("runs/demo"), overwrite, nproc)
+
+
+@app.command()
+@friendly_errors
+def teacher(
+    data: Data = None,
+    test_data: TestData = None,
+    teacher: TeacherName = None,
+    teacher_option: TeacherOpt = None,
+    epochs: OnlyEpochs = None,
+    lr: OnlyLr = None,
+    optimizer: OnlyOptimizer = None,
+    batch_size: OnlyBatchSize = None,
+    weight_decay: OnlyWeightDecay = None,
+    patience: OnlyPatience = None,
+    precision: OnlyPrecision = None,
+    compile: OnlyCompile = None,
+    val_fraction: ValFraction = None,
+    test_fraction: TestFraction = None,
+    label_column: LabelColumn = None,
+    out: Out = None,
+    config: ConfigFile = None,
+    overwrite: Overwrite = False,
+    device: Device = None,
+) -> None:
+    """Fit a teacher and store its logits for every sample (runs/<name>/store.safetensors)."""
+    from softtargets.run.teacher import run_teacher
+
+    cfg = build_distill_config(
+        config,
+        data=data,
+        test_data=test_data,
+        teacher=teacher,
+        teacher_option=teacher_option,
+        teacher_epochs=epochs,
+        teacher_lr=lr,
+        teacher_optimizer=optimizer,
+        teacher_batch_size=batch_size,
+        teacher_weight_decay=weight_decay,
+        teacher_patience=patience,
+        teacher_precision=precision,
+        teacher_compile=compile,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        label_column=label_column,
+        device=device,
+    )
+    out = out or Path("runs/teacher")
+    with make_progress() as progress:
+        part = run_teacher(cfg, out, overwrite=overwrite, progress=progress, log=say)
+    console.print(
+        f"stored {len(part.store)} x {part.store.num_classes} logits in {out}/store.safetensors",
+        highlight=False,
+    )
+
+
+@app.command()
+@friendly_errors
+def distill(
+    data: Data = None,
+    test_data: TestData = None,
+    teacher: TeacherName = None,
+    teacher_option: TeacherOpt = None,
+    teacher_epochs: TeacherEpochs = None,
+    teacher_lr: TeacherLr = None,
+    teacher_optimizer: TeacherOptimizer = None,
+    teacher_batch_size: TeacherBatchSize = None,
+    teacher_weight_decay: TeacherWeightDecay = None,
+    teacher_patience: TeacherPatience = None,
+    teacher_precision: TeacherPrecision = None,
+    teacher_compile: TeacherCompile = None,
+    student: Annotated[
+        str | None,
+        typer.Option(
+            "--student",
+            help=f"Student model: mlp, cnn1d, cnn2d \\[default: {DEFAULTS.student.name}].",
+        ),
+    ] = None,
+    student_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--student-option",
+            help="Student builder option key=value (repeatable) "
+            f"\\[default: {DEFAULTS.student.options}]; see `softtargets models`.",
+        ),
+    ] = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option(
+            "--temperature",
+            "-T",
+            help=f"Softmax temperature T \\[default: {DEFAULTS.temperature}].",
+        ),
+    ] = None,
+    alpha: Annotated[
+        float | None,
+        typer.Option(
+            help=f"Weight of the soft term (0 = hard only) \\[default: {DEFAULTS.alpha}]."
+        ),
+    ] = None,
+    method: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--method",
+            help="Distillation method, repeatable to compare several on the same teacher and "
+            "seeds: kd, dkd, dist, jsd, rkl, tv, fitnet (KD plus a hint on the penultimate "
+            "features) \\[default: kd].",
+        ),
+    ] = None,
+    method_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--method-option",
+            help="A method's option, key=value or METHOD:key=value (repeatable), e.g. dkd:beta=8.",
+        ),
+    ] = None,
+    epochs: StudentEpochs = None,
+    lr: StudentLr = None,
+    optimizer: StudentOptimizer = None,
+    batch_size: StudentBatchSize = None,
+    weight_decay: StudentWeightDecay = None,
+    patience: StudentPatience = None,
+    precision: StudentPrecision = None,
+    compile: StudentCompile = None,
+    seeds: Seeds = None,
+    val_fraction: ValFraction = None,
+    test_fraction: TestFraction = None,
+    label_column: LabelColumn = None,
+    out: Out = None,
+    config: ConfigFile = None,
+    overwrite: Overwrite = False,
+    device: Device = None,
+    nproc: Nproc = 1,
+) -> None:
+    """Teacher (reused if the run folder has it), then students on hard vs soft targets."""
+    cfg = build_distill_config(
+        config,
+        data=data,
+        test_data=test_data,
+        teacher=teacher,
+        teacher_option=teacher_option,
+        teacher_epochs=teacher_epochs,
+        teacher_lr=teacher_lr,
+        teacher_optimizer=teacher_optimizer,
+        teacher_batch_size=teacher_batch_size,
+        teacher_weight_decay=teacher_weight_decay,
+        teacher_patience=teacher_patience,
+        teacher_precision=teacher_precision,
+        teacher_compile=teacher_compile,
+        student=student,
+        student_option=student_option,
+        temperature=temperature,
+        alpha=alpha,
+        methods=method,
+        method_options=parse_method_options(method_option, method or ["kd"]) or None,
+        student_epochs=epochs,
+        student_lr=lr,
+        student_optimizer=optimizer,
+        student_batch_size=batch_size,
+        student_weight_decay=weight_decay,
+        student_patience=patience,
+        student_precision=precision,
+        student_compile=compile,
+        seeds=seeds,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        label_column=label_column,
+        device=device,
+    )
+    run_job(cfg, out or Path("runs/distill"), overwrite, nproc)
+
+
+@app.command()
+def models() -> None:
+    """The model builders and their options, with defaults (for --teacher-option/--student-option)."""
+    import inspect
+
+    from softtargets.training.models import MODELS
+
+    skip = ("in_features", "in_shape", "out_features", "num_classes")
+    table = Table(title="models (any torch.nn.Module also works from Python)", title_justify="left")
+    for column in ("model", "option", "default", "what"):
+        table.add_column(column)
+    for name, (_, documented) in MODELS.items():
+        paragraph = (inspect.getdoc(documented) or "").split("\n\n")[0]
+        summary = paragraph.replace("\n", " ").replace("``", "")
+        options = [
+            p for p in inspect.signature(documented).parameters.values() if p.name not in skip
+        ]
+        for i, p in enumerate(options):
+            default = p.default
+            if isinstance(default, tuple):
+                default = list(default)
+            table.add_row(name if i == 0 else "", p.name, str(default), summary if i == 0 else "")
+    console.print(table)
+
+
+@app.command()
+@friendly_errors
+def study(
+    name: Annotated[
+        str,
+        typer.Argument(
+            help="similarity, temperature, data-fraction, learning-rate, gradient-variance, "
+            "width, label-noise, omit-class, smoothing-vs-teacher, methods, lighter-student or "
+            "generalisation."
+        ),
+    ],
+    data: Data = None,
+    test_data: TestData = None,
+    seeds: Annotated[
+        int | None, typer.Option("--seeds", help="Seeds per point (default 5).")
+    ] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="A miniature of the same steps.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Default runs/study-NAME.")] = None,
+    nproc: Nproc = 1,
+) -> None:
+    """Measure one claim about soft targets: results, figures, verdict (runs/study-NAME/)."""
+    from softtargets import distributed
+    from softtargets.config import StudyConfig
+    from softtargets.studies import study_module
+    from softtargets.studies.base import run_study
+
+    study_module(name)  # an unknown name fails here, before any work
+    values: dict[str, Any] = {"quick": quick}
+    if data is not None:
+        values["data"] = data
+    if test_data is not None:
+        values["test_data"] = test_data
+    if seeds is not None:
+        values["seeds"] = seeds
+    from softtargets.config import parse_config
+
+    config = parse_config(StudyConfig, values, "flags")
+    out = out or Path("runs") / f"study-{name}"
+    if nproc > 1 and not distributed.launched():
+        raise typer.Exit(relaunch_under_torchrun(nproc))
+    distributed.setup()
+    if not distributed.is_main():  # the students are spread over the processes; rank 0 reports
+        run_study(name, config, out)
+        return
+    with make_progress() as progress:
+        result = run_study(
+            name,
+            config,
+            out,
+            progress=progress,
+            log=say,
+        )
+    v = result["verdict"]
+    console.print(f"[bold]{result['title']}[/]: {v['label']} — {v['evidence']}", highlight=False)
+    console.print(f"wrote {out}/ in {result['seconds']} s", highlight=False)
+
+
+@app.command()
+@friendly_errors
+def report(
+    runs: Annotated[Path, typer.Option("--runs", help="Where the study directories are.")] = Path(
+        "runs"
+    ),
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Where to write (default: --runs).")
+    ] = None,
+) -> None:
+    """Gather every study under runs/ into report.md and a self-contained report.html."""
+    from softtargets.run.report import build_report
+
+    md_path, html_path = build_report(runs, out)
+    console.print(f"wrote {md_path} and {html_path}", highlight=False)
+
+
+def _names(text: str, what: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise SoftTargetsError(f"{what}: give comma-separated column names")
+    return names
+
+
+@app.command("fit-proportions")
+@friendly_errors
+def fit_proportions_command(
+    file: Annotated[Path, typer.Argument(help="CSV with a header: feature and count columns.")],
+    features: Annotated[str, typer.Option("--features", help="Feature columns, e.g. a,b,c.")],
+    counts: Annotated[
+        str, typer.Option("--counts", help="One count column per class, e.g. yes,no.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Directory to save the model in.")],
+    hidden: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--hidden", help="Hidden layer width (repeatable); none for logistic regression."
+        ),
+    ] = None,
+    alpha: Annotated[float, typer.Option(help="L2 penalty (0 = none).")] = 0.0,
+    standardize: Annotated[bool, typer.Option(help="Standardise the features first.")] = True,
+) -> None:
+    """Fit class proportions from counts (logistic regression on aggregated rows, or a network)."""
+    from softtargets.run.proportions import fit_proportions
+
+    model, result = fit_proportions(
+        file, _names(features, "--features"), _names(counts, "--counts"), hidden, alpha, standardize
+    )
+    model.save(out)
+    scaled = "; features standardised to mean 0, sd 1" if standardize else ""
+    console.print(
+        f"{result['rows']} rows, {result['observations']:.0f} observations{scaled}", highlight=False
+    )
+    if "coefficients" in result:
+        for name, coefs in result["coefficients"].items():
+            console.print(name, highlight=False)
+            table = Table()
+            table.add_column("term")
+            table.add_column("coefficient", justify="right")
+            for term, value in coefs.items():
+                table.add_row(term, f"{value:.6f}")
+            console.print(table)
+    else:
+        console.print(
+            f"held out {result['held_out_rows']} rows: log-loss "
+            f"{result['held_out_log_loss']:.4f} nats per observation, accuracy "
+            f"{result['held_out_accuracy']:.2%} of observations",
+            highlight=False,
+        )
+    console.print(f"saved the model in {out}/", highlight=False)
+
+
+@app.command()
+@friendly_errors
+def predict(
+    model_dir: Annotated[Path, typer.Argument(help="A directory written by fit-proportions.")],
+    file: Annotated[Path, typer.Argument(help="CSV holding the model's feature columns.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Write here (default: stdout).")] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace --out if it exists (it is refused else).")
+    ] = False,
+) -> None:
+    """Class probabilities for every row of a CSV, as CSV (row, then one column per class)."""
+    import csv
+    import io
+
+    from softtargets.files import atomic_write_text
+    from softtargets.run.proportions import predict_file
+
+    if out is not None and out.exists() and not overwrite:
+        raise SoftTargetsError(
+            f"{out} exists; pass --overwrite to replace it or choose another --out"
+        )
+    classes, probs = predict_file(model_dir, file)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["row", *classes])
+    for i, row in enumerate(probs):
+        writer.writerow([i, *(f"{p:.8g}" for p in row)])
+    if out is None:
+        typer.echo(buffer.getvalue(), nl=False)
+    else:
+        atomic_write_text(out, buffer.getvalue())
+        console.print(f"wrote {len(probs)} rows to {out}", highlight=False)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,536 @@
+"""Figures and Markdown for run reports.
+
+Figures are drawn with matplotlib's object API (no pyplot global state, no display needed) and
+written atomically. Every curve over seeds is a mean with a 95% confidence band.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from softtargets.config import DistillConfig
+from softtargets.errors import SoftTargetsError
+from softtargets.files import atomic_write_bytes
+from softtargets.run.folder import RunFolder, config_key, fit_records
+from softtargets.run.html import _anchor, to_html
+from softtargets.run.stats import Estimate, Verdict, mean_ci, paired_difference
+from softtargets.training.selection import FitResult
+
+#: A colour-blind-safe palette (Okabe & Ito), so hard/soft stay distinguishable for everyone.
+PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
+
+
+#: Dashed reference lines (teacher, target): greys, so they never look like a measured curve.
+REFERENCE_COLOURS = ["#000000", "#777777", "#AAAAAA"]
+
+
+def new_figure(width: float = 6.4, height: float = 4.0) -> tuple[Figure, Any]:
+    figure = Figure(figsize=(width, height), dpi=120, layout="constrained")
+    axes = figure.add_subplot()
+    axes.grid(True, alpha=0.3)
+    axes.spines[["top", "right"]].set_visible(False)
+    return figure, axes
+
+
+def save_figure(figure: Figure, path: str | Path) -> Path:
+    """Write ``figure`` as PNG, atomically (under torchrun, rank 0 alone writes)."""
+    from softtargets import distributed
+
+    if distributed.is_main():
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png")
+        atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
+
+
+def band(values_per_seed: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-position mean and 95% CI bounds over seeds (curves may differ in length: early stopping
+    or divergence; each position uses the seeds that reached it)."""
+    length = max(len(v) for v in values_per_seed)
+    means, lows, highs = np.full(length, np.nan), np.full(length, np.nan), np.full(length, np.nan)
+    for i in range(length):
+        column = [v[i] for v in values_per_seed if i < len(v) and np.isfinite(v[i])]
+        if not column:
+            continue
+        estimate = mean_ci(column)
+        means[i] = estimate.mean
+        half = 0.0 if estimate.n < 2 else estimate.half_width
+        lows[i], highs[i] = estimate.mean - half, estimate.mean + half
+    return means, lows, highs
+
+
+def plot_epoch_curves(
+    records: Iterable[dict[str, Any]],
+    path: str | Path,
+    *,
+    metric: str = "test_accuracy",
+    group: str = "method",
+    title: str = "",
+    ylabel: str = "test accuracy (%)",
+    scale: float = 100.0,
+    reference: dict[str, float] | None = None,
+) -> Path:
+    """Mean +- 95% CI of ``metric`` per epoch, one line per value of ``group`` (seeds pooled).
+
+    ``records`` are per-epoch history lines carrying ``group``, ``seed``, ``epoch`` and ``metric``.
+    ``reference`` adds labelled horizontal lines (e.g. the teacher's accuracy).
+    """
+    curves: dict[str, dict[Any, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    for r in records:
+        if metric in r and group in r:
+            curves[str(r[group])][r.get("seed", 0)][int(r["epoch"])] = float(r[metric])
+    figure, axes = new_figure()
+    for colour, (name, by_seed) in zip(PALETTE, sorted(curves.items()), strict=False):
+        per_seed = [[epochs[e] for e in sorted(epochs)] for epochs in by_seed.values()]
+        mean, low, high = band(per_seed)
+        x = np.arange(1, len(mean) + 1)
+        axes.plot(x, mean * scale, color=colour, label=f"{name} (n={len(per_seed)} seeds)")
+        axes.fill_between(x, low * scale, high * scale, color=colour, alpha=0.2, linewidth=0)
+    for (name, value), colour in zip((reference or {}).items(), REFERENCE_COLOURS, strict=False):
+        axes.axhline(value * scale, color=colour, linestyle="--", linewidth=1, label=name)
+    axes.set_xlabel("epoch")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title or f"{metric.replace('_', ' ')} per epoch (mean, 95% CI band)")
+    axes.legend(frameon=False)
+    return save_figure(figure, path)
+
+
+def of_total(count: float, total: int) -> str:
+    """An error count with its denominator: ``"59 of 2,000"``."""
+    return f"{count:,.0f} of {total:,}"
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub-flavoured Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+STUDY_GLOB = "study-*/results.json"
+
+
+def find_studies(runs: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """(directory, results.json) of every finished study under ``runs``, in the studies' order."""
+    from softtargets.studies import STUDIES
+
+    found = []
+    needed = ("study", "title", "verdict", "config")
+    for path in sorted(runs.glob(STUDY_GLOB)):
+        try:
+            result = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise SoftTargetsError(f"{path} is not valid JSON; re-run that study") from None
+        missing = [k for k in needed if not isinstance(result, dict) or k not in result]
+        if missing or not (path.parent / "section.md").is_file():
+            what = f"no {missing[0]!r}" if missing else "no section.md beside it"
+            raise SoftTargetsError(f"{path} has {what}; re-run that study")
+        found.append((path.parent, result))
+    order = list(STUDIES)
+    found.sort(key=lambda item: order.index(item[1]["study"]) if item[1]["study"] in order else 99)
+    return found
+
+
+def build_report(runs: str | Path = "runs", out: str | Path | None = None) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.html`` into ``out`` (default: ``runs``)."""
+    runs = Path(runs)
+    out = Path(out) if out is not None else runs
+    studies = find_studies(runs)
+    if not studies:
+        raise SoftTargetsError(
+            f"no studies found under {runs}/ (looked for {STUDY_GLOB}); run `softtargets study NAME` "
+            "first"
+        )
+    table = markdown_table(
+        ["study", "claim", "verdict (95%)", "evidence"],
+        [
+            [
+                f"[{r['study']}](#{_anchor(r['title'])})",
+                r["verdict"]["claim"],
+                f"**{r['verdict']['label']}**"
+                + (" (quick run)" if r["config"].get("quick") else ""),
+                r["verdict"]["evidence"],
+            ]
+            for _, r in studies
+        ],
+    )
+    sections = []
+    for directory, _ in studies:
+        text = (directory / "section.md").read_text()
+        # figure links are relative to the study directory; make them relative to the report
+        rel = Path(_relative(directory, out))
+        text = re.sub(
+            r"!\[([^\]]*)\]\(([^)]+)\)",
+            lambda m, rel=rel: f"![{m[1]}]({(rel / m[2]).as_posix()})",
+            text,
+        )
+        sections.append(text)
+    markdown = "\n".join(
+        [
+            "# What soft targets do: measured",
+            "",
+            "Each claim is judged from its own measurements: **supported** when the 95% confidence "
+            "interval of the effect lies above zero, **not supported** when it lies below, "
+            "**inconclusive** when it contains zero.",
+            "",
+            table,
+            "",
+            multiple_comparisons(
+                len(studies), sum(r["verdict"]["label"] != "inconclusive" for _, r in studies)
+            ),  # fmt: skip
+            "",
+            *sections,
+        ]
+    )
+    # runs/ holds the study folders too (shared=True); report.md and report.html are the only
+    # files written here, and a report.md that softtargets did not write is never replaced.
+    with RunFolder.open(out, shared=True) as folder:
+        md_path = folder.write_text("report.md", markdown)
+        html_path = folder.write_text("report.html", to_html(markdown, out))
+    return md_path, html_path
+
+
+def multiple_comparisons(tests: int, decided: int) -> str:
+    """The report's note on reading several 95% verdicts together."""
+    return (
+        f"**Reading {tests} verdicts together.** Each verdict is a separate two-sided test at "
+        f"the 5% level, so even if soft targets did nothing, about {0.05 * tests:.1f} of "
+        f"{tests} would be expected to come out decided by chance ({decided} came out "
+        "supported or not supported here). Each study's primary statistic was fixed in its "
+        "module docstring before its results existed; the other comparisons in a section are "
+        f"secondary. To hold the chance of any false verdict at 5%, read each interval at "
+        f"{100 - 5 / max(tests, 1):.2f}% (Bonferroni): a verdict whose interval barely "
+        "excludes 0 may not survive that."
+    )
+
+
+def _relative(directory: Path, out: Path) -> str:
+    try:
+        return str(directory.resolve().relative_to(out.resolve()))
+    except ValueError:
+        return str(directory.resolve())
+
+
+def test_accuracy(result: FitResult) -> float:
+    """Test accuracy of the validation-selected epoch."""
+    return float(result.selected.get("test_accuracy", float("nan")))
+
+
+def grouped(
+    rows: Iterable[dict[str, Any]], keys: Sequence[str], value: str
+) -> dict[tuple, list[float]]:
+    """``value`` of each row, grouped by the tuple of ``keys`` (in order of first appearance),
+    each group sorted by seed so that groups can be paired."""
+    groups: dict[tuple, list[tuple[int, float]]] = defaultdict(list)
+    for row in rows:
+        groups[tuple(row[k] for k in keys)].append((row.get("seed", 0), float(row[value])))
+    return {k: [v for _, v in sorted(pairs)] for k, pairs in groups.items()}
+
+
+def curves(
+    rows: Iterable[dict[str, Any]], line: str, x: str, value: str, x_scale: float = 1.0
+) -> dict[str, dict[float, list[float]]]:
+    """``{line value: {x value * x_scale: [value per seed]}}``, the input of :func:`plot_lines`."""
+    out: dict[str, dict[float, list[float]]] = {}
+    for (x_value, name), values in grouped(rows, [x, line], value).items():
+        out.setdefault(str(name), {})[x_value * x_scale] = values
+    return out
+
+
+def summary_rows(
+    rows: list[dict[str, Any]],
+    keys: Sequence[str],
+    value: str,
+    label: str,
+    scale: float = 100.0,
+    digits: int = 2,
+) -> list[dict[str, Any]]:
+    """One row per group: the keys, the number of runs and ``mean ± 95% CI`` of ``value``."""
+    out = []
+    for key, values in grouped(rows, keys, value).items():
+        out.append(
+            {
+                **dict(zip(keys, key, strict=True)),
+                "runs": len(values),
+                label: mean_ci(values).format(scale, digits),
+            }
+        )
+    return out
+
+
+def difference(
+    rows: list[dict[str, Any]], keys: Sequence[str], value: str, better: tuple, worse: tuple
+) -> Estimate:
+    """Paired (by seed) difference ``better - worse`` of ``value`` between two groups."""
+    groups = grouped(rows, keys, value)
+    return paired_difference(groups[better], groups[worse])
+
+
+def plot_lines(
+    curves: dict[str, dict[float, list[float]]],
+    path: Path,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    scale: float = 100.0,
+    logx: bool = False,
+    logy: bool = False,
+    reference: dict[str, float] | None = None,
+) -> Path:
+    """One line per curve: mean over seeds with 95% CI error bars at each x."""
+    figure, axes = new_figure()
+    for colour, (name, points) in zip(PALETTE, curves.items(), strict=False):
+        xs = sorted(points)
+        estimates = [mean_ci(points[x]) for x in xs]
+        means = np.array([e.mean for e in estimates]) * scale
+        halves = np.array([0.0 if e.n < 2 else e.half_width for e in estimates]) * scale
+        axes.errorbar(xs, means, yerr=halves, color=colour, marker="o", capsize=3, label=name)
+    for (name, value), colour in zip((reference or {}).items(), REFERENCE_COLOURS, strict=False):
+        axes.axhline(value * scale, color=colour, linestyle="--", linewidth=1, label=name)
+    if logx:
+        axes.set_xscale("log")
+    if logy:
+        axes.set_yscale("log")
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.legend(frameon=False)
+    return save_figure(figure, path)
+
+
+def plot_bars(
+    groups: dict[str, list[float]], path: Path, *, ylabel: str, title: str, scale: float = 100.0
+) -> Path:
+    """One bar per group: mean over seeds with its 95% CI, and the seeds as dots."""
+    figure, axes = new_figure(max(6.4, 2.2 * len(groups)), 4.0)
+    for i, (colour, values) in enumerate(zip(PALETTE, groups.values(), strict=False)):
+        estimate = mean_ci(values)
+        half = 0.0 if estimate.n < 2 else estimate.half_width
+        axes.bar(i, estimate.mean * scale, yerr=half * scale, color=colour, alpha=0.8, capsize=4)
+        axes.scatter([i] * len(values), np.asarray(values) * scale, color="black", s=10, zorder=3)
+    axes.set_xticks(range(len(groups)), list(groups), rotation=10)
+    lows = [min(v) for v in groups.values()]
+    axes.set_ylim(bottom=max(0.0, min(lows) * scale - 5))
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    return save_figure(figure, path)
+
+
+def method_label(method: str) -> str:
+    """How tables and logs name a student's targets: hard labels, Hinton's soft targets (KD) or
+    another method's."""
+    return {"hard": "hard labels", "kd": "teacher soft targets"}.get(
+        method, f"teacher, {method.upper()}"
+    )
+
+
+def distill_rows(outcome: DistillOutcome) -> list[list[str]]:
+    """Rows of the results table: model, targets, runs, test accuracy (%), test errors."""
+    t = outcome.teacher
+    rows = [
+        [
+            "teacher",
+            "hard labels",
+            "1",
+            f"{t['test_accuracy'] * 100:.2f}",
+            of_total(t["test_errors"], outcome.test_rows),
+        ]
+    ]
+    for method in dict.fromkeys(["hard", "kd", *(r["method"] for r in outcome.results)]):
+        acc, err = outcome.accuracies(method), outcome.errors(method)
+        if acc:
+            rows.append(
+                [
+                    "student",
+                    method_label(method),
+                    str(len(acc)),
+                    mean_ci(acc).format(100),
+                    f"{mean_ci(err).format(1, 1)} of {outcome.test_rows:,}",
+                ]
+            )
+    return rows
+
+
+def method_differences(outcome: DistillOutcome) -> list[str]:
+    """For each method other than hard labels and KD: its paired test-accuracy difference from
+    hard labels and from KD (95% CIs over the seeds both have)."""
+    lines = []
+    methods = dict.fromkeys(r["method"] for r in outcome.results)
+    for method in methods:
+        if method in ("hard", "kd"):
+            continue
+        parts = []
+        for base, base_name in (("hard", "hard labels"), ("kd", "KD")):
+            pair = _paired(outcome, method, base)
+            if pair is not None:
+                parts.append(f"minus {base_name} {pair}")
+        lines.append(f"{method.upper()}: " + ("; ".join(parts) or "n/a (needs >= 2 seeds)"))
+    return lines
+
+
+def _paired(outcome: DistillOutcome, method: str, base: str) -> str | None:
+    mine = {r["seed"]: r["test_accuracy"] for r in outcome.results if r["method"] == method}
+    theirs = {r["seed"]: r["test_accuracy"] for r in outcome.results if r["method"] == base}
+    seeds = sorted(set(mine) & set(theirs))
+    if len(seeds) < 2:
+        return None
+    diff = paired_difference([mine[s] for s in seeds], [theirs[s] for s in seeds])
+    return (
+        f"{diff.format(100)} points [{diff.low * 100:+.2f}, {diff.high * 100:+.2f}], {diff.n} seeds"
+    )
+
+
+def soft_minus_hard(outcome: DistillOutcome) -> str:
+    hard, soft = outcome.accuracies("hard"), outcome.accuracies("kd")
+    if len(hard) != len(soft) or len(hard) < 2:
+        return "n/a (needs >= 2 seeds of each)"
+    diff = paired_difference(soft, hard)
+    return (
+        f"{diff.format(100)} points (95% CI {diff.low * 100:+.2f} to {diff.high * 100:+.2f}, "
+        f"paired over {diff.n} seeds)"
+    )
+
+
+def _methods_paragraph(outcome: DistillOutcome) -> str:
+    lines = method_differences(outcome)
+    if not lines:
+        return ""
+    return "\n\nOther methods, paired over seeds (test accuracy, 95% CI):\n\n" + "\n".join(
+        f"- {line}" for line in lines
+    )
+
+
+def write_report(outcome: DistillOutcome, config: DistillConfig, folder: RunFolder) -> Path:
+    """Redraw ``accuracy.png`` and ``report.md`` from the run folder's files."""
+    out = outcome.out_dir
+    key = config_key(config)
+    history = [
+        r
+        for r in fit_records(folder, "history.jsonl")
+        if r["role"] == "student" and r["key"] == key
+    ]
+    names = {
+        "hard": "student, hard labels",
+        "kd": f"student, soft targets (T={config.temperature:g}, alpha={config.alpha:g})",
+    }
+    for r in history:
+        r["curve"] = names.get(r["method"], r["method"])
+    plot_epoch_curves(
+        history,
+        folder.path("accuracy.png"),
+        group="curve",
+        reference={"teacher (selected epoch)": outcome.teacher["test_accuracy"]},
+        title=f"{config.data.name}: test accuracy per epoch",
+    )
+    s = outcome.results[0] if outcome.results else {}
+    table = markdown_table(
+        ["model", "targets", "runs", "test accuracy (%)", "test errors"], distill_rows(outcome)
+    )
+    text = f"""# Distillation run: {out.name}
+
+Data: `{config.data.name}`. Teacher: `{config.teacher.name}` {config.teacher.options}
+({outcome.teacher["parameters"]:,} parameters, {outcome.teacher["flops"]:,} FLOPs per sample).
+Student: `{config.student.name}` {config.student.options} ({s.get("parameters", 0):,} parameters,
+{s.get("flops", 0):,} FLOPs per sample). Soft targets: T = {config.temperature:g},
+alpha = {config.alpha:g}.
+
+{table}
+
+Soft minus hard, test accuracy: {soft_minus_hard(outcome)}.{_methods_paragraph(outcome)}
+
+Means over seeds with 95% Student-t confidence intervals. Each model's weights are those of its
+best *validation* epoch; the test set is only evaluated, never used to choose anything.
+
+![test accuracy per epoch](accuracy.png)
+
+Files: `config.yaml` (resolved config), `history.jsonl` (every epoch), `results.jsonl` (every
+fit), `store.safetensors` (teacher logits), `teacher.safetensors` (teacher weights).
+Wall time of this invocation: {outcome.seconds:.1f} s.
+"""
+    return folder.write_text("report.md", text)
+
+
+@dataclass
+class StudyOutput:
+    """What a study returns."""
+
+    rows: list[dict[str, Any]]
+    summary: list[dict[str, Any]]
+    figures: list[Path]
+    verdict: Verdict
+    notes: str = ""
+    seeds: list[int] | None = None  # when the study used other seeds than the config's
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def section_markdown(title: str, output: StudyOutput, facts: dict[str, Any]) -> str:
+    """The study's report section: claim, verdict, summary table, figures, notes, provenance."""
+    v = output.verdict
+    lines = [
+        f"## {title}",
+        "",
+        f"**Claim:** {v.claim}",
+        "",
+        f"**Verdict: {v.label}** — {v.evidence}.",
+        "",
+    ]
+    if output.summary:
+        header: list[str] = []
+        for row in output.summary:
+            header += [k for k in row if k not in header]
+        lines += [
+            markdown_table(header, [[row.get(h, "") for h in header] for row in output.summary]),
+            "",
+        ]
+    lines += [f"![{f.stem}]({f.name})" for f in output.figures] + [""]
+    if output.notes:
+        lines += [output.notes.strip(), ""]
+    lines += [f"Seeds {facts['seeds']}; {facts['seconds']} s; command: `{facts['command']}`.", ""]
+    return "\n".join(lines)
+
+
+@dataclass
+class DistillOutcome:
+    """Results of one run: the teacher's test metrics and one record per (method, seed)."""
+
+    out_dir: Path
+    teacher: dict[str, Any]
+    results: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    test_rows: int = 0
+
+    def accuracies(self, method: str) -> list[float]:
+        return [
+            r["test_accuracy"]
+            for r in sorted(self.results, key=lambda r: r["seed"])
+            if r["method"] == method
+        ]
+
+    def errors(self, method: str) -> list[float]:
+        return [
+            r["test_errors"]
+            for r in sorted(self.results, key=lambda r: r["seed"])
+            if r["method"] == method
+        ]

@@ -1,0 +1,273 @@
+"""TODO: run/teacher.py."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from softtargets.config import DistillConfig, dump_config
+from softtargets.data.dataset import Dataset, Splits, align_classes, labels_fingerprint, split
+from softtargets.data.files import load_data
+from softtargets.data.targets import smooth
+from softtargets.errors import SoftTargetsError
+from softtargets.losses.methods import check_run_methods
+from softtargets.run.folder import FIT_IDENTITY, RunFolder, config_key, fit_records, settings_key
+from softtargets.run.report import of_total
+from softtargets.store.label import label
+from softtargets.store.store import SoftTargetStore
+from softtargets.training import checkpoint as checkpoints
+from softtargets.training.common import resolve_device
+from softtargets.training.fit import fit
+from softtargets.training.metrics import evaluate
+from softtargets.training.models import build_model, count_parameters, forward_flops
+
+
+def load_splits(config: DistillConfig) -> tuple[Dataset, Splits]:
+    """The data of ``config`` and its train / validation / test parts.
+
+    With ``data.test`` (a separate test file, such as MNIST's ``t10k``) the data file is split into
+    training and validation rows only, and the test rows are that file's, with its classes matched
+    to the data's by name.
+    """
+    data_cfg = config.data
+    data = load_data(data_cfg.name, data_cfg.label_column, **data_cfg.options)
+    test = None
+    if data_cfg.test is not None:
+        test = align_classes(load_data(data_cfg.test, data_cfg.label_column), data, data_cfg.test)
+    if data_cfg.classes is not None:
+        data = data.subset(classes=data_cfg.classes, relabel=True)
+        test = None if test is None else test.subset(classes=data_cfg.classes, relabel=True)
+    if test is None:
+        parts = split(data, data_cfg.val_fraction, data_cfg.test_fraction, data_cfg.split_seed)
+    else:
+        train_val = split(data, data_cfg.val_fraction, 0.0, data_cfg.split_seed)
+        parts = Splits(train_val.train, train_val.val, test)
+    if data_cfg.label_noise > 0:
+        # Training and validation labels are noisy alike (a real noisy dataset has no clean
+        # validation set); the test labels stay clean, to measure what was learned.
+        rate, seed = data_cfg.label_noise, data_cfg.split_seed
+        parts = Splits(
+            parts.train.with_label_noise(rate, seed),
+            parts.val.with_label_noise(rate, seed + 1),
+            parts.test,
+        )
+    return data, parts
+
+
+@dataclass
+class Prepared:
+    """Everything checked before a run writes anything: the data, its splits, the device, a
+    freshly built teacher and the key of the teacher's settings and data."""
+
+    data: Dataset
+    splits: Splits
+    device: torch.device
+    teacher: nn.Module
+    teacher_key: str
+
+
+def prepare(config: DistillConfig) -> Prepared:
+    """Check the whole config against its data before any training or writing: the device, the
+    data and its split, and that both models build with their options on this data."""
+    check_run_methods(config.methods, config.method_options)  # the registry's names
+    device = resolve_device(config.device)
+    data, splits = load_splits(config)
+    teacher = build_model(
+        config.teacher.name,
+        data.feature_shape,
+        data.num_classes,
+        seed=config.first_seed,
+        **config.teacher.options,
+    )
+    # The student is built now only to check its options (an error after the teacher has
+    # trained for minutes would waste them); each fit builds its own.
+    build_model(
+        config.student.name, data.feature_shape, data.num_classes, seed=0, **config.student.options
+    )  # seeded: the caller's random stream is left untouched
+    if config.student.name == "mlp" and splits.train.weights is None:
+        config.student_training.stacked_options()  # they train together: fp32, no compile
+    key = settings_key(
+        {
+            "settings": config_key(config, teacher_only=True),
+            "data": data.fingerprint,
+            "labels": labels_fingerprint(data),
+        }
+    )
+    return Prepared(data, splits, device, teacher, key)
+
+
+def forget_unfinished(folder: RunFolder, finished: set[tuple]) -> None:
+    """Drop history lines of fits that did not finish (an interrupted run), before resuming;
+    a fit with a checkpoint keeps the lines of the epochs it saved (it continues after them)."""
+    records = fit_records(folder, "history.jsonl")
+    saved: dict[tuple, int] = {}
+
+    def keep(record: dict[str, Any]) -> bool:
+        identity = tuple(record[k] for k in FIT_IDENTITY)
+        if identity in finished:
+            return True
+        if identity not in saved:
+            path = folder.root / checkpoint_name(identity)
+            saved[identity] = checkpoints.saved_epoch(path) if path.exists() else 0
+        return int(record.get("epoch", 0)) <= saved[identity]
+
+    kept = [r for r in records if keep(r)]
+    if len(kept) != len(records):
+        folder.rewrite_records("history.jsonl", kept)
+
+
+def checkpoint_name(identity: tuple) -> str:
+    """The run folder's checkpoint file of the fit ``(key, role, method, seed)``."""
+    key, role, method, seed = identity
+    return f"{role}-{method}-seed{seed}-{key}.ckpt"
+
+
+def checkpoint_args(folder: RunFolder, every: int, identity: tuple) -> dict[str, Any]:
+    """``fit``'s checkpoint arguments for this fit (none when ``every`` is 0)."""
+    if every == 0:
+        return {}
+    return {"checkpoint": folder.path(checkpoint_name(identity)), "checkpoint_every": every}
+
+
+@dataclass
+class Finished:
+    """A finished student fit: its result record and its epoch records (for the history)."""
+
+    record: dict[str, Any]
+    history: list[dict[str, Any]]
+
+
+def history_path(folder: RunFolder) -> Path | None:
+    """Where fits log their epochs: the run's history, written by rank 0 only."""
+    return folder.path("history.jsonl") if folder.writer else None
+
+
+@dataclass
+class TeacherRun:
+    """A fitted (or reloaded) teacher with its store, the data and the splits it was made on."""
+
+    teacher: nn.Module
+    store: SoftTargetStore
+    data: Dataset
+    splits: Splits
+    record: dict[str, Any]
+    device: torch.device
+
+
+def run_teacher(
+    config: DistillConfig,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    wait: bool = False,
+    progress: Any = None,
+    log: Callable[[str], None] = lambda message: None,
+) -> TeacherRun:
+    """Fit the teacher and store its logits in ``out_dir``, or reload them if a previous run with the
+    same teacher settings and data finished them. A teacher made otherwise is refused.
+
+    ``wait``: if another process holds the folder, wait for it instead of failing (the studies'
+    shared teachers).
+    """
+    prepared = prepare(config)
+    with RunFolder.open(out_dir, overwrite=overwrite, wait=wait, log=log) as folder:
+        return teacher_in(folder, config, prepared, progress, log)
+
+
+def teacher_in(
+    folder: RunFolder,
+    config: DistillConfig,
+    prepared: Prepared,
+    progress: Any,
+    log: Callable[[str], None],
+) -> TeacherRun:
+    """:func:`run_teacher` inside an open run folder."""
+    key, teacher = prepared.teacher_key, prepared.teacher
+    data, splits = prepared.data, prepared.splits
+    # Everything is checked before anything is written: the teacher's settings, and that the
+    # run's records are readable (a foreign line in them is an error naming it).
+    if folder.key("teacher") not in (None, key):
+        raise SoftTargetsError(
+            f"{folder.root} holds a teacher made with other data or teacher settings; pass "
+            "--overwrite to replace it or --out to write elsewhere"
+        )
+    for name in ("history.jsonl", "results.jsonl"):
+        fit_records(folder, name)
+    folder.write_text("config.yaml", dump_config(config))
+    log(
+        f"data: {data.name}, {len(splits.train)} train / {len(splits.val)} validation / "
+        f"{len(splits.test)} test rows, {data.num_classes} classes; device: {prepared.device}"
+    )
+    reloaded = folder.load_weights("teacher.safetensors", teacher, key)
+    if reloaded:
+        teacher.to(prepared.device)
+        log("teacher: reloaded from a previous run")
+    else:
+        forget_unfinished(folder, set())  # a teacher that never finished leaves no history
+        identity = (key, "teacher", "teacher", config.first_seed)
+        fit(
+            teacher,
+            splits.train,
+            hard_targets(splits.train, config.teacher_training.label_smoothing),
+            val=splits.val or None,
+            test=splits.test,
+            seed=config.first_seed,
+            device=prepared.device,
+            progress=progress,
+            log_path=folder.path("history.jsonl"),
+            log_extra={
+                "key": key,
+                "role": "teacher",
+                "method": "teacher",
+                "seed": config.first_seed,
+            },
+            **checkpoint_args(folder, config.teacher_training.checkpoint_every, identity),
+            **config.teacher_training.fit_options(),
+        )
+        folder.save_weights("teacher.safetensors", teacher, key)
+        folder.set_key("teacher", key)
+        folder.remove(checkpoint_name(identity))
+
+    store_path = folder.path("store.safetensors")
+    store = None
+    if store_path.exists() and reloaded:
+        try:
+            store = SoftTargetStore.load(store_path, data=data, teacher=teacher)
+        except SoftTargetsError as err:
+            log(f"store: {err}; labelling again")
+    if store is None:
+        dtype = torch.float16 if config.store_dtype == "float16" else torch.float32
+        store = label(
+            teacher,
+            data,
+            dtype=dtype,
+            info={"teacher": config.teacher.model_dump(), "data": config.data.name},
+        )
+        if folder.writer:
+            store.save(store_path)
+    metrics = evaluate(teacher, splits.test)
+    record = {
+        "key": key,
+        "role": "teacher",
+        "method": "teacher",
+        "seed": config.first_seed,
+        **{f"test_{k}": v for k, v in metrics.items()},
+        "test_rows": len(splits.test),
+        "parameters": count_parameters(teacher),
+        "flops": forward_flops(teacher, data.feature_shape),
+    }
+    log(
+        f"teacher {config.teacher.name}: test accuracy {metrics['accuracy']:.2%} "
+        f"({of_total(metrics['errors'], len(splits.test))} errors)"
+    )
+    return TeacherRun(teacher, store, data, splits, record, prepared.device)
+
+
+def hard_targets(train: Dataset, eps: float) -> Tensor | None:
+    """The labels as targets: ``None`` (plain cross-entropy), or smoothed by ``eps``."""
+    return smooth(train.labels, train.num_classes, eps) if eps else None
