@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from softtargets.errors import SoftTargetsError
-from softtargets.losses.closed import StoredDistillation
+from softtargets.losses.closed import method_value_and_grad
 from softtargets.losses.reference import DistillationLoss, distillation_loss, soft_cross_entropy
 
 
@@ -128,12 +128,14 @@ def test_errors_are_clear() -> None:
         DistillationLoss(temperature=0)
 
 
-# whole temperatures take s = q^T by repeated squaring (3, 6 and 20 reach each of its
-# branches), 2.5 the third exp
 @pytest.mark.parametrize("t", [1.0, 2.5, 3.0, 4.0, 6.0, 20.0])
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 0.9, 1.0])
-@pytest.mark.parametrize("classes", [6, 100])  # the matmul path and the elementwise path
-def test_stored_distillation_closed_form_matches_autograd(t: float, alpha: float, classes) -> None:
+@pytest.mark.parametrize("classes", [6, 100])  # fit tables the teacher's side / reads it per batch
+def test_the_one_closed_form_of_hintons_loss_matches_autograd(t: float, alpha: float, classes) -> None:
+    """The closed form every trainer uses for KD (fit in memory and streamed, fit_many) is
+    Hinton's loss, value and gradient, against the autograd reference, per step."""
+    from softtargets.losses.closed import MethodTable, method_step
+
     g = torch.Generator().manual_seed(2)
     teacher = torch.randn(30, classes, generator=g) * 4
     labels = torch.randint(0, classes, (30,), generator=g)
@@ -141,23 +143,14 @@ def test_stored_distillation_closed_form_matches_autograd(t: float, alpha: float
     z = (torch.randn(5, classes, generator=g) * 3).requires_grad_(True)
     want = distillation_loss(z, teacher[rows], labels[rows], t, alpha)
     (want_grad,) = torch.autograd.grad(want, z)
-    value, grad = StoredDistillation(teacher, labels, t, alpha).value_and_grad(z.detach(), rows)
-    # the value is T^2 (sum p log p - sum p log q): two large float32 sums, a small difference
-    assert float(value) == pytest.approx(float(want.detach()), rel=3e-5, abs=1e-6)
-    torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-6)
-
-
-def test_whole_power_matches_pow_and_leaves_its_base_alone() -> None:
-    from softtargets.losses.closed import _whole_power
-
-    base = torch.rand(4, 7) + 0.5
-    kept = base.clone()
-    for n in range(1, 41):
-        out, scratch = torch.empty_like(base), torch.empty_like(base)
-        result = _whole_power(base, n, out, scratch)
-        torch.testing.assert_close(result, base.double().pow(n).float(), rtol=1e-5, atol=0)
-        assert result.data_ptr() != base.data_ptr()
-        assert torch.equal(base, kept)
+    per_batch = method_value_and_grad("kd", {}, z.detach(), teacher[rows], labels[rows], t, alpha)
+    table = MethodTable("kd", {}, lambda r: teacher[r], labels, t, classes)
+    tabled = method_step("kd", {}, z.detach(), table.rows(rows), t, alpha)
+    for value, grad in (per_batch, tabled):
+        # the value is T^2 (sum p log p - sum p log q): two large float32 sums, a small difference
+        assert float(value) == pytest.approx(float(want.detach()), rel=3e-5, abs=1e-6)
+        torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-6)
+    assert torch.equal(per_batch[1], tabled[1])  # tabled or not: the same arithmetic
 
 
 def test_soft_cross_entropy_and_grad_is_the_loss_and_its_autograd_gradient() -> None:

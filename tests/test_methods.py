@@ -189,17 +189,23 @@ def _weights(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def test_kd_through_the_generic_path_equals_the_closed_form_one(task) -> None:
+def test_one_kd_serves_memory_streams_and_stacks(task) -> None:
+    """Hinton's loss is one closed form: fit in memory (its teacher side tabled), fit on streamed
+    data (computed per batch) and fit_many (stacked) train the same weights."""
+    from softtargets.data.streams import TensorRows
     from softtargets.training.fit import fit
+    from softtargets.training.fit_many import Member, fit_many
     from softtargets.training.objectives import Distillation
 
     parts, store = task
     common = dict(epochs=3, lr=1e-2, batch_size=32)
-    fast = fit(_student(), parts.train, Distillation(store, 4.0, 0.7), **common)
-    generic = fit(_student(), parts.train,
-                  Distillation(store, 4.0, 0.7, options={"standardize": False}), **common)  # fmt: skip
-    torch.testing.assert_close(_weights(generic.model), _weights(fast.model), rtol=1e-4, atol=1e-5)
-
+    memory = fit(_student(), parts.train, Distillation(store, 4.0, 0.7), **common)
+    streamed = fit(_student(), TensorRows(parts.train), Distillation(store, 4.0, 0.7), **common)
+    (stacked,) = fit_many([_student()], parts.train, [Member(0, Distillation(store, 4.0, 0.7))],
+                          **common)  # fmt: skip
+    for other in (streamed, stacked):
+        torch.testing.assert_close(_weights(other.model), _weights(memory.model), rtol=1e-4,
+                                   atol=1e-5)  # fmt: skip
 
 @pytest.mark.parametrize(
     ("method", "options"),

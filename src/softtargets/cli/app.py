@@ -467,8 +467,9 @@ def report(
 ) -> None:
     """Gather every study under runs/ into report.md and a self-contained report.html."""
     from softtargets.run.report import build_report
+    from softtargets.studies import STUDIES
 
-    md_path, html_path = build_report(runs, out)
+    md_path, html_path = build_report(runs, out, order=list(STUDIES))
     console.print(f"wrote {md_path} and {html_path}", highlight=False)
 
 

@@ -24,7 +24,6 @@ On this CPU a small op costs ~5 us whatever its size, several times its arithmet
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,7 +32,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from softtargets.config import chunk_rows
-from softtargets.data.targets import check_temperature
 from softtargets.errors import SoftTargetsError
 from softtargets.losses.methods import METHODS
 from softtargets.losses.reference import (
@@ -43,214 +41,6 @@ from softtargets.losses.reference import (
     standardize,
     temperatures,
 )
-
-# Up to this many classes, StoredDistillation precomputes per-row tables and builds [z / T, z] and
-# mixes [q, s] with one small matmul each (fewer ops); the matmuls cost O(K^2) per row and the
-# tables 4K + 1 floats a row, so many classes compute the teacher's side per batch instead.
-_FEW_CLASSES = 64
-
-
-class StoredDistillation:
-    """Hinton's loss against a whole dataset's teacher logits, with a closed-form gradient.
-
-    For the training hot path. The gradient with respect to the student logits ``z`` is known in
-    closed form (Hinton et al. 2015, eq. 2, times the ``T^2`` factor, plus the hard term):
-    ``(alpha T softmax(z / T) + (1 - alpha) softmax(z) - G) / B`` with
-    ``G = alpha T p + (1 - alpha) onehot(y)`` and ``p = softmax(v / T)``. Handing it straight to
-    ``logits.backward`` skips recording a dozen tiny autograd ops per step.
-
-    Two ways to get the teacher's side, chosen by the number of classes ``K``:
-
-    * few classes (``K <= 64``): ``G`` and the value's weights are computed once per row; a step
-      gathers its rows and builds ``[z / T, z]`` with one matmul and the gradient with one
-      ``addmm`` (on the small models of this field each op costs a few microseconds of dispatch,
-      several times its arithmetic, and ``bench/epoch_cost.py``'s stored / hard ratio counts them);
-    * many classes: nothing per row is kept beyond the teacher's logits themselves (a store's own
-      tensor, float32 or float16, read through ``teacher_rows``); a step gathers its rows' logits
-      and computes ``p`` then, so memory stays at the store's size and there is no setup.
-
-    ``value_and_grad(z (B, K), rows (B,))`` returns the batch-mean loss, equal to
-    ``distillation_loss(z, v[rows], y[rows], T, alpha)``, and its gradient ``(B, K)`` (with many
-    classes, a buffer that the next call overwrites: use it before calling again).
-
-    Args:
-        teacher_logits: ``(M, K)`` teacher logits.
-        labels: ``(N,)`` hard labels of the data's rows.
-        temperature, alpha: as :func:`distillation_loss`.
-        teacher_rows: ``(N,)`` the row of ``teacher_logits`` of each data row (default: the same).
-    """
-
-    def __init__(
-        self,
-        teacher_logits: Tensor,
-        labels: Tensor,
-        temperature: float,
-        alpha: float,
-        teacher_rows: Tensor | None = None,
-    ) -> None:
-        if not 0.0 <= float(alpha) <= 1.0:
-            raise SoftTargetsError(f"alpha must be in [0, 1], got {alpha!r}")
-        t = self.temperature = check_temperature(temperature)
-        a = self.alpha = float(alpha)
-        # teacher_logits may also be a top-k store: anything with .dense(rows) -> (B, K) float32
-        if hasattr(teacher_logits, "dense"):
-            self._gather, k = teacher_logits.dense, teacher_logits.num_classes
-        else:
-            self._gather, k = functools.partial(_rows_of, teacher_logits), teacher_logits.shape[1]
-        self.num_classes = k
-        self._scales = self._mix = None
-        if k > _FEW_CLASSES:
-            self._teacher_rows, self._labels = teacher_rows, labels
-            # (M, 2): [-logsumexp(v / T), sum p log p] per teacher row, gathered together
-            self._teacher_constants = _teacher_row_constants(
-                self._gather, len(teacher_logits), k, t
-            )
-            self._buffers: dict[tuple, tuple[Tensor, ...]] = {}
-            # float32 logits are gathered straight into a buffer (no fresh (B, K) tensor a step)
-            plain = isinstance(teacher_logits, Tensor) and teacher_logits.dtype == torch.float32
-            self._float32_logits = teacher_logits if plain else None
-            self._weights_device: torch.device | None = None
-            return
-        if teacher_rows is None:
-            teacher_rows = torch.arange(len(labels), device=labels.device)
-        log_p = F.log_softmax(self._gather(teacher_rows).float() / t, dim=-1)  # (N, K)
-        p = log_p.exp()
-        one_hot = F.one_hot(labels, k).to(p.dtype)
-        self._neg_offset = -(a * t * p + (1.0 - a) * one_hot)  # (N, K)
-        # value per row: alpha T^2 (sum p log p - sum p log q) - (1 - alpha) log s_y
-        #   = [log q, log s, 1] . [-alpha T^2 p, -(1 - alpha) onehot, alpha T^2 sum p log p]
-        const = a * t * t * torch.linalg.vecdot(p, log_p)[:, None]
-        self._value_weights = torch.cat([-a * t * t * p, -(1.0 - a) * one_hot, const], dim=1)
-        eye = torch.eye(k, device=p.device)
-        self._scales = torch.cat([eye / t, eye], dim=1)  # z @ scales = [z / T, z]
-        self._mix = torch.cat([a * t * eye, (1.0 - a) * eye], dim=0)  # [q, s] @ mix
-
-    def value_and_grad(self, logits: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
-        """``logits`` must not require grad (pass ``logits.detach()``)."""
-        if self._scales is None:
-            return self._many_classes(logits, rows)
-        b, k = logits.shape
-        both = (logits @ self._scales).view(b, 2, k)
-        log_probs = torch.log_softmax(both, dim=-1).view(b, 2 * k)  # [log q, log s]
-        offset = self._neg_offset.index_select(0, rows)
-        # (alpha T q + (1 - alpha) s - G) / B
-        grad = torch.addmm(offset, log_probs.exp(), self._mix, beta=1.0 / b, alpha=1.0 / b)
-        weights = self._value_weights.index_select(0, rows).view(-1)
-        value = torch.dot(weights, F.pad(log_probs, (0, 1), value=1.0).view(-1))
-        return value / b, grad
-
-    def _value_weights_for(self, device: torch.device) -> Tensor:
-        """Weights of the per-row pieces ``[sum p log p, p . z, m, log sum q, log sum s, z_y]``
-        summed over the batch: the value is their dot product (the last two only if alpha < 1)."""
-        if self._weights_device != device:
-            a, t = self.alpha, self.temperature
-            att = a * t * t
-            weights = [att, -att / t, att / t + (1.0 - a), att, 1.0 - a, -(1.0 - a)]
-            self._weights = torch.tensor(weights[: 4 if a == 1.0 else 6], device=device)
-            self._weights_device = device
-        return self._weights
-
-    def _many_classes(self, logits: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
-        """The step with the teacher's side computed from this batch's logits (``K > 64``).
-
-        Per element: one ``exp`` for ``p`` (its log-normaliser and ``sum p log p`` are kept per
-        teacher row, 8 bytes a row) and one for ``q``; ``s`` is ``q^T`` by repeated squaring when
-        ``T`` is a whole number (a multiply costs a sixth of an ``exp`` on this CPU), else a third
-        ``exp``. About a dozen cheap passes over ``(B, K)`` in all
-        (``bench/run_all.py``'s ``stored_vs_hard_epoch_k1000``).
-        """
-        b, t, a = logits.shape[0], self.temperature, self.alpha
-        # Four (B, K) buffers, reused step after step: fresh ones of this size come from mmap
-        # and cost page faults on every step (measured: 1.7 ms a step with them, 1.0 without).
-        key = (b, logits.device)
-        if key not in self._buffers:
-            self._buffers = {key: tuple(torch.empty_like(logits) for _ in range(4))}
-        p, q, s, scratch = self._buffers[key]
-        where = rows if self._teacher_rows is None else self._teacher_rows.index_select(0, rows)
-        constants = self._teacher_constants.index_select(0, where)  # (B, 2)
-        if self._float32_logits is not None:
-            v = torch.index_select(self._float32_logits, 0, where, out=p)
-        else:
-            v = self._gather(where)  # (B, K); float16 stores widen in the add
-        torch.add(constants[:, :1], v, alpha=1.0 / t, out=p).exp_()  # p = exp(v / T - lse)
-        # The student's side from its row maxima m, unnormalised: q = exp((z - m) / T) and
-        # s = exp(z - m). No log-softmax tensor: the value needs log q only under sum_k p_k
-        # (sum p = 1), so sum_k p_k log q_k = (p . z - m) / T - log sum_k q_k, and log s only at
-        # the label.
-        top = logits.amax(dim=-1, keepdim=True)  # (B, 1)
-        torch.add(top.mul(-1.0 / t), logits, alpha=1.0 / t, out=q).exp_()
-        total_q = q.sum(dim=-1, keepdim=True)
-        # The value, per row: alpha T^2 (sum p log p - sum p log q) - (1 - alpha) log s_y, from
-        # per-row pieces summed in one reduction (each small op costs ~10 us of dispatch here).
-        pieces = [constants[:, 1:], torch.linalg.vecdot(p, logits)[:, None], top, total_q.log()]
-        if a < 1.0:
-            if float(t).is_integer() and 1 <= t <= 64:
-                s = _whole_power(q, int(t), s, scratch)
-            else:
-                torch.sub(logits, top, out=s).exp_()
-            labels = self._labels.index_select(0, rows)[:, None]  # (B, 1)
-            total_s = s.sum(dim=-1, keepdim=True)
-            pieces += [total_s.log(), logits.gather(1, labels)]
-        value = torch.cat(pieces, dim=1).sum(dim=0) @ self._value_weights_for(logits.device)
-        # grad = (alpha T (q / sum q - p) + (1 - alpha) (s / sum s - onehot)) / B
-        c = a * t / b
-        grad = q.mul_(c / total_q)
-        if a < 1.0:
-            grad.addcmul_(s, total_s.reciprocal_().mul_((1.0 - a) / b)).scatter_add_(
-                1, labels, grad.new_full(labels.shape, -(1.0 - a) / b)
-            )
-        grad.sub_(p, alpha=c)
-        return value / b, grad
-
-
-def _whole_power(base: Tensor, n: int, out: Tensor, scratch: Tensor) -> Tensor:
-    """``base ** n`` for a whole ``n >= 1`` by repeated squaring, without changing ``base``; the
-    result is in ``out`` or ``scratch`` (buffers shaped like ``base``), never ``base`` itself."""
-    if n == 1:
-        return out.copy_(base)
-    result: Tensor | None = None
-    square = base
-    while True:
-        if n & 1:
-            result = square if result is None else torch.mul(result, square, out=out)
-        n >>= 1
-        if n == 0:
-            assert result is not None
-            return result
-        if result is scratch:  # the next squaring overwrites scratch: keep the result aside
-            result = out.copy_(scratch)
-        square = torch.mul(base, base, out=scratch) if square is base else square.mul_(square)
-
-
-def _rows_of(logits: Tensor, rows: Tensor) -> Tensor:
-    return logits.index_select(0, rows.to(logits.device))
-
-
-def _teacher_row_constants(
-    gather: Callable[[Tensor], Tensor], rows: int, k: int, temperature: float
-) -> Tensor:
-    """``(M, 2)``: per teacher row (``gather(positions) -> (B, K)`` logits), ``-logsumexp(v / T)``
-    and ``sum_k p_k log p_k`` with ``p = softmax(v / T)``, a chunk of rows at a time.
-
-    Every chunk works in the same two buffers and writes into the one output: a loop that made
-    fresh temporaries left +500 MB resident after a 381 MB store in one run out of three (glibc
-    keeps freed blocks per arena; with another thread running, the main thread changes arena).
-    """
-    out = torch.empty(rows, 2)
-    chunk = chunk_rows(k)
-    scaled, work = torch.empty(chunk, k), torch.empty(chunk, k)
-    for start in range(0, rows, chunk):
-        n = min(chunk, rows - start)
-        v, w = scaled[:n], work[:n]
-        torch.div(gather(torch.arange(start, start + n)), temperature, out=v)
-        # logsumexp directly: recovering it as v_0 - log p_0 loses digits when v_0 is far below
-        # the row's maximum
-        top = v.amax(dim=1, keepdim=True)
-        row_lse = torch.sub(v, top, out=w).exp_().sum(dim=1, keepdim=True).log_().add_(top)
-        log_p = v.sub_(row_lse)
-        out[start : start + n, 0] = row_lse[:, 0].neg_()
-        out[start : start + n, 1] = torch.exp(log_p, out=w).mul_(log_p).sum(dim=1)
-    return out
 
 
 def _wide(logits: Tensor) -> Tensor:
@@ -606,69 +396,47 @@ class MethodTable:
         return self.table.index_select(0, rows).split(self.widths, dim=-1)
 
 
-class StackedLoss:
-    """Every member's targets as one table of rows, and the loss over a stacked batch.
+class StackedCrossEntropy:
+    """Cross-entropy of ``M`` stacked models against each one's targets, with its gradient in
+    closed form: hard labels, or probability rows (a member's ``probs``), one table of rows.
 
-    A member's row loss is ``alpha T^2 (c - sum_k p_k log q_k) - (1 - alpha) log s_y`` with
-    ``q = softmax(z / T)``, ``s = softmax(z)`` and ``c = sum_k p_k log p_k`` for distillation
-    (reported as a KL divergence, as ``fit`` does) or 0; its gradient w.r.t. the logits ``z`` is
-    ``alpha T q + (1 - alpha) s - G`` with ``G = alpha T p + (1 - alpha) onehot(y)``. The parts
-    that do not depend on ``z`` are precomputed per row, so a step gathers them at once: ``G``,
-    and for the value ``alpha T^2 p``, ``(1 - alpha) onehot(y)`` and ``alpha T^2 c``. When every
-    member has ``T = 1`` (hard labels, probability targets), ``q = s`` and the value needs only
-    ``G`` and the constant. The table holds ``M * N`` rows of ``K + 1`` floats (T = 1), ``2K + 1``
-    (every member purely soft) or ``3K + 1``; when every member has hard labels, it holds just
-    the ``M * N`` labels.
+    A member's row loss is ``-sum_k g_k log s_k`` with ``s = softmax(z)`` and ``g`` its
+    probability row or its label's one-hot; the gradient in the logits is ``s - g``. When every
+    member has hard labels the table is the ``M * N`` labels themselves, not a dense
+    ``(M * N, K)`` float table (at K = 1,000 that is 4 KB a row). Distillation members are
+    computed apart (``fit_many``: the methods' closed forms); they hold hard-label rows here.
+
+    Args:
+        members: per member ``(probs (N, K) or None, labels (N,))``.
+        num_classes: ``K``.
     """
 
-    def __init__(
-        self,
-        resolved: Sequence[tuple[Tensor | None, Tensor, float, float, bool]],
-        num_classes: int,
-    ) -> None:
+    def __init__(self, members: Sequence[tuple[Tensor | None, Tensor]], num_classes: int) -> None:
         self.num_classes = num_classes
-        self.unit_temperature = all(t == 1.0 for _, _, t, _, _ in resolved)
-        self.any_hard = any(a != 1.0 for _, _, _, a, _ in resolved)
-        # Only hard labels: the table is the labels themselves, (M * N,) integers, not a dense
-        # (M * N, K + 1) float table (at K = 1,000 that is 4 KB a row).
-        self.labels_only = all(probs is None for probs, _, _, _, _ in resolved)
+        self.labels_only = all(probs is None for probs, _ in members)
         if self.labels_only:
-            self.table = torch.cat([labels for _, labels, _, _, _ in resolved])
+            self.table = torch.cat([labels for _, labels in members])  # (M * N,)
         else:
-            self.table = torch.cat([self._rows(*member) for member in resolved])  # (M * N, C)
-        self.soft_scale = torch.tensor([a * t for _, _, t, a, _ in resolved]).view(-1, 1, 1)
-        self.hard_scale = torch.tensor([1 - a for _, _, _, a, _ in resolved]).view(-1, 1, 1)
-        self.inverse_temperature = torch.tensor([1 / t for _, _, t, _, _ in resolved])
-        self.inverse_temperature = self.inverse_temperature.view(-1, 1, 1)
+            self.table = torch.cat(
+                [
+                    F.one_hot(labels, num_classes).float() if probs is None else probs.float()
+                    for probs, labels in members
+                ]
+            )  # (M * N, K)
 
-    def _rows(
-        self, probs: Tensor | None, labels: Tensor, t: float, a: float, is_kl: bool
-    ) -> Tensor:
-        """One member's rows of the dense table (see the class docstring for the columns)."""
-        one_hot = F.one_hot(labels, self.num_classes).float()
-        if probs is None:
-            probs = torch.zeros_like(one_hot)
-        const = (probs * probs.clamp_min(1e-30).log()).sum(-1, keepdim=True) * is_kl
-        grad_target = a * t * probs + (1 - a) * one_hot
-        if self.unit_temperature:
-            return torch.cat([grad_target, a * const], 1)
-        hard = [(1 - a) * one_hot] if self.any_hard else []
-        return torch.cat([grad_target, a * t * t * probs, *hard, a * t * t * const], 1)
-
-    def to(self, device: torch.device) -> StackedLoss:
-        for name in ("table", "soft_scale", "hard_scale", "inverse_temperature"):
-            setattr(self, name, getattr(self, name).to(device))
+    def to(self, device: torch.device) -> StackedCrossEntropy:
+        self.table = self.table.to(device)
         return self
 
     @torch.no_grad()
     def loss(self, logits: Tensor, table_rows: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
         """``logits (M, B, K)``, their rows of :attr:`table` ``(M * B,)`` and row weights
         ``(M, B)`` -> each member's weighted loss ``(M,)`` and its gradient ``(M, B, K)``."""
-        count, batch, k = logits.shape
-        if self.labels_only:  # cross-entropy on the labels: loss -log s_y, gradient s - onehot(y)
+        count, batch, _ = logits.shape
+        if self.labels_only:
             labels = self.table.index_select(0, table_rows).view(count, batch, 1)
-            # As _log_softmax_and_softmax, but log s is needed at the label only, so the one
-            # (M, B, K) buffer becomes s in place (at K = 1,000 it is 8 MB a step).
+            # log s is needed at the label only, so the one (M, B, K) buffer becomes s in place
+            # (at K = 1,000 it is 8 MB a step)
             shifted = logits - logits.amax(dim=-1, keepdim=True)
             picked = shifted.gather(-1, labels).squeeze(-1)
             s = shifted.exp_()
@@ -676,18 +444,7 @@ class StackedLoss:
             row_loss = total.log().squeeze(-1) - picked  # -log s_y, to the bit
             grad = s.div_(total).scatter_add_(-1, labels, s.new_full(labels.shape, -1.0))
             return (row_loss * weight).sum(1), grad.mul_(weight[..., None])
-        rows = self.table.index_select(0, table_rows).view(count, batch, -1)
-        grad_target, const = rows[..., :k], rows[..., -1]
-        if self.unit_temperature:
-            log_s, s = log_softmax_and_softmax(logits)
-            row_loss = const - (grad_target * log_s).sum(-1)
-            grad = s.sub_(grad_target)
-        else:
-            log_q, q = log_softmax_and_softmax(logits * self.inverse_temperature)
-            row_loss = const - (rows[..., k : 2 * k] * log_q).sum(-1)
-            grad = q.mul_(self.soft_scale).sub_(grad_target)
-            if self.any_hard:
-                log_s, s = log_softmax_and_softmax(logits)
-                row_loss -= (rows[..., 2 * k : 3 * k] * log_s).sum(-1)
-                grad.addcmul_(s, self.hard_scale)
-        return (row_loss * weight).sum(1), grad.mul_(weight[..., None])
+        target = self.table.index_select(0, table_rows).view(count, batch, -1)
+        log_s, s = log_softmax_and_softmax(logits)
+        row_loss = -(target * log_s).sum(-1)
+        return (row_loss * weight).sum(1), s.sub_(target).mul_(weight[..., None])

@@ -121,10 +121,9 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 STUDY_GLOB = "study-*/results.json"
 
 
-def find_studies(runs: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """(directory, results.json) of every finished study under ``runs``, in the studies' order."""
-    from softtargets.studies import STUDIES
-
+def find_studies(runs: Path, order: Sequence[str] = ()) -> list[tuple[Path, dict[str, Any]]]:
+    """(directory, results.json) of every finished study under ``runs``, in ``order`` (study
+    names; the others after them, by folder name)."""
     found = []
     needed = ("study", "title", "verdict", "config")
     for path in sorted(runs.glob(STUDY_GLOB)):
@@ -137,16 +136,20 @@ def find_studies(runs: Path) -> list[tuple[Path, dict[str, Any]]]:
             what = f"no {missing[0]!r}" if missing else "no section.md beside it"
             raise SoftTargetsError(f"{path} has {what}; re-run that study")
         found.append((path.parent, result))
-    order = list(STUDIES)
-    found.sort(key=lambda item: order.index(item[1]["study"]) if item[1]["study"] in order else 99)
+    order = list(order)
+    rank = {name: i for i, name in enumerate(order)}
+    found.sort(key=lambda item: rank.get(item[1]["study"], len(order)))
     return found
 
 
-def build_report(runs: str | Path = "runs", out: str | Path | None = None) -> tuple[Path, Path]:
-    """Write ``report.md`` and ``report.html`` into ``out`` (default: ``runs``)."""
+def build_report(
+    runs: str | Path = "runs", out: str | Path | None = None, order: Sequence[str] = ()
+) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.html`` into ``out`` (default: ``runs``), the studies in
+    ``order`` (the command passes the studies' own order)."""
     runs = Path(runs)
     out = Path(out) if out is not None else runs
-    studies = find_studies(runs)
+    studies = find_studies(runs, order)
     if not studies:
         raise SoftTargetsError(
             f"no studies found under {runs}/ (looked for {STUDY_GLOB}); run `softtargets study NAME` "

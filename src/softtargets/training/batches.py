@@ -11,7 +11,7 @@ from torch.utils.data import Dataset as TorchDataset
 from softtargets import distributed
 from softtargets.data import streams
 from softtargets.data.dataset import Dataset
-from softtargets.training.objectives import Targets, make_objective, stream_objective
+from softtargets.training.objectives import Targets, make_objective
 
 
 class _MemoryBatches:
@@ -74,7 +74,7 @@ class _StreamBatches:
         num_workers: int,
         device: torch.device,
     ) -> None:
-        self.loss = stream_objective(targets, getattr(data, "num_classes", None), device)
+        self.loss = make_objective(targets, data, device)  # loss(logits, (labels, ids, x))
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.loader = streams.loader(
             data, batch_size, device, shuffle=True, seed=seed, num_workers=num_workers,

@@ -35,17 +35,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from softtargets.data.dataset import Dataset
-from softtargets.data.targets import check_labels, soften
+from softtargets.data.targets import check_labels
 from softtargets.errors import SoftTargetsError
-from softtargets.losses.closed import StackedLoss, method_step, method_value_and_grad
+from softtargets.losses.closed import StackedCrossEntropy, method_step, method_value_and_grad
 from softtargets.losses.methods import warmup_ramp
 from softtargets.training.common import check_lengths, resolve_device
 from softtargets.training.objectives import (
-    ResolvedTargets,
     Targets,
     make_objective,
     resolve_targets,
-    teacher_gatherer,
 )
 from softtargets.training.selection import FitResult, LearningRates, Selection
 from softtargets.training.stacked import StackedMLP, StackedOptimizer, stack_groups
@@ -83,32 +81,6 @@ def _member_data(member: Member, data: Dataset) -> Dataset:
     return replace(data, labels=labels.to(data.labels.device))
 
 
-def _closed_form(resolved: ResolvedTargets) -> bool:
-    """Whether :class:`StackedLoss`'s closed form covers these targets: hard labels, probability
-    rows, or Hinton's loss with a uniform tail. Other methods and the bucket tail train through
-    ``fit``'s own objective (:func:`~softtargets.training.objectives.make_objective`)."""
-    return resolved.kind != "distill" or (resolved.plain_kd and resolved.tail == "uniform")
-
-
-def _member_targets(
-    resolved: ResolvedTargets, labels: Tensor
-) -> tuple[Tensor | None, Tensor, float, float, bool]:
-    """``(probs (N, K) or None, labels (N,), temperature, alpha, is_distillation)`` for one member.
-
-    The per-row loss is ``alpha T^2 H(probs, softmax(z / T)) + (1 - alpha) CE(z, label)``:
-    hard labels are ``probs = None, alpha = 0``; a probability matrix is ``T = 1, alpha = 1``. As
-    in ``fit``, distillation reports the soft term as a KL divergence (cross-entropy minus the
-    teacher's entropy) and a probability matrix as the cross-entropy itself. A member outside the
-    closed form gets hard-label rows here as a placeholder (its loss is computed apart).
-    """
-    if resolved.kind == "hard" or not _closed_form(resolved):
-        return None, labels, 1.0, 0.0, False
-    if resolved.kind == "probs":
-        return resolved.probs, labels, 1.0, 1.0, False
-    probs = soften(resolved.dense_teacher_logits(), resolved.temperature)
-    return probs, labels, resolved.temperature, resolved.alpha, True
-
-
 def _padded_orders(
     rows_per_member: Sequence[Tensor], generators: Sequence[torch.Generator], length: int
 ) -> tuple[Tensor, Tensor]:
@@ -142,17 +114,18 @@ class _MethodSettings(NamedTuple):
     warmup: int
 
 
-class StackedTargets(StackedLoss):
-    """:class:`~softtargets.losses.closed.StackedLoss` of members' targets, each resolved and
-    checked against the data as ``fit`` does.
+class StackedTargets(StackedCrossEntropy):
+    """Every member's loss over a stacked batch, each member's targets resolved and checked
+    against the data as ``fit`` resolves them (:func:`~softtargets.training.objectives.make_objective`).
 
-    Members whose targets this table does not cover (a distillation method other than plain KD,
-    or a top-k store's bucket tail) get ``fit``'s own loss: members of one method and options in
-    one closed-form call on their stacked batches (each with its own ``T`` and ``alpha``), from
-    the teacher's side that each member's ``fit`` objective tabled for every row
-    (:func:`~softtargets.losses.closed.method_step`), or with many classes from the gathered
-    logits (:func:`~softtargets.losses.closed.method_value_and_grad`); a member whose batch is
-    short (its epoch's last) or with a bucket tail, through ``fit``'s objective alone (the bucket
+    Hard labels and probability rows are one stacked cross-entropy
+    (:class:`~softtargets.losses.closed.StackedCrossEntropy`). A distillation member gets
+    ``fit``'s own objective: members of one method and options in one closed-form call on their
+    stacked batches (each with its own ``T`` and ``alpha``), from the teacher's side that each
+    member's objective tabled for every row (:func:`~softtargets.losses.closed.method_step`), or
+    with many classes from its gathered logits
+    (:func:`~softtargets.losses.closed.method_value_and_grad`); a member whose batch is short (its
+    epoch's last) or with a top-k store's bucket tail, through its objective alone (the bucket
     tail through autograd).
     """
 
@@ -162,32 +135,25 @@ class StackedTargets(StackedLoss):
     ) -> StackedTargets:
         """Resolve and check each member's targets against ``data``; the table on ``device``."""
         device = torch.device(device)
-        resolved, objectives, groups = [], {}, {}
-        gatherers, labels, settings, tables = {}, {}, {}, {}
+        rows, objectives, groups, settings = [], {}, {}, {}
         for m, member in enumerate(members):
             own = _member_data(member, data)
             targets = resolve_targets(member.targets, own)
-            resolved.append(_member_targets(targets, own.labels))
-            if _closed_form(targets):
+            if targets.kind != "distill":
+                rows.append((targets.probs, own.labels))
                 continue
+            rows.append((None, own.labels))  # a placeholder: its loss is computed apart
             objectives[m] = make_objective(member.targets, own, device)
             if targets.tail == "uniform":
                 key = (targets.method, repr(sorted(targets.options.items())))
                 groups.setdefault(key, []).append(m)
-                # the teacher's side of every row when fit's objective keeps one (few classes);
-                # otherwise the teacher's logits, gathered each step
-                tables[m] = getattr(objectives[m], "table", None)
-                if tables[m] is None:
-                    gatherers[m] = teacher_gatherer(targets, device)
-                    labels[m] = own.labels.to(device)
                 settings[m] = _MethodSettings(
                     targets.method, targets.options, targets.temperature, targets.alpha,
                     targets.warmup,
                 )  # fmt: skip
-        stacked = cls(resolved, data.num_classes).to(device)
+        stacked = cls(rows, data.num_classes).to(device)
         stacked.num_rows, stacked.objectives = len(data), objectives
         stacked.groups, stacked.settings = list(groups.values()), settings
-        stacked.gatherers, stacked.labels, stacked.tables = gatherers, labels, tables
         stacked.start_epoch(1)
         return stacked
 
@@ -199,7 +165,7 @@ class StackedTargets(StackedLoss):
                 objective.start_epoch(epoch)
 
     def loss(self, logits: Tensor, table_rows: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-        """As :meth:`StackedLoss.loss`, with the members outside the table replaced by their
+        """As :meth:`StackedCrossEntropy.loss`, with the members outside the table replaced by their
         loss's batch mean over their real rows and its gradient."""
         value, grad = super().loss(logits, table_rows, weight)
         if not self.objectives:
@@ -226,16 +192,18 @@ class StackedTargets(StackedLoss):
             )
             ramp = torch.tensor([self.ramps[m] for m in whole], device=logits.device)
             member_logits = logits.index_select(0, index)
-            table = self.tables[whole[0]]  # one method, one K: all members have one, or none
+            table = self.objectives[whole[0]].table  # one method, one K: all have one, or none
             if table is not None:  # (G, B, C) gathered from each member's table
-                parts = torch.stack([self.tables[m].table.index_select(0, r) for m, r in pairs])
+                parts = torch.stack(
+                    [self.objectives[m].table.table.index_select(0, r) for m, r in pairs]
+                )
                 member_value, member_grad = method_step(
                     first.method, first.options, member_logits, parts.split(table.widths, -1),
                     temperature, alpha, ramp,
                 )  # fmt: skip
             else:
-                teacher = torch.stack([self.gatherers[m](r) for m, r in pairs])  # (G, B, K)
-                member_labels = torch.stack([self.labels[m][r] for m, r in pairs])  # (G, B)
+                teacher = torch.stack([self.objectives[m].teacher_of(r) for m, r in pairs])
+                member_labels = torch.stack([self.objectives[m].labels_of(r) for m, r in pairs])
                 member_value, member_grad = method_value_and_grad(
                     first.method, first.options, member_logits, teacher, member_labels,
                     temperature, alpha, ramp,
