@@ -150,10 +150,10 @@ def test_bayes_probabilities_in_chunks_equal_all_at_once() -> None:
 
 
 def test_fingerprint_is_the_same_for_any_chunking_across_blocks(monkeypatch) -> None:
-    import softtargets.data.dataset
-    from softtargets.data.dataset import Fingerprinter
+    import softtargets.data.fingerprint
+    from softtargets.data.fingerprint import Fingerprinter
 
-    monkeypatch.setattr(softtargets.data.dataset, "FINGERPRINT_BLOCK", 8)
+    monkeypatch.setattr(softtargets.data.fingerprint, "FINGERPRINT_BLOCK", 8)
     features, ids = torch.randn(30, 4), torch.arange(30)
     whole = Fingerprinter((4,))
     whole.update(features, ids)
@@ -178,6 +178,7 @@ def test_margin_task_is_balanced_noise_free_and_more_linear_at_a_larger_margin()
     for data in (easy, hard):
         assert 0.45 < float(data.labels.float().mean()) < 0.55
         assert torch.equal(data.true_probs.argmax(1), data.labels)  # noise-free
+
     # a least-squares linear classifier: the boundary is curved, and the margin makes it easier
     def linear_accuracy(data) -> float:
         x = torch.cat([data.features, torch.ones(len(data), 1)], 1).double()

@@ -102,8 +102,8 @@ def test_one_process_helpers_answer_as_one() -> None:
 
 LABEL_CHILD = """
 import sys
-import softtargets.data.dataset
-softtargets.data.dataset.FINGERPRINT_BLOCK = 64  # 300 rows: 5 blocks, shards of 2 and 3
+import softtargets.data.fingerprint
+softtargets.data.fingerprint.FINGERPRINT_BLOCK = 64  # 300 rows: 5 blocks, shards of 2 and 3
 from softtargets import distributed
 from softtargets.data.builtin import gaussians
 from softtargets.training.models import build_model
@@ -118,7 +118,7 @@ label_dataset_to_file(teacher, TensorRows(data), sys.argv[2], batch_size=50)
 
 
 def test_labelling_on_two_processes_makes_the_one_process_store(tmp_path, monkeypatch) -> None:
-    import softtargets.data.dataset
+    import softtargets.data.fingerprint
     from softtargets.data.builtin import gaussians
     from softtargets.store.label import label
     from softtargets.store.store import SoftTargetStore
@@ -133,7 +133,7 @@ def test_labelling_on_two_processes_makes_the_one_process_store(tmp_path, monkey
         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    monkeypatch.setattr(softtargets.data.dataset, "FINGERPRINT_BLOCK", 64)
+    monkeypatch.setattr(softtargets.data.fingerprint, "FINGERPRINT_BLOCK", 64)
     data = gaussians(num_samples=300, num_classes=4, dim=5, separation=2.0)
     teacher = build_model("mlp", (5,), 4, seed=0, hidden=[8])
     whole = label(teacher, data)

@@ -126,10 +126,14 @@ def test_the_house_has_at_most_ten_floors() -> None:
 
 
 def test_no_source_file_is_over_500_lines() -> None:
-    long = {name: n for name, p in MODULES.items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    long = {
+        name: n for name, p in MODULES.items() if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
     assert not long, f"files over {MAX_LINES} lines: {long}"
 
 
 def test_every_module_says_what_it_owns() -> None:
-    missing = [name for name, p in MODULES.items() if ast.get_docstring(ast.parse(p.read_text())) is None]
+    missing = [
+        name for name, p in MODULES.items() if ast.get_docstring(ast.parse(p.read_text())) is None
+    ]
     assert not missing, f"modules without a docstring: {missing}"

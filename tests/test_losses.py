@@ -131,7 +131,9 @@ def test_errors_are_clear() -> None:
 @pytest.mark.parametrize("t", [1.0, 2.5, 3.0, 4.0, 6.0, 20.0])
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("classes", [6, 100])  # fit tables the teacher's side / reads it per batch
-def test_the_one_closed_form_of_hintons_loss_matches_autograd(t: float, alpha: float, classes) -> None:
+def test_the_one_closed_form_of_hintons_loss_matches_autograd(
+    t: float, alpha: float, classes
+) -> None:
     """The closed form every trainer uses for KD (fit in memory and streamed, fit_many) is
     Hinton's loss, value and gradient, against the autograd reference, per step."""
     from softtargets.losses.closed import MethodTable, method_step

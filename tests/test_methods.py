@@ -207,6 +207,7 @@ def test_one_kd_serves_memory_streams_and_stacks(task) -> None:
         torch.testing.assert_close(_weights(other.model), _weights(memory.model), rtol=1e-4,
                                    atol=1e-5)  # fmt: skip
 
+
 @pytest.mark.parametrize(
     ("method", "options"),
     [

@@ -263,7 +263,7 @@ def test_output_to_a_log_gets_a_line_per_fit(tmp_path) -> None:
 def test_the_heartbeat_says_what_is_running() -> None:
     import threading
 
-    from softtargets.cli.heartbeat import HeartbeatProgress
+    from softtargets.cli.console import HeartbeatProgress
 
     lines: list[str] = []
     beat = threading.Event()

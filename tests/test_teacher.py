@@ -319,10 +319,10 @@ def test_fit_takes_a_bucket_tail_in_memory_and_streamed_alike(data, teacher) -> 
 
 
 def test_a_store_labelled_in_shards_is_the_store_of_one_process(tmp_path, monkeypatch) -> None:
-    import softtargets.data.dataset
+    import softtargets.data.fingerprint
     from softtargets.store.write import finish_shards, label_to_file, shard_rows
 
-    monkeypatch.setattr(softtargets.data.dataset, "FINGERPRINT_BLOCK", 8)  # 50 rows: 7 blocks
+    monkeypatch.setattr(softtargets.data.fingerprint, "FINGERPRINT_BLOCK", 8)  # 50 rows: 7 blocks
     gen = torch.Generator().manual_seed(5)
     data = Dataset.from_arrays(
         torch.randn(50, 6, generator=gen), torch.arange(50) % 3, ids=torch.arange(500, 550)

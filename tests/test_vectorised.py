@@ -107,7 +107,10 @@ def test_hard_label_members_keep_integer_labels_and_equal_fit_alone(parts) -> No
     dense = StackedTargets.for_members(members, train)
     dense.labels_only = False
     dense.table = torch.cat(
-        [torch.nn.functional.one_hot(y, train.num_classes).float() for y in (train.labels, noisy.labels)]
+        [
+            torch.nn.functional.one_hot(y, train.num_classes).float()
+            for y in (train.labels, noisy.labels)
+        ]
     )
     logits = torch.randn(2, 5, train.num_classes, generator=torch.Generator().manual_seed(0))
     rows, weight = torch.tensor([0, 3, 7, 8, 9, 400, 401, 402, 403, 404]), torch.full((2, 5), 0.2)

@@ -8,19 +8,21 @@ builds a typed config from a YAML file and flags (the flags and that step are
 
 from __future__ import annotations
 
-import functools
-import os
 import sys
 import warnings
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from softtargets.cli.console import (
+    console,
+    friendly_errors,
+    make_progress,
+    say,
+    show_warning,
+)
 from softtargets.cli.options import (
     DEFAULTS,
     ConfigFile,
@@ -63,7 +65,7 @@ from softtargets.cli.options import (
     build_distill_config,
     parse_method_options,
 )
-from softtargets.errors import SoftTargetsError
+from softtargets.cli.proportions import fit_proportions_command, predict
 
 app = typer.Typer(
     help="Train classifiers on soft targets and distil knowledge from teachers.",
@@ -71,55 +73,6 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
-
-
-console = Console()
-
-
-err_console = Console(stderr=True)
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def friendly_errors(command: F) -> F:
-    """Turn :class:`SoftTargetsError` into one ``error:`` line and exit status 2."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except SoftTargetsError as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def say(message: str) -> None:
-    """Print one progress line (passed as ``log=`` to the long-running functions)."""
-    console.print(message, highlight=False)
-
-
-def _show_warning(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
-    """Warnings (a repaired file, say) as one ``warning:`` line, without a source line."""
-    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
-
-
-def make_progress() -> Any:
-    """Progress bars on a terminal; elsewhere (a log, CI) a heartbeat line every 30 s."""
-    if err_console.is_terminal:
-        return Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=err_console,
-            transient=True,
-        )
-    from softtargets.cli.heartbeat import HeartbeatProgress
-
-    return HeartbeatProgress(say, float(os.environ.get("SOFTTARGETS_HEARTBEAT_SECONDS", 30)))
 
 
 def run_job(config: Any, out: Path, overwrite: bool, nproc: int = 1) -> None:
@@ -183,7 +136,7 @@ def print_outcome(outcome: Any) -> None:
 # ---------------------------------------------------------------------- commands
 @app.callback()
 def _setup() -> None:
-    warnings.showwarning = _show_warning
+    warnings.showwarning = show_warning
 
 
 @app.command()
@@ -473,93 +426,8 @@ def report(
     console.print(f"wrote {md_path} and {html_path}", highlight=False)
 
 
-def _names(text: str, what: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
-        raise SoftTargetsError(f"{what}: give comma-separated column names")
-    return names
-
-
-@app.command("fit-proportions")
-@friendly_errors
-def fit_proportions_command(
-    file: Annotated[Path, typer.Argument(help="CSV with a header: feature and count columns.")],
-    features: Annotated[str, typer.Option("--features", help="Feature columns, e.g. a,b,c.")],
-    counts: Annotated[
-        str, typer.Option("--counts", help="One count column per class, e.g. yes,no.")
-    ],
-    out: Annotated[Path, typer.Option("--out", help="Directory to save the model in.")],
-    hidden: Annotated[
-        list[int] | None,
-        typer.Option(
-            "--hidden", help="Hidden layer width (repeatable); none for logistic regression."
-        ),
-    ] = None,
-    alpha: Annotated[float, typer.Option(help="L2 penalty (0 = none).")] = 0.0,
-    standardize: Annotated[bool, typer.Option(help="Standardise the features first.")] = True,
-) -> None:
-    """Fit class proportions from counts (logistic regression on aggregated rows, or a network)."""
-    from softtargets.run.proportions import fit_proportions
-
-    model, result = fit_proportions(
-        file, _names(features, "--features"), _names(counts, "--counts"), hidden, alpha, standardize
-    )
-    model.save(out)
-    scaled = "; features standardised to mean 0, sd 1" if standardize else ""
-    console.print(
-        f"{result['rows']} rows, {result['observations']:.0f} observations{scaled}", highlight=False
-    )
-    if "coefficients" in result:
-        for name, coefs in result["coefficients"].items():
-            console.print(name, highlight=False)
-            table = Table()
-            table.add_column("term")
-            table.add_column("coefficient", justify="right")
-            for term, value in coefs.items():
-                table.add_row(term, f"{value:.6f}")
-            console.print(table)
-    else:
-        console.print(
-            f"held out {result['held_out_rows']} rows: log-loss "
-            f"{result['held_out_log_loss']:.4f} nats per observation, accuracy "
-            f"{result['held_out_accuracy']:.2%} of observations",
-            highlight=False,
-        )
-    console.print(f"saved the model in {out}/", highlight=False)
-
-
-@app.command()
-@friendly_errors
-def predict(
-    model_dir: Annotated[Path, typer.Argument(help="A directory written by fit-proportions.")],
-    file: Annotated[Path, typer.Argument(help="CSV holding the model's feature columns.")],
-    out: Annotated[Path | None, typer.Option("--out", help="Write here (default: stdout).")] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace --out if it exists (it is refused else).")
-    ] = False,
-) -> None:
-    """Class probabilities for every row of a CSV, as CSV (row, then one column per class)."""
-    import csv
-    import io
-
-    from softtargets.files import atomic_write_text
-    from softtargets.run.proportions import predict_file
-
-    if out is not None and out.exists() and not overwrite:
-        raise SoftTargetsError(
-            f"{out} exists; pass --overwrite to replace it or choose another --out"
-        )
-    classes, probs = predict_file(model_dir, file)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["row", *classes])
-    for i, row in enumerate(probs):
-        writer.writerow([i, *(f"{p:.8g}" for p in row)])
-    if out is None:
-        typer.echo(buffer.getvalue(), nl=False)
-    else:
-        atomic_write_text(out, buffer.getvalue())
-        console.print(f"wrote {len(probs)} rows to {out}", highlight=False)
+app.command("fit-proportions")(fit_proportions_command)
+app.command("predict")(predict)
 
 
 def main() -> None:

@@ -11,8 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from softtargets.config import DistillConfig, dump_config
-from softtargets.data.dataset import Dataset, Splits, align_classes, labels_fingerprint, split
+from softtargets.data.dataset import Dataset, Splits, align_classes, split
 from softtargets.data.files import load_data
+from softtargets.data.fingerprint import labels_fingerprint
 from softtargets.data.targets import smooth
 from softtargets.errors import SoftTargetsError
 from softtargets.losses.methods import check_run_methods

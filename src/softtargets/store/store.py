@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from softtargets.config import chunk_rows
-from softtargets.data.dataset import Dataset, labels_fingerprint
+from softtargets.data.dataset import Dataset
+from softtargets.data.fingerprint import labels_fingerprint
 from softtargets.data.targets import check_finite
 from softtargets.data.targets import soften as soften_logits
 from softtargets.errors import SoftTargetsError

@@ -156,9 +156,9 @@ def label_dataset_to_file(
 
 def shard_rows(num_rows: int, index: int, count: int) -> range:
     """The rows of shard ``index`` of ``count``: whole fingerprint blocks
-    (:data:`~softtargets.data.dataset.FINGERPRINT_BLOCK` rows), split as evenly as they go; a shard may
+    (:data:`~softtargets.data.fingerprint.FINGERPRINT_BLOCK` rows), split as evenly as they go; a shard may
     be empty when there are fewer blocks than shards."""
-    from softtargets.data.dataset import FINGERPRINT_BLOCK
+    from softtargets.data.fingerprint import FINGERPRINT_BLOCK
 
     blocks = -(-num_rows // FINGERPRINT_BLOCK)
     first, last = index * blocks // count, (index + 1) * blocks // count
@@ -170,7 +170,7 @@ def finish_shards(path: str | Path, count: int) -> Path:
     store at ``path``: checks that every shard is there and that they agree (teacher, classes,
     rows), writes the header with the whole data's fingerprint and renames the file into place.
     """
-    from softtargets.data.dataset import Fingerprinter
+    from softtargets.data.fingerprint import Fingerprinter
 
     notes = []
     for index in range(count):
@@ -266,7 +266,7 @@ def _write_rows(
 ) -> Any:
     """Label ``batches`` (exactly the rows ``rows``) into their byte ranges of an open store file;
     returns the :class:`~softtargets.data.dataset.Fingerprinter` of what it wrote."""
-    from softtargets.data.dataset import Fingerprinter
+    from softtargets.data.fingerprint import Fingerprinter
 
     hasher: Fingerprinter | None = None
     k, width = layout.num_classes, layout.width

@@ -25,15 +25,8 @@ from __future__ import annotations
 import torch
 
 from softtargets.data.dataset import stratified_rows
-from softtargets.run.report import (
-    StudyOutput,
-    curves,
-    difference,
-    plot_epoch_curves,
-    plot_lines,
-    summary_rows,
-    test_accuracy,
-)
+from softtargets.run.figures import plot_epoch_curves, plot_lines
+from softtargets.run.report import StudyOutput, curves, difference, summary_rows, test_accuracy
 from softtargets.run.stats import mean_ci, verdict
 from softtargets.studies.base import StudyContext
 from softtargets.training.fit_many import Member

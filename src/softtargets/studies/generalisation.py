@@ -20,7 +20,8 @@ import torch
 
 from softtargets.data.dataset import stratified_rows
 from softtargets.data.targets import smooth
-from softtargets.run.report import StudyOutput, plot_epoch_curves, summary_rows
+from softtargets.run.figures import plot_epoch_curves
+from softtargets.run.report import StudyOutput, summary_rows
 from softtargets.run.stats import paired_difference, verdict
 from softtargets.store.label import predict_logits
 from softtargets.studies.base import StudyContext

@@ -34,14 +34,8 @@ from torch.func import functional_call, grad, vmap
 
 from softtargets.data.builtin import gaussians
 from softtargets.losses.reference import distillation_loss, soft_cross_entropy
-from softtargets.run.report import (
-    PALETTE,
-    StudyOutput,
-    new_figure,
-    plot_bars,
-    save_figure,
-    summary_rows,
-)
+from softtargets.run.figures import PALETTE, new_figure, plot_bars, save_figure
+from softtargets.run.report import StudyOutput, summary_rows
 from softtargets.run.stats import all_of, mean_ci, paired_difference, verdict
 from softtargets.studies.base import StudyContext
 from softtargets.training.fit import fit

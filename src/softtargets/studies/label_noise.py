@@ -19,14 +19,8 @@ from __future__ import annotations
 
 from softtargets.config import ModelConfig
 from softtargets.data.targets import smooth
-from softtargets.run.report import (
-    StudyOutput,
-    curves,
-    difference,
-    plot_lines,
-    summary_rows,
-    test_accuracy,
-)
+from softtargets.run.figures import plot_lines
+from softtargets.run.report import StudyOutput, curves, difference, summary_rows, test_accuracy
 from softtargets.run.stats import verdict
 from softtargets.studies.base import StudyContext
 from softtargets.training.fit_many import Member

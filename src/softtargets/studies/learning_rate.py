@@ -34,7 +34,8 @@ from typing import Any
 
 import torch
 
-from softtargets.run.report import StudyOutput, curves, plot_lines, summary_rows
+from softtargets.run.figures import plot_lines
+from softtargets.run.report import StudyOutput, curves, summary_rows
 from softtargets.run.stats import paired_difference, sign_test
 from softtargets.studies.base import StudyContext
 from softtargets.training.fit_many import Member

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import math
 
-from softtargets.run.report import StudyOutput, curves, plot_lines, summary_rows, test_accuracy
+from softtargets.run.figures import plot_lines
+from softtargets.run.report import StudyOutput, curves, summary_rows, test_accuracy
 from softtargets.run.stats import mean_ci, paired_difference, verdict
 from softtargets.store.label import predict_logits
 from softtargets.studies.base import StudyContext

@@ -24,7 +24,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from softtargets.run.report import StudyOutput, plot_bars, test_accuracy
+from softtargets.run.figures import plot_bars
+from softtargets.run.report import StudyOutput, test_accuracy
 from softtargets.run.stats import mean_ci, paired_difference, verdict
 from softtargets.studies.base import StudyContext
 from softtargets.training.fit_many import Member

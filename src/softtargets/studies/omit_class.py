@@ -19,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from softtargets.run.report import StudyOutput, plot_bars
+from softtargets.run.figures import plot_bars
+from softtargets.run.report import StudyOutput
 from softtargets.run.stats import mean_ci, paired_difference, verdict
 from softtargets.store.label import predict_logits
 from softtargets.studies.base import StudyContext

@@ -22,13 +22,11 @@ import numpy as np
 import torch
 
 from softtargets.data.targets import entropy, smooth, soften
+from softtargets.run.figures import new_figure, plot_bars, save_figure
 from softtargets.run.report import (
     StudyOutput,
     difference,
     markdown_table,
-    new_figure,
-    plot_bars,
-    save_figure,
     summary_rows,
     test_accuracy,
 )

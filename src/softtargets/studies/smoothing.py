@@ -22,7 +22,8 @@ import math
 import torch
 
 from softtargets.data.targets import entropy, smooth
-from softtargets.run.report import StudyOutput, difference, plot_bars, summary_rows, test_accuracy
+from softtargets.run.figures import plot_bars
+from softtargets.run.report import StudyOutput, difference, summary_rows, test_accuracy
 from softtargets.run.stats import verdict
 from softtargets.studies.base import StudyContext
 from softtargets.training.fit_many import Member

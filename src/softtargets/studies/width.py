@@ -27,7 +27,8 @@ from __future__ import annotations
 from collections import defaultdict
 
 from softtargets.config import StudyConfig
-from softtargets.run.report import StudyOutput, grouped, plot_lines, test_accuracy
+from softtargets.run.figures import plot_lines
+from softtargets.run.report import StudyOutput, grouped, test_accuracy
 from softtargets.run.stats import mean_ci, paired_difference, verdict
 from softtargets.studies.base import StudyContext
 from softtargets.training.fit_many import Member

@@ -23,7 +23,8 @@ from torch.utils.data import Dataset as TorchDataset
 
 from softtargets import distributed
 from softtargets.data import streams
-from softtargets.data.dataset import Dataset, holdout, labels_fingerprint
+from softtargets.data.dataset import Dataset, holdout
+from softtargets.data.fingerprint import labels_fingerprint
 from softtargets.errors import SoftTargetsError
 from softtargets.store.label import predict_logits
 from softtargets.store.store import SoftTargetStore

@@ -335,7 +335,9 @@ def _distillation_objective(
         def bucket(logits: Tensor, key: Any) -> tuple[Tensor, None]:
             kept = store.kept_rows(_store_rows(resolved, key, streamed))
             kept, classes, tail = (part.to(logits.device) for part in kept)
-            return bucket_distillation_loss(logits, kept, classes, tail, labels_of(key), t, alpha), None
+            return bucket_distillation_loss(
+                logits, kept, classes, tail, labels_of(key), t, alpha
+            ), None
 
         return bucket
     teacher_of = _teacher_reader(resolved, streamed, device)

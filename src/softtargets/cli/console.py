@@ -1,6 +1,7 @@
-"""Progress for output that is not a terminal (a log file, CI): a heartbeat line instead of bars.
+"""What the command shows: its consoles, one ``error:`` line per bad input, and progress.
 
-A rich progress bar draws nothing useful into a log, so a user could not tell a slow run from a
+On a terminal progress is rich's bars; in output that is not a terminal (a log file, CI) it is a
+heartbeat line instead. A rich progress bar draws nothing useful into a log, so a user could not tell a slow run from a
 hung one. :class:`HeartbeatProgress` takes the same calls as ``rich.progress.Progress``
 (``add_task``, ``update``, ``remove_task``) and, from a background thread, prints one line every
 ``interval`` seconds (30 by default) saying what is running and how far it is.
@@ -8,10 +9,18 @@ hung one. :class:`HeartbeatProgress` takes the same calls as ``rich.progress.Pro
 
 from __future__ import annotations
 
+import functools
+import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from softtargets.errors import SoftTargetsError
 
 
 class HeartbeatProgress:
@@ -72,3 +81,50 @@ class HeartbeatProgress:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self.say(self.status())
+
+
+console = Console()
+
+
+err_console = Console(stderr=True)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly_errors(command: F) -> F:
+    """Turn :class:`SoftTargetsError` into one ``error:`` line and exit status 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except SoftTargetsError as err:
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def say(message: str) -> None:
+    """Print one progress line (passed as ``log=`` to the long-running functions)."""
+    console.print(message, highlight=False)
+
+
+def show_warning(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+    """Warnings (a repaired file, say) as one ``warning:`` line, without a source line."""
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def make_progress() -> Any:
+    """Progress bars on a terminal; elsewhere (a log, CI) a heartbeat line every 30 s."""
+    if err_console.is_terminal:
+        return Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=True,
+        )
+    return HeartbeatProgress(say, float(os.environ.get("SOFTTARGETS_HEARTBEAT_SECONDS", 30)))
