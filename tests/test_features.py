@@ -89,7 +89,7 @@ def test_feature_loss_of_an_mse_pair_falls_as_the_adapter_and_student_learn() ->
     pair = FeaturePair("2", "2", "mse")
     losses = []
     spec = FeatureDistillation(teacher, [pair], weight=1.0, alpha=0.0)  # features + hard labels
-    result = fit(build_model("mlp", (6,), 2, seed=0, hidden=[4]), data, spec, epochs=15, lr=1e-2,
+    result = fit(build_model("mlp", (6,), 2, seed=0, hidden=[4]), data, spec, epochs=15, lr=1e-2, schedule="none",
                  on_epoch_end=lambda r: losses.append(r["train_loss"]))  # fmt: skip
     assert losses[-1] < 0.8 * losses[0]
     assert result.model[1].out_features == 4  # the caller's student, trained

@@ -1,11 +1,16 @@
-"""Typed configuration for runs, read from YAML and checked strictly.
+"""Every default, preset and numeric limit of softtargets, once, and the typed configs that
+carry them.
 
-Every config model forbids unknown keys: a typo such as ``tempreature: 4`` is an error that names
-the key, never a silently ignored setting.
+The configs (:class:`TrainConfig`, :class:`DistillConfig`, :class:`StudyConfig`) are read from
+YAML and checked strictly: every model forbids unknown keys, so a typo such as ``tempreature: 4``
+is an error that names the key, never a silently ignored setting. ``fit`` and ``fit_many`` take
+their defaults from :data:`TRAINING`; the demo, the studies' teachers and the quick miniature are
+the presets below. Torch-free, so that the command line's ``--help`` starts at once.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 from collections.abc import Callable
@@ -134,6 +139,53 @@ class TrainConfig(Strict):
         return options
 
 
+#: ``fit``'s and ``fit_many``'s defaults: a :class:`TrainConfig` as it comes
+TRAINING = TrainConfig()
+#: Hinton's temperature and the soft term's weight, unless a run says otherwise
+TEMPERATURE, ALPHA = 4.0, 0.9
+#: MNIST-1D rows of the demo and the studies (its standard size), and of the quick miniature
+STANDARD_SAMPLES, QUICK_SAMPLES = 5000, 500
+#: the quick miniature (tests, ``--quick``): the same code path, a few seconds long
+QUICK_EPOCHS, QUICK_SEEDS, QUICK_WIDTH = 3, 2, 8
+
+#: the teacher a built-in dataset gets (the demo's and the studies'): a model that knows the
+#: data's structure (convolutions for signals and images), regularised; an MLP for the rest
+TEACHERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "mnist1d": ("cnn1d", {"channels": [64, 64, 64], "dropout": 0.3}),
+    "digits": ("cnn2d", {"channels": [32, 64], "dropout": 0.3}),
+}
+OTHER_TEACHER: tuple[str, dict[str, Any]] = ("mlp", {"hidden": [256, 256], "dropout": 0.3})
+
+
+def teacher_model(data: str) -> ModelConfig:
+    """The teacher recipe's model for built-in dataset ``data`` (an MLP for any other data)."""
+    name, options = TEACHERS.get(data, OTHER_TEACHER)
+    return ModelConfig(name=name, options=copy.deepcopy(options))
+
+
+def teacher_training() -> TrainConfig:
+    """The teacher recipe's training: AdamW with weight decay, 40 epochs."""
+    return TrainConfig(epochs=40, optimizer="adamw", weight_decay=0.05)
+
+
+def student_training() -> TrainConfig:
+    """The students' training. Soft targets need more steps than hard labels to be matched (they
+    say more per case), and tolerate a larger learning rate: 100 epochs at 1e-2 let both kinds of
+    target converge."""
+    return TrainConfig(epochs=100, lr=1e-2)
+
+
+def quick_teacher(model: ModelConfig, training: TrainConfig) -> tuple[ModelConfig, TrainConfig]:
+    """The miniature of a teacher recipe: every layer :data:`QUICK_WIDTH` wide, trained
+    :data:`QUICK_EPOCHS` epochs."""
+    options = {
+        k: ([QUICK_WIDTH] * len(v) if isinstance(v, list) else v) for k, v in model.options.items()
+    }
+    return ModelConfig(name=model.name, options=options), training.model_copy(
+        update={"epochs": QUICK_EPOCHS}
+    )
+
+
 class DistillConfig(Strict):
     """One distillation experiment: a teacher, then a student with hard and with soft targets.
 
@@ -142,24 +194,18 @@ class DistillConfig(Strict):
     """
 
     data: DataConfig = Field(
-        default_factory=lambda: DataConfig(name="mnist1d", options={"num_samples": 5000})
-    )
-    teacher: ModelConfig = Field(
-        default_factory=lambda: ModelConfig(
-            name="cnn1d", options={"channels": [64, 64, 64], "dropout": 0.3}
+        default_factory=lambda: DataConfig(
+            name="mnist1d", options={"num_samples": STANDARD_SAMPLES}
         )
     )
-    teacher_training: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(epochs=40, optimizer="adamw", weight_decay=0.05)
-    )
+    teacher: ModelConfig = Field(default_factory=lambda: teacher_model("mnist1d"))
+    teacher_training: TrainConfig = Field(default_factory=teacher_training)
     student: ModelConfig = Field(
         default_factory=lambda: ModelConfig(name="mlp", options={"hidden": [100, 100]})
     )
-    # Soft targets need more steps than hard labels to be matched (they say more per case), and
-    # tolerate a larger learning rate: 100 epochs at 1e-2 let both kinds of target converge.
-    student_training: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=100, lr=1e-2))
-    temperature: float = Field(4.0, ge=TEMPERATURE_RANGE[0], le=TEMPERATURE_RANGE[1])
-    alpha: float = Field(0.9, ge=0, le=1)
+    student_training: TrainConfig = Field(default_factory=student_training)
+    temperature: float = Field(TEMPERATURE, ge=TEMPERATURE_RANGE[0], le=TEMPERATURE_RANGE[1])
+    alpha: float = Field(ALPHA, ge=0, le=1)
     methods: list[str] = Field(
         default_factory=lambda: ["kd"],
         min_length=1,
@@ -251,11 +297,12 @@ def demo_config(quick: bool = False) -> DistillConfig:
     """
     config = DistillConfig()
     if quick:
-        config.data.options["num_samples"] = 500
-        config.teacher.options["channels"] = [8, 8]
-        config.teacher_training.epochs = 3
-        config.student_training.epochs = 3
-        config.seeds = 2
+        config.data.options["num_samples"] = QUICK_SAMPLES
+        config.teacher, config.teacher_training = quick_teacher(
+            config.teacher, config.teacher_training
+        )
+        config.student_training.epochs = QUICK_EPOCHS
+        config.seeds = QUICK_SEEDS
     return config
 
 
@@ -269,20 +316,20 @@ class StudyConfig(Strict):
     seeds: int = Field(5, ge=1)
     quick: bool = Field(False, description="a miniature of the same code path (for tests)")
     temperature: float = Field(
-        4.0,
+        TEMPERATURE,
         ge=TEMPERATURE_RANGE[0],
         le=TEMPERATURE_RANGE[1],
         description="temperature of the soft targets",
     )
     student_hidden: list[int] = Field(default_factory=lambda: [100, 100])
-    student_training: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=100, lr=1e-2))
+    student_training: TrainConfig = Field(default_factory=student_training)
 
     def resolved(self) -> StudyConfig:
         """The quick miniature, if asked for: smaller data, students, epochs, seeds."""
         if not self.quick:
             return self
         quick = self.model_copy(deep=True)
-        quick.seeds = min(self.seeds, 2)
-        quick.student_hidden = [16]
-        quick.student_training = TrainConfig(epochs=3, lr=1e-2)
+        quick.seeds = min(self.seeds, QUICK_SEEDS)
+        quick.student_hidden = [2 * QUICK_WIDTH]
+        quick.student_training = student_training().model_copy(update={"epochs": QUICK_EPOCHS})
         return quick

@@ -347,7 +347,7 @@ class StudyOutput:
     seeds: list[int] | None = None  # when the study used other seeds than the config's
 
 
-def _csv(rows: list[dict[str, Any]]) -> str:
+def rows_csv(rows: list[dict[str, Any]]) -> str:
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]

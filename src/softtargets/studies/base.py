@@ -30,15 +30,18 @@ from typing import Any
 
 from softtargets import distributed
 from softtargets.config import (
+    QUICK_SAMPLES,
+    STANDARD_SAMPLES,
     DataConfig,
     DistillConfig,
-    ModelConfig,
     StudyConfig,
-    TrainConfig,
     dump_config,
+    quick_teacher,
+    teacher_model,
+    teacher_training,
 )
 from softtargets.run.folder import RunFolder
-from softtargets.run.report import StudyOutput, _csv, section_markdown
+from softtargets.run.report import StudyOutput, rows_csv, section_markdown
 from softtargets.run.teacher import TeacherRun, run_teacher
 from softtargets.training.fit_many import Member, fit_many
 from softtargets.training.models import build_model
@@ -80,22 +83,11 @@ class StudyContext:
         """The teacher settings used for ``data`` (a built-in name or a file)."""
         name = data or self.config.data
         if options is None:
-            options = {"mnist1d": {"num_samples": 600 if self.quick else 5000}}.get(name, {})
-        teachers = {
-            "mnist1d": ModelConfig(
-                name="cnn1d", options={"channels": [64, 64, 64], "dropout": 0.3}
-            ),
-            "digits": ModelConfig(name="cnn2d", options={"channels": [32, 64], "dropout": 0.3}),
-        }
-        teacher = teachers.get(
-            name, ModelConfig(name="mlp", options={"hidden": [256, 256], "dropout": 0.3})
-        )
-        training = TrainConfig(epochs=40, optimizer="adamw", weight_decay=0.05)
+            samples = QUICK_SAMPLES if self.quick else STANDARD_SAMPLES
+            options = {"mnist1d": {"num_samples": samples}}.get(name, {})
+        teacher, training = teacher_model(name), teacher_training()
         if self.quick:
-            teacher.options = {
-                k: ([8] * len(v) if isinstance(v, list) else v) for k, v in teacher.options.items()
-            }
-            training.epochs = 3
+            teacher, training = quick_teacher(teacher, training)
         own = name == self.config.data  # the user's data: its own test file, if given
         return DistillConfig(
             data=DataConfig(
@@ -218,7 +210,7 @@ def _run_in(
         "rows": output.rows,
         "figures": [f.name for f in output.figures],
     }
-    folder.write_text("results.csv", _csv(output.rows))
+    folder.write_text("results.csv", rows_csv(output.rows))
     folder.write_text("results.json", json.dumps(payload, indent=1, default=float) + "\n")
     folder.write_text("section.md", section_markdown(module.TITLE, output, facts))
     return payload

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset as TorchDataset
 
 from softtargets import distributed
+from softtargets.config import TRAINING
 from softtargets.data import streams
 from softtargets.data.dataset import Dataset, holdout
 from softtargets.data.fingerprint import labels_fingerprint
@@ -72,16 +73,16 @@ def fit(
     *,
     val: Dataset | TorchDataset | float | None = None,
     test: Dataset | TorchDataset | None = None,
-    epochs: int = 30,
-    batch_size: int = 128,
-    optimizer: OptimizerName = "adam",
-    lr: float = 1e-3,
-    weight_decay: float = 0.0,
-    momentum: float = 0.9,
-    schedule: ScheduleName = "none",
+    epochs: int = TRAINING.epochs,
+    batch_size: int = TRAINING.batch_size,
+    optimizer: OptimizerName = TRAINING.optimizer,
+    lr: float = TRAINING.lr,
+    weight_decay: float = TRAINING.weight_decay,
+    momentum: float = TRAINING.momentum,
+    schedule: ScheduleName = TRAINING.schedule,
     seed: int = 0,
     device: torch.device | str | None = None,
-    patience: int | None = None,
+    patience: int | None = TRAINING.patience,
     restore_best: bool = True,
     log_path: str | Path | None = None,
     log_extra: dict[str, Any] | None = None,
@@ -89,9 +90,9 @@ def fit(
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
     num_workers: int = 0,
     checkpoint: str | Path | None = None,
-    checkpoint_every: int = 1,
-    precision: Precision = "fp32",
-    compile: bool = False,
+    checkpoint_every: int = TRAINING.checkpoint_every,
+    precision: Precision = TRAINING.precision,
+    compile: bool = TRAINING.compile,
 ) -> FitResult:
     """Train ``model`` on ``data`` and return a :class:`FitResult`.
 

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from softtargets.config import TRAINING
 from softtargets.data.dataset import Dataset
 from softtargets.data.targets import check_labels
 from softtargets.errors import SoftTargetsError
@@ -230,15 +231,15 @@ def fit_many(
     *,
     val: Dataset | None = None,
     test: Dataset | None = None,
-    epochs: int = 30,
-    batch_size: int = 128,
-    optimizer: str = "adam",
-    lr: float = 1e-3,
-    weight_decay: float = 0.0,
-    momentum: float = 0.9,
-    schedule: str = "none",
+    epochs: int = TRAINING.epochs,
+    batch_size: int = TRAINING.batch_size,
+    optimizer: str = TRAINING.optimizer,
+    lr: float = TRAINING.lr,
+    weight_decay: float = TRAINING.weight_decay,
+    momentum: float = TRAINING.momentum,
+    schedule: str = TRAINING.schedule,
     device: torch.device | str | None = None,
-    patience: int | None = None,
+    patience: int | None = TRAINING.patience,
     restore_best: bool = True,
     log_path: str | Path | None = None,
     progress: Any = None,

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from softtargets.config import ALPHA, TEMPERATURE
 from softtargets.data.streams import is_stream
 from softtargets.data.targets import check_finite, check_temperature, validate
 from softtargets.errors import SoftTargetsError
@@ -66,8 +67,8 @@ class Distillation:
     """
 
     teacher: SoftTargetStore | Tensor | nn.Module
-    temperature: float = 4.0
-    alpha: float = 0.9
+    temperature: float = TEMPERATURE
+    alpha: float = ALPHA
     tail: Literal["uniform", "bucket"] = "uniform"
     method: str = "kd"
     options: dict[str, Any] = field(default_factory=dict)
