@@ -137,43 +137,14 @@ def fit(
     num_classes = _check_parts(data, val, test)
     model.to(device)
     features = targets if isinstance(targets, FeatureDistillation) else None
-    if features is not None:
-        targets = None  # the batches' own loss is replaced by the feature objective below
-    if streams.is_stream(data):
-        if isinstance(val, float):
-            raise SoftTargetsError(
-                "a validation fraction needs in-memory data; pass val= a dataset of its own"
-            )
-        batches: _MemoryBatches | _StreamBatches = _StreamBatches(
-            data, targets, batch_size, seed, num_workers, device
-        )
-    else:
-        train_rows = torch.arange(len(data))
-        if isinstance(val, float):
-            train_rows, val_rows = holdout(data, val, seed)
-            val = data.take(val_rows)
-        generator = torch.Generator().manual_seed(seed)
-        batches = _MemoryBatches(data, train_rows, targets, batch_size, generator, device)
-    # What the optimizer trains and a checkpoint saves: the model, and with feature
-    # distillation the adapters too (trained beside the model, averaged like it under DDP).
-    trainable: nn.Module = model
-    adapters: nn.Module | None = None
-    if features is not None:  # the teacher online, hooks on both models, adapters trained too
-        with torch.random.fork_rng(devices=[]):  # the adapters' initial weights follow seed
-            torch.manual_seed(seed)
-            feature_objective = _feature_objective(features, model, data, batches, device)
-        adapters = feature_objective.adapters
-        distributed.broadcast_parameters(adapters)
-        trainable = nn.ModuleList([model, adapters])
-    val_dev = val.to(device) if isinstance(val, Dataset) else val
-    test_dev = test.to(device) if isinstance(test, Dataset) else test
-    trained = model
-    if distributed.active():  # gradients averaged over the processes; rank 0's weights to start
-        trained = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    forward = _autocast_forward(torch.compile(trained) if compile else trained, precision, device)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
+    targets = None if features is not None else targets  # the feature objective replaces it
+    batches, val = _batches(data, targets, val, batch_size, seed, num_workers, device)
+    trainable, adapters, hooks = _trainable(model, features, data, batches, seed, device)
+    forward = _forward(model, compile, precision, device)
+    # fp16 on CUDA scales the loss against underflow; everywhere else the scaler is a no-op
+    scaler = torch.amp.GradScaler(
+        device.type, enabled=precision == "fp16" and device.type == "cuda"
+    )
     settings = dict(
         epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
         weight_decay=weight_decay, momentum=momentum, schedule=schedule, seed=seed,
@@ -186,30 +157,21 @@ def fit(
     main = distributed.rank() == 0  # of the processes training this model, rank 0 writes
     tracker = Selection([model], patience, log_path if main else None, [log_extra])
     result = tracker.results[0]
-    best_state: dict[str, Tensor] | None = None
     task = progress.add_task("training", total=epochs) if progress is not None else None
     saved = checkpoints.load(checkpoint, key) if checkpoint is not None else None
-    first_epoch = 1
+    val_dev, test_dev = (
+        part.to(device) if isinstance(part, Dataset) else part for part in (val, test)
+    )
+    start_epoch = getattr(batches.loss, "start_epoch", None)  # a warm-up's hook
 
     # fork_rng keeps dropout's random draws seeded without changing the caller's global stream.
     # The feature objective's hooks leave the caller's models when training ends, however it ends.
-    hooks = feature_objective.hooks_removed() if features is not None else contextlib.nullcontext()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), hooks:
         torch.manual_seed(seed + distributed.rank())  # dropout differs between the processes
-        if saved is not None:  # continue where the checkpoint left off
-            trainable.load_state_dict(saved.model)
-            opt.load_state_dict(saved.optimizer)
-            best_state = saved.best
-            tracker.restore(saved.progress["selection"])
-            rates.restore(saved.progress["rates"])
-            checkpoints.set_rng_states(saved.rng, batches.generators(), device)
-            if distributed.rank():  # rank 0's states were saved: the others' dropout draws apart
-                torch.manual_seed(int(torch.randint(2**62, ())) + distributed.rank())
-            first_epoch = saved.epoch + 1
-            if task is not None:
-                progress.update(task, advance=saved.epoch)
+        best_state, first_epoch = _resume(saved, trainable, opt, tracker, rates, batches, device)
+        if task is not None:
+            progress.update(task, advance=first_epoch - 1)
         step = rates.taken[0]
-        start_epoch = getattr(batches.loss, "start_epoch", None)
         for epoch in range(first_epoch, epochs + 1):
             if not tracker.running[0]:  # diverged or stopped early (before a resume)
                 break
@@ -231,25 +193,15 @@ def fit(
                     loss = loss * weight
                     logits_grad = None if logits_grad is None else logits_grad * weight
                 opt.zero_grad(set_to_none=True)
-                if scaler is not None:  # fp16 on CUDA: the gradient scaled against underflow
-                    if logits_grad is None:
-                        scaler.scale(loss).backward()
-                    else:
-                        logits.backward(scaler.scale(logits_grad))
-                    if adapters is not None:
-                        distributed.average_gradients(adapters)
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    if logits_grad is None:
-                        loss.backward()
-                    else:  # the gradient is known in closed form: autograd runs the model only
-                        logits.backward(logits_grad)
-                    if adapters is not None:
-                        distributed.average_gradients(adapters)
-                    opt.step()
-                # detach() keeps this a device-side sum: no host sync inside the loop.
-                loss_sum += value * count
+                if logits_grad is None:
+                    scaler.scale(loss).backward()
+                else:  # the gradient is known in closed form: autograd runs the model only
+                    logits.backward(scaler.scale(logits_grad))
+                if adapters is not None:
+                    distributed.average_gradients(adapters)
+                scaler.step(opt)
+                scaler.update()
+                loss_sum += value * count  # a device-side sum: no host sync inside the loop
                 step += 1
             train_loss = float(distributed.sum_(loss_sum)) / len(batches)  # one sync per epoch
             scores = _score(model, val_dev, device), _score(model, test_dev, device)
@@ -274,6 +226,87 @@ def fit(
         progress.remove_task(task)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _batches(
+    data: Any,
+    targets: Targets,
+    val: Any,
+    batch_size: int,
+    seed: int,
+    num_workers: int,
+    device: torch.device,
+) -> tuple[_MemoryBatches | _StreamBatches, Any]:
+    """The training batches of ``data`` with their objective, and the validation rows (a
+    fraction of in-memory ``data`` held out here, seeded and stratified)."""
+    if streams.is_stream(data):
+        if isinstance(val, float):
+            raise SoftTargetsError(
+                "a validation fraction needs in-memory data; pass val= a dataset of its own"
+            )
+        return _StreamBatches(data, targets, batch_size, seed, num_workers, device), val
+    train_rows = torch.arange(len(data))
+    if isinstance(val, float):
+        train_rows, val_rows = holdout(data, val, seed)
+        val = data.take(val_rows)
+    generator = torch.Generator().manual_seed(seed)
+    return _MemoryBatches(data, train_rows, targets, batch_size, generator, device), val
+
+
+def _trainable(
+    model: nn.Module,
+    features: FeatureDistillation | None,
+    data: Any,
+    batches: _MemoryBatches | _StreamBatches,
+    seed: int,
+    device: torch.device,
+) -> tuple[nn.Module, nn.Module | None, Any]:
+    """``(what the optimizer trains and a checkpoint saves, the feature adapters, a context that
+    removes the feature hooks)``: the model, and with feature distillation the adapters too
+    (trained beside it, averaged like it under DDP)."""
+    if features is None:
+        return model, None, contextlib.nullcontext()
+    with torch.random.fork_rng(devices=[]):  # the adapters' initial weights follow seed
+        torch.manual_seed(seed)
+        objective = _feature_objective(features, model, data, batches, device)
+    distributed.broadcast_parameters(objective.adapters)
+    return nn.ModuleList([model, objective.adapters]), objective.adapters, objective.hooks_removed()
+
+
+def _forward(
+    model: nn.Module, compile: bool, precision: str, device: torch.device
+) -> Callable[[Tensor], Tensor]:
+    """The training forward pass: under DDP (gradients averaged over the processes, rank 0's
+    weights to start), compiled if asked, in ``precision``."""
+    trained = model
+    if distributed.active():
+        trained = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    return _autocast_forward(torch.compile(trained) if compile else trained, precision, device)
+
+
+def _resume(
+    saved: checkpoints.FitState | None,
+    trainable: nn.Module,
+    opt: torch.optim.Optimizer,
+    tracker: Selection,
+    rates: LearningRates,
+    batches: _MemoryBatches | _StreamBatches,
+    device: torch.device,
+) -> tuple[dict[str, Tensor] | None, int]:
+    """``(best weights so far, first epoch to train)``: from a checkpoint, every state restored
+    where it left off, or ``(None, 1)`` for a fresh fit."""
+    if saved is None:
+        return None, 1
+    trainable.load_state_dict(saved.model)
+    opt.load_state_dict(saved.optimizer)
+    tracker.restore(saved.progress["selection"])
+    rates.restore(saved.progress["rates"])
+    checkpoints.set_rng_states(saved.rng, batches.generators(), device)
+    if distributed.rank():  # rank 0's states were saved: the others' dropout draws apart
+        torch.manual_seed(int(torch.randint(2**62, ())) + distributed.rank())
+    return saved.best, saved.epoch + 1
 
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
