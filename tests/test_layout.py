@@ -137,3 +137,17 @@ def test_every_module_says_what_it_owns() -> None:
         name for name, p in MODULES.items() if ast.get_docstring(ast.parse(p.read_text())) is None
     ]
     assert not missing, f"modules without a docstring: {missing}"
+
+
+def test_the_public_api_is_importable_from_the_package_without_torch() -> None:
+    import subprocess
+    import sys
+
+    import softtargets
+
+    for name in softtargets.__all__:
+        assert getattr(softtargets, name) is not None, name
+    assert softtargets.fit.__module__ == "softtargets.training.fit"
+    code = "import sys, softtargets; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -16,3 +16,35 @@ def test_readme_opens_with_the_demo_and_test_commands() -> None:
     assert test_command.startswith("python -m pytest")
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test_command in [line.strip() for line in ci]
+
+
+def test_the_readme_methods_table_lists_the_registrys_methods() -> None:
+    """The methods table is written by hand (it carries measured results); its rows are the
+    registry's methods, no more and no fewer."""
+    from softtargets.losses.methods import METHODS
+
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("| method | per row") :].split("\n\n")[0]
+    rows = re.findall(r"^\| `([a-z]+)` \|", table, re.M)
+    assert rows == list(METHODS)
+
+
+def test_help_and_configs_read_the_method_names_from_the_registry() -> None:
+    from typer.testing import CliRunner
+
+    from softtargets.cli.app import app
+    from softtargets.config import DistillConfig
+    from softtargets.errors import SoftTargetsError
+    from softtargets.losses.methods import METHODS, check_run_methods
+
+    shown = CliRunner().invoke(app, ["distill", "--help"], env={"COLUMNS": "400"}).output
+    assert ", ".join(METHODS) in " ".join(shown.split())
+    listed = CliRunner().invoke(app, ["methods"], env={"COLUMNS": "400"}).output
+    assert all(name in listed for name in METHODS)
+    config = DistillConfig(methods=["kd", "nope"])  # names are checked when a run starts
+    try:
+        check_run_methods(config.methods, config.method_options)
+    except SoftTargetsError as err:
+        assert f"use one of {', '.join(METHODS)}" in str(err)
+    else:
+        raise AssertionError("an unknown method was accepted")

@@ -66,6 +66,7 @@ from softtargets.cli.options import (
     parse_method_options,
 )
 from softtargets.cli.proportions import fit_proportions_command, predict
+from softtargets.losses.methods import METHODS
 
 app = typer.Typer(
     help="Train classifiers on soft targets and distil knowledge from teachers.",
@@ -259,8 +260,8 @@ def distill(
         typer.Option(
             "--method",
             help="Distillation method, repeatable to compare several on the same teacher and "
-            "seeds: kd, dkd, dist, jsd, rkl, tv, fitnet (KD plus a hint on the penultimate "
-            "features) \\[default: kd].",
+            f"seeds: {', '.join(METHODS)} (softtargets methods says what each is) "
+            "\\[default: kd].",
         ),
     ] = None,
     method_option: Annotated[
@@ -324,6 +325,17 @@ def distill(
         device=device,
     )
     run_job(cfg, out or Path("runs/distill"), overwrite, nproc)
+
+
+@app.command()
+def methods() -> None:
+    """The distillation methods (the registry --method reads): loss per row, paper, options."""
+    table = Table(title="methods (every one also takes warmup=N epochs)", title_justify="left")
+    for column in ("method", "per row", "paper", "options"):
+        table.add_column(column)
+    for name, method in METHODS.items():
+        table.add_row(name, method.per_row, method.paper, ", ".join(method.options) or "-")
+    console.print(table)
 
 
 @app.command()
