@@ -48,3 +48,15 @@ def test_help_and_configs_read_the_method_names_from_the_registry() -> None:
         assert f"use one of {', '.join(METHODS)}" in str(err)
     else:
         raise AssertionError("an unknown method was accepted")
+
+
+def test_the_readmes_python_imports_resolve() -> None:
+    text = (ROOT / "README.md").read_text()
+    imports = [
+        statement
+        for block in re.findall(r"```python\n(.*?)```", text, re.S)
+        for statement in re.findall(r"^from softtargets[^(\n]*(?:\([^)]*\))?", block, re.M)
+    ]
+    assert len(imports) >= 5
+    for statement in imports:
+        exec(statement, {})  # an ImportError names the stale path
