@@ -323,34 +323,50 @@ CLOSED_FORM_CASES = [
 ]  # fmt: skip
 
 
+def test_every_registered_method_has_its_closed_form_checked() -> None:
+    from softtargets.losses.methods import LOGIT_METHODS
+
+    assert {name for name, _ in CLOSED_FORM_CASES} == set(LOGIT_METHODS)
+
+
 @pytest.mark.parametrize(("name", "options"), CLOSED_FORM_CASES)
 @pytest.mark.parametrize(("weight", "ramp"), [(1.0, 1.0), (0.7, 1.0), (0.7, 0.25)])
-def test_closed_form_gradients_equal_autograds(batch, name, options, weight, ramp) -> None:
+@pytest.mark.parametrize(("classes", "temperature"), [(6, 2.0), (100, 2.0), (100, 2.5)])
+def test_closed_form_gradients_equal_autograds(
+    batch, name, options, weight, ramp, classes, temperature
+) -> None:
     """``fit`` trains every method without autograd: the same value and gradient as autograd
-    through :func:`method_loss` (float64), during a warm-up (``ramp``) too."""
+    through :func:`method_loss` (float64), during a warm-up (``ramp``) too; with few classes and
+    with many (where a whole T takes softmax(z) from softmax(z / T)'s exponentials)."""
     from softtargets.losses.closed import method_value_and_grad
     from softtargets.losses.reference import method_loss
 
     s, t, y = batch
-    value, grad = method_value_and_grad(name, options, s, t, y, 2.0, weight, ramp)
+    if classes != s.shape[1]:
+        g = torch.Generator().manual_seed(17)
+        s = torch.randn(5, classes, generator=g, dtype=torch.float64) * 2
+        t = torch.randn(5, classes, generator=g, dtype=torch.float64) * 3
+        y = torch.randint(0, classes, (5,), generator=g)
+    value, grad = method_value_and_grad(name, options, s, t, y, temperature, weight, ramp)
     z = s.clone().requires_grad_(True)
-    want = method_loss(name, options, z, t, y, 2.0, weight, ramp)
+    want = method_loss(name, options, z, t, y, temperature, weight, ramp)
     (want_grad,) = torch.autograd.grad(want, z)
     torch.testing.assert_close(value, want.detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad, want_grad, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize(("name", "options"), CLOSED_FORM_CASES)
-def test_closed_form_gradients_of_a_stack_equal_autograds(name, options) -> None:
+@pytest.mark.parametrize("classes", [5, 100])
+def test_closed_form_gradients_of_a_stack_equal_autograds(name, options, classes) -> None:
     """``fit_many``'s one call for the members of a method: ``(M, B, K)`` with a temperature
     and a weight per member, against autograd of the summed member means."""
     from softtargets.losses.closed import method_value_and_grad
     from softtargets.losses.reference import method_loss
 
     g = torch.Generator().manual_seed(11)
-    s = torch.randn(3, 6, 5, generator=g, dtype=torch.float64) * 2
-    t = torch.randn(3, 6, 5, generator=g, dtype=torch.float64) * 3
-    y = torch.randint(0, 5, (3, 6), generator=g)
+    s = torch.randn(3, 6, classes, generator=g, dtype=torch.float64) * 2
+    t = torch.randn(3, 6, classes, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, classes, (3, 6), generator=g)
     temperatures = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
     weights = torch.tensor([1.0, 0.9, 0.5], dtype=torch.float64)
     ramps = torch.tensor([0.5, 1.0, 0.1], dtype=torch.float64)
