@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from softtargets.config import check_options
 from softtargets.data.dataset import Dataset
 from softtargets.errors import SoftTargetsError
 from softtargets.files import atomic_write_bytes
@@ -205,7 +206,6 @@ def load_builtin(name: str, **options: Any) -> Dataset:
             f"unknown dataset {name!r}; built-in datasets are {', '.join(sorted(BUILTIN))}, or give "
             "a file path (.npz, .npy, .csv, MNIST IDX, CIFAR batch, image folder)"
         )
-    from softtargets.config import check_options
 
     check_options(BUILTIN[name], options, f"dataset {name!r}")
     return BUILTIN[name](**options)

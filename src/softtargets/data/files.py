@@ -30,7 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from softtargets.data.builtin import BUILTIN, load_builtin
 from softtargets.data.dataset import Dataset, encode_labels
+from softtargets.data.streams import ImageFolderRows
 from softtargets.errors import SoftTargetsError
 
 
@@ -304,7 +306,6 @@ def load_image_folder(root: str | Path, size: tuple[int, int] | None = None) -> 
     folder is read as :class:`softtargets.data.streams.ImageFolderRows` reads it (one implementation of
     the layout and its checks), then held in memory.
     """
-    from softtargets.data.streams import ImageFolderRows
 
     rows = ImageFolderRows(root, size=size)
     images = [rows[i][0] for i in range(len(rows))]  # (3, H, W) each
@@ -321,7 +322,6 @@ def load_image_folder(root: str | Path, size: tuple[int, int] | None = None) -> 
 
 def load_data(name_or_path: str, label_column: str | int | None = None, **options: Any) -> Dataset:
     """A built-in dataset by name (with generator options) or a file/folder by path."""
-    from softtargets.data.builtin import BUILTIN, load_builtin
 
     if name_or_path in BUILTIN:
         return load_builtin(name_or_path, **options)

@@ -126,12 +126,18 @@ def kl_at_temperature(
             "teacher logits",
             "the teacher has diverged; retrain it",
         )
-    log_q = F.log_softmax(student_logits / t, dim=-1)
-    log_p = F.log_softmax(teacher_logits.to(student_logits.dtype) / t, dim=-1)
+    per_row = _kl_rows(student_logits / t, teacher_logits.to(student_logits.dtype) / t)
+    return _reduce(per_row * (t * t), None, reduction)
+
+
+def _kl_rows(student_scaled: Tensor, teacher_scaled: Tensor) -> Tensor:
+    """``KL(softmax(v) || softmax(u))`` per row of already softened logits ``(..., B, K)`` ->
+    ``(..., B)``: Hinton's soft term before its ``T^2``, the one autograd form of it."""
+    log_q = F.log_softmax(student_scaled, dim=-1)
+    log_p = F.log_softmax(teacher_scaled, dim=-1)
     # kl_div with log_target=True computes exp(log_p) * (log_p - log_q) without ever forming
     # log(0), so teacher rows with (numerically) zero mass on a class stay finite.
-    per_row = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=-1)
-    return _reduce(per_row * (t * t), None, reduction)
+    return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=-1)
 
 
 def distillation_loss(
@@ -306,10 +312,11 @@ def kd_loss(
     z-scored per row first (logit standardisation)."""
     teacher_logits = check_pair(student_logits, teacher_logits)
     divisor, t = temperatures(temperature, student_logits)
-    log_q = F.log_softmax(_softened(student_logits, divisor, standardize), dim=-1)
-    log_p = F.log_softmax(_softened(teacher_logits, divisor, standardize), dim=-1)
-    kl = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1).mean(-1)
-    return (t * t) * kl
+    rows = _kl_rows(
+        _softened(student_logits, divisor, standardize),
+        _softened(teacher_logits, divisor, standardize),
+    )
+    return (t * t) * rows.mean(-1)
 
 
 def dkd_loss(

@@ -45,6 +45,7 @@ from softtargets.run.teacher import (
 )
 from softtargets.training.features import FeatureDistillation, FeaturePair, penultimate
 from softtargets.training.fit import fit
+from softtargets.training.fit_many import Member, fit_many
 from softtargets.training.metrics import evaluate
 from softtargets.training.models import build_model, count_parameters, forward_flops
 from softtargets.training.objectives import Distillation
@@ -259,7 +260,6 @@ def _fit_students_together(
     log: Callable[[str], None],
 ) -> list[Finished]:
     """Fit the ``pending`` (method, seed) MLP students at once with :func:`fit_many`."""
-    from softtargets.training.fit_many import Member, fit_many
 
     splits = part.splits
     built = [_student(config, part, method, seed) for method, seed in pending]

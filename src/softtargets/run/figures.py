@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from softtargets import distributed
 from softtargets.files import atomic_write_bytes
 from softtargets.run.stats import mean_ci
 
@@ -37,7 +38,6 @@ def new_figure(width: float = 6.4, height: float = 4.0) -> tuple[Figure, Any]:
 
 def save_figure(figure: Figure, path: str | Path) -> Path:
     """Write ``figure`` as PNG, atomically (under torchrun, rank 0 alone writes)."""
-    from softtargets import distributed
 
     if distributed.is_main():
         buffer = io.BytesIO()

@@ -37,6 +37,7 @@ from typing import Any
 
 from torch import nn
 
+from softtargets import distributed
 from softtargets.config import DistillConfig
 from softtargets.errors import SoftTargetsError
 from softtargets.files import append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl
@@ -169,7 +170,6 @@ class RunFolder:
         Under torchrun rank 0 does all that; the other processes wait for it and get a view that
         reads the folder and writes nothing.
         """
-        from softtargets import distributed
 
         if distributed.active() and not distributed.is_main():
             distributed.barrier()  # rank 0 has checked, locked and prepared the folder

@@ -19,6 +19,7 @@ import torch
 from softtargets.data.files import read_columns
 from softtargets.errors import SoftTargetsError
 from softtargets.run.folder import RunFolder
+from softtargets.training.models import mlp
 from softtargets.training.sklearn import SoftLabelClassifier
 
 
@@ -62,8 +63,6 @@ class ProportionModel:
     @classmethod
     def load(cls, directory: str | Path) -> ProportionModel:
         from safetensors.torch import load_file
-
-        from softtargets.training.models import mlp
 
         directory = Path(directory)
         if (

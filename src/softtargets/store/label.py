@@ -13,7 +13,7 @@ from torch.utils.data import Dataset as TorchDataset
 from softtargets.config import chunk_rows
 from softtargets.data import streams
 from softtargets.data.dataset import Dataset
-from softtargets.data.fingerprint import labels_fingerprint
+from softtargets.data.fingerprint import Fingerprinter, labels_fingerprint
 from softtargets.data.targets import check_finite
 from softtargets.errors import SoftTargetsError
 from softtargets.store.store import SoftTargetStore, fingerprint_module
@@ -83,7 +83,6 @@ def _label_stream(
 ) -> tuple[Tensor, Tensor, str, str]:
     """A streamed dataset's teacher logits ``(N, K)``, ids ``(N,)`` and the data and labels
     fingerprints, computed on the way as the in-memory dataset's would be."""
-    from softtargets.data.fingerprint import Fingerprinter
 
     device = device or next(teacher.parameters()).device
     hasher: Fingerprinter | None = None

@@ -14,9 +14,11 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import Subset
 
+from softtargets import distributed
 from softtargets.config import chunk_rows
-from softtargets.data import streams
+from softtargets.data import fingerprint, streams
 from softtargets.data.dataset import Dataset
+from softtargets.data.fingerprint import Fingerprinter
 from softtargets.data.targets import check_finite
 from softtargets.errors import SoftTargetsError
 from softtargets.files import atomic_open, atomic_write_text
@@ -125,7 +127,6 @@ def label_dataset_to_file(
     single process makes (same ids and fingerprint): 1M rows on N processes take about 1/N of
     the time. Outside torchrun it is :func:`label_to_file` over every row.
     """
-    from softtargets import distributed
 
     rank, world = distributed.rank(), distributed.world_size()
     names = list(getattr(data, "class_names", None) or [])
@@ -158,11 +159,11 @@ def shard_rows(num_rows: int, index: int, count: int) -> range:
     """The rows of shard ``index`` of ``count``: whole fingerprint blocks
     (:data:`~softtargets.data.fingerprint.FINGERPRINT_BLOCK` rows), split as evenly as they go; a shard may
     be empty when there are fewer blocks than shards."""
-    from softtargets.data.fingerprint import FINGERPRINT_BLOCK
+    block = fingerprint.FINGERPRINT_BLOCK  # read when called: tests shrink it
 
-    blocks = -(-num_rows // FINGERPRINT_BLOCK)
+    blocks = -(-num_rows // block)
     first, last = index * blocks // count, (index + 1) * blocks // count
-    return range(min(first * FINGERPRINT_BLOCK, num_rows), min(last * FINGERPRINT_BLOCK, num_rows))
+    return range(min(first * block, num_rows), min(last * block, num_rows))
 
 
 def finish_shards(path: str | Path, count: int) -> Path:
@@ -170,7 +171,6 @@ def finish_shards(path: str | Path, count: int) -> Path:
     store at ``path``: checks that every shard is there and that they agree (teacher, classes,
     rows), writes the header with the whole data's fingerprint and renames the file into place.
     """
-    from softtargets.data.fingerprint import Fingerprinter
 
     notes = []
     for index in range(count):
@@ -266,7 +266,6 @@ def _write_rows(
 ) -> Any:
     """Label ``batches`` (exactly the rows ``rows``) into their byte ranges of an open store file;
     returns the :class:`~softtargets.data.dataset.Fingerprinter` of what it wrote."""
-    from softtargets.data.fingerprint import Fingerprinter
 
     hasher: Fingerprinter | None = None
     k, width = layout.num_classes, layout.width

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import importlib
 
+from softtargets.errors import SoftTargetsError
+
 #: study name -> module under softtargets.studies (imported when run)
 STUDIES = {
     "similarity": "similarity",
@@ -38,7 +40,6 @@ STUDIES = {
 
 
 def study_module(name: str):  # noqa: ANN201 - a module
-    from softtargets.errors import SoftTargetsError
 
     if name not in STUDIES:
         raise SoftTargetsError(f"unknown study {name!r}; choose one of {', '.join(STUDIES)}")

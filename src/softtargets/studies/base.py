@@ -40,9 +40,10 @@ from softtargets.config import (
     teacher_model,
     teacher_training,
 )
-from softtargets.run.folder import RunFolder
+from softtargets.run.folder import RunFolder, config_key
 from softtargets.run.report import StudyOutput, rows_csv, section_markdown
 from softtargets.run.teacher import TeacherRun, run_teacher
+from softtargets.studies import study_module
 from softtargets.training.fit_many import Member, fit_many
 from softtargets.training.models import build_model
 
@@ -118,7 +119,6 @@ class StudyContext:
 
     def teacher_for(self, config: DistillConfig) -> TeacherRun:
         """The teacher of ``config``, cached in ``teachers/`` beside the study directories."""
-        from softtargets.run.teacher import config_key
 
         key = config_key(config, teacher_only=True)
         if key not in self._teachers:
@@ -171,7 +171,6 @@ def run_study(
     command: str | None = None,
 ) -> dict[str, Any]:
     """Run study ``name`` and write its directory; returns the JSON written to results.json."""
-    from softtargets.studies import study_module
 
     module = study_module(name)
     with RunFolder.open(out_dir, log=log) as folder:

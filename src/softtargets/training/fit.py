@@ -28,7 +28,7 @@ from softtargets.data.dataset import Dataset, holdout
 from softtargets.data.fingerprint import labels_fingerprint
 from softtargets.errors import SoftTargetsError
 from softtargets.store.label import predict_logits
-from softtargets.store.store import SoftTargetStore
+from softtargets.store.store import SoftTargetStore, fingerprint_module
 from softtargets.training import checkpoint as checkpoints
 from softtargets.training.batches import _MemoryBatches, _StreamBatches
 from softtargets.training.common import (
@@ -334,7 +334,6 @@ def _fit_key(
     model: nn.Module, data: Any, targets: Targets, val: Any, settings: dict[str, Any]
 ) -> str:
     """The checkpoint key of a fit: its settings, the data, the targets and the initial weights."""
-    from softtargets.store.store import fingerprint_module
 
     def describe(part: Any) -> Any:
         if part is None or isinstance(part, (float, int, str)):

@@ -35,6 +35,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from softtargets.data.counts import soft_label_targets
 from softtargets.errors import SoftTargetsError
 from softtargets.losses.reference import soft_cross_entropy, soft_cross_entropy_and_grad
+from softtargets.training.models import mlp
 
 
 class SoftLabelClassifier(ClassifierMixin, BaseEstimator):
@@ -154,7 +155,6 @@ class SoftLabelClassifier(ClassifierMixin, BaseEstimator):
         self.network_ = None
 
     def _fit_network(self, X: np.ndarray, P: np.ndarray, w: np.ndarray) -> None:
-        from softtargets.training.models import mlp
 
         seed = self.random_state if isinstance(self.random_state, int) else np.random.randint(2**31)
         with torch.random.fork_rng(devices=[]):

@@ -135,7 +135,7 @@ def start_holder(tmp_path: Path, folder: Path) -> tuple[subprocess.Popen, Path]:
     ready, release = tmp_path / "ready", tmp_path / "release"
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(folder), str(ready), str(release)],
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")},
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")},
     )
     deadline = time.monotonic() + 120  # only a bound on a broken test, never reached otherwise
     while not ready.exists():
