@@ -240,7 +240,7 @@ def methods_epoch_ratio(data: Dataset, train: Dataset, repeats: int) -> dict[str
         "value": {m: round(statistics.median(v), 2) for m, v in ratios.items()},
         "goal": "<= 1.3 each",
         "detail": "mlp 100-100 student, MNIST-1D, batch 128, T=4, alpha=0.9; every method a "
-        "closed-form gradient (plain kd: StoredDistillation; the others: losses.closed, the "
+        "closed-form gradient, kd included (losses.closed, one form for every trainer; the "
         "teacher's side tabled once per row)",
     }
 
