@@ -1,8 +1,16 @@
-"""Atomic file writes and JSON lines: a crash or Ctrl-C never leaves a half-written file behind.
+"""Every file softtargets writes goes through here: atomic writes, JSON lines, links refused.
 
 Each writer writes a temporary file in the target's directory, flushes it to disk, then renames it
 over the target (``os.replace`` is atomic on POSIX and Windows). Files get the permissions the
-user's umask gives any new file (``mkstemp`` alone would make them 0600).
+user's umask gives any new file (``mkstemp`` alone would make them 0600). Temporaries are named
+``.NAME.softtargets-PID-XXXX.tmp`` so that those of a writer killed mid-write are recognisable as
+ours (:func:`remove_dead_temporaries`).
+
+softtargets never writes through a link: a target that is a symbolic link, has other hard links
+or is not a regular file is refused with one line naming it (:func:`check_writable`), and files
+it changes in place (a lock, a JSON-lines log) are opened with ``O_NOFOLLOW`` and checked on the
+open descriptor (:func:`open_own`), so a link planted in a run folder cannot redirect a write
+to a user's file.
 
 JSON lines are appended one line per call; a run killed mid-write leaves at most a torn last line,
 which :func:`read_jsonl` drops with a warning and :func:`append_jsonl` cuts off before appending.
@@ -13,6 +21,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
+import stat
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -35,12 +45,91 @@ def _umask() -> int:
     return mask
 
 
+#: the name of the manifest that makes a folder a softtargets run folder (:mod:`softtargets.run.folder`);
+#: readers of users' folders skip such folders
+RUN_MANIFEST = ".softtargets-run.json"
+
+_TEMPORARY = re.compile(r"^\..+\.softtargets-(\d+)-[^.]+\.tmp$")
+
+
+def _link_problem(info: os.stat_result) -> str | None:
+    if stat.S_ISLNK(info.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISREG(info.st_mode):
+        return "is not a regular file"
+    if info.st_nlink > 1:
+        return f"has {info.st_nlink - 1} other hard link(s)"
+    return None
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Refuse to replace or change ``path`` if it is a link, a hard-linked file or not a regular
+    file (a missing ``path`` is fine): writing there would reach a file softtargets did not
+    write."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    problem = _link_problem(info)
+    if problem:
+        raise SoftTargetsError(
+            f"{path} {problem}; softtargets does not write through links: remove it, or write "
+            "elsewhere"
+        )
+
+
+def open_own(path: str | os.PathLike[str], flags: int) -> int:
+    """``os.open(path, flags)`` without following a symbolic link, refused (one line) when the file
+    opened is a link, has other hard links or is not a regular file; returns the descriptor."""
+    try:
+        fd = os.open(
+            path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o666
+        )
+    except OSError as err:
+        if os.path.islink(path):
+            raise SoftTargetsError(
+                f"{path} is a symbolic link; softtargets does not write through links: remove it"
+            ) from None
+        raise SoftTargetsError(f"{path}: cannot open it ({err.strerror})") from None
+    problem = _link_problem(os.fstat(fd))
+    if problem:
+        os.close(fd)
+        raise SoftTargetsError(
+            f"{path} {problem}; softtargets does not write through links: remove it"
+        )
+    return fd
+
+
+def remove_dead_temporaries(folder: Path) -> list[str]:
+    """Remove the temporaries of softtargets writers in ``folder`` whose process is gone (a run
+    killed mid-write); a live writer's are left alone. Returns the names removed."""
+    removed = []
+    for entry in folder.iterdir():
+        found = _TEMPORARY.match(entry.name)
+        if not found or not entry.is_file() or entry.is_symlink():
+            continue
+        try:
+            os.kill(int(found.group(1)), 0)
+            continue  # its writer is alive
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError, ValueError):
+            continue  # another user's process, or no such pid we can ask about
+        entry.unlink(missing_ok=True)
+        removed.append(entry.name)
+    return removed
+
+
 @contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open a temporary file next to ``path``; on success rename it over ``path``."""
+    """Open a temporary file next to ``path``; on success rename it over ``path`` (refused when
+    ``path`` is a link: :func:`check_writable`)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    check_writable(target)
+    fd, tmp = tempfile.mkstemp(
+        dir=target.parent, prefix=f".{target.name}.softtargets-{os.getpid()}-", suffix=".tmp"
+    )
     try:
         os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as handle:
@@ -65,7 +154,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 def _cut_torn_tail(path: Path) -> None:
     """If ``path`` does not end with a newline (a write was killed), cut it back to its last one."""
-    with open(path, "r+b") as handle:
+    with os.fdopen(open_own(path, os.O_RDWR), "r+b") as handle:
         size = handle.seek(0, os.SEEK_END)
         if size == 0:
             return
@@ -93,9 +182,9 @@ def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
     """Append one JSON line, written in one call and flushed; never onto a torn line."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():
+    if target.exists() or target.is_symlink():
         _cut_torn_tail(target)
-    with open(target, "a") as handle:
+    with os.fdopen(open_own(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a") as handle:
         handle.write(json.dumps(record, sort_keys=True) + "\n")
         handle.flush()
 
@@ -107,10 +196,11 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     a JSON object is an error naming it, since it was not written by softtargets.
     """
     target = Path(path)
-    if not target.exists():
+    if not target.exists() and not target.is_symlink():
         return []
     try:
-        text = target.read_text()
+        with os.fdopen(open_own(target, os.O_RDONLY), "rb") as handle:
+            text = handle.read().decode()
     except (OSError, UnicodeDecodeError) as err:
         raise SoftTargetsError(f"{target} cannot be read ({err}); remove the file") from None
     lines = text.split("\n")

@@ -1,4 +1,6 @@
-"""TODO: data/counts.py."""
+"""Rows that aggregate many observations: counts become class proportions (the soft targets) and
+the number of observations becomes the row's weight, as R's ``glm(cbind(successes, failures))``
+takes them; ``aggregate`` and ``expand`` go between raw observations and counted rows."""
 
 from __future__ import annotations
 

@@ -34,6 +34,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 from softtargets.data.dataset import Dataset, encode_labels
 from softtargets.errors import SoftTargetsError
+from softtargets.files import RUN_MANIFEST
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -172,7 +173,10 @@ class ImageFolderRows(TorchDataset):
         self.root, self.transform, self.size = Path(root), transform, size
         if not self.root.is_dir():
             raise SoftTargetsError(f"{root}: not a folder of class folders")
-        classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        # a softtargets run folder inside the data (an --out of old) is not a class
+        classes = sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and not (p / RUN_MANIFEST).exists()
+        )
         self.files: list[tuple[Path, int]] = []
         for label, name in enumerate(classes):
             files = sorted(

@@ -30,7 +30,13 @@ from torch import nn
 from softtargets import distributed
 from softtargets.config import DistillConfig
 from softtargets.losses.methods import METHODS
-from softtargets.run.folder import FIT_IDENTITY, RunFolder, config_key, fit_records
+from softtargets.run.folder import (
+    FIT_IDENTITY,
+    RunFolder,
+    check_out_of_inputs,
+    config_key,
+    fit_records,
+)
 from softtargets.run.report import DistillOutcome, method_label, of_total, write_report
 from softtargets.run.teacher import (
     Finished,
@@ -72,6 +78,7 @@ def run_distillation(
     store and trains new students.
     """
     started = time.perf_counter()
+    check_out_of_inputs(out_dir, [config.data.name, config.data.test])
     prepared = prepare(config)
     with RunFolder.open(out_dir, overwrite=overwrite, log=log) as folder:
         part = teacher_in(folder, config, prepared, progress, log)

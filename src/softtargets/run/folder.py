@@ -40,9 +40,18 @@ from torch import nn
 from softtargets import distributed
 from softtargets.config import DistillConfig
 from softtargets.errors import SoftTargetsError
-from softtargets.files import append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl
+from softtargets.files import (
+    RUN_MANIFEST,
+    append_jsonl,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_writable,
+    open_own,
+    read_jsonl,
+    remove_dead_temporaries,
+)
 
-MANIFEST = ".softtargets-run.json"
+MANIFEST = RUN_MANIFEST
 
 
 LOCK = ".softtargets.lock"
@@ -83,6 +92,21 @@ def check_out_path(path: Path, shared: bool = False) -> Path:
     return target
 
 
+def check_out_of_inputs(out: str | Path, inputs: Sequence[str | None]) -> None:
+    """Refuse an ``--out`` inside a folder the run reads (``--data``, ``--test-data``): its files
+    would become part of the data (a figure read as an image of a new class)."""
+    target = Path(out).expanduser().resolve()
+    for given in inputs:
+        if given is None or not Path(given).expanduser().is_dir():
+            continue
+        source = Path(given).expanduser().resolve()
+        if target == source or source in target.parents:
+            raise SoftTargetsError(
+                f"--out {out} is inside the data folder {given}; write the run elsewhere (its "
+                "files would be read as data)"
+            )
+
+
 class _Lock:
     """An exclusive OS lock on ``path`` (``fcntl.flock``, ``msvcrt.locking`` on Windows)."""
 
@@ -91,9 +115,10 @@ class _Lock:
         self._handle: Any = None
 
     def acquire(self, wait: bool, log: Callable[[str], None]) -> None:
-        handle = open(self.path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+        # held open for the lock's lifetime; never through a link planted in the folder
+        handle = os.fdopen(open_own(self.path, os.O_RDWR | os.O_CREAT), "r+")
         if not self._try(handle, blocking=False):
-            holder = self.path.read_text().strip() or "another process"
+            holder = handle.read().strip() or "another process"
             if not wait:
                 handle.close()
                 raise SoftTargetsError(
@@ -204,6 +229,8 @@ class RunFolder:
                 _remove_if_only_ours(root)
             raise
         try:
+            for name in remove_dead_temporaries(root):  # left by a writer killed mid-write
+                log(f"removed {name}, a temporary file of an interrupted softtargets run")
             folder._read_manifest()
             if not (root / MANIFEST).exists():
                 folder._save_manifest()  # from now on the folder is known as a run folder
@@ -274,6 +301,7 @@ class RunFolder:
     def remove(self, name: str) -> None:
         """Delete ``name``, a file this folder wrote (a finished fit's checkpoint)."""
         if self.writer and name in self._manifest["files"]:
+            check_writable(self.root / name)
             (self.root / name).unlink(missing_ok=True)
             self._manifest["files"].remove(name)
             self._save_manifest()
@@ -285,6 +313,10 @@ class RunFolder:
             target = self.root / name
             # a manifest entry is a plain name inside this folder; anything else is not ours
             if "/" in name or "\\" in name or name.startswith(".") or not target.is_file():
+                continue
+            try:
+                check_writable(target)  # a link or hard link put in its place is not ours
+            except SoftTargetsError:
                 continue
             target.unlink()
             removed.append(name)

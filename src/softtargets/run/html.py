@@ -1,11 +1,67 @@
-"""TODO: run/html.py."""
+"""Markdown to one self-contained HTML page (the subset the reports use), and the one reader of
+the images a page embeds.
+
+An image is embedded only when :func:`read_image` finds it a regular PNG file inside its study's
+own folder, reached without a link and under :data:`MAX_IMAGE_BYTES`: a section that names any
+other path (``/etc/shadow``, ``/dev/zero``, a link out of the folder) gets a one-line warning and
+no image, so a shared or tampered study folder cannot make a report disclose a file.
+"""
 
 from __future__ import annotations
 
 import base64
 import html
+import os
 import re
+import stat
+import warnings
 from pathlib import Path
+
+from softtargets.files import SoftTargetsWarning
+
+#: the largest image a report embeds (a study's figures are a few hundred KB)
+MAX_IMAGE_BYTES = 20 << 20
+_PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def read_image(folder: Path, name: str) -> bytes | None:
+    """The bytes of image ``name`` (relative to ``folder``), or ``None`` with a one-line warning
+    unless it is a PNG file inside ``folder``, every part of its path a real folder or file (no
+    link), a regular file under :data:`MAX_IMAGE_BYTES`."""
+    parts = Path(name).parts
+    where = folder
+    problem = None
+    if not parts or Path(name).is_absolute() or ".." in parts:
+        problem = "is not a file inside the study's folder"
+    else:
+        for part in parts:
+            where = where / part
+            try:
+                info = os.lstat(where)
+            except OSError:
+                problem = "does not exist"
+                break
+            if stat.S_ISLNK(info.st_mode):
+                problem = "is reached through a link"
+                break
+        else:
+            if not stat.S_ISREG(info.st_mode):
+                problem = "is not a regular file"
+            elif info.st_size > MAX_IMAGE_BYTES:
+                problem = f"is larger than {MAX_IMAGE_BYTES >> 20} MB"
+    if problem is None:
+        with open(where, "rb") as handle:
+            data = handle.read(MAX_IMAGE_BYTES + 1)
+        if not data.startswith(_PNG) or len(data) > MAX_IMAGE_BYTES:
+            problem = "is not a PNG image"
+        else:
+            return data
+    warnings.warn(
+        f"{folder / name} {problem}; the report leaves that image out",
+        SoftTargetsWarning,
+        stacklevel=2,
+    )
+    return None
 
 
 def _anchor(title: str) -> str:
@@ -19,8 +75,10 @@ def _inline(text: str) -> str:
     return re.sub(r"\[(.+?)\]\((#[^)]+)\)", r'<a href="\2">\1</a>', text)
 
 
-def to_html(markdown: str, base: Path) -> str:
-    """HTML for the Markdown subset the reports use (headings, paragraphs, tables, images)."""
+def to_html(markdown: str, images: dict[str, bytes]) -> str:
+    """HTML for the Markdown subset the reports use (headings, paragraphs, tables, images);
+    ``images`` holds the bytes of each image link, read by :func:`read_image` (a link without
+    them is left out)."""
     body, table = [], []
 
     def flush_table() -> None:
@@ -47,8 +105,9 @@ def to_html(markdown: str, base: Path) -> str:
         flush_table()
         image = re.fullmatch(r"!\[([^\]]*)\]\(([^)]+)\)", line.strip())
         if image:
-            path = base / image[2]
-            data = base64.b64encode(path.read_bytes()).decode() if path.exists() else ""
+            if image[2] not in images:
+                continue
+            data = base64.b64encode(images[image[2]]).decode()
             body.append(
                 f'<figure><img alt="{html.escape(image[1])}" '
                 f'src="data:image/png;base64,{data}"></figure>'

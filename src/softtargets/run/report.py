@@ -22,7 +22,7 @@ from softtargets.config import DistillConfig
 from softtargets.errors import SoftTargetsError
 from softtargets.run.figures import plot_epoch_curves
 from softtargets.run.folder import RunFolder, config_key, fit_records
-from softtargets.run.html import _anchor, to_html
+from softtargets.run.html import _anchor, read_image, to_html
 from softtargets.run.stats import Estimate, Verdict, mean_ci, paired_difference
 from softtargets.training.selection import FitResult
 
@@ -89,17 +89,25 @@ def build_report(
             for _, r in studies
         ],
     )
-    sections = []
+    sections, images = [], {}
     for directory, _ in studies:
-        text = (directory / "section.md").read_text()
-        # figure links are relative to the study directory; make them relative to the report
+        section = directory / "section.md"
+        try:
+            text = section.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise SoftTargetsError(f"{section} cannot be read ({err}); re-run that study") from None
+        # figure links are relative to the study directory; make them relative to the report.
+        # Only images read_image vets are kept: a section cannot embed a file outside its folder.
         rel = Path(_relative(directory, out))
-        text = re.sub(
-            r"!\[([^\]]*)\]\(([^)]+)\)",
-            lambda m, rel=rel: f"![{m[1]}]({(rel / m[2]).as_posix()})",
-            text,
-        )
-        sections.append(text)
+
+        def figure(match: re.Match[str], directory: Path = directory, rel: Path = rel) -> str:
+            data = read_image(directory, match[2])
+            if data is None:
+                return ""
+            images[(rel / match[2]).as_posix()] = data
+            return f"![{match[1]}]({(rel / match[2]).as_posix()})"
+
+        sections.append(re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", figure, text))
     markdown = "\n".join(
         [
             "# What soft targets do: measured",
@@ -121,7 +129,7 @@ def build_report(
     # files written here, and a report.md that softtargets did not write is never replaced.
     with RunFolder.open(out, shared=True) as folder:
         md_path = folder.write_text("report.md", markdown)
-        html_path = folder.write_text("report.html", to_html(markdown, out))
+        html_path = folder.write_text("report.html", to_html(markdown, images))
     return md_path, html_path
 
 

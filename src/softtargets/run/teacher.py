@@ -1,4 +1,6 @@
-"""TODO: run/teacher.py."""
+"""The main job's first half: the run's data and splits, checked before anything is written, then
+the teacher (trained, or reloaded when the folder has it for the same settings and data) and its
+store. The studies reuse it for their cached teachers."""
 
 from __future__ import annotations
 
@@ -17,7 +19,14 @@ from softtargets.data.fingerprint import labels_fingerprint
 from softtargets.data.targets import smooth
 from softtargets.errors import SoftTargetsError
 from softtargets.losses.methods import check_run_methods
-from softtargets.run.folder import FIT_IDENTITY, RunFolder, config_key, fit_records, settings_key
+from softtargets.run.folder import (
+    FIT_IDENTITY,
+    RunFolder,
+    check_out_of_inputs,
+    config_key,
+    fit_records,
+    settings_key,
+)
 from softtargets.run.report import of_total
 from softtargets.store.label import label
 from softtargets.store.store import SoftTargetStore
@@ -175,6 +184,7 @@ def run_teacher(
     ``wait``: if another process holds the folder, wait for it instead of failing (the studies'
     shared teachers).
     """
+    check_out_of_inputs(out_dir, [config.data.name, config.data.test])
     prepared = prepare(config)
     with RunFolder.open(out_dir, overwrite=overwrite, wait=wait, log=log) as folder:
         return teacher_in(folder, config, prepared, progress, log)

@@ -1,4 +1,6 @@
-"""TODO: store/label.py."""
+"""Running a teacher once: :func:`label` turns a teacher and data (in memory or streamed) into a
+:class:`~softtargets.store.store.SoftTargetStore`; :func:`ensemble` combines several teachers'
+stores; :func:`predict_logits` is the batched eval-mode forward pass they share."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO: store/write.py."""
+"""Stores too large for memory: :func:`label_to_file` streams batches through the teacher into the
+store's file chunk by chunk (its layout fixed by the header), one shard per process under
+torchrun (:func:`shard_rows`), and :func:`finish_shards` joins the shards into one store."""
 
 from __future__ import annotations
 

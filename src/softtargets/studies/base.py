@@ -40,7 +40,7 @@ from softtargets.config import (
     teacher_model,
     teacher_training,
 )
-from softtargets.run.folder import RunFolder, config_key
+from softtargets.run.folder import RunFolder, check_out_of_inputs, config_key
 from softtargets.run.report import StudyOutput, rows_csv, section_markdown
 from softtargets.run.teacher import TeacherRun, run_teacher
 from softtargets.studies import study_module
@@ -173,6 +173,7 @@ def run_study(
     """Run study ``name`` and write its directory; returns the JSON written to results.json."""
 
     module = study_module(name)
+    check_out_of_inputs(out_dir, [config.data, config.test_data])
     with RunFolder.open(out_dir, log=log) as folder:
         return _run_in(folder, name, module, config, progress, log, command)
 

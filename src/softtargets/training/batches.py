@@ -1,4 +1,6 @@
-"""TODO: training/batches.py."""
+"""A fit's batches: in-memory data batched by a seeded index permutation (no ``DataLoader``), or a
+streamed dataset through one; each carries its objective (:mod:`softtargets.training.objectives`)
+and deals its rows out to the processes under torchrun."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO: training/common.py."""
+"""What every trainer shares: the device, the optimizer, and the checks of a fit's lengths and parts."""
 
 from __future__ import annotations
 
