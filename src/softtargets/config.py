@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from softtargets.errors import SoftTargetsError
+from softtargets.files import parse_yaml, read_small_text
 
 #: Temperatures softtargets accepts. Beyond them the losses leave float32's range: z / T overflows
 #: for tiny T, and the T^2 factor of Hinton's loss multiplies a KL that rounds to 0 for huge T.
@@ -263,16 +264,7 @@ def parse_config(model: type[Strict], values: dict[str, Any], source: str = "con
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from ``path``, with a clear error for a missing or malformed file."""
     path = Path(path)
-    if not path.exists():
-        raise SoftTargetsError(f"no config file at {path}")
-    if not path.is_file():
-        raise SoftTargetsError(f"{path} is a folder, not a config file; give a YAML file")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except UnicodeDecodeError:
-        raise SoftTargetsError(f"{path}: not a text file; give a YAML config") from None
-    except yaml.YAMLError as err:
-        raise SoftTargetsError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    values = parse_yaml(read_small_text(path, "config file"), str(path)) or {}
     if not isinstance(values, dict):
         raise SoftTargetsError(f"{path}: the config must be a mapping of keys to values")
     return values

@@ -30,6 +30,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+import yaml
+
 from softtargets.errors import SoftTargetsError
 
 
@@ -50,6 +52,103 @@ def _umask() -> int:
 RUN_MANIFEST = ".softtargets-run.json"
 
 _TEMPORARY = re.compile(r"^\..+\.softtargets-(\d+)-[^.]+\.tmp$")
+
+
+#: softtargets' own JSON and YAML files (configs, manifests, records, headers) are small: a larger
+#: one, or one nested deeper than this, was not written by softtargets
+MAX_TEXT_BYTES = 64 << 20
+MAX_DEPTH = 64
+
+
+def _too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def parse_json(text: str | bytes, where: str) -> Any:
+    """``json.loads(text)`` within softtargets' budget: one line naming ``where`` for text that is
+    not JSON, larger than :data:`MAX_TEXT_BYTES` or nested deeper than :data:`MAX_DEPTH`."""
+    if len(text) > MAX_TEXT_BYTES:
+        raise SoftTargetsError(
+            f"{where} is larger than {MAX_TEXT_BYTES >> 20} MB; it was not written by softtargets"
+        )
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        value = None
+        deep = True
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SoftTargetsError(
+            f"{where} is not valid JSON ({err}); it was not written by softtargets"
+        ) from None
+    else:
+        deep = _too_deep(value)
+    if deep:
+        raise SoftTargetsError(
+            f"{where} is nested deeper than {MAX_DEPTH} levels; it was not written by softtargets"
+        )
+    return value
+
+
+def read_small_text(path: str | os.PathLike[str], what: str = "file") -> str:
+    """The UTF-8 text of one of softtargets' own small files (a config, a manifest, a results or
+    model JSON): refused with one line unless it is a regular file of at most
+    :data:`MAX_TEXT_BYTES`; a FIFO or a device is never opened."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise SoftTargetsError(f"no {what} at {path}") from None
+    except OSError as err:
+        raise SoftTargetsError(f"{path}: cannot read it ({err.strerror})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise SoftTargetsError(f"{path} is a folder, not a {what}")
+    if not stat.S_ISREG(info.st_mode):
+        raise SoftTargetsError(f"{path} is not a regular file; give a {what}")
+    if info.st_size > MAX_TEXT_BYTES:
+        raise SoftTargetsError(f"{path} is larger than {MAX_TEXT_BYTES >> 20} MB; give a {what}")
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(MAX_TEXT_BYTES + 1).decode("utf-8")
+    except UnicodeDecodeError:
+        raise SoftTargetsError(f"{path}: not a text file (not UTF-8); give a {what}") from None
+    except OSError as err:
+        raise SoftTargetsError(f"{path}: cannot read it ({err.strerror})") from None
+
+
+class _NoAliases(yaml.SafeLoader):
+    """YAML without anchors and aliases: a few hundred bytes of aliases can expand to gigabytes
+    ("billion laughs"), and a config has no use for them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.events.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(f"YAML aliases (*name) are not accepted (line {mark.line + 1})")
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load(text)`` within softtargets' budget: no aliases, at most
+    :data:`MAX_TEXT_BYTES` and :data:`MAX_DEPTH` levels; one line naming ``where`` otherwise."""
+    if len(text) > MAX_TEXT_BYTES:
+        raise SoftTargetsError(
+            f"{where} is larger than {MAX_TEXT_BYTES >> 20} MB; give a config file"
+        )
+    try:
+        value = yaml.load(text, Loader=_NoAliases)  # noqa: S506 - a SafeLoader without aliases
+    except RecursionError:
+        raise SoftTargetsError(f"{where} is nested too deeply") from None
+    except yaml.YAMLError as err:
+        raise SoftTargetsError(f"{where}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if _too_deep(value):
+        raise SoftTargetsError(f"{where} is nested deeper than {MAX_DEPTH} levels")
+    return value
 
 
 def _link_problem(info: os.stat_result) -> str | None:
@@ -209,8 +308,8 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+            record = parse_json(line, f"{target}, line {number}")
+        except SoftTargetsError:
             if number == len(lines):  # the last line, with no newline after it: torn by a kill
                 warnings.warn(
                     f"{target}: ignored a torn last line left by an interrupted run",

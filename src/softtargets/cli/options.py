@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 
 from softtargets.config import DistillConfig
 from softtargets.errors import SoftTargetsError
+from softtargets.files import parse_yaml
 from softtargets.losses.methods import METHODS
 
 
@@ -26,10 +26,7 @@ def parse_options(pairs: list[str] | None, what: str) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise SoftTargetsError(f"{what} option {pair!r} must look like key=value")
-        try:
-            options[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise SoftTargetsError(f"{what} option {pair!r}: cannot read the value") from None
+        options[key.strip()] = parse_yaml(value, f"{what} option {pair!r}")
     return options
 
 

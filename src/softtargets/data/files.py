@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import csv
 import gzip
+import os
 import pickle
+import stat
 import struct
 from pathlib import Path
 from typing import Any
@@ -39,11 +41,19 @@ from softtargets.errors import SoftTargetsError
 def load_file(path: str | Path, label_column: str | int | None = None) -> Dataset:
     """Load a dataset from ``path``, choosing the loader by file name (see the module docstring)."""
     path = Path(path)
-    if not path.exists():
-        raise SoftTargetsError(f"no such file or folder: {path}")
+    try:
+        info = os.stat(path)  # follows a link: what is read is what it points to
+    except FileNotFoundError:
+        raise SoftTargetsError(f"no such file or folder: {path}") from None
+    except OSError as err:
+        raise SoftTargetsError(f"{path}: cannot read it ({err.strerror})") from None
     name = path.name.lower()
-    if path.is_dir():
+    if stat.S_ISDIR(info.st_mode):
         return load_image_folder(path)
+    if not stat.S_ISREG(info.st_mode):  # a FIFO would block for ever, /dev/zero never end
+        raise SoftTargetsError(
+            f"{path} is not a regular file (a device, FIFO or socket); give a data file"
+        )
     if name.endswith(".npz"):
         return load_npz(path)
     if name.endswith(".npy"):

@@ -182,6 +182,11 @@ class ImageFolderRows(TorchDataset):
             files = sorted(
                 f for f in (self.root / name).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES
             )
+            special = next((f for f in files if not f.is_file()), None)
+            if special is not None:  # a FIFO named .png would block the loader for ever
+                raise SoftTargetsError(
+                    f"{special} is not a regular file; remove it from the image folder"
+                )
             if not files:
                 # an empty class would still take a class index and an output of every model
                 raise SoftTargetsError(

@@ -47,7 +47,9 @@ from softtargets.files import (
     atomic_write_text,
     check_writable,
     open_own,
+    parse_json,
     read_jsonl,
+    read_small_text,
     remove_dead_temporaries,
 )
 
@@ -249,8 +251,8 @@ class RunFolder:
         if not path.exists():
             return
         try:
-            manifest = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            manifest = parse_json(read_small_text(path, "manifest"), str(path))
+        except SoftTargetsError:
             raise SoftTargetsError(
                 f"{path} is unreadable; this run folder's manifest is corrupt, use another --out"
             ) from None

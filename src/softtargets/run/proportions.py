@@ -18,6 +18,7 @@ import torch
 
 from softtargets.data.files import read_columns
 from softtargets.errors import SoftTargetsError
+from softtargets.files import parse_json, read_small_text
 from softtargets.run.folder import RunFolder
 from softtargets.training.models import mlp
 from softtargets.training.sklearn import SoftLabelClassifier
@@ -73,7 +74,10 @@ class ProportionModel:
                 f"{directory} holds no model; fit one with softtargets fit-proportions"
             )
         try:
-            meta = json.loads((directory / "model.json").read_text())
+            meta = parse_json(
+                read_small_text(directory / "model.json", "model.json"),
+                str(directory / "model.json"),
+            )
             tensors = load_file(str(directory / "model.safetensors"))
         except (json.JSONDecodeError, OSError, Exception) as err:
             raise SoftTargetsError(

@@ -20,6 +20,7 @@ from typing import Any
 
 from softtargets.config import DistillConfig
 from softtargets.errors import SoftTargetsError
+from softtargets.files import parse_json, read_small_text
 from softtargets.run.figures import plot_epoch_curves
 from softtargets.run.folder import RunFolder, config_key, fit_records
 from softtargets.run.html import _anchor, read_image, to_html
@@ -49,7 +50,7 @@ def find_studies(runs: Path, order: Sequence[str] = ()) -> list[tuple[Path, dict
     needed = ("study", "title", "verdict", "config")
     for path in sorted(runs.glob(STUDY_GLOB)):
         try:
-            result = json.loads(path.read_text())
+            result = parse_json(read_small_text(path, "results.json"), str(path))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise SoftTargetsError(f"{path} is not valid JSON; re-run that study") from None
         missing = [k for k in needed if not isinstance(result, dict) or k not in result]

@@ -28,7 +28,7 @@ from softtargets.data.fingerprint import labels_fingerprint
 from softtargets.data.targets import check_finite
 from softtargets.data.targets import soften as soften_logits
 from softtargets.errors import SoftTargetsError
-from softtargets.files import atomic_write_bytes
+from softtargets.files import atomic_write_bytes, parse_json
 
 FORMAT = "softtargets.store"
 
@@ -309,11 +309,13 @@ class SoftTargetStore:
         if logits.ndim != 2 or ids.shape != (logits.shape[0],):
             raise SoftTargetsError(f"{corrupt} (logits and ids do not line up); label again")
         try:
-            names = json.loads(meta["class_names"])
-            info = json.loads(meta.get("info", "{}"))
+            names = parse_json(meta["class_names"], "its class_names")
+            info = parse_json(meta.get("info", "{}"), "its info")
             fingerprints = (meta["teacher_fingerprint"], meta["data_fingerprint"])
-        except (KeyError, json.JSONDecodeError) as err:
+        except KeyError as err:
             raise SoftTargetsError(f"{corrupt} (its header lacks {err}); label again") from None
+        except SoftTargetsError as err:
+            raise SoftTargetsError(f"{corrupt} ({err}); label again") from None
         top_indices, tail = tensors.get("top_indices"), tensors.get("tail")
         if (top_indices is None) != (tail is None) or (
             top_indices is not None

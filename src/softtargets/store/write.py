@@ -23,7 +23,7 @@ from softtargets.data.dataset import Dataset
 from softtargets.data.fingerprint import Fingerprinter
 from softtargets.data.targets import check_finite
 from softtargets.errors import SoftTargetsError
-from softtargets.files import atomic_open, atomic_write_text
+from softtargets.files import atomic_open, atomic_write_text, parse_json, read_small_text
 from softtargets.store.store import FORMAT, FORMAT_VERSION, _safetensors_header, fingerprint_module
 
 
@@ -182,7 +182,7 @@ def finish_shards(path: str | Path, count: int) -> Path:
                 f"shard {index} of {count} of {path} is not written yet ({note_path} is missing); "
                 "run its labelling, then finish again"
             )
-        notes.append(json.loads(note_path.read_text()))
+        notes.append(parse_json(read_small_text(note_path, "shard note"), str(note_path)))
     first = notes[0]
     for note in notes:
         if (note["header"], note["num_rows"], note["dtype"]) != (
@@ -203,7 +203,10 @@ def finish_shards(path: str | Path, count: int) -> Path:
     header["data_fingerprint"] = Fingerprinter.combine(shapes.pop() if shapes else (), digests)
     dtype = torch.float16 if first["dtype"] == "float16" else torch.float32
     layout = _StoreLayout(
-        first["num_rows"], len(json.loads(header["class_names"])), dtype, first["header"]
+        first["num_rows"],
+        len(parse_json(header["class_names"], "a shard note's class_names")),
+        dtype,
+        first["header"],
     )
     partial = Path(f"{path}.partial")
     with open(partial, "r+b") as handle:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from softtargets.errors import SoftTargetsError
-from softtargets.files import atomic_open
+from softtargets.files import atomic_open, parse_json
 
 FORMAT = "softtargets.training.checkpoint"
 
@@ -161,10 +161,10 @@ def load(path: str | Path, key: str) -> FitState | None:
         key=key,
         epoch=int(meta["epoch"]),
         model=parts["model"],
-        optimizer=_join_optimizer(json.loads(meta["optimizer"]), parts["optimizer"]),
+        optimizer=_join_optimizer(parse_json(meta["optimizer"], f"{path}"), parts["optimizer"]),
         best=parts["best"] if meta.get("has_best") == "True" else None,
         rng=parts["rng"],
-        progress=json.loads(meta["progress"]),
+        progress=parse_json(meta["progress"], f"{path}"),
     )
 
 
