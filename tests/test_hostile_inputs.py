@@ -71,15 +71,15 @@ def test_yaml_aliases_are_refused_before_they_expand(tmp_path) -> None:
     )
     assert len(config.read_bytes()) < 1000  # 9^9 strings, some 3 GB, if expanded
     before = _peak_mb()
-    _one_line(lambda: load_config(DistillConfig, config), "aliases")
-    _one_line(lambda: parse_yaml(LAUGHS, "an option"), "aliases")
+    _one_line(lambda: load_config(DistillConfig, config), r"aliases \(\*name\) are not")
+    _one_line(lambda: parse_yaml(LAUGHS, "an option"), r"aliases \(\*name\) are not")
     assert _peak_mb() - before < 200
 
 
 @pytest.mark.parametrize("depth", [70, 100_000])
 def test_deeply_nested_json_in_our_files_is_one_line(tmp_path, depth) -> None:
     nested = "[" * depth + "]" * depth
-    _one_line(lambda: parse_json(nested, "x.json"), "nested")
+    _one_line(lambda: parse_json(nested, "x.json"), "nested deeper than 64")
     # a run folder's manifest and a records file, tampered with
     run = tmp_path / "run"
     with RunFolder.open(run) as folder:
@@ -107,3 +107,121 @@ def test_records_still_append_and_read_after_the_budget_checks(tmp_path) -> None
     for epoch in range(3):
         append_jsonl(path, {"epoch": epoch, "nested": {"a": [1, {"b": 2}]}})
     assert [r["epoch"] for r in read_jsonl(path)] == [0, 1, 2]
+
+
+# ----------------------------------------------------------------------- declared sizes
+@pytest.fixture
+def budget(monkeypatch) -> int:
+    monkeypatch.setenv("SOFTTARGETS_MEMORY_BUDGET_MB", "256")
+    return 256
+
+
+def _npy_bytes(shape: tuple[int, ...], payload: bytes = b"") -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": "<f8", "fortran_order": False, "shape": shape}
+    )
+    return buffer.getvalue() + payload
+
+
+def test_an_npy_or_npz_header_that_lies_about_its_size_is_refused(tmp_path, budget) -> None:
+    import zipfile
+
+    lying = tmp_path / "lying.npy"
+    lying.write_bytes(_npy_bytes((10**12, 3), b"\0" * 48))
+    _one_line(lambda: load_file(lying), "declares shape")
+    archive = tmp_path / "lying.npz"
+    with zipfile.ZipFile(archive, "w") as handle:
+        handle.writestr("x.npy", _npy_bytes((10**12, 3), b"\0" * 48))
+        handle.writestr("y.npy", _npy_bytes((2,), b"\0" * 16))
+    _one_line(lambda: load_file(archive), "declares shape")
+    # honest, but over the budget: 300 MB of zeros compress to a few hundred KB
+    bomb = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as handle:
+        with handle.open("x.npy", "w", force_zip64=True) as member:
+            member.write(_npy_bytes((300 << 17, 1)))
+            zeros = b"\0" * (1 << 20)
+            for _ in range(300):
+                member.write(zeros)
+    assert bomb.stat().st_size < 2 << 20
+    before = _peak_mb()
+    _one_line(lambda: load_file(bomb), "memory budget")
+    assert _peak_mb() - before < 100
+
+
+@pytest.mark.parametrize(
+    ("header", "says"),
+    [
+        (bytes([0, 0, 0x08, 255]) + b"\0" * 16, "an IDX file of 255 dimensions"),
+        # 2^93 bytes declared: the product wraps to 0 in int64
+        (bytes([0, 0, 0x08, 3]) + (2**31).to_bytes(4, "big") * 3, "over the memory budget"),
+        (bytes([0, 0, 0x08, 3]) + (2**16).to_bytes(4, "big") * 2 + b"\0\0\0\4", "over the memory"),
+        (bytes([0, 0, 0x08, 3]) + (10).to_bytes(4, "big") * 3 + b"\0" * 5, "holds 5 values"),
+    ],
+)
+def test_idx_dimensions_are_checked_before_reading(tmp_path, budget, header, says) -> None:
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(header)
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(bytes([0, 0, 0x08, 1]) + b"\0\0\0\1" + b"\0")
+    _one_line(lambda: load_file(path), says)
+
+
+def test_a_gzipped_idx_bomb_is_refused_before_it_is_decompressed(tmp_path, budget) -> None:
+    import gzip
+
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as handle:  # 400 MB of zeros declared honestly
+        handle.write(
+            bytes([0, 0, 0x08, 3]) + (100_000).to_bytes(4, "big") + (64).to_bytes(4, "big") * 2
+        )
+        zeros = b"\0" * (1 << 20)
+        for _ in range(400):
+            handle.write(zeros)
+    assert path.stat().st_size < 1 << 20
+    with gzip.open(tmp_path / "train-labels-idx1-ubyte.gz", "wb") as handle:
+        handle.write(bytes([0, 0, 0x08, 1]) + (100_000).to_bytes(4, "big") + b"\0" * 100_000)
+    before = _peak_mb()
+    _one_line(lambda: load_file(path), "memory budget")
+    assert _peak_mb() - before < 100
+
+
+def test_an_image_of_too_many_pixels_is_refused_before_decoding(tmp_path) -> None:
+    from PIL import Image
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / name / "0.png")
+    Image.new("1", (11_000, 11_000)).save(tmp_path / "a" / "huge.png")  # 121M pixels
+    assert (tmp_path / "a" / "huge.png").stat().st_size < 1 << 20
+    before = _peak_mb()
+    _one_line(lambda: load_file(tmp_path), "over 16,000,000")
+    assert _peak_mb() - before < 200
+
+
+def test_a_cifar_pickle_of_shared_nested_lists_is_refused_small(tmp_path) -> None:
+    import pickle
+
+    labels: list = [0] * 10
+    for _ in range(9):  # 10^10 entries once expanded, a few hundred bytes pickled
+        labels = [labels] * 10
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({b"data": np.zeros((10, 3072), np.uint8), b"labels": labels}))
+    assert path.stat().st_size < 40_000
+    before = _peak_mb()
+    _one_line(lambda: load_file(path), "flat list")
+    assert _peak_mb() - before < 100
+
+
+def test_a_csv_with_100000_columns_is_read_in_linear_time(tmp_path) -> None:
+    import time
+
+    path = tmp_path / "wide.csv"
+    header = [f"f{i}" for i in range(100_000)] + ["label"]
+    rows = [",".join(header)] + [",".join(["0"] * 100_000 + [str(i % 2)]) for i in range(4)]
+    path.write_text("\n".join(rows) + "\n")
+    start = time.perf_counter()
+    data = load_file(path)
+    assert data.num_features == 100_000
+    assert time.perf_counter() - start < 60  # the quadratic header check took minutes

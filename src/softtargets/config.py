@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +36,43 @@ TEMPERATURE_RANGE = (1e-2, 1e4)
 #: 16 MB temporaries over a 381 MB store left up to +700 MB resident; with 1 MB ones, none
 #: (bench/run_all.py's distill_memory_over_store samples from a thread of its own).
 CHUNK_NUMBERS = 1 << 18
+
+
+#: What one input may ask to allocate, by default half the machine's memory; the environment
+#: variable SOFTTARGETS_MEMORY_BUDGET_MB sets another. Every loader checks a file's declared size
+#: against it before reading, so a few bytes cannot ask for gigabytes.
+MEMORY_BUDGET_FRACTION = 0.5
+#: the most pixels an image may have (PIL's own bomb check is 89M with a warning; 16M is a
+#: 4,000 x 4,000 image, 192 MB as float32 RGB)
+MAX_IMAGE_PIXELS = 16_000_000
+
+
+def memory_budget() -> int:
+    """Bytes one input may allocate: ``$SOFTTARGETS_MEMORY_BUDGET_MB``, else half the RAM."""
+    given = os.environ.get("SOFTTARGETS_MEMORY_BUDGET_MB")
+    if given:
+        try:
+            return int(float(given) * (1 << 20))
+        except ValueError:
+            raise SoftTargetsError(
+                f"SOFTTARGETS_MEMORY_BUDGET_MB={given!r} is not a number of megabytes"
+            ) from None
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume 8 GB
+        ram = 8 << 30
+    return int(ram * MEMORY_BUDGET_FRACTION)
+
+
+def check_budget(nbytes: int, what: str) -> None:
+    """Refuse, in one line, an input that would allocate more than :func:`memory_budget`."""
+    budget = memory_budget()
+    if nbytes > budget:
+        raise SoftTargetsError(
+            f"{what} would take {nbytes / (1 << 20):,.0f} MB, over the memory budget of "
+            f"{budget / (1 << 20):,.0f} MB; stream it (--stream) or raise "
+            "SOFTTARGETS_MEMORY_BUDGET_MB"
+        )
 
 
 def chunk_rows(numbers_per_row: int) -> int:

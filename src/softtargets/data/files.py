@@ -22,16 +22,21 @@ from __future__ import annotations
 
 import csv
 import gzip
+import math
 import os
 import pickle
 import stat
 import struct
+import zipfile
+import zlib
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from softtargets.config import check_budget
 from softtargets.data.builtin import BUILTIN, load_builtin
 from softtargets.data.dataset import Dataset, encode_labels
 from softtargets.data.streams import ImageFolderRows
@@ -79,8 +84,53 @@ def load_file(path: str | Path, label_column: str | int | None = None) -> Datase
     )
 
 
+def _declared_npy(handle: Any, where: str, data_bytes: int, kind: str = ".npy file") -> int:
+    """The bytes an ``.npy`` stream's header declares (shape x item size), checked against the
+    ``data_bytes`` that follow its header and against the memory budget before any is read."""
+    try:
+        major, _ = np.lib.format.read_magic(handle)
+        read = (
+            np.lib.format.read_array_header_1_0
+            if major == 1
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, _, dtype = read(handle)
+    except (ValueError, OSError, SyntaxError) as err:
+        raise SoftTargetsError(f"{where}: not a readable {kind} ({err})") from None
+    if dtype.hasobject:
+        raise SoftTargetsError(
+            f"{where}: not a readable {kind} (an object array needs pickle, which is never read)"
+        )
+    declared = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+    follows = data_bytes - handle.tell()
+    if declared != follows:
+        raise SoftTargetsError(
+            f"{where}: its header declares shape {shape} ({declared:,} bytes) but {follows:,} "
+            "bytes follow; the file is damaged or not what it says"
+        )
+    check_budget(declared, where)
+    return declared
+
+
+def _check_npz(path: Path) -> None:
+    """Each member of an ``.npz`` archive declares no more than it holds, and all fit the
+    budget together (a compressed member is decompressed only up to what it declares)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            total = 0
+            for info in archive.infolist():
+                with archive.open(info) as member:
+                    total += _declared_npy(
+                        member, f"{path}: {info.filename}", info.file_size, ".npz file"
+                    )
+    except zipfile.BadZipFile as err:
+        raise SoftTargetsError(f"{path}: not a readable .npz file ({err})") from None
+    check_budget(total, str(path))
+
+
 def load_npz(path: str | Path) -> Dataset:
     """An ``.npz`` archive with ``x``/``features`` and ``y``/``labels`` arrays."""
+    _check_npz(Path(path))
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {k: archive[k] for k in archive.files}
@@ -108,6 +158,8 @@ def load_npz(path: str | Path) -> Dataset:
 
 def load_npy(path: str | Path, label_column: int = -1) -> Dataset:
     """One 2-D ``.npy`` array whose column ``label_column`` holds integer labels."""
+    with open(path, "rb") as handle:
+        _declared_npy(handle, str(path), os.fstat(handle.fileno()).st_size)
     try:
         table = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
@@ -139,7 +191,7 @@ def load_csv(path: str | Path, label_column: str = "label") -> Dataset:
     if not rows:
         raise SoftTargetsError(f"{path}: the file is empty; it needs a header row and data rows")
     header, body = [h.strip() for h in rows[0]], [r for r in rows[1:] if r]
-    repeated = sorted({h for h in header if header.count(h) > 1})
+    repeated = sorted(name for name, n in Counter(header).items() if n > 1)  # linear
     if repeated:
         raise SoftTargetsError(
             f"{path}: the header names column {repeated[0]!r} more than once; give every "
@@ -200,23 +252,33 @@ def _is_int(text: str) -> bool:
 
 
 def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file's array, its declared shape checked against the budget before the data is
+    read (or decompressed), and never more than it declares read."""
     opener: Any = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as handle:
-        raw = handle.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise SoftTargetsError(f"{path}: not an IDX file (bad magic number)")
-    dtype_code, ndim = raw[2], raw[3]
-    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-    if dtype_code not in dtypes:
-        raise SoftTargetsError(f"{path}: unknown IDX data type 0x{dtype_code:02x}")
-    if len(raw) < 4 + 4 * ndim:
-        raise SoftTargetsError(
-            f"{path}: the IDX header is cut short ({len(raw)} bytes, needs {4 + 4 * ndim}); "
-            "download the file again"
-        )
-    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    data = np.frombuffer(raw, dtype=dtypes[dtype_code], offset=4 + 4 * ndim)
-    if data.size != int(np.prod(shape)):
+    try:
+        with opener(path, "rb") as handle:
+            head = handle.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0:
+                raise SoftTargetsError(f"{path}: not an IDX file (bad magic number)")
+            dtype_code, ndim = head[2], head[3]
+            dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+            if dtype_code not in dtypes:
+                raise SoftTargetsError(f"{path}: unknown IDX data type 0x{dtype_code:02x}")
+            if not 1 <= ndim <= 4:  # MNIST's files have 1 (labels) or 3 (images)
+                raise SoftTargetsError(f"{path}: an IDX file of {ndim} dimensions; expected 1 to 4")
+            dims = handle.read(4 * ndim)
+            if len(dims) < 4 * ndim:
+                raise SoftTargetsError(
+                    f"{path}: the IDX header is cut short; download the file again"
+                )
+            shape = struct.unpack(f">{ndim}I", dims)
+            itemsize = np.dtype(dtypes[dtype_code]).itemsize
+            check_budget(math.prod(shape) * itemsize, str(path))
+            raw = handle.read(math.prod(shape) * itemsize + 1)  # one more: is there extra?
+    except (OSError, EOFError, zlib.error) as err:
+        raise SoftTargetsError(f"{path}: not a readable IDX file ({err})") from None
+    data = np.frombuffer(raw, dtype=dtypes[dtype_code])
+    if data.size != math.prod(shape):
         raise SoftTargetsError(
             f"{path}: IDX header promises shape {shape} but the file holds {data.size} values "
             "(truncated download?)"
@@ -282,6 +344,7 @@ class CifarUnpickler(pickle.Unpickler):
 def load_cifar_batch(path: str | Path) -> Dataset:
     """One CIFAR-10/100 python batch: ``data (N, 3072) uint8`` and ``labels`` (or ``fine_labels``),
     read with :class:`CifarUnpickler` (no code in the file can run)."""
+    check_budget(Path(path).stat().st_size, str(path))
     try:
         with open(path, "rb") as handle:
             batch = CifarUnpickler(handle, encoding="bytes").load()
@@ -293,6 +356,16 @@ def load_cifar_batch(path: str | Path) -> Dataset:
     label_key = next((k for k in ("labels", "fine_labels") if k in batch), None)
     if "data" not in batch or label_key is None:
         raise SoftTargetsError(f"{path}: a CIFAR batch needs 'data' and 'labels' entries")
+    given = batch[label_key]
+    # data is one array; labels one flat list of numbers: a nested list of shared lists (a few
+    # bytes of pickle) would otherwise expand to billions of entries in np.asarray
+    flat = isinstance(given, np.ndarray) or (
+        isinstance(given, list | tuple) and all(isinstance(v, int | np.integer) for v in given)
+    )
+    if not isinstance(batch["data"], np.ndarray) or not flat:
+        raise SoftTargetsError(
+            f"{path}: a CIFAR batch holds 'data' as one array and 'labels' as a flat list"
+        )
     try:
         data = np.asarray(batch["data"], dtype=np.uint8)
         raw_labels = np.asarray(batch[label_key], dtype=np.int64)

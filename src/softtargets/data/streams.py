@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data import Dataset as TorchDataset
 
+from softtargets.config import MAX_IMAGE_PIXELS
 from softtargets.data.dataset import Dataset, encode_labels
 from softtargets.errors import SoftTargetsError
 from softtargets.files import RUN_MANIFEST
@@ -207,11 +208,17 @@ class ImageFolderRows(TorchDataset):
         path, label = self.files[i]
         try:
             with Image.open(path) as image:
+                if image.width * image.height > MAX_IMAGE_PIXELS:  # known before decoding
+                    raise SoftTargetsError(
+                        f"{path} is {image.width} x {image.height} pixels, over "
+                        f"{MAX_IMAGE_PIXELS:,}; resize it first"
+                    )
                 image = image.convert("RGB")
                 if self.size is not None:
                     image = image.resize((self.size[1], self.size[0]))
                 array = np.asarray(image, dtype=np.float32) / 255.0
-        except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+        except (OSError, ValueError, Image.DecompressionBombError) as err:  # PIL's
+            # UnidentifiedImageError is an OSError; a bomb far over its limit fails in open
             raise SoftTargetsError(
                 f"{path}: not a readable image ({str(err).splitlines()[0]}); remove or replace it"
             ) from None
