@@ -11,6 +11,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from softtargets.config import DistillConfig, load_config
 from softtargets.data.files import load_file
@@ -225,3 +226,77 @@ def test_a_csv_with_100000_columns_is_read_in_linear_time(tmp_path) -> None:
     data = load_file(path)
     assert data.num_features == 100_000
     assert time.perf_counter() - start < 60  # the quadratic header check took minutes
+
+
+# ----------------------------------------------------------------------- sizes and options
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        ({"hidden": [8.7]}, "whole numbers >= 1"),
+        ({"hidden": [True]}, "whole numbers >= 1"),
+        ({"hidden": [0]}, "whole numbers >= 1"),
+        ({"hidden": [-4]}, "whole numbers >= 1"),
+        ({"hidden": [[8]]}, "whole numbers >= 1"),
+        ({"hidden": 8}, "a list of whole numbers"),
+        ({"dropout": 2}, r"a fraction in \[0, 1\)"),
+        ({"dropout": "abc"}, "a finite number"),
+        ({"dropout": float("nan")}, "a finite number"),
+    ],
+)
+def test_model_options_are_checked_by_type_and_range(options, says) -> None:
+    from softtargets.training.models import build_model
+
+    _one_line(lambda: build_model("mlp", (6,), 3, seed=0, **options), says)
+
+
+def test_sizes_are_checked_against_the_budget_before_allocating(budget) -> None:
+    from softtargets.data.builtin import load_builtin
+    from softtargets.training.models import build_model
+
+    before = _peak_mb()
+    _one_line(lambda: build_model("mlp", (40,), 10, hidden=[100_000_000]), "memory budget")
+    for name, options in [
+        ("gaussians", {"num_samples": 10**9}),
+        ("gaussians", {"num_classes": 10**6}),
+        ("mnist1d", {"num_samples": 10**9}),
+    ]:
+        _one_line(lambda name=name, options=options: load_builtin(name, **options), "memory budget")
+    assert _peak_mb() - before < 100
+
+
+def test_seeds_and_processes_have_a_ceiling(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from softtargets.cli.app import app
+
+    with pytest.raises(SoftTargetsError, match="seeds"):
+        from softtargets.config import parse_config
+
+        parse_config(DistillConfig, {"seeds": 1_000_000_000})
+    result = CliRunner().invoke(
+        app, ["demo", "--quick", "--nproc", "1000", "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 2 and "more processes than this machine has" in result.output
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "says"),
+    [
+        ("dkd", {"beta": "abc"}, "finite number"),
+        ("dkd", {"beta": float("nan")}, "finite number"),
+        ("kd", {"standardize": "yes"}, "true or false"),
+        ("kd", {"warmup": 1_000_000_000}, "longer than the 2 epochs"),
+    ],
+)
+def test_method_options_are_checked_before_training(method, options, says) -> None:
+    from softtargets.data.builtin import gaussians
+    from softtargets.training.fit import fit
+    from softtargets.training.models import build_model
+    from softtargets.training.objectives import Distillation
+
+    data = gaussians(num_samples=60, num_classes=3, dim=4)
+    teacher_logits = torch.randn(60, 3)
+    student = build_model("mlp", (4,), 3, seed=0, hidden=[4])
+    targets = Distillation(teacher_logits, method=method, options=options)
+    _one_line(lambda: fit(student, data, targets, epochs=2), says)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import os
 import re
 from collections.abc import Callable
@@ -64,14 +65,13 @@ def memory_budget() -> int:
     return int(ram * MEMORY_BUDGET_FRACTION)
 
 
-def check_budget(nbytes: int, what: str) -> None:
+def check_budget(nbytes: int, what: str, fix: str = "read it streamed") -> None:
     """Refuse, in one line, an input that would allocate more than :func:`memory_budget`."""
     budget = memory_budget()
     if nbytes > budget:
         raise SoftTargetsError(
             f"{what} would take {nbytes / (1 << 20):,.0f} MB, over the memory budget of "
-            f"{budget / (1 << 20):,.0f} MB; stream it (--stream) or raise "
-            "SOFTTARGETS_MEMORY_BUDGET_MB"
+            f"{budget / (1 << 20):,.0f} MB; {fix} or raise SOFTTARGETS_MEMORY_BUDGET_MB"
         )
 
 
@@ -90,16 +90,62 @@ def accepted_options(builder: Callable[..., Any], skip: tuple[str, ...] = ()) ->
     ]
 
 
+#: options that are probabilities in [0, 1); every other whole-number option of a builder is a
+#: count or a size (>= 1), but these, which may be 0
+FRACTION_OPTIONS = ("dropout",)
+ZERO_OK_OPTIONS = ("seed",)
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_value(name: str, value: Any, annotation: str, what: str) -> None:
+    """One option's value against the builder's annotation (``int``, ``float``, ``bool``, a
+    sequence of ``int``): its type, finiteness and range, one line otherwise."""
+
+    def bad(expected: str) -> SoftTargetsError:
+        return SoftTargetsError(f"option {name}={value!r} for {what}: expected {expected}")
+
+    least = 0 if name in ZERO_OK_OPTIONS else 1
+    if "Sequence[int]" in annotation or "list[int]" in annotation:
+        if not isinstance(value, list | tuple):
+            raise bad("a list of whole numbers, e.g. [64, 64]")
+        for item in value:
+            if not _whole(item) or item < 1:
+                raise bad(f"whole numbers >= 1 in the list (got {item!r})")
+    elif annotation in ("int", "int | None"):
+        if not (_whole(value) or (value is None and "None" in annotation)):
+            raise bad("a whole number")
+        if value is not None and value < least:
+            raise bad(f"a whole number >= {least}")
+    elif annotation == "float":
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise bad("a finite number")
+        if name in FRACTION_OPTIONS and not 0 <= value < 1:
+            raise bad("a fraction in [0, 1)")
+    elif annotation == "bool" and not isinstance(value, bool):
+        raise bad("true or false")
+
+
 def check_options(
     builder: Callable[..., Any], options: dict[str, Any], what: str, skip: tuple[str, ...] = ()
 ) -> None:
-    """Raise if ``options`` holds a key that ``builder`` does not take."""
+    """Raise if ``options`` holds a key that ``builder`` does not take, or a value that is not of
+    the type its annotation names (a count a whole number >= 1, a dropout a fraction, ...)."""
     valid = accepted_options(builder, skip)
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise SoftTargetsError(
             f"unknown option {unknown[0]!r} for {what}; valid options: {', '.join(valid) or 'none'}"
         )
+    parameters = inspect.signature(builder).parameters
+    for name, value in options.items():
+        _check_value(name, value, str(parameters[name].annotation), what)
 
 
 class Strict(BaseModel):
@@ -178,6 +224,9 @@ class TrainConfig(Strict):
         return options
 
 
+#: the most student seeds a run or study takes (a typo of 10**9 is refused, not allocated)
+MAX_SEEDS = 1000
+
 #: ``fit``'s and ``fit_many``'s defaults: a :class:`TrainConfig` as it comes
 TRAINING = TrainConfig()
 #: Hinton's temperature and the soft term's weight, unless a run says otherwise
@@ -254,7 +303,7 @@ class DistillConfig(Strict):
     method_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="each method's own options, e.g. {dkd: {beta: 8}}"
     )
-    seeds: int = Field(5, ge=1)
+    seeds: int = Field(5, ge=1, le=MAX_SEEDS)
     first_seed: int = 0
     store_dtype: Literal["float32", "float16"] = "float32"
     device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:1, ...")
@@ -343,7 +392,7 @@ class StudyConfig(Strict):
     test_data: str | None = Field(
         None, description="a separate test file for the data file (then split into train/val)"
     )
-    seeds: int = Field(5, ge=1)
+    seeds: int = Field(5, ge=1, le=MAX_SEEDS)
     quick: bool = Field(False, description="a miniature of the same code path (for tests)")
     temperature: float = Field(
         TEMPERATURE,

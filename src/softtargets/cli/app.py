@@ -8,6 +8,7 @@ builds a typed config from a YAML file and flags (the flags and that step are
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -66,6 +67,7 @@ from softtargets.cli.options import (
     parse_method_options,
 )
 from softtargets.cli.proportions import fit_proportions_command, predict
+from softtargets.errors import SoftTargetsError
 from softtargets.losses.methods import METHODS
 
 app = typer.Typer(
@@ -99,7 +101,15 @@ def run_job(config: Any, out: Path, overwrite: bool, nproc: int = 1) -> None:
 
 def relaunch_under_torchrun(nproc: int) -> int:
     """Run this command line again as ``torchrun --standalone --nproc-per-node N -m softtargets
-    ...`` (without ``--nproc``); its exit status."""
+    ...`` (without ``--nproc``); its exit status. At most one process per CPU core (or GPU)."""
+    import torch
+
+    fits = max(os.cpu_count() or 1, torch.cuda.device_count())
+    if nproc > fits:
+        raise SoftTargetsError(
+            f"--nproc {nproc} is more processes than this machine has cores or GPUs ({fits}); "
+            f"use --nproc {fits} or fewer"
+        )
     import subprocess
 
     args, skip = [], False

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from softtargets.config import check_options
+from softtargets.config import check_budget, check_options
 from softtargets.data.dataset import Dataset
 from softtargets.errors import SoftTargetsError
 from softtargets.files import atomic_write_bytes
@@ -199,6 +200,18 @@ def margin_task(
 BUILTIN = {"digits": digits, "mnist1d": mnist1d, "gaussians": gaussians, "margin_task": margin_task}
 
 
+def _declared_bytes(name: str, options: dict[str, Any]) -> int:
+    """What generating built-in dataset ``name`` with ``options`` allocates, about (float32:
+    features, and for gaussians the Bayes probabilities of every row)."""
+    defaults = {k: p.default for k, p in inspect.signature(BUILTIN[name]).parameters.items()}
+    given = {**defaults, **options}
+    rows = int(given.get("num_samples", 1797))
+    width = {"mnist1d": 40, "digits": 64}.get(name, int(given.get("dim", 1)))
+    if name == "gaussians":
+        width += int(given["num_classes"]) * (1 + int(given["clusters_per_class"]))
+    return 8 * rows * (width + 2)
+
+
 def load_builtin(name: str, **options: Any) -> Dataset:
     """A built-in dataset by name, with keyword options for its generator."""
     if name not in BUILTIN:
@@ -208,4 +221,5 @@ def load_builtin(name: str, **options: Any) -> Dataset:
         )
 
     check_options(BUILTIN[name], options, f"dataset {name!r}")
+    check_budget(_declared_bytes(name, options), f"dataset {name!r} with {options}", "ask for less")
     return BUILTIN[name](**options)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -120,6 +121,24 @@ METHODS: dict[str, Method] = {
 LOGIT_METHODS = tuple(name for name, m in METHODS.items() if not m.features)
 
 
+#: what each method option's value is: a finite number, true/false, a name, or whole epochs
+OPTION_KINDS = {
+    "alpha": "number", "beta": "number", "gamma": "number", "weight": "number",
+    "standardize": "flag", "student_layer": "name", "teacher_layer": "name", "loss": "name",
+}  # fmt: skip
+
+
+def _check_option(method: str, key: str, value: Any) -> None:
+    kind = OPTION_KINDS.get(key)
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if kind == "number" and not (number and math.isfinite(value) and value >= 0):
+        raise SoftTargetsError(f"{method}:{key}={value!r}: expected a finite number >= 0")
+    if kind == "flag" and not isinstance(value, bool):
+        raise SoftTargetsError(f"{method}:{key}={value!r}: expected true or false")
+    if kind == "name" and not (value is None or isinstance(value, str)):
+        raise SoftTargetsError(f"{method}:{key}={value!r}: expected a name")
+
+
 def check_method(name: str, options: dict[str, Any] | None, *, features: bool = False) -> dict:
     """``options`` of method ``name`` as a plain dict; one line for an unknown method or option
     or a bad warm-up. ``features``: feature methods (``fitnet``, a run's) are known too."""
@@ -133,6 +152,8 @@ def check_method(name: str, options: dict[str, Any] | None, *, features: bool = 
             raise SoftTargetsError(
                 f"unknown option {key!r} for method {name!r}; it takes: {', '.join(allowed)}"
             )
+    for key, value in options.items():
+        _check_option(name, key, value)
     if "warmup" in options:
         check_warmup(options["warmup"])
     return options
@@ -152,6 +173,16 @@ def check_warmup(warmup: object) -> int:
     if not whole or warmup < 0 or float(warmup) != int(warmup):  # type: ignore[operator,arg-type]
         raise SoftTargetsError(f"warmup must be a whole number of epochs >= 0, got {warmup!r}")
     return int(warmup)  # type: ignore[arg-type]
+
+
+def check_warmup_fits(warmup: int, epochs: int) -> None:
+    """A warm-up no longer than the training: past it, the soft term would never reach alpha while
+    the run is still reported as a soft student."""
+    if warmup > epochs:
+        raise SoftTargetsError(
+            f"warmup={warmup} is longer than the {epochs} epochs of training; the soft term would "
+            f"never reach its weight: use warmup <= {epochs}"
+        )
 
 
 def split_warmup(options: dict[str, Any]) -> tuple[dict[str, Any], int]:

@@ -87,7 +87,10 @@ def _task_rows(ctx: StudyContext, task: str, data: str | None, options: Any) -> 
     for name, (method, options_, alpha) in METHODS.items():
         for t in TEMPERATURES:
             for seed in ctx.seeds:
-                targets = Distillation(part.store, t, alpha, method=method, options=options_)
+                # the quick miniature trains fewer epochs than the recipe's warm-up
+                epochs = ctx.config.student_training.epochs
+                own = {k: min(v, epochs) if k == "warmup" else v for k, v in options_.items()}
+                targets = Distillation(part.store, t, alpha, method=method, options=own)
                 members.append(Member(seed=seed, targets=targets))
                 keys.append((name, t, seed))
     ctx.log(f"methods: {len(members)} students on {task}")

@@ -27,6 +27,7 @@ from softtargets.data import streams
 from softtargets.data.dataset import Dataset, holdout
 from softtargets.data.fingerprint import labels_fingerprint
 from softtargets.errors import SoftTargetsError
+from softtargets.losses.methods import check_warmup_fits
 from softtargets.store.label import predict_logits
 from softtargets.store.store import SoftTargetStore, fingerprint_module
 from softtargets.training import checkpoint as checkpoints
@@ -163,6 +164,7 @@ def fit(
         part.to(device) if isinstance(part, Dataset) else part for part in (val, test)
     )
     start_epoch = getattr(batches.loss, "start_epoch", None)  # a warm-up's hook
+    check_warmup_fits(getattr(batches.loss, "warmup", 0), epochs)
 
     # fork_rng keeps dropout's random draws seeded without changing the caller's global stream.
     # The feature objective's hooks leave the caller's models when training ends, however it ends.

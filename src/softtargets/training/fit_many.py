@@ -39,7 +39,7 @@ from softtargets.data.dataset import Dataset
 from softtargets.data.targets import check_labels
 from softtargets.errors import SoftTargetsError
 from softtargets.losses.closed import StackedCrossEntropy, method_step, method_value_and_grad
-from softtargets.losses.methods import warmup_ramp
+from softtargets.losses.methods import check_warmup_fits, warmup_ramp
 from softtargets.training.common import check_lengths, resolve_device
 from softtargets.training.objectives import (
     Targets,
@@ -317,6 +317,8 @@ def _fit_stack(
             f"has {data.num_features} features and {data.num_classes} classes"
         )
     targets = StackedTargets.for_members(members, data, device)
+    for setting in targets.settings.values():
+        check_warmup_fits(setting.warmup, epochs)
     batches = _Batches(members, data, batch_size, device)
     rates = LearningRates(
         [m.lr if m.lr is not None else lr for m in members],

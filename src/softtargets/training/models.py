@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from softtargets.config import check_options
+from softtargets.config import check_budget, check_options
 from softtargets.errors import SoftTargetsError
 
 
@@ -148,6 +148,12 @@ def build_model(
         raise SoftTargetsError(
             f"cnn2d needs (H, W) or (C, H, W) inputs; this data has {tuple(in_shape)}"
         )
+    with torch.device("meta"):  # counted without allocating: hidden=[10**8] asks for 40 GB
+        parameters = count_parameters(builder(in_shape, num_classes, **options))
+    # weights, their gradients and an optimizer's two moments, in float32
+    check_budget(
+        16 * parameters, f"model {name!r} with {parameters:,} parameters", "use a smaller model"
+    )
     if seed is None:
         return builder(in_shape, num_classes, **options)
     with torch.random.fork_rng(devices=[]):
