@@ -95,8 +95,8 @@ def _declared_npy(handle: Any, where: str, data_bytes: int, kind: str = ".npy fi
             else np.lib.format.read_array_header_2_0
         )
         shape, _, dtype = read(handle)
-    except (ValueError, OSError, SyntaxError) as err:
-        raise SoftTargetsError(f"{where}: not a readable {kind} ({err})") from None
+    except Exception as err:  # numpy's header parser raises ValueError, SyntaxError, TokenError...
+        raise SoftTargetsError(f"{where}: not a readable {kind} ({type(err).__name__})") from None
     if dtype.hasobject:
         raise SoftTargetsError(
             f"{where}: not a readable {kind} (an object array needs pickle, which is never read)"
@@ -123,8 +123,10 @@ def _check_npz(path: Path) -> None:
                     total += _declared_npy(
                         member, f"{path}: {info.filename}", info.file_size, ".npz file"
                     )
-    except zipfile.BadZipFile as err:
-        raise SoftTargetsError(f"{path}: not a readable .npz file ({err})") from None
+    except SoftTargetsError:
+        raise
+    except Exception as err:  # zipfile raises BadZipFile, OSError, NotImplementedError, ...
+        raise SoftTargetsError(f"{path}: not a readable .npz file ({type(err).__name__})") from None
     check_budget(total, str(path))
 
 
@@ -134,8 +136,9 @@ def load_npz(path: str | Path) -> Dataset:
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {k: archive[k] for k in archive.files}
-    except (OSError, ValueError, EOFError) as err:  # object arrays need pickle: refused
-        raise SoftTargetsError(f"{path}: not a readable .npz file ({err})") from None
+    except Exception as err:  # object arrays need pickle: refused; a damaged archive, likewise
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise SoftTargetsError(f"{path}: not a readable .npz file ({first})") from None
     x_key = next((k for k in ("x", "features", "X") if k in arrays), None)
     y_key = next((k for k in ("y", "labels", "Y") if k in arrays), None)
     if x_key is None or y_key is None:
@@ -348,8 +351,11 @@ def load_cifar_batch(path: str | Path) -> Dataset:
     try:
         with open(path, "rb") as handle:
             batch = CifarUnpickler(handle, encoding="bytes").load()
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
-        raise SoftTargetsError(f"{path}: not a readable CIFAR batch ({err})") from None
+    except (
+        Exception
+    ) as err:  # the restricted unpickler builds nothing else: any failure is a bad file
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise SoftTargetsError(f"{path}: not a readable CIFAR batch ({first})") from None
     if not isinstance(batch, dict):
         raise SoftTargetsError(f"{path}: a CIFAR batch is a dict, this file holds {type(batch)}")
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
