@@ -19,6 +19,7 @@ which :func:`read_jsonl` drops with a warning and :func:`append_jsonl` cuts off 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import re
@@ -197,6 +198,43 @@ def open_own(path: str | os.PathLike[str], flags: int) -> int:
             f"{path} {problem}; softtargets does not write through links: remove it"
         )
     return fd
+
+
+#: files up to this size are identified by their content's hash too (JSON lines, reports, figures)
+HASHED_BYTES = 16 << 20
+
+
+def _sha256(path: Path, size: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        digest.update(handle.read(size))
+    return digest.hexdigest()
+
+
+def identity(path: Path) -> dict[str, Any] | None:
+    """What softtargets records of a file it wrote: size, modification time and, for a file of at
+    most :data:`HASHED_BYTES`, the hash of its content; ``None`` if it is gone."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    record: dict[str, Any] = {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
+    if stat.S_ISREG(info.st_mode) and info.st_size <= HASHED_BYTES:
+        record["sha256"] = _sha256(path, info.st_size)
+    return record
+
+
+def still_ours(path: Path, recorded: dict[str, Any]) -> bool:
+    """Whether ``path`` is still the file softtargets recorded (:func:`identity`): the same size
+    and time, or the same content."""
+    now = identity(path)
+    if now is None:
+        return True  # gone: nothing of the user's to protect
+    if (now["size"], now["mtime_ns"]) == (recorded.get("size"), recorded.get("mtime_ns")):
+        return True
+    if "sha256" not in recorded or "sha256" not in now:
+        return False
+    return now["sha256"] == recorded["sha256"]
 
 
 def remove_dead_temporaries(folder: Path) -> list[str]:

@@ -79,7 +79,7 @@ def test_files_are_not_replaced_through_a_hard_link_nor_removed_through_a_link(
     os.link(thesis, run / "report.md")
     (run / "config.yaml").unlink()
     (run / "config.yaml").symlink_to(thesis)
-    with RunFolder.open(run) as folder, pytest.raises(SoftTargetsError, match="hard link"):
+    with RunFolder.open(run) as folder, pytest.raises(SoftTargetsError, match="hard link|replaced"):
         folder.write_text("report.md", "the next run's report")
     with RunFolder.open(run, overwrite=True):  # --overwrite removes only what softtargets wrote
         pass
@@ -176,3 +176,22 @@ def test_an_out_inside_the_data_folder_is_refused_and_run_folders_are_not_classe
         folder.write_bytes("accuracy.png", b"x")
     (data / "old-run" / "sub").mkdir()
     assert ImageFolderRows(data).class_names == ("cat", "dog")
+
+
+def test_a_file_the_user_replaced_is_theirs_never_overwritten_nor_removed(tmp_path) -> None:
+    run = tmp_path / "run"
+    with RunFolder.open(run) as folder:
+        folder.write_text("report.md", "ours")
+        folder.write_text("config.yaml", "ours too")
+    (run / "report.md").write_text("my own notes on the run")  # replaced in place
+    with RunFolder.open(run) as folder:
+        with pytest.raises(SoftTargetsError, match="replaced since softtargets wrote it") as caught:
+            folder.write_text("report.md", "the next run's report")
+        assert "\n" not in str(caught.value)
+        folder.write_text("config.yaml", "rewritten: still ours")  # unchanged files are ours
+    said = []
+    with RunFolder.open(run, overwrite=True, log=said.append):
+        pass
+    assert (run / "report.md").read_text() == "my own notes on the run"
+    assert not (run / "config.yaml").exists()
+    assert len(said) == 1 and "report.md" in said[0]

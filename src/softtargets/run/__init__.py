@@ -2,7 +2,8 @@
 
 | module | holds |
 | --- | --- |
-| :mod:`~softtargets.run.folder` | ``RunFolder``: lock, manifest, records, settings keys |
+| :mod:`~softtargets.run.folder` | ``RunFolder``: manifest (what it wrote, as it wrote it), records, settings keys |
+| :mod:`~softtargets.run.lock` | the OS lock a job holds on its folder |
 | :mod:`~softtargets.run.teacher` | the main job's first half: data, splits, the teacher and its store |
 | :mod:`~softtargets.run.distill` | the main job: students over seeds and methods |
 | :mod:`~softtargets.run.report` | every table, paired difference and report (run, study, all studies) |

@@ -26,10 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import socket
-import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,12 +42,14 @@ from softtargets.files import (
     atomic_write_bytes,
     atomic_write_text,
     check_writable,
-    open_own,
+    identity,
     parse_json,
     read_jsonl,
     read_small_text,
     remove_dead_temporaries,
+    still_ours,
 )
+from softtargets.run.lock import Lock
 
 MANIFEST = RUN_MANIFEST
 
@@ -109,62 +107,6 @@ def check_out_of_inputs(out: str | Path, inputs: Sequence[str | None]) -> None:
             )
 
 
-class _Lock:
-    """An exclusive OS lock on ``path`` (``fcntl.flock``, ``msvcrt.locking`` on Windows)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._handle: Any = None
-
-    def acquire(self, wait: bool, log: Callable[[str], None]) -> None:
-        # held open for the lock's lifetime; never through a link planted in the folder
-        handle = os.fdopen(open_own(self.path, os.O_RDWR | os.O_CREAT), "r+")
-        if not self._try(handle, blocking=False):
-            holder = handle.read().strip() or "another process"
-            if not wait:
-                handle.close()
-                raise SoftTargetsError(
-                    f"{self.path.parent} is in use by another softtargets run ({holder}); wait "
-                    "for it to finish or use another --out"
-                )
-            log(f"waiting for {self.path.parent}, in use by {holder}")
-            self._try(handle, blocking=True)
-        handle.seek(0)
-        handle.truncate()
-        command = " ".join(["softtargets", *sys.argv[1:]]) if sys.argv else "python"
-        handle.write(
-            f"pid {os.getpid()} on {socket.gethostname()}, started "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {command}\n"
-        )
-        handle.flush()
-        self._handle = handle
-
-    @staticmethod
-    def _try(handle: Any, blocking: bool) -> bool:
-        try:
-            import fcntl
-
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except ImportError:  # Windows
-            import msvcrt
-
-            handle.seek(0)
-            try:
-                msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK if blocking else msvcrt.LK_NBLCK, 1)
-            except OSError:
-                return False
-        except BlockingIOError:
-            return False
-        return True
-
-    def release(self) -> None:
-        if self._handle is not None:
-            self._handle.seek(0)
-            self._handle.truncate()  # the file stays (removing a lock file races); it is empty
-            self._handle.close()  # closing releases the lock
-            self._handle = None
-
-
 class RunFolder:
     """A locked run folder. Open it with :meth:`open`; write files through it.
 
@@ -178,7 +120,15 @@ class RunFolder:
         # Under torchrun only rank 0 writes; the other processes read the folder through a
         # view whose writing methods do nothing (their results reach rank 0 as objects).
         self.writer = writer
-        self._manifest: dict[str, Any] = {"format": FORMAT, "version": 1, "files": [], "keys": {}}
+        self._manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "version": 1,
+            "files": [],
+            "keys": {},
+            "written": {},
+        }
+        self._log: Callable[[str], None] = lambda message: None
+        self._touched: set[str] = set()  # the files this job was handed (path())
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -223,7 +173,8 @@ class RunFolder:
         created = not root.exists()
         root.mkdir(parents=True, exist_ok=True)
         folder = cls(root)
-        lock = _Lock(root / LOCK)
+        folder._log = log
+        lock = Lock(root / LOCK)
         try:
             lock.acquire(wait, log)
         except BaseException:
@@ -239,9 +190,12 @@ class RunFolder:
             if overwrite:
                 folder.remove_written()
             yield folder
+            folder.record_written()  # what the job wrote, as it left it
         except BaseException:
             if created:
                 _remove_if_only_ours(root)
+            else:
+                folder.record_written()  # an interrupted job's files are still its own
             raise
         finally:
             lock.release()
@@ -262,7 +216,15 @@ class RunFolder:
         keys = manifest.get("keys", {})
         if not isinstance(files, list) or not isinstance(keys, dict):
             raise SoftTargetsError(f"{path} is not a softtargets manifest; use another --out")
-        self._manifest = {**self._manifest, "files": [str(f) for f in files], "keys": keys}
+        written = manifest.get("written", {})
+        if not isinstance(written, dict):
+            raise SoftTargetsError(f"{path} is not a softtargets manifest; use another --out")
+        self._manifest = {
+            **self._manifest,
+            "files": [str(f) for f in files],
+            "keys": keys,
+            "written": written,
+        }
 
     def _save_manifest(self) -> None:
         if not self.writer:
@@ -286,31 +248,68 @@ class RunFolder:
                 )
             self._manifest["files"].append(name)
             self._save_manifest()
+            self._touched.add(name)
+        elif not self._ours(name):
+            raise SoftTargetsError(
+                f"{target} was changed or replaced since softtargets wrote it, so it is yours: it "
+                "is left alone; move it, or write elsewhere (--out)"
+            )
+        else:
+            self._touched.add(name)
         return target
+
+    def _ours(self, name: str) -> bool:
+        """Whether listed file ``name`` is still what softtargets last recorded writing."""
+        recorded = self._manifest["written"].get(name)
+        return recorded is None or still_ours(self.root / name, recorded)
+
+    def record_written(self, names: Sequence[str] | None = None) -> None:
+        """Record the identity (size, time, content hash) of files softtargets just wrote: when
+        the folder closes, every file this job was handed, so a file replaced afterwards is known
+        as the user's.
+        Checkpoints (they change every epoch; a finished fit removes them) and JSON-lines records
+        (only ever appended to, read back line by line against their keys, and cut by a resume)
+        are left out."""
+        for name in sorted(self._touched) if names is None else names:
+            if name.endswith((".ckpt", ".jsonl")):
+                continue
+            found = identity(self.root / name)
+            if found is None:
+                self._manifest["written"].pop(name, None)
+            else:
+                self._manifest["written"][name] = found
+        self._save_manifest()
 
     def write_text(self, name: str, text: str) -> Path:
         target = self.path(name)
         if self.writer:
             atomic_write_text(target, text)
+            self.record_written([name])
         return target
 
     def write_bytes(self, name: str, data: bytes) -> Path:
         target = self.path(name)
         if self.writer:
             atomic_write_bytes(target, data)
+            self.record_written([name])
         return target
 
     def remove(self, name: str) -> None:
         """Delete ``name``, a file this folder wrote (a finished fit's checkpoint)."""
         if self.writer and name in self._manifest["files"]:
             check_writable(self.root / name)
-            (self.root / name).unlink(missing_ok=True)
+            if self._ours(name):
+                (self.root / name).unlink(missing_ok=True)
             self._manifest["files"].remove(name)
+            self._manifest["written"].pop(name, None)
             self._save_manifest()
 
     def remove_written(self) -> list[str]:
-        """Remove every file the manifest lists (``--overwrite``); nothing else. Returns them."""
-        removed = []
+        """Remove every file the manifest lists (``--overwrite``) that is still as softtargets wrote
+        it; nothing else (a listed file changed since is the user's, kept and reported). Returns
+        the names removed."""
+        removed: list[str] = []
+        kept: list[str] = []
         for name in self._manifest["files"]:
             target = self.root / name
             # a manifest entry is a plain name inside this folder; anything else is not ours
@@ -320,9 +319,14 @@ class RunFolder:
                 check_writable(target)  # a link or hard link put in its place is not ours
             except SoftTargetsError:
                 continue
+            if not self._ours(name):
+                kept.append(name)
+                continue
             target.unlink()
             removed.append(name)
-        self._manifest["files"], self._manifest["keys"] = [], {}
+        if kept:
+            self._log(f"kept {', '.join(kept)}: changed since softtargets wrote them (yours)")
+        self._manifest["files"], self._manifest["keys"], self._manifest["written"] = [], {}, {}
         self._save_manifest()
         return removed
 
