@@ -300,3 +300,82 @@ def test_method_options_are_checked_before_training(method, options, says) -> No
     student = build_model("mlp", (4,), 3, seed=0, hidden=[4])
     targets = Distillation(teacher_logits, method=method, options=options)
     _one_line(lambda: fit(student, data, targets, epochs=2), says)
+
+
+# ----------------------------------------------------------------------- data that cannot train
+def test_one_class_is_refused_not_reported_as_perfect() -> None:
+    from softtargets.data.dataset import Dataset
+    from softtargets.training.fit import fit
+    from softtargets.training.models import build_model
+
+    data = Dataset.from_arrays(np.random.default_rng(0).normal(size=(20, 3)), np.zeros(20, int))
+    model = build_model("mlp", (3,), 1, seed=0, hidden=[4])
+    _one_line(lambda: fit(model, data, epochs=1), "needs at least 2")
+
+
+def test_a_loss_that_explodes_is_flagged_as_divergence() -> None:
+    from softtargets.data.dataset import Dataset
+    from softtargets.training.fit import fit
+    from softtargets.training.models import build_model
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 3)) * 1e30  # finite, but every loss in the millions and up
+    data = Dataset.from_arrays(x, rng.integers(0, 2, 64))
+    result = fit(build_model("mlp", (3,), 2, seed=0, hidden=[4]), data, epochs=5, lr=1.0)
+    assert result.diverged and len(result.history) < 5
+
+
+def _tamper(path, change) -> None:  # noqa: ANN001
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = dict(handle.metadata())
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    change(meta, tensors)
+    save_file(tensors, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize("damage", ["epoch", "optimizer tensor"])
+def test_a_tampered_checkpoint_is_one_line(tmp_path, damage) -> None:
+    from softtargets.data.builtin import gaussians
+    from softtargets.training.fit import fit
+    from softtargets.training.models import build_model
+
+    data = gaussians(num_samples=80, num_classes=3, dim=4)
+    path = tmp_path / "fit.ckpt"
+
+    def run() -> None:
+        fit(build_model("mlp", (4,), 3, seed=0, hidden=[4]), data, epochs=3, checkpoint=path)
+
+    def stop_after_one(record: dict) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(build_model("mlp", (4,), 3, seed=0, hidden=[4]), data, epochs=3, checkpoint=path,
+            on_epoch_end=stop_after_one)  # fmt: skip
+    if damage == "epoch":
+        _tamper(path, lambda meta, tensors: meta.update(epoch="100000"))
+        _one_line(run, "epoch 100000 of a 3-epoch fit")
+    else:
+        _tamper(
+            path,
+            lambda meta, tensors: tensors.pop(
+                next(k for k in tensors if k.startswith("optimizer."))
+            ),
+        )
+        _one_line(run, "damaged checkpoint")
+
+
+def test_labels_that_are_fractions_are_one_rule_for_every_loader(tmp_path) -> None:
+    path = tmp_path / "data.csv"
+    path.write_text("a,label\n1,0.5\n2,1.5\n3,0.5\n")
+    _one_line(lambda: load_file(path), "not whole")
+
+
+def test_probabilities_must_be_real_numbers_and_a_temperature_a_number() -> None:
+    from softtargets.data.targets import soften, validate
+
+    _one_line(lambda: validate(torch.zeros(2, 3, dtype=torch.complex64), 3), "real numbers")
+    _one_line(lambda: validate([["a", "b"]], 2), "must be numbers")
+    _one_line(lambda: soften(torch.zeros(2, 3), True), "temperature must be a number")

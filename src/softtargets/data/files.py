@@ -233,6 +233,12 @@ def load_csv(path: str | Path, label_column: str = "label") -> Dataset:
     if all(_is_int(v) for v in raw_labels):
         labels, names = encode_labels(np.array([int(v) for v in raw_labels]))
     else:
+        fractional = next((v for v in raw_labels if _is_number(v)), None)
+        if fractional is not None:  # as the .npz loader: a label is a class, not a quantity
+            raise SoftTargetsError(
+                f"{path}: label {fractional!r} in {label_column!r} is a number that is not whole; "
+                "labels are class names or whole numbers (for proportions use fit-proportions)"
+            )
         labels, names = encode_labels(raw_labels)
     ids = None
     if id_at is not None:
@@ -244,6 +250,14 @@ def load_csv(path: str | Path, label_column: str = "label") -> Dataset:
             )
         ids = np.array([int(row[id_at]) for row in body])
     return Dataset.from_arrays(features, labels, ids=ids, class_names=names, name=Path(path).stem)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def _is_int(text: str) -> bool:

@@ -24,7 +24,12 @@ SUM_TOLERANCE = 1e-3
 
 def _as_tensor(values: Tensor | np.ndarray | list, name: str) -> Tensor:
     """Convert array-likes to a floating tensor, keeping float64 if given."""
-    tensor = torch.as_tensor(values)
+    try:
+        tensor = torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError):
+        raise SoftTargetsError(f"{name} must be numbers (got {type(values).__name__})") from None
+    if tensor.is_complex() or tensor.dtype == torch.bool:
+        raise SoftTargetsError(f"{name} must be real numbers, got {tensor.dtype}")
     if not tensor.is_floating_point():
         tensor = tensor.to(torch.get_default_dtype())
     return tensor
@@ -33,7 +38,7 @@ def _as_tensor(values: Tensor | np.ndarray | list, name: str) -> Tensor:
 def check_temperature(temperature: float) -> float:
     """Return ``temperature`` as a float if it is in :data:`TEMPERATURE_RANGE`, else raise."""
     try:
-        t = float(temperature)
+        t = math.nan if isinstance(temperature, bool) else float(temperature)
     except (TypeError, ValueError):
         t = math.nan
     low, high = TEMPERATURE_RANGE

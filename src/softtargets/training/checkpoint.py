@@ -119,10 +119,12 @@ def write_safetensors(
             handle.write(raw)
 
 
-def load(path: str | Path, key: str) -> FitState | None:
-    """The state saved at ``path`` for the fit ``key``; ``None`` if there is no file yet.
+def load(path: str | Path, key: str, epochs: int | None = None) -> FitState | None:
+    """The state saved at ``path`` for the fit ``key`` of ``epochs`` epochs; ``None`` if there is
+    no file yet.
 
-    Raises if ``path`` holds something else, or the checkpoint of another fit.
+    Raises if ``path`` holds something else, the checkpoint of another fit, or one whose epoch
+    or parts do not fit (a damaged file is one line, never a KeyError).
     """
     from safetensors import SafetensorError, safe_open
 
@@ -154,18 +156,28 @@ def load(path: str | Path, key: str) -> FitState | None:
             "delete it to train from the start, or give this fit another checkpoint path"
         )
     parts: dict[str, dict[str, Tensor]] = {"model": {}, "best": {}, "rng": {}, "optimizer": {}}
-    for name, value in tensors.items():
-        prefix, _, rest = name.partition(".")
-        parts[prefix][rest] = value
-    return FitState(
-        key=key,
-        epoch=int(meta["epoch"]),
-        model=parts["model"],
-        optimizer=_join_optimizer(parse_json(meta["optimizer"], f"{path}"), parts["optimizer"]),
-        best=parts["best"] if meta.get("has_best") == "True" else None,
-        rng=parts["rng"],
-        progress=parse_json(meta["progress"], f"{path}"),
-    )
+    damaged = f"{path} is a damaged checkpoint; delete it to train from the start"
+    try:
+        for name, value in tensors.items():
+            prefix, _, rest = name.partition(".")
+            parts[prefix][rest] = value
+        state = FitState(
+            key=key,
+            epoch=int(meta["epoch"]),
+            model=parts["model"],
+            optimizer=_join_optimizer(parse_json(meta["optimizer"], str(path)), parts["optimizer"]),
+            best=parts["best"] if meta.get("has_best") == "True" else None,
+            rng=parts["rng"],
+            progress=parse_json(meta["progress"], str(path)),
+        )
+    except (KeyError, ValueError, TypeError, IndexError) as err:  # a tensor or field missing
+        raise SoftTargetsError(f"{damaged} ({type(err).__name__}: {err})") from None
+    if epochs is not None and not 1 <= state.epoch <= epochs:
+        raise SoftTargetsError(
+            f"{path} says epoch {state.epoch} of a {epochs}-epoch fit; it was not written by this "
+            "fit: delete it to train from the start"
+        )
+    return state
 
 
 def saved_epoch(path: str | Path) -> int:

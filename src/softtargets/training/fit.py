@@ -159,7 +159,7 @@ def fit(
     tracker = Selection([model], patience, log_path if main else None, [log_extra])
     result = tracker.results[0]
     task = progress.add_task("training", total=epochs) if progress is not None else None
-    saved = checkpoints.load(checkpoint, key) if checkpoint is not None else None
+    saved = checkpoints.load(checkpoint, key, epochs) if checkpoint is not None else None
     val_dev, test_dev = (
         part.to(device) if isinstance(part, Dataset) else part for part in (val, test)
     )
@@ -411,4 +411,9 @@ def _check_parts(data: Any, val: Any, test: Any) -> int | None:
                 f"the {name} has {k} classes but the training data {num_classes}; give both the "
                 "same classes"
             )
+    if num_classes is not None and num_classes < 2:
+        raise SoftTargetsError(
+            f"the training data has {num_classes} class; a classifier needs at least 2 (every "
+            "row would be right by construction)"
+        )
     return num_classes

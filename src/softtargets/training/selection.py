@@ -9,7 +9,7 @@ epochs with :class:`Selection` (``fit`` as one member) and their learning rates 
 * the learning rate of step ``s`` of ``S`` is ``lr * lr_factor(schedule, s, S)``;
 * an epoch's record is ``epoch, train_loss, lr`` (the rate of its last step), then
   ``val_accuracy, val_nll``, ``test_accuracy, test_nll`` when given, then ``seconds``;
-* a non-finite training loss ends that model's training (``diverged``);
+* a non-finite training loss, or one that exploded (over :data:`EXPLODED` times its first epoch's or :data:`LOSS_CEILING`), ends that model's training (``diverged``);
 * the best epoch has the highest validation accuracy, ties broken by the lower validation NLL;
   ``patience`` epochs without a better one end training (``stopped_early``);
 * without validation data (or ``restore_best=False``, or after divergence) the model keeps its
@@ -29,6 +29,11 @@ from torch import nn
 from softtargets.errors import SoftTargetsError
 from softtargets.files import append_jsonl
 
+#: a training loss this many times its first epoch's, or over the ceiling, has exploded: features
+#: of 1e38 train to a loss of 1e37 that is finite but meaningless (a classifier starts near log K;
+#: even Hinton's T^2-scaled term stays far below the ceiling)
+EXPLODED, LOSS_CEILING = 1e4, 1e8
+
 
 @dataclass
 class FitResult:
@@ -40,7 +45,7 @@ class FitResult:
             ``val_nll``, ``test_accuracy``, ``test_nll``, ``seconds``; missing parts omitted).
         best_epoch: the epoch whose weights ``model`` holds (1-based).
         stopped_early: whether early stopping ended training.
-        diverged: whether the training loss became NaN or inf (training stops there).
+        diverged: whether the training loss became NaN or inf or exploded (training stops there).
         seconds: wall time of the whole fit.
     """
 
@@ -149,7 +154,9 @@ class Selection:
             result.history.append(record)
             if self.log_path is not None:
                 append_jsonl(self.log_path, {**(self.log_extras[m] or {}), **record})
-            if not math.isfinite(train_loss[m]):
+            first = result.history[0]["train_loss"]
+            loss = train_loss[m]
+            if not math.isfinite(loss) or loss > min(EXPLODED * max(first, 1.0), LOSS_CEILING):
                 result.diverged, self.running[m] = True, False
             elif val is not None:
                 score = (record["val_accuracy"], -record["val_nll"])
