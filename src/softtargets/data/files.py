@@ -202,7 +202,7 @@ def load_csv(path: str | Path, label_column: str = "label") -> Dataset:
         )
     if label_column not in header:
         raise SoftTargetsError(
-            f"{path}: no column named {label_column!r}; columns are {', '.join(header)} "
+            f"{path}: no column named {label_column!r}; columns are {_shown(header)} "
             "(choose one with --label-column)"
         )
     if not body:
@@ -250,6 +250,12 @@ def load_csv(path: str | Path, label_column: str = "label") -> Dataset:
             )
         ids = np.array([int(row[id_at]) for row in body])
     return Dataset.from_arrays(features, labels, ids=ids, class_names=names, name=Path(path).stem)
+
+
+def _shown(header: list[str], most: int = 20) -> str:
+    """Column names for a one-line message (a name may hold a newline), at most ``most``."""
+    names = ", ".join(name.replace("\n", "\\n").replace("\r", "\\r") for name in header[:most])
+    return names + (f", ... ({len(header)} in all)" if len(header) > most else "")
 
 
 def _is_number(text: str) -> bool:
@@ -453,7 +459,7 @@ def read_columns(path: str | Path, names: list[str]) -> np.ndarray:
     missing = [n for n in names if n not in header]
     if missing:
         raise SoftTargetsError(
-            f"{path}: no column named {missing[0]!r}; columns are {', '.join(header)}"
+            f"{path}: no column named {missing[0]!r}; columns are {_shown(header)}"
         )
     at = [header.index(n) for n in names]
     values = np.empty((len(rows) - 1, len(names)))
