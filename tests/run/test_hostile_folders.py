@@ -195,3 +195,47 @@ def test_a_file_the_user_replaced_is_theirs_never_overwritten_nor_removed(tmp_pa
     assert (run / "report.md").read_text() == "my own notes on the run"
     assert not (run / "config.yaml").exists()
     assert len(said) == 1 and "report.md" in said[0]
+
+
+@pytest.mark.parametrize("case", ["file in the way", "link loop", "name too long"])
+def test_operating_system_errors_are_one_line(tmp_path, case) -> None:
+    if case == "file in the way":
+        (tmp_path / "notes.txt").write_text(THESIS)
+        out = tmp_path / "notes.txt" / "sub"
+    elif case == "link loop":
+        (tmp_path / "loop").symlink_to(tmp_path / "loop")
+        out = tmp_path / "loop" / "sub"
+    else:
+        out = tmp_path / ("x" * 300)
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 3
+    if case == "file in the way":
+        assert (tmp_path / "notes.txt").read_text() == THESIS
+
+
+def test_a_full_disk_while_a_file_is_written_is_one_line_and_leaves_no_part(
+    tmp_path, monkeypatch
+) -> None:
+    import errno
+
+    import softtargets.files
+
+    run = tmp_path / "run"
+    with RunFolder.open(run) as folder:
+        folder.write_text("report.md", "the first report")
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    from softtargets.cli.console import describe_os_error
+
+    with RunFolder.open(run) as folder:
+        monkeypatch.setattr(softtargets.files.os, "fsync", full)
+        with pytest.raises(OSError) as caught:
+            folder.write_text("report.md", "a second report, cut short by the full disk")
+        monkeypatch.undo()  # the disk has room again when the folder closes
+    line = describe_os_error(caught.value)
+    assert "disk is full" in line and "\n" not in line
+    assert (run / "report.md").read_text() == "the first report"  # the old file, whole
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]  # no temporary left

@@ -9,6 +9,7 @@ hung one. :class:`HeartbeatProgress` takes the same calls as ``rich.progress.Pro
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import threading
@@ -92,16 +93,44 @@ err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+#: what to do about an operating-system error, by its errno
+_OS_FIXES = {
+    errno.EACCES: "it is not writable by you: choose another --out",
+    errno.EPERM: "it is not writable by you: choose another --out",
+    errno.EROFS: "the file system is read-only: choose another --out",
+    errno.ENOSPC: "the disk is full: free some space and run again (the run resumes)",
+    errno.EDQUOT: "your disk quota is full: free some space and run again (the run resumes)",
+    errno.ENAMETOOLONG: "the name is too long: choose a shorter one",
+    errno.ELOOP: "a symbolic link there points round in a loop: remove it",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
+    errno.EISDIR: "it is a folder, not a file: give a file",
+    errno.EEXIST: "something of that name is in the way: choose another path",
+}
+
+
+def describe_os_error(err: OSError) -> str:
+    """An operating-system error as one line: the path, the cause and what to do."""
+    where = err.filename if err.filename is not None else "a file"
+    cause = err.strerror or type(err).__name__
+    fix = _OS_FIXES.get(err.errno or 0, "check the path and its permissions")
+    return f"{where}: {cause}; {fix}"
+
+
 def friendly_errors(command: F) -> F:
-    """Turn :class:`SoftTargetsError` into one ``error:`` line and exit status 2."""
+    """Turn :class:`SoftTargetsError` and the operating system's errors (a read-only folder, a
+    full disk, a name too long, ...) into one ``error:`` line and exit status 2; the files are
+    written atomically, so nothing is left half-written."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
         except SoftTargetsError as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            message = str(err)
+        except OSError as err:
+            message = describe_os_error(err)
+        err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
 

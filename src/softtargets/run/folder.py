@@ -68,9 +68,20 @@ def settings_key(values: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def resolved(path: Path) -> Path:
+    """``path`` made absolute with its links resolved; a link loop is one line, not Python's
+    RuntimeError."""
+    try:
+        return path.expanduser().resolve()
+    except (RuntimeError, OSError):  # Python's resolve raises RuntimeError on a link loop
+        raise SoftTargetsError(
+            f"{path}: a symbolic link there points round in a loop; remove it"
+        ) from None
+
+
 def check_out_path(path: Path, shared: bool = False) -> Path:
     """Refuse a folder softtargets must not write into as a run folder; return it resolved."""
-    target = path.expanduser().resolve()
+    target = resolved(path)
     if target.exists() and not target.is_dir():
         raise SoftTargetsError(f"--out {path} is a file, not a folder; give a folder for the run")
     if shared:
@@ -95,11 +106,11 @@ def check_out_path(path: Path, shared: bool = False) -> Path:
 def check_out_of_inputs(out: str | Path, inputs: Sequence[str | None]) -> None:
     """Refuse an ``--out`` inside a folder the run reads (``--data``, ``--test-data``): its files
     would become part of the data (a figure read as an image of a new class)."""
-    target = Path(out).expanduser().resolve()
+    target = resolved(Path(out))
     for given in inputs:
         if given is None or not Path(given).expanduser().is_dir():
             continue
-        source = Path(given).expanduser().resolve()
+        source = resolved(Path(given))
         if target == source or source in target.parents:
             raise SoftTargetsError(
                 f"--out {out} is inside the data folder {given}; write the run elsewhere (its "
