@@ -155,6 +155,8 @@ def parse_yaml(text: str, where: str) -> Any:
 def _link_problem(info: os.stat_result) -> str | None:
     if stat.S_ISLNK(info.st_mode):
         return "is a symbolic link"
+    if stat.S_ISDIR(info.st_mode):
+        return "is a folder, not a file"
     if not stat.S_ISREG(info.st_mode):
         return "is not a regular file"
     if info.st_nlink > 1:
@@ -171,6 +173,8 @@ def check_writable(path: str | os.PathLike[str]) -> None:
     except FileNotFoundError:
         return
     problem = _link_problem(info)
+    if problem and stat.S_ISDIR(info.st_mode):
+        raise SoftTargetsError(f"{path} is a folder, not a file; give a file path")
     if problem:
         raise SoftTargetsError(
             f"{path} {problem}; softtargets does not write through links: remove it, or write "

@@ -239,3 +239,68 @@ def test_a_full_disk_while_a_file_is_written_is_one_line_and_leaves_no_part(
     assert "disk is full" in line and "\n" not in line
     assert (run / "report.md").read_text() == "the first report"  # the old file, whole
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]  # no temporary left
+
+
+def _proportion_model(tmp_path: Path) -> Path:
+    data = tmp_path / "counts.csv"
+    data.write_text("a,b,yes,no\n1,2,3,4\n2,3,1,5\n3,1,4,2\n4,4,2,2\n")
+    model = tmp_path / "model"
+    result = CliRunner().invoke(
+        app, ["fit-proportions", str(data), "--features", "a,b", "--counts", "yes,no",
+              "--out", str(model)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return model
+
+
+@pytest.mark.parametrize("case", ["latin-1", "folder as file", "out is a folder", "extra key",
+                                  "missing key", "three classes over two"])  # fmt: skip
+def test_predict_refuses_bad_files_in_one_line(tmp_path, case) -> None:
+    model = _proportion_model(tmp_path)
+    data = tmp_path / "counts.csv"
+    args = ["predict", str(model), str(data)]
+    meta = json.loads((model / "model.json").read_text())
+    if case == "latin-1":
+        (tmp_path / "latin.csv").write_bytes(b"a,b\n1,\xe92\n")
+        args[2] = str(tmp_path / "latin.csv")
+    elif case == "folder as file":
+        args[2] = str(model)
+    elif case == "out is a folder":
+        (tmp_path / "existing").mkdir()
+        args += ["--out", str(tmp_path / "existing"), "--overwrite"]
+    elif case == "extra key":
+        meta["extra"] = 1
+    elif case == "missing key":
+        del meta["scale"]
+    else:
+        meta["classes"] = ["x", "y", "z"]
+    (model / "model.json").write_text(json.dumps(meta))
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and result.output.startswith("error:"), result.output
+    assert len(result.output.strip().splitlines()) <= 3 and "Traceback" not in result.output
+    if case == "out is a folder":
+        assert (tmp_path / "existing").is_dir()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"verdict": "yes"},
+        {"config": None},
+        {"study": ["x"]},
+        "results.json is a folder",
+    ],
+)
+def test_report_refuses_a_study_folder_that_is_not_a_studys(tmp_path, change) -> None:
+    runs = tmp_path / "runs"
+    folder = _study(runs, "similarity", "# similarity\n")
+    if isinstance(change, dict):
+        result = json.loads((folder / "results.json").read_text())
+        result.update(change)
+        (folder / "results.json").write_text(json.dumps(result))
+    else:
+        (folder / "results.json").unlink()
+        (folder / "results.json").mkdir()
+    with pytest.raises(SoftTargetsError) as caught:
+        build_report(runs)
+    assert "re-run that study" in str(caught.value) and "\n" not in str(caught.value)

@@ -451,8 +451,15 @@ def read_columns(path: str | Path, names: list[str]) -> np.ndarray:
     path = Path(path)
     if not path.exists():
         raise SoftTargetsError(f"no such file: {path}")
-    with open(path, newline="") as handle:
-        rows = list(csv.reader(handle))
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
+    except UnicodeDecodeError:
+        raise SoftTargetsError(
+            f"{path} is not UTF-8 text (a Latin-1 export?); save it as UTF-8 CSV"
+        ) from None
+    except csv.Error as err:
+        raise SoftTargetsError(f"{path}: not a readable CSV file ({err})") from None
     if not rows:
         raise SoftTargetsError(f"{path} is empty; it needs a header row")
     header = [h.strip() for h in rows[0]]

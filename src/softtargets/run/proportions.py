@@ -83,6 +83,7 @@ class ProportionModel:
             raise SoftTargetsError(
                 f"{directory}: the model files are unreadable ({err}); fit again"
             ) from None
+        _check_model_json(meta, tensors, directory / "model.json")
         params = meta["params"]
         params["hidden_layer_sizes"] = tuple(params["hidden_layer_sizes"])
         est = SoftLabelClassifier(**params)
@@ -94,12 +95,48 @@ class ProportionModel:
             net = mlp(
                 meta["n_features_in"], list(est.hidden_layer_sizes), len(meta["classes"])
             ).double()
-            net.load_state_dict(tensors)
+            try:
+                net.load_state_dict(tensors)
+            except RuntimeError:  # missing, unexpected or misshapen weights
+                raise SoftTargetsError(
+                    f"{directory}/model.safetensors does not fit model.json's network; fit again"
+                ) from None
             est.network_ = net.eval()
         else:
             est._W, est._b, est.network_ = tensors["W"].numpy(), tensors["b"].numpy(), None
         return cls(
             est, meta["features"], meta["classes"], np.array(meta["mean"]), np.array(meta["scale"])
+        )
+
+
+#: the keys of a fit-proportions model.json, each with what its value must be
+MODEL_KEYS = ("params", "features", "classes", "mean", "scale", "n_features_in", "n_iter")
+
+
+def _check_model_json(meta: Any, tensors: dict[str, Any], where: Path) -> None:
+    """A model.json holding exactly the keys fit-proportions writes, consistent with its weights
+    (one line naming the first thing wrong, never a KeyError or a shape error later)."""
+    if not isinstance(meta, dict):
+        raise SoftTargetsError(f"{where} is not a fit-proportions model; fit again")
+    missing = [k for k in MODEL_KEYS if k not in meta]
+    extra = sorted(set(meta) - set(MODEL_KEYS))
+    if missing or extra:
+        what = f"lacks {missing[0]!r}" if missing else f"has an unknown key {extra[0]!r}"
+        raise SoftTargetsError(f"{where} {what}; it was not written by fit-proportions: fit again")
+    features, classes = meta["features"], meta["classes"]
+    n = meta["n_features_in"]
+    listed = all(isinstance(v, list) for v in (features, classes, meta["mean"], meta["scale"]))
+    if not listed or not isinstance(n, int) or not isinstance(meta["params"], dict):
+        raise SoftTargetsError(f"{where}: a value has the wrong type; fit again")
+    if not (len(features) == len(meta["mean"]) == len(meta["scale"]) == n) or len(classes) < 2:
+        raise SoftTargetsError(
+            f"{where}: {len(features)} features, {len(meta['mean'])} means, {n} inputs and "
+            f"{len(classes)} classes do not fit together; fit again"
+        )
+    if "W" in tensors and tuple(tensors["W"].shape) != (n, len(classes)):
+        raise SoftTargetsError(
+            f"{where} names {n} features and {len(classes)} classes but the weights are "
+            f"{tuple(tensors['W'].shape)}; fit again"
         )
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -51,12 +50,25 @@ def find_studies(runs: Path, order: Sequence[str] = ()) -> list[tuple[Path, dict
     for path in sorted(runs.glob(STUDY_GLOB)):
         try:
             result = parse_json(read_small_text(path, "results.json"), str(path))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise SoftTargetsError(f"{path} is not valid JSON; re-run that study") from None
+        except SoftTargetsError as err:
+            raise SoftTargetsError(f"{err}; re-run that study") from None
         missing = [k for k in needed if not isinstance(result, dict) or k not in result]
         if missing or not (path.parent / "section.md").is_file():
             what = f"no {missing[0]!r}" if missing else "no section.md beside it"
             raise SoftTargetsError(f"{path} has {what}; re-run that study")
+        verdict = result["verdict"]
+        shaped = (
+            isinstance(result["study"], str)
+            and isinstance(result["title"], str)
+            and isinstance(result["config"], dict)
+            and isinstance(verdict, dict)
+            and all(isinstance(verdict.get(k), str) for k in ("claim", "label", "evidence"))
+        )
+        if not shaped:
+            raise SoftTargetsError(
+                f"{path}: its study, title, config or verdict (claim, label, evidence) is not "
+                "what a study writes; re-run that study"
+            )
         found.append((path.parent, result))
     order = list(order)
     rank = {name: i for i, name in enumerate(order)}
