@@ -184,7 +184,8 @@ def check_writable(path: str | os.PathLike[str]) -> None:
 
 def open_own(path: str | os.PathLike[str], flags: int) -> int:
     """``os.open(path, flags)`` without following a symbolic link, refused (one line) when the file
-    opened is a link, has other hard links or is not a regular file; returns the descriptor."""
+    opened is a link, not a regular file, or (opened for writing) has other hard links; returns
+    the descriptor."""
     try:
         fd = os.open(
             path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o666
@@ -196,6 +197,8 @@ def open_own(path: str | os.PathLike[str], flags: int) -> int:
             ) from None
         raise SoftTargetsError(f"{path}: cannot open it ({err.strerror})") from None
     problem = _link_problem(os.fstat(fd))
+    if problem and "hard link" in problem and flags & (os.O_WRONLY | os.O_RDWR) == 0:
+        problem = None  # reading a hard-linked file (a `cp -al` backup of a run) harms nothing
     if problem:
         os.close(fd)
         raise SoftTargetsError(
