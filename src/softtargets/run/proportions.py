@@ -9,6 +9,7 @@ class. The model (a :class:`~softtargets.training.sklearn.SoftLabelClassifier`) 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,12 @@ def fit_proportions(
     held-out metrics (per observation) for a network."""
     if len(counts) < 2:
         raise SoftTargetsError("give at least two count columns (--counts yes,no)")
+    if not (math.isfinite(alpha) and alpha >= 0):
+        raise SoftTargetsError(
+            f"--alpha (the L2 penalty) must be a finite number >= 0, got {alpha}"
+        )
+    if hidden and min(hidden) < 1:
+        raise SoftTargetsError(f"--hidden widths must be >= 1, got {hidden}")
     X = read_columns(path, features)
     C = read_columns(path, counts)
     mean = X.mean(0) if standardize else np.zeros(X.shape[1])

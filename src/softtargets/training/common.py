@@ -50,6 +50,10 @@ def make_optimizer(
 ) -> torch.optim.Optimizer:
     if lr <= 0 or not math.isfinite(lr):
         raise SoftTargetsError(f"learning rate must be > 0, got {lr}")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise SoftTargetsError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
+    if not 0 <= momentum < 1:
+        raise SoftTargetsError(f"momentum must be in [0, 1), got {momentum}")
     classes = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
     if name not in classes:
         raise SoftTargetsError(f"unknown optimizer {name!r}; choose sgd, adam or adamw")

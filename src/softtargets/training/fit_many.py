@@ -387,6 +387,9 @@ class _Batches:
         ]
         if min(len(r) for r in self.rows_per_member) == 0:
             raise SoftTargetsError("every member needs at least one training row")
+        # a batch larger than every member's rows is one batch of all of them: the buffers need
+        # no more (--batch-size 1000000 on 1,797 rows would preallocate members x 10^6 rows)
+        batch_size = min(batch_size, max(len(r) for r in self.rows_per_member))
         self.steps_per_member = [math.ceil(len(r) / batch_size) for r in self.rows_per_member]
         self.steps = max(self.steps_per_member)
         self.batch_size, self.num_rows, self.device = batch_size, len(data), device
