@@ -423,3 +423,16 @@ def test_a_batch_larger_than_the_data_does_not_preallocate_it() -> None:
     before = _peak_mb()
     fit_many(models, data, [Member(seed=i) for i in range(8)], epochs=1, batch_size=10**7)
     assert _peak_mb() - before < 150  # 8 members x 10^7 rows x 64 floats would be 20 GB
+
+
+def test_a_stratified_split_of_many_classes_is_one_sort_not_a_scan_per_class() -> None:
+    import time
+
+    from softtargets.data.dataset import Dataset, split
+
+    labels = np.arange(200_000) % 50_000  # 50,000 classes of 4 rows
+    data = Dataset.from_arrays(np.zeros((200_000, 1), np.float32), labels)
+    start = time.perf_counter()
+    parts = split(data, 0.25, 0.25, seed=0)
+    assert len(parts.train) + len(parts.val) + len(parts.test) == 200_000
+    assert time.perf_counter() - start < 60  # the scan per class took 50,000 passes over the rows
