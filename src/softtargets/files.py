@@ -1,4 +1,6 @@
-"""Every file softtargets writes goes through here: atomic writes, JSON lines, links refused.
+"""softtargets' own files, written and read back safely: atomic writes, JSON lines, links
+refused, and one reader for its JSON and YAML with a size, depth and alias budget
+(:func:`parse_json`, :func:`parse_yaml`, :func:`read_small_text`).
 
 Each writer writes a temporary file in the target's directory, flushes it to disk, then renames it
 over the target (``os.replace`` is atomic on POSIX and Windows). Files get the permissions the
