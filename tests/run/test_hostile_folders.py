@@ -289,6 +289,7 @@ def test_predict_refuses_bad_files_in_one_line(tmp_path, case) -> None:
         {"config": None},
         {"study": ["x"]},
         "results.json is a folder",
+        "section.md is Latin-1",
     ],
 )
 def test_report_refuses_a_study_folder_that_is_not_a_studys(tmp_path, change) -> None:
@@ -298,9 +299,11 @@ def test_report_refuses_a_study_folder_that_is_not_a_studys(tmp_path, change) ->
         result = json.loads((folder / "results.json").read_text())
         result.update(change)
         (folder / "results.json").write_text(json.dumps(result))
-    else:
+    elif change == "results.json is a folder":
         (folder / "results.json").unlink()
         (folder / "results.json").mkdir()
+    else:
+        (folder / "section.md").write_bytes("# similarit\xe9\n".encode("latin-1"))
     with pytest.raises(SoftTargetsError) as caught:
         build_report(runs)
     assert "re-run that study" in str(caught.value) and "\n" not in str(caught.value)
