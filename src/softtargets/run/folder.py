@@ -284,6 +284,7 @@ class RunFolder:
         for name in sorted(self._touched) if names is None else names:
             if name.endswith((".ckpt", ".jsonl")):
                 continue
+            self._touched.discard(name)  # recorded now: the folder's close need not again
             found = identity(self.root / name)
             if found is None:
                 self._manifest["written"].pop(name, None)

@@ -43,7 +43,7 @@ from softtargets.losses.methods import check_warmup_fits, warmup_ramp
 from softtargets.training.common import check_lengths, resolve_device
 from softtargets.training.objectives import (
     Targets,
-    make_objective,
+    objective_for,
     resolve_targets,
 )
 from softtargets.training.selection import FitResult, LearningRates, Selection
@@ -144,7 +144,7 @@ class StackedTargets(StackedCrossEntropy):
                 rows.append((targets.probs, own.labels))
                 continue
             rows.append((None, own.labels))  # a placeholder: its loss is computed apart
-            objectives[m] = make_objective(member.targets, own, device)
+            objectives[m] = objective_for(targets, own, device)
             if targets.tail == "uniform":
                 key = (targets.method, repr(sorted(targets.options.items())))
                 groups.setdefault(key, []).append(m)

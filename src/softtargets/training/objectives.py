@@ -244,7 +244,12 @@ def make_objective(targets: Targets, data: Any, device: torch.device) -> Objecti
     -> (loss, grad)``; ``key`` is a batch's rows of in-memory ``data``, or ``(labels (B,),
     ids (B,), inputs (B, ...))`` of a streamed batch. Every per-row tensor is resolved and moved
     to ``device`` here, once, so a step only gathers rows."""
-    resolved = resolve_targets(targets, data)
+    return objective_for(resolve_targets(targets, data), data, device)
+
+
+def objective_for(resolved: ResolvedTargets, data: Any, device: torch.device) -> Objective:
+    """:func:`make_objective` of targets already resolved against ``data`` (``fit_many`` resolves
+    each member's once, and a teacher module runs over the data once)."""
     if is_stream(data):
         weights = None
 
