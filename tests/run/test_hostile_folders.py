@@ -307,3 +307,27 @@ def test_report_refuses_a_study_folder_that_is_not_a_studys(tmp_path, change) ->
     with pytest.raises(SoftTargetsError) as caught:
         build_report(runs)
     assert "re-run that study" in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("code", ["EROFS", "EACCES"])
+def test_a_read_only_or_forbidden_parent_is_one_line_and_nothing_is_made(
+    tmp_path, monkeypatch, code
+) -> None:
+    """As root a chmod cannot forbid anything, so the file system's answer is simulated where the
+    run folder is made: the command says which path and why, in one line, and makes nothing."""
+    import errno
+
+    made = Path.mkdir
+
+    def refuse(self, *args, **kwargs):
+        if tmp_path in self.parents or self == tmp_path / "runs":
+            raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), str(self))
+        return made(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path / "runs" / "x")])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert "Traceback" not in result.output and len(lines) <= 3
+    assert ("read-only" if code == "EROFS" else "not writable") in result.output
+    assert list(tmp_path.iterdir()) == []
