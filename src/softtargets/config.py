@@ -177,10 +177,17 @@ class DataConfig(Strict):
 
 
 class ModelConfig(Strict):
-    """A model by name (``mlp``, ``cnn1d``, ``cnn2d``) with keyword options for its builder."""
+    """A model by name with keyword options for its builder: a built-in (``mlp``, ``cnn1d``,
+    ``cnn2d``), an import path (``package.module:callable``, ``path/file.py:callable``) or a local
+    Hugging Face folder (``hf:PATH``, ``hf-config:PATH``); see ``softtargets models``."""
 
     name: str
     options: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = Field(
+        None,
+        description="pretrained weights (.safetensors, or .pt/.pth read with weights_only=True) "
+        "loaded instead of training; teacher only",
+    )
 
 
 class TrainConfig(Strict):

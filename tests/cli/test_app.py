@@ -43,6 +43,7 @@ def test_quick_demo_writes_a_complete_run(tmp_path) -> None:
         ("hard", 1),
         ("kd", 0),
         ("kd", 1),
+        ("teacher", 0),
     ]
     assert "| student | teacher soft targets | 2 |" in (out / "report.md").read_text()
     assert load_config(DistillConfig, out / "config.yaml") == demo_config(quick=True)
@@ -61,7 +62,7 @@ def test_interrupted_run_resumes_without_redoing_finished_fits(tmp_path) -> None
     with pytest.warns(SoftTargetsWarning, match="torn last line"):
         second = run_distillation(config, out)
     assert (out / "teacher.safetensors").stat().st_mtime_ns == teacher_mtime  # not retrained
-    assert len(read_jsonl(out / "results.jsonl")) == 4
+    assert len(read_jsonl(out / "results.jsonl")) == 5  # the teacher and four students
     assert [r["test_accuracy"] for r in second.results] == [
         r["test_accuracy"] for r in first.results
     ]
@@ -216,7 +217,9 @@ def test_results_are_json_lines(tmp_path) -> None:
     run_distillation(demo_config(quick=True), out)
     for line in (out / "results.jsonl").read_text().splitlines():
         record = json.loads(line)
-        assert 0.0 <= record["test_accuracy"] <= 1.0 and record["selected_epoch"] >= 1
+        assert 0.0 <= record["test_accuracy"] <= 1.0
+        if record["role"] == "student":
+            assert record["selected_epoch"] >= 1
 
 
 def test_the_command_line_starts_without_torch() -> None:
@@ -299,7 +302,7 @@ def test_one_run_compares_several_methods_on_the_same_teacher_and_seeds(tmp_path
     # a method added later trains only its own students; the others are kept
     config.methods = ["kd", "dkd", "jsd", "rkl"]
     again = run_distillation(config, tmp_path / "run")
-    assert len(again.results) == 10 and len(read_jsonl(tmp_path / "run" / "results.jsonl")) == 10
+    assert len(again.results) == 10 and len(read_jsonl(tmp_path / "run" / "results.jsonl")) == 11
     result = runner.invoke(app, ["distill", "--method", "fitnets", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "unknown method 'fitnets'" in result.output
     assert not (tmp_path / "x").exists()
@@ -316,7 +319,7 @@ def test_fitnet_from_the_command_line_pairs_the_penultimate_features(tmp_path) -
                                  "fitnet", "--method-option", "fitnet:weight=2", "--out",
                                  str(tmp_path / "run")])  # fmt: skip
     assert result.exit_code == 0, result.output
-    results = read_jsonl(tmp_path / "run" / "results.jsonl")
+    results = [r for r in read_jsonl(tmp_path / "run" / "results.jsonl") if r["role"] == "student"]
     assert sorted((r["method"], r["seed"]) for r in results) == [
         (m, s) for m in ("fitnet", "hard", "kd") for s in (0, 1)
     ]

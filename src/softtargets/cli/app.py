@@ -26,6 +26,7 @@ from softtargets.cli.console import (
 )
 from softtargets.cli.options import (
     DEFAULTS,
+    MODEL_FORMS,
     ConfigFile,
     Data,
     Device,
@@ -60,6 +61,7 @@ from softtargets.cli.options import (
     TeacherPatience,
     TeacherPrecision,
     TeacherWeightDecay,
+    TeacherWeights,
     TestData,
     TestFraction,
     ValFraction,
@@ -174,6 +176,7 @@ def teacher(
     test_data: TestData = None,
     teacher: TeacherName = None,
     teacher_option: TeacherOpt = None,
+    teacher_weights: TeacherWeights = None,
     epochs: OnlyEpochs = None,
     lr: OnlyLr = None,
     optimizer: OnlyOptimizer = None,
@@ -199,6 +202,7 @@ def teacher(
         test_data=test_data,
         teacher=teacher,
         teacher_option=teacher_option,
+        teacher_weights=teacher_weights,
         teacher_epochs=epochs,
         teacher_lr=lr,
         teacher_optimizer=optimizer,
@@ -228,6 +232,7 @@ def distill(
     test_data: TestData = None,
     teacher: TeacherName = None,
     teacher_option: TeacherOpt = None,
+    teacher_weights: TeacherWeights = None,
     teacher_epochs: TeacherEpochs = None,
     teacher_lr: TeacherLr = None,
     teacher_optimizer: TeacherOptimizer = None,
@@ -240,7 +245,8 @@ def distill(
         str | None,
         typer.Option(
             "--student",
-            help=f"Student model: mlp, cnn1d, cnn2d \\[default: {DEFAULTS.student.name}].",
+            help=f"Student model: {MODEL_FORMS}, hf-config:PATH (softtargets models) "
+            f"\\[default: {DEFAULTS.student.name}].",
         ),
     ] = None,
     student_option: Annotated[
@@ -306,6 +312,7 @@ def distill(
         test_data=test_data,
         teacher=teacher,
         teacher_option=teacher_option,
+        teacher_weights=teacher_weights,
         teacher_epochs=teacher_epochs,
         teacher_lr=teacher_lr,
         teacher_optimizer=teacher_optimizer,
@@ -348,15 +355,43 @@ def methods() -> None:
     console.print(table)
 
 
+MODEL_FORM_TABLE = (
+    ("mlp, cnn1d, cnn2d", "a built-in builder (its options below)"),
+    (
+        "package.module:callable",
+        "your builder or class, imported as Python imports it (that runs its code)",
+    ),
+    ("path/to/file.py:callable", "the same, from a file (its code runs when it is loaded)"),
+    ("hf:PATH", "a Hugging Face classifier saved in a local folder (the hf extra)"),
+    ("hf-config:PATH", "that family with random weights from its config.json; options override it"),
+)
+
+
 @app.command()
 def models() -> None:
-    """The model builders and their options, with defaults (for --teacher-option/--student-option)."""
+    """The model forms and the built-in builders' options (for --teacher-option/--student-option)."""
     import inspect
 
     from softtargets.training.models import MODELS
 
+    forms = Table(title="model forms (--teacher, --student, YAML name:)", title_justify="left")
+    forms.add_column("form")
+    forms.add_column("what")
+    for form, what in MODEL_FORM_TABLE:
+        forms.add_row(form, what)
+    console.print(forms)
+    console.print(
+        "An import path's callable gets the options as keyword arguments, and in_shape, "
+        "in_features and num_classes when its signature names them; it returns a "
+        "torch.nn.Module giving (rows, classes) logits. Every model is run on two rows before "
+        "anything trains. --teacher-weights FILE loads pretrained weights (.safetensors, or "
+        ".pt/.pth with weights_only=True).\n",
+        highlight=False,
+    )
     skip = ("in_features", "in_shape", "out_features", "num_classes")
-    table = Table(title="models (any torch.nn.Module also works from Python)", title_justify="left")
+    table = Table(
+        title="built-in models (any torch.nn.Module also works from Python)", title_justify="left"
+    )
     for column in ("model", "option", "default", "what"):
         table.add_column(column)
     for name, (_, documented) in MODELS.items():

@@ -127,10 +127,24 @@ Overwrite = Annotated[
 ]
 
 
+MODEL_FORMS = "mlp, cnn1d, cnn2d, package.module:callable, path/file.py:callable, hf:PATH"
+
 TeacherName = Annotated[
     str | None,
     typer.Option(
-        "--teacher", help=f"Teacher model: mlp, cnn1d, cnn2d \\[default: {DEFAULTS.teacher.name}]."
+        "--teacher",
+        help=f"Teacher model: {MODEL_FORMS} (softtargets models explains them) "
+        f"\\[default: {DEFAULTS.teacher.name}].",
+    ),
+]
+
+
+TeacherWeights = Annotated[
+    Path | None,
+    typer.Option(
+        "--teacher-weights",
+        help="Pretrained teacher weights, loaded instead of training: .safetensors, or .pt/.pth "
+        "read with torch.load(weights_only=True) (never unpickled).",
     ),
 ]
 
@@ -335,7 +349,9 @@ def build_distill_config(config_file: Path | None, base: Any = None, **flags: An
             data[field] = updates.pop(flag)
     for role in ("teacher", "student"):
         if role in updates:
-            merged[role] = {"name": updates.pop(role), "options": {}}
+            merged[role] = {"name": updates.pop(role), "options": {}, "weights": None}
+        if f"{role}_weights" in updates:
+            merged[role]["weights"] = str(updates.pop(f"{role}_weights"))
         if f"{role}_option" in updates:
             merged[role]["options"].update(parse_options(updates.pop(f"{role}_option"), role))
         for field in TRAINING_FIELDS:

@@ -10,7 +10,7 @@ interrupted run resumes where it stopped:
 | ``teacher.safetensors`` | the teacher's weights, keyed by the teacher settings (other settings are refused) |
 | ``store.safetensors`` | the teacher's logits for every sample id |
 | ``history.jsonl`` | one line per epoch of every fit (role, method, seed, losses, accuracies) |
-| ``results.jsonl`` | one line per finished fit (test accuracy, errors, NLL, ECE, agreement), keyed by the config |
+| ``results.jsonl`` | one line per finished fit, the teacher's too (test accuracy, errors, NLL, ECE, agreement), keyed by the config |
 | ``accuracy.png`` | test accuracy per epoch, hard vs soft, mean and 95% band over seeds |
 | ``report.md`` | the table, the figure and how the run was made |
 

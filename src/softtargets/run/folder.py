@@ -463,6 +463,10 @@ def config_key(config: DistillConfig, teacher_only: bool = False) -> str:
     for training in ("teacher_training", "student_training"):
         if not values[training]["label_smoothing"]:  # keys from before the option stay valid
             del values[training]["label_smoothing"]
+    for model in ("teacher", "student"):
+        # Pretrained weights are keyed by their content (run.teacher.prepare), not their path;
+        # and runs from before the option keep their keys.
+        del values[model]["weights"]
     if teacher_only:
         values = {k: values[k] for k in TEACHER_SETTINGS}
     else:  # fits are recorded per seed and method: more of either trains only the new ones

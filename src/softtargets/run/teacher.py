@@ -34,7 +34,13 @@ from softtargets.training import checkpoint as checkpoints
 from softtargets.training.common import resolve_device
 from softtargets.training.fit import fit
 from softtargets.training.metrics import evaluate
-from softtargets.training.models import build_model, count_parameters, forward_flops
+from softtargets.training.models import (
+    build_model,
+    check_model_fits,
+    count_parameters,
+    forward_flops,
+)
+from softtargets.training.weights import file_fingerprint, load_into
 
 
 def load_splits(config: DistillConfig) -> tuple[Dataset, Splits]:
@@ -86,7 +92,12 @@ def prepare(config: DistillConfig) -> Prepared:
     data and its split, and that both models build with their options on this data."""
     check_run_methods(config.methods, config.method_options)  # the registry's names
     device = resolve_device(config.device)
+    if config.student.weights is not None:
+        raise SoftTargetsError(
+            "students are trained, not loaded: weights apply to the teacher (--teacher-weights)"
+        )
     data, splits = load_splits(config)
+    sample = splits.train.features[:2]
     teacher = build_model(
         config.teacher.name,
         data.feature_shape,
@@ -94,11 +105,17 @@ def prepare(config: DistillConfig) -> Prepared:
         seed=config.first_seed,
         **config.teacher.options,
     )
-    # The student is built now only to check its options (an error after the teacher has
-    # trained for minutes would waste them); each fit builds its own.
-    build_model(
+    keyed: dict[str, Any] = {}
+    if config.teacher.weights is not None:
+        load_into(teacher, config.teacher.weights, "teacher")
+        keyed["weights"] = file_fingerprint(config.teacher.weights)
+    check_model_fits(teacher, sample, data.num_classes, f"teacher {config.teacher.name}")
+    # The student is built now only to check it (an error after the teacher has trained for
+    # minutes would waste them); each fit builds its own.
+    student = build_model(
         config.student.name, data.feature_shape, data.num_classes, seed=0, **config.student.options
     )  # seeded: the caller's random stream is left untouched
+    check_model_fits(student, sample, data.num_classes, f"student {config.student.name}")
     if config.student.name == "mlp" and splits.train.weights is None:
         config.student_training.stacked_options()  # they train together: fp32, no compile
     key = settings_key(
@@ -106,6 +123,7 @@ def prepare(config: DistillConfig) -> Prepared:
             "settings": config_key(config, teacher_only=True),
             "data": data.fingerprint,
             "labels": labels_fingerprint(data),
+            **keyed,
         }
     )
     return Prepared(data, splits, device, teacher, key)
@@ -215,9 +233,15 @@ def teacher_in(
         f"{len(splits.test)} test rows, {data.num_classes} classes; device: {prepared.device}"
     )
     reloaded = folder.load_weights("teacher.safetensors", teacher, key)
+    pretrained = config.teacher.weights is not None
     if reloaded:
         teacher.to(prepared.device)
         log("teacher: reloaded from a previous run")
+    elif pretrained:  # prepare loaded the user's weights: nothing to train
+        teacher.to(prepared.device)
+        folder.save_weights("teacher.safetensors", teacher, key)
+        folder.set_key("teacher", key)
+        log(f"teacher: pretrained weights from {config.teacher.weights}")
     else:
         forget_unfinished(folder, set())  # a teacher that never finished leaves no history
         identity = (key, "teacher", "teacher", config.first_seed)
@@ -267,13 +291,17 @@ def teacher_in(
         "role": "teacher",
         "method": "teacher",
         "seed": config.first_seed,
+        "pretrained": pretrained,
+        **({"val_accuracy": evaluate(teacher, splits.val)["accuracy"]} if len(splits.val) else {}),
         **{f"test_{k}": v for k, v in metrics.items()},
         "test_rows": len(splits.test),
         "parameters": count_parameters(teacher),
         "flops": forward_flops(teacher, data.feature_shape),
     }
+    if not reloaded:  # one line per teacher, as per student (a reloaded one has its line)
+        folder.append("results.jsonl", record)
     log(
-        f"teacher {config.teacher.name}: test accuracy {metrics['accuracy']:.2%} "
+        f"teacher {config.teacher.name}{' (pretrained)' if pretrained else ''}: test accuracy {metrics['accuracy']:.2%} "
         f"({of_total(metrics['errors'], len(splits.test))} errors)"
     )
     return TeacherRun(teacher, store, data, splits, record, prepared.device)

@@ -1,7 +1,15 @@
-"""Small model builders by name. Any ``nn.Module`` that maps ``(N, *feature_shape)`` to
-``(N, K)`` logits works everywhere a built model does.
+"""Models by name: the small built-in builders, and the one resolver of every model form.
 
-| name | builder | input |
+Any ``nn.Module`` that maps ``(N, *feature_shape)`` to ``(N, K)`` logits works everywhere a built
+model does. :func:`build_model` takes any of these names:
+
+| form | example | built by |
+| --- | --- | --- |
+| a built-in name | ``mlp``, ``cnn1d``, ``cnn2d`` | :data:`MODELS` |
+| an import path | ``mypkg.nets:resnet18``, ``nets.py:Student`` | :mod:`softtargets.training.imported` |
+| a Hugging Face folder | ``hf:PATH`` (its weights), ``hf-config:PATH`` (random weights) | :mod:`softtargets.training.hf` |
+
+| built-in | builder | input |
 | --- | --- | --- |
 | ``mlp`` | :func:`mlp` | anything (flattened) |
 | ``cnn1d`` | :func:`cnn1d` | ``(N, L)`` or ``(N, C, L)`` signals |
@@ -19,6 +27,8 @@ from torch import Tensor, nn
 
 from softtargets.config import check_budget, check_options
 from softtargets.errors import SoftTargetsError
+from softtargets.training import hf
+from softtargets.training.imported import build_imported, is_import_path
 
 
 def mlp(
@@ -123,16 +133,25 @@ def build_model(
     name: str,
     in_shape: Sequence[int],
     num_classes: int,
+    /,
     seed: int | None = None,
     **options: Any,
 ) -> nn.Module:
-    """Build model ``name`` for inputs of shape ``in_shape`` and ``num_classes`` outputs.
+    """Build model ``name`` (any form in the module's table) for inputs of shape ``in_shape`` and
+    ``num_classes`` outputs.
 
     ``seed`` makes the initial weights reproducible without touching the global random stream.
     An unknown name or option raises with the list of valid ones.
     """
     if name not in MODELS:
-        raise SoftTargetsError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+        if hf.is_hf_name(name):
+            return _seeded(seed, lambda: hf.build_hf(name, num_classes, options))
+        if is_import_path(name):
+            return _seeded(seed, lambda: build_imported(name, in_shape, num_classes, options))
+        raise SoftTargetsError(
+            f"unknown model {name!r}; give a built-in name ({', '.join(MODELS)}), an import path "
+            "(package.module:callable or path/file.py:callable) or hf:PATH; see softtargets models"
+        )
     builder, documented = MODELS[name]
     check_options(
         documented,
@@ -154,11 +173,47 @@ def build_model(
     check_budget(
         16 * parameters, f"model {name!r} with {parameters:,} parameters", "use a smaller model"
     )
+    return _seeded(seed, lambda: builder(in_shape, num_classes, **options))
+
+
+def _seeded(seed: int | None, build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()``, under ``seed`` when one is given, leaving the global random stream as it was."""
     if seed is None:
-        return builder(in_shape, num_classes, **options)
+        return build()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return builder(in_shape, num_classes, **options)
+        return build()
+
+
+def check_model_fits(model: nn.Module, sample: Tensor, num_classes: int, what: str) -> None:
+    """Run ``model`` on ``sample`` (a batch of a few rows, ``(n, *feature_shape)``) and check that it
+    gives ``(n, num_classes)`` logits: one line naming the model and what it gave otherwise.
+
+    Every model is checked so before anything trains, so a model that does not fit the data fails
+    in a second, not after a teacher has trained for minutes.
+    """
+    device = next(iter(model.parameters()), sample).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(sample.to(device))
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise SoftTargetsError(
+            f"{what} cannot take this data's rows of shape {tuple(sample.shape[1:])}: "
+            f"{type(err).__name__}: {first}"
+        ) from None
+    finally:
+        model.train(was_training)
+    out = getattr(out, "logits", out)  # a Hugging Face model's output
+    expected = (len(sample), num_classes)
+    if not isinstance(out, Tensor) or tuple(out.shape) != expected:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise SoftTargetsError(
+            f"{what} gives {got} for {len(sample)} rows; it must give (rows, classes) = "
+            f"{expected} logits for this data's {num_classes} classes"
+        )
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,0 +1,186 @@
+"""Hugging Face models from local folders, with the optional ``hf`` extra (``transformers``).
+
+* ``hf:PATH`` loads a classifier saved with ``save_pretrained`` (its ``config.json`` and weights):
+  ``AutoModelForSequenceClassification`` for text, ``AutoModelForImageClassification`` for images.
+* ``hf-config:PATH`` builds the same family with random weights from a ``config.json`` (a folder
+  or the file itself); options override the config's fields, so ``--student hf-config:TEACHER
+  --student-option num_hidden_layers=2`` is the DistilBERT recipe: the teacher's family, smaller.
+
+Nothing is downloaded: folders are read with ``local_files_only``. A model is wrapped in
+:class:`HFClassifier`, so it maps rows to logits as every other model does: text rows are token
+ids ``(N, L)`` (stored as floats, as every feature is; padding is the tokenizer's pad id), image
+rows are pixels ``(N, C, H, W)``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from softtargets.errors import SoftTargetsError
+
+INSTALL = 'pip install -e ".[hf]"'
+
+
+def is_hf_name(name: str) -> bool:
+    """Whether ``name`` is ``hf:PATH`` or ``hf-config:PATH``."""
+    return name.startswith(("hf:", "hf-config:"))
+
+
+def transformers_module() -> Any:
+    """``transformers``, or one line naming the install command."""
+    try:
+        import transformers  # optional: only hf: models need it
+    except ImportError:
+        raise SoftTargetsError(
+            f"hf: models need the optional Hugging Face extra; install it with {INSTALL}"
+        ) from None
+    transformers.logging.set_verbosity_error()  # its warnings about unused weights are ours
+    return transformers
+
+
+class HFClassifier(nn.Module):
+    """A Hugging Face classifier as a rows-to-logits module.
+
+    ``forward``: text ``(N, L)`` token ids (any dtype) -> ``(N, K)``, with the attention mask
+    ``ids != pad_token_id``; images ``(N, C, H, W)`` -> ``(N, K)``.
+    """
+
+    def __init__(self, model: nn.Module, text: bool, pad_token_id: int | None) -> None:
+        super().__init__()
+        self.model = model
+        self.text = text
+        self.pad_token_id = pad_token_id
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.text:
+            return self.model(pixel_values=x).logits
+        ids = x.long()
+        mask = None if self.pad_token_id is None else (ids != self.pad_token_id).long()
+        return self.model(input_ids=ids, attention_mask=mask).logits
+
+
+def config_folder(name: str) -> Path:
+    """The local folder (or ``config.json``) an ``hf:``/``hf-config:`` name points to, checked."""
+    path = Path(name.split(":", 1)[1]).expanduser()
+    if not path.exists():
+        raise SoftTargetsError(
+            f"{name}: no such local folder (models are read from disk, never downloaded)"
+        )
+    config = path if path.is_file() else path / "config.json"
+    if not config.is_file():
+        raise SoftTargetsError(
+            f"{name}: {path} has no config.json; save the model with save_pretrained(PATH)"
+        )
+    return path
+
+
+def _is_text(transformers: Any, config: Any) -> bool:
+    text = transformers.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+    image = transformers.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
+    if type(config) in text:
+        return True
+    if type(config) in image:
+        return False
+    raise SoftTargetsError(
+        f"a {config.model_type} model is neither a sequence nor an image classifier; softtargets "
+        "distils AutoModelForSequenceClassification and AutoModelForImageClassification models"
+    )
+
+
+def build_hf(name: str, num_classes: int, options: dict[str, Any]) -> nn.Module:
+    """The model an ``hf:``/``hf-config:`` name gives, wrapped in :class:`HFClassifier`."""
+    transformers = transformers_module()
+    path = config_folder(name)
+    try:
+        if path.is_file():
+            config = transformers.AutoConfig.for_model(**json.loads(path.read_text()))
+        else:
+            config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as err:
+        raise SoftTargetsError(f"{name}: its config.json cannot be read ({_first(err)})") from None
+    text = _is_text(transformers, config)
+    auto = (
+        transformers.AutoModelForSequenceClassification
+        if text
+        else transformers.AutoModelForImageClassification
+    )
+    pretrained = name.startswith("hf:")
+    if pretrained and options:
+        raise SoftTargetsError(
+            f"{name} is a trained model: its options are its config's; use hf-config:PATH with "
+            "options for a new model of that family"
+        )
+    if pretrained:
+        if config.num_labels != num_classes:
+            raise SoftTargetsError(
+                f"{name} has {config.num_labels} output classes but the data has {num_classes}"
+            )
+        try:
+            model = auto.from_pretrained(path, local_files_only=True, use_safetensors=True)
+        except Exception as err:
+            raise SoftTargetsError(
+                f"{name}: its weights cannot be loaded ({_first(err)}); it needs "
+                "model.safetensors beside config.json"
+            ) from None
+    else:
+        unknown = sorted(k for k in options if not hasattr(config, k))
+        if unknown:
+            raise SoftTargetsError(f"option {unknown[0]!r} is not a field of {name}'s config")
+        for key, value in options.items():
+            setattr(config, key, value)
+        config.num_labels = num_classes
+        try:
+            model = auto.from_config(config)
+        except Exception as err:
+            raise SoftTargetsError(f"{name} cannot be built ({_first(err)})") from None
+    pad = getattr(config, "pad_token_id", None)
+    return HFClassifier(model, text, pad if text else None)
+
+
+def load_tokenizer(folder: str | Path) -> Any:
+    """The tokenizer saved in a local model folder (``tokenizer.json`` and its config)."""
+    transformers = transformers_module()
+    try:
+        return transformers.AutoTokenizer.from_pretrained(Path(folder), local_files_only=True)
+    except Exception as err:
+        raise SoftTargetsError(
+            f"{folder} holds no tokenizer that can be read ({_first(err)}); save one there with "
+            "tokenizer.save_pretrained(PATH)"
+        ) from None
+
+
+def _first(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def describe_hf(model: nn.Module) -> dict[str, Any]:
+    """What a saved model needs to be rebuilt without its source folder (empty when ``model`` is
+    not a Hugging Face one): its config, whether it reads text, and its pad id."""
+    if not isinstance(model, HFClassifier):
+        return {}
+    return {
+        "hf_config": model.model.config.to_dict(),
+        "text": model.text,
+        "pad_token_id": model.pad_token_id,
+    }
+
+
+def rebuild_hf(described: dict[str, Any]) -> nn.Module:
+    """An :class:`HFClassifier` of random weights from :func:`describe_hf`'s record, for its saved
+    weights to be loaded into."""
+    transformers = transformers_module()
+    text, pad = bool(described["text"]), described["pad_token_id"]
+    cfg = transformers.AutoConfig.for_model(**described["hf_config"])
+    auto = (
+        transformers.AutoModelForSequenceClassification
+        if text
+        else transformers.AutoModelForImageClassification
+    )
+    with torch.random.fork_rng(devices=[]):
+        return HFClassifier(auto.from_config(cfg), text, pad)
