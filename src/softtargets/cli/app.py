@@ -21,6 +21,7 @@ from softtargets.cli.console import (
     console,
     friendly_errors,
     make_progress,
+    print_outcome,
     say,
     show_warning,
 )
@@ -68,7 +69,8 @@ from softtargets.cli.options import (
     build_distill_config,
     parse_method_options,
 )
-from softtargets.cli.proportions import fit_proportions_command, predict
+from softtargets.cli.proportions import fit_proportions_command
+from softtargets.cli.serve import export, predict
 from softtargets.errors import SoftTargetsError
 from softtargets.losses.methods import METHODS
 
@@ -125,25 +127,6 @@ def relaunch_under_torchrun(nproc: int) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={nproc}", "-m", "softtargets", *args]  # fmt: skip
     return subprocess.run(command).returncode
-
-
-def print_outcome(outcome: Any) -> None:
-    from softtargets.run.report import distill_rows, method_differences, soft_minus_hard
-
-    table = Table(title="test set: mean ± 95% CI over seeds", title_justify="left")
-    for column in ("model", "targets", "runs", "test accuracy (%)", "test errors"):
-        table.add_column(column, justify="left" if column in ("model", "targets") else "right")
-    for row in distill_rows(outcome):
-        table.add_row(*row)
-    console.print(table)
-    console.print(f"soft - hard: {soft_minus_hard(outcome)}", highlight=False)
-    for line in method_differences(outcome):
-        console.print(line, highlight=False)
-    console.print(
-        f"wrote {outcome.out_dir}/ (report.md, accuracy.png, results.jsonl, store) "
-        f"in {outcome.seconds:.1f} s",
-        highlight=False,
-    )
 
 
 # ---------------------------------------------------------------------- commands
@@ -485,6 +468,7 @@ def report(
 
 app.command("fit-proportions")(fit_proportions_command)
 app.command("predict")(predict)
+app.command("export")(export)
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from softtargets.errors import SoftTargetsError
 
@@ -157,3 +158,31 @@ def make_progress() -> Any:
             transient=True,
         )
     return HeartbeatProgress(say, float(os.environ.get("SOFTTARGETS_HEARTBEAT_SECONDS", 30)))
+
+
+def print_outcome(outcome: Any) -> None:
+    from softtargets.run.report import distill_rows, method_differences, soft_minus_hard
+
+    table = Table(title="test set: mean ± 95% CI over seeds", title_justify="left")
+    for column in ("model", "targets", "runs", "test accuracy (%)", "test errors"):
+        table.add_column(column, justify="left" if column in ("model", "targets") else "right")
+    for row in distill_rows(outcome):
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"soft - hard: {soft_minus_hard(outcome)}", highlight=False)
+    for line in method_differences(outcome):
+        console.print(line, highlight=False)
+    if outcome.deployment:
+        teacher, student = outcome.deployment
+        console.print(
+            f"the run's student (best on validation): {student['parameters'] / teacher['parameters']:.2f}x "
+            f"the teacher's parameters, {student['seconds_per_row_batch1'] / teacher['seconds_per_row_batch1']:.2f}x "
+            f"its latency at batch 1, {(student['test_accuracy'] - teacher['test_accuracy']) * 100:+.2f} "
+            f"points of test accuracy; saved as {outcome.out_dir}/student.safetensors",
+            highlight=False,
+        )
+    console.print(
+        f"wrote {outcome.out_dir}/ (report.md, accuracy.png, results.jsonl, store, students) "
+        f"in {outcome.seconds:.1f} s",
+        highlight=False,
+    )

@@ -1,6 +1,5 @@
-"""The ``fit-proportions`` and ``predict`` commands: regression on class proportions from counts,
-and the class probabilities of a saved model for a CSV's rows. :mod:`softtargets.cli.app`
-registers them."""
+"""The ``fit-proportions`` command: regression on class proportions from counts (``predict``, in
+:mod:`softtargets.cli.serve`, serves the model). :mod:`softtargets.cli.app` registers it."""
 
 from __future__ import annotations
 
@@ -66,36 +65,3 @@ def fit_proportions_command(
             highlight=False,
         )
     console.print(f"saved the model in {out}/", highlight=False)
-
-
-@friendly_errors
-def predict(
-    model_dir: Annotated[Path, typer.Argument(help="A directory written by fit-proportions.")],
-    file: Annotated[Path, typer.Argument(help="CSV holding the model's feature columns.")],
-    out: Annotated[Path | None, typer.Option("--out", help="Write here (default: stdout).")] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace --out if it exists (it is refused else).")
-    ] = False,
-) -> None:
-    """Class probabilities for every row of a CSV, as CSV (row, then one column per class)."""
-    import csv
-    import io
-
-    from softtargets.files import atomic_write_text
-    from softtargets.run.proportions import predict_file
-
-    if out is not None and out.exists() and not overwrite:
-        raise SoftTargetsError(
-            f"{out} exists; pass --overwrite to replace it or choose another --out"
-        )
-    classes, probs = predict_file(model_dir, file)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["row", *classes])
-    for i, row in enumerate(probs):
-        writer.writerow([i, *(f"{p:.8g}" for p in row)])
-    if out is None:
-        typer.echo(buffer.getvalue(), nl=False)
-    else:
-        atomic_write_text(out, buffer.getvalue())
-        console.print(f"wrote {len(probs)} rows to {out}", highlight=False)

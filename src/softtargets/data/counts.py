@@ -4,8 +4,10 @@ takes them; ``aggregate`` and ``expand`` go between raw observations and counted
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -141,3 +143,43 @@ def _weights(sample_weight: Any, n: int) -> np.ndarray:
     if not np.isfinite(w).all() or (w < 0).any():
         raise SoftTargetsError("sample_weight must be finite and >= 0")
     return w
+
+
+def read_columns(path: str | Path, names: list[str]) -> np.ndarray:
+    """The named numeric columns of a CSV with a header -> ``(rows, len(names))`` float64."""
+    path = Path(path)
+    if not path.exists():
+        raise SoftTargetsError(f"no such file: {path}")
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
+    except UnicodeDecodeError:
+        raise SoftTargetsError(
+            f"{path} is not UTF-8 text (a Latin-1 export?); save it as UTF-8 CSV"
+        ) from None
+    except csv.Error as err:
+        raise SoftTargetsError(f"{path}: not a readable CSV file ({err})") from None
+    if not rows:
+        raise SoftTargetsError(f"{path} is empty; it needs a header row")
+    header = [h.strip() for h in rows[0]]
+    missing = [n for n in names if n not in header]
+    if missing:
+        raise SoftTargetsError(
+            f"{path}: no column named {missing[0]!r}; columns are {', '.join(header[:20])}{' ...' if len(header) > 20 else ''}"
+        )
+    at = [header.index(n) for n in names]
+    values = np.empty((len(rows) - 1, len(names)))
+    for r, row in enumerate(rows[1:]):
+        for j, i in enumerate(at):
+            try:
+                values[r, j] = float(row[i])
+            except (ValueError, IndexError):
+                raise SoftTargetsError(
+                    f"{path}: line {r + 2}, column {names[j]!r} is not a number "
+                    f"({row[i] if i < len(row) else ''!r})"
+                ) from None
+    bad = ~np.isfinite(values)
+    if bad.any():
+        r, j = np.argwhere(bad)[0]
+        raise SoftTargetsError(f"{path}: line {r + 2}, column {names[j]!r} is NaN or inf")
+    return values

@@ -43,8 +43,14 @@ from softtargets.data.streams import ImageFolderRows
 from softtargets.errors import SoftTargetsError
 
 
-def load_file(path: str | Path, label_column: str | int | None = None) -> Dataset:
-    """Load a dataset from ``path``, choosing the loader by file name (see the module docstring)."""
+def load_file(
+    path: str | Path, label_column: str | int | None = None, labelled: bool = True
+) -> Dataset:
+    """Load a dataset from ``path``, choosing the loader by file name (see the module docstring).
+
+    ``labelled=False`` (rows to predict): a CSV without the label column, or an ``.npz`` without
+    labels, is read as features only, every label 0 of one class named ``"?"``.
+    """
     path = Path(path)
     try:
         info = os.stat(path)  # follows a link: what is read is what it points to
@@ -60,7 +66,7 @@ def load_file(path: str | Path, label_column: str | int | None = None) -> Datase
             f"{path} is not a regular file (a device, FIFO or socket); give a data file"
         )
     if name.endswith(".npz"):
-        return load_npz(path)
+        return load_npz(path, labelled)
     if name.endswith(".npy"):
         if label_column is not None and not _is_int(str(label_column)):
             raise SoftTargetsError(
@@ -68,7 +74,7 @@ def load_file(path: str | Path, label_column: str | int | None = None) -> Datase
             )
         return load_npy(path, -1 if label_column is None else int(label_column))
     if name.endswith(".csv") or name.endswith(".csv.gz"):
-        return load_csv(path, "label" if label_column is None else str(label_column))
+        return load_csv(path, "label" if label_column is None else str(label_column), labelled)
     if "idx3-ubyte" in name or "idx1-ubyte" in name:
         return load_idx(path)
     if name.startswith(("data_batch", "test_batch")):
@@ -130,8 +136,9 @@ def _check_npz(path: Path) -> None:
     check_budget(total, str(path))
 
 
-def load_npz(path: str | Path) -> Dataset:
-    """An ``.npz`` archive with ``x``/``features`` and ``y``/``labels`` arrays."""
+def load_npz(path: str | Path, labelled: bool = True) -> Dataset:
+    """An ``.npz`` archive with ``x``/``features`` and ``y``/``labels`` arrays (``y`` may be
+    missing when not ``labelled``)."""
     _check_npz(Path(path))
     try:
         with np.load(path, allow_pickle=False) as archive:
@@ -141,6 +148,8 @@ def load_npz(path: str | Path) -> Dataset:
         raise SoftTargetsError(f"{path}: not a readable .npz file ({first})") from None
     x_key = next((k for k in ("x", "features", "X") if k in arrays), None)
     y_key = next((k for k in ("y", "labels", "Y") if k in arrays), None)
+    if x_key is not None and y_key is None and not labelled:
+        return _unlabelled(arrays[x_key], Path(path).stem)
     if x_key is None or y_key is None:
         raise SoftTargetsError(
             f"{path}: expected arrays 'x' and 'y' (or 'features' and 'labels'), found "
@@ -183,8 +192,16 @@ def load_npy(path: str | Path, label_column: int = -1) -> Dataset:
     return Dataset.from_arrays(features, labels, class_names=names, name=Path(path).stem)
 
 
-def load_csv(path: str | Path, label_column: str = "label") -> Dataset:
-    """A CSV with a header; ``label_column`` holds class names or integers, the rest are features."""
+def _unlabelled(features: Any, name: str) -> Dataset:
+    """Rows to predict: features only, every label 0 of one class named ``"?"``."""
+    return Dataset.from_arrays(
+        features, np.zeros(len(features), dtype=np.int64), class_names=["?"], name=name
+    )
+
+
+def load_csv(path: str | Path, label_column: str = "label", labelled: bool = True) -> Dataset:
+    """A CSV with a header; ``label_column`` holds class names or integers, the rest are features
+    (all of them, when not ``labelled`` and there is no such column)."""
     opener: Any = gzip.open if str(path).endswith(".gz") else open
     try:
         with opener(path, "rt", newline="") as handle:
@@ -200,14 +217,15 @@ def load_csv(path: str | Path, label_column: str = "label") -> Dataset:
             f"{path}: the header names column {repeated[0]!r} more than once; give every "
             "column its own name"
         )
-    if label_column not in header:
+    unlabelled = label_column not in header and not labelled
+    if label_column not in header and labelled:
         raise SoftTargetsError(
             f"{path}: no column named {label_column!r}; columns are {_shown(header)} "
             "(choose one with --label-column)"
         )
     if not body:
         raise SoftTargetsError(f"{path}: the file has a header but no data rows")
-    label_at = header.index(label_column)
+    label_at = None if unlabelled else header.index(label_column)
     id_at = header.index("id") if "id" in header and label_column != "id" else None
     feature_at = [i for i in range(len(header)) if i not in (label_at, id_at)]
     features = np.empty((len(body), len(feature_at)), dtype=np.float32)
@@ -224,6 +242,8 @@ def load_csv(path: str | Path, label_column: str = "label") -> Dataset:
                     f"{path}: line {r + 2}, column {header[i]!r} is not a number ({row[i]!r}); "
                     "features must be numeric"
                 ) from None
+    if label_at is None:
+        return _unlabelled(features, Path(path).stem)
     raw_labels = [row[label_at].strip() for row in body]
     if "" in raw_labels:
         line = raw_labels.index("") + 2
@@ -429,7 +449,9 @@ def load_image_folder(root: str | Path, size: tuple[int, int] | None = None) -> 
     )
 
 
-def load_data(name_or_path: str, label_column: str | int | None = None, **options: Any) -> Dataset:
+def load_data(
+    name_or_path: str, label_column: str | int | None = None, labelled: bool = True, **options: Any
+) -> Dataset:
     """A built-in dataset by name (with generator options) or a file/folder by path."""
 
     if name_or_path in BUILTIN:
@@ -443,44 +465,4 @@ def load_data(name_or_path: str, label_column: str | int | None = None, **option
             f"unknown dataset {name_or_path!r}: not a built-in ({', '.join(sorted(BUILTIN))}) "
             "and no such file"
         )
-    return load_file(name_or_path, label_column)
-
-
-def read_columns(path: str | Path, names: list[str]) -> np.ndarray:
-    """The named numeric columns of a CSV with a header -> ``(rows, len(names))`` float64."""
-    path = Path(path)
-    if not path.exists():
-        raise SoftTargetsError(f"no such file: {path}")
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.reader(handle))
-    except UnicodeDecodeError:
-        raise SoftTargetsError(
-            f"{path} is not UTF-8 text (a Latin-1 export?); save it as UTF-8 CSV"
-        ) from None
-    except csv.Error as err:
-        raise SoftTargetsError(f"{path}: not a readable CSV file ({err})") from None
-    if not rows:
-        raise SoftTargetsError(f"{path} is empty; it needs a header row")
-    header = [h.strip() for h in rows[0]]
-    missing = [n for n in names if n not in header]
-    if missing:
-        raise SoftTargetsError(
-            f"{path}: no column named {missing[0]!r}; columns are {_shown(header)}"
-        )
-    at = [header.index(n) for n in names]
-    values = np.empty((len(rows) - 1, len(names)))
-    for r, row in enumerate(rows[1:]):
-        for j, i in enumerate(at):
-            try:
-                values[r, j] = float(row[i])
-            except (ValueError, IndexError):
-                raise SoftTargetsError(
-                    f"{path}: line {r + 2}, column {names[j]!r} is not a number "
-                    f"({row[i] if i < len(row) else ''!r})"
-                ) from None
-    bad = ~np.isfinite(values)
-    if bad.any():
-        r, j = np.argwhere(bad)[0]
-        raise SoftTargetsError(f"{path}: line {r + 2}, column {names[j]!r} is NaN or inf")
-    return values
+    return load_file(name_or_path, label_column, labelled)

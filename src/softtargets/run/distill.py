@@ -30,6 +30,7 @@ from torch import nn
 from softtargets import distributed
 from softtargets.config import DistillConfig
 from softtargets.losses.methods import METHODS
+from softtargets.run.deployment import deployment_rows
 from softtargets.run.folder import (
     FIT_IDENTITY,
     RunFolder,
@@ -38,6 +39,7 @@ from softtargets.run.folder import (
     fit_records,
 )
 from softtargets.run.report import DistillOutcome, method_label, of_total, write_report
+from softtargets.run.students import BEST, cpu_state, load_saved, name_best, save_student
 from softtargets.run.teacher import (
     Finished,
     TeacherRun,
@@ -99,16 +101,53 @@ def run_distillation(
         results += [
             f.record for f in _fit_students(config, part, pending, key, folder, progress, log)
         ]
-
+        deployment = _name_and_measure_best(config, part, results, folder, log)
         outcome = DistillOutcome(
             folder.root,
             part.record,
             [r for r in results if r["seed"] in seeds],
             time.perf_counter() - started,
             len(part.splits.test),
+            deployment,
         )
         write_report(outcome, config, folder)
     return outcome
+
+
+def _name_and_measure_best(
+    config: DistillConfig,
+    part: TeacherRun,
+    results: list[dict[str, Any]],
+    folder: RunFolder,
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """Name the run's validation-best student (``student.safetensors``, ``student.json``), load it
+    back as a user would, and measure it beside the teacher (the report's deployment table)."""
+    if not folder.writer:
+        return []
+    model = _student(config, part, "hard", config.first_seed)[0]  # how an hf: student is set up
+    best = name_best(folder, config, part.data, model, results, part.record["key"])
+    if best is None:
+        return []
+    log(
+        f"student: {method_label(best['method'])}, seed {best['seed']} (best on validation) "
+        f"saved as {folder.root / BEST}.safetensors"
+    )
+    record = next(r for r in results if (r["method"], r["seed"]) == (best["method"], best["seed"]))
+    if not len(part.splits.test):
+        return []
+    sizes = {
+        "teacher": (folder.root / "teacher.safetensors").stat().st_size,
+        "student": (folder.root / f"{BEST}.safetensors").stat().st_size,
+    }
+    return deployment_rows(
+        part.teacher,
+        load_saved(folder.root).model,
+        part.record,
+        record,
+        sizes,
+        part.splits.test.features,
+    )
 
 
 def _fit_students(
@@ -141,6 +180,9 @@ def _fit_students(
     for f in theirs:  # rank 0 wrote its own as they finished
         for epoch in f.history:
             folder.append("history.jsonl", epoch)
+        if f.state is not None:
+            save_student(folder, f.state, f.record)
+            f.state = None
         folder.append("results.jsonl", f.record)
     for method, seed in pending:
         folder.remove(checkpoint_name((key, "student", method, seed)))
@@ -305,14 +347,16 @@ def _student_record(
     folder: RunFolder,
     log: Callable[[str], None],
 ) -> Finished:
-    """Evaluate a trained student, append its result record to results.jsonl and return it with
-    its epoch records."""
+    """Evaluate a trained student, save its weights, append its result record to results.jsonl and
+    return it with its epoch records (and, in a process that does not write, its weights)."""
     metrics = evaluate(student, part.splits.test, reference=part.teacher)
+    val = evaluate(student, part.splits.val) if len(part.splits.val) else {}
     record = {
         "key": key,
         "role": "student",
         "method": method,
         "seed": seed,
+        **{f"val_{k}": val[k] for k in ("accuracy", "nll") if k in val},
         **{f"test_{k}": v for k, v in metrics.items()},
         "test_rows": len(part.splits.test),
         "selected_epoch": outcome.best_epoch,
@@ -321,6 +365,9 @@ def _student_record(
         "parameters": count_parameters(student),
         "flops": forward_flops(student, part.data.feature_shape),
     }
+    state = cpu_state(student)
+    if folder.writer:
+        save_student(folder, state, record)
     folder.append("results.jsonl", record)
     log(
         f"student, {method_label(method)}, seed {seed}: test accuracy {metrics['accuracy']:.2%} "
@@ -328,7 +375,8 @@ def _student_record(
         f"{outcome.best_epoch} of {len(outcome.history)} selected on validation"
     )
     identity = {"key": key, "role": "student", "method": method, "seed": seed}
-    return Finished(record, [{**identity, **epoch} for epoch in outcome.history])
+    history = [{**identity, **epoch} for epoch in outcome.history]
+    return Finished(record, history, None if folder.writer else state)
 
 
 def _is_feature_method(method: str) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from softtargets.data.files import read_columns
+from softtargets.data.counts import read_columns
 from softtargets.errors import SoftTargetsError
 from softtargets.files import parse_json, read_small_text
 from softtargets.run.folder import RunFolder

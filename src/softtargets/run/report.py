@@ -20,6 +20,7 @@ from typing import Any
 from softtargets.config import DistillConfig
 from softtargets.errors import SoftTargetsError
 from softtargets.files import parse_json, read_small_text
+from softtargets.run.deployment import deployment_markdown
 from softtargets.run.figures import plot_epoch_curves
 from softtargets.run.folder import RunFolder, config_key, fit_records
 from softtargets.run.html import _anchor, read_image, to_html
@@ -348,12 +349,30 @@ Means over seeds with 95% Student-t confidence intervals. Each model's weights a
 best *validation* epoch; the test set is only evaluated, never used to choose anything.
 
 ![test accuracy per epoch](accuracy.png)
-
+{_deployment_section(outcome)}
 Files: `config.yaml` (resolved config), `history.jsonl` (every epoch), `results.jsonl` (every
-fit), `store.safetensors` (teacher logits), `teacher.safetensors` (teacher weights).
+fit), `store.safetensors` (teacher logits), `teacher.safetensors` (teacher weights),
+`student-METHOD-seedS.safetensors` (every student), `student.safetensors` and `student.json` (the
+run's student, chosen on validation: serve it with `softtargets predict --model {out.name}`, ship
+it with `softtargets export --model {out.name} --format onnx`).
 Wall time of this invocation: {outcome.seconds:.1f} s.
 """
     return folder.write_text("report.md", text)
+
+
+def _deployment_section(outcome: DistillOutcome) -> str:
+    """The deployment table: what the distilled student costs to run beside the teacher."""
+    if not outcome.deployment:
+        return ""
+    return f"""
+## What distillation bought
+
+The run's student (best validation accuracy of all its students) beside the teacher, both on
+this machine's CPU. Latency is the median over repeats, measured side by side in one process;
+accuracy intervals are 95% Wilson intervals over the {outcome.test_rows:,} test rows.
+
+{deployment_markdown(outcome.deployment)}
+"""
 
 
 @dataclass
@@ -414,6 +433,7 @@ class DistillOutcome:
     results: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     test_rows: int = 0
+    deployment: list[dict[str, Any]] = field(default_factory=list)
 
     def accuracies(self, method: str) -> list[float]:
         return [

@@ -58,6 +58,18 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> Estimate:
     return Estimate(mean, t * sem, int(data.size), confidence)
 
 
+def wilson_interval(correct: int, total: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``correct / total`` (one model's accuracy on a test
+    set: the interval its finite test set leaves, not seed-to-seed spread)."""
+    if total <= 0:
+        return (float("nan"), float("nan"))
+    z = float(scipy_stats.norm.ppf(0.5 + confidence / 2))
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return (centre - half, centre + half)
+
+
 def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> Estimate:
     """Mean and confidence interval of ``a - b`` over paired runs (same seeds)."""
     if len(a) != len(b):

@@ -164,10 +164,12 @@ def checkpoint_args(folder: RunFolder, every: int, identity: tuple) -> dict[str,
 
 @dataclass
 class Finished:
-    """A finished student fit: its result record and its epoch records (for the history)."""
+    """A finished student fit: its result record, its epoch records (for the history) and, until
+    rank 0 has saved them, its weights (on the CPU)."""
 
     record: dict[str, Any]
     history: list[dict[str, Any]]
+    state: dict[str, Tensor] | None = None
 
 
 def history_path(folder: RunFolder) -> Path | None:

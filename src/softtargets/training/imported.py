@@ -35,6 +35,16 @@ def is_import_path(name: str) -> bool:
     return bool(colon and head and tail) and not name.startswith(("hf:", "hf-config:"))
 
 
+def portable(name: str) -> str:
+    """``name`` with a file's path made absolute, so a saved model is rebuilt from anywhere."""
+    if not is_import_path(name):
+        return name
+    where, _, attribute = name.rpartition(":")
+    if not where.endswith(".py"):
+        return name
+    return f"{Path(where).expanduser().resolve()}:{attribute}"
+
+
 def find_callable(name: str) -> Callable[..., Any]:
     """The callable an import path names, its module imported (or its file run) first.
 

@@ -1,0 +1,173 @@
+"""The ``predict`` and ``export`` commands: serve a saved model's class probabilities for a file's
+rows, and ship it as safetensors, a ``torch.export`` program or ONNX. :mod:`softtargets.cli.app`
+registers them."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from softtargets.cli.console import console, friendly_errors
+from softtargets.errors import SoftTargetsError
+
+if TYPE_CHECKING:  # the command line imports torch only when a command runs
+    from torch import Tensor
+
+    from softtargets.run.students import SavedModel
+
+ModelPath = Annotated[
+    Path | None,
+    typer.Option(
+        "--model",
+        help="A distill run folder (its best student), a student .json/.safetensors, or a "
+        "fit-proportions folder.",
+    ),
+]
+Overwrite = Annotated[
+    bool, typer.Option("--overwrite", help="Replace --out if it exists (it is refused else).")
+]
+
+
+def _refuse_existing(out: Path | None, overwrite: bool) -> None:
+    if out is not None and (out.exists() or out.is_symlink()):
+        if out.is_dir() and not out.is_symlink():
+            raise SoftTargetsError(f"{out} is a folder; give a file name for --out")
+        if not overwrite:
+            raise SoftTargetsError(
+                f"{out} exists; pass --overwrite to replace it or choose another --out"
+            )
+
+
+@friendly_errors
+def predict(
+    model_dir: Annotated[
+        Path | None, typer.Argument(help="(fit-proportions form) the model folder.")
+    ] = None,
+    file: Annotated[Path | None, typer.Argument(help="(fit-proportions form) the CSV.")] = None,
+    model: ModelPath = None,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="Rows to predict: CSV, .npz, .npy or an image folder."),
+    ] = None,
+    label_column: Annotated[
+        str | None, typer.Option("--label-column", help="The CSV's label column, if any.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write here (default: stdout).")] = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Class probabilities for every row, as CSV (row, then one column per class).
+
+    predict --model RUN_OR_FILE --data FILE serves a distilled student; predict MODEL_DIR FILE
+    serves a fit-proportions model (as before).
+    """
+    from softtargets.files import atomic_write_text
+
+    model = model or model_dir
+    data = data or file
+    if model is None or data is None:
+        raise SoftTargetsError("give --model RUN_OR_FILE and --data FILE")
+    _refuse_existing(out, overwrite)
+    if (model / "model.json").is_file():  # a fit-proportions model
+        from softtargets.run.proportions import predict_file
+
+        classes, probs = predict_file(model, data)
+    else:
+        from softtargets.data.files import load_data
+        from softtargets.run.export import predict_probabilities
+        from softtargets.run.students import load_saved
+
+        saved = load_saved(model)
+        rows = load_data(str(data), label_column, labelled=False)
+        classes, probs = saved.class_names, predict_probabilities(saved, rows, str(data)).numpy()
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["row", *classes])
+    for i, row in enumerate(probs):
+        writer.writerow([i, *(f"{p:.8g}" for p in row)])
+    if out is None:
+        typer.echo(buffer.getvalue(), nl=False)
+    else:
+        atomic_write_text(out, buffer.getvalue())
+        console.print(f"wrote {len(probs)} rows to {out}", highlight=False)
+
+
+@friendly_errors
+def export(
+    model: ModelPath = None,
+    format: Annotated[
+        str, typer.Option("--format", help="safetensors, pt2 (torch.export) or onnx.")
+    ] = "pt2",
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="Rows to check the export on (default: the run's test rows)."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Where to write (default: student.FORMAT in the run folder)."),
+    ] = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Export a saved student and check it against PyTorch on real rows (max |difference|)."""
+    from softtargets.run.export import FORMATS, export_model
+    from softtargets.run.folder import RunFolder
+    from softtargets.run.students import load_saved
+
+    if format not in FORMATS:
+        raise SoftTargetsError(f"unknown --format {format!r}; choose one of {', '.join(FORMATS)}")
+    if model is None:
+        raise SoftTargetsError("give --model RUN_OR_FILE (a distill run folder or a student .json)")
+    saved = load_saved(model)
+    run = model if model.is_dir() else None
+    if out is None and run is None:
+        raise SoftTargetsError("give --out FILE: the model is not in a run folder")
+    rows = _check_rows(saved, run, data)
+    if out is not None:
+        _refuse_existing(out, overwrite)
+    exported = export_model(saved, format, rows)
+    if out is None:
+        assert run is not None  # checked above: no --out means a run folder
+        with RunFolder.open(run) as folder:
+            written = folder.write_bytes(exported.path.name, exported.payload)
+            if format == "safetensors":
+                folder.write_text(exported.path.with_suffix(".json").name, _meta_of(saved, written))
+    else:
+        from softtargets.files import atomic_write_bytes, atomic_write_text
+
+        written = out
+        atomic_write_bytes(out, exported.payload)
+        if format == "safetensors":
+            atomic_write_text(out.with_suffix(".json"), _meta_of(saved, out))
+    console.print(
+        f"wrote {written} ({len(exported.payload):,} bytes); on {exported.rows} check rows its "
+        f"logits differ from PyTorch's by at most {exported.max_abs_difference:.3g}",
+        highlight=False,
+    )
+
+
+def _meta_of(saved: SavedModel, weights: Path) -> str:
+    """A safetensors export's JSON: the saved model's, naming the exported weights."""
+    return json.dumps({**saved.meta, "weights": weights.name}, indent=1) + "\n"
+
+
+def _check_rows(saved: SavedModel, run: Path | None, data: Path | None) -> Tensor:
+    """The rows an export is checked on: ``--data``'s, else the run's test rows."""
+    from softtargets.data.files import load_data
+    from softtargets.run.export import check_rows
+
+    if data is not None:
+        rows = load_data(str(data), labelled=False)
+        check_rows(saved, rows, str(data))
+        return rows.features
+    if run is None or not (run / "config.yaml").is_file():
+        raise SoftTargetsError("give --data FILE: rows to check the export on")
+    from softtargets.config import DistillConfig, load_config
+    from softtargets.run.teacher import load_splits
+
+    _, splits = load_splits(load_config(DistillConfig, run / "config.yaml"))
+    check_rows(saved, splits.test, "the run's test rows")
+    return splits.test.features

@@ -1,0 +1,164 @@
+"""Serve and ship a saved model: class probabilities for a file's rows (``predict``), and the model
+in a deployable format (``export``), checked against PyTorch on real rows.
+
+| format | file | read back with |
+| --- | --- | --- |
+| ``safetensors`` | ``NAME.safetensors`` and ``NAME.json`` | ``softtargets predict``, :func:`load_saved` |
+| ``pt2`` | ``NAME.pt2`` (``torch.export``, batch dimension dynamic) | ``torch.export.load(f).module()`` |
+| ``onnx`` | ``NAME.onnx`` (the ``onnx`` extra; opset of the dynamo exporter) | ``onnxruntime.InferenceSession`` |
+
+Every export is loaded back and run on the check rows (the run's test rows, or the rows of
+``--data``); the largest absolute difference of its logits from PyTorch's is returned and reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from softtargets.data.dataset import Dataset
+from softtargets.errors import SoftTargetsError
+from softtargets.run.students import SavedModel, load_saved
+from softtargets.store.label import predict_logits
+
+FORMATS = ("safetensors", "pt2", "onnx")
+ONNX_INSTALL = 'pip install -e ".[onnx]"'
+
+
+def check_rows(saved: SavedModel, data: Dataset, source: str) -> None:
+    """Refuse rows of another shape than the model reads, in one line."""
+    if tuple(data.feature_shape) != saved.in_shape:
+        raise SoftTargetsError(
+            f"{source} has rows of shape {tuple(data.feature_shape)}, but the model reads "
+            f"{saved.in_shape}; give data of the form it was trained on"
+        )
+
+
+def predict_probabilities(saved: SavedModel, data: Dataset, source: str) -> Tensor:
+    """``(N, K)`` class probabilities of ``data``'s rows, in the model's class order."""
+    check_rows(saved, data, source)
+    logits = predict_logits(saved.model, data.features, 1024, torch.device("cpu"))
+    return logits.float().softmax(1)
+
+
+@dataclass
+class Exported:
+    """An exported file and how far its logits are from PyTorch's on the check rows."""
+
+    path: Path
+    payload: bytes
+    max_abs_difference: float
+    rows: int
+
+
+def export_model(saved: SavedModel, fmt: str, rows: Tensor, name: str = "student") -> Exported:
+    """``saved`` in format ``fmt`` (:data:`FORMATS`) as bytes, checked on ``rows``
+    ``(N, *in_shape)``; nothing is written to the caller's folders (a private temporary is)."""
+    if fmt not in FORMATS:
+        raise SoftTargetsError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    model = saved.model.eval()
+    with torch.no_grad():
+        expected = model(rows).float()
+    expected = getattr(expected, "logits", expected)
+    exporters: dict[str, Callable[[Path], Callable[[Tensor], Tensor]]] = {
+        "safetensors": lambda path: _safetensors(saved, path),
+        "pt2": lambda path: _pt2(model, rows, path),
+        "onnx": lambda path: _onnx(model, rows, path),
+    }
+    with tempfile.TemporaryDirectory(prefix="softtargets-export-") as folder, _quiet():
+        path = Path(folder) / f"{name}.{fmt}"
+        run = exporters[fmt](path)
+        got = run(rows).float()
+        payload = path.read_bytes()
+    difference = float((got - expected).abs().max()) if len(rows) else 0.0
+    return Exported(Path(f"{name}.{fmt}"), payload, difference, len(rows))
+
+
+def _safetensors(saved: SavedModel, path: Path) -> Callable[[Tensor], Tensor]:
+    path.write_bytes(saved.weights.read_bytes())
+    meta = {**saved.meta, "weights": path.name}
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+    again = load_saved(path).model
+    return lambda x: _no_grad(again, x)
+
+
+def _pt2(model: torch.nn.Module, rows: Tensor, path: Path) -> Callable[[Tensor], Tensor]:
+    example = rows[:2] if len(rows) >= 2 else torch.cat([rows, rows])[:2]
+    try:
+        program = torch.export.export(
+            model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},)
+        )
+    except Exception as err:
+        raise SoftTargetsError(f"torch.export cannot trace this model: {_first(err)}") from None
+    torch.export.save(program, str(path))
+    loaded = torch.export.load(str(path)).module()  # the file just written, our own
+    return lambda x: _no_grad(loaded, x)
+
+
+def _onnx(model: torch.nn.Module, rows: Tensor, path: Path) -> Callable[[Tensor], Tensor]:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise SoftTargetsError(
+            f"--format onnx needs the optional ONNX extra; install it with {ONNX_INSTALL}"
+        ) from None
+    example = rows[:2] if len(rows) >= 2 else torch.cat([rows, rows])[:2]
+    try:
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=["rows"],
+            output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim.AUTO},),
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    except Exception as err:
+        raise SoftTargetsError(
+            f"the ONNX exporter cannot export this model: {_first(err)}"
+        ) from None
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def run(x: Tensor) -> Tensor:
+        (out,) = session.run(["logits"], {"rows": x.numpy().astype(np.float32)})
+        return torch.from_numpy(out)
+
+    return run
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The exporters' chatter (torchvision's absence, their own deprecations) is not the user's
+    concern: their warnings and log lines are held back while they run."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _no_grad(model: torch.nn.Module, x: Tensor) -> Tensor:
+    with torch.no_grad():
+        out = model(x)
+    return getattr(out, "logits", out)
+
+
+def _first(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
