@@ -313,6 +313,11 @@ class DistillConfig(Strict):
     seeds: int = Field(5, ge=1, le=MAX_SEEDS)
     first_seed: int = 0
     store_dtype: Literal["float32", "float16"] = "float32"
+    store: str | None = Field(
+        None,
+        description="train the students from this existing store (softtargets label), without "
+        "a teacher; it must have been made for this data",
+    )
     device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:1, ...")
 
     @field_validator("device")

@@ -201,3 +201,60 @@ def test_models_explains_the_forms() -> None:
     assert result.exit_code == 0
     for form in ("package.module:callable", "path/to/file.py:callable", "hf:PATH"):
         assert form in result.output
+
+
+def test_label_once_then_distil_from_the_store_without_the_teacher(tmp_path, nets) -> None:
+    trained = tmp_path / "trained"
+    code, output = _distill(tmp_path, "--teacher", f"{nets}:Wide", "--out", str(trained))
+    assert code == 0, output
+    weights = str(trained / "teacher.safetensors")
+    for k, name in ((None, "full"), (3, "top3")):
+        args = ["label", "--data", "digits", "--teacher", f"{nets}:Wide", "--teacher-weights",
+                weights, "--out", str(tmp_path / f"{name}.safetensors")]  # fmt: skip
+        result = runner.invoke(app, args + (["--top-k", str(k)] if k else []))
+        assert result.exit_code == 0, result.output
+        assert f"stored {k or 10} of 10 logits for each of 1,797 rows" in " ".join(
+            result.output.split()
+        )
+    code, output = _distill(
+        tmp_path, "--store", str(tmp_path / "full.safetensors"), "--out", str(tmp_path / "s")
+    )
+    assert code == 0, output
+    from_store = read_jsonl(tmp_path / "s" / "results.jsonl")
+    with_teacher = read_jsonl(trained / "results.jsonl")
+    # the same logits, so the same teacher accuracy and the same students, without the teacher
+    assert [r["test_accuracy"] for r in from_store] == [r["test_accuracy"] for r in with_teacher]
+    assert not (tmp_path / "s" / "teacher.safetensors").exists()
+    assert "the logits stored in" in (tmp_path / "s" / "report.md").read_text()
+    code, output = _distill(
+        tmp_path, "--store", str(tmp_path / "top3.safetensors"), "--out", str(tmp_path / "t")
+    )
+    assert code == 0, output
+    # a store made for other data is refused, before anything is written
+    code, output = _distill(
+        tmp_path, "--data", "mnist1d", "--store", str(tmp_path / "full.safetensors"),
+        "--out", str(tmp_path / "other"),
+    )  # fmt: skip
+    assert code == 2 and "this store was made for data" in output
+    assert not (tmp_path / "other").exists()
+    # fitnet needs the teacher model, not its logits
+    code, output = _distill(
+        tmp_path, "--store", str(tmp_path / "full.safetensors"), "--method", "fitnet",
+        "--out", str(tmp_path / "f"),
+    )  # fmt: skip
+    assert code == 2 and "needs the teacher model, not a store" in output
+
+
+def test_label_refuses_an_untrained_teacher_and_an_existing_file(tmp_path, nets) -> None:
+    result = runner.invoke(
+        app, ["label", "--data", "digits", "--out", str(tmp_path / "s.safetensors")]
+    )
+    assert result.exit_code == 2 and "label runs a trained teacher" in result.output
+    (tmp_path / "mine.safetensors").write_text("the user's")
+    weights = tmp_path / "w.safetensors"
+    save_file(build_model(f"{nets}:Wide", (1, 8, 8), 10).state_dict(), weights)
+    result = runner.invoke(app, ["label", "--data", "digits", "--teacher", f"{nets}:Wide",
+                                 "--teacher-weights", str(weights), "--out",
+                                 str(tmp_path / "mine.safetensors")])  # fmt: skip
+    assert result.exit_code == 2 and "exists" in result.output
+    assert (tmp_path / "mine.safetensors").read_text() == "the user's"

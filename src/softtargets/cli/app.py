@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
+from softtargets.cli.catalogue import methods, models
 from softtargets.cli.console import (
     console,
     friendly_errors,
@@ -210,12 +210,77 @@ def teacher(
 
 @app.command()
 @friendly_errors
+def label(
+    data: Data = None,
+    test_data: TestData = None,
+    teacher: TeacherName = None,
+    teacher_option: TeacherOpt = None,
+    teacher_weights: TeacherWeights = None,
+    label_column: LabelColumn = None,
+    out: Annotated[
+        Path, typer.Option("--out", help="The store to write, a .safetensors file.")
+    ] = Path("store.safetensors"),
+    top_k: Annotated[
+        int | None,
+        typer.Option(
+            "--top-k", help="Keep each row's k largest logits and the rest's log-sum-exp."
+        ),
+    ] = None,
+    store_dtype: Annotated[
+        str | None, typer.Option("--store-dtype", help="float32 (default) or float16.")
+    ] = None,
+    config: ConfigFile = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace --out if it exists.")
+    ] = False,
+    device: Device = None,
+    nproc: Nproc = 1,
+) -> None:
+    """Run a trained teacher over the data once and write its store (for distill --store)."""
+    from softtargets import distributed
+    from softtargets.run.label import run_label
+    from softtargets.training.common import resolve_device
+
+    cfg = build_distill_config(
+        config,
+        data=data,
+        test_data=test_data,
+        teacher=teacher,
+        teacher_option=teacher_option,
+        teacher_weights=teacher_weights,
+        label_column=label_column,
+        store_dtype=store_dtype,
+        device=device,
+    )
+    if nproc > 1 and not distributed.launched():
+        raise typer.Exit(relaunch_under_torchrun(nproc))
+    distributed.setup(resolve_device(cfg.device))
+    done = run_label(cfg, out, top_k=top_k, overwrite=overwrite, log=say)
+    if distributed.is_main():
+        console.print(
+            f"stored {done.kept} of {done.classes} logits for each of {done.rows:,} rows in "
+            f"{done.path} ({done.bytes / (1 << 20):,.1f} MB); train students from it with "
+            f"softtargets distill --store {done.path}",
+            highlight=False,
+        )
+
+
+@app.command()
+@friendly_errors
 def distill(
     data: Data = None,
     test_data: TestData = None,
     teacher: TeacherName = None,
     teacher_option: TeacherOpt = None,
     teacher_weights: TeacherWeights = None,
+    store: Annotated[
+        Path | None,
+        typer.Option(
+            "--store",
+            help="Train the students from this store (softtargets label) instead of a teacher; "
+            "it must have been made for --data.",
+        ),
+    ] = None,
     teacher_epochs: TeacherEpochs = None,
     teacher_lr: TeacherLr = None,
     teacher_optimizer: TeacherOptimizer = None,
@@ -296,6 +361,7 @@ def distill(
         teacher=teacher,
         teacher_option=teacher_option,
         teacher_weights=teacher_weights,
+        store=str(store) if store is not None else None,
         teacher_epochs=teacher_epochs,
         teacher_lr=teacher_lr,
         teacher_optimizer=teacher_optimizer,
@@ -325,70 +391,6 @@ def distill(
         device=device,
     )
     run_job(cfg, out or Path("runs/distill"), overwrite, nproc)
-
-
-@app.command()
-def methods() -> None:
-    """The distillation methods (the registry --method reads): loss per row, paper, options."""
-    table = Table(title="methods (every one also takes warmup=N epochs)", title_justify="left")
-    for column in ("method", "per row", "paper", "options"):
-        table.add_column(column)
-    for name, method in METHODS.items():
-        table.add_row(name, method.per_row, method.paper, ", ".join(method.options) or "-")
-    console.print(table)
-
-
-MODEL_FORM_TABLE = (
-    ("mlp, cnn1d, cnn2d", "a built-in builder (its options below)"),
-    (
-        "package.module:callable",
-        "your builder or class, imported as Python imports it (that runs its code)",
-    ),
-    ("path/to/file.py:callable", "the same, from a file (its code runs when it is loaded)"),
-    ("hf:PATH", "a Hugging Face classifier saved in a local folder (the hf extra)"),
-    ("hf-config:PATH", "that family with random weights from its config.json; options override it"),
-)
-
-
-@app.command()
-def models() -> None:
-    """The model forms and the built-in builders' options (for --teacher-option/--student-option)."""
-    import inspect
-
-    from softtargets.training.models import MODELS
-
-    forms = Table(title="model forms (--teacher, --student, YAML name:)", title_justify="left")
-    forms.add_column("form")
-    forms.add_column("what")
-    for form, what in MODEL_FORM_TABLE:
-        forms.add_row(form, what)
-    console.print(forms)
-    console.print(
-        "An import path's callable gets the options as keyword arguments, and in_shape, "
-        "in_features and num_classes when its signature names them; it returns a "
-        "torch.nn.Module giving (rows, classes) logits. Every model is run on two rows before "
-        "anything trains. --teacher-weights FILE loads pretrained weights (.safetensors, or "
-        ".pt/.pth with weights_only=True).\n",
-        highlight=False,
-    )
-    skip = ("in_features", "in_shape", "out_features", "num_classes")
-    table = Table(
-        title="built-in models (any torch.nn.Module also works from Python)", title_justify="left"
-    )
-    for column in ("model", "option", "default", "what"):
-        table.add_column(column)
-    for name, (_, documented) in MODELS.items():
-        paragraph = (inspect.getdoc(documented) or "").split("\n\n")[0]
-        summary = paragraph.replace("\n", " ").replace("``", "")
-        options = [
-            p for p in inspect.signature(documented).parameters.values() if p.name not in skip
-        ]
-        for i, p in enumerate(options):
-            default = p.default
-            if isinstance(default, tuple):
-                default = list(default)
-            table.add_row(name if i == 0 else "", p.name, str(default), summary if i == 0 else "")
-    console.print(table)
 
 
 @app.command()
@@ -467,6 +469,8 @@ def report(
 
 
 app.command("fit-proportions")(fit_proportions_command)
+app.command()(methods)
+app.command()(models)
 app.command("predict")(predict)
 app.command("export")(export)
 

@@ -134,7 +134,7 @@ def _name_and_measure_best(
         f"saved as {folder.root / BEST}.safetensors"
     )
     record = next(r for r in results if (r["method"], r["seed"]) == (best["method"], best["seed"]))
-    if not len(part.splits.test):
+    if not len(part.splits.test) or part.teacher is None:  # a store: no teacher to measure
         return []
     sizes = {
         "teacher": (folder.root / "teacher.safetensors").stat().st_size,
@@ -349,7 +349,8 @@ def _student_record(
 ) -> Finished:
     """Evaluate a trained student, save its weights, append its result record to results.jsonl and
     return it with its epoch records (and, in a process that does not write, its weights)."""
-    metrics = evaluate(student, part.splits.test, reference=part.teacher)
+    reference = part.teacher if part.teacher is not None else part.store
+    metrics = evaluate(student, part.splits.test, reference=reference)
     val = evaluate(student, part.splits.val) if len(part.splits.val) else {}
     record = {
         "key": key,

@@ -467,6 +467,7 @@ def config_key(config: DistillConfig, teacher_only: bool = False) -> str:
         # Pretrained weights are keyed by their content (run.teacher.prepare), not their path;
         # and runs from before the option keep their keys.
         del values[model]["weights"]
+    del values["store"]  # likewise keyed by its content: its teacher's and data's fingerprints
     if teacher_only:
         values = {k: values[k] for k in TEACHER_SETTINGS}
     else:  # fits are recorded per seed and method: more of either trains only the new ones

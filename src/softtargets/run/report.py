@@ -335,8 +335,7 @@ def write_report(outcome: DistillOutcome, config: DistillConfig, folder: RunFold
     )
     text = f"""# Distillation run: {out.name}
 
-Data: `{config.data.name}`. Teacher: `{config.teacher.name}` {config.teacher.options}
-({outcome.teacher["parameters"]:,} parameters, {outcome.teacher["flops"]:,} FLOPs per sample).
+Data: `{config.data.name}`. {_teacher_sentence(outcome, config)}
 Student: `{config.student.name}` {config.student.options} ({s.get("parameters", 0):,} parameters,
 {s.get("flops", 0):,} FLOPs per sample). Soft targets: T = {config.temperature:g},
 alpha = {config.alpha:g}.
@@ -358,6 +357,21 @@ it with `softtargets export --model {out.name} --format onnx`).
 Wall time of this invocation: {outcome.seconds:.1f} s.
 """
     return folder.write_text("report.md", text)
+
+
+def _teacher_sentence(outcome: DistillOutcome, config: DistillConfig) -> str:
+    """Who the teacher was: a model, or (``--store``) only its stored logits."""
+    t = outcome.teacher
+    if config.store is not None:
+        return (
+            f"Teacher: the logits stored in `{config.store}` (no teacher model in this run; "
+            "its test accuracy is that of the stored logits)."
+        )
+    pretrained = " (pretrained weights)" if t.get("pretrained") else ""
+    return (
+        f"Teacher: `{config.teacher.name}` {config.teacher.options}{pretrained}\n"
+        f"({t['parameters']:,} parameters, {t['flops']:,} FLOPs per sample)."
+    )
 
 
 def _deployment_section(outcome: DistillOutcome) -> str:

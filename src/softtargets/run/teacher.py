@@ -18,7 +18,7 @@ from softtargets.data.files import load_data
 from softtargets.data.fingerprint import labels_fingerprint
 from softtargets.data.targets import smooth
 from softtargets.errors import SoftTargetsError
-from softtargets.losses.methods import check_run_methods
+from softtargets.losses.methods import METHODS, check_run_methods
 from softtargets.run.folder import (
     FIT_IDENTITY,
     RunFolder,
@@ -33,7 +33,7 @@ from softtargets.store.store import SoftTargetStore
 from softtargets.training import checkpoint as checkpoints
 from softtargets.training.common import resolve_device
 from softtargets.training.fit import fit
-from softtargets.training.metrics import evaluate
+from softtargets.training.metrics import classification_report, evaluate
 from softtargets.training.models import (
     build_model,
     check_model_fits,
@@ -83,8 +83,9 @@ class Prepared:
     data: Dataset
     splits: Splits
     device: torch.device
-    teacher: nn.Module
+    teacher: nn.Module | None  # None when the students learn from an existing store
     teacher_key: str
+    store: SoftTargetStore | None = None
 
 
 def prepare(config: DistillConfig) -> Prepared:
@@ -98,18 +99,29 @@ def prepare(config: DistillConfig) -> Prepared:
         )
     data, splits = load_splits(config)
     sample = splits.train.features[:2]
-    teacher = build_model(
-        config.teacher.name,
-        data.feature_shape,
-        data.num_classes,
-        seed=config.first_seed,
-        **config.teacher.options,
-    )
     keyed: dict[str, Any] = {}
-    if config.teacher.weights is not None:
-        load_into(teacher, config.teacher.weights, "teacher")
-        keyed["weights"] = file_fingerprint(config.teacher.weights)
-    check_model_fits(teacher, sample, data.num_classes, f"teacher {config.teacher.name}")
+    teacher, store = None, None
+    if config.store is not None:  # label once, distil many times: no teacher here
+        store = SoftTargetStore.load(config.store, data=data, mmap=True)
+        keyed["store"] = [store.teacher_fingerprint, store.kept]
+        features = [m for m in config.methods if METHODS[m].features]
+        if features:
+            raise SoftTargetsError(
+                f"{features[0]} pairs the student's features with the teacher's, so it needs the "
+                "teacher model, not a store; leave out --store or that method"
+            )
+    else:
+        teacher = build_model(
+            config.teacher.name,
+            data.feature_shape,
+            data.num_classes,
+            seed=config.first_seed,
+            **config.teacher.options,
+        )
+        if config.teacher.weights is not None:
+            load_into(teacher, config.teacher.weights, "teacher")
+            keyed["weights"] = file_fingerprint(config.teacher.weights)
+        check_model_fits(teacher, sample, data.num_classes, f"teacher {config.teacher.name}")
     # The student is built now only to check it (an error after the teacher has trained for
     # minutes would waste them); each fit builds its own.
     student = build_model(
@@ -126,7 +138,7 @@ def prepare(config: DistillConfig) -> Prepared:
             **keyed,
         }
     )
-    return Prepared(data, splits, device, teacher, key)
+    return Prepared(data, splits, device, teacher, key, store)
 
 
 def forget_unfinished(folder: RunFolder, finished: set[tuple]) -> None:
@@ -179,9 +191,10 @@ def history_path(folder: RunFolder) -> Path | None:
 
 @dataclass
 class TeacherRun:
-    """A fitted (or reloaded) teacher with its store, the data and the splits it was made on."""
+    """A fitted (or reloaded) teacher with its store, the data and the splits it was made on
+    (``teacher`` is ``None`` when the run learns from an existing store)."""
 
-    teacher: nn.Module
+    teacher: nn.Module | None
     store: SoftTargetStore
     data: Dataset
     splits: Splits
@@ -234,6 +247,9 @@ def teacher_in(
         f"data: {data.name}, {len(splits.train)} train / {len(splits.val)} validation / "
         f"{len(splits.test)} test rows, {data.num_classes} classes; device: {prepared.device}"
     )
+    if prepared.store is not None:
+        return _teacher_from_store(folder, config, prepared, log)
+    assert teacher is not None  # prepare builds one unless there is a store
     reloaded = folder.load_weights("teacher.safetensors", teacher, key)
     pretrained = config.teacher.weights is not None
     if reloaded:
@@ -307,6 +323,46 @@ def teacher_in(
         f"({of_total(metrics['errors'], len(splits.test))} errors)"
     )
     return TeacherRun(teacher, store, data, splits, record, prepared.device)
+
+
+def _teacher_from_store(
+    folder: RunFolder, config: DistillConfig, prepared: Prepared, log: Callable[[str], None]
+) -> TeacherRun:
+    """The teacher's part of a run given ``--store``: its stored logits, already checked against
+    the data, stand for it; its record is that of the logits on the validation and test rows."""
+    store, splits, key = prepared.store, prepared.splits, prepared.teacher_key
+    assert store is not None
+    first = folder.key("teacher") is None
+    if not first and folder.key("teacher") != key:
+        raise SoftTargetsError(
+            f"{folder.root} holds a run with another teacher or store; pass --overwrite to "
+            "replace it or --out to write elsewhere"
+        )
+    folder.write_text("config.yaml", dump_config(config))
+    folder.set_key("teacher", key)
+    metrics = classification_report(store.logits_for(splits.test).float(), splits.test.labels)
+    val = {}
+    if len(splits.val):
+        logits = store.logits_for(splits.val).float()
+        val = {"val_accuracy": classification_report(logits, splits.val.labels)["accuracy"]}
+    record = {
+        "key": key,
+        "role": "teacher",
+        "method": "teacher",
+        "seed": config.first_seed,
+        "store": str(config.store),
+        **val,
+        **{f"test_{k}": v for k, v in metrics.items()},
+        "test_rows": len(splits.test),
+    }
+    if first:
+        folder.append("results.jsonl", record)
+    log(
+        f"teacher: the store {config.store} ({len(store)} rows, "
+        f"{'top ' + str(store.kept) if store.kept < store.num_classes else 'all'} of "
+        f"{store.num_classes} logits); its test accuracy {metrics['accuracy']:.2%}"
+    )
+    return TeacherRun(None, store, prepared.data, splits, record, prepared.device)
 
 
 def hard_targets(train: Dataset, eps: float) -> Tensor | None:
