@@ -14,6 +14,7 @@ WING_FLOORS = {
     "errors": 0,
     "config": 1,
     "files": 1,
+    "extras": 1,
     "distributed": 1,
     "data": 2,
     "losses": 3,

@@ -174,6 +174,15 @@ class DataConfig(Strict):
     label_noise: float = Field(
         0.0, ge=0.0, le=1.0, description="symmetric noise on the training and validation labels"
     )
+    text_column: str | None = Field(
+        None, description="text data: the column of a .csv/.jsonl file holding the text"
+    )
+    max_length: int = Field(128, ge=1, le=1 << 16, description="text data: tokens per row")
+    tokenizer: str | None = Field(
+        None,
+        description="text data: a local folder with a saved tokenizer (default: the hf: "
+        "teacher's or student's folder)",
+    )
 
 
 class ModelConfig(Strict):

@@ -32,6 +32,7 @@ from softtargets.cli.options import (
     Data,
     Device,
     LabelColumn,
+    MaxLength,
     Nproc,
     OnlyBatchSize,
     OnlyCompile,
@@ -65,6 +66,8 @@ from softtargets.cli.options import (
     TeacherWeights,
     TestData,
     TestFraction,
+    TextColumn,
+    Tokenizer,
     ValFraction,
     build_distill_config,
     parse_method_options,
@@ -171,6 +174,9 @@ def teacher(
     val_fraction: ValFraction = None,
     test_fraction: TestFraction = None,
     label_column: LabelColumn = None,
+    text_column: TextColumn = None,
+    max_length: MaxLength = None,
+    tokenizer: Tokenizer = None,
     out: Out = None,
     config: ConfigFile = None,
     overwrite: Overwrite = False,
@@ -197,6 +203,9 @@ def teacher(
         val_fraction=val_fraction,
         test_fraction=test_fraction,
         label_column=label_column,
+        text_column=text_column,
+        max_length=max_length,
+        tokenizer=tokenizer,
         device=device,
     )
     out = out or Path("runs/teacher")
@@ -217,6 +226,9 @@ def label(
     teacher_option: TeacherOpt = None,
     teacher_weights: TeacherWeights = None,
     label_column: LabelColumn = None,
+    text_column: TextColumn = None,
+    max_length: MaxLength = None,
+    tokenizer: Tokenizer = None,
     out: Annotated[
         Path, typer.Option("--out", help="The store to write, a .safetensors file.")
     ] = Path("store.safetensors"),
@@ -249,6 +261,9 @@ def label(
         teacher_option=teacher_option,
         teacher_weights=teacher_weights,
         label_column=label_column,
+        text_column=text_column,
+        max_length=max_length,
+        tokenizer=tokenizer,
         store_dtype=store_dtype,
         device=device,
     )
@@ -347,6 +362,9 @@ def distill(
     val_fraction: ValFraction = None,
     test_fraction: TestFraction = None,
     label_column: LabelColumn = None,
+    text_column: TextColumn = None,
+    max_length: MaxLength = None,
+    tokenizer: Tokenizer = None,
     out: Out = None,
     config: ConfigFile = None,
     overwrite: Overwrite = False,
@@ -388,6 +406,9 @@ def distill(
         val_fraction=val_fraction,
         test_fraction=test_fraction,
         label_column=label_column,
+        text_column=text_column,
+        max_length=max_length,
+        tokenizer=tokenizer,
         device=device,
     )
     run_job(cfg, out or Path("runs/distill"), overwrite, nproc)

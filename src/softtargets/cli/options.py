@@ -119,6 +119,27 @@ LabelColumn = Annotated[
 ]
 
 
+TextColumn = Annotated[
+    str | None,
+    typer.Option(
+        "--text-column",
+        help="Text data: the column of a .csv/.jsonl --data file that holds the text (tokenized "
+        "with the hf: model's tokenizer, or --tokenizer's).",
+    ),
+]
+
+
+MaxLength = Annotated[
+    int | None, typer.Option("--max-length", help="Text data: tokens per row [default: 128].")
+]
+
+
+Tokenizer = Annotated[
+    Path | None,
+    typer.Option("--tokenizer", help="Text data: a local folder holding a saved tokenizer."),
+]
+
+
 Overwrite = Annotated[
     bool,
     typer.Option(
@@ -339,8 +360,13 @@ def build_distill_config(config_file: Path | None, base: Any = None, **flags: An
     data = merged["data"]
     if "data" in updates:
         data.update(name=updates.pop("data"), options={})
+    if "tokenizer" in updates:
+        updates["tokenizer"] = str(updates["tokenizer"])
     for flag, field in (
         ("label_column", "label_column"),
+        ("text_column", "text_column"),
+        ("max_length", "max_length"),
+        ("tokenizer", "tokenizer"),
         ("val_fraction", "val_fraction"),
         ("test_fraction", "test_fraction"),
         ("test_data", "test"),

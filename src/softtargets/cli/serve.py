@@ -77,12 +77,11 @@ def predict(
 
         classes, probs = predict_file(model, data)
     else:
-        from softtargets.data.files import load_data
-        from softtargets.run.export import predict_probabilities
+        from softtargets.run.export import predict_probabilities, read_rows
         from softtargets.run.students import load_saved
 
         saved = load_saved(model)
-        rows = load_data(str(data), label_column, labelled=False)
+        rows = read_rows(saved, data, label_column)
         classes, probs = saved.class_names, predict_probabilities(saved, rows, str(data)).numpy()
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -156,11 +155,10 @@ def _meta_of(saved: SavedModel, weights: Path) -> str:
 
 def _check_rows(saved: SavedModel, run: Path | None, data: Path | None) -> Tensor:
     """The rows an export is checked on: ``--data``'s, else the run's test rows."""
-    from softtargets.data.files import load_data
-    from softtargets.run.export import check_rows
+    from softtargets.run.export import check_rows, read_rows
 
     if data is not None:
-        rows = load_data(str(data), labelled=False)
+        rows = read_rows(saved, data)
         check_rows(saved, rows, str(data))
         return rows.features
     if run is None or not (run / "config.yaml").is_file():

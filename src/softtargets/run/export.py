@@ -27,12 +27,30 @@ import torch
 from torch import Tensor
 
 from softtargets.data.dataset import Dataset
+from softtargets.data.files import load_data
+from softtargets.data.text import load_text
 from softtargets.errors import SoftTargetsError
+from softtargets.extras import require
 from softtargets.run.students import SavedModel, load_saved
 from softtargets.store.label import predict_logits
 
 FORMATS = ("safetensors", "pt2", "onnx")
-ONNX_INSTALL = 'pip install -e ".[onnx]"'
+
+
+def read_rows(saved: SavedModel, path: str | Path, label_column: str | None = None) -> Dataset:
+    """The rows of ``path`` as the saved model reads them (a text model's through its tokenizer);
+    labels are optional: these are rows to predict."""
+    text = saved.meta.get("text")
+    if text:
+        return load_text(
+            path,
+            text["tokenizer"],
+            text["text_column"],
+            label_column,
+            int(text["max_length"]),
+            labelled=False,
+        )
+    return load_data(str(path), label_column, labelled=False)
 
 
 def check_rows(saved: SavedModel, data: Dataset, source: str) -> None:
@@ -106,12 +124,8 @@ def _pt2(model: torch.nn.Module, rows: Tensor, path: Path) -> Callable[[Tensor],
 
 
 def _onnx(model: torch.nn.Module, rows: Tensor, path: Path) -> Callable[[Tensor], Tensor]:
-    try:
-        import onnxruntime
-    except ImportError:
-        raise SoftTargetsError(
-            f"--format onnx needs the optional ONNX extra; install it with {ONNX_INSTALL}"
-        ) from None
+    require("onnxscript", "onnx")  # torch's exporter needs it
+    onnxruntime = require("onnxruntime", "onnx")
     example = rows[:2] if len(rows) >= 2 else torch.cat([rows, rows])[:2]
     try:
         torch.onnx.export(

@@ -21,11 +21,10 @@ from softtargets.config import DistillConfig
 from softtargets.errors import SoftTargetsError
 from softtargets.files import check_writable
 from softtargets.run.folder import check_out_of_inputs
-from softtargets.run.teacher import prepare
+from softtargets.run.teacher import is_pretrained, prepare
 from softtargets.store.label import label
 from softtargets.store.store import SoftTargetStore
 from softtargets.store.write import label_dataset_to_file
-from softtargets.training.hf import is_hf_name
 
 
 @dataclass
@@ -54,7 +53,7 @@ def run_label(
     rest's log-sum-exp per row).
     """
     out = Path(out)
-    if config.teacher.weights is None and not is_hf_name(config.teacher.name):
+    if not is_pretrained(config):
         raise SoftTargetsError(
             "label runs a trained teacher: give --teacher-weights FILE (or an hf:PATH teacher); "
             "softtargets teacher trains one and stores its logits"

@@ -24,6 +24,7 @@ from softtargets.data.dataset import Dataset
 from softtargets.errors import SoftTargetsError
 from softtargets.files import parse_json, read_small_text
 from softtargets.run.folder import RunFolder
+from softtargets.run.teacher import tokenizer_folder
 from softtargets.training.hf import describe_hf, rebuild_hf
 from softtargets.training.imported import portable
 from softtargets.training.models import build_model
@@ -75,6 +76,7 @@ def name_best(
         "version": 1,
         "model": {"name": portable(config.student.name), "options": config.student.options},
         **({"hf": describe_hf(student)} if describe_hf(student) else {}),
+        **({"text": text_reading(config)} if config.data.text_column else {}),
         "in_shape": list(data.feature_shape),
         "class_names": list(data.class_names),
         "weights": f"{BEST}.safetensors",
@@ -90,6 +92,15 @@ def name_best(
     }
     folder.write_text(f"{BEST}.json", json.dumps(meta, indent=1) + "\n")
     return meta
+
+
+def text_reading(config: DistillConfig) -> dict[str, Any]:
+    """How a text model's rows are read: its tokenizer's folder (absolute), column and length."""
+    return {
+        "tokenizer": str(Path(tokenizer_folder(config)).resolve()),
+        "text_column": config.data.text_column,
+        "max_length": config.data.max_length,
+    }
 
 
 @dataclass

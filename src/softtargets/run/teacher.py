@@ -17,6 +17,7 @@ from softtargets.data.dataset import Dataset, Splits, align_classes, split
 from softtargets.data.files import load_data
 from softtargets.data.fingerprint import labels_fingerprint
 from softtargets.data.targets import smooth
+from softtargets.data.text import load_text
 from softtargets.errors import SoftTargetsError
 from softtargets.losses.methods import METHODS, check_run_methods
 from softtargets.run.folder import (
@@ -33,6 +34,7 @@ from softtargets.store.store import SoftTargetStore
 from softtargets.training import checkpoint as checkpoints
 from softtargets.training.common import resolve_device
 from softtargets.training.fit import fit
+from softtargets.training.hf import check_hf_classes, config_folder, hf_weights_file, is_hf_name
 from softtargets.training.metrics import classification_report, evaluate
 from softtargets.training.models import (
     build_model,
@@ -51,10 +53,26 @@ def load_splits(config: DistillConfig) -> tuple[Dataset, Splits]:
     to the data's by name.
     """
     data_cfg = config.data
-    data = load_data(data_cfg.name, data_cfg.label_column, **data_cfg.options)
+    if data_cfg.text_column is not None:
+        folder = tokenizer_folder(config)
+
+        def read(path: str) -> Dataset:
+            return load_text(
+                path, folder, data_cfg.text_column, data_cfg.label_column, data_cfg.max_length
+            )
+    else:
+
+        def read(path: str) -> Dataset:
+            return load_data(path, data_cfg.label_column)
+
+    data = (
+        load_data(data_cfg.name, data_cfg.label_column, **data_cfg.options)
+        if data_cfg.options
+        else read(data_cfg.name)
+    )
     test = None
     if data_cfg.test is not None:
-        test = align_classes(load_data(data_cfg.test, data_cfg.label_column), data, data_cfg.test)
+        test = align_classes(read(data_cfg.test), data, data_cfg.test)
     if data_cfg.classes is not None:
         data = data.subset(classes=data_cfg.classes, relabel=True)
         test = None if test is None else test.subset(classes=data_cfg.classes, relabel=True)
@@ -73,6 +91,27 @@ def load_splits(config: DistillConfig) -> tuple[Dataset, Splits]:
             parts.test,
         )
     return data, parts
+
+
+def is_pretrained(config: DistillConfig) -> bool:
+    """Whether the run's teacher comes trained (``--teacher-weights``, or an ``hf:`` folder's
+    weights) rather than being trained here."""
+    return config.teacher.weights is not None or config.teacher.name.startswith("hf:")
+
+
+def tokenizer_folder(config: DistillConfig) -> str:
+    """Where text data's tokenizer is saved: ``data.tokenizer``, else the ``hf:``/``hf-config:``
+    teacher's folder, else the student's."""
+    if config.data.tokenizer is not None:
+        return config.data.tokenizer
+    for model in (config.teacher, config.student):
+        if is_hf_name(model.name):
+            folder = config_folder(model.name)  # checked first: no config, no model
+            return str(folder if folder.is_dir() else folder.parent)
+    raise SoftTargetsError(
+        "text data needs a tokenizer: give --tokenizer FOLDER, or an hf: teacher or student "
+        "whose folder holds one"
+    )
 
 
 @dataclass
@@ -121,7 +160,10 @@ def prepare(config: DistillConfig) -> Prepared:
         if config.teacher.weights is not None:
             load_into(teacher, config.teacher.weights, "teacher")
             keyed["weights"] = file_fingerprint(config.teacher.weights)
+        elif is_pretrained(config):  # an hf: folder's own weights
+            keyed["weights"] = file_fingerprint(hf_weights_file(config.teacher.name))
         check_model_fits(teacher, sample, data.num_classes, f"teacher {config.teacher.name}")
+        check_hf_classes(teacher, data.class_names, f"teacher {config.teacher.name}")
     # The student is built now only to check it (an error after the teacher has trained for
     # minutes would waste them); each fit builds its own.
     student = build_model(
@@ -251,7 +293,7 @@ def teacher_in(
         return _teacher_from_store(folder, config, prepared, log)
     assert teacher is not None  # prepare builds one unless there is a store
     reloaded = folder.load_weights("teacher.safetensors", teacher, key)
-    pretrained = config.teacher.weights is not None
+    pretrained = is_pretrained(config)
     if reloaded:
         teacher.to(prepared.device)
         log("teacher: reloaded from a previous run")
@@ -259,7 +301,7 @@ def teacher_in(
         teacher.to(prepared.device)
         folder.save_weights("teacher.safetensors", teacher, key)
         folder.set_key("teacher", key)
-        log(f"teacher: pretrained weights from {config.teacher.weights}")
+        log(f"teacher: pretrained weights from {config.teacher.weights or config.teacher.name}")
     else:
         forget_unfinished(folder, set())  # a teacher that never finished leaves no history
         identity = (key, "teacher", "teacher", config.first_seed)

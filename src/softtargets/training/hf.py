@@ -22,25 +22,12 @@ import torch
 from torch import Tensor, nn
 
 from softtargets.errors import SoftTargetsError
-
-INSTALL = 'pip install -e ".[hf]"'
+from softtargets.extras import require
 
 
 def is_hf_name(name: str) -> bool:
     """Whether ``name`` is ``hf:PATH`` or ``hf-config:PATH``."""
     return name.startswith(("hf:", "hf-config:"))
-
-
-def transformers_module() -> Any:
-    """``transformers``, or one line naming the install command."""
-    try:
-        import transformers  # optional: only hf: models need it
-    except ImportError:
-        raise SoftTargetsError(
-            f"hf: models need the optional Hugging Face extra; install it with {INSTALL}"
-        ) from None
-    transformers.logging.set_verbosity_error()  # its warnings about unused weights are ours
-    return transformers
 
 
 class HFClassifier(nn.Module):
@@ -79,6 +66,31 @@ def config_folder(name: str) -> Path:
     return path
 
 
+def check_hf_classes(model: nn.Module, class_names: tuple[str, ...], what: str) -> None:
+    """Refuse a Hugging Face classifier whose named labels (``id2label``) are not the data's
+    classes in the data's order: its logit ``k`` would be scored as the wrong class."""
+    if not isinstance(model, HFClassifier):
+        return
+    labels = [str(v) for _, v in sorted(model.model.config.id2label.items())]
+    generic = all(label == f"LABEL_{i}" for i, label in enumerate(labels))
+    if not generic and labels != list(class_names):
+        raise SoftTargetsError(
+            f"{what} names its classes {labels[:5]} but the data's are {list(class_names)[:5]} "
+            "(in index order); give data with the same classes, or a model of that order"
+        )
+
+
+def hf_weights_file(name: str) -> Path:
+    """The ``model.safetensors`` of an ``hf:`` folder (what keys a store its teacher made)."""
+    path = config_folder(name) / "model.safetensors"
+    if not path.is_file():
+        raise SoftTargetsError(
+            f"{name}: no model.safetensors in the folder; save the model with "
+            "save_pretrained(PATH) (safetensors is its default)"
+        )
+    return path
+
+
 def _is_text(transformers: Any, config: Any) -> bool:
     text = transformers.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
     image = transformers.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
@@ -94,7 +106,7 @@ def _is_text(transformers: Any, config: Any) -> bool:
 
 def build_hf(name: str, num_classes: int, options: dict[str, Any]) -> nn.Module:
     """The model an ``hf:``/``hf-config:`` name gives, wrapped in :class:`HFClassifier`."""
-    transformers = transformers_module()
+    transformers = require("transformers", "hf")
     path = config_folder(name)
     try:
         if path.is_file():
@@ -142,18 +154,6 @@ def build_hf(name: str, num_classes: int, options: dict[str, Any]) -> nn.Module:
     return HFClassifier(model, text, pad if text else None)
 
 
-def load_tokenizer(folder: str | Path) -> Any:
-    """The tokenizer saved in a local model folder (``tokenizer.json`` and its config)."""
-    transformers = transformers_module()
-    try:
-        return transformers.AutoTokenizer.from_pretrained(Path(folder), local_files_only=True)
-    except Exception as err:
-        raise SoftTargetsError(
-            f"{folder} holds no tokenizer that can be read ({_first(err)}); save one there with "
-            "tokenizer.save_pretrained(PATH)"
-        ) from None
-
-
 def _first(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
@@ -174,7 +174,7 @@ def describe_hf(model: nn.Module) -> dict[str, Any]:
 def rebuild_hf(described: dict[str, Any]) -> nn.Module:
     """An :class:`HFClassifier` of random weights from :func:`describe_hf`'s record, for its saved
     weights to be loaded into."""
-    transformers = transformers_module()
+    transformers = require("transformers", "hf")
     text, pad = bool(described["text"]), described["pad_token_id"]
     cfg = transformers.AutoConfig.for_model(**described["hf_config"])
     auto = (
