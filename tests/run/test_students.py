@@ -126,4 +126,5 @@ def test_the_report_has_a_deployment_table_with_measured_ratios(run) -> None:
     assert (run / "teacher.safetensors").stat().st_size == teacher["file_bytes"]
     text = deployment_markdown(outcome.deployment)
     ratio = student["parameters"] / teacher["parameters"]
-    assert f"| student / teacher | {ratio:.2f}x |" in text
+    shown = f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.2g}x"
+    assert f"| student / teacher | {shown} |" in text

@@ -173,12 +173,16 @@ def print_outcome(outcome: Any) -> None:
     for line in method_differences(outcome):
         console.print(line, highlight=False)
     if outcome.deployment:
+        from softtargets.run.deployment import ratio_text
+
         teacher, student = outcome.deployment
+        parameters = ratio_text(student["parameters"], teacher["parameters"])
+        latency = ratio_text(student["seconds_per_row_batch1"], teacher["seconds_per_row_batch1"])
+        points = (student["test_accuracy"] - teacher["test_accuracy"]) * 100
         console.print(
-            f"the run's student (best on validation): {student['parameters'] / teacher['parameters']:.2f}x "
-            f"the teacher's parameters, {student['seconds_per_row_batch1'] / teacher['seconds_per_row_batch1']:.2f}x "
-            f"its latency at batch 1, {(student['test_accuracy'] - teacher['test_accuracy']) * 100:+.2f} "
-            f"points of test accuracy; saved as {outcome.out_dir}/student.safetensors",
+            f"the run's student (best on validation): {parameters} the teacher's parameters, "
+            f"{latency} its latency at batch 1, {points:+.2f} points of test accuracy; saved as "
+            f"{outcome.out_dir}/student.safetensors",
             highlight=False,
         )
     console.print(

@@ -105,17 +105,21 @@ def deployment_markdown(table: list[dict[str, Any]]) -> str:
     if len(table) == 2:
         t, s = table
         lines.append(
-            f"| student / teacher | {_ratio(s['parameters'], t['parameters'])} | "
-            f"{_ratio(s['file_bytes'], t['file_bytes'])} | {_ratio(s['flops'], t['flops'])} | "
-            f"{_ratio(s['seconds_per_row_batch1'], t['seconds_per_row_batch1'])} | "
-            f"{_ratio(s['seconds_per_row_batch256'], t['seconds_per_row_batch256'])} | "
+            f"| student / teacher | {ratio_text(s['parameters'], t['parameters'])} | "
+            f"{ratio_text(s['file_bytes'], t['file_bytes'])} | {ratio_text(s['flops'], t['flops'])} | "
+            f"{ratio_text(s['seconds_per_row_batch1'], t['seconds_per_row_batch1'])} | "
+            f"{ratio_text(s['seconds_per_row_batch256'], t['seconds_per_row_batch256'])} | "
             f"{(s['test_accuracy'] - t['test_accuracy']) * 100:+.2f} points | |"
         )
     return "\n".join(lines)
 
 
-def _ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}x" if b else "-"
+def ratio_text(a: float, b: float) -> str:
+    """``a / b`` as ``"0.34x"``, with two significant digits below 0.1 (``"0.0031x"``)."""
+    if not b:
+        return "-"
+    ratio = a / b
+    return f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.2g}x"
 
 
 def _size(nbytes: int) -> str:
