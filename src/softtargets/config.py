@@ -423,6 +423,15 @@ class StudyConfig(Strict):
     )
     student_hidden: list[int] = Field(default_factory=lambda: [100, 100])
     student_training: TrainConfig = Field(default_factory=student_training)
+    teacher: ModelConfig | None = Field(
+        None, description="your teacher (any model form, weights optional) instead of the preset"
+    )
+    student: ModelConfig | None = Field(
+        None, description="your student (any model form) instead of the MLP of student_hidden"
+    )
+    store: str | None = Field(
+        None, description="your stored teacher logits (softtargets label) instead of a teacher"
+    )
 
     def resolved(self) -> StudyConfig:
         """The quick miniature, if asked for: smaller data, students, epochs, seeds."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -258,3 +259,45 @@ def test_label_refuses_an_untrained_teacher_and_an_existing_file(tmp_path, nets)
                                  str(tmp_path / "mine.safetensors")])  # fmt: skip
     assert result.exit_code == 2 and "exists" in result.output
     assert (tmp_path / "mine.safetensors").read_text() == "the user's"
+
+
+def test_fit_many_trains_a_model_it_cannot_stack_alone_exactly_as_fit_does(nets) -> None:
+    from softtargets.data.builtin import digits
+    from softtargets.data.dataset import split
+    from softtargets.training.fit import fit
+    from softtargets.training.fit_many import Member, fit_many
+
+    parts = split(digits(), seed=0)
+    rows = torch.arange(0, len(parts.train), 2)
+    member = Member(seed=3, rows=rows, lr=0.01)
+    built = [build_model(f"{nets}:Wide", (1, 8, 8), 10, seed=1, width=16) for _ in range(2)]
+    [together] = fit_many([built[0]], parts.train, [member], val=parts.val, epochs=2)
+    alone = fit(built[1], parts.train.take(rows), seed=3, lr=0.01, val=parts.val, epochs=2)
+    for a, b in zip(together.model.parameters(), alone.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_study_tests_its_claim_on_your_teacher_and_student(tmp_path, nets) -> None:
+    trained = tmp_path / "trained"
+    code, output = _distill(tmp_path, "--teacher", f"{nets}:Wide", "--out", str(trained))
+    assert code == 0, output
+    out = tmp_path / "runs" / "study-similarity"
+    result = runner.invoke(app, [
+        "study", "similarity", "--quick", "--data", "digits", "--teacher", f"{nets}:Wide",
+        "--teacher-weights", str(trained / "teacher.safetensors"), "--student", f"{nets}:tiny",
+        "--out", str(out),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    facts = json.loads((out / "results.json").read_text())
+    assert facts["config"]["student"]["name"] == f"{nets}:tiny"
+    assert facts["config"]["teacher"]["weights"].endswith("teacher.safetensors")
+    assert "pretrained" in result.output  # the user's teacher, not the preset's
+    # a study that cannot test its claim on a user's model says why, before any work
+    for args, expected in (
+        (["width", "--student", f"{nets}:tiny"], "cannot take your student"),
+        (["label-noise", "--teacher", f"{nets}:Wide"], "cannot take your teacher"),
+        (["lighter-student", "--store", str(tmp_path / "s.safetensors")], "needs --teacher"),
+    ):
+        result = runner.invoke(app, ["study", *args, "--quick", "--out", str(tmp_path / "x")])
+        assert result.exit_code == 2 and expected in result.output, result.output
+        assert not (tmp_path / "x").exists()

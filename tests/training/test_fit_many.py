@@ -215,10 +215,14 @@ def test_bad_epochs_or_batch_size_is_a_clear_error(parts) -> None:
         fit_many([build(parts.train, 0)], parts.train, batch_size=0)
 
 
-def test_non_mlp_is_refused(parts) -> None:
-    cnn = build_model("cnn1d", (6,), 3)
+def test_a_model_that_cannot_be_stacked_trains_alone_beside_a_stack(parts) -> None:
+    cnn = build_model("cnn1d", (6,), 3, seed=0)
+    mlp = build(parts.train, 0)
+    results = fit_many([cnn, mlp], parts.train, epochs=2)
+    assert [r.model for r in results] == [cnn, mlp]  # in their order, each trained
+    assert all(len(r.history) == 2 for r in results)
     with pytest.raises(SoftTargetsError, match="vectorised training takes"):
-        fit_many([cnn], parts.train)
+        StackedMLP([cnn])  # the stack itself still takes only MLPs
 
 
 def test_training_buffers_follow_the_module_to_a_new_dtype(parts) -> None:

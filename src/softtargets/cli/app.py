@@ -8,11 +8,9 @@ builds a typed config from a YAML file and flags (the flags and that step are
 
 from __future__ import annotations
 
-import os
-import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -21,10 +19,10 @@ from softtargets.cli.console import (
     console,
     friendly_errors,
     make_progress,
-    print_outcome,
     say,
     show_warning,
 )
+from softtargets.cli.launch import relaunch_under_torchrun, run_job
 from softtargets.cli.options import (
     DEFAULTS,
     MODEL_FORMS,
@@ -74,7 +72,7 @@ from softtargets.cli.options import (
 )
 from softtargets.cli.proportions import fit_proportions_command
 from softtargets.cli.serve import export, predict
-from softtargets.errors import SoftTargetsError
+from softtargets.cli.study import report, study
 from softtargets.losses.methods import METHODS
 
 app = typer.Typer(
@@ -83,53 +81,6 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
-
-
-def run_job(config: Any, out: Path, overwrite: bool, nproc: int = 1) -> None:
-    """Run (or resume) one distillation job with progress bars, then print its results.
-
-    With ``nproc > 1`` the same command is started again under torchrun; under torchrun (however
-    started) only rank 0 shows progress and prints.
-    """
-    from softtargets import distributed
-    from softtargets.run.distill import run_distillation
-    from softtargets.training.common import resolve_device
-
-    if nproc > 1 and not distributed.launched():
-        raise typer.Exit(relaunch_under_torchrun(nproc))
-    distributed.setup(resolve_device(config.device))
-    if not distributed.is_main():
-        run_distillation(config, out, overwrite=overwrite)
-        return
-    with make_progress() as progress:
-        outcome = run_distillation(config, out, overwrite=overwrite, progress=progress, log=say)
-    print_outcome(outcome)
-
-
-def relaunch_under_torchrun(nproc: int) -> int:
-    """Run this command line again as ``torchrun --standalone --nproc-per-node N -m softtargets
-    ...`` (without ``--nproc``); its exit status. At most one process per CPU core (or GPU)."""
-    import torch
-
-    fits = max(os.cpu_count() or 1, torch.cuda.device_count())
-    if nproc > fits:
-        raise SoftTargetsError(
-            f"--nproc {nproc} is more processes than this machine has cores or GPUs ({fits}); "
-            f"use --nproc {fits} or fewer"
-        )
-    import subprocess
-
-    args, skip = [], False
-    for arg in sys.argv[1:]:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            args.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", "-m", "softtargets", *args]  # fmt: skip
-    return subprocess.run(command).returncode
 
 
 # ---------------------------------------------------------------------- commands
@@ -414,81 +365,8 @@ def distill(
     run_job(cfg, out or Path("runs/distill"), overwrite, nproc)
 
 
-@app.command()
-@friendly_errors
-def study(
-    name: Annotated[
-        str,
-        typer.Argument(
-            help="similarity, temperature, data-fraction, learning-rate, gradient-variance, "
-            "width, label-noise, omit-class, smoothing-vs-teacher, methods, lighter-student or "
-            "generalisation."
-        ),
-    ],
-    data: Data = None,
-    test_data: TestData = None,
-    seeds: Annotated[
-        int | None, typer.Option("--seeds", help="Seeds per point (default 5).")
-    ] = None,
-    quick: Annotated[bool, typer.Option("--quick", help="A miniature of the same steps.")] = False,
-    out: Annotated[Path | None, typer.Option("--out", help="Default runs/study-NAME.")] = None,
-    nproc: Nproc = 1,
-) -> None:
-    """Measure one claim about soft targets: results, figures, verdict (runs/study-NAME/)."""
-    from softtargets import distributed
-    from softtargets.config import StudyConfig
-    from softtargets.studies import study_module
-    from softtargets.studies.base import run_study
-
-    study_module(name)  # an unknown name fails here, before any work
-    values: dict[str, Any] = {"quick": quick}
-    if data is not None:
-        values["data"] = data
-    if test_data is not None:
-        values["test_data"] = test_data
-    if seeds is not None:
-        values["seeds"] = seeds
-    from softtargets.config import parse_config
-
-    config = parse_config(StudyConfig, values, "flags")
-    out = out or Path("runs") / f"study-{name}"
-    if nproc > 1 and not distributed.launched():
-        raise typer.Exit(relaunch_under_torchrun(nproc))
-    distributed.setup()
-    if not distributed.is_main():  # the students are spread over the processes; rank 0 reports
-        run_study(name, config, out)
-        return
-    with make_progress() as progress:
-        result = run_study(
-            name,
-            config,
-            out,
-            progress=progress,
-            log=say,
-        )
-    v = result["verdict"]
-    console.print(f"[bold]{result['title']}[/]: {v['label']} — {v['evidence']}", highlight=False)
-    console.print(f"wrote {out}/ in {result['seconds']} s", highlight=False)
-
-
-@app.command()
-@friendly_errors
-def report(
-    runs: Annotated[Path, typer.Option("--runs", help="Where the study directories are.")] = Path(
-        "runs"
-    ),
-    out: Annotated[
-        Path | None, typer.Option("--out", help="Where to write (default: --runs).")
-    ] = None,
-) -> None:
-    """Gather every study under runs/ into report.md and a self-contained report.html."""
-    from softtargets.run.report import build_report
-    from softtargets.studies import STUDIES
-
-    md_path, html_path = build_report(runs, out, order=list(STUDIES))
-    console.print(f"wrote {md_path} and {html_path}", highlight=False)
-
-
+app.command()(study)
+app.command()(report)
 app.command("fit-proportions")(fit_proportions_command)
 app.command()(methods)
 app.command()(models)

@@ -1,7 +1,11 @@
 """What every study shares: its config, the teacher cache, training grids, and the files it writes.
 
-A study is a module with ``TITLE``, ``CLAIM`` and ``run(ctx) -> StudyOutput``. :func:`run_study`
-gives it a :class:`StudyContext` and writes ``runs/study-NAME/``:
+A study is a module with ``TITLE``, ``CLAIM`` and ``run(ctx) -> StudyOutput``, and ``OWN_MODELS``:
+which of the user's models (``"teacher"``, ``"student"``) it can test its claim with (default:
+both; a study on a controlled task of its own takes neither, and says so). The user's teacher
+(``--teacher``, ``--teacher-weights`` or ``--store``) stands in for the preset teacher of the
+user's data; the user's student for the MLP of ``student_hidden``. :func:`run_study` gives it a
+:class:`StudyContext` and writes ``runs/study-NAME/``:
 
 | file | holds |
 | --- | --- |
@@ -40,12 +44,14 @@ from softtargets.config import (
     teacher_model,
     teacher_training,
 )
+from softtargets.errors import SoftTargetsError
 from softtargets.run.folder import RunFolder, check_out_of_inputs, config_key
 from softtargets.run.report import StudyOutput, rows_csv, section_markdown
 from softtargets.run.teacher import TeacherRun, run_teacher
 from softtargets.studies import study_module
 from softtargets.training.fit_many import Member, fit_many
 from softtargets.training.models import build_model
+from softtargets.training.weights import file_fingerprint
 
 
 @dataclass
@@ -80,8 +86,10 @@ class StudyContext:
         data: str | None = None,
         label_noise: float = 0.0,
         options: dict[str, Any] | None = None,
+        yours: bool = True,
     ) -> DistillConfig:
-        """The teacher settings used for ``data`` (a built-in name or a file)."""
+        """The teacher settings used for ``data`` (a built-in name or a file): the user's teacher
+        or store when they gave one and this is the plain teacher of their data (``yours``)."""
         name = data or self.config.data
         if options is None:
             samples = QUICK_SAMPLES if self.quick else STANDARD_SAMPLES
@@ -90,6 +98,11 @@ class StudyContext:
         if self.quick:
             teacher, training = quick_teacher(teacher, training)
         own = name == self.config.data  # the user's data: its own test file, if given
+        store = None
+        if own and yours and not label_noise and not options:
+            store = self.config.store
+            if self.config.teacher is not None:
+                teacher = self.config.teacher  # the user's, in place of the preset
         return DistillConfig(
             data=DataConfig(
                 name=name,
@@ -99,6 +112,7 @@ class StudyContext:
             ),
             teacher=teacher,
             teacher_training=training,
+            store=store,
         )
 
     def teacher(
@@ -112,7 +126,9 @@ class StudyContext:
         """The teacher (fitted once, then reloaded from ``teachers/``) with its store and splits.
         ``seed``: another independently trained teacher of the same settings and data (its
         initial weights, batch order and dropout; the split stays)."""
-        config = self.distill_config(data, label_noise, options)
+        # the user's teacher stands for the teacher of their data, not for another one
+        yours = classes is None and seed == 0
+        config = self.distill_config(data, label_noise, options, yours=yours)
         config.data.classes = classes
         config.first_seed = seed
         return self.teacher_for(config)
@@ -121,6 +137,10 @@ class StudyContext:
         """The teacher of ``config``, cached in ``teachers/`` beside the study directories."""
 
         key = config_key(config, teacher_only=True)
+        if config.store is not None:  # the store is the teacher: its content keys the cache
+            key = f"store-{file_identity(config.store)}"
+        elif config.teacher.weights is not None:
+            key = f"{key}-{file_identity(config.teacher.weights)}"
         if key not in self._teachers:
             where = self.out_dir.parent / "teachers" / f"{config.data.name.replace('/', '_')}-{key}"
             self._teachers[key] = run_teacher(
@@ -137,12 +157,31 @@ class StudyContext:
     ) -> list:
         """Train one student per member, all at once (:func:`fit_many`), selected on validation."""
         data = part.splits.train
-        widths = hidden or [self.config.student_hidden] * len(members)
-        models = [
-            build_model("mlp", data.feature_shape, data.num_classes, seed=m.seed, hidden=list(w))
-            for m, w in zip(members, widths, strict=True)
-        ]
-        settings = {**self.config.student_training.stacked_options(), **overrides}
+        own = self.config.student
+        if own is not None and hidden is not None:
+            raise SoftTargetsError(
+                f"the {self.name} study varies the width of its MLP students, so it cannot take "
+                "--student; leave it out"
+            )
+        if own is not None:
+            models = [
+                build_model(own.name, data.feature_shape, data.num_classes, seed=m.seed,
+                            **own.options)
+                for m in members
+            ]  # fmt: skip
+        else:
+            widths = hidden or [self.config.student_hidden] * len(members)
+            models = [
+                build_model(
+                    "mlp", data.feature_shape, data.num_classes, seed=m.seed, hidden=list(w)
+                )
+                for m, w in zip(members, widths, strict=True)
+            ]
+        training = self.config.student_training
+        options = training.fit_options() if own is not None else training.stacked_options()
+        if own is not None:  # fit_many trains them one at a time, through fit
+            options = {k: v for k, v in options.items() if k not in ("precision", "compile")}
+        settings = {**options, **overrides}
         common = dict(val=part.splits.val, test=part.splits.test, device=part.device, **settings)
         if not distributed.active():
             return fit_many(models, data, members, progress=self.progress, **common)
@@ -161,6 +200,38 @@ class StudyContext:
         return results
 
 
+def file_identity(path: str) -> str:
+    """A short hash of a file's content (a user's weights or store key the study's teacher)."""
+    return file_fingerprint(path)[:12]
+
+
+def check_own_models(name: str, module: Any, config: StudyConfig) -> None:
+    """Refuse, in one line, a user's model that study ``name`` cannot test its claim with."""
+    takes = getattr(module, "OWN_MODELS", ("teacher", "student"))
+    given = [
+        role
+        for role, value in (
+            ("teacher", config.teacher or config.store),
+            ("student", config.student),
+        )
+        if value is not None
+    ]
+    refused = [role for role in given if role not in takes]
+    if refused:
+        why = getattr(module, "OWN_MODELS_WHY", "it runs on a controlled task of its own")
+        accepted = " and ".join(f"--{role}" for role in takes) or "neither"
+        raise SoftTargetsError(
+            f"the {name} study cannot take your {refused[0]}: {why}; it takes {accepted}"
+        )
+    if config.teacher is not None and config.store is not None:
+        raise SoftTargetsError("give --teacher or --store, not both")
+    if config.store is not None and getattr(module, "NEEDS_TEACHER_MODEL", False):
+        raise SoftTargetsError(
+            f"the {name} study reads the teacher model itself (its size), so it needs --teacher, "
+            "not --store"
+        )
+
+
 def run_study(
     name: str,
     config: StudyConfig,
@@ -173,6 +244,7 @@ def run_study(
     """Run study ``name`` and write its directory; returns the JSON written to results.json."""
 
     module = study_module(name)
+    check_own_models(name, module, config)
     check_out_of_inputs(out_dir, [config.data, config.test_data])
     with RunFolder.open(out_dir, log=log) as folder:
         return _run_in(folder, name, module, config, progress, log, command)

@@ -41,6 +41,10 @@ CLAIM = (
     "than from hard labels (Hinton et al. 2015, sec. 6)."
 )
 
+#: the user's models this study can test its claim with (``softtargets study --teacher/--student``)
+OWN_MODELS: tuple[str, ...] = ("student",)
+OWN_MODELS_WHY = "it trains its own teachers on a data pool, several of them"
+
 
 FRACTIONS = [0.01, 0.03, 0.1, 0.3, 1.0]
 

@@ -50,6 +50,10 @@ CLAIM = (
     "labels, relative to the mean gradient, at the same points of training."
 )
 
+#: the user's models this study can test its claim with (``softtargets study --teacher/--student``)
+OWN_MODELS: tuple[str, ...] = ("teacher",)
+OWN_MODELS_WHY = "it measures gradients of MLP students it builds itself"
+
 
 TEMPERATURES = [1.0, 2.0, 4.0, 8.0]
 

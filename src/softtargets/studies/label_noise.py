@@ -34,6 +34,10 @@ CLAIM = (
     "trained) teacher's soft targets than from the noisy labels."
 )
 
+#: the user's models this study can test its claim with (``softtargets study --teacher/--student``)
+OWN_MODELS: tuple[str, ...] = ("student",)
+OWN_MODELS_WHY = "it trains its own teachers on labels with known noise"
+
 
 RATES = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
 

@@ -51,6 +51,10 @@ CLAIM = (
     "normalised by each loss's initial gradient norm)."
 )
 
+#: the user's models this study can test its claim with (``softtargets study --teacher/--student``)
+OWN_MODELS: tuple[str, ...] = ("teacher",)
+OWN_MODELS_WHY = "it trains MLP students it builds itself over a grid of learning rates"
+
 
 NORMALISED = "SGD, normalised by the initial gradient norm"
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+from softtargets.errors import SoftTargetsError
 from softtargets.run.figures import plot_lines
 from softtargets.run.report import StudyOutput, curves, summary_rows, test_accuracy
 from softtargets.run.stats import mean_ci, paired_difference, verdict
@@ -35,6 +36,12 @@ CLAIM = (
     "accuracy than hard labels (Hinton et al. 2015: 146 -> 74 errors for an 800-800 student)."
 )
 
+#: the user's models this study can test its claim with (``softtargets study --teacher/--student``)
+OWN_MODELS: tuple[str, ...] = ("teacher",)
+#: it reads the teacher model itself (its parameters), so a store cannot stand in for it
+NEEDS_TEACHER_MODEL = True
+OWN_MODELS_WHY = "it sizes MLP students as fractions of the teacher's parameters"
+
 
 SHARES = [0.01, 0.03, 0.1, 0.3, 0.5]
 
@@ -51,6 +58,11 @@ def width_for(parameters: float, inputs: int, classes: int) -> int:
 
 def run(ctx: StudyContext) -> StudyOutput:
     part = ctx.teacher()
+    if part.teacher is None:
+        raise SoftTargetsError(
+            "the lighter-student study sizes its students by the teacher's parameters: it needs "
+            "--teacher, not --store"
+        )
     train, test = part.splits.train, part.splits.test
     teacher_size = count_parameters(part.teacher)
     teacher_logits = predict_logits(part.teacher, test.features)

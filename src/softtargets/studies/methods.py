@@ -39,6 +39,10 @@ CLAIM = (
     "(Zhao et al. 2022: +2.99 points on CIFAR-100)."
 )
 
+#: the user's models this study can test its claim with (``softtargets study --teacher/--student``)
+OWN_MODELS: tuple[str, ...] = ()
+OWN_MODELS_WHY = "it runs every method on tasks of its own"
+
 
 ALPHA = 0.9  # the mix of every method but DKD's recipe: CE 0.1 : soft 0.9, as mdistiller's KD
 

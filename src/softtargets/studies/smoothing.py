@@ -36,6 +36,10 @@ CLAIM = (
     "the teacher's information, not from softening alone."
 )
 
+#: the user's models this study can test its claim with (``softtargets study --teacher/--student``)
+OWN_MODELS: tuple[str, ...] = ("student",)
+OWN_MODELS_WHY = "it compares its own teacher with a smoothed one of the same recipe"
+
 
 def smoothing_entropy(eps: float, k: int) -> float:
     """Entropy in nats of a label-smoothed row: ``1 - eps + eps/K`` on the label, ``eps/K`` elsewhere."""

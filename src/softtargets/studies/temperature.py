@@ -34,6 +34,10 @@ CLAIM = (
     "(Hinton et al. 2015, sec. 3: 2.5 to 4 best for 30 units)."
 )
 
+#: the user's models this study can test its claim with (``softtargets study --teacher/--student``)
+OWN_MODELS: tuple[str, ...] = ("teacher",)
+OWN_MODELS_WHY = "its students are MLPs of one chosen width"
+
 
 TEMPERATURES = [1.0, 2.0, 2.5, 3.0, 4.0, 8.0, 20.0]
 

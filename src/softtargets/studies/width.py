@@ -43,6 +43,10 @@ CLAIM = (
     "Lin, Srikant 2024)."
 )
 
+#: the user's models this study can test its claim with (``softtargets study --teacher/--student``)
+OWN_MODELS: tuple[str, ...] = ()
+OWN_MODELS_WHY = "it measures the neurons needed on a task whose difficulty it controls (margin_task), with MLP students of many widths"
+
 
 WIDTHS = [1, 2, 4, 8, 16, 32, 64]
 

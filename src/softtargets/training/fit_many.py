@@ -41,13 +41,14 @@ from softtargets.errors import SoftTargetsError
 from softtargets.losses.closed import StackedCrossEntropy, method_step, method_value_and_grad
 from softtargets.losses.methods import check_warmup_fits, warmup_ramp
 from softtargets.training.common import check_lengths, resolve_device
+from softtargets.training.fit import fit
 from softtargets.training.objectives import (
     Targets,
     objective_for,
     resolve_targets,
 )
 from softtargets.training.selection import FitResult, LearningRates, Selection
-from softtargets.training.stacked import StackedMLP, StackedOptimizer, stack_groups
+from softtargets.training.stacked import StackedMLP, StackedOptimizer, stack_groups, stackable
 
 
 @dataclass
@@ -253,7 +254,9 @@ def fit_many(
 
     Models are trained in stacks (:func:`stack_groups`): MLPs of one depth whose widths are close
     share one stack, zero-padded to its widest member; very different widths, depths or dropout
-    rates go to separate stacks, trained one after another.
+    rates go to separate stacks, trained one after another. Any other model (a CNN, a user's own
+    architecture, a Hugging Face model) is trained alone by :func:`fit`, as its member describes:
+    the same result, without the stacking's speed.
     """
     members = list(members) if members is not None else [Member(seed=i) for i in range(len(models))]
     if len(members) != len(models) or not models:
@@ -278,13 +281,34 @@ def fit_many(
         progress=progress,
     )
     results: list[FitResult | None] = [None] * len(models)
-    for group in stack_groups(models, batch_size):
+    together = [i for i, model in enumerate(models) if stackable(model)]
+    for i in sorted(set(range(len(models))) - set(together)):
+        results[i] = _fit_alone(models[i], data, members[i], settings)
+    for stack in stack_groups([models[i] for i in together], batch_size):
+        group = [together[j] for j in stack]
         stacked = _fit_stack(
             [models[i] for i in group], data, [members[i] for i in group], **settings
         )
         for i, result in zip(group, stacked, strict=True):
             results[i] = result
     return results  # type: ignore[return-value]
+
+
+def _fit_alone(
+    model: nn.Module, data: Dataset, member: Member, settings: dict[str, Any]
+) -> FitResult:
+    """One member trained by :func:`fit`: its rows, labels, targets, seed and overrides."""
+    member_data, targets = _member_data(member, data), member.targets
+    if member.rows is not None:
+        member_data = member_data.take(member.rows)
+        if isinstance(targets, Tensor):  # aligned with data's rows: the member's rows of them
+            targets = targets[member.rows.to(targets.device)]
+    options = dict(settings)
+    if member.lr is not None:
+        options["lr"] = member.lr
+    if member.weight_decay is not None:
+        options["weight_decay"] = member.weight_decay
+    return fit(model, member_data, targets, seed=member.seed, log_extra=member.log, **options)
 
 
 def _fit_stack(

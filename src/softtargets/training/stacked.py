@@ -51,6 +51,15 @@ def mlp_layers(model: nn.Module) -> tuple[list[nn.Linear], float]:
     return linears, dropout
 
 
+def stackable(model: nn.Module) -> bool:
+    """Whether ``model`` is a plain MLP that :class:`StackedMLP` can train with others."""
+    try:
+        linears, _ = mlp_layers(model)
+    except SoftTargetsError:
+        return False
+    return bool(linears)
+
+
 class StackedMLP(nn.Module):
     """``M`` MLPs of equal depth evaluated together: ``(M, B, in) -> (M, B, K)``.
 
