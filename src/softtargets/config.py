@@ -174,6 +174,15 @@ class DataConfig(Strict):
     label_noise: float = Field(
         0.0, ge=0.0, le=1.0, description="symmetric noise on the training and validation labels"
     )
+    stream: bool = Field(
+        False, description="read the data lazily (image folders, .npy memory-mapped)"
+    )
+    augment: bool = Field(
+        False,
+        description="streamed images: random crop and flip of the training rows (the students' "
+        "teacher then runs online on every augmented batch)",
+    )
+    workers: int = Field(0, ge=0, le=256, description="DataLoader worker processes (streamed)")
     text_column: str | None = Field(
         None, description="text data: the column of a .csv/.jsonl file holding the text"
     )

@@ -283,3 +283,14 @@ def test_the_heartbeat_says_what_is_running() -> None:
         assert beat.wait(timeout=120)
         last = lines[-1]
     assert "still running after" in last and "training 3/40" in last
+
+
+def test_new_settings_at_their_defaults_keep_the_keys_of_runs_made_before_them() -> None:
+    """Options added since (label smoothing, pretrained weights, stores, text and streamed data)
+    leave a config's keys as they were, so run folders made before them resume; the keys below
+    are those the demo's config had before any of them existed."""
+    from softtargets.config import demo_config
+    from softtargets.run.folder import config_key
+
+    assert config_key(demo_config()) == "4e6ce6100efb"
+    assert config_key(demo_config(), teacher_only=True) == "aedf69b53177"

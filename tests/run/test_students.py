@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 from softtargets.cli.app import app
 from softtargets.config import demo_config
 from softtargets.files import read_jsonl
+from softtargets.run.data import load_splits
 from softtargets.run.deployment import deployment_markdown
 from softtargets.run.distill import run_distillation
 from softtargets.run.students import load_saved
-from softtargets.run.teacher import load_splits
 
 runner = CliRunner()
 

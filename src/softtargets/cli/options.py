@@ -119,6 +119,31 @@ LabelColumn = Annotated[
 ]
 
 
+Stream = Annotated[
+    bool | None,
+    typer.Option(
+        "--stream",
+        help="Read --data lazily: an image folder (images opened as needed) or a memory-mapped "
+        ".npy (labels in its last column, or --label-column 0).",
+    ),
+]
+
+
+Augment = Annotated[
+    bool | None,
+    typer.Option(
+        "--augment",
+        help="With --stream: random crop (padding 1/8 of the side) and horizontal flip of the "
+        "training images; the students' teacher then runs online on every augmented batch.",
+    ),
+]
+
+
+Workers = Annotated[
+    int | None, typer.Option("--workers", help="DataLoader processes reading streamed rows.")
+]
+
+
 TextColumn = Annotated[
     str | None,
     typer.Option(
@@ -365,6 +390,9 @@ def build_distill_config(config_file: Path | None, base: Any = None, **flags: An
     for flag, field in (
         ("label_column", "label_column"),
         ("text_column", "text_column"),
+        ("stream", "stream"),
+        ("augment", "augment"),
+        ("workers", "workers"),
         ("max_length", "max_length"),
         ("tokenizer", "tokenizer"),
         ("val_fraction", "val_fraction"),

@@ -164,7 +164,7 @@ def _check_rows(saved: SavedModel, run: Path | None, data: Path | None) -> Tenso
     if run is None or not (run / "config.yaml").is_file():
         raise SoftTargetsError("give --data FILE: rows to check the export on")
     from softtargets.config import DistillConfig, load_config
-    from softtargets.run.teacher import load_splits
+    from softtargets.run.data import load_splits
 
     _, splits = load_splits(load_config(DistillConfig, run / "config.yaml"))
     check_rows(saved, splits.test, "the run's test rows")

@@ -382,6 +382,38 @@ def _rows_by_class(labels: Tensor) -> list[Tensor]:
     return list(order.split(counts[counts > 0].tolist()))
 
 
+def split_positions(
+    labels: Tensor, val: float = 0.1, test: float = 0.2, seed: int = 0, stratify: bool = True
+) -> dict[str, Tensor]:
+    """The ascending row positions of the ``train``, ``val`` and ``test`` parts of rows with
+    ``labels (N,)``: seeded, class-stratified. :func:`split` takes them from a dataset; a streamed
+    dataset's parts are the same positions of its rows."""
+    if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
+        raise SoftTargetsError(
+            f"split fractions val={val}, test={test} must be >= 0 and sum to less than 1"
+        )
+    if len(labels) == 0:
+        raise SoftTargetsError("split: the data has no rows")
+    gen = torch.Generator().manual_seed(seed)
+    labels = labels.cpu()
+    parts: dict[str, list[Tensor]] = {"train": [], "val": [], "test": []}
+    groups = [torch.arange(len(labels))] if not stratify else _rows_by_class(labels)
+    for rows in groups:
+        rows = rows[torch.randperm(len(rows), generator=gen)]
+        n_test = round(test * len(rows))
+        n_val = round(val * len(rows))
+        parts["test"].append(rows[:n_test])
+        parts["val"].append(rows[n_test : n_test + n_val])
+        parts["train"].append(rows[n_test + n_val :])
+    positions = {k: torch.cat(v).sort().values for k, v in parts.items()}
+    if len(positions["train"]) == 0 or (test > 0 and len(positions["test"]) == 0):
+        raise SoftTargetsError(
+            f"split: {len(labels)} rows are too few for val={val}, test={test}; give more rows "
+            "or smaller fractions"
+        )
+    return positions
+
+
 def split(
     data: Dataset,
     val: float = 0.1,
@@ -394,30 +426,8 @@ def split(
     The same ``seed`` always gives the same rows, so every model in a study sees the same test set.
     ``test=0`` gives an empty test part (when the test rows come from another file).
     """
-    if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
-        raise SoftTargetsError(
-            f"split fractions val={val}, test={test} must be >= 0 and sum to less than 1"
-        )
-    if len(data) == 0:
-        raise SoftTargetsError("split: the data has no rows")
-    gen = torch.Generator().manual_seed(seed)
-    labels = data.labels.cpu()
-    parts: dict[str, list[Tensor]] = {"train": [], "val": [], "test": []}
-    groups = [torch.arange(len(data))] if not stratify else _rows_by_class(labels)
-    for rows in groups:
-        rows = rows[torch.randperm(len(rows), generator=gen)]
-        n_test = round(test * len(rows))
-        n_val = round(val * len(rows))
-        parts["test"].append(rows[:n_test])
-        parts["val"].append(rows[n_test : n_test + n_val])
-        parts["train"].append(rows[n_test + n_val :])
-    taken = {k: data.take(torch.cat(v).sort().values) for k, v in parts.items()}
-    if len(taken["train"]) == 0 or (test > 0 and len(taken["test"]) == 0):
-        raise SoftTargetsError(
-            f"split: {len(data)} rows are too few for val={val}, test={test}; give more rows or "
-            "smaller fractions"
-        )
-    return Splits(**taken)
+    positions = split_positions(data.labels, val, test, seed, stratify)
+    return Splits(**{k: data.take(v) for k, v in positions.items()})
 
 
 def holdout(data: Dataset, fraction: float, seed: int = 0) -> tuple[Tensor, Tensor]:

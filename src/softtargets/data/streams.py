@@ -99,7 +99,9 @@ class ArrayRows(TorchDataset):
     """Rows of a memory-mapped ``.npy`` file of features ``(N, ...)``, with labels ``(N,)``.
 
     Only the rows a batch needs are read from disk, so the file may be larger than memory.
-    ``labels`` is an array or a ``.npy`` path; ids default to ``0..N-1``. Labels that are not
+    ``labels`` is an array, a ``.npy`` path, or the number of the features file's own label
+    column (its first or last: the rest stay a mapped view, never copied); ids default to
+    ``0..N-1``. Labels that are not
     ``0..K-1`` become class indices as the in-memory loaders make them. Besides the mapped file it
     keeps 4 bytes a row (the labels; 12 with ids of your own).
     """
@@ -107,13 +109,18 @@ class ArrayRows(TorchDataset):
     def __init__(
         self,
         features: str | Path,
-        labels: str | Path | np.ndarray,
+        labels: str | Path | np.ndarray | int,
         ids: np.ndarray | None = None,
         transform: Transform | None = None,
     ) -> None:
         try:
             self.features = np.load(features, mmap_mode="r", allow_pickle=False)
-            raw = np.load(labels, allow_pickle=False) if isinstance(labels, str | Path) else labels
+            if isinstance(labels, int) and not isinstance(labels, bool):
+                raw = self._split_label_column(features, labels)
+            elif isinstance(labels, str | Path):
+                raw = np.load(labels, allow_pickle=False)
+            else:
+                raw = labels
         except (OSError, ValueError) as err:
             raise SoftTargetsError(f"{features}: not a readable .npy file ({err})") from None
         labels, self.class_names = encode_labels(np.asarray(raw).reshape(-1))
@@ -130,6 +137,23 @@ class ArrayRows(TorchDataset):
         if self.ids is not None and (self.ids.shape != (n,) or len(np.unique(self.ids)) != n):
             raise SoftTargetsError("ids must be one unique integer per row")
         self.transform = transform
+
+    def _split_label_column(self, path: str | Path, column: int) -> np.ndarray:
+        """The labels held in column ``column`` (first or last) of the mapped features, which
+        become the other columns' view."""
+        if self.features.ndim != 2 or self.features.shape[1] < 2:
+            raise SoftTargetsError(f"{path}: a label column needs a 2-D array of 2+ columns")
+        last = self.features.shape[1] - 1
+        if column not in (0, -1, last):
+            raise SoftTargetsError(
+                f"{path}: a streamed .npy keeps its labels in its first or last column (0 or -1), "
+                f"not {column}"
+            )
+        raw = np.asarray(self.features[:, column])
+        self.features = self.features[:, 1:] if column == 0 else self.features[:, :last]
+        if np.issubdtype(raw.dtype, np.floating) and not np.all(raw == np.round(raw)):
+            raise SoftTargetsError(f"{path}: the label column holds numbers that are not whole")
+        return raw.astype(np.int64) if np.issubdtype(raw.dtype, np.floating) else raw
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -169,8 +193,6 @@ class ImageFolderRows(TorchDataset):
         transform: Transform | None = None,
         size: tuple[int, int] | None = None,
     ) -> None:
-        pass  # (import now local)
-
         self.root, self.transform, self.size = Path(root), transform, size
         if not self.root.is_dir():
             raise SoftTargetsError(f"{root}: not a folder of class folders")

@@ -29,6 +29,8 @@ from torch import nn
 
 from softtargets import distributed
 from softtargets.config import DistillConfig
+from softtargets.data.dataset import Dataset
+from softtargets.data.stream_parts import first_rows
 from softtargets.losses.methods import METHODS
 from softtargets.run.deployment import deployment_rows
 from softtargets.run.folder import (
@@ -146,7 +148,7 @@ def _name_and_measure_best(
         part.record,
         record,
         sizes,
-        part.splits.test.features,
+        first_rows(part.splits.test, 256),
     )
 
 
@@ -200,7 +202,11 @@ def _fit_students_here(
 ) -> list[Finished]:
     """Fit the ``pending`` students in this process."""
     finished = []
-    if config.student.name == "mlp" and part.splits.train.weights is None:
+    if (
+        config.student.name == "mlp"
+        and isinstance(part.splits.train, Dataset)
+        and part.splits.train.weights is None
+    ):
         # MLP students train all at once (softtargets.training.fit_many), several times faster; each
         # step equals fit's to float tolerance (every logit method: those outside the stacked
         # closed form use fit's own objective). A resumed run trains the unfinished ones.
@@ -236,8 +242,11 @@ def _student(
         return student, hard_targets(part.splits.train, config.student_training.label_smoothing)
     if _is_feature_method(method):
         return student, _feature_targets(config, part, student, method)
+    # Augmented rows are not the rows the store was labelled on: the teacher runs online on
+    # every augmented batch instead, and sees what the student sees.
+    teacher_side = part.teacher if config.data.augment else part.store
     targets = Distillation(
-        part.store,
+        teacher_side,
         config.temperature,
         config.alpha,
         method=method,
@@ -289,6 +298,7 @@ def _fit_student(
         progress=progress,
         log_path=history_path(folder),
         log_extra={"key": key, "role": "student", "method": method, "seed": seed},
+        num_workers=config.data.workers,
         **checkpoint_args(folder, every, identity),
         **config.student_training.fit_options(),
     )

@@ -468,6 +468,14 @@ def config_key(config: DistillConfig, teacher_only: bool = False) -> str:
         # and runs from before the option keep their keys.
         del values[model]["weights"]
     del values["store"]  # likewise keyed by its content: its teacher's and data's fingerprints
+    data = values["data"]
+    data.pop("workers")  # how many loader processes read the rows does not change them
+    for name, default in (("text_column", None), ("tokenizer", None), ("stream", False),
+                          ("augment", False)):  # fmt: skip
+        if data[name] == default:  # runs from before these options keep their keys
+            del data[name]
+    if "text_column" not in data:
+        del data["max_length"]
     if teacher_only:
         values = {k: values[k] for k in TEACHER_SETTINGS}
     else:  # fits are recorded per seed and method: more of either trains only the new ones

@@ -335,7 +335,7 @@ def write_report(outcome: DistillOutcome, config: DistillConfig, folder: RunFold
     )
     text = f"""# Distillation run: {out.name}
 
-Data: `{config.data.name}`. {_teacher_sentence(outcome, config)}
+Data: `{config.data.name}`{_streamed(config)}. {_teacher_sentence(outcome, config)}
 Student: `{config.student.name}` {config.student.options} ({s.get("parameters", 0):,} parameters,
 {s.get("flops", 0):,} FLOPs per sample). Soft targets: T = {config.temperature:g},
 alpha = {config.alpha:g}.
@@ -357,6 +357,19 @@ it with `softtargets export --model {out.name} --format onnx`).
 Wall time of this invocation: {outcome.seconds:.1f} s.
 """
     return folder.write_text("report.md", text)
+
+
+def _streamed(config: DistillConfig) -> str:
+    """How the rows were read, when not simply in memory."""
+    if not config.data.stream:
+        return ""
+    if config.data.augment:
+        return (
+            ", streamed from disk, training rows augmented (random crop and horizontal flip); "
+            "the soft-target students' teacher ran online on every augmented batch (the store "
+            "holds the un-augmented rows' logits)"
+        )
+    return ", streamed from disk; the students learned from the stored logits"
 
 
 def _teacher_sentence(outcome: DistillOutcome, config: DistillConfig) -> str:

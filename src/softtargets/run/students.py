@@ -23,8 +23,8 @@ from softtargets.config import DistillConfig
 from softtargets.data.dataset import Dataset
 from softtargets.errors import SoftTargetsError
 from softtargets.files import parse_json, read_small_text
+from softtargets.run.data import tokenizer_folder
 from softtargets.run.folder import RunFolder
-from softtargets.run.teacher import tokenizer_folder
 from softtargets.training.hf import describe_hf, rebuild_hf
 from softtargets.training.imported import portable
 from softtargets.training.models import build_model

@@ -13,13 +13,13 @@ import torch
 from torch import Tensor, nn
 
 from softtargets.config import DistillConfig, dump_config
-from softtargets.data.dataset import Dataset, Splits, align_classes, split
-from softtargets.data.files import load_data
+from softtargets.data.dataset import Dataset, Splits
 from softtargets.data.fingerprint import labels_fingerprint
+from softtargets.data.stream_parts import first_rows
 from softtargets.data.targets import smooth
-from softtargets.data.text import load_text
 from softtargets.errors import SoftTargetsError
 from softtargets.losses.methods import METHODS, check_run_methods
+from softtargets.run.data import RunData, load_splits, rows_of
 from softtargets.run.folder import (
     FIT_IDENTITY,
     RunFolder,
@@ -34,7 +34,7 @@ from softtargets.store.store import SoftTargetStore
 from softtargets.training import checkpoint as checkpoints
 from softtargets.training.common import resolve_device
 from softtargets.training.fit import fit
-from softtargets.training.hf import check_hf_classes, config_folder, hf_weights_file, is_hf_name
+from softtargets.training.hf import check_hf_classes, hf_weights_file
 from softtargets.training.metrics import classification_report, evaluate
 from softtargets.training.models import (
     build_model,
@@ -45,73 +45,10 @@ from softtargets.training.models import (
 from softtargets.training.weights import file_fingerprint, load_into
 
 
-def load_splits(config: DistillConfig) -> tuple[Dataset, Splits]:
-    """The data of ``config`` and its train / validation / test parts.
-
-    With ``data.test`` (a separate test file, such as MNIST's ``t10k``) the data file is split into
-    training and validation rows only, and the test rows are that file's, with its classes matched
-    to the data's by name.
-    """
-    data_cfg = config.data
-    if data_cfg.text_column is not None:
-        folder = tokenizer_folder(config)
-
-        def read(path: str) -> Dataset:
-            return load_text(
-                path, folder, data_cfg.text_column, data_cfg.label_column, data_cfg.max_length
-            )
-    else:
-
-        def read(path: str) -> Dataset:
-            return load_data(path, data_cfg.label_column)
-
-    data = (
-        load_data(data_cfg.name, data_cfg.label_column, **data_cfg.options)
-        if data_cfg.options
-        else read(data_cfg.name)
-    )
-    test = None
-    if data_cfg.test is not None:
-        test = align_classes(read(data_cfg.test), data, data_cfg.test)
-    if data_cfg.classes is not None:
-        data = data.subset(classes=data_cfg.classes, relabel=True)
-        test = None if test is None else test.subset(classes=data_cfg.classes, relabel=True)
-    if test is None:
-        parts = split(data, data_cfg.val_fraction, data_cfg.test_fraction, data_cfg.split_seed)
-    else:
-        train_val = split(data, data_cfg.val_fraction, 0.0, data_cfg.split_seed)
-        parts = Splits(train_val.train, train_val.val, test)
-    if data_cfg.label_noise > 0:
-        # Training and validation labels are noisy alike (a real noisy dataset has no clean
-        # validation set); the test labels stay clean, to measure what was learned.
-        rate, seed = data_cfg.label_noise, data_cfg.split_seed
-        parts = Splits(
-            parts.train.with_label_noise(rate, seed),
-            parts.val.with_label_noise(rate, seed + 1),
-            parts.test,
-        )
-    return data, parts
-
-
 def is_pretrained(config: DistillConfig) -> bool:
     """Whether the run's teacher comes trained (``--teacher-weights``, or an ``hf:`` folder's
     weights) rather than being trained here."""
     return config.teacher.weights is not None or config.teacher.name.startswith("hf:")
-
-
-def tokenizer_folder(config: DistillConfig) -> str:
-    """Where text data's tokenizer is saved: ``data.tokenizer``, else the ``hf:``/``hf-config:``
-    teacher's folder, else the student's."""
-    if config.data.tokenizer is not None:
-        return config.data.tokenizer
-    for model in (config.teacher, config.student):
-        if is_hf_name(model.name):
-            folder = config_folder(model.name)  # checked first: no config, no model
-            return str(folder if folder.is_dir() else folder.parent)
-    raise SoftTargetsError(
-        "text data needs a tokenizer: give --tokenizer FOLDER, or an hf: teacher or student "
-        "whose folder holds one"
-    )
 
 
 @dataclass
@@ -119,7 +56,7 @@ class Prepared:
     """Everything checked before a run writes anything: the data, its splits, the device, a
     freshly built teacher and the key of the teacher's settings and data."""
 
-    data: Dataset
+    data: RunData
     splits: Splits
     device: torch.device
     teacher: nn.Module | None  # None when the students learn from an existing store
@@ -137,7 +74,7 @@ def prepare(config: DistillConfig) -> Prepared:
             "students are trained, not loaded: weights apply to the teacher (--teacher-weights)"
         )
     data, splits = load_splits(config)
-    sample = splits.train.features[:2]
+    sample = first_rows(splits.train, 2)
     keyed: dict[str, Any] = {}
     teacher, store = None, None
     if config.store is not None:  # label once, distil many times: no teacher here
@@ -170,7 +107,16 @@ def prepare(config: DistillConfig) -> Prepared:
         config.student.name, data.feature_shape, data.num_classes, seed=0, **config.student.options
     )  # seeded: the caller's random stream is left untouched
     check_model_fits(student, sample, data.num_classes, f"student {config.student.name}")
-    if config.student.name == "mlp" and splits.train.weights is None:
+    if config.data.augment and config.store is not None:
+        raise SoftTargetsError(
+            "--augment needs the teacher model, run on every augmented batch: stored logits "
+            "belong to the images as they are; leave out --store or --augment"
+        )
+    if config.data.stream and (
+        config.teacher_training.label_smoothing or config.student_training.label_smoothing
+    ):
+        raise SoftTargetsError("label smoothing is not applied to streamed data; leave it out")
+    if config.student.name == "mlp" and getattr(splits.train, "weights", 1) is None:
         config.student_training.stacked_options()  # they train together: fp32, no compile
     key = settings_key(
         {
@@ -238,7 +184,7 @@ class TeacherRun:
 
     teacher: nn.Module | None
     store: SoftTargetStore
-    data: Dataset
+    data: RunData
     splits: Splits
     record: dict[str, Any]
     device: torch.device
@@ -321,6 +267,7 @@ def teacher_in(
                 "method": "teacher",
                 "seed": config.first_seed,
             },
+            num_workers=config.data.workers,
             **checkpoint_args(folder, config.teacher_training.checkpoint_every, identity),
             **config.teacher_training.fit_options(),
         )
@@ -339,7 +286,7 @@ def teacher_in(
         dtype = torch.float16 if config.store_dtype == "float16" else torch.float32
         store = label(
             teacher,
-            data,
+            rows_of(data),
             dtype=dtype,
             info={"teacher": config.teacher.model_dump(), "data": config.data.name},
         )
