@@ -180,3 +180,33 @@ def test_without_the_extra_the_message_names_the_install_command(monkeypatch) ->
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(SoftTargetsError, match=r'pip install -e "\.\[onnx\]"'):
         require("onnxruntime", "onnx")
+
+
+def test_an_image_classifier_config_trains_as_a_student_on_an_image_folder(tmp_path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        (tmp_path / "images" / f"class{k}").mkdir(parents=True)
+        for i in range(12):
+            pixels = rng.integers(0, 60, (16, 16, 3)) + 90 * k  # the class is the brightness
+            Image.fromarray(pixels.astype(np.uint8)).save(
+                tmp_path / "images" / f"class{k}" / f"{i}.png"
+            )
+    config = transformers.ViTConfig(
+        image_size=16, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=32, num_labels=3,
+    )  # fmt: skip
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    out = tmp_path / "run"
+    result = runner.invoke(app, [
+        "distill", "--data", str(tmp_path / "images"), "--teacher", "cnn2d", "--student",
+        f"hf-config:{tmp_path / 'vit'}", "--teacher-epochs", "5", "--epochs", "2", "--seeds",
+        "2", "--out", str(out),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "student.json").read_text())
+    assert meta["hf"]["text"] is False and meta["hf"]["hf_config"]["model_type"] == "vit"
+    exported = runner.invoke(app, ["export", "--model", str(out), "--format", "pt2"])
+    assert exported.exit_code == 0, exported.output
