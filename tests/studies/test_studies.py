@@ -9,7 +9,19 @@ from typer.testing import CliRunner
 
 from softtargets.cli.app import app
 from softtargets.config import StudyConfig
-from softtargets.run.stats import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, mean_ci, verdict
+from softtargets.run.stats import (
+    ABSENT,
+    CONTRADICTED,
+    INCONCLUSIVE,
+    LABELS,
+    PRESENT,
+    REPRODUCED,
+    WEAKER,
+    Reported,
+    equivalence_p,
+    judge,
+    mean_ci,
+)
 from softtargets.studies import STUDIES
 from softtargets.studies.base import run_study
 from softtargets.studies.gradient_variance import gradient_statistics
@@ -34,8 +46,9 @@ def test_every_study_runs_quick_and_writes_its_files(runs, name: str) -> None:
     for file in ("results.csv", "results.json", "config.yaml", "section.md"):
         assert (out / file).stat().st_size > 0, file
     assert result["figures"] and all((out / f).stat().st_size > 1000 for f in result["figures"])
-    assert result["verdict"]["label"] in (SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE)
+    assert result["verdict"]["label"] in LABELS
     saved = json.loads((out / "results.json").read_text())
+    assert set(saved["reported"]) == {"size", "smallest", "source"}  # declared by every study
     assert saved["seeds"] == [0, 1] and saved["command"].endswith("--quick")
     assert saved["rows"] and "seconds" in saved
     assert f"**Verdict: {result['verdict']['label']}**" in (out / "section.md").read_text()
@@ -79,7 +92,7 @@ def test_report_gathers_every_study(runs) -> None:
     assert result.exit_code == 0, result.output
     markdown = (runs / "report.md").read_text()
     html = (runs / "report.html").read_text()
-    assert "| study | claim | verdict (95%) | evidence |" in markdown
+    assert "| study | claim | paper's size | verdict (95%) | evidence |" in markdown
     assert "(quick run)" in markdown
     studies = len(list(runs.glob("study-*/results.json")))
     assert f"**Reading {studies} verdicts together.**" in markdown  # the multiple-testing note
@@ -98,28 +111,55 @@ def test_study_command_rejects_unknown_names(tmp_path) -> None:
 
 
 # ---------------------------------------------------------------- verdict logic on synthetic data
-def test_verdict_clearly_supported() -> None:
-    assert verdict("c", mean_ci([0.05, 0.06, 0.055, 0.052, 0.058]), "d").label == SUPPORTED
+SIGN_ONLY = Reported(None, 0.01, "no size")
+PAPER = Reported(0.05, 0.01, "a paper")
 
 
-def test_verdict_clearly_not_supported() -> None:
-    assert verdict("c", mean_ci([-0.05, -0.06, -0.055, -0.052]), "d").label == NOT_SUPPORTED
+def test_a_clear_effect_is_present_without_a_paper_size_and_judged_against_one() -> None:
+    effect = mean_ci([0.05, 0.06, 0.055, 0.052, 0.058])  # 95% CI about 0.049 to 0.061
+    assert judge("c", effect, SIGN_ONLY, "d").label == PRESENT
+    assert judge("c", effect, PAPER, "d").label == REPRODUCED  # includes 0.05
+    assert judge("c", effect, Reported(0.03, 0.01, "p"), "d").label == REPRODUCED  # above it
+    weaker = judge("c", effect, Reported(0.10, 0.01, "p"), "d", 100, " points")
+    assert weaker.label == WEAKER and "paper +10.00 points" in weaker.evidence
 
 
-def test_verdict_overlapping_interval_is_inconclusive() -> None:
-    v = verdict("c", mean_ci([0.05, -0.04, 0.02, -0.01, 0.03]), "soft - hard", 100, " points")
+def test_an_effect_below_zero_is_contradicted() -> None:
+    effect = mean_ci([-0.05, -0.06, -0.055, -0.052])
+    assert judge("c", effect, PAPER, "d").label == CONTRADICTED
+
+
+def test_a_precise_effect_near_zero_is_absent_and_a_vague_one_inconclusive() -> None:
+    precise = mean_ci([0.001, -0.002, 0.0015, 0.0, -0.001, 0.0005])
+    assert judge("c", precise, PAPER, "d").label == ABSENT
+    vague = mean_ci([0.05, -0.04, 0.02, -0.01, 0.03])
+    v = judge("c", vague, PAPER, "soft - hard", 100, " points")
     assert v.label == INCONCLUSIVE and "95% CI" in v.evidence and "points" in v.evidence
+    assert judge("c", mean_ci([0.5]), PAPER, "d").label == INCONCLUSIVE  # one run
 
 
-def test_a_claim_of_two_parts_needs_both() -> None:
+def test_the_equivalence_test_agrees_with_statsmodels() -> None:
+    import numpy as np
+    from statsmodels.stats.weightstats import ttost_paired
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a = rng.normal(0.7, 0.02, size=8)
+        b = a - rng.normal(rng.uniform(-0.02, 0.02), 0.01, size=8)
+        margin = rng.uniform(0.002, 0.03)
+        expected = ttost_paired(a, b, -margin, margin)[0]
+        assert equivalence_p(mean_ci(a - b), margin) == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_claim_of_two_parts_takes_the_weaker_verdict() -> None:
     from softtargets.run.stats import all_of
 
-    yes = verdict("c", mean_ci([0.05, 0.06, 0.055]), "a")
-    no = verdict("c", mean_ci([-0.05, -0.06, -0.055]), "b")
-    maybe = verdict("c", mean_ci([0.05, -0.04, 0.02]), "d")
-    assert all_of("c", [yes, yes]).label == SUPPORTED
+    yes = judge("c", mean_ci([0.05, 0.06, 0.055]), SIGN_ONLY, "a")
+    no = judge("c", mean_ci([-0.05, -0.06, -0.055]), SIGN_ONLY, "b")
+    maybe = judge("c", mean_ci([0.05, -0.04, 0.02]), SIGN_ONLY, "d")
+    assert all_of("c", [yes, yes]).label == PRESENT
     assert all_of("c", [yes, maybe]).label == INCONCLUSIVE
-    assert all_of("c", [maybe, no]).label == NOT_SUPPORTED
+    assert all_of("c", [maybe, no]).label == CONTRADICTED
     assert "a = " in all_of("c", [yes, no]).evidence and "b = " in all_of("c", [yes, no]).evidence
 
 
@@ -129,8 +169,8 @@ def test_sign_test_for_grid_outcomes() -> None:
     # every seed on the same grid point: a t-interval would have zero width; the sign test
     # needs enough seeds
     assert sign_test("c", [0.3] * 5, "d").label == INCONCLUSIVE  # 5 of 5: p = 0.0625
-    assert sign_test("c", [0.3] * 9 + [0.0], "d").label == SUPPORTED  # ties dropped: p = 0.004
-    assert sign_test("c", [-0.3] * 9 + [0.3], "d").label == NOT_SUPPORTED
+    assert sign_test("c", [0.3] * 9 + [0.0], "d").label == PRESENT  # ties dropped: p = 0.004
+    assert sign_test("c", [-0.3] * 9 + [0.3], "d").label == CONTRADICTED
     assert "p = 0.0215" in sign_test("c", [0.3] * 9 + [-0.3], "d").evidence
 
 
@@ -153,10 +193,6 @@ def test_initial_gradient_norm_is_fits_loss_gradient() -> None:
     grads = torch.autograd.grad(value, list(model.parameters()))
     assert norm == pytest.approx(float(torch.cat([g.flatten() for g in grads]).norm()), rel=1e-5)
     assert all(p.grad is None for p in model.parameters())
-
-
-def test_verdict_needs_two_runs() -> None:
-    assert verdict("c", mean_ci([0.5]), "d").label == INCONCLUSIVE
 
 
 # ---------------------------------------------------------------- study building blocks

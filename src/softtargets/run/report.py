@@ -91,11 +91,12 @@ def build_report(
             "first"
         )
     table = markdown_table(
-        ["study", "claim", "verdict (95%)", "evidence"],
+        ["study", "claim", "paper's size", "verdict (95%)", "evidence"],
         [
             [
                 f"[{r['study']}](#{_anchor(r['title'])})",
                 r["verdict"]["claim"],
+                paper_size(r.get("reported")),
                 f"**{r['verdict']['label']}**"
                 + (" (quick run)" if r["config"].get("quick") else ""),
                 r["verdict"]["evidence"],
@@ -126,9 +127,7 @@ def build_report(
         [
             "# What soft targets do: measured",
             "",
-            "Each claim is judged from its own measurements: **supported** when the 95% confidence "
-            "interval of the effect lies above zero, **not supported** when it lies below, "
-            "**inconclusive** when it contains zero.",
+            VERDICT_RULES,
             "",
             table,
             "",
@@ -147,13 +146,33 @@ def build_report(
     return md_path, html_path
 
 
+VERDICT_RULES = (
+    "Each claim is judged from its own measurements against the size the literature reports, "
+    "declared before the results (studies/PROTOCOLS.md): **contradicted** when the 95% interval "
+    "of the effect lies below zero; **absent** when the effect is equivalent to zero within the "
+    "study's smallest effect of interest (two one-sided tests at 5%); **reproduced** when the "
+    "interval lies above zero and reaches the paper's size; **weaker than reported** when it "
+    "lies above zero but below it; **present** when it lies above zero and no paper states a "
+    "size; **inconclusive** otherwise."
+)
+
+
+def paper_size(reported: Any) -> str:
+    """A study's declared literature size, as the report's table shows it."""
+    if not isinstance(reported, dict) or "source" not in reported:
+        return "-"
+    size = reported.get("size")
+    shown = "no size" if size is None else f"{size:+.4g}"
+    return f"{shown} ({reported['source']})"
+
+
 def multiple_comparisons(tests: int, decided: int) -> str:
     """The report's note on reading several 95% verdicts together."""
     return (
         f"**Reading {tests} verdicts together.** Each verdict is a separate two-sided test at "
         f"the 5% level, so even if soft targets did nothing, about {0.05 * tests:.1f} of "
-        f"{tests} would be expected to come out decided by chance ({decided} came out "
-        "supported or not supported here). Each study's primary statistic was fixed in its "
+        f"{tests} would be expected to come out decided by chance ({decided} came out other "
+        "than inconclusive here). Each study's primary statistic was fixed in its "
         "module docstring before its results existed; the other comparisons in a section are "
         f"secondary. To hold the chance of any false verdict at 5%, read each interval at "
         f"{100 - 5 / max(tests, 1):.2f}% (Bonferroni): a verdict whose interval barely "

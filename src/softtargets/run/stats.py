@@ -77,57 +77,106 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
     return mean_ci(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64), confidence)
 
 
-SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive"
+REPRODUCED = "reproduced"
+WEAKER = "weaker than reported"
+PRESENT = "present"
+ABSENT = "absent"
+CONTRADICTED = "contradicted"
+INCONCLUSIVE = "inconclusive"
+#: every verdict, from the strongest agreement with the literature to none
+LABELS = (REPRODUCED, PRESENT, WEAKER, ABSENT, CONTRADICTED, INCONCLUSIVE)
+
+
+@dataclass(frozen=True)
+class Reported:
+    """What the literature reports for a study's primary statistic, declared before results.
+
+    ``size``: the paper's effect as the same statistic, in its units (``None`` when no paper
+    states one: the claim is then about the sign); ``smallest``: the smallest effect of interest
+    (> 0), below which an effect is as good as absent; ``source``: where the number comes from.
+    """
+
+    size: float | None
+    smallest: float
+    source: str
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """A claim, the measured evidence for it, and what the 95% interval says."""
+    """A claim, the measured evidence for it, and what the 95% interval says of the paper's
+    size (``label``: one of :data:`LABELS`)."""
 
     claim: str
     label: str
     evidence: str
 
 
-def verdict(
+def equivalence_p(estimate: Estimate, margin: float) -> float:
+    """Two one-sided t-tests (TOST) that the effect lies within ``±margin``: the larger of the
+    two one-sided p-values, from the estimate's mean, its standard error (the 95% half-width over
+    the t quantile) and ``n - 1`` degrees of freedom. Below 0.05 exactly when the 90% interval
+    lies within ``±margin``."""
+    if estimate.n < 2 or not math.isfinite(estimate.half_width):
+        return 1.0
+    df = estimate.n - 1
+    se = estimate.half_width / float(scipy_stats.t.ppf(0.5 + estimate.confidence / 2, df))
+    if se == 0:
+        return 0.0 if abs(estimate.mean) < margin else 1.0
+    above_lower = float(scipy_stats.t.sf((estimate.mean + margin) / se, df))
+    below_upper = float(scipy_stats.t.cdf((estimate.mean - margin) / se, df))
+    return max(above_lower, below_upper)
+
+
+def judge(
     claim: str,
-    difference: Estimate,
+    effect: Estimate,
+    reported: Reported,
     what: str,
     scale: float = 1.0,
     unit: str = "",
     digits: int = 2,
 ) -> Verdict:
-    """Judge ``claim`` from ``difference``, an estimate that is positive when the claim holds.
+    """Judge ``claim`` from ``effect`` (positive when the claim holds) against ``reported``.
 
-    "supported" when the whole confidence interval is above 0, "not supported" when it is below
-    0 (the opposite was measured), "inconclusive" when it contains 0 or there are too few runs.
+    In order: **contradicted** when the 95% interval lies below 0; **absent** when the effect is
+    equivalent to 0 within the smallest effect of interest (TOST, 5%); **reproduced** when the
+    interval lies above 0 and reaches the paper's size (includes it, or lies above it);
+    **weaker than reported** when it lies above 0 but below the paper's size; **present** when
+    it lies above 0 and no paper states a size; else **inconclusive**.
     """
-    if difference.n < 2 or not math.isfinite(difference.half_width):
+    usable = effect.n >= 2 and math.isfinite(effect.half_width)
+    if not usable:
         label = INCONCLUSIVE
-    elif difference.low > 0:
-        label = SUPPORTED
-    elif difference.high < 0:
-        label = NOT_SUPPORTED
+    elif effect.high < 0:
+        label = CONTRADICTED
+    elif equivalence_p(effect, reported.smallest) < 0.05:
+        label = ABSENT
+    elif effect.low > 0 and reported.size is None:
+        label = PRESENT
+    elif effect.low > 0:
+        label = REPRODUCED if effect.high >= reported.size else WEAKER  # type: ignore[operator]
     else:
         label = INCONCLUSIVE
-    low, high = difference.low * scale, difference.high * scale
+    low, high = effect.low * scale, effect.high * scale
+    paper = (
+        f"paper {reported.size * scale:+.{digits}f}{unit} ({reported.source})"
+        if reported.size is not None
+        else f"no size reported ({reported.source})"
+    )
     evidence = (
-        f"{what} = {difference.format(scale, digits)}{unit} "
-        f"(95% CI {low:+.{digits}f} to {high:+.{digits}f}, n = {difference.n})"
+        f"{what} = {effect.format(scale, digits)}{unit} (95% CI {low:+.{digits}f} to "
+        f"{high:+.{digits}f}, n = {effect.n}); {paper}; smallest effect of interest "
+        f"±{reported.smallest * scale:.{digits}f}{unit}"
     )
     return Verdict(claim, label, evidence)
 
 
 def all_of(claim: str, parts: Sequence[Verdict]) -> Verdict:
-    """A claim that needs every one of ``parts``: "supported" when all are, "not supported" when
-    any is, else "inconclusive"; the evidence lists each part's."""
-    labels = {p.label for p in parts}
-    if labels == {SUPPORTED}:
-        label = SUPPORTED
-    elif NOT_SUPPORTED in labels:
-        label = NOT_SUPPORTED
-    else:
-        label = INCONCLUSIVE
+    """A claim that needs every one of ``parts``: its label is the weakest of theirs
+    (contradicted, then absent, inconclusive, weaker than reported, present, reproduced); the
+    evidence lists each part's."""
+    order = (CONTRADICTED, ABSENT, INCONCLUSIVE, WEAKER, PRESENT, REPRODUCED)
+    label = min((p.label for p in parts), key=order.index)
     return Verdict(claim, label, "; ".join(f"{p.evidence}: {p.label}" for p in parts))
 
 
@@ -136,14 +185,15 @@ def sign_test(
 ) -> Verdict:
     """Judge ``claim`` from paired ``differences`` that take few distinct values (say grid
     points), where a t-interval misleads (every seed on one grid point: zero width). Exact
-    two-sided sign test, ties dropped: "supported" when p < ``alpha`` and more differences are
-    positive, "not supported" when p < ``alpha`` and more are negative, else "inconclusive"."""
+    two-sided sign test, ties dropped: "present" when p < ``alpha`` and more differences are
+    positive, "contradicted" when p < ``alpha`` and more are negative, else "inconclusive"
+    (a sign test states no size)."""
     above = sum(d > 0 for d in differences)
     below = sum(d < 0 for d in differences)
     ties = len(differences) - above - below
     p = float(scipy_stats.binomtest(above, above + below).pvalue) if above + below else 1.0
     if p < alpha:
-        label = SUPPORTED if above > below else NOT_SUPPORTED
+        label = PRESENT if above > below else CONTRADICTED
     else:
         label = INCONCLUSIVE
     median = float(np.median(differences)) if len(differences) else float("nan")

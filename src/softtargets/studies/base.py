@@ -274,6 +274,7 @@ def _run_in(
         "seconds": round(seconds, 1),
         "command": command,
         "config": resolved.model_dump(mode="json"),
+        **({"reported": vars(module.REPORTED)} if hasattr(module, "REPORTED") else {}),
     }
     payload = {
         **facts,

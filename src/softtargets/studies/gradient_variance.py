@@ -18,11 +18,12 @@ On ``gaussians``, whose Bayes class probabilities are known, the same for the sa
 labels vs the Bayes probabilities themselves: their expected gradient is the same (a label is a
 draw from p(y | x)), so any difference is variance alone.
 
-Pre-registered verdict: "supported" only if both hold: (1) the log relative variance, hard minus
-soft (T = 4), averaged per seed over the trained snapshots of both trajectories, has its 95%
-interval above 0; (2) on ``gaussians``, the log between-case variance of the sampled labels minus
-that of the Bayes probabilities has its interval above 0. "not supported" if either interval is
-below 0; otherwise inconclusive.
+Protocol (PROTOCOLS.md): two parts, each judged against ``REPORTED`` (no size reported; smallest
+effect of interest 0.1 in log) by :func:`~softtargets.run.stats.judge`, the verdict the weaker of
+the two (:func:`~softtargets.run.stats.all_of`): (1) the log relative variance, hard minus soft
+(T = 4), averaged per seed over the trained snapshots of both trajectories; (2) on
+``gaussians``, the log between-case variance of the sampled labels minus that of the Bayes
+probabilities.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from softtargets.data.builtin import gaussians
 from softtargets.losses.reference import distillation_loss, soft_cross_entropy
 from softtargets.run.figures import PALETTE, new_figure, plot_bars, save_figure
 from softtargets.run.report import StudyOutput, summary_rows
-from softtargets.run.stats import all_of, mean_ci, paired_difference, verdict
+from softtargets.run.stats import Reported, all_of, judge, mean_ci, paired_difference
 from softtargets.studies.base import StudyContext
 from softtargets.training.fit import fit
 from softtargets.training.models import build_model
@@ -49,6 +50,10 @@ CLAIM = (
     "Soft targets (T = 4) give less variance in the gradient between training cases than hard "
     "labels, relative to the mean gradient, at the same points of training."
 )
+
+#: the literature's size of the primary statistic and the smallest effect of interest, declared
+#: before results (studies/PROTOCOLS.md, version 2)
+REPORTED = Reported(None, 0.1, "Hinton et al. 2015: 'much less variance'; no size")
 
 #: the user's models this study can test its claim with (``softtargets study --teacher/--student``)
 OWN_MODELS: tuple[str, ...] = ("teacher",)
@@ -241,8 +246,8 @@ def run(ctx: StudyContext) -> StudyOutput:
         all_of(
             CLAIM,
             [
-                verdict(CLAIM, diff, "log relative variance, hard - soft (T = 4)", 1, ""),
-                verdict(CLAIM, exact, "gaussians: log variance, sampled - Bayes", 1, ""),
+                judge(CLAIM, diff, REPORTED, "log relative variance, hard - soft (T = 4)", 1, ""),
+                judge(CLAIM, exact, REPORTED, "gaussians: log variance, sampled - Bayes", 1, ""),
             ],
         ),
         notes,

@@ -10,8 +10,8 @@ teacher is the student's own architecture, an MLP of the student's widths traine
 noisy labels, so it knows nothing the student could not learn) and a regularised hard-label
 baseline (the noisy labels smoothed with eps = 0.1, the common remedy for noise).
 
-Pre-registered: primary statistic, at 30% noise, the (CNN) teacher's soft targets minus the noisy
-hard labels, clean test accuracy, paired by seed, 95% t-interval; "supported" when above 0.
+Protocol (PROTOCOLS.md): primary statistic, at 30% noise, the (CNN) teacher's soft targets minus the noisy
+hard labels, clean test accuracy, paired by seed, 95% t-interval; judged against ``REPORTED`` by :func:`~softtargets.run.stats.judge`.
 Beside it at 30%: self-distillation minus noisy labels, and teacher minus smoothed labels.
 """
 
@@ -21,7 +21,7 @@ from softtargets.config import ModelConfig
 from softtargets.data.targets import smooth
 from softtargets.run.figures import plot_lines
 from softtargets.run.report import StudyOutput, curves, difference, summary_rows, test_accuracy
-from softtargets.run.stats import verdict
+from softtargets.run.stats import Reported, judge
 from softtargets.studies.base import StudyContext
 from softtargets.training.fit_many import Member
 from softtargets.training.objectives import Distillation
@@ -33,6 +33,10 @@ CLAIM = (
     "With 30% of the training labels flipped, a student learns more from the (noisily "
     "trained) teacher's soft targets than from the noisy labels."
 )
+
+#: the literature's size of the primary statistic and the smallest effect of interest, declared
+#: before results (studies/PROTOCOLS.md, version 2)
+REPORTED = Reported(None, 0.01, "no single size in the literature for this comparison")
 
 #: the user's models this study can test its claim with (``softtargets study --teacher/--student``)
 OWN_MODELS: tuple[str, ...] = ("student",)
@@ -113,7 +117,7 @@ def run(ctx: StudyContext) -> StudyOutput:
         rows,
         summary,
         figures,
-        verdict(CLAIM, diff, "soft - noisy hard at 30% noise", 100, " points"),
+        judge(CLAIM, diff, REPORTED, "soft - noisy hard at 30% noise", 100, " points"),
         notes,
     )
 

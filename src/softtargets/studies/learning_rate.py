@@ -15,8 +15,8 @@ times a cross-entropy's). So the pre-registered primary arm is scale-free:
   whole training set), so the first step has the same length whatever the loss's scale; the grid
   of normalised rates grows by sqrt(2) from 0.02 to 0.23. Primary statistic: per seed, log10 of the
   largest good normalised rate, soft minus hard. The outcome is a grid point, so the verdict is
-  an exact sign test over seeds (ties dropped): "supported" when soft is higher in significantly
-  more seeds (two-sided p < 0.05), "not supported" when lower.
+  an exact sign test over seeds (ties dropped): "present" when soft is higher in significantly
+  more seeds (two-sided p < 0.05), "contradicted" when lower (a sign test states no size).
 
 Visible beside it, for what they are:
 
@@ -36,7 +36,7 @@ import torch
 
 from softtargets.run.figures import plot_lines
 from softtargets.run.report import StudyOutput, curves, summary_rows
-from softtargets.run.stats import paired_difference, sign_test
+from softtargets.run.stats import Reported, paired_difference, sign_test
 from softtargets.studies.base import StudyContext
 from softtargets.training.fit_many import Member
 from softtargets.training.models import build_model
@@ -50,6 +50,10 @@ CLAIM = (
     "accuracy is higher than with hard labels, at equal first-step length (SGD, learning rates "
     "normalised by each loss's initial gradient norm)."
 )
+
+#: the literature's size of the primary statistic and the smallest effect of interest, declared
+#: before results (studies/PROTOCOLS.md, version 2)
+REPORTED = Reported(None, 0.0, "Hinton et al. 2015: 'a much higher learning rate'; no size")
 
 #: the user's models this study can test its claim with (``softtargets study --teacher/--student``)
 OWN_MODELS: tuple[str, ...] = ("teacher",)

@@ -7,9 +7,9 @@ were lowered (by 7.6). Here the same two experiments, with the bias shift chosen
 data, never on the test set, and the control that ties the effect to soft targets: students of
 the same transfer sets trained on the hard labels, given a bias shift chosen the same way.
 
-Pre-registered: primary statistic, on the transfer set without 3s, the soft-target student's
+Protocol (PROTOCOLS.md): primary statistic, on the transfer set without 3s, the soft-target student's
 accuracy on the test 3s after its shift minus the hard-label student's after its own, paired by
-seed, 95% t-interval; "supported" when above 0. Beside it: the soft students' accuracy on 3s
+seed, 95% t-interval; judged against ``REPORTED`` by :func:`~softtargets.run.stats.judge`. Beside it: the soft students' accuracy on 3s
 (Hinton et al.: 98.6%) and the 7s-and-8s experiment's test error before and after the shift
 (Hinton et al.: 47.3% -> 13.2%).
 """
@@ -21,7 +21,7 @@ import torch
 
 from softtargets.run.figures import plot_bars
 from softtargets.run.report import StudyOutput
-from softtargets.run.stats import mean_ci, paired_difference, verdict
+from softtargets.run.stats import Reported, judge, mean_ci, paired_difference
 from softtargets.store.label import predict_logits
 from softtargets.studies.base import StudyContext
 from softtargets.training.fit_many import Member
@@ -34,6 +34,12 @@ CLAIM = (
     "A student distilled without ever seeing class 3 gets more test 3s right after a bias shift "
     "than a hard-label student of the same rows after its own (dark knowledge; Hinton et al. "
     "2015: 98.6% of 3s)."
+)
+
+#: the literature's size of the primary statistic and the smallest effect of interest, declared
+#: before results (studies/PROTOCOLS.md, version 2)
+REPORTED = Reported(
+    0.986, 0.05, "Hinton et al. 2015, sec. 3: 98.6% of 3s; a hard-label student gets none"
 )
 
 
@@ -183,9 +189,10 @@ def run(ctx: StudyContext) -> StudyOutput:
         table,
         summary,
         figures,
-        verdict(
+        judge(
             CLAIM,
             primary,
+            REPORTED,
             f"soft - hard accuracy on test {omitted_name}s after the shift",
             100,
             " points",

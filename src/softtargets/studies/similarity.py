@@ -5,12 +5,12 @@ The teacher's mean soft target per true class at T = 1, 4 and 20 (heatmaps), the
 class pairs, a few test inputs with their soft targets, and the contrast with label smoothing,
 whose off-target mass is uniform by construction.
 
-Pre-registered: the primary statistic is the control that ties the gain to the structure. Three
+Protocol (PROTOCOLS.md): the primary statistic is the control that ties the gain to the structure. Three
 students per seed learn the same training rows from probability targets (soft cross-entropy):
 one-hot labels; the teacher's soft targets at T = 4; and the same soft targets with each row's
 off-target probabilities shuffled among its off-target classes (a fresh permutation per row and
 seed: the same target probability and entropy, no similarity structure). Primary: soft minus
-shuffled test accuracy, paired by seed, 95% t-interval; "supported" when it is above 0. Reported
+shuffled test accuracy, paired by seed, 95% t-interval; judged against ``REPORTED`` by :func:`~softtargets.run.stats.judge`. Reported
 beside it: the share of the soft-target gain over one-hot labels that survives the shuffle, and
 the own-class margin (does a held-out row's off-target part follow its own class's pattern
 better than another class's; its interval is over test rows of one teacher, not seeds).
@@ -30,7 +30,7 @@ from softtargets.run.report import (
     summary_rows,
     test_accuracy,
 )
-from softtargets.run.stats import mean_ci, verdict
+from softtargets.run.stats import Reported, judge, mean_ci
 from softtargets.store.label import predict_logits
 from softtargets.studies.base import StudyContext
 from softtargets.training.fit_many import Member
@@ -43,6 +43,10 @@ CLAIM = (
     "from: the teacher's soft targets beat the same targets with each row's off-target "
     "probabilities shuffled."
 )
+
+#: the literature's size of the primary statistic and the smallest effect of interest, declared
+#: before results (studies/PROTOCOLS.md, version 2)
+REPORTED = Reported(None, 0.01, "Hinton et al. 2015 state the mechanism, not a size")
 
 
 TEMPERATURES = [1.0, 4.0, 20.0]
@@ -175,7 +179,7 @@ def run(ctx: StudyContext) -> StudyOutput:
         rows,
         summary,
         figures,
-        verdict(CLAIM, control.difference, "soft - shuffled test accuracy", 100, " points"),
+        judge(CLAIM, control.difference, REPORTED, "soft - shuffled test accuracy", 100, " points"),
         notes,
     )
 

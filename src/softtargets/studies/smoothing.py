@@ -10,8 +10,8 @@ Müller, Kornblith and Hinton (2019) claim more: a teacher *trained with* label 
 worse teacher (smoothing erases the similarity information distillation transfers). The same
 student is distilled from the plain teacher and from one trained with labels smoothed by 0.1.
 
-Pre-registered: primary statistic teacher minus entropy-matched smoothing, test accuracy, paired
-by seed, 95% t-interval; "supported" when above 0. Beside it: teacher minus row-matched
+Protocol (PROTOCOLS.md): primary statistic teacher minus entropy-matched smoothing, test accuracy, paired
+by seed, 95% t-interval; judged against ``REPORTED`` by :func:`~softtargets.run.stats.judge`. Beside it: teacher minus row-matched
 smoothing, and students of the plain minus the smoothed-trained teacher (Müller et al.: > 0).
 """
 
@@ -24,7 +24,7 @@ import torch
 from softtargets.data.targets import entropy, smooth
 from softtargets.run.figures import plot_bars
 from softtargets.run.report import StudyOutput, difference, summary_rows, test_accuracy
-from softtargets.run.stats import verdict
+from softtargets.run.stats import Reported, judge
 from softtargets.studies.base import StudyContext
 from softtargets.training.fit_many import Member
 
@@ -35,6 +35,10 @@ CLAIM = (
     "The teacher's soft targets beat label smoothing of the same entropy: the gain comes from "
     "the teacher's information, not from softening alone."
 )
+
+#: the literature's size of the primary statistic and the smallest effect of interest, declared
+#: before results (studies/PROTOCOLS.md, version 2)
+REPORTED = Reported(None, 0.01, "Mueller et al. 2019 show the direction, not this size")
 
 #: the user's models this study can test its claim with (``softtargets study --teacher/--student``)
 OWN_MODELS: tuple[str, ...] = ("student",)
@@ -131,7 +135,7 @@ def run(ctx: StudyContext) -> StudyOutput:
         rows,
         summary,
         [figure],
-        verdict(CLAIM, diff, "teacher - smoothing test accuracy", 100, " points"),
+        judge(CLAIM, diff, REPORTED, "teacher - smoothing test accuracy", 100, " points"),
         notes=(
             f"Label smoothing eps = {eps:.3f} gives mean target entropy "
             f"{smoothing_entropy(eps, train.num_classes):.3f} nats, equal to the "

@@ -8,9 +8,9 @@ with at least 20 seeds for the narrow student (differences of a point need them)
 seeds (5) for the wide one (Hinton: flat above T = 8; it is the secondary comparison, and 300-300
 students cost 30 times as much).
 
-Pre-registered: primary statistic, for the narrow student, the mean test accuracy over
-T in {2.5, 3, 4} minus that over T in {8, 20}, paired by seed, 95% t-interval; "supported" when it
-is above 0. Beside it: the same difference for the wide student (Hinton: about 0) and the
+Protocol (PROTOCOLS.md): primary statistic, for the narrow student, the mean test accuracy over
+T in {2.5, 3, 4} minus that over T in {8, 20}, paired by seed, 95% t-interval, judged against
+``REPORTED`` by :func:`~softtargets.run.stats.judge`. Beside it: the same difference for the wide student (Hinton: about 0) and the
 interaction (narrow minus wide), which says whether the best temperature depends on size.
 """
 
@@ -21,7 +21,7 @@ import math
 from softtargets.data.targets import entropy
 from softtargets.run.figures import plot_lines
 from softtargets.run.report import StudyOutput, curves, summary_rows, test_accuracy
-from softtargets.run.stats import mean_ci, paired_difference, verdict
+from softtargets.run.stats import Reported, judge, mean_ci, paired_difference
 from softtargets.studies.base import StudyContext
 from softtargets.training.fit_many import Member
 from softtargets.training.objectives import Distillation
@@ -33,6 +33,10 @@ CLAIM = (
     "A narrow student (30 units per layer) does better at T = 2.5 to 4 than at T = 8 to 20 "
     "(Hinton et al. 2015, sec. 3: 2.5 to 4 best for 30 units)."
 )
+
+#: the literature's size of the primary statistic and the smallest effect of interest, declared
+#: before results (studies/PROTOCOLS.md, version 2)
+REPORTED = Reported(None, 0.01, "Hinton et al. 2015: T 2.5-4 best for 30 units; no size")
 
 #: the user's models this study can test its claim with (``softtargets study --teacher/--student``)
 OWN_MODELS: tuple[str, ...] = ("teacher",)
@@ -125,7 +129,7 @@ def run(ctx: StudyContext) -> StudyOutput:
         rows,
         summary,
         figures,
-        verdict(CLAIM, primary, f"narrow student, {bands}", 100, " points"),
+        judge(CLAIM, primary, REPORTED, f"narrow student, {bands}", 100, " points"),
         notes,
         seeds=seeds,
     )

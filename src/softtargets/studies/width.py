@@ -13,9 +13,9 @@ trained on the hard labels and one-hidden-layer ReLU students of widths 1 to 64 
 hard labels or from the teacher's probabilities at the study's T (4; at T = 1 a teacher that is
 99% right on noise-free labels gives nearly one-hot targets), 5 seeds.
 
-Pre-registered: primary statistic, the *interaction*: the soft-minus-hard test accuracy averaged
+Protocol (PROTOCOLS.md): primary statistic, the *interaction*: the soft-minus-hard test accuracy averaged
 over the small widths (1 to 8), at the smallest margin minus at the largest, paired by seed, 95%
-t-interval; "supported" when above 0 (the gap grows as the margin shrinks). Beside it: the gap at
+t-interval; judged against ``REPORTED`` by :func:`~softtargets.run.stats.judge` (the gap grows as the margin shrinks). Beside it: the gap at
 each margin, and the smallest width whose *validation* accuracy reaches the widest hard-label
 student's validation accuracy minus 1 point (a width that never does is shown as "> 64", never
 averaged). Teacher-to-teacher variation: the primary statistic again with 3 independently trained
@@ -29,7 +29,7 @@ from collections import defaultdict
 from softtargets.config import StudyConfig
 from softtargets.run.figures import plot_lines
 from softtargets.run.report import StudyOutput, grouped, test_accuracy
-from softtargets.run.stats import mean_ci, paired_difference, verdict
+from softtargets.run.stats import Reported, judge, mean_ci, paired_difference
 from softtargets.studies.base import StudyContext
 from softtargets.training.fit_many import Member
 from softtargets.training.objectives import Distillation
@@ -41,6 +41,12 @@ CLAIM = (
     "Soft labels help small networks more as the task's margin shrinks: the soft-minus-hard "
     "accuracy gap of narrow students is larger at a small margin than at a large one (Mandal, "
     "Lin, Srikant 2024)."
+)
+
+#: the literature's size of the primary statistic and the smallest effect of interest, declared
+#: before results (studies/PROTOCOLS.md, version 2)
+REPORTED = Reported(
+    None, 0.01, "Mandal, Lin and Srikant 2024 bound neuron counts, not accuracy gaps"
 )
 
 #: the user's models this study can test its claim with (``softtargets study --teacher/--student``)
@@ -218,9 +224,10 @@ def run(ctx: StudyContext) -> StudyOutput:
         rows,
         summary,
         figures,
-        verdict(
+        judge(
             CLAIM,
             primary,
+            REPORTED,
             f"soft - hard at widths {small[0]}-{small[-1]}, margin {hard:g} minus margin {easy:g}",
             100,
             " points",
