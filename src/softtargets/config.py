@@ -259,7 +259,7 @@ TEMPERATURE, ALPHA = 4.0, 0.9
 #: MNIST-1D rows of the demo and the studies (its standard size), and of the quick miniature
 STANDARD_SAMPLES, QUICK_SAMPLES = 5000, 500
 #: the quick miniature (tests, ``--quick``): the same code path, a few seconds long
-QUICK_EPOCHS, QUICK_SEEDS, QUICK_WIDTH = 3, 2, 8
+QUICK_EPOCHS, QUICK_SEEDS, QUICK_WIDTH, QUICK_TEACHERS = 3, 2, 8, 2
 
 #: the teacher a built-in dataset gets (the demo's and the studies'): a model that knows the
 #: data's structure (convolutions for signals and images), regularised; an MLP for the rest
@@ -422,7 +422,14 @@ class StudyConfig(Strict):
     test_data: str | None = Field(
         None, description="a separate test file for the data file (then split into train/val)"
     )
-    seeds: int = Field(5, ge=1, le=MAX_SEEDS)
+    seeds: int = Field(3, ge=1, le=MAX_SEEDS, description="student seeds per teacher")
+    teachers: int = Field(
+        3,
+        ge=1,
+        le=20,
+        description="independently trained teachers, each on its own split: the unit of "
+        "replication of every verdict",
+    )
     quick: bool = Field(False, description="a miniature of the same code path (for tests)")
     temperature: float = Field(
         TEMPERATURE,
@@ -448,6 +455,7 @@ class StudyConfig(Strict):
             return self
         quick = self.model_copy(deep=True)
         quick.seeds = min(self.seeds, QUICK_SEEDS)
+        quick.teachers = min(self.teachers, QUICK_TEACHERS)
         quick.student_hidden = [2 * QUICK_WIDTH]
         quick.student_training = student_training().model_copy(update={"epochs": QUICK_EPOCHS})
         return quick

@@ -324,3 +324,27 @@ def test_gradient_statistics_against_a_direct_computation() -> None:
         float(((g - g.mean(0)) ** 2).sum(1).mean())
     )
     assert stats["mean_gradient_sq_norm"] == pytest.approx(float((g.mean(0) ** 2).sum()))
+
+
+def test_teachers_are_the_unit_of_the_verdict() -> None:
+    from softtargets.run.stats import all_of, over_teachers, sign_test
+
+    # three teachers, each with a tight interval over its seeds, but far apart from each other:
+    # over teachers the interval is wide, as the teacher-to-teacher spread says
+    per_teacher = [
+        judge("c", mean_ci([m + d for d in (-0.001, 0.0, 0.001)]), PAPER, "d")
+        for m in (0.01, 0.06, 0.11)
+    ]
+    assert all(v.label != INCONCLUSIVE for v in per_teacher)
+    pooled = over_teachers(per_teacher)
+    expected = mean_ci([0.01, 0.06, 0.11])
+    assert pooled.effect is not None and pooled.effect.n == 3
+    assert pooled.effect.mean == pytest.approx(expected.mean)
+    assert pooled.effect.half_width == pytest.approx(expected.half_width)
+    assert pooled.label == INCONCLUSIVE and "over 3 teachers" in pooled.evidence
+    # a claim of two parts is judged part by part; a sign test pools the teachers' seeds
+    two = [all_of("c", [v, v]) for v in per_teacher]
+    assert [p.effect.n for p in over_teachers(two).parts] == [3, 3]
+    signs = [sign_test("c", [0.3] * 4, "d") for _ in range(3)]  # 4 seeds each: p = 0.125
+    assert all(v.label == INCONCLUSIVE for v in signs)
+    assert over_teachers(signs).label == PRESENT  # 12 of 12 pooled: p < 0.001

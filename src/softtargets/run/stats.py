@@ -22,6 +22,8 @@ class Estimate:
     half_width: float
     n: int
     confidence: float = 0.95
+    #: the values it was computed from (per seed, or per teacher), when known
+    values: tuple[float, ...] = ()
 
     @property
     def low(self) -> float:
@@ -51,11 +53,12 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> Estimate:
     if data.size == 0:
         raise ValueError("mean_ci needs at least one value")
     mean = float(data.mean())
+    kept = tuple(float(v) for v in data)
     if data.size < 2:
-        return Estimate(mean, float("nan"), 1, confidence)
+        return Estimate(mean, float("nan"), 1, confidence, kept)
     sem = float(data.std(ddof=1) / math.sqrt(data.size))
     t = float(scipy_stats.t.ppf(0.5 + confidence / 2, df=data.size - 1))
-    return Estimate(mean, t * sem, int(data.size), confidence)
+    return Estimate(mean, t * sem, int(data.size), confidence, kept)
 
 
 def wilson_interval(correct: int, total: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -104,11 +107,26 @@ class Reported:
 @dataclass(frozen=True)
 class Verdict:
     """A claim, the measured evidence for it, and what the 95% interval says of the paper's
-    size (``label``: one of :data:`LABELS`)."""
+    size (``label``: one of :data:`LABELS`).
+
+    The other fields keep how it was reached, so :func:`over_teachers` can judge the same
+    statistic again with teachers as the unit: the effect, the declared size and how the
+    statistic is named (a :func:`judge`), its parts (an :func:`all_of`), or the paired
+    differences (a :func:`sign_test`). Only ``claim``, ``label`` and ``evidence`` are written out.
+    """
 
     claim: str
     label: str
     evidence: str
+    effect: Estimate | None = None
+    reported: Reported | None = None
+    wording: tuple[str, float, str, int] = ("", 1.0, "", 2)  # what, scale, unit, digits
+    parts: tuple[Verdict, ...] = ()
+    differences: tuple[float, ...] | None = None
+
+    def public(self) -> dict[str, str]:
+        """What a results file records of it."""
+        return {"claim": self.claim, "label": self.label, "evidence": self.evidence}
 
 
 def equivalence_p(estimate: Estimate, margin: float) -> float:
@@ -163,12 +181,17 @@ def judge(
         if reported.size is not None
         else f"no size reported ({reported.source})"
     )
+    excluded = (
+        "; the interval excludes the paper's size"
+        if usable and reported.size is not None and effect.high < reported.size
+        else ""
+    )
     evidence = (
         f"{what} = {effect.format(scale, digits)}{unit} (95% CI {low:+.{digits}f} to "
-        f"{high:+.{digits}f}, n = {effect.n}); {paper}; smallest effect of interest "
+        f"{high:+.{digits}f}, n = {effect.n}); {paper}{excluded}; smallest effect of interest "
         f"±{reported.smallest * scale:.{digits}f}{unit}"
     )
-    return Verdict(claim, label, evidence)
+    return Verdict(claim, label, evidence, effect, reported, (what, scale, unit, digits))
 
 
 def all_of(claim: str, parts: Sequence[Verdict]) -> Verdict:
@@ -177,7 +200,39 @@ def all_of(claim: str, parts: Sequence[Verdict]) -> Verdict:
     evidence lists each part's."""
     order = (CONTRADICTED, ABSENT, INCONCLUSIVE, WEAKER, PRESENT, REPRODUCED)
     label = min((p.label for p in parts), key=order.index)
-    return Verdict(claim, label, "; ".join(f"{p.evidence}: {p.label}" for p in parts))
+    evidence = "; ".join(f"{p.evidence}: {p.label}" for p in parts)
+    return Verdict(claim, label, evidence, parts=tuple(parts))
+
+
+def over_teachers(verdicts: Sequence[Verdict]) -> Verdict:
+    """One study's verdicts, one per independently trained teacher (each on its own split, with
+    its student seeds), judged again with teachers as the unit: the statistic's mean per
+    teacher, then a t-interval over teachers (which so holds the spread of teachers, splits and
+    test sets), against the same declared size; a sign test pools every teacher's seeds."""
+    first = verdicts[0]
+    if len(verdicts) == 1:
+        return first
+    if first.parts:
+        return all_of(
+            first.claim,
+            [over_teachers([v.parts[i] for v in verdicts]) for i in range(len(first.parts))],
+        )
+    what, scale, unit, digits = first.wording
+    if first.differences is not None:
+        pooled = [d for v in verdicts for d in (v.differences or ())]
+        return sign_test(first.claim, pooled, f"{what} ({len(verdicts)} teachers pooled)", unit)
+    if first.effect is None or first.reported is None:
+        return first
+    per_teacher = mean_ci([v.effect.mean for v in verdicts if v.effect is not None])
+    return judge(
+        first.claim,
+        per_teacher,
+        first.reported,
+        f"{what}, mean per teacher, over {len(verdicts)} teachers",
+        scale,
+        unit,
+        digits,
+    )
 
 
 def sign_test(
@@ -201,4 +256,6 @@ def sign_test(
         f"{what}: median {median:+.2f}{unit}; positive in {above}, negative in {below}, tied in "
         f"{ties} of {len(differences)} seeds (exact sign test, p = {p:.3g})"
     )
-    return Verdict(claim, label, evidence)
+    return Verdict(
+        claim, label, evidence, wording=(what, 1.0, unit, 2), differences=tuple(differences)
+    )

@@ -28,7 +28,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +47,16 @@ from softtargets.config import (
 from softtargets.errors import SoftTargetsError
 from softtargets.run.folder import RunFolder, check_out_of_inputs, config_key
 from softtargets.run.report import StudyOutput, rows_csv, section_markdown
+from softtargets.run.stats import over_teachers
 from softtargets.run.teacher import TeacherRun, run_teacher
 from softtargets.studies import study_module
 from softtargets.training.fit_many import Member, fit_many
 from softtargets.training.models import build_model
 from softtargets.training.weights import file_fingerprint
+
+#: the teacher seeds of successive passes lie this far apart (a study's own extra teachers use
+#: seeds 1, 2, ... within a pass)
+TEACHER_SEED_STEP = 1000
 
 
 @dataclass
@@ -64,13 +69,25 @@ class StudyContext:
     progress: Any = None
     log: Callable[[str], None] = lambda message: None
     _teachers: dict[str, TeacherRun] = field(default_factory=dict)
+    #: which of the study's independently trained teachers this pass uses (0, 1, ...), and how
+    #: many passes there are: teachers are the unit of replication (:func:`run_study`)
+    replicate: int = 0
+    replicates: int = 1
 
     @property
     def out_dir(self) -> Path:
         return self.folder.root
 
     def path(self, name: str) -> Path:
-        """Where to write the study's file ``name`` (recorded in the folder's manifest)."""
+        """Where to write the study's file ``name`` (recorded in the folder's manifest); the
+        passes with other teachers than the first keep theirs beside it, named ``-teacherN``."""
+        if self.replicate:
+            stem, dot, suffix = name.rpartition(".")
+            name = (
+                f"{stem}-teacher{self.replicate}{dot}{suffix}"
+                if dot
+                else f"{name}-{self.replicate}"
+            )
         return self.folder.path(name)
 
     @property
@@ -130,7 +147,10 @@ class StudyContext:
         yours = classes is None and seed == 0
         config = self.distill_config(data, label_noise, options, yours=yours)
         config.data.classes = classes
-        config.first_seed = seed
+        # Each pass's teacher is trained independently (its own initial weights, batch order
+        # and dropout) on its own split of the data; the first pass's are the study's as before.
+        config.first_seed = seed + TEACHER_SEED_STEP * self.replicate
+        config.data.split_seed = self.replicate
         return self.teacher_for(config)
 
     def teacher_for(self, config: DistillConfig) -> TeacherRun:
@@ -200,6 +220,28 @@ class StudyContext:
         return results
 
 
+def _over_teachers(outputs: list[StudyOutput]) -> StudyOutput:
+    """One output from the passes of every teacher: every pass's rows (a ``teacher_replicate`` column
+    added), the first pass's summary and figures, and the verdict judged again with teachers as
+    the unit (:func:`~softtargets.run.stats.over_teachers`); each pass's own verdict is listed in
+    the notes."""
+    first = outputs[0]
+    if len(outputs) == 1:
+        return first
+    rows = [{"teacher_replicate": t, **row} for t, out in enumerate(outputs) for row in out.rows]
+    verdict = over_teachers([out.verdict for out in outputs])
+    per_teacher = "; ".join(
+        f"teacher {t + 1}: {out.verdict.label}" for t, out in enumerate(outputs)
+    )
+    notes = (
+        f"{first.notes.strip()}\n\nTeachers as the unit: {len(outputs)} teachers, each trained "
+        f"independently on its own split, its students' seeds nested inside; the table, "
+        f"figures and notes above are the first teacher's (the others' figures are saved beside "
+        f"them, named -teacherN). Each teacher alone: {per_teacher}."
+    )
+    return replace(first, rows=rows, verdict=verdict, notes=notes)
+
+
 def file_identity(path: str) -> str:
     """A short hash of a file's content (a user's weights or store key the study's teacher)."""
     return file_fingerprint(path)[:12]
@@ -263,14 +305,23 @@ def _run_in(
     resolved = config.resolved()
     folder.write_text("config.yaml", dump_config(resolved))
     started = time.perf_counter()
-    ctx = StudyContext(name, resolved, folder, progress, log)
-    output: StudyOutput = module.run(ctx)
+    yours = resolved.teacher is not None or resolved.store is not None
+    passes = 1 if yours else resolved.teachers  # a user's own teacher is one teacher
+    outputs: list[StudyOutput] = []
+    for replicate in range(passes):
+        if passes > 1:
+            log(f"{name}: teacher {replicate + 1} of {passes}")
+        ctx = StudyContext(name, resolved, folder, progress, log, replicate=replicate,
+                           replicates=passes)  # fmt: skip
+        outputs.append(module.run(ctx))
     seconds = time.perf_counter() - started
+    output = _over_teachers(outputs)
     command = command or " ".join(shlex.quote(a) for a in ["softtargets", *sys.argv[1:]])
     facts = {
         "study": name,
         "title": module.TITLE,
         "seeds": output.seeds or ctx.seeds,
+        "teachers": passes,
         "seconds": round(seconds, 1),
         "command": command,
         "config": resolved.model_dump(mode="json"),
@@ -278,7 +329,8 @@ def _run_in(
     }
     payload = {
         **facts,
-        "verdict": vars(output.verdict),
+        "verdict": output.verdict.public(),
+        "verdicts_per_teacher": [o.verdict.public() for o in outputs],
         "summary": output.summary,
         "rows": output.rows,
         "figures": [f.name for f in output.figures],

@@ -157,7 +157,8 @@ def run(ctx: StudyContext) -> StudyOutput:
         )
     )
 
-    teachers = 2 if ctx.quick else TEACHERS
+    # with teachers as the unit (study passes), the verdict is already over teachers
+    teachers = 1 if ctx.replicates > 1 else (2 if ctx.quick else TEACHERS)
     seeds = ctx.seeds[:3]
 
     def key_mean(method: str) -> float:
@@ -199,9 +200,13 @@ def run(ctx: StudyContext) -> StudyOutput:
             f"Soft - hard at 3% (protocol version 1's primary statistic): "
             f"{diff.describe(100, ' points')}; soft targets at 3% recover {recovered:.0%} of "
             "the gap between hard labels at 3% and hard labels on all the data, from the means "
-            "(Hinton et al.: (57.0 - 44.5) / (58.9 - 44.5) = 87%). Over "
-            f"{teachers} independently trained teachers ({len(seeds)} seeds each), "
-            f"soft - hard at 3%: {over_teachers.describe(100, ' points')}."
+            "(Hinton et al.: (57.0 - 44.5) / (58.9 - 44.5) = 87%)."
+            + (
+                f" Over {teachers} independently trained teachers ({len(seeds)} seeds each), "
+                f"soft - hard at 3%: {over_teachers.describe(100, ' points')}."
+                if teachers > 1
+                else ""
+            )
         ),
     )
 

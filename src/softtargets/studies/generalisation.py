@@ -5,7 +5,7 @@ peak (train 67.3%, test 44.5% with early stopping) while soft targets did not (6
 without early stopping). Early stopping hides the overfitting the claim is about, so every
 student here is read twice: at its last epoch (no early stopping) and at its best validation
 epoch. Students: hard labels, label smoothing (eps = 0.1) and the teacher's soft targets (T and
-alpha = 1), on a 10% subset of the training rows (where overfitting shows), 5 seeds; per epoch
+alpha = 1), on a 10% subset of the training rows (where overfitting shows), the config's seeds per teacher; per epoch
 the test accuracy, and at the end the train accuracy, the train-test gap and the expected
 calibration error (ECE, 15 bins) on the test set.
 

@@ -5,7 +5,7 @@ made 146 on hard labels and 74 distilled. Stanton et al. (2021) add that a stude
 well without matching its teacher: fidelity (teacher-student agreement) is worth measuring beside
 accuracy. Here: MLP students (two hidden layers) with about 1, 3, 10, 30 and 50% of the teacher's
 parameters, hard labels vs the teacher's soft targets (T and alpha of the study config, Hinton's
-alpha = 0.9 mix by default), 5 seeds; for each, the share of the teacher's test accuracy kept and
+alpha = 0.9 mix by default), the config's seeds per teacher; for each, the share of the teacher's test accuracy kept and
 the share of test rows on which the student's prediction agrees with the teacher's.
 
 Protocol version 2 (2026-12-02; PROTOCOLS.md): primary statistic, Hinton's own, the share of the

@@ -11,7 +11,7 @@ noise-free, points closer to its boundary than ``margin`` (in units of the score
 rejected — at margins 1, 0.3 and 0 (the hardest). For each, an MLP teacher (256-256) is
 trained on the hard labels and one-hidden-layer ReLU students of widths 1 to 64 learn from the
 hard labels or from the teacher's probabilities at the study's T (4; at T = 1 a teacher that is
-99% right on noise-free labels gives nearly one-hot targets), 5 seeds.
+99% right on noise-free labels gives nearly one-hot targets), the config's seeds per teacher.
 
 Protocol (PROTOCOLS.md): primary statistic, the *interaction*: the soft-minus-hard test accuracy averaged
 over the small widths (1 to 8), at the smallest margin minus at the largest, paired by seed, 95%
@@ -148,7 +148,8 @@ def run(ctx: StudyContext) -> StudyOutput:
     widths = [1, 4, 16] if ctx.quick else WIDTHS
     small = tuple(w for w in widths if w <= 8)
     margins = [0.5, 0.0] if ctx.quick else MARGINS
-    teachers = 2 if ctx.quick else TEACHERS
+    # with teachers as the unit (study passes), each pass trains one teacher per margin
+    teachers = 1 if ctx.replicates > 1 else (2 if ctx.quick else TEACHERS)
     rows = []
     for margin in margins:
         for teacher in range(teachers):
@@ -207,9 +208,13 @@ def run(ctx: StudyContext) -> StudyOutput:
             )
         )
     notes = (
-        f"Interaction over {teachers} independently trained teachers per margin (each a mean "
-        f"over {len(ctx.seeds[:3])}+ seeds): {over_teachers.describe(100, ' points')}. Soft "
-        f"labels are the teacher's probabilities at T = {ctx.config.temperature:g} (alpha = 1). "
+        (
+            f"Interaction over {teachers} independently trained teachers per margin (each a "
+            f"mean over {len(ctx.seeds[:3])}+ seeds): {over_teachers.describe(100, ' points')}. "
+            if teachers > 1
+            else ""
+        )
+        + f"Soft labels are the teacher's probabilities at T = {ctx.config.temperature:g} (alpha = 1). "
         "Smallest widths are "
         f"read on validation accuracy against the widest hard student's minus "
         f"{TOLERANCE * 100:g} point; the test set chooses nothing."
