@@ -248,7 +248,7 @@ def test_dividing_the_loss_under_sgd_equals_rescaling_lr_and_weight_decay() -> N
 def test_row_matched_smoothing_keeps_each_rows_label_probability() -> None:
     import torch
 
-    from softtargets.studies.smoothing import row_matched_smoothing
+    from softtargets.data.targets import row_matched_smoothing
 
     probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.5, 0.25, 0.25]])
     labels = torch.tensor([0, 2, 1])
@@ -277,8 +277,7 @@ def demo_config_for_keys():
 def test_shuffling_the_off_target_mass_keeps_label_probability_and_entropy() -> None:
     import torch
 
-    from softtargets.data.targets import entropy
-    from softtargets.studies.similarity import shuffle_off_target
+    from softtargets.data.targets import entropy, shuffle_off_target
 
     g = torch.Generator().manual_seed(0)
     probs = torch.softmax(torch.randn(50, 6, generator=g) * 2, 1)

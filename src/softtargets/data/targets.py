@@ -251,3 +251,28 @@ def mix(p: Tensor, q: Tensor, weight: float) -> Tensor:
 def entropy(probs: Tensor) -> Tensor:
     """Shannon entropy in nats of each row of ``(N, K)`` probabilities -> ``(N,)``."""
     return -(probs * torch.log(probs.clamp_min(1e-30))).sum(dim=-1)
+
+
+def row_matched_smoothing(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``(N, K)`` smoothed labels with each row's label probability equal to ``probs``' (at least
+    ``1 / K``) and the rest spread evenly over the other classes."""
+    n, k = probs.shape
+    on = probs[torch.arange(n), labels].clamp_min(1.0 / k)  # (N,)
+    out = ((1 - on) / (k - 1))[:, None].expand(n, k).clone()
+    out[torch.arange(n), labels] = on
+    return out
+
+
+def shuffle_off_target(probs: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """``(N, K)`` rows with each row's off-target probabilities permuted at random among its
+    off-target classes: the label's probability, the entropy and each row's sum stay; which
+    wrong classes get the mass does not."""
+    n, k = probs.shape
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.ones(n, k, dtype=torch.bool)
+    keep[torch.arange(n), labels] = False
+    rest = probs[keep].view(n, k - 1)
+    order = torch.rand(n, k - 1, generator=g).argsort(1)
+    out = probs.clone()
+    out[keep] = rest.gather(1, order).flatten()
+    return out

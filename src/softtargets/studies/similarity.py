@@ -5,15 +5,20 @@ The teacher's mean soft target per true class at T = 1, 4 and 20 (heatmaps), the
 class pairs, a few test inputs with their soft targets, and the contrast with label smoothing,
 whose off-target mass is uniform by construction.
 
-Protocol (PROTOCOLS.md): the primary statistic is the control that ties the gain to the structure. Three
-students per seed learn the same training rows from probability targets (soft cross-entropy):
-one-hot labels; the teacher's soft targets at T = 4; and the same soft targets with each row's
-off-target probabilities shuffled among its off-target classes (a fresh permutation per row and
-seed: the same target probability and entropy, no similarity structure). Primary: soft minus
-shuffled test accuracy, paired by seed, 95% t-interval; judged against ``REPORTED`` by :func:`~softtargets.run.stats.judge`. Reported
-beside it: the share of the soft-target gain over one-hot labels that survives the shuffle, and
-the own-class margin (does a held-out row's off-target part follow its own class's pattern
-better than another class's; its interval is over test rows of one teacher, not seeds).
+Protocol (PROTOCOLS.md, version 3): the primary statistic is the control that ties the gain to
+the structure. Five students per seed learn the same training rows from probability targets
+(soft cross-entropy): one-hot labels; the teacher's soft targets at T = 4; **row-matched
+smoothing**, each row's own label probability kept and the rest spread evenly (the same
+confidence per row, no structure at all: the primary control); the **class-mean** soft target,
+each row given its true class's mean soft target (class-level structure, no per-example
+structure); and the soft targets with each row's off-target mass **shuffled** (version 2's
+control: a fresh permutation per row, which puts mass on random classes, so it mixes "no
+structure" with label noise). Primary: soft minus row-matched smoothing test accuracy, per
+teacher a mean over seeds, judged over teachers against ``REPORTED`` by
+:func:`~softtargets.run.stats.judge`. Beside it: soft minus class-mean (what per-example
+structure adds), soft minus shuffled, and the own-class margin (does a held-out row's
+off-target part follow its own class's pattern better than another class's; its interval is
+over test rows of one teacher, not seeds).
 """
 
 from __future__ import annotations
@@ -21,7 +26,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from softtargets.data.targets import entropy, smooth, soften
+from softtargets.data.targets import (
+    entropy,
+    row_matched_smoothing,
+    shuffle_off_target,
+    smooth,
+    soften,
+)
 from softtargets.run.figures import new_figure, plot_bars, save_figure
 from softtargets.run.report import (
     StudyOutput,
@@ -30,7 +41,7 @@ from softtargets.run.report import (
     summary_rows,
     test_accuracy,
 )
-from softtargets.run.stats import Reported, judge, mean_ci
+from softtargets.run.stats import Estimate, Reported, judge, mean_ci
 from softtargets.store.label import predict_logits
 from softtargets.studies.base import StudyContext
 from softtargets.training.fit_many import Member
@@ -40,8 +51,8 @@ TITLE = "Similarity structure (similarity)"
 
 CLAIM = (
     "Soft targets carry class-specific similarity structure, and it is what the student learns "
-    "from: the teacher's soft targets beat the same targets with each row's off-target "
-    "probabilities shuffled."
+    "from: the teacher's soft targets beat row-matched smoothing (each row's own label "
+    "probability kept, the rest spread evenly: the same confidence, no structure)."
 )
 
 #: the literature's size of the primary statistic and the smallest effect of interest, declared
@@ -85,21 +96,6 @@ def specificity(probs: torch.Tensor, labels: torch.Tensor, pattern: torch.Tensor
         )
         margins[rows] += (corr_own - corr_alien).nan_to_num(0.0)
     return margins / (k - 1)
-
-
-def shuffle_off_target(probs: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.Tensor:
-    """``(N, K)`` rows with each row's off-target probabilities permuted at random among its
-    off-target classes: the label's probability, the entropy and each row's sum stay; which
-    wrong classes get the mass does not."""
-    n, k = probs.shape
-    g = torch.Generator().manual_seed(seed)
-    keep = torch.ones(n, k, dtype=torch.bool)
-    keep[torch.arange(n), labels] = False
-    rest = probs[keep].view(n, k - 1)
-    order = torch.rand(n, k - 1, generator=g).argsort(1)
-    out = probs.clone()
-    out[keep] = rest.gather(1, order).flatten()
-    return out
 
 
 def class_means(probs: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -156,13 +152,16 @@ def run(ctx: StudyContext) -> StudyOutput:
         _heatmaps(means_at, names, ctx.path("class_similarity.png")),
         _examples(test, soften(test_logits, 4.0), names, ctx.path("examples.png")),
     ]
-    control = _shuffle_control(ctx, part)
+    control = _controls(ctx, part)
     figures.append(control.figure)
     margin = mean_ci(margins_at_4)
     notes = (
-        f"Shuffle control (probability targets at T = {CONTROL_T:g}, soft cross-entropy, "
-        f"{len(ctx.seeds)} seeds): {control.retained:.0%} of the soft-target gain over one-hot "
-        "labels survives shuffling each row's off-target mass. "
+        f"Controls (probability targets at T = {CONTROL_T:g}, soft cross-entropy, "
+        f"{len(ctx.seeds)} seeds): soft - class-mean soft target "
+        f"{control.per_example.describe(100, ' points')} (what per-example structure adds to "
+        f"class-level structure); soft - shuffled {control.shuffled.describe(100, ' points')}; "
+        f"{control.retained:.0%} of the soft-target gain over one-hot labels survives row-matched "
+        "smoothing. "
         f"Own-class margin at T = 4: {margin.format(1, 3)} (95% CI over test rows).\n\n"
         + markdown_table(list(control.summary[0]), [list(r.values()) for r in control.summary])
         + "\n\n"
@@ -179,7 +178,14 @@ def run(ctx: StudyContext) -> StudyOutput:
         rows,
         summary,
         figures,
-        judge(CLAIM, control.difference, REPORTED, "soft - shuffled test accuracy", 100, " points"),
+        judge(
+            CLAIM,
+            control.difference,
+            REPORTED,
+            "soft - row-matched smoothing test accuracy",
+            100,
+            " points",
+        ),
         notes,
     )
 
@@ -188,26 +194,37 @@ CONTROL_T = 4.0
 
 
 class _Control:
-    """What the shuffle control measured."""
+    """What the controls measured (see the module docstring)."""
 
-    def __init__(self, summary, figure, difference, retained) -> None:
+    def __init__(self, summary, figure, difference, per_example, shuffled, retained) -> None:
         self.summary, self.figure = summary, figure
-        self.difference, self.retained = difference, retained
+        self.difference, self.per_example, self.shuffled = difference, per_example, shuffled
+        self.retained = retained
 
 
-def _shuffle_control(ctx: StudyContext, part) -> _Control:
-    """One-hot, soft and shuffled-soft students per seed (see the module docstring)."""
+def _controls(ctx: StudyContext, part) -> _Control:
+    """One-hot, soft, row-matched smoothing, class-mean and shuffled students per seed."""
     train = part.splits.train
     soft = part.store.soften(CONTROL_T, train)
     one_hot = torch.nn.functional.one_hot(train.labels, train.num_classes).float()
-    names = ("one-hot", "teacher soft targets", "soft targets, off-target shuffled")
+    class_mean = class_means(soft, train.labels, train.num_classes)[train.labels]
+    names = (
+        "one-hot",
+        "teacher soft targets",
+        "row-matched smoothing",
+        "class-mean soft target",
+        "soft targets, off-target shuffled",
+    )
     members, keys = [], []
     for seed in ctx.seeds:
-        for name, probs in zip(
-            names,
-            (one_hot, soft, shuffle_off_target(soft, train.labels, 1000 + seed)),
-            strict=True,
-        ):
+        arms = (
+            one_hot,
+            soft,
+            row_matched_smoothing(soft, train.labels),
+            class_mean,
+            shuffle_off_target(soft, train.labels, 1000 + seed),
+        )
+        for name, probs in zip(names, arms, strict=True):
             members.append(Member(seed=seed, targets=probs))
             keys.append((name, seed))
     results = ctx.train(part, members)
@@ -225,8 +242,11 @@ def _shuffle_control(ctx: StudyContext, part) -> _Control:
     mean = {n: np.mean([r["test_accuracy"] for r in rows if r["targets"] == n]) for n in names}
     gain = mean[names[1]] - mean[names[0]]
     retained = (mean[names[2]] - mean[names[0]]) / gain if gain else float("nan")
-    diff = difference(rows, ["targets"], "test_accuracy", (names[1],), (names[2],))
-    return _Control(summary, figure, diff, retained)
+
+    def minus(other: str) -> Estimate:
+        return difference(rows, ["targets"], "test_accuracy", (names[1],), (other,))
+
+    return _Control(summary, figure, minus(names[2]), minus(names[3]), minus(names[4]), retained)
 
 
 def _heatmaps(means_at: dict[float, torch.Tensor], names: list[str], path):

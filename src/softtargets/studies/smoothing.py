@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from softtargets.data.targets import entropy, smooth
+from softtargets.data.targets import entropy, row_matched_smoothing, smooth
 from softtargets.run.figures import plot_bars
 from softtargets.run.report import StudyOutput, difference, summary_rows, test_accuracy
 from softtargets.run.stats import Reported, judge
@@ -60,16 +60,6 @@ def matching_eps(target: float, k: int) -> float:
         mid = (low + high) / 2
         low, high = (mid, high) if smoothing_entropy(mid, k) < target else (low, mid)
     return (low + high) / 2
-
-
-def row_matched_smoothing(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``(N, K)`` smoothed labels with each row's label probability equal to ``probs``' (at least
-    ``1 / K``) and the rest spread evenly over the other classes."""
-    n, k = probs.shape
-    on = probs[torch.arange(n), labels].clamp_min(1.0 / k)  # (N,)
-    out = ((1 - on) / (k - 1))[:, None].expand(n, k).clone()
-    out[torch.arange(n), labels] = on
-    return out
 
 
 SMOOTHED_TEACHER_EPS = 0.1
