@@ -347,3 +347,21 @@ def test_teachers_are_the_unit_of_the_verdict() -> None:
     signs = [sign_test("c", [0.3] * 4, "d") for _ in range(3)]  # 4 seeds each: p = 0.125
     assert all(v.label == INCONCLUSIVE for v in signs)
     assert over_teachers(signs).label == PRESENT  # 12 of 12 pooled: p < 0.001
+
+
+def test_every_teacher_of_a_pass_is_trained_on_that_pass_s_split(tmp_path) -> None:
+    """A study's own teacher variants (a smoothed or a self-distillation teacher) go through
+    distill_config too, so none of them is trained on rows that are another pass's test rows."""
+    from softtargets.run.folder import RunFolder
+    from softtargets.studies.base import TEACHER_SEED_STEP, StudyContext
+
+    with RunFolder.open(tmp_path / "study") as folder:
+        for replicate in (0, 1, 2):
+            ctx = StudyContext("x", StudyConfig(quick=True), folder, replicate=replicate,
+                               replicates=3)  # fmt: skip
+            variant = ctx.distill_config(label_noise=0.3)
+            assert variant.data.split_seed == replicate
+            assert variant.first_seed == TEACHER_SEED_STEP * replicate
+            assert ctx.path("figure.png").name == (
+                "figure.png" if replicate == 0 else f"figure-teacher{replicate}.png"
+            )

@@ -120,16 +120,22 @@ class StudyContext:
             store = self.config.store
             if self.config.teacher is not None:
                 teacher = self.config.teacher  # the user's, in place of the preset
+        # Each pass's teachers are trained independently (their own initial weights, batch
+        # order and dropout) on the pass's own split of the data; the first pass's are the
+        # study's as before. Every teacher a study makes goes through here, its own variants
+        # (a smoothed or a self-distillation teacher) too, so none sees another pass's test rows.
         return DistillConfig(
             data=DataConfig(
                 name=name,
                 options=options,
                 label_noise=label_noise,
                 test=self.config.test_data if own else None,
+                split_seed=self.replicate,
             ),
             teacher=teacher,
             teacher_training=training,
             store=store,
+            first_seed=TEACHER_SEED_STEP * self.replicate,
         )
 
     def teacher(
@@ -147,10 +153,7 @@ class StudyContext:
         yours = classes is None and seed == 0
         config = self.distill_config(data, label_noise, options, yours=yours)
         config.data.classes = classes
-        # Each pass's teacher is trained independently (its own initial weights, batch order
-        # and dropout) on its own split of the data; the first pass's are the study's as before.
-        config.first_seed = seed + TEACHER_SEED_STEP * self.replicate
-        config.data.split_seed = self.replicate
+        config.first_seed += seed  # another teacher of the same pass (its own seed)
         return self.teacher_for(config)
 
     def teacher_for(self, config: DistillConfig) -> TeacherRun:
