@@ -18,6 +18,7 @@ statistic), per size, and the fidelity difference (soft minus hard agreement wit
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from softtargets.errors import SoftTargetsError
 from softtargets.run.figures import plot_lines
@@ -76,10 +77,15 @@ def run(ctx: StudyContext) -> StudyOutput:
     widths = {s: width_for(s * teacher_size, train.num_features, train.num_classes) for s in shares}
     soft = Distillation(part.store, ctx.config.temperature, ALPHA)
     members, keys, hidden = [], [], []
+    argmax = part.store.logits_for(train).argmax(1)  # the teacher's answers as hard labels
     for share, width in widths.items():
-        for method, targets in (("hard", None), ("soft", soft)):
+        arms: list[tuple[str, Any]] = [("hard", None), ("soft", soft)]
+        if share == shares[-1]:
+            arms.append(("argmax", None))
+        for method, targets in arms:
             for seed in ctx.seeds:
-                members.append(Member(seed=seed, targets=targets))
+                labels = argmax if method == "argmax" else None
+                members.append(Member(seed=seed, targets=targets, labels=labels))
                 keys.append((share, method, seed))
                 hidden.append([width, width])
     ctx.log(f"lighter-student: {len(members)} students of widths {sorted(set(widths.values()))}")
@@ -134,6 +140,7 @@ def run(ctx: StudyContext) -> StudyOutput:
             for soft, hard in zip(at_largest("soft"), at_largest("hard"), strict=True)
         ]
     )
+    versus_argmax = paired_difference(at_largest("soft"), at_largest("argmax"))
     averaged = paired_difference(
         per_seed("soft", "test_accuracy"), per_seed("hard", "test_accuracy")
     )
@@ -173,7 +180,9 @@ def run(ctx: StudyContext) -> StudyOutput:
         f"({round((1 - teacher_accuracy) * len(test))} errors of {len(test):,}). Students "
         f"{train.num_features}-h-h-{train.num_classes}, h = "
         + ", ".join(f"{w} ({s:.0%})" for s, w in widths.items())
-        + f"; soft targets at T = {ctx.config.temperature:g}, alpha = {ALPHA:g}. Soft minus hard "
+        + f"; soft targets at T = {ctx.config.temperature:g}, alpha = {ALPHA:g}. At the largest "
+        f"size, soft minus the teacher's argmax labels: {versus_argmax.describe(100, ' points')} "
+        "(what the softness adds to a better model's labels). Soft minus hard "
         f"test accuracy averaged over sizes (the primary statistic of protocol version 1): "
         f"{averaged.describe(100, ' points')}. Fidelity, soft "
         f"minus hard agreement with the teacher averaged over sizes: "
