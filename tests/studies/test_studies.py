@@ -25,9 +25,8 @@ from softtargets.run.stats import (
 from softtargets.studies import STUDIES
 from softtargets.studies.base import run_study
 from softtargets.studies.gradient_variance import gradient_statistics
-from softtargets.studies.learning_rate import largest_good_rate
+from softtargets.studies.learning_rate import collapse_rate
 from softtargets.studies.similarity import specificity
-from softtargets.studies.smoothing import matching_eps, smoothing_entropy
 
 runner = CliRunner()
 
@@ -174,35 +173,6 @@ def test_sign_test_for_grid_outcomes() -> None:
     assert "p = 0.0215" in sign_test("c", [0.3] * 9 + [-0.3], "d").evidence
 
 
-def test_initial_gradient_norm_is_fits_loss_gradient() -> None:
-    import torch
-
-    from softtargets.data.builtin import gaussians
-    from softtargets.data.dataset import split
-    from softtargets.losses.reference import distillation_loss
-    from softtargets.store.label import label
-    from softtargets.studies.learning_rate import initial_gradient_norm
-    from softtargets.training.models import build_model
-    from softtargets.training.objectives import Distillation
-
-    train = split(gaussians(num_samples=300, num_classes=3, dim=5), 0.2, 0.2).train
-    store = label(build_model("mlp", (5,), 3, seed=4, hidden=[8]), train)
-    model = build_model("mlp", (5,), 3, seed=0, hidden=[8])
-    norm = initial_gradient_norm(model, train, Distillation(store, 4.0, 1.0))
-    value = distillation_loss(model(train.features), store.logits_for(train), None, 4.0, 1.0)
-    grads = torch.autograd.grad(value, list(model.parameters()))
-    assert norm == pytest.approx(float(torch.cat([g.flatten() for g in grads]).norm()), rel=1e-5)
-    assert all(p.grad is None for p in model.parameters())
-
-
-# ---------------------------------------------------------------- study building blocks
-def test_matching_smoothing_entropy() -> None:
-    eps = matching_eps(1.0, 10)
-    assert smoothing_entropy(eps, 10) == pytest.approx(1.0, abs=1e-9)
-    assert smoothing_entropy(0.0, 10) == 0.0
-    assert smoothing_entropy(1.0, 10) == pytest.approx(__import__("math").log(10))
-
-
 def test_methods_study_chooses_each_temperature_on_validation_only() -> None:
     from softtargets.studies.methods import select_temperatures
 
@@ -219,30 +189,14 @@ def test_methods_study_chooses_each_temperature_on_validation_only() -> None:
     assert select_temperatures(rows) == {("a", "KD"): 4.0}
 
 
-def test_largest_good_rate() -> None:
-    assert largest_good_rate({0.01: 0.80, 0.1: 0.85, 1.0: 0.845, 3.0: 0.1}) == 1.0
-    assert largest_good_rate({0.01: 0.80, 0.1: 0.85, 1.0: 0.83}) == 0.1
-
-
-def test_dividing_the_loss_under_sgd_equals_rescaling_lr_and_weight_decay() -> None:
-    """The learning-rate study's "loss without T^2" arm rests on this identity of SGD."""
-    import torch
-
-    def train(loss_scale: float, lr: float, weight_decay: float) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(0)
-        w = torch.randn(5, 3, generator=gen).requires_grad_()
-        opt = torch.optim.SGD([w], lr=lr, momentum=0.9, weight_decay=weight_decay)
-        for _ in range(20):
-            x = torch.randn(8, 5, generator=gen)
-            loss = loss_scale * torch.nn.functional.cross_entropy(x @ w, torch.arange(8) % 3)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        return w.detach()
-
-    t2 = 16.0
-    torch.testing.assert_close(train(1 / t2, 0.5, 1e-3), train(1.0, 0.5 / t2, 1e-3 * t2))
-    assert not torch.allclose(train(1 / t2, 0.5, 1e-3), train(1.0, 0.5, 1e-3))
+def test_the_collapse_rate_is_log_interpolated_above_the_best_rate() -> None:
+    # best 0.85 at 0.1; the floor 0.84 is crossed between 1.0 (0.845) and 10 (0.545): a 60th of
+    # the way in accuracy, so a 60th of the decade in log rate
+    points = {0.01: 0.80, 0.1: 0.85, 1.0: 0.845, 10.0: 0.545}
+    assert collapse_rate(points) == pytest.approx(10 ** (1 / 60))
+    # a fall below the best rate does not count; a curve that never falls is censored at its end
+    assert collapse_rate({0.01: 0.50, 0.1: 0.85, 1.0: 0.845}) == 1.0
+    assert collapse_rate({0.1: 0.85, 1.0: 0.80}) == pytest.approx(0.1 * 10 ** (1 / 5))
 
 
 def test_row_matched_smoothing_keeps_each_rows_label_probability() -> None:

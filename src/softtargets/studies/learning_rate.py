@@ -1,257 +1,222 @@
 """``learning-rate``: do soft targets tolerate a much higher learning rate?
 
-Hinton et al. (2015) note that soft targets give less variance in the gradient between training
-cases, so the small model "can often be trained ... using a much higher learning rate". Here:
-hard labels vs soft targets (T = 4, alpha = 1), the final (last-epoch, of 60) accuracy over a grid
-of learning rates, which runs diverged, and per seed the largest learning rate whose final accuracy
-is within 1 point of that method's best.
+Hinton et al. (2015) note that soft targets give much less variance in the gradient between
+training cases, so the small model "can often be trained ... using a much higher learning rate".
+Their mechanism is gradient noise, so the study measures where gradient noise sets the limit:
 
-A learning rate is only comparable between two losses whose gradients have the same scale, and
-the distillation loss's scale is a convention (Hinton et al.'s T^2 factor makes its gradient T
-times a cross-entropy's). So the pre-registered primary arm is scale-free:
+* **The same loss for both arms.** Cross-entropy at the student's T = 1 against a probability
+  vector: one-hot labels, or the teacher's probabilities at T = 4. The loss, its scale and the
+  logit Hessian are of one kind, so a learning rate means the same step for both.
+* **Plain SGD, no momentum, a constant rate, batches of 16**: small batches make the gradient's
+  between-case variance matter; momentum and schedules would average it away.
+* A grid of rates in steps of 2^(1/4) over three decades (0.01 to 10; ``--quick``: a few),
+  students trained stacked; for each seed and arm, the *validation* accuracy at the last epoch
+  per rate, and the rate at which it falls 1 point below that arm's best, log-interpolated
+  between the grid points around it (censored at the grid's end if it never falls).
 
-* **SGD, normalised** (primary; momentum 0.9, 4 seeds per teacher): each student's learning rate is a
-  normalised rate divided by the norm of its own loss's gradient at its initial weights (on the
-  whole training set), so the first step has the same length whatever the loss's scale; the grid
-  of normalised rates grows by sqrt(2) from 0.02 to 0.23. Primary statistic: per seed, log10 of the
-  largest good normalised rate, soft minus hard. The outcome is a grid point, so the verdict is
-  an exact sign test over seeds (ties dropped): "present" when soft is higher in significantly
-  more seeds (two-sided p < 0.05), "contradicted" when lower (a sign test states no size).
-
-Visible beside it, for what they are:
-
-* **SGD, T^2-scaled loss**: the raw learning rate with softtargets' loss; a comparison of loss-scale
-  conventions (this was the study's first design).
-* **SGD, loss without T^2**: the same with the soft loss divided by T^2 (under SGD exactly a
-  learning rate divided by T^2 and a weight decay multiplied by T^2, which is how it is run).
-* **Adam**: its update size does not depend on the gradient's scale.
+Protocol (PROTOCOLS.md, version 4): primary statistic, per seed log10 of that rate, soft minus
+hard, per teacher a mean over seeds, judged over teachers against ``REPORTED`` (no size stated)
+by :func:`~softtargets.run.stats.judge`. Beside it: a **positive control** where the mechanism
+must show (``gaussians``: labels sampled from the Bayes probabilities vs the probabilities
+themselves, the same expected gradient and less variance), and the **mechanism check**: the same
+comparison at batches of 256, where the benefit should shrink if it comes from gradient noise.
+The test set is only reported.
 """
 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
+from softtargets.data.builtin import gaussians
+from softtargets.data.dataset import split
 from softtargets.run.figures import plot_lines
 from softtargets.run.report import StudyOutput, curves, summary_rows
-from softtargets.run.stats import Reported, paired_difference, sign_test
+from softtargets.run.stats import Reported, judge, mean_ci
 from softtargets.studies.base import StudyContext
 from softtargets.training.fit_many import Member
-from softtargets.training.models import build_model
-from softtargets.training.objectives import Distillation, make_objective
 
 TITLE = "Higher learning rates (learning-rate)"
 
 
 CLAIM = (
-    "With soft targets the largest learning rate that still reaches within 1 point of the best "
-    "accuracy is higher than with hard labels, at equal first-step length (SGD, learning rates "
-    "normalised by each loss's initial gradient norm)."
+    "With the teacher's probabilities as targets, plain SGD with small batches tolerates a "
+    "higher learning rate than with one-hot labels, under the same loss (Hinton et al. 2015)."
 )
 
 #: the literature's size of the primary statistic and the smallest effect of interest, declared
-#: before results (studies/PROTOCOLS.md, version 2)
-REPORTED = Reported(None, 0.0, "Hinton et al. 2015: 'a much higher learning rate'; no size")
+#: before results (studies/PROTOCOLS.md, version 4): a factor of 1.26 in the rate
+REPORTED = Reported(None, 0.1, "Hinton et al. 2015: 'a much higher learning rate'; no size")
 
 #: the user's models this study can test its claim with (``softtargets study --teacher/--student``)
 OWN_MODELS: tuple[str, ...] = ("teacher",)
 OWN_MODELS_WHY = "it trains MLP students it builds itself over a grid of learning rates"
 
 
-NORMALISED = "SGD, normalised by the initial gradient norm"
+#: rates 0.01 to 10 in steps of 2^(1/4): three decades
+RATES = [0.01 * 2 ** (k / 4) for k in range(41)]
+QUICK_RATES = [0.05, 0.4, 3.2]
+BATCH, CHECK_BATCH = 16, 256
+EPOCHS, QUICK_EPOCHS = 15, 2
+TOLERANCE = 0.01  # one point of validation accuracy
+TEMPERATURE = 4.0  # of the teacher's probabilities
 
 
-SGD_SCALED, SGD_UNSCALED, ADAM = "SGD, T^2-scaled loss", "SGD, loss without T^2", "Adam"
+def collapse_rate(points: dict[float, float], tolerance: float = TOLERANCE) -> float:
+    """The learning rate at which accuracy first falls ``tolerance`` below its best, above the
+    best rate, log-interpolated between the two grid rates around it; the largest grid rate when
+    it never falls (censored)."""
+    rates = sorted(points)
+    best_at = max(range(len(rates)), key=lambda i: points[rates[i]])
+    floor = points[rates[best_at]] - tolerance
+    for i in range(best_at + 1, len(rates)):
+        if points[rates[i]] < floor:
+            good, bad = rates[i - 1], rates[i]
+            fraction = (points[good] - floor) / (points[good] - points[bad])
+            return 10 ** (math.log10(good) + fraction * (math.log10(bad) - math.log10(good)))
+    return rates[-1]
 
 
-RATES = {
-    # factors of sqrt(2) where hard and soft students go from training well to collapsing (a
-    # first run with doubling steps: both fine at 0.08, both at chance from 0.32)
-    NORMALISED: [round(0.02 * 2 ** (k / 2), 4) for k in range(8)],
-    SGD_SCALED: [0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
-    SGD_UNSCALED: [0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
-    ADAM: [0.001, 0.003, 0.01, 0.03, 0.1, 0.3],
-}
+def _sweep(
+    ctx: StudyContext,
+    part: Any,
+    arms: dict[str, torch.Tensor],
+    rates: list[float],
+    batch_size: int,
+    epochs: int,
+    label: str,
+) -> list[dict[str, Any]]:
+    """Train one student per (arm, rate, seed), all stacked; a row per student with its last
+    epoch's validation and test accuracy (a diverged run counts as chance)."""
+    members, keys = [], []
+    for arm, targets in arms.items():
+        for rate in rates:
+            for seed in ctx.seeds:
+                members.append(Member(seed=seed, targets=targets, lr=rate))
+                keys.append((arm, rate, seed))
+    ctx.log(f"learning-rate, {label}: {len(members)} students at once, batch {batch_size}")
+    results = ctx.train(
+        part,
+        members,
+        optimizer="sgd",
+        momentum=0.0,
+        schedule="none",
+        weight_decay=0.0,
+        batch_size=batch_size,
+        epochs=epochs,
+        patience=None,
+        restore_best=False,
+    )
+    chance = 1.0 / part.splits.train.num_classes
+    rows = []
+    for (arm, rate, seed), result in zip(keys, results, strict=True):
+        last = result.history[-1]
+        val, test = last.get("val_accuracy", math.nan), last.get("test_accuracy", math.nan)
+        if result.diverged or not math.isfinite(val):
+            val = test = chance
+        rows.append(
+            {"setting": label, "arm": arm, "lr": rate, "seed": seed, "diverged": result.diverged,
+             "val_accuracy": val, "test_accuracy": test}
+        )  # fmt: skip
+    return rows
 
 
-QUICK_RATES = {
-    NORMALISED: [0.04, 2.56],
-    SGD_SCALED: [0.1, 3.0],
-    SGD_UNSCALED: [0.1, 3.0],
-    ADAM: [0.01, 0.3],
-}
+def log_ratios(rows: list[dict[str, Any]], better: str, base: str, seeds: list[int]) -> list[float]:
+    """Per seed, log10 of the collapse rate of arm ``better`` minus that of arm ``base``."""
 
+    def rate(arm: str, seed: int) -> float:
+        points = {r["lr"]: r["val_accuracy"] for r in rows
+                  if r["arm"] == arm and r["seed"] == seed}  # fmt: skip
+        return math.log10(collapse_rate(points))
 
-PRIMARY_SEEDS = 4  # per teacher; the sign test pools the teachers' seeds (12 over three)
-
-
-EPOCHS = 60
-
-
-def initial_gradient_norm(model: torch.nn.Module, data, targets) -> float:
-    """The L2 norm of the gradient of ``fit``'s loss (``targets`` on ``data``, all rows at once)
-    with respect to ``model``'s parameters, at its current weights."""
-    objective = make_objective(targets, data, torch.device("cpu"))
-    model.zero_grad(set_to_none=True)
-    logits = model(data.features.reshape(len(data), -1))
-    value, logits_grad = objective(logits, torch.arange(len(data)))
-    if logits_grad is None:
-        value.backward()
-    else:
-        logits.backward(logits_grad)
-    norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in model.parameters()))
-    model.zero_grad(set_to_none=True)
-    return norm
-
-
-def largest_good_rate(points: dict[float, float], tolerance: float = 0.01) -> float:
-    """The largest learning rate whose accuracy is within ``tolerance`` of the best one."""
-    best = max(points.values())
-    return max(rate for rate, acc in points.items() if acc >= best - tolerance)
+    return [rate(better, s) - rate(base, s) for s in seeds]
 
 
 def run(ctx: StudyContext) -> StudyOutput:
     part = ctx.teacher()
-    rates = QUICK_RATES if ctx.quick else RATES
-    t = ctx.config.temperature
-    soft = Distillation(part.store, t, 1.0)
-    decay = ctx.config.student_training.weight_decay
     train = part.splits.train
-    # 60 epochs, not the config's 100: the study trains 310 students and the full run of every
-    # study must stay under 30 minutes; stability at a learning rate is read at the last epoch
-    epochs = min(EPOCHS, ctx.config.student_training.epochs)
-    primary_seeds = ctx.seeds if ctx.quick else list(range(max(PRIMARY_SEEDS, len(ctx.seeds))))
-    norms = {
-        (method, seed): initial_gradient_norm(
-            build_model(
-                "mlp",
-                train.feature_shape,
-                train.num_classes,
-                seed=seed,
-                hidden=list(ctx.config.student_hidden),
-            ),
-            train,
-            None if method == "hard" else soft,
-        )  # fmt: skip
-        for method in ("hard", "soft")
-        for seed in primary_seeds
-    }
-    rows: list[dict[str, Any]] = []
-    for optimizer, arms in (("sgd", [NORMALISED, SGD_SCALED, SGD_UNSCALED]), ("adam", [ADAM])):
-        members, keys = [], []
-        for arm in arms:
-            for rate in rates[arm]:
-                for method in ("hard", "soft"):
-                    if arm == SGD_UNSCALED and method == "hard":
-                        continue  # the loss scale changes only the soft members: shared runs
-                    unscaled = arm == SGD_UNSCALED
-                    for seed in primary_seeds if arm == NORMALISED else ctx.seeds:
-                        lr = rate / (t * t) if unscaled else rate
-                        if arm == NORMALISED:
-                            lr = rate / norms[(method, seed)]
-                        members.append(
-                            Member(
-                                seed=seed,
-                                targets=None if method == "hard" else soft,
-                                lr=lr,
-                                weight_decay=decay * t * t if unscaled else decay,
-                            )
-                        )
-                        keys.append((arm, rate, method, seed))
-        ctx.log(f"learning-rate: {len(members)} students at once ({optimizer})")
-        results = ctx.train(part, members, optimizer=optimizer, momentum=0.9, epochs=epochs)
-        classes = part.splits.train.num_classes
-        rows += [_row(key, r, classes) for key, r in zip(keys, results, strict=True)]
-    rows += [  # the hard-label runs are shared by both SGD arms: listed under each
-        {**r, "arm": SGD_UNSCALED} for r in rows if r["arm"] == SGD_SCALED and r["method"] == "hard"
-    ]
-    arm_order = {arm: i for i, arm in enumerate(RATES)}
-    rows.sort(key=lambda r: (arm_order[r["arm"]], r["lr"], r["method"], r["seed"]))
+    rates = QUICK_RATES if ctx.quick else RATES
+    epochs = QUICK_EPOCHS if ctx.quick else EPOCHS
+    one_hot = torch.nn.functional.one_hot(train.labels, train.num_classes).float()
+    arms = {"one-hot": one_hot, "teacher's probabilities": part.store.soften(TEMPERATURE, train)}
+    rows = _sweep(ctx, part, arms, rates, BATCH, epochs, f"batch {BATCH}")
+    rows += _sweep(ctx, part, arms, rates, CHECK_BATCH, epochs, f"batch {CHECK_BATCH}")
+    control = _positive_control(ctx, rates, epochs, part.device)
+    rows += control
+    seeds = ctx.seeds
 
-    summary = summary_rows(
-        rows, ["arm", "lr", "method"], "final_test_accuracy", "final test accuracy (%)"
+    def of(setting: str) -> list[dict[str, Any]]:
+        return [r for r in rows if r["setting"] == setting]
+
+    primary = mean_ci(log_ratios(of(f"batch {BATCH}"), "teacher's probabilities", "one-hot", seeds))
+    large = mean_ci(
+        log_ratios(of(f"batch {CHECK_BATCH}"), "teacher's probabilities", "one-hot", seeds)
     )
-    for row in summary:
-        row["diverged runs"] = sum(
-            r["diverged"]
-            for r in rows
-            if (r["arm"], r["lr"], r["method"]) == (row["arm"], row["lr"], row["method"])
-        )
-    seeds_of = {arm: primary_seeds if arm == NORMALISED else ctx.seeds for arm in rates}
-    per_seed = {arm: _largest_rate_gaps(rows, arm, seeds_of[arm]) for arm in rates}
-    gaps = {arm: paired_difference(values, [0.0] * len(values)) for arm, values in per_seed.items()}
-    slugs = {NORMALISED: "normalised", SGD_SCALED: "sgd", SGD_UNSCALED: "sgd_unscaled",
-             ADAM: "adam"}  # fmt: skip
+    positive = mean_ci(log_ratios(of("gaussians"), "Bayes probabilities", "sampled labels", seeds))
+    summary = summary_rows(
+        rows, ["setting", "arm", "lr"], "val_accuracy", "last-epoch validation accuracy (%)"
+    )
     figures = [
         plot_lines(
-            curves([r for r in rows if r["arm"] == arm], "method", "lr", "final_test_accuracy"),
+            curves(of(setting), "arm", "lr", "val_accuracy", 100),
             ctx.path(f"accuracy_vs_learning_rate_{slug}.png"),
-            xlabel=f"learning rate ({arm})",
-            ylabel="final test accuracy (%)",
+            xlabel="learning rate (plain SGD, constant)",
+            ylabel="last-epoch validation accuracy (%)",
             logx=True,
-            title=f"Final accuracy vs learning rate, {arm} (diverged = chance)",
+            title=f"Validation accuracy vs learning rate, {setting} (diverged = chance)",
         )
-        for arm, slug in slugs.items()
+        for setting, slug in (
+            (f"batch {BATCH}", "batch16"),
+            (f"batch {CHECK_BATCH}", "batch256"),
+            ("gaussians", "gaussians"),
+        )  # fmt: skip
     ]
-    hard_norm = [norms[("hard", s)] for s in primary_seeds]
-    soft_norm = [norms[("soft", s)] for s in primary_seeds]
+    censored = sum(
+        collapse_rate({r["lr"]: r["val_accuracy"] for r in of(f"batch {BATCH}")
+                       if r["arm"] == arm and r["seed"] == s}) == rates[-1]
+        for arm in arms for s in seeds
+    )  # fmt: skip
     notes = (
-        "Largest learning rate within 1 point of the method's best, soft - hard, in decades "
-        "(mean of log10 per seed, 95% t-interval, shown for every arm; the verdict uses the sign "
-        "test): "
-        + "; ".join(f"{arm}: {gap.format(1, 2)}" for arm, gap in gaps.items())
-        + f". Initial gradient norms (mean over seeds): hard {sum(hard_norm) / len(hard_norm):.3f}, "
-        f"soft (T = {t:g}, T^2-scaled) {sum(soft_norm) / len(soft_norm):.3f}. Final accuracy is "
-        "the last epoch's, since a too-high learning rate shows in the end state; diverged runs "
-        "count as chance. The two raw SGD arms share their hard-label runs."
+        f"Both arms: cross-entropy at T = 1 against probability vectors (the teacher's at "
+        f"T = {TEMPERATURE:g}), plain SGD, constant rate, {epochs} epochs, {len(rates)} rates "
+        f"from {rates[0]:.3g} to {rates[-1]:.3g}. Collapse rate: where the last epoch's "
+        f"validation accuracy falls {TOLERANCE * 100:g} point below the arm's best "
+        f"({censored} of {2 * len(seeds)} seed-arms at batch {BATCH} never fell: censored at "
+        f"the grid's end). log10 collapse rate, probabilities - one-hot: batch {BATCH} "
+        f"{primary.describe(1, ' decades')}; batch {CHECK_BATCH} "
+        f"{large.describe(1, ' decades')} (the mechanism check: gradient noise matters less "
+        f"with large batches). Positive control, gaussians (Bayes probabilities - sampled "
+        f"labels, batch {BATCH}): {positive.describe(1, ' decades')}."
     )
     return StudyOutput(
         rows,
         summary,
         figures,
-        sign_test(
+        judge(
             CLAIM,
-            per_seed[NORMALISED],
-            "log10(largest good normalised lr), soft - hard",
+            primary,
+            REPORTED,
+            f"log10 collapse rate, teacher's probabilities - one-hot (batch {BATCH})",
+            1,
             " decades",
-        ),  # fmt: skip
+        ),
         notes,
-        seeds=primary_seeds,
     )
 
 
-def _row(key: tuple, result: Any, num_classes: int) -> dict[str, Any]:
-    arm, rate, method, seed = key
-    final = result.history[-1].get("test_accuracy", float("nan"))
-    if result.diverged or not math.isfinite(final):
-        final = 1.0 / num_classes  # a diverged network predicts nothing useful
-    return {
-        "arm": arm,
-        "lr": rate,
-        "method": method,
-        "seed": seed,
-        "diverged": result.diverged,
-        "final_test_accuracy": final,
-        "selected_test_accuracy": result.selected.get("test_accuracy", float("nan")),
-    }
-
-
-def _largest_rate_gaps(rows: list[dict[str, Any]], arm: str, seeds: list[int]) -> list[float]:
-    """Per seed, log10 of the largest good rate, soft minus hard."""
-    largest = {}
-    for method in ("hard", "soft"):
-        largest[method] = [
-            math.log10(
-                largest_good_rate(
-                    {
-                        r["lr"]: r["final_test_accuracy"]
-                        for r in rows
-                        if (r["arm"], r["method"], r["seed"]) == (arm, method, seed)
-                    }
-                )
-            )
-            for seed in seeds
-        ]
-    return [s - h for s, h in zip(largest["soft"], largest["hard"], strict=True)]
+def _positive_control(
+    ctx: StudyContext, rates: list[float], epochs: int, device: torch.device
+) -> list[dict]:
+    """Gaussians: labels sampled from the Bayes probabilities vs the probabilities themselves
+    (the same expected gradient, less variance), on the pass's own split."""
+    data = gaussians(num_samples=800 if ctx.quick else 4000, seed=ctx.replicate)
+    parts = split(data, 0.1, 0.2, seed=ctx.replicate)
+    train = parts.train
+    assert train.true_probs is not None
+    one_hot = torch.nn.functional.one_hot(train.labels, train.num_classes).float()
+    arms = {"sampled labels": one_hot, "Bayes probabilities": train.true_probs.float()}
+    part = SimpleNamespace(splits=parts, device=device)  # what ctx.train reads of a teacher run
+    return _sweep(ctx, part, arms, rates, BATCH, epochs, "gaussians")
