@@ -52,7 +52,7 @@ def models() -> None:
         ".pt/.pth with weights_only=True).\n",
         highlight=False,
     )
-    skip = ("in_features", "in_shape", "out_features", "num_classes")
+    skip = ("in_features", "in_shape", "out_features", "num_classes", "vocab_size")
     table = Table(
         title="built-in models (any torch.nn.Module also works from Python)", title_justify="left"
     )

@@ -14,6 +14,7 @@ model does. :func:`build_model` takes any of these names:
 | ``mlp`` | :func:`mlp` | anything (flattened) |
 | ``cnn1d`` | :func:`cnn1d` | ``(N, L)`` or ``(N, C, L)`` signals |
 | ``cnn2d`` | :func:`cnn2d` | ``(N, C, H, W)`` images (or ``(N, H, W)``) |
+| ``gpt`` | :func:`~softtargets.training.gpt.gpt` | ``(N, L)`` token ids -> ``(N, L, V)`` logits (a language model) |
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from softtargets.config import check_budget, check_options
 from softtargets.errors import SoftTargetsError
 from softtargets.training import hf
+from softtargets.training.gpt import gpt
 from softtargets.training.imported import build_imported, is_import_path
 
 
@@ -121,11 +123,18 @@ def _build_mlp(in_shape: Sequence[int], num_classes: int, **options: Any) -> nn.
     return mlp(math.prod(in_shape), out_features=num_classes, **options)
 
 
+def _build_gpt(in_shape: Sequence[int], num_classes: int, **options: Any) -> nn.Module:
+    # a language model's classes are its vocabulary; its rows are blocks of in_shape[0] tokens
+    options.setdefault("context", max(256, int(in_shape[0])))
+    return gpt(num_classes, **options)
+
+
 # name -> (builder taking (in_shape, num_classes, **options), the function whose options it takes)
 MODELS: dict[str, tuple[Callable[..., nn.Module], Callable[..., nn.Module]]] = {
     "mlp": (_build_mlp, mlp),
     "cnn1d": (cnn1d, cnn1d),
     "cnn2d": (cnn2d, cnn2d),
+    "gpt": (_build_gpt, gpt),
 }
 
 
@@ -157,7 +166,7 @@ def build_model(
         documented,
         options,
         f"model {name!r}",
-        skip=("in_features", "in_shape", "out_features", "num_classes"),
+        skip=("in_features", "in_shape", "out_features", "num_classes", "vocab_size"),
     )
     if name == "cnn1d" and len(in_shape) not in (1, 2):
         raise SoftTargetsError(
