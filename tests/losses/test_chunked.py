@@ -71,3 +71,34 @@ def test_a_mask_that_hides_everything_and_shapes_that_do_not_fit_are_one_line() 
                                   mask=torch.zeros(len(labels), dtype=torch.bool))  # fmt: skip
     with pytest.raises(SoftTargetsError, match="do not fit"):
         chunked_distillation_loss(hidden, weight[:, :3], labels, lambda r: teacher[r])
+
+
+@pytest.mark.parametrize("temperature, alpha", [(1.0, 1.0), (2.0, 0.5), (4.0, 0.9)])
+def test_a_top_k_teacher_is_the_bucket_loss_exactly(temperature, alpha) -> None:
+    import math
+
+    from softtargets.losses.chunked import KeptRows
+    from softtargets.losses.reference import bucket_distillation_loss
+
+    hidden, weight, teacher, labels, _ = _problem(n=23, vocab=40, seed=2)
+    top = teacher.topk(5, dim=1)
+    rest = torch.logsumexp(teacher.scatter(1, top.indices, float("-inf")), dim=1)  # at T = 1
+    others = math.log(40 - 5)
+    # the reference reads the rest as K - k equal logits; its log-sum-exp at T is this
+    rest_at_t = others + (rest - others) / temperature
+
+    def kept(rows: torch.Tensor) -> KeptRows:
+        return KeptRows(top.values[rows], top.indices[rows], rest_at_t[rows])
+
+    value = chunked_distillation_loss(hidden, weight, labels, kept, temperature=temperature,
+                                      alpha=alpha, chunk=4)  # fmt: skip
+    value.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    reference = bucket_distillation_loss(
+        hidden @ weight.T, top.values, top.indices, rest, labels, temperature, alpha
+    )
+    reference.backward()
+    torch.testing.assert_close(value.double(), reference, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grads[0], hidden.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(grads[1], weight.grad, rtol=1e-4, atol=1e-7)

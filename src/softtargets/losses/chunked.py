@@ -12,21 +12,58 @@ of the projection. Peak memory is a few ``(chunk, V)`` blocks.
 
 The loss is the methods' ``alpha x method + (1 - alpha) x cross-entropy`` (next-token labels),
 averaged over the positions the mask keeps (padding and prompt tokens masked out).
+
+A top-k teacher (:class:`KeptRows`: the kept logits, their tokens and the log-sum-exp of the
+rest *at the temperature*) is exact with one observation: a divergence over the ``k`` kept
+tokens and one bucket for the rest equals the same divergence over all ``V`` tokens against a
+teacher whose bucket mass is spread as the student's own (detached) probabilities spread theirs,
+value and gradient alike (:func:`bucket_teacher_logits`). So every method's one closed form
+serves full and top-k teachers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from softtargets.errors import SoftTargetsError
 from softtargets.losses.closed import method_value_and_grad
 
-#: teacher logits of chunk rows: ``teacher(rows (c,)) -> (c, V)``
-TeacherRows = Callable[[Tensor], Tensor]
+
+@dataclass(frozen=True)
+class KeptRows:
+    """A top-k teacher's rows: ``values (c, k)`` its kept logits, ``classes (c, k)`` their tokens
+    and ``rest (c,)`` the log-sum-exp of the other logits divided by the temperature,
+    ``log sum_j exp(v_j / T)`` over the tokens not kept (a store keeps it per temperature)."""
+
+    values: Tensor
+    classes: Tensor
+    rest: Tensor
+
+
+#: teacher logits of chunk rows: ``teacher(rows (c,)) -> (c, V)`` logits, or :class:`KeptRows`
+TeacherRows = Callable[[Tensor], "Tensor | KeptRows"]
+
+
+def bucket_teacher_logits(student_logits: Tensor, kept: KeptRows, temperature: float) -> Tensor:
+    """``(c, V)`` teacher logits whose softmax at ``temperature`` is the top-k teacher's
+    distribution with its bucket spread as the student's own probabilities are (detached): the
+    kept tokens' probabilities and the bucket's mass are the teacher's, exactly."""
+    t = float(temperature)
+    with torch.no_grad():
+        scaled = kept.values.float() / t  # (c, k)
+        total = torch.logaddexp(torch.logsumexp(scaled, dim=1), kept.rest.float())  # log Z_T
+        classes = kept.classes.long()
+        log_q = F.log_softmax(student_logits.float() / t, dim=1)
+        log_q_rest = torch.logsumexp(log_q.scatter(1, classes, float("-inf")), dim=1)
+        out = (kept.rest.float() - total - log_q_rest)[:, None] + log_q  # bucket, as the student
+        out.scatter_(1, classes, scaled - total[:, None])  # kept tokens, as the teacher
+        return out * t
 
 
 class _ChunkedProjectionLoss(torch.autograd.Function):
@@ -55,8 +92,11 @@ class _ChunkedProjectionLoss(torch.autograd.Function):
             part = rows[start : start + chunk]
             h = hidden.index_select(0, part)
             logits = (h @ weight.T).float()
+            given = teacher(part)
+            if isinstance(given, KeptRows):
+                given = bucket_teacher_logits(logits, given, temperature)
             value, grad = method_value_and_grad(
-                method, options, logits, teacher(part).float(), labels.index_select(0, part),
+                method, options, logits, given.float(), labels.index_select(0, part),
                 temperature, alpha,
             )  # fmt: skip
             share = len(part) / kept  # each chunk's mean, weighted to the mean over all rows
