@@ -1,0 +1,201 @@
+"""Per-position top-k stores for language models, packed to about 3 bytes a kept logit.
+
+Every position of every block is a row: the teacher's ``k`` largest logits there, their tokens,
+and the log-sum-exp of the other logits *at each temperature named when labelling*, so a
+distillation at those temperatures is exact for the kept tokens and for the rest's mass
+(:meth:`TokenStore.kept` gives what :class:`~softtargets.losses.chunked.KeptRows` holds); another
+temperature is refused.
+
+| part | per position | bytes (V = 128,000, k = 32, one temperature) |
+| --- | --- | --- |
+| token ids | ``k`` ids of ``ceil(log2 V)`` bits, bit-packed | 68 |
+| logits | ``k`` codes of ``code_bits`` (7) bits below the row's largest logit, one step for the store | 28 |
+| largest logit | float16 | 2 |
+| the rest's log-sum-exp | float16 per temperature | 2 |
+
+Rows are ``(block, position)`` in order, so their ids are implicit: ``block_id * L + position``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save
+from torch import Tensor, nn
+
+from softtargets.data.sequences import Blocks
+from softtargets.errors import SoftTargetsError
+from softtargets.files import atomic_write_bytes, parse_json
+from softtargets.store.store import fingerprint_module
+
+FORMAT = "softtargets-token-store"
+
+
+def pack_bits(values: Tensor, bits: int) -> Tensor:
+    """``(N, k)`` non-negative integers below ``2**bits`` -> ``(N, ceil(k * bits / 8))`` uint8,
+    bit-packed row by row (little-endian bit order)."""
+    n, k = values.shape
+    shifts = torch.arange(bits, dtype=torch.int64)
+    bitplanes = ((values.long()[..., None] >> shifts) & 1).reshape(n, k * bits)  # (N, k*bits)
+    width = math.ceil(k * bits / 8)
+    padded = torch.zeros(n, width * 8, dtype=torch.int64)
+    padded[:, : k * bits] = bitplanes
+    weights = 1 << torch.arange(8, dtype=torch.int64)
+    return (padded.view(n, width, 8) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: Tensor, k: int, bits: int) -> Tensor:
+    """The inverse of :func:`pack_bits`: ``(N, width)`` uint8 -> ``(N, k)`` int64."""
+    n = packed.shape[0]
+    planes = (packed.long()[..., None] >> torch.arange(8, dtype=torch.int64)) & 1
+    planes = planes.reshape(n, -1)[:, : k * bits].view(n, k, bits)
+    return (planes << torch.arange(bits, dtype=torch.int64)).sum(-1)
+
+
+@dataclass(frozen=True)
+class TokenStore:
+    """A teacher's top-k logits for every position of some blocks (see the module doc)."""
+
+    block_ids: Tensor  # (B,) int64
+    block_length: int
+    vocab_size: int
+    top: int
+    temperatures: tuple[float, ...]
+    code_bits: int
+    step: float  # logit units per code step
+    index_bits: int
+    packed_ids: Tensor  # (B * L, ceil(top * index_bits / 8)) uint8
+    packed_codes: Tensor  # (B * L, ceil(top * code_bits / 8)) uint8
+    largest: Tensor  # (B * L,) float16
+    rest: Tensor  # (B * L, len(temperatures)) float16
+    blocks_fingerprint: str
+    teacher_fingerprint: str
+
+    def __len__(self) -> int:
+        return len(self.largest)
+
+    @property
+    def bytes_per_token(self) -> float:
+        """Stored bytes per position (block ids amortised over the block)."""
+        per_row = self.packed_ids.shape[1] + self.packed_codes.shape[1] + 2 + 2 * self.rest.shape[1]
+        return per_row + 8 / self.block_length
+
+    def kept(self, rows: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+        """``(values, classes, rest)``: the rows' kept logits ``(c, k)`` (decoded), their tokens
+        ``(c, k)`` and the rest's log-sum-exp at ``temperature`` ``(c,)``, which must be one the
+        store was labelled at."""
+        matches = [i for i, t in enumerate(self.temperatures) if math.isclose(t, temperature)]
+        if not matches:
+            raise SoftTargetsError(
+                f"the store keeps the rest's mass at T = {list(self.temperatures)}, not at "
+                f"{temperature:g}: distil at one of those, or label again with "
+                f"--store-temperatures including {temperature:g}"
+            )
+        codes = unpack_bits(self.packed_codes[rows], self.top, self.code_bits)
+        values = self.largest[rows].float()[:, None] - codes.float() * self.step
+        classes = unpack_bits(self.packed_ids[rows], self.top, self.index_bits)
+        return values, classes, self.rest[rows, matches[0]].float()
+
+    def save(self, path: str | Path) -> Path:
+        meta = {
+            "format": FORMAT,
+            "header": json.dumps(
+                {
+                    "block_length": self.block_length, "vocab_size": self.vocab_size,
+                    "top": self.top, "temperatures": list(self.temperatures),
+                    "code_bits": self.code_bits, "step": self.step,
+                    "index_bits": self.index_bits, "blocks": self.blocks_fingerprint,
+                    "teacher": self.teacher_fingerprint,
+                }
+            ),
+        }  # fmt: skip
+        tensors = {
+            "block_ids": self.block_ids, "packed_ids": self.packed_ids,
+            "packed_codes": self.packed_codes, "largest": self.largest, "rest": self.rest,
+        }  # fmt: skip
+        atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, meta))
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path, blocks: Blocks | None = None) -> TokenStore:
+        """Read a token store; with ``blocks``, refuse one made for other blocks or vocabulary."""
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = handle.metadata() or {}
+            tensors = load_file(str(path))
+        except Exception as err:
+            raise SoftTargetsError(f"{path} is not a readable token store ({err})") from None
+        if meta.get("format") != FORMAT:
+            raise SoftTargetsError(f"{path} is not a softtargets token store")
+        h = parse_json(meta["header"], f"{path}'s header")
+        store = cls(
+            tensors["block_ids"], int(h["block_length"]), int(h["vocab_size"]), int(h["top"]),
+            tuple(float(t) for t in h["temperatures"]), int(h["code_bits"]), float(h["step"]),
+            int(h["index_bits"]), tensors["packed_ids"], tensors["packed_codes"],
+            tensors["largest"], tensors["rest"], str(h["blocks"]), str(h["teacher"]),
+        )  # fmt: skip
+        if blocks is not None:
+            if blocks.vocab_size != store.vocab_size:
+                raise SoftTargetsError(
+                    f"{path} holds a teacher of vocabulary {store.vocab_size}; these blocks' is "
+                    f"{blocks.vocab_size}: label them with a teacher of their tokenizer"
+                )
+            if blocks.fingerprint != store.blocks_fingerprint:
+                raise SoftTargetsError(f"{path} was written for other blocks; label these again")
+        return store
+
+
+@torch.no_grad()
+def label_tokens(
+    teacher: nn.Module,
+    blocks: Blocks,
+    top: int = 32,
+    temperatures: Sequence[float] = (1.0,),
+    code_bits: int = 7,
+    batch_blocks: int = 8,
+) -> TokenStore:
+    """Run ``teacher`` (ids ``(b, L)`` -> logits ``(b, L, V)``) over ``blocks`` once and keep, at
+    every position, its ``top`` largest logits (quantised), their tokens (bit-packed) and the
+    rest's log-sum-exp at each of ``temperatures``. Memory: one batch of blocks' logits."""
+    if not 1 <= top < blocks.vocab_size:
+        raise SoftTargetsError(f"--top-k must be from 1 to {blocks.vocab_size - 1}, got {top}")
+    if not temperatures or any(t <= 0 for t in temperatures):
+        raise SoftTargetsError("give at least one positive temperature to keep the rest's mass at")
+    was_training = teacher.training
+    teacher.eval()
+    device = next(teacher.parameters()).device
+    values, ids, rests = [], [], []
+    for start in range(0, len(blocks), batch_blocks):
+        inputs = blocks.tokens[start : start + batch_blocks, :-1].to(device)
+        logits = teacher(inputs).float()
+        if logits.shape[-1] != blocks.vocab_size:
+            raise SoftTargetsError(
+                f"the teacher's vocabulary is {logits.shape[-1]}, the blocks' {blocks.vocab_size}:"
+                " teacher and tokenizer must match"
+            )
+        logits = logits.reshape(-1, blocks.vocab_size)
+        kept = logits.topk(top, dim=1)
+        others = logits.scatter(1, kept.indices, float("-inf"))
+        rests.append(torch.stack([torch.logsumexp(others / t, dim=1) for t in temperatures], 1))
+        values.append(kept.values.cpu())
+        ids.append(kept.indices.cpu())
+    teacher.train(was_training)
+    values_t, ids_t = torch.cat(values), torch.cat(ids)
+    largest = values_t[:, 0].half().float()  # as stored: the codes count down from it
+    spread = float((largest[:, None] - values_t).max())
+    levels = (1 << code_bits) - 1
+    step = max(spread / levels, 1e-6)
+    codes = ((largest[:, None] - values_t) / step).round().clamp(0, levels).long()
+    index_bits = max(1, math.ceil(math.log2(blocks.vocab_size)))
+    return TokenStore(
+        blocks.block_ids.clone(), blocks.block_length, blocks.vocab_size, top,
+        tuple(float(t) for t in temperatures), code_bits, step, index_bits,
+        pack_bits(ids_t, index_bits), pack_bits(codes, code_bits), largest.half(),
+        torch.cat(rests).cpu().half(), blocks.fingerprint, fingerprint_module(teacher),
+    )  # fmt: skip

@@ -1,0 +1,69 @@
+"""Per-position top-k stores for language models: bit-packing, quantisation, the rest's mass at
+each temperature, files, and refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from softtargets.data.sequences import ByteTokenizer, pack_blocks
+from softtargets.errors import SoftTargetsError
+from softtargets.store.tokens import TokenStore, label_tokens, pack_bits, unpack_bits
+from softtargets.training.gpt import gpt
+
+
+def test_bits_round_trip_at_every_width() -> None:
+    gen = torch.Generator().manual_seed(0)
+    for bits in (1, 7, 8, 13, 17):
+        values = torch.randint(0, 1 << bits, (9, 32), generator=gen)
+        packed = pack_bits(values, bits)
+        assert packed.dtype == torch.uint8 and packed.shape == (9, -(-32 * bits // 8))
+        assert torch.equal(unpack_bits(packed, 32, bits), values)
+
+
+@pytest.fixture
+def blocks():
+    text = "the soft targets of a teacher carry what the hard labels do not. " * 12
+    ids = [*ByteTokenizer().encode(text), ByteTokenizer.eos_id]
+    return pack_blocks([("a", ids), ("b", ids[5:])], block_length=16, vocab_size=258)
+
+
+def test_a_store_keeps_the_top_k_and_the_rest_at_each_temperature(blocks, tmp_path) -> None:
+    torch.manual_seed(0)
+    teacher = gpt(258, layers=1, heads=2, width=16, context=16)
+    store = label_tokens(teacher, blocks, top=8, temperatures=(1.0, 2.0), batch_blocks=3)
+    assert len(store) == len(blocks) * 16
+    with torch.no_grad():
+        logits = teacher(blocks.tokens[:, :-1]).reshape(-1, 258)
+    rows = torch.arange(0, len(store), 7)
+    for t in (1.0, 2.0):
+        values, classes, rest = store.kept(rows, t)
+        top = logits[rows].topk(8, dim=1)
+        assert torch.equal(classes, top.indices)
+        # 7-bit codes below a float16 maximum: within half a step (plus float16's rounding)
+        assert (values - top.values).abs().max() <= store.step / 2 + 0.01
+        others = logits[rows].scatter(1, top.indices, float("-inf"))
+        expected = torch.logsumexp(others / t, dim=1)
+        torch.testing.assert_close(rest, expected, atol=0.02, rtol=1e-3)  # float16
+    with pytest.raises(SoftTargetsError, match="not at 4"):
+        store.kept(rows, 4.0)
+    store.save(tmp_path / "s.safetensors")
+    again = TokenStore.load(tmp_path / "s.safetensors", blocks=blocks)
+    assert torch.equal(again.kept(rows, 2.0)[0], store.kept(rows, 2.0)[0])
+    other = pack_blocks([("c", list(range(200)))], block_length=16, vocab_size=258)
+    with pytest.raises(SoftTargetsError, match="other blocks"):
+        TokenStore.load(tmp_path / "s.safetensors", blocks=other)
+
+
+def test_bytes_per_token_at_a_large_vocabulary() -> None:
+    """The layout's size at V = 128,000 and k = 32 (the bench's figure), computed from a store
+    of that layout: 17-bit ids and 7-bit codes."""
+    n, k = 4, 32
+    ids = torch.randint(0, 128_000, (n, k))
+    codes = torch.randint(0, 128, (n, k))
+    store = TokenStore(
+        torch.arange(1), n, 128_000, k, (1.0,), 7, 0.1, 17, pack_bits(ids, 17),
+        pack_bits(codes, 7), torch.zeros(n).half(), torch.zeros(n, 1).half(), "b", "t",
+    )  # fmt: skip
+    assert store.bytes_per_token == pytest.approx(68 + 28 + 2 + 2 + 8 / n)
+    assert torch.equal(store.kept(torch.arange(n), 1.0)[1], ids)
