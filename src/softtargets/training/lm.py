@@ -1,0 +1,167 @@
+"""Training a causal language model on token blocks, with next-token labels and, optionally, a
+teacher at every position: its full logits run online, or a per-position top-k store.
+
+Every position is a row of the methods' loss (:func:`~softtargets.losses.chunked.chunked_distillation_loss`:
+the student's output projection and the loss in chunks, so memory does not grow with the
+vocabulary). The student must give its final hidden states (``hidden(ids) -> (B, L, D)``) and
+its projection (``output_weight (V, D)``), as :class:`~softtargets.training.gpt.GPT` does.
+Validation reports next-token cross-entropy and bits per token (per byte, for the byte-level
+tokenizer); the weights kept are those of the best validation epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from softtargets.data.sequences import Blocks
+from softtargets.errors import SoftTargetsError
+from softtargets.losses.chunked import KeptRows, chunked_distillation_loss
+from softtargets.store.tokens import TokenStore
+
+
+@dataclass
+class LMResult:
+    """What :func:`fit_lm` returns: the student (best validation epoch's weights), one record per
+    epoch, the selected epoch, and the wall time."""
+
+    model: nn.Module
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = 0
+    seconds: float = 0.0
+
+
+@torch.no_grad()
+def next_token_loss(model: nn.Module, blocks: Blocks, batch_blocks: int = 16) -> float:
+    """Mean next-token cross-entropy (nats) of ``model`` over every position of ``blocks``."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_blocks):
+        tokens = blocks.tokens[start : start + batch_blocks]
+        logits = model(tokens[:, :-1]).float()
+        total += float(
+            nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="sum"
+            )
+        )
+        count += tokens[:, 1:].numel()
+    model.train(was_training)
+    return total / count
+
+
+def _teacher_rows(
+    teacher: TokenStore | nn.Module | None,
+    tokens: Tensor,
+    rows: Tensor,
+    temperature: float,
+    vocab: int,
+) -> Any:
+    """``teacher(positions) -> logits or KeptRows`` for one batch of blocks ``tokens``: stored
+    rows, an online teacher's logits of the batch, or (no teacher, alpha 0) zeros."""
+    if teacher is None:
+        return lambda part: torch.zeros(len(part), vocab)  # weighted 0: labels only
+    if isinstance(teacher, TokenStore):
+        return lambda part: KeptRows(*teacher.kept(rows[part], temperature))
+    with torch.no_grad():
+        logits = teacher(tokens[:, :-1]).float()
+    if logits.shape[-1] != vocab:
+        raise SoftTargetsError(
+            f"the teacher's vocabulary is {logits.shape[-1]}, the student's {vocab}: they must "
+            "share a tokenizer"
+        )
+    return lambda part: logits.reshape(-1, vocab)[part]
+
+
+def fit_lm(
+    student: nn.Module,
+    train: Blocks,
+    val: Blocks,
+    teacher: TokenStore | nn.Module | None = None,
+    *,
+    method: str = "kd",
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    epochs: int = 5,
+    batch_blocks: int = 8,
+    lr: float = 3e-3,
+    seed: int = 0,
+    chunk: int = 1024,
+) -> LMResult:
+    """Train ``student`` on ``train``'s blocks: ``alpha x method + (1 - alpha) x next-token
+    cross-entropy`` at every position (``teacher=None``: cross-entropy only), AdamW with a cosine
+    schedule, ``batch_blocks`` blocks a step; selected on validation cross-entropy."""
+    if not hasattr(student, "hidden") or not hasattr(student, "output_weight"):
+        raise SoftTargetsError(
+            "the student must give hidden(ids) and output_weight, as softtargets' gpt does"
+        )
+    if isinstance(teacher, TokenStore):
+        if teacher.vocab_size != train.vocab_size:
+            raise SoftTargetsError(
+                f"the store's vocabulary is {teacher.vocab_size}, the blocks' {train.vocab_size}"
+            )
+    if teacher is None:
+        alpha = 0.0
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.01)
+    steps = epochs * math.ceil(len(train) / batch_blocks)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
+    length = train.block_length
+    result = LMResult(student)
+    best, best_state = math.inf, None
+    # a store's rows are its blocks' positions, in its block order
+    store_row = (
+        {int(b): i for i, b in enumerate(teacher.block_ids)}
+        if isinstance(teacher, TokenStore)
+        else {}
+    )
+    for epoch in range(1, epochs + 1):
+        student.train()
+        order = torch.randperm(len(train), generator=generator)
+        losses = []
+        for start in range(0, len(train), batch_blocks):
+            picked = order[start : start + batch_blocks]
+            tokens = train.tokens[picked]
+            if store_row:  # the store's rows of these blocks' positions
+                first = torch.tensor([store_row[int(b)] for b in train.block_ids[picked]])
+                rows = (first[:, None] * length + torch.arange(length)[None, :]).reshape(-1)
+            else:
+                rows = torch.empty(0, dtype=torch.long)
+            hidden = student.hidden(tokens[:, :-1])
+            loss = chunked_distillation_loss(
+                hidden.reshape(-1, hidden.shape[-1]), student.output_weight,
+                tokens[:, 1:].reshape(-1),
+                _teacher_rows(teacher, tokens, rows, temperature, train.vocab_size),
+                method=method, temperature=temperature, alpha=alpha, chunk=chunk,
+            )  # fmt: skip
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+        val_loss = next_token_loss(student, val)
+        record = {
+            "epoch": epoch,
+            "train_loss": sum(losses) / len(losses),
+            "val_loss": val_loss,
+            "val_bits_per_token": val_loss / math.log(2),
+        }
+        result.history.append(record)
+        if val_loss < best:
+            best, best_state, result.best_epoch = (
+                val_loss,
+                copy.deepcopy(student.state_dict()),
+                epoch,
+            )
+    if best_state is not None:
+        student.load_state_dict(best_state)
+    result.seconds = time.perf_counter() - started
+    return result
