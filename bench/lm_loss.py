@@ -1,0 +1,135 @@
+"""Language-model distillation figures: the chunked loss's memory and time against the naive
+one, and the bytes a per-position top-k store takes per token.
+
+    python bench/lm_loss.py              # N = 8,192 positions, hidden 512, V = 32,000 (and 128,000
+                                         # at N = 2,048: the naive loss there needs about 20 GB)
+
+Memory is each loss's own peak (VmHWM of a fresh process minus its resident memory before the
+loss); time is the median of repeats measured side by side in one process, the two alternating.
+Prints one JSON object; ``run_all.py`` stores it.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+
+CHILD = """
+import sys, torch
+from softtargets.losses.chunked import chunked_distillation_loss
+from softtargets.losses.reference import method_loss
+kind, n, d, v = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+chunk = max(64, n // 16)
+torch.manual_seed(0)
+hidden = torch.randn(n, d, requires_grad=True)
+weight = (torch.randn(v, d) * 0.02).requires_grad_()
+t_hidden, t_weight = torch.randn(n, d), torch.randn(v, d) * 0.02
+labels = torch.randint(0, v, (n,))
+def resident():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:"))
+def peak():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+before = resident()
+if kind == "naive":  # full logits, the teacher's too, log-softmax and KL by autograd
+    loss = method_loss("kd", {}, hidden @ weight.T, t_hidden @ t_weight.T, labels, 2.0, 0.5)
+else:  # chunks of N / 16 positions; the teacher's projection per chunk too
+    loss = chunked_distillation_loss(hidden, weight, labels, lambda r: t_hidden[r] @ t_weight.T,
+                                     temperature=2.0, alpha=0.5, chunk=chunk)
+loss.backward()
+print((peak() - before) / 1024)
+"""
+
+
+def peak_mb(kind: str, n: int, d: int, v: int) -> float:
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, kind, str(n), str(d), str(v)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return float(out.stdout.strip())
+
+
+def seconds(n: int, d: int, v: int, repeats: int = 3) -> dict[str, float]:
+    from softtargets.losses.chunked import chunked_distillation_loss
+    from softtargets.losses.reference import method_loss
+
+    torch.manual_seed(0)
+    hidden = torch.randn(n, d, requires_grad=True)
+    weight = (torch.randn(v, d) * 0.02).requires_grad_()
+    t_hidden, t_weight = torch.randn(n, d), torch.randn(v, d) * 0.02
+    labels = torch.randint(0, v, (n,))
+
+    def naive() -> None:
+        loss = method_loss("kd", {}, hidden @ weight.T, t_hidden @ t_weight.T, labels, 2.0, 0.5)
+        loss.backward()
+
+    def chunked() -> None:
+        loss = chunked_distillation_loss(
+            hidden, weight, labels, lambda r: t_hidden[r] @ t_weight.T, temperature=2.0,
+            alpha=0.5, chunk=max(64, n // 16),
+        )  # fmt: skip
+        loss.backward()
+
+    times: dict[str, list[float]] = {"naive": [], "chunked": []}
+    for repeat in range(repeats + 1):
+        for name, run in (("naive", naive), ("chunked", chunked))[:: 1 if repeat % 2 else -1]:
+            tic = time.perf_counter()
+            run()
+            if repeat:  # the first round warms up
+                times[name].append(time.perf_counter() - tic)
+            hidden.grad = weight.grad = None
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def store_bytes_per_token(vocab: int = 128_000, top: int = 32, block: int = 256) -> float:
+    """The per-position store's size at ``vocab`` and ``top`` (its layout, computed)."""
+    from softtargets.store.tokens import TokenStore, pack_bits
+
+    n = block
+    bits = max(1, (vocab - 1).bit_length())
+    store = TokenStore(
+        torch.arange(1), block, vocab, top, (1.0,), 7, 0.1, bits,
+        pack_bits(torch.randint(0, vocab, (n, top)), bits),
+        pack_bits(torch.randint(0, 128, (n, top)), 7), torch.zeros(n).half(),
+        torch.zeros(n, 1).half(), "b", "t",
+    )  # fmt: skip
+    return store.bytes_per_token
+
+
+def measure(quick: bool = False) -> dict[str, Any]:
+    n, d = (2048, 256) if quick else (8192, 512)
+    sizes = [(n, 32_000), (max(n // 4, 512), 128_000)]
+    memory = {
+        f"N={rows:,}, V={v:,}": round(peak_mb("chunked", rows, d, v) / peak_mb("naive", rows, d, v), 3)
+        for rows, v in sizes
+    }  # fmt: skip
+    timed = seconds(n, d, 32_000)
+    return {
+        "lm_loss_memory_ratio": {
+            "value": memory,
+            "goal": "<= 0.2",
+            "detail": f"peak memory of the chunked loss / the naive one (full logits, KL by "
+            f"autograd), hidden {d}, chunks of N / 16 positions, each in a fresh process",
+        },
+        "lm_loss_time_ratio": {
+            "value": round(timed["chunked"] / timed["naive"], 3),
+            "goal": "<= 1.2",
+            "detail": f"N={n:,}, hidden {d}, V=32,000: chunked {timed['chunked']:.2f} s, naive "
+            f"{timed['naive']:.2f} s (medians, side by side)",
+        },
+        "lm_store_bytes_per_token": {
+            "value": round(store_bytes_per_token(), 2),
+            "goal": "<= 100",
+            "detail": "V = 128,000, k = 32, blocks of 256: 17-bit ids, 7-bit codes, a float16 "
+            "maximum and rest per temperature, int64 block ids",
+        },
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure("--quick" in sys.argv), indent=2))
