@@ -128,3 +128,12 @@ def test_the_report_has_a_deployment_table_with_measured_ratios(run) -> None:
     ratio = student["parameters"] / teacher["parameters"]
     shown = f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.2g}x"
     assert f"| student / teacher | {shown} |" in text
+
+
+def test_a_safetensors_export_never_writes_over_a_users_json(run, tmp_path) -> None:
+    (tmp_path / "model.json").write_text("the user's own notes")
+    result = runner.invoke(app, ["export", "--model", str(run), "--format", "safetensors",
+                                 "--out", str(tmp_path / "model.safetensors")])  # fmt: skip
+    assert result.exit_code == 2 and "exists" in result.output
+    assert (tmp_path / "model.json").read_text() == "the user's own notes"
+    assert not (tmp_path / "model.safetensors").exists()

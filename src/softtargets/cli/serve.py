@@ -124,9 +124,11 @@ def export(
     run = model if model.is_dir() else None
     if out is None and run is None:
         raise SoftTargetsError("give --out FILE: the model is not in a run folder")
-    rows = _check_rows(saved, run, data)
     if out is not None:
         _refuse_existing(out, overwrite)
+        if format == "safetensors":  # its description goes beside it: never over a user's file
+            _refuse_existing(out.with_suffix(".json"), overwrite)
+    rows = _check_rows(saved, run, data)
     exported = export_model(saved, format, rows)
     if out is None:
         assert run is not None  # checked above: no --out means a run folder
@@ -164,8 +166,9 @@ def _check_rows(saved: SavedModel, run: Path | None, data: Path | None) -> Tenso
     if run is None or not (run / "config.yaml").is_file():
         raise SoftTargetsError("give --data FILE: rows to check the export on")
     from softtargets.config import DistillConfig, load_config
+    from softtargets.data.stream_parts import first_rows
     from softtargets.run.data import load_splits
 
     _, splits = load_splits(load_config(DistillConfig, run / "config.yaml"))
     check_rows(saved, splits.test, "the run's test rows")
-    return splits.test.features
+    return first_rows(splits.test, len(splits.test))  # in memory or streamed
