@@ -48,7 +48,15 @@ def study(
         Path | None, typer.Option("--store", help="Your stored teacher logits (label).")
     ] = None,
     seeds: Annotated[
-        int | None, typer.Option("--seeds", help="Seeds per point (default 5).")
+        int | None, typer.Option("--seeds", help="Student seeds per teacher (default 3).")
+    ] = None,
+    teachers: Annotated[
+        int | None,
+        typer.Option(
+            "--teachers",
+            help="Independently trained teachers, each on its own split: the unit of every "
+            "verdict (default 3; --quick 2).",
+        ),
     ] = None,
     quick: Annotated[bool, typer.Option("--quick", help="A miniature of the same steps.")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Default runs/study-NAME.")] = None,
@@ -68,6 +76,8 @@ def study(
         values["test_data"] = test_data
     if seeds is not None:
         values["seeds"] = seeds
+    if teachers is not None:
+        values["teachers"] = teachers
     if teacher is not None or teacher_weights is not None:
         values["teacher"] = {
             "name": teacher or DEFAULTS.teacher.name,
