@@ -319,3 +319,16 @@ def test_every_teacher_of_a_pass_is_trained_on_that_pass_s_split(tmp_path) -> No
             assert ctx.path("figure.png").name == (
                 "figure.png" if replicate == 0 else f"figure-teacher{replicate}.png"
             )
+
+
+def test_a_users_teacher_stands_in_for_the_preset_on_the_default_data_too(tmp_path) -> None:
+    from softtargets.config import ModelConfig
+    from softtargets.run.folder import RunFolder
+    from softtargets.studies.base import StudyContext
+
+    yours = ModelConfig(name="mlp", options={"hidden": [7]})
+    with RunFolder.open(tmp_path / "study") as folder:
+        ctx = StudyContext("x", StudyConfig(quick=True, teacher=yours), folder)
+        assert ctx.distill_config().teacher == yours  # mnist1d, the default
+        assert ctx.distill_config(label_noise=0.3).teacher != yours  # a variant: the study's own
+        assert ctx.distill_config(options={"num_samples": 99}).teacher != yours

@@ -108,6 +108,7 @@ class StudyContext:
         """The teacher settings used for ``data`` (a built-in name or a file): the user's teacher
         or store when they gave one and this is the plain teacher of their data (``yours``)."""
         name = data or self.config.data
+        plain = options is None  # the data as the study config has it, not a variant of it
         if options is None:
             samples = QUICK_SAMPLES if self.quick else STANDARD_SAMPLES
             options = {"mnist1d": {"num_samples": samples}}.get(name, {})
@@ -116,7 +117,7 @@ class StudyContext:
             teacher, training = quick_teacher(teacher, training)
         own = name == self.config.data  # the user's data: its own test file, if given
         store = None
-        if own and yours and not label_noise and not options:
+        if own and yours and plain and not label_noise:
             store = self.config.store
             if self.config.teacher is not None:
                 teacher = self.config.teacher  # the user's, in place of the preset
