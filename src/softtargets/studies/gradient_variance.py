@@ -38,7 +38,7 @@ from softtargets.losses.reference import distillation_loss, soft_cross_entropy
 from softtargets.run.figures import PALETTE, new_figure, plot_bars, save_figure
 from softtargets.run.report import StudyOutput, summary_rows
 from softtargets.run.stats import Reported, all_of, judge, mean_ci, paired_difference
-from softtargets.studies.base import StudyContext
+from softtargets.studies.base import TEACHER_SEED_STEP, StudyContext
 from softtargets.training.fit import fit
 from softtargets.training.models import build_model
 from softtargets.training.objectives import Distillation
@@ -256,14 +256,19 @@ def run(ctx: StudyContext) -> StudyOutput:
 
 def _bayes_rows(ctx: StudyContext, settings: dict, sample: int) -> list[dict]:
     """gaussians: sampled one-hot labels vs Bayes probabilities, at the end of hard-label training."""
-    data = gaussians(num_samples=600 if ctx.quick else 4000, num_classes=4, dim=10, separation=2.0)
+    # each pass (teacher) draws its own task, so the interval over passes is one over tasks
+    data = gaussians(
+        num_samples=600 if ctx.quick else 4000, num_classes=4, dim=10, separation=2.0,
+        seed=ctx.replicate,
+    )  # fmt: skip
     rows_idx = torch.arange(sample)
     x, labels, bayes = data.features[rows_idx], data.labels[rows_idx], data.true_probs[rows_idx]
     out = []
     for seed in ctx.seeds:
         model = build_model(
-            "mlp", data.feature_shape, data.num_classes, seed=seed, hidden=ctx.config.student_hidden
-        )
+            "mlp", data.feature_shape, data.num_classes,
+            seed=seed + TEACHER_SEED_STEP * ctx.replicate, hidden=ctx.config.student_hidden,
+        )  # fmt: skip
         fit(
             model,
             data,
