@@ -9,6 +9,7 @@ runs either way. Only rank 0 writes files.
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,6 +50,25 @@ def setup(device: torch.device | None = None, timeout_s: float = 300.0) -> None:
             f"({str(err).splitlines()[0]}); check that every process was started with the same "
             "--rdzv-endpoint and --nnodes"
         ) from None
+    # A process that exits with its group alive can abort ("terminate called without an active
+    # exception": gloo's threads outlive the interpreter), now and then, failing a run that
+    # finished. Leave the group properly instead, once every process has reached its end.
+    atexit.register(teardown)
+
+
+def teardown(timeout_s: float = 60.0) -> None:
+    """Leave the process group: wait (at most ``timeout_s``) for every process to reach this
+    point, then destroy the group. Registered at exit by :func:`setup`; idempotent."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=timedelta(seconds=timeout_s))
+        else:
+            dist.barrier()
+    except Exception:  # another process failed or left: its error is the one to report
+        pass
+    dist.destroy_process_group()
 
 
 _alone = 0  # depth of alone() blocks
