@@ -47,6 +47,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import lm_loss  # noqa: E402
 from epoch_cost import epoch_seconds, online_epoch_seconds  # noqa: E402
 from softtargets.data.builtin import mnist1d
 from softtargets.data.dataset import Dataset, split
@@ -587,6 +588,9 @@ def main() -> None:
         "ddp_speedup_2proc": lambda: ddp_speedup_2proc(3 if not args.quick else 1),
         "stream_peak_mb": lambda: stream_peak_mb(
             [1_000_000, 4_000_000] if not args.quick else [100_000, 400_000]
+        ),
+        ("lm_loss_memory_ratio", "lm_loss_time_ratio", "lm_store_bytes_per_token"): lambda: tuple(
+            lm_loss.measure(args.quick).values()
         ),
     }
     names = {n for key in figures for n in (key if isinstance(key, tuple) else (key,))}
