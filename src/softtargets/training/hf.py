@@ -14,7 +14,6 @@ rows are pixels ``(N, C, H, W)``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from torch import Tensor, nn
 
 from softtargets.errors import SoftTargetsError
 from softtargets.extras import require
+from softtargets.files import parse_json, read_small_text
 
 
 def is_hf_name(name: str) -> bool:
@@ -110,9 +110,14 @@ def build_hf(name: str, num_classes: int, options: dict[str, Any]) -> nn.Module:
     path = config_folder(name)
     try:
         if path.is_file():
-            config = transformers.AutoConfig.for_model(**json.loads(path.read_text()))
+            given = parse_json(read_small_text(path, "config.json"), str(path))
+            if not isinstance(given, dict):
+                raise SoftTargetsError(f"{path} is not a JSON object of a model's config")
+            config = transformers.AutoConfig.for_model(**given)
         else:
             config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except SoftTargetsError:
+        raise
     except Exception as err:
         raise SoftTargetsError(f"{name}: its config.json cannot be read ({_first(err)})") from None
     text = _is_text(transformers, config)
