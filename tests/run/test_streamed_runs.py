@@ -125,3 +125,28 @@ def test_streaming_flags_that_cannot_work_are_one_line(tmp_path, args, expected)
     code, output = _run(*args, "--out", str(tmp_path / "run"))
     assert code == 2 and expected in output, output
     assert not (tmp_path / "run").exists()
+
+
+def test_label_streamed_data_then_distil_from_the_store(images, tmp_path) -> None:
+    trained = tmp_path / "trained"
+    code, output = _run("--data", str(images), "--stream", *QUICK, "--out", str(trained))
+    assert code == 0, output
+    weights = str(trained / "teacher.safetensors")
+    for stream, name in ((["--stream"], "streamed"), ([], "memory")):
+        result = runner.invoke(app, ["label", "--data", str(images), *stream, "--teacher", "cnn2d",
+                                     "--teacher-option", "channels=[8]", "--teacher-option",
+                                     "hidden=16", "--teacher-weights", weights, "--out",
+                                     str(tmp_path / f"{name}.safetensors")])  # fmt: skip
+        assert result.exit_code == 0, result.output
+    a, b = (load_file(str(tmp_path / f"{n}.safetensors")) for n in ("streamed", "memory"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same store either way
+    out = tmp_path / "from-store"
+    code, output = _run("--data", str(images), "--stream", "--store",
+                        str(tmp_path / "streamed.safetensors"), "--student", "mlp",
+                        "--epochs", "2", "--seeds", "2", "--out", str(out))  # fmt: skip
+    assert code == 0, output
+    teacher = next(r for r in read_jsonl(out / "results.jsonl") if r["role"] == "teacher")
+    trained_teacher = next(
+        r for r in read_jsonl(trained / "results.jsonl") if r["role"] == "teacher"
+    )
+    assert teacher["test_accuracy"] == trained_teacher["test_accuracy"]  # the stored logits' own

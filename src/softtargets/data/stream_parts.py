@@ -40,6 +40,7 @@ class StreamPart(TorchDataset):
         self.class_names = tuple(base.class_names)  # type: ignore[attr-defined]
         self.num_classes = len(self.class_names)
         self.labels = stream_labels(base)[self.rows]
+        self.ids = stream_ids(base)[self.rows]  # (rows,) the ids its items carry
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -77,6 +78,19 @@ def stream_labels(data: TorchDataset) -> Tensor:
     if isinstance(data, streams.TensorRows):
         return data.data.labels
     raise SoftTargetsError(f"cannot read the labels of a {type(data).__name__} without its rows")
+
+
+def stream_ids(data: TorchDataset) -> Tensor:
+    """The ids ``(N,)`` a streamed dataset's items carry, without reading its features."""
+    if isinstance(data, StreamPart):
+        return data.ids
+    if isinstance(data, streams.ArrayRows) and data.ids is not None:
+        return torch.from_numpy(np.asarray(data.ids, dtype=np.int64))
+    if isinstance(data, streams.ArrayRows | streams.ImageFolderRows):
+        return torch.arange(len(data))  # their items' ids are their positions
+    if isinstance(data, streams.TensorRows):
+        return data.data.ids
+    raise SoftTargetsError(f"cannot read the ids of a {type(data).__name__} without its rows")
 
 
 def open_stream(path: str | Path, label_column: str | int | None = None) -> TorchDataset:

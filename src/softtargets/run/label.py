@@ -20,6 +20,7 @@ from softtargets import distributed
 from softtargets.config import DistillConfig
 from softtargets.errors import SoftTargetsError
 from softtargets.files import check_writable
+from softtargets.run.data import rows_of
 from softtargets.run.folder import check_out_of_inputs
 from softtargets.run.teacher import is_pretrained, prepare
 from softtargets.store.label import label
@@ -79,10 +80,11 @@ def run_label(
     dtype = torch.float16 if config.store_dtype == "float16" else torch.float32
     info = {"teacher": config.teacher.model_dump(), "data": config.data.name}
     log(f"labelling {len(data)} rows of {data.name} with teacher {config.teacher.name}")
+    rows = rows_of(data)  # the dataset itself, or its streamed rows
     if top_k is None:
-        label_dataset_to_file(teacher, data, out, dtype=dtype, device=prepared.device, info=info)
+        label_dataset_to_file(teacher, rows, out, dtype=dtype, device=prepared.device, info=info)
     elif distributed.is_main():
-        label(teacher, data, dtype=dtype, device=prepared.device, info=info, top_k=top_k).save(out)
+        label(teacher, rows, dtype=dtype, device=prepared.device, info=info, top_k=top_k).save(out)
     distributed.barrier()
     store = SoftTargetStore.load(out, data=data, teacher=teacher, mmap=True)
     return Labelled(out, len(store), store.num_classes, store.kept, out.stat().st_size)

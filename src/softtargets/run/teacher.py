@@ -329,10 +329,14 @@ def _teacher_from_store(
         )
     folder.write_text("config.yaml", dump_config(config))
     folder.set_key("teacher", key)
-    metrics = classification_report(store.logits_for(splits.test).float(), splits.test.labels)
+
+    def lookup(part: Any) -> Tensor:  # a dataset is checked by the store; streamed rows by id
+        return store.logits_for(part if isinstance(part, Dataset) else part.ids).float()
+
+    metrics = classification_report(lookup(splits.test), splits.test.labels)
     val = {}
     if len(splits.val):
-        logits = store.logits_for(splits.val).float()
+        logits = lookup(splits.val)
         val = {"val_accuracy": classification_report(logits, splits.val.labels)["accuracy"]}
     record = {
         "key": key,
