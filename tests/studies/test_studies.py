@@ -47,7 +47,8 @@ def test_every_study_runs_quick_and_writes_its_files(runs, name: str) -> None:
     assert result["figures"] and all((out / f).stat().st_size > 1000 for f in result["figures"])
     assert result["verdict"]["label"] in LABELS
     saved = json.loads((out / "results.json").read_text())
-    assert set(saved["reported"]) == {"size", "smallest", "source"}  # declared by every study
+    # declared by every study, with the unit its verdict is written in
+    assert set(saved["reported"]) == {"size", "smallest", "source", "scale", "unit"}
     assert saved["seeds"] == [0, 1] and saved["command"].endswith("--quick")
     assert saved["rows"] and "seconds" in saved
     assert f"**Verdict: {result['verdict']['label']}**" in (out / "section.md").read_text()

@@ -162,7 +162,8 @@ def paper_size(reported: Any) -> str:
     if not isinstance(reported, dict) or "source" not in reported:
         return "-"
     size = reported.get("size")
-    shown = "no size" if size is None else f"{size:+.4g}"
+    scale, unit = reported.get("scale", 1.0), reported.get("unit", "")
+    shown = "no size" if size is None else f"{size * scale:+.2f}{unit}"
     return f"{shown} ({reported['source']})"
 
 

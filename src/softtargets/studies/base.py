@@ -224,6 +224,14 @@ class StudyContext:
         return results
 
 
+def _reported(reported: Any, verdict: Any) -> dict[str, Any]:
+    """The declared size as results.json keeps it, with the unit and scale its verdict is
+    written in (a share of 0.868 is shown as 86.80%)."""
+    worded = verdict.parts[0] if verdict.parts else verdict
+    _, scale, unit, _ = worded.wording
+    return {**vars(reported), "scale": scale, "unit": unit}
+
+
 def _over_teachers(outputs: list[StudyOutput]) -> StudyOutput:
     """One output from the passes of every teacher: every pass's rows (a ``teacher_replicate`` column
     added), the first pass's summary and figures, and the verdict judged again with teachers as
@@ -329,7 +337,11 @@ def _run_in(
         "seconds": round(seconds, 1),
         "command": command,
         "config": resolved.model_dump(mode="json"),
-        **({"reported": vars(module.REPORTED)} if hasattr(module, "REPORTED") else {}),
+        **(
+            {"reported": _reported(module.REPORTED, output.verdict)}
+            if hasattr(module, "REPORTED")
+            else {}
+        ),  # fmt: skip
     }
     payload = {
         **facts,
