@@ -18,7 +18,7 @@ import numpy as np
 
 from softtargets.config import check_budget
 from softtargets.data.dataset import Dataset, encode_labels
-from softtargets.errors import SoftTargetsError
+from softtargets.errors import SoftTargetsError, first_line
 from softtargets.extras import require
 from softtargets.files import read_small_text
 
@@ -45,9 +45,9 @@ def load_tokenizer(folder: str | Path) -> Any:
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise SoftTargetsError(
-            f"{path} holds no tokenizer that can be read ({first}); save one there with "
+            f"{path} holds no tokenizer that can be read ({first_line(err, typed=False)}); save "
+            "one there with "
             "tokenizer.save_pretrained(PATH)"
         ) from None
     if tokenizer.pad_token_id is None:

@@ -29,7 +29,7 @@ from torch import Tensor
 from softtargets.data.dataset import Dataset
 from softtargets.data.files import load_data
 from softtargets.data.text import load_text
-from softtargets.errors import SoftTargetsError
+from softtargets.errors import SoftTargetsError, first_line
 from softtargets.extras import require
 from softtargets.run.students import SavedModel, load_saved
 from softtargets.store.label import predict_logits
@@ -117,7 +117,9 @@ def _pt2(model: torch.nn.Module, rows: Tensor, path: Path) -> Callable[[Tensor],
             model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},)
         )
     except Exception as err:
-        raise SoftTargetsError(f"torch.export cannot trace this model: {_first(err)}") from None
+        raise SoftTargetsError(
+            f"torch.export cannot trace this model: {first_line(err, limit=200)}"
+        ) from None
     torch.export.save(program, str(path))
     loaded = torch.export.load(str(path)).module()  # the file just written, our own
     return lambda x: _no_grad(loaded, x)
@@ -141,7 +143,7 @@ def _onnx(model: torch.nn.Module, rows: Tensor, path: Path) -> Callable[[Tensor]
         )
     except Exception as err:
         raise SoftTargetsError(
-            f"the ONNX exporter cannot export this model: {_first(err)}"
+            f"the ONNX exporter cannot export this model: {first_line(err, limit=200)}"
         ) from None
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
@@ -171,8 +173,3 @@ def _no_grad(model: torch.nn.Module, x: Tensor) -> Tensor:
     with torch.no_grad():
         out = model(x)
     return getattr(out, "logits", out)
-
-
-def _first(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__

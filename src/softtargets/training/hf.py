@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from softtargets.errors import SoftTargetsError
+from softtargets.errors import SoftTargetsError, first_line
 from softtargets.extras import require
 from softtargets.files import parse_json, read_small_text
 
@@ -119,7 +119,9 @@ def build_hf(name: str, num_classes: int, options: dict[str, Any]) -> nn.Module:
     except SoftTargetsError:
         raise
     except Exception as err:
-        raise SoftTargetsError(f"{name}: its config.json cannot be read ({_first(err)})") from None
+        raise SoftTargetsError(
+            f"{name}: its config.json cannot be read ({first_line(err)})"
+        ) from None
     text = _is_text(transformers, config)
     auto = (
         transformers.AutoModelForSequenceClassification
@@ -141,7 +143,7 @@ def build_hf(name: str, num_classes: int, options: dict[str, Any]) -> nn.Module:
             model = auto.from_pretrained(path, local_files_only=True, use_safetensors=True)
         except Exception as err:
             raise SoftTargetsError(
-                f"{name}: its weights cannot be loaded ({_first(err)}); it needs "
+                f"{name}: its weights cannot be loaded ({first_line(err)}); it needs "
                 "model.safetensors beside config.json"
             ) from None
     else:
@@ -154,14 +156,9 @@ def build_hf(name: str, num_classes: int, options: dict[str, Any]) -> nn.Module:
         try:
             model = auto.from_config(config)
         except Exception as err:
-            raise SoftTargetsError(f"{name} cannot be built ({_first(err)})") from None
+            raise SoftTargetsError(f"{name} cannot be built ({first_line(err)})") from None
     pad = getattr(config, "pad_token_id", None)
     return HFClassifier(model, text, pad if text else None)
-
-
-def _first(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def describe_hf(model: nn.Module) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from softtargets.errors import SoftTargetsError
+from softtargets.errors import SoftTargetsError, first_line
 
 #: what the data offers a builder, by parameter name, when its signature asks for it
 DATA_PARAMETERS = ("in_shape", "in_features", "num_classes")
@@ -74,7 +74,7 @@ def _import_module(where: str) -> Any:
             "(a file is named path/to/file.py:callable)"
         ) from None
     except Exception as err:  # the user's module raised while it was imported
-        raise SoftTargetsError(f"importing {where} raised {_say(err)}") from None
+        raise SoftTargetsError(f"importing {where} raised {first_line(err)}") from None
 
 
 def _import_file(where: str) -> Any:
@@ -97,7 +97,7 @@ def _import_file(where: str) -> Any:
         spec.loader.exec_module(module)
     except Exception as err:
         del sys.modules[module_name]
-        raise SoftTargetsError(f"running {where} raised {_say(err)}") from None
+        raise SoftTargetsError(f"running {where} raised {first_line(err)}") from None
     return module
 
 
@@ -133,15 +133,9 @@ def build_imported(
     try:
         model = builder(**given, **options)
     except Exception as err:
-        raise SoftTargetsError(f"model {name!r} raised {_say(err)}") from None
+        raise SoftTargetsError(f"model {name!r} raised {first_line(err)}") from None
     if not isinstance(model, nn.Module):
         raise SoftTargetsError(
             f"model {name!r} returned a {type(model).__name__}, not a torch.nn.Module"
         )
     return model
-
-
-def _say(err: BaseException) -> str:
-    """An exception in one line: its type and the first line of its message."""
-    message = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {message[0]}" if message else type(err).__name__

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from softtargets.config import check_budget, check_options
-from softtargets.errors import SoftTargetsError
+from softtargets.errors import SoftTargetsError, first_line
 from softtargets.training import hf
 from softtargets.training.gpt import gpt
 from softtargets.training.imported import build_imported, is_import_path
@@ -208,10 +208,9 @@ def check_model_fits(model: nn.Module, sample: Tensor, num_classes: int, what: s
         with torch.no_grad():
             out = model(sample.to(device))
     except Exception as err:
-        first = (str(err).strip().splitlines() or [""])[0]
         raise SoftTargetsError(
             f"{what} cannot take this data's rows of shape {tuple(sample.shape[1:])}: "
-            f"{type(err).__name__}: {first}"
+            f"{first_line(err)}"
         ) from None
     finally:
         model.train(was_training)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from softtargets.config import check_budget
-from softtargets.errors import SoftTargetsError
+from softtargets.errors import SoftTargetsError, first_line
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 WRAPPERS = ("state_dict", "model", "model_state_dict")
@@ -48,7 +48,7 @@ def read_state(path: str | Path) -> dict[str, Tensor]:
             state: Any = load_file(str(path))
         except Exception as err:
             raise SoftTargetsError(
-                f"{path} is not a safetensors file ({_first(err)}); save weights with "
+                f"{path} is not a safetensors file ({first_line(err, typed=False, limit=200)}); save weights with "
                 "safetensors.torch.save_file(model.state_dict(), PATH)"
             ) from None
     elif suffix in PICKLE_SUFFIXES:
@@ -120,8 +120,3 @@ def _why_refused(err: BaseException) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
     return (named or lines or [type(err).__name__])[0][:200]
-
-
-def _first(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0][:200] if lines else type(err).__name__
