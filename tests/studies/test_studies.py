@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from typer.testing import CliRunner
@@ -54,7 +55,7 @@ def test_every_study_runs_quick_and_writes_its_files(runs, name: str) -> None:
     assert f"**Verdict: {result['verdict']['label']}**" in (out / "section.md").read_text()
 
 
-@pytest.mark.parametrize("name", ["similarity", "data-fraction", "omit-class", "width"])
+@pytest.mark.parametrize("name", ["similarity", "data-fraction", "omit-class"])
 def test_a_study_runs_on_a_users_own_files(tmp_path, name: str) -> None:
     """``--data FILE --test-data FILE``: the study's teacher and students use the user's rows,
     the test file only for reporting."""
@@ -80,8 +81,23 @@ def test_a_study_runs_on_a_users_own_files(tmp_path, name: str) -> None:
     # the study's teacher was trained on the user's file, tested on every row of the test file
     assert list((tmp_path / "runs" / "teachers").glob("*mine.npz*/teacher.safetensors"))
     assert "360 train / 40 validation / 120 test rows" in result.output
-    if name == "width":  # its own margin tasks, and the user's data beside them
-        assert any(str(r["margin"]).endswith("mine.npz") for r in payload["rows"])
+
+
+def test_a_study_on_a_task_of_its_own_refuses_a_users_data(tmp_path) -> None:
+    result = runner.invoke(app, ["study", "width", "--quick", "--data", "digits", "--out",
+                                 str(tmp_path / "study-width")])  # fmt: skip
+    assert result.exit_code == 2 and "takes no --data; leave it out" in result.output
+    assert not (tmp_path / "study-width").exists()
+
+
+def test_width_slope_reads_how_fast_the_neurons_needed_grow() -> None:
+    from softtargets.studies.width import slope
+
+    gammas = [0.4, 0.2, 0.1]
+    assert slope(gammas, [2.0, 8.0, 32.0], 512) == pytest.approx(2.0)  # m* ~ (1/gamma)^2
+    assert slope(gammas, [4.0, 4.0, 4.0], 512) == pytest.approx(0.0)
+    # a width beyond the widest counts as twice the widest: (log 1024 - log 4) / log 4 = 4
+    assert slope([0.4, 0.1], [4.0, math.inf], 512) == pytest.approx(4.0)
 
 
 def test_report_gathers_every_study(runs) -> None:
@@ -333,3 +349,20 @@ def test_a_users_teacher_stands_in_for_the_preset_on_the_default_data_too(tmp_pa
         assert ctx.distill_config().teacher == yours  # mnist1d, the default
         assert ctx.distill_config(label_noise=0.3).teacher != yours  # a variant: the study's own
         assert ctx.distill_config(options={"num_samples": 99}).teacher != yours
+
+
+def test_lighter_student_recovered_share_is_hintons_statistic_per_teacher() -> None:
+    from softtargets.studies.lighter_student import recovered_share
+
+    def row(kind, method, seed, accuracy, teacher):
+        return {"teacher": kind, "share": 0.5, "method": method, "seed": seed,
+                "test_accuracy": accuracy, "teacher_accuracy": teacher}  # fmt: skip
+
+    rows = [
+        row("preset", "hard", 0, 0.60, 0.90), row("preset", "soft", 0, 0.84, 0.90),
+        row("mlp", "hard", 0, 0.60, 0.70), row("mlp", "soft", 0, 0.65, 0.70),
+        row("mlp", "hard", 1, 0.70, 0.70), row("mlp", "soft", 1, 0.72, 0.70),
+    ]  # fmt: skip
+    assert recovered_share(rows, "preset", 0.5, [0]) == pytest.approx([0.8])  # (84-60)/(90-60)
+    # each teacher's own accuracy is its gap's end; no gap at all counts as 0
+    assert recovered_share(rows, "mlp", 0.5, [0, 1]) == pytest.approx([0.5, 0.0])

@@ -151,6 +151,47 @@ def bayes_probabilities(x: torch.Tensor, centres: torch.Tensor, chunk: int = 409
     return torch.cat(parts) if parts else x.new_empty(0, centres.shape[0])
 
 
+def margin_points(
+    num_samples: int = 4000,
+    dim: int = 10,
+    margin: float = 0.1,
+    hidden: int = 64,
+    seed: int = 0,
+    sphere: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The points of :func:`margin_task` and their scores: ``x`` (num_samples, dim) float64 and
+    ``s(x) / std(s)`` (num_samples,), the fixed random network's score in units of its spread
+    (positive: class 1; ``|score| >= margin`` for every point). ``sphere``: ``x`` uniform on the
+    unit sphere instead of ``N(0, I)`` (the setting of Mandal, Lin and Srikant's theorem)."""
+    if num_samples < 2 or dim < 1 or hidden < 1 or not 0 <= margin < 3:
+        raise SoftTargetsError(
+            "margin_task needs num_samples >= 2, dim >= 1, hidden >= 1 and 0 <= margin < 3"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    weights = torch.randn(hidden, dim, generator=gen, dtype=torch.float64) / dim**0.5
+    out = torch.randn(hidden, generator=gen, dtype=torch.float64)
+
+    def draw(count: int) -> torch.Tensor:
+        x = torch.randn(count, dim, generator=gen, dtype=torch.float64)
+        return x / x.norm(dim=1, keepdim=True) if sphere else x
+
+    raw = torch.relu(draw(20_000) @ weights.T) @ out
+    centre, spread = float(raw.median()), float(raw.std())  # the median: balanced classes
+
+    def score(x: torch.Tensor) -> torch.Tensor:
+        return (torch.relu(x @ weights.T) @ out - centre) / spread
+
+    kept: list[torch.Tensor] = []
+    count = 0
+    while count < num_samples:  # rejection: keep the points outside the margin band
+        x = draw(4 * num_samples)
+        x = x[score(x).abs() >= margin]
+        kept.append(x)
+        count += len(x)
+    x = torch.cat(kept)[:num_samples]
+    return x, score(x)
+
+
 def margin_task(
     num_samples: int = 4000,
     dim: int = 10,
@@ -166,31 +207,10 @@ def margin_task(
     labels ``x ~ N(0, I_dim)`` by the sign of ``s(x)``; points with ``|s(x)| < margin x std(s)``
     are rejected, so every point lies at least ``margin`` (in units of the score's spread) from
     the boundary. Noise-free: a wide enough network reaches 100%; a smaller ``margin`` is a harder
-    task. ``true_probs`` is the one-hot truth.
+    task. ``true_probs`` is the one-hot truth. The points and scores: :func:`margin_points`.
     """
-    if num_samples < 2 or dim < 1 or hidden < 1 or not 0 <= margin < 3:
-        raise SoftTargetsError(
-            "margin_task needs num_samples >= 2, dim >= 1, hidden >= 1 and 0 <= margin < 3"
-        )
-    gen = torch.Generator().manual_seed(seed)
-    weights = torch.randn(hidden, dim, generator=gen, dtype=torch.float64) / dim**0.5
-    out = torch.randn(hidden, generator=gen, dtype=torch.float64)
-    reference = torch.randn(20_000, dim, generator=gen, dtype=torch.float64)
-    raw = torch.relu(reference @ weights.T) @ out
-    centre, spread = float(raw.median()), float(raw.std())  # the median: balanced classes
-
-    def score(x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x @ weights.T) @ out - centre
-
-    kept: list[torch.Tensor] = []
-    count = 0
-    while count < num_samples:  # rejection: keep the points outside the margin band
-        x = torch.randn(4 * num_samples, dim, generator=gen, dtype=torch.float64)
-        x = x[score(x).abs() >= margin * spread]
-        kept.append(x)
-        count += len(x)
-    x = torch.cat(kept)[:num_samples]
-    labels = (score(x) > 0).long()
+    x, score = margin_points(num_samples, dim, margin, hidden, seed)
+    labels = (score > 0).long()
     data = Dataset.from_arrays(
         x.float(), labels, class_names=["negative", "positive"], name=f"margin-task-{margin:g}"
     )

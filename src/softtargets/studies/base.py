@@ -277,6 +277,11 @@ def check_own_models(name: str, module: Any, config: StudyConfig) -> None:
         raise SoftTargetsError(
             f"the {name} study cannot take your {refused[0]}: {why}; it takes {accepted}"
         )
+    if not getattr(module, "TAKES_DATA", True) and config.data != StudyConfig().data:
+        raise SoftTargetsError(
+            f"the {name} study runs on a task of its own ({module.OWN_MODELS_WHY}), so it takes "
+            "no --data; leave it out"
+        )
     if config.teacher is not None and config.store is not None:
         raise SoftTargetsError("give --teacher or --store, not both")
     if config.store is not None and getattr(module, "NEEDS_TEACHER_MODEL", False):

@@ -13,6 +13,11 @@ gap between a hard-label student and the teacher that soft targets close, ``(sof
 (teacher - hard)``, per seed at the largest student (50%), 95% t-interval; judged against his
 91% (``REPORTED``). Beside it: soft minus hard averaged over the five sizes (version 1's primary
 statistic), per size, and the fidelity difference (soft minus hard agreement with the teacher).
+
+Version 5 (PROTOCOLS.md) adds, beside the primary statistic: the recovered share at every size,
+and the same students distilled from a teacher of their own family (the recipe's MLP, two hidden
+layers of 256 with dropout; students sized by *its* parameters), as Hinton's 1200-1200 teacher
+was for his 800-800 student. A user's own teacher (``--teacher``) runs without it.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from softtargets.config import OTHER_TEACHER, ModelConfig, quick_teacher
 from softtargets.errors import SoftTargetsError
 from softtargets.run.figures import plot_lines
 from softtargets.run.report import StudyOutput, curves, summary_rows, test_accuracy
 from softtargets.run.stats import Reported, judge, mean_ci, paired_difference
+from softtargets.run.teacher import TeacherRun
 from softtargets.store.label import predict_logits
 from softtargets.studies.base import StudyContext
 from softtargets.training.fit_many import Member
@@ -55,6 +62,8 @@ SHARES = [0.01, 0.03, 0.1, 0.3, 0.5]
 
 ALPHA = 0.9
 
+KIND_NAMES = {"preset": "preset", "mlp": "MLP"}  # the two teachers, as the report names them
+
 
 def width_for(parameters: float, inputs: int, classes: int) -> int:
     """The hidden width ``h`` of an MLP ``inputs-h-h-classes`` with about ``parameters``
@@ -63,17 +72,27 @@ def width_for(parameters: float, inputs: int, classes: int) -> int:
     return max(1, round((-b + math.sqrt(b * b + 4 * max(parameters - classes, 0))) / 2))
 
 
-def run(ctx: StudyContext) -> StudyOutput:
-    part = ctx.teacher()
-    if part.teacher is None:
-        raise SoftTargetsError(
-            "the lighter-student study sizes its students by the teacher's parameters: it needs "
-            "--teacher, not --store"
-        )
+def _mlp_teacher(ctx: StudyContext) -> TeacherRun:
+    """A teacher of the students' own family: the recipe's MLP (two hidden layers, dropout),
+    trained on this pass's split like the preset teacher."""
+    config = ctx.distill_config()
+    name, options = OTHER_TEACHER
+    model, training = ModelConfig(name=name, options=dict(options)), config.teacher_training
+    if ctx.quick:
+        model, training = quick_teacher(model, training)
+    return ctx.teacher_for(
+        config.model_copy(update={"teacher": model, "teacher_training": training})
+    )
+
+
+def _distil_lighter(
+    ctx: StudyContext, part: TeacherRun, shares: list[float], kind: str
+) -> list[dict]:
+    """Hard-label and distilled students at each share of ``part``'s teacher's parameters (and
+    the teacher's argmax labels at the largest), one row each; ``kind`` names the teacher."""
     train, test = part.splits.train, part.splits.test
     teacher_size = count_parameters(part.teacher)
     teacher_logits = predict_logits(part.teacher, test.features)
-    shares = [0.03, 0.3] if ctx.quick else SHARES
     widths = {s: width_for(s * teacher_size, train.num_features, train.num_classes) for s in shares}
     soft = Distillation(part.store, ctx.config.temperature, ALPHA)
     members, keys, hidden = [], [], []
@@ -88,7 +107,8 @@ def run(ctx: StudyContext) -> StudyOutput:
                 members.append(Member(seed=seed, targets=targets, labels=labels))
                 keys.append((share, method, seed))
                 hidden.append([width, width])
-    ctx.log(f"lighter-student: {len(members)} students of widths {sorted(set(widths.values()))}")
+    ctx.log(f"lighter-student, {kind} teacher: {len(members)} students of widths "
+            f"{sorted(set(widths.values()))}")  # fmt: skip
     results = ctx.train(part, members, hidden=hidden)
     teacher_accuracy = part.record["test_accuracy"]
     rows = []
@@ -97,6 +117,9 @@ def run(ctx: StudyContext) -> StudyOutput:
         accuracy = test_accuracy(result)
         rows.append(
             {
+                "teacher": kind,
+                "teacher_parameters": teacher_size,
+                "teacher_accuracy": teacher_accuracy,
                 "share": share,
                 "width": widths[share],
                 "parameters": count_parameters(result.model),
@@ -107,6 +130,40 @@ def run(ctx: StudyContext) -> StudyOutput:
                 "agreement": agreement(student_logits, teacher_logits),
             }
         )
+    return rows
+
+
+def recovered_share(rows: list[dict], kind: str, share: float, seeds: list[int]) -> list[float]:
+    """Per seed, Hinton's statistic: the share of the gap between the hard-label student and the
+    teacher that the distilled student closes, ``(soft - hard) / (teacher - hard)`` (0 when
+    there is no gap)."""
+    accuracy = {(r["method"], r["seed"]): r["test_accuracy"] for r in rows
+                if r["teacher"] == kind and r["share"] == share}  # fmt: skip
+    teacher = next(r["teacher_accuracy"] for r in rows if r["teacher"] == kind)
+    out = []
+    for seed in seeds:
+        soft, hard = accuracy[("soft", seed)], accuracy[("hard", seed)]
+        out.append((soft - hard) / (teacher - hard) if teacher != hard else 0.0)
+    return out
+
+
+def run(ctx: StudyContext) -> StudyOutput:
+    part = ctx.teacher()
+    if part.teacher is None:
+        raise SoftTargetsError(
+            "the lighter-student study sizes its students by the teacher's parameters: it needs "
+            "--teacher, not --store"
+        )
+    test = part.splits.test
+    teacher_size = count_parameters(part.teacher)
+    teacher_accuracy = part.record["test_accuracy"]
+    shares = [0.03, 0.3] if ctx.quick else SHARES
+    rows = _distil_lighter(ctx, part, shares, "preset")
+    # a teacher of the students' own family beside it, unless the teacher is the user's
+    mlp = None if ctx.config.teacher is not None else _mlp_teacher(ctx)
+    all_rows = rows + (_distil_lighter(ctx, mlp, shares, "mlp") if mlp is not None else [])
+    widths = {r["share"]: r["width"] for r in rows}
+    train = part.splits.train
     keys_ = ["share", "method"]
     summary = summary_rows(rows, keys_, "test_accuracy", "test accuracy (%)")
     for column, label in (
@@ -134,12 +191,17 @@ def run(ctx: StudyContext) -> StudyOutput:
 
     # Hinton's MNIST statistic: the share of the gap between a hard-label student and the
     # teacher that soft targets close, per seed, at the largest student (his was 800-800).
-    primary = mean_ci(
-        [
-            (soft - hard) / (teacher_accuracy - hard) if teacher_accuracy != hard else 0.0
-            for soft, hard in zip(at_largest("soft"), at_largest("hard"), strict=True)
-        ]
-    )
+    primary = mean_ci(recovered_share(rows, "preset", largest, ctx.seeds))
+    kinds = ["preset"] + (["mlp"] if mlp is not None else [])
+    closed = {
+        kind: {share: recovered_share(all_rows, kind, share, ctx.seeds) for share in shares}
+        for kind in kinds
+    }
+    for row in summary:  # the same share at every size, on the distilled students' rows
+        for kind in kinds:
+            row[f"gap closed, {KIND_NAMES[kind]} teacher (%)"] = (
+                mean_ci(closed[kind][row["share"]]).format(100) if row["method"] == "soft" else ""
+            )
     versus_argmax = paired_difference(at_largest("soft"), at_largest("argmax"))
     averaged = paired_difference(
         per_seed("soft", "test_accuracy"), per_seed("hard", "test_accuracy")
@@ -162,6 +224,15 @@ def run(ctx: StudyContext) -> StudyOutput:
             ylabel="test rows where student and teacher agree (%)",
             logx=True,
             title="Fidelity: agreement with the teacher's predictions",
+        ),
+        plot_lines(
+            {f"{KIND_NAMES[kind]} teacher": closed[kind] for kind in kinds},
+            ctx.path("gap_closed_vs_size.png"),
+            xlabel="student parameters (% of its teacher's)",
+            ylabel="share of the teacher - hard gap closed (%)",
+            logx=True,
+            title="Hinton's statistic at every size",
+            reference={"Hinton et al. 2015 (MNIST)": REPORTED.size},
         ),
     ]
     errors = {
@@ -191,8 +262,15 @@ def run(ctx: StudyContext) -> StudyOutput:
         f"Here the largest students ({shares[-1]:.0%}) make {errors['hard']:.0f} errors with hard "
         f"labels and {errors['soft']:.0f} with soft targets, on average."
     )
+    if mlp is not None:
+        notes += (
+            f" An MLP teacher of the students' own family ({count_parameters(mlp.teacher):,} "
+            f"parameters, {mlp.record['test_accuracy']:.2%} test accuracy) closes "
+            f"{mean_ci(recovered_share(all_rows, 'mlp', largest, ctx.seeds)).describe(100, '%')} "
+            f"of its gap at {largest:.0%} (the column 'gap closed, MLP teacher')."
+        )
     return StudyOutput(
-        rows,
+        all_rows,
         summary,
         figures,
         judge(
