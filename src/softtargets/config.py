@@ -192,6 +192,13 @@ class DataConfig(Strict):
         description="text data: a local folder with a saved tokenizer (default: the hf: "
         "teacher's or student's folder)",
     )
+    block_length: int | None = Field(
+        None,
+        ge=1,
+        le=1 << 16,
+        description="language modelling: the data is text (stdlib, a text file or a folder of "
+        "them), packed into blocks of this many byte-level tokens, distilled at every position",
+    )
 
 
 class ModelConfig(Strict):
@@ -269,6 +276,11 @@ TEACHERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 OTHER_TEACHER: tuple[str, dict[str, Any]] = ("mlp", {"hidden": [256, 256], "dropout": 0.3})
 
+#: language modelling (``block_length`` set) with the default models: a 4-layer causal
+#: transformer teaching a 1-layer one (``gpt``; the context is the block length)
+SEQUENCE_TEACHER: tuple[str, dict[str, Any]] = ("gpt", {"layers": 4, "heads": 4, "width": 128})
+SEQUENCE_STUDENT: tuple[str, dict[str, Any]] = ("gpt", {"layers": 1, "heads": 4, "width": 128})
+
 
 def teacher_model(data: str) -> ModelConfig:
     """The teacher recipe's model for built-in dataset ``data`` (an MLP for any other data)."""
@@ -331,6 +343,14 @@ class DistillConfig(Strict):
     seeds: int = Field(5, ge=1, le=MAX_SEEDS)
     first_seed: int = 0
     store_dtype: Literal["float32", "float16"] = "float32"
+    store_top: int = Field(
+        32, ge=1, description="language models: the teacher's top-k logits kept per position"
+    )
+    store_temperatures: list[float] | None = Field(
+        None,
+        description="language models: the temperatures the store keeps the rest's mass at, so "
+        "that distilling at them is exact (default: the run's temperature)",
+    )
     store: str | None = Field(
         None,
         description="train the students from this existing store (softtargets label), without "

@@ -27,6 +27,7 @@ from softtargets.cli.options import (
     DEFAULTS,
     MODEL_FORMS,
     Augment,
+    BlockLength,
     ConfigFile,
     Data,
     Device,
@@ -44,6 +45,8 @@ from softtargets.cli.options import (
     Out,
     Overwrite,
     Seeds,
+    StoreTemperatures,
+    StoreTop,
     Stream,
     StudentBatchSize,
     StudentCompile,
@@ -72,6 +75,7 @@ from softtargets.cli.options import (
     Workers,
     build_distill_config,
     parse_method_options,
+    parse_temperatures,
 )
 from softtargets.cli.proportions import fit_proportions_command
 from softtargets.cli.serve import export, predict
@@ -333,6 +337,9 @@ def distill(
     augment: Augment = None,
     workers: Workers = None,
     max_length: MaxLength = None,
+    block_length: BlockLength = None,
+    store_top: StoreTop = None,
+    store_temperatures: StoreTemperatures = None,
     tokenizer: Tokenizer = None,
     out: Out = None,
     config: ConfigFile = None,
@@ -380,6 +387,9 @@ def distill(
         augment=augment,
         workers=workers,
         max_length=max_length,
+        block_length=block_length,
+        store_top=store_top,
+        store_temperatures=parse_temperatures(store_temperatures),
         tokenizer=tokenizer,
         device=device,
     )

@@ -161,7 +161,29 @@ def make_progress() -> Any:
 
 
 def print_outcome(outcome: Any) -> None:
-    from softtargets.run.report import distill_rows, method_differences, soft_minus_hard
+    from softtargets.run.report import (
+        SEQUENCE_HEADER,
+        SequenceOutcome,
+        distill_rows,
+        method_differences,
+        sequence_rows,
+        soft_minus_hard,
+    )
+
+    if isinstance(outcome, SequenceOutcome):  # a language model: bits per byte
+        table = Table(title="held-out files: mean ± 95% CI over seeds", title_justify="left")
+        for column in SEQUENCE_HEADER:
+            table.add_column(column, justify="left" if column in ("model", "targets") else "right")
+        for row in sequence_rows(outcome):
+            table.add_row(*row)
+        console.print(table)
+        console.print(
+            f"store: {outcome.store_bytes_per_token:.1f} bytes per token; wrote "
+            f"{outcome.out_dir}/ (report.md, results.jsonl, store, students) in "
+            f"{outcome.seconds:.1f} s",
+            highlight=False,
+        )
+        return
 
     table = Table(title="test set: mean ± 95% CI over seeds", title_justify="left")
     for column in ("model", "targets", "runs", "test accuracy (%)", "test errors"):

@@ -159,6 +159,50 @@ MaxLength = Annotated[
 ]
 
 
+BlockLength = Annotated[
+    int | None,
+    typer.Option(
+        "--block-length",
+        help="Language modelling: --data is text (stdlib, a text file or a folder of them), "
+        "packed into blocks of this many byte-level tokens and distilled at every position.",
+    ),
+]
+
+
+StoreTop = Annotated[
+    int | None,
+    typer.Option(
+        "--store-top",
+        help="Language models: the teacher's top-k logits kept per position [default: 32].",
+    ),
+]
+
+
+StoreTemperatures = Annotated[
+    str | None,
+    typer.Option(
+        "--store-temperatures",
+        help="Language models: temperatures the store keeps the rest's mass at, e.g. 1,2,4 "
+        "(distilling at them is exact) [default: the run's --temperature].",
+    ),
+]
+
+
+def parse_temperatures(text: str | None) -> list[float] | None:
+    """``"1,2,4"`` -> ``[1.0, 2.0, 4.0]``; a value that is not a positive number is one line."""
+    if text is None:
+        return None
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or any(not v > 0 for v in values):
+        raise SoftTargetsError(
+            f"--store-temperatures takes positive numbers separated by commas, e.g. 1,2,4; got {text!r}"
+        )
+    return values
+
+
 Tokenizer = Annotated[
     Path | None,
     typer.Option("--tokenizer", help="Text data: a local folder holding a saved tokenizer."),
@@ -373,7 +417,7 @@ def build_distill_config(config_file: Path | None, base: Any = None, **flags: An
     trainings' fields; ``val_fraction``, ``test_fraction``, ``test_data`` and ``label_column``
     set the data's. Every command builds its config here, so every flag is checked the same way.
     """
-    from softtargets.config import load_yaml, parse_config
+    from softtargets.config import SEQUENCE_STUDENT, SEQUENCE_TEACHER, load_yaml, parse_config
 
     source = str(config_file) if config_file else "flags"
     if config_file:
@@ -394,6 +438,7 @@ def build_distill_config(config_file: Path | None, base: Any = None, **flags: An
         ("augment", "augment"),
         ("workers", "workers"),
         ("max_length", "max_length"),
+        ("block_length", "block_length"),
         ("tokenizer", "tokenizer"),
         ("val_fraction", "val_fraction"),
         ("test_fraction", "test_fraction"),
@@ -401,6 +446,12 @@ def build_distill_config(config_file: Path | None, base: Any = None, **flags: An
     ):
         if flag in updates:
             data[field] = updates.pop(flag)
+    defaults = DistillConfig()
+    for role, (name, options) in (("teacher", SEQUENCE_TEACHER), ("student", SEQUENCE_STUDENT)):
+        # language modelling with the classifier's default model: the language-model default,
+        # before the role's options apply to it
+        if data.get("block_length") and merged[role]["name"] == getattr(defaults, role).name:
+            merged[role] = {"name": name, "options": dict(options), "weights": None}
     for role in ("teacher", "student"):
         if role in updates:
             merged[role] = {"name": updates.pop(role), "options": {}, "weights": None}

@@ -28,10 +28,10 @@ from typing import Any
 from torch import nn
 
 from softtargets import distributed
-from softtargets.config import DistillConfig
+from softtargets.config import DistillConfig, dump_config
 from softtargets.data.dataset import Dataset
 from softtargets.data.stream_parts import first_rows
-from softtargets.losses.methods import METHODS
+from softtargets.losses.methods import METHODS, check_run_methods
 from softtargets.run.deployment import deployment_rows
 from softtargets.run.folder import (
     FIT_IDENTITY,
@@ -40,7 +40,21 @@ from softtargets.run.folder import (
     config_key,
     fit_records,
 )
-from softtargets.run.report import DistillOutcome, method_label, of_total, write_report
+from softtargets.run.report import (
+    DistillOutcome,
+    SequenceOutcome,
+    method_label,
+    of_total,
+    write_report,
+    write_sequence_report,
+)
+from softtargets.run.sequences import (
+    check_sequence_job,
+    is_sequence_job,
+    load_sequence_splits,
+    run_sequences,
+    with_sequence_models,
+)
 from softtargets.run.students import BEST, cpu_state, load_saved, name_best, save_student
 from softtargets.run.teacher import (
     Finished,
@@ -73,7 +87,7 @@ def run_distillation(
     overwrite: bool = False,
     progress: Any = None,
     log: Callable[[str], None] = lambda message: None,
-) -> DistillOutcome:
+) -> DistillOutcome | SequenceOutcome:
     """Run (or resume) the whole job described by ``config`` into ``out_dir``; see the module doc.
 
     Everything is checked before anything is written (:func:`prepare`), and the folder is locked
@@ -83,6 +97,8 @@ def run_distillation(
     """
     started = time.perf_counter()
     check_out_of_inputs(out_dir, [config.data.name, config.data.test])
+    if is_sequence_job(config):  # text in token blocks: every position is a row
+        return _run_sequences(config, out_dir, overwrite, log, started)
     prepared = prepare(config)
     with RunFolder.open(out_dir, overwrite=overwrite, log=log) as folder:
         part = teacher_in(folder, config, prepared, progress, log)
@@ -113,6 +129,28 @@ def run_distillation(
             deployment,
         )
         write_report(outcome, config, folder)
+    return outcome
+
+
+def _run_sequences(
+    config: DistillConfig,
+    out_dir: str | Path,
+    overwrite: bool,
+    log: Callable[[str], None],
+    started: float,
+) -> SequenceOutcome:
+    """:func:`run_distillation` on text (:mod:`softtargets.run.sequences`): the corpus, the
+    models and their vocabulary are checked before the folder is opened."""
+    config = with_sequence_models(config)
+    check_run_methods(config.methods, config.method_options)
+    splits = load_sequence_splits(config)
+    check_sequence_job(config, splits.train)
+    with RunFolder.open(out_dir, overwrite=overwrite, log=log) as folder:
+        folder.write_text("config.yaml", dump_config(config))
+        teacher, students, store = run_sequences(folder, config, splits, log)
+        outcome = SequenceOutcome(folder.root, teacher, students, store.bytes_per_token,
+                                  time.perf_counter() - started)  # fmt: skip
+        write_sequence_report(outcome, config, folder)
     return outcome
 
 

@@ -471,9 +471,11 @@ def config_key(config: DistillConfig, teacher_only: bool = False) -> str:
     data = values["data"]
     data.pop("workers")  # how many loader processes read the rows does not change them
     for name, default in (("text_column", None), ("tokenizer", None), ("stream", False),
-                          ("augment", False)):  # fmt: skip
+                          ("augment", False), ("block_length", None)):  # fmt: skip
         if data[name] == default:  # runs from before these options keep their keys
             del data[name]
+    if "block_length" not in data:  # a classifier's run: the language-model store's settings
+        del values["store_top"], values["store_temperatures"]
     if "text_column" not in data:
         del data["max_length"]
     if teacher_only:

@@ -1,0 +1,301 @@
+"""The main job on text: a causal language-model teacher, its per-position store, and students.
+
+:func:`~softtargets.run.distill.run_distillation` runs this when the data is text packed into
+token blocks (``DataConfig.block_length``, ``--block-length``): every position of a block is a row,
+its next token the label, so the job's stages are the classifier's with a sequence dimension —
+inside the same locked run folder, with the same records, keys and resume:
+
+| file | holds |
+| --- | --- |
+| ``teacher.safetensors`` | the teacher's weights, keyed by the data and teacher settings |
+| ``store.safetensors`` | per position: the teacher's top-k logits, bit-packed token ids, the rest's log-sum-exp at each store temperature (:class:`~softtargets.store.tokens.TokenStore`) |
+| ``student-METHOD-seedS.safetensors`` | each student (``hard``: next-token cross-entropy only) |
+| ``results.jsonl`` | one line per finished fit: validation and test loss in nats and bits per byte |
+| ``report.md`` | bits per byte with 95% intervals over seeds, and each method minus cross-entropy |
+
+A fit that was killed is trained again when the run resumes; finished ones are kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from softtargets.config import SEQUENCE_STUDENT, SEQUENCE_TEACHER, DistillConfig, ModelConfig
+from softtargets.data.sequences import (
+    Blocks,
+    ByteTokenizer,
+    pack_blocks,
+    read_corpus,
+    split_by_file,
+    stdlib_files,
+)
+from softtargets.errors import SoftTargetsError, first_line
+from softtargets.run.folder import RunFolder, config_key, fit_records, settings_key
+from softtargets.run.students import cpu_state, save_student
+from softtargets.store.tokens import TokenStore, label_tokens
+from softtargets.training.lm import fit_lm, next_token_loss
+from softtargets.training.models import build_model, count_parameters
+
+#: the built-in corpus: a seeded selection of the Python standard library's own source files
+STDLIB = "stdlib"
+
+#: the suffixes read from a folder of text files
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
+
+BITS = math.log(2)
+
+
+@dataclass
+class SequenceSplits:
+    """The corpus packed into blocks and split by file (never a file in two parts)."""
+
+    train: Blocks
+    val: Blocks
+    test: Blocks
+    files: int
+
+
+def is_sequence_job(config: DistillConfig) -> bool:
+    return config.data.block_length is not None
+
+
+def with_sequence_models(config: DistillConfig) -> DistillConfig:
+    """``config`` with the language-model defaults in place of the classifier defaults (a
+    teacher or student the user named is kept)."""
+    defaults = DistillConfig()
+    update: dict[str, Any] = {}
+    for role, (name, options) in (("teacher", SEQUENCE_TEACHER), ("student", SEQUENCE_STUDENT)):
+        if getattr(config, role) == getattr(defaults, role):
+            update[role] = ModelConfig(name=name, options=dict(options))
+    return config.model_copy(update=update)
+
+
+def corpus_files(config: DistillConfig) -> list[Path]:
+    """The text files of ``config.data``: ``stdlib`` (option ``files``, default 40), one file,
+    or a folder's regular files ending in :data:`TEXT_SUFFIXES` (sorted, no links)."""
+    name, options = config.data.name, config.data.options
+    if name == STDLIB:
+        return stdlib_files(int(options.get("files", 40)), seed=int(options.get("seed", 0)))
+    path = Path(name)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(
+            p for p in path.rglob("*")
+            if p.suffix in TEXT_SUFFIXES and p.is_file() and not p.is_symlink()
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )  # fmt: skip
+        if not files:
+            raise SoftTargetsError(
+                f"{path} holds no text files ({', '.join(TEXT_SUFFIXES)}); give a folder of them"
+            )
+        return files
+    raise SoftTargetsError(
+        f"{name}: no such file or folder; language modelling reads '{STDLIB}', a text file or a "
+        "folder of them"
+    )
+
+
+def load_sequence_splits(config: DistillConfig) -> SequenceSplits:
+    """Read, tokenise (byte-level), pack and split the corpus; one-line errors for what cannot
+    be (not UTF-8, shorter than a block, too few files to split)."""
+    data = config.data
+    if data.tokenizer is not None:
+        raise SoftTargetsError(
+            "language modelling reads text with the built-in byte-level tokenizer for now; "
+            "leave out --tokenizer"
+        )
+    if data.test is not None:
+        raise SoftTargetsError(
+            "language modelling holds out whole files of the corpus as its test set; leave out "
+            "--test-data"
+        )
+    tokenizer = ByteTokenizer()
+    assert data.block_length is not None
+    blocks = pack_blocks(
+        read_corpus(corpus_files(config), tokenizer), data.block_length, tokenizer.vocab_size
+    )
+    train, val, test = split_by_file(blocks, data.val_fraction, data.test_fraction, data.split_seed)
+    return SequenceSplits(train, val, test, len(blocks.files))
+
+
+def _build(model: ModelConfig, blocks: Blocks, seed: int, role: str) -> nn.Module:
+    """A language model of ``model``'s settings for ``blocks`` (the context defaults to the
+    block length), checked to map ``(B, L)`` ids to ``(B, L, V)`` logits."""
+    options = dict(model.options)
+    if model.name == "gpt":
+        options.setdefault("context", blocks.block_length)
+    built = build_model(model.name, (blocks.block_length,), blocks.vocab_size, seed=seed, **options)
+    wanted = (1, blocks.block_length, blocks.vocab_size)
+    try:
+        with torch.no_grad():
+            logits = built(blocks.tokens[:1, :-1])
+    except Exception as err:  # a model of another kind fails deep inside torch: say what it is
+        raise SoftTargetsError(
+            f"{role} {model.name} fails on (1, {blocks.block_length}) token ids "
+            f"({first_line(err)}); a language model maps them to {wanted} logits"
+        ) from err
+    if tuple(getattr(logits, "shape", ())) != wanted:
+        raise SoftTargetsError(
+            f"{role} {model.name} maps (1, {blocks.block_length}) token ids to "
+            f"{tuple(logits.shape)}; a language model gives (1, {blocks.block_length}, "
+            f"{blocks.vocab_size}) logits over the tokenizer's vocabulary"
+        )
+    return built
+
+
+def _fit(model: nn.Module, splits: SequenceSplits, config: DistillConfig, role: str,
+         teacher: Any, method: str, seed: int) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
+    """Train one language model and measure it: the record's losses in nats and bits."""
+    training = config.teacher_training if role == "teacher" else config.student_training
+    result = fit_lm(
+        model, splits.train, splits.val, teacher, method=method if teacher is not None else "kd",
+        temperature=config.temperature, alpha=config.alpha if teacher is not None else 0.0,
+        epochs=training.epochs, batch_blocks=training.batch_size, lr=training.lr, seed=seed,
+    )  # fmt: skip
+    model.eval()
+    val = min(r["val_loss"] for r in result.history)
+    test = next_token_loss(model, splits.test) if len(splits.test) else float("nan")
+    record = {
+        "role": role,
+        "method": method,
+        "seed": seed,
+        "best_epoch": result.best_epoch,
+        "val_loss": val,
+        "val_bits_per_token": val / BITS,
+        "test_loss": test,
+        "test_bits_per_token": test / BITS,
+        "test_tokens": splits.test.tokens[:, 1:].numel(),
+        "parameters": count_parameters(model),
+        "seconds": round(result.seconds, 1),
+    }
+    return model, record
+
+
+def store_temperatures(config: DistillConfig) -> tuple[float, ...]:
+    """The temperatures the store keeps the rest's mass at; the run's must be one of them (at
+    any other, the rest's share of the probability is unknown)."""
+    temperatures = tuple(config.store_temperatures or [config.temperature])
+    if config.temperature not in temperatures:
+        raise SoftTargetsError(
+            f"the store keeps the rest's mass at T = {', '.join(f'{t:g}' for t in temperatures)}, "
+            f"not at the run's T = {config.temperature:g}: add it to --store-temperatures"
+        )
+    if config.store_top >= ByteTokenizer().vocab_size:
+        raise SoftTargetsError(
+            f"--store-top {config.store_top} keeps the whole vocabulary of "
+            f"{ByteTokenizer().vocab_size}; give a smaller number"
+        )
+    return temperatures
+
+
+def check_sequence_job(config: DistillConfig, train: Blocks) -> None:
+    """Check everything before anything is written: the store's settings, and both models built
+    once on ``train``'s blocks: each must map ``(B, L)`` ids to ``(B, L, V)`` logits over the
+    tokenizer's vocabulary, and the student must give its hidden states and output projection
+    (its loss runs in chunks of positions)."""
+    store_temperatures(config)
+    _build(config.teacher, train, config.first_seed, "teacher")
+    student = _build(config.student, train, 0, "student")
+    if not hasattr(student, "hidden") or not hasattr(student, "output_weight"):
+        raise SoftTargetsError(
+            f"student {config.student.name} must give hidden(ids) and output_weight (its output "
+            "projection), as gpt does, so that its loss runs in chunks; use --student gpt"
+        )
+
+
+def run_sequences(
+    folder: RunFolder,
+    config: DistillConfig,
+    splits: SequenceSplits,
+    log: Callable[[str], None],
+) -> tuple[dict[str, Any], list[dict[str, Any]], TokenStore]:
+    """The job's stages on token blocks, in the open run ``folder``: the teacher (reloaded when
+    its key matches), the store (reloaded when it fits the blocks and settings), and every
+    pending student; returns the teacher's record, the students' and the store."""
+    train = splits.train
+    log(
+        f"data: {config.data.name}, {splits.files} files, {len(train)} train / "
+        f"{len(splits.val)} validation / {len(splits.test)} test blocks of "
+        f"{train.block_length} byte-level tokens"
+    )
+    teacher_key = settings_key(
+        {"settings": config_key(config, teacher_only=True), "data": train.fingerprint}
+    )
+    if folder.key("teacher") not in (None, teacher_key):
+        raise SoftTargetsError(
+            f"{folder.root} holds a teacher made with other data or teacher settings; pass "
+            "--overwrite to replace it or --out to write elsewhere"
+        )
+    every = fit_records(folder, "results.jsonl", unique=True)
+    teacher = _build(config.teacher, train, config.first_seed, "teacher")
+    reloaded = folder.load_weights("teacher.safetensors", teacher, teacher_key)
+    teacher_record = next(
+        (r for r in every if r["role"] == "teacher" and r["key"] == teacher_key), None
+    )
+    if not reloaded or teacher_record is None:
+        log(f"teacher {config.teacher.name}: training on {len(train)} blocks")
+        teacher, teacher_record = _fit(teacher, splits, config, "teacher", None, "teacher",
+                                       config.first_seed)  # fmt: skip
+        teacher_record["key"] = teacher_key
+        folder.save_weights("teacher.safetensors", teacher, teacher_key)
+        folder.set_key("teacher", teacher_key)
+        folder.append("results.jsonl", teacher_record)
+    else:
+        log("teacher: reloaded from a previous run")
+    teacher.eval()
+    log(f"teacher: test {teacher_record['test_bits_per_token']:.3f} bits per byte")
+    store = _store(folder, config, teacher, train, reloaded, log)
+
+    key = config_key(config)
+    results = [r for r in every if r["role"] == "student" and r["key"] == key]
+    done = {(r["method"], r["seed"]) for r in results}
+    seeds = range(config.first_seed, config.first_seed + config.seeds)
+    methods = ["hard", *config.methods]
+    pending = [(m, s) for s in seeds for m in methods if (m, s) not in done]
+    if len(pending) < len(methods) * len(seeds):
+        log(f"students: {len(methods) * len(seeds) - len(pending)} fits kept from a previous run")
+    for method, seed in pending:
+        student = _build(config.student, train, seed, "student")
+        log(f"student {method}, seed {seed}")
+        source = None if method == "hard" else store
+        student, record = _fit(student, splits, config, "student", source, method, seed)
+        record["key"] = key
+        save_student(folder, cpu_state(student), record)
+        folder.append("results.jsonl", record)
+        results.append(record)
+    return teacher_record, [r for r in results if r["seed"] in seeds], store
+
+
+def _store(
+    folder: RunFolder,
+    config: DistillConfig,
+    teacher: nn.Module,
+    train: Blocks,
+    reloaded: bool,
+    log: Callable[[str], None],
+) -> TokenStore:
+    """The teacher's per-position store of the training blocks: reloaded when it was written for
+    these blocks, this teacher, ``store_top`` and the store temperatures, else labelled again."""
+    temperatures = store_temperatures(config)
+    path = folder.path("store.safetensors")
+    if reloaded and path.exists():
+        try:
+            store = TokenStore.load(path, train)
+            if store.top == config.store_top and store.temperatures == temperatures:
+                log(f"store: reloaded ({store.bytes_per_token:.1f} bytes per token)")
+                return store
+        except SoftTargetsError as err:
+            log(f"store: {err}; labelling again")
+    store = label_tokens(teacher, train, top=config.store_top, temperatures=temperatures)
+    if folder.writer:
+        store.save(path)
+    log(f"store: top-{store.top}, {store.bytes_per_token:.1f} bytes per token")
+    return store

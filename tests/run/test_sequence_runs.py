@@ -1,0 +1,114 @@
+"""The main job on text: ``softtargets distill --block-length`` trains a language-model teacher,
+stores its top-k logits per position and distils students, in a locked, resumable run folder."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from softtargets.cli.app import app
+
+runner = CliRunner()
+
+TEACHER = ["--teacher-option", "layers=1", "--teacher-option", "width=16", "--teacher-option",
+           "heads=2", "--teacher-epochs", "1", "--epochs", "1", "--block-length", "16",
+           "--store-top", "4", "--batch-size", "8"]  # fmt: skip
+TINY = [*TEACHER, "--student-option", "width=16", "--student-option", "heads=2"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    for i in range(5):  # five files: whole files go to train, validation and test
+        lines = [" ".join(words[(i + j + k) % 8] for k in range(6)) for j in range(12)]
+        (folder / f"part{i}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def _records(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def test_distill_on_text_writes_teacher_store_students_and_a_report(tmp_path, corpus) -> None:
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["distill", "--data", str(corpus), *TINY, "--seeds", "2",
+                                 "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    records = _records(out)
+    teacher = [r for r in records if r["role"] == "teacher"]
+    students = [r for r in records if r["role"] == "student"]
+    assert len(teacher) == 1 and {(r["method"], r["seed"]) for r in students} == {
+        ("hard", 0),
+        ("kd", 0),
+        ("hard", 1),
+        ("kd", 1),
+    }
+    for r in [*teacher, *students]:  # bits are nats / ln 2, on held-out files
+        assert math.isfinite(r["test_loss"]) and r["test_tokens"] > 0
+        assert r["test_bits_per_token"] == pytest.approx(r["test_loss"] / math.log(2))
+    for name in ("teacher.safetensors", "store.safetensors", "student-kd-seed1.safetensors"):
+        assert (out / name).stat().st_size > 0
+    report = (out / "report.md").read_text()
+    assert "test bits per byte" in report and "top-4 store" in report
+    assert "bits per byte" in result.output and "bytes per token" in result.output
+
+
+def test_a_text_run_resumes_keeping_its_teacher_store_and_finished_students(tmp_path, corpus):
+    out = tmp_path / "run"
+    first = runner.invoke(app, ["distill", "--data", str(corpus), *TINY, "--seeds", "1",
+                                "--out", str(out)])  # fmt: skip
+    assert first.exit_code == 0, first.output
+    teacher_bytes = (out / "teacher.safetensors").read_bytes()
+    # A run killed mid-fit left no record of that fit; finished ones are kept and the next
+    # invocation trains only what is missing (here: a second seed).
+    again = runner.invoke(app, ["distill", "--data", str(corpus), *TINY, "--seeds", "2",
+                                "--out", str(out)])  # fmt: skip
+    assert again.exit_code == 0, again.output
+    assert "teacher: reloaded" in again.output and "store: reloaded" in again.output
+    assert "2 fits kept" in again.output
+    assert (out / "teacher.safetensors").read_bytes() == teacher_bytes
+    students = [r for r in _records(out) if r["role"] == "student"]
+    assert sorted((r["method"], r["seed"]) for r in students) == [
+        ("hard", 0), ("hard", 1), ("kd", 0), ("kd", 1)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (["--temperature", "4", "--store-temperatures", "1,2"], "add it to --store-temperatures"),
+        (["--store-temperatures", "1,x"], "positive numbers separated by commas"),
+        (["--store-top", "300"], "keeps the whole vocabulary"),
+        (["--tokenizer", "somewhere"], "leave out --tokenizer"),
+        (["--block-length", "4096"], "shorter than one block"),
+    ],
+)
+def test_bad_text_runs_are_one_line_and_write_nothing(tmp_path, corpus, change, message):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["distill", "--data", str(corpus), *TINY, *change,
+                                 "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_a_student_that_is_not_a_language_model_is_refused(tmp_path, corpus) -> None:
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["distill", "--data", str(corpus), *TEACHER, "--student", "mlp",
+                                 "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 2 and "fails on (1, 16) token ids" in result.output
+    assert "a language model maps them to (1, 16, 258) logits" in result.output
+    assert not out.exists()
+
+
+def test_a_file_that_is_not_utf8_is_named(tmp_path, corpus) -> None:
+    (corpus / "binary.txt").write_bytes(b"\xff\xfe\x00 not text")
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["distill", "--data", str(corpus), *TINY, "--out", str(out)])
+    assert result.exit_code == 2 and "binary.txt" in result.output
+    assert not out.exists()
