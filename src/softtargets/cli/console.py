@@ -161,14 +161,8 @@ def make_progress() -> Any:
 
 
 def print_outcome(outcome: Any) -> None:
-    from softtargets.run.report import (
-        SEQUENCE_HEADER,
-        SequenceOutcome,
-        distill_rows,
-        method_differences,
-        sequence_rows,
-        soft_minus_hard,
-    )
+    from softtargets.run.report import distill_rows, method_differences, soft_minus_hard
+    from softtargets.run.sequence_report import SEQUENCE_HEADER, SequenceOutcome, sequence_rows
 
     if isinstance(outcome, SequenceOutcome):  # a language model: bits per byte
         table = Table(title="held-out files: mean ± 95% CI over seeds", title_justify="left")

@@ -42,12 +42,11 @@ from softtargets.run.folder import (
 )
 from softtargets.run.report import (
     DistillOutcome,
-    SequenceOutcome,
     method_label,
     of_total,
     write_report,
-    write_sequence_report,
 )
+from softtargets.run.sequence_report import SequenceOutcome, write_sequence_report
 from softtargets.run.sequences import (
     check_sequence_job,
     is_sequence_job,

@@ -1,0 +1,84 @@
+"""The report of a language-model run: bits per byte over seeds, each method against next-token
+cross-entropy (the classifier's report is :mod:`softtargets.run.report`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from softtargets.config import DistillConfig
+from softtargets.run.folder import RunFolder
+from softtargets.run.report import markdown_table
+from softtargets.run.stats import mean_ci, paired_difference
+
+
+@dataclass
+class SequenceOutcome:
+    """Results of one language-model run: the teacher's record, one record per (method, seed)
+    with losses in nats and bits per token (per byte: the tokenizer is byte-level), and the
+    store's size."""
+
+    out_dir: Path
+    teacher: dict[str, Any]
+    results: list[dict[str, Any]] = field(default_factory=list)
+    store_bytes_per_token: float = 0.0
+    seconds: float = 0.0
+
+    def bits(self, method: str) -> list[float]:
+        return [
+            r["test_bits_per_token"]
+            for r in sorted(self.results, key=lambda r: r["seed"])
+            if r["method"] == method
+        ]
+
+
+def sequence_rows(outcome: SequenceOutcome) -> list[list[str]]:
+    """The language-model table: each model's test bits per byte (mean and 95% interval over
+    seeds) and, for each distillation method, its paired difference from next-token CE."""
+    rows = [["teacher", "next tokens", "1", f"{outcome.teacher['test_bits_per_token']:.3f}", "",
+             f"{outcome.teacher['parameters']:,}"]]  # fmt: skip
+    hard = outcome.bits("hard")
+    for method in dict.fromkeys(r["method"] for r in outcome.results):
+        values = outcome.bits(method)
+        parameters = next(r["parameters"] for r in outcome.results if r["method"] == method)
+        versus = (
+            paired_difference(values, hard).format(1, 3)
+            if method != "hard" and len(values) == len(hard) > 1
+            else ""
+        )
+        rows.append(["student", "next-token CE" if method == "hard" else method,
+                     str(len(values)), mean_ci(values).format(1, 3), versus,
+                     f"{parameters:,}"])  # fmt: skip
+    return rows
+
+
+SEQUENCE_HEADER = ["model", "targets", "runs", "test bits per byte", "minus next-token CE",
+                   "parameters"]  # fmt: skip
+
+
+def write_sequence_report(
+    outcome: SequenceOutcome, config: DistillConfig, folder: RunFolder
+) -> Path:
+    """``report.md`` of a language-model run."""
+    temperatures = ", ".join(f"{t:g}" for t in (config.store_temperatures or [config.temperature]))
+    text = f"""# Distillation run (language model): {outcome.out_dir.name}
+
+Data: `{config.data.name}`, byte-level tokens in blocks of {config.data.block_length}, split by
+file. Teacher: `{config.teacher.name}` {config.teacher.options}. Student: `{config.student.name}`
+{config.student.options}. Distillation at every position: alpha = {config.alpha:g} x the method
+at T = {config.temperature:g} + (1 - alpha) x next-token cross-entropy, from the teacher's
+top-{config.store_top} store ({outcome.store_bytes_per_token:.1f} bytes per token; the rest's
+mass kept at T = {temperatures}).
+
+{markdown_table(SEQUENCE_HEADER, sequence_rows(outcome))}
+
+Bits per byte on the held-out files (lower is better): means over seeds with 95% Student-t
+intervals; differences are paired by seed (students of one seed start from the same weights).
+Each model's weights are those of its best *validation* epoch; the test files choose nothing.
+
+Files: `config.yaml`, `results.jsonl` (every fit), `teacher.safetensors`, `store.safetensors`
+(per position: top-k logits, packed token ids, the rest's log-sum-exp per temperature),
+`student-METHOD-seedS.safetensors`. Wall time of this invocation: {outcome.seconds:.1f} s.
+"""
+    return folder.write_text("report.md", text)
