@@ -86,6 +86,7 @@ def test_a_text_run_resumes_keeping_its_teacher_store_and_finished_students(tmp_
         (["--store-top", "300"], "keeps the whole vocabulary"),
         (["--tokenizer", "somewhere"], "leave out --tokenizer"),
         (["--block-length", "4096"], "shorter than one block"),
+        (["--nproc", "2"], "leave out --nproc"),
     ],
 )
 def test_bad_text_runs_are_one_line_and_write_nothing(tmp_path, corpus, change, message):

@@ -31,6 +31,7 @@ from softtargets import distributed
 from softtargets.config import DistillConfig, dump_config
 from softtargets.data.dataset import Dataset
 from softtargets.data.stream_parts import first_rows
+from softtargets.errors import SoftTargetsError
 from softtargets.losses.methods import METHODS, check_run_methods
 from softtargets.run.deployment import deployment_rows
 from softtargets.run.folder import (
@@ -140,6 +141,11 @@ def _run_sequences(
 ) -> SequenceOutcome:
     """:func:`run_distillation` on text (:mod:`softtargets.run.sequences`): the corpus, the
     models and their vocabulary are checked before the folder is opened."""
+    if distributed.active():
+        raise SoftTargetsError(
+            "language-model runs use one process for now (labelling and students are not yet "
+            "sharded); leave out --nproc"
+        )
     config = with_sequence_models(config)
     check_run_methods(config.methods, config.method_options)
     splits = load_sequence_splits(config)
