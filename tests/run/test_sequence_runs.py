@@ -84,7 +84,7 @@ def test_a_text_run_resumes_keeping_its_teacher_store_and_finished_students(tmp_
         (["--temperature", "4", "--store-temperatures", "1,2"], "add it to --store-temperatures"),
         (["--store-temperatures", "1,x"], "positive numbers separated by commas"),
         (["--store-top", "300"], "keeps the whole vocabulary"),
-        (["--tokenizer", "somewhere"], "leave out --tokenizer"),
+        (["--tokenizer", "somewhere"], "tokenizer folder somewhere does not exist"),
         (["--block-length", "4096"], "shorter than one block"),
         (["--nproc", "2"], "leave out --nproc"),
     ],
@@ -113,3 +113,47 @@ def test_a_file_that_is_not_utf8_is_named(tmp_path, corpus) -> None:
     result = runner.invoke(app, ["distill", "--data", str(corpus), *TINY, "--out", str(out)])
     assert result.exit_code == 2 and "binary.txt" in result.output
     assert not out.exists()
+
+
+def test_a_hugging_face_causal_lm_teaches_a_smaller_one_of_its_family(tmp_path, corpus) -> None:
+    """``--teacher hf:FOLDER`` (a saved GPT-2 and its tokenizer, nothing downloaded) is used as
+    trained; ``--student hf-config:FOLDER`` builds its family smaller; the folder's tokenizer
+    reads the text, so bits are per token."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    words = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    texts = [p.read_text() for p in sorted(corpus.iterdir())]
+    special = ["[PAD]", "[UNK]", "[EOS]"]
+    words.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=special))
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=words, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]"
+    )
+    config = transformers.GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=16,
+                                     n_layer=2, n_head=2)  # fmt: skip
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    folder = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "run"
+    args = ["distill", "--data", str(corpus), "--block-length", "8", "--teacher",
+            f"hf:{folder}", "--student", f"hf-config:{folder}", "--student-option", "n_layer=1",
+            "--epochs", "1", "--seeds", "1", "--store-top", "4", "--batch-size", "8",
+            "--out", str(out)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "pretrained weights from" in result.output and "bits per token" in result.output
+    records = _records(out)
+    teacher = next(r for r in records if r["role"] == "teacher")
+    assert teacher["pretrained"] and "best_epoch" not in teacher  # used as trained, not fitted
+    students = [r for r in records if r["role"] == "student"]
+    assert {r["method"] for r in students} == {"hard", "kd"}
+    assert all(r["parameters"] < teacher["parameters"] for r in students)
+    # the saved teacher is the folder's model, unchanged
+    from safetensors.torch import load_file
+
+    saved = load_file(out / "teacher.safetensors")
+    original = transformers.GPT2LMHeadModel.from_pretrained(folder).state_dict()
+    assert torch.equal(saved["model.transformer.wte.weight"], original["transformer.wte.weight"])

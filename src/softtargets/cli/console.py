@@ -162,11 +162,11 @@ def make_progress() -> Any:
 
 def print_outcome(outcome: Any) -> None:
     from softtargets.run.report import distill_rows, method_differences, soft_minus_hard
-    from softtargets.run.sequence_report import SEQUENCE_HEADER, SequenceOutcome, sequence_rows
+    from softtargets.run.sequence_report import SequenceOutcome, sequence_header, sequence_rows
 
     if isinstance(outcome, SequenceOutcome):  # a language model: bits per byte
         table = Table(title="held-out files: mean ± 95% CI over seeds", title_justify="left")
-        for column in SEQUENCE_HEADER:
+        for column in sequence_header(outcome.unit):
             table.add_column(column, justify="left" if column in ("model", "targets") else "right")
         for row in sequence_rows(outcome):
             table.add_row(*row)

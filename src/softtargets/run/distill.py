@@ -55,7 +55,7 @@ from softtargets.run.sequences import (
     run_sequences,
     with_sequence_models,
 )
-from softtargets.run.students import BEST, cpu_state, load_saved, name_best, save_student
+from softtargets.run.students import BEST, load_saved, name_best, save_student
 from softtargets.run.teacher import (
     Finished,
     TeacherRun,
@@ -73,6 +73,7 @@ from softtargets.training.fit_many import Member, fit_many
 from softtargets.training.metrics import evaluate
 from softtargets.training.models import build_model, count_parameters, forward_flops
 from softtargets.training.objectives import Distillation
+from softtargets.training.weights import cpu_state
 
 
 def student_methods(config: DistillConfig) -> list[str]:
@@ -154,7 +155,7 @@ def _run_sequences(
         folder.write_text("config.yaml", dump_config(config))
         teacher, students, store = run_sequences(folder, config, splits, log)
         outcome = SequenceOutcome(folder.root, teacher, students, store.bytes_per_token,
-                                  time.perf_counter() - started)  # fmt: skip
+                                  time.perf_counter() - started, splits.unit)  # fmt: skip
         write_sequence_report(outcome, config, folder)
     return outcome
 

@@ -50,6 +50,7 @@ from softtargets.files import (
     still_ours,
 )
 from softtargets.run.lock import Lock
+from softtargets.training.weights import cpu_state
 
 MANIFEST = RUN_MANIFEST
 
@@ -388,8 +389,7 @@ class RunFolder:
         """Save ``model``'s state as safetensors, tagged with the settings ``key``."""
         from safetensors.torch import save
 
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        return self.write_bytes(name, save(state, metadata={"key": key}))
+        return self.write_bytes(name, save(cpu_state(model), metadata={"key": key}))
 
     def load_weights(self, name: str, model: nn.Module, key: str) -> bool:
         """Load ``name`` into ``model`` if this folder wrote it with settings ``key``.

@@ -1,4 +1,4 @@
-"""The report of a language-model run: bits per byte over seeds, each method against next-token
+"""The report of a language-model run: bits per token (per byte, byte-level) over seeds, each method against next-token
 cross-entropy (the classifier's report is :mod:`softtargets.run.report`)."""
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ class SequenceOutcome:
     results: list[dict[str, Any]] = field(default_factory=list)
     store_bytes_per_token: float = 0.0
     seconds: float = 0.0
+    unit: str = "byte"  # what a token is: a byte (built-in tokenizer) or a subword token
 
     def bits(self, method: str) -> list[float]:
         return [
@@ -53,8 +54,9 @@ def sequence_rows(outcome: SequenceOutcome) -> list[list[str]]:
     return rows
 
 
-SEQUENCE_HEADER = ["model", "targets", "runs", "test bits per byte", "minus next-token CE",
-                   "parameters"]  # fmt: skip
+def sequence_header(unit: str) -> list[str]:
+    return ["model", "targets", "runs", f"test bits per {unit}", "minus next-token CE",
+            "parameters"]  # fmt: skip
 
 
 def write_sequence_report(
@@ -64,16 +66,16 @@ def write_sequence_report(
     temperatures = ", ".join(f"{t:g}" for t in (config.store_temperatures or [config.temperature]))
     text = f"""# Distillation run (language model): {outcome.out_dir.name}
 
-Data: `{config.data.name}`, byte-level tokens in blocks of {config.data.block_length}, split by
+Data: `{config.data.name}`, {"byte-level" if outcome.unit == "byte" else "subword"} tokens in blocks of {config.data.block_length}, split by
 file. Teacher: `{config.teacher.name}` {config.teacher.options}. Student: `{config.student.name}`
 {config.student.options}. Distillation at every position: alpha = {config.alpha:g} x the method
 at T = {config.temperature:g} + (1 - alpha) x next-token cross-entropy, from the teacher's
 top-{config.store_top} store ({outcome.store_bytes_per_token:.1f} bytes per token; the rest's
 mass kept at T = {temperatures}).
 
-{markdown_table(SEQUENCE_HEADER, sequence_rows(outcome))}
+{markdown_table(sequence_header(outcome.unit), sequence_rows(outcome))}
 
-Bits per byte on the held-out files (lower is better): means over seeds with 95% Student-t
+Bits per {outcome.unit} on the held-out files (lower is better): means over seeds with 95% Student-t
 intervals; differences are paired by seed (students of one seed start from the same weights).
 Each model's weights are those of its best *validation* epoch; the test files choose nothing.
 

@@ -10,8 +10,8 @@ inside the same locked run folder, with the same records, keys and resume:
 | ``teacher.safetensors`` | the teacher's weights, keyed by the data and teacher settings |
 | ``store.safetensors`` | per position: the teacher's top-k logits, bit-packed token ids, the rest's log-sum-exp at each store temperature (:class:`~softtargets.store.tokens.TokenStore`) |
 | ``student-METHOD-seedS.safetensors`` | each student (``hard``: next-token cross-entropy only) |
-| ``results.jsonl`` | one line per finished fit: validation and test loss in nats and bits per byte |
-| ``report.md`` | bits per byte with 95% intervals over seeds, and each method minus cross-entropy |
+| ``results.jsonl`` | one line per finished fit: validation and test loss in nats and bits per token |
+| ``report.md`` | bits per token (per byte, byte-level) with 95% intervals over seeds, and each method minus cross-entropy |
 
 A fit that was killed is trained again when the run resumes; finished ones are kept.
 """
@@ -36,12 +36,18 @@ from softtargets.data.sequences import (
     split_by_file,
     stdlib_files,
 )
+from softtargets.data.text import load_tokenizer
 from softtargets.errors import SoftTargetsError, first_line
+from softtargets.files import parse_json, read_small_text
+from softtargets.run.data import tokenizer_folder
 from softtargets.run.folder import RunFolder, config_key, fit_records, settings_key
-from softtargets.run.students import cpu_state, save_student
+from softtargets.run.students import save_student
+from softtargets.run.teacher import is_pretrained
 from softtargets.store.tokens import TokenStore, label_tokens
+from softtargets.training.hf import hf_weights_file, is_hf_name
 from softtargets.training.lm import fit_lm, next_token_loss
 from softtargets.training.models import build_model, count_parameters
+from softtargets.training.weights import cpu_state, file_fingerprint, load_into
 
 #: the built-in corpus: a seeded selection of the Python standard library's own source files
 STDLIB = "stdlib"
@@ -60,6 +66,9 @@ class SequenceSplits:
     val: Blocks
     test: Blocks
     files: int
+    #: what a token is: "byte" (the built-in tokenizer: bits per token are bits per byte) or
+    #: "token" (a saved subword tokenizer)
+    unit: str = "byte"
 
 
 def is_sequence_job(config: DistillConfig) -> bool:
@@ -103,27 +112,57 @@ def corpus_files(config: DistillConfig) -> list[Path]:
     )
 
 
+class SavedTokenizer:
+    """A tokenizer saved in a local folder (Hugging Face's), as :func:`read_corpus` reads text:
+    ``encode`` without special tokens, an end-of-document id, and the vocabulary the models'
+    logits span (the folder's ``config.json`` ``vocab_size`` when it has one: models often pad
+    their embeddings beyond the tokenizer's size)."""
+
+    def __init__(self, folder: str) -> None:
+        self.tokenizer = load_tokenizer(folder)
+        self.eos_id = self.tokenizer.eos_token_id
+        if self.eos_id is None:
+            raise SoftTargetsError(
+                f"the tokenizer in {folder} has no end-of-text token; set one "
+                "(tokenizer.eos_token = ...) and save it again"
+            )
+        self.vocab_size = len(self.tokenizer)
+        config = Path(folder) / "config.json"
+        if config.is_file():
+            given = parse_json(read_small_text(config, "config.json"), str(config))
+            if isinstance(given, dict) and isinstance(given.get("vocab_size"), int):
+                self.vocab_size = max(self.vocab_size, given["vocab_size"])
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+
+def text_tokenizer(config: DistillConfig) -> ByteTokenizer | SavedTokenizer:
+    """The tokenizer of a language-model run: ``--tokenizer FOLDER``, else an ``hf:`` teacher's or
+    student's folder, else the built-in byte-level one (nothing to install)."""
+    uses_hf = any(is_hf_name(m.name) for m in (config.teacher, config.student))
+    if config.data.tokenizer is None and not uses_hf:
+        return ByteTokenizer()
+    return SavedTokenizer(tokenizer_folder(config))
+
+
 def load_sequence_splits(config: DistillConfig) -> SequenceSplits:
-    """Read, tokenise (byte-level), pack and split the corpus; one-line errors for what cannot
+    """Read, tokenise (:func:`text_tokenizer`), pack and split the corpus; one-line errors for what cannot
     be (not UTF-8, shorter than a block, too few files to split)."""
     data = config.data
-    if data.tokenizer is not None:
-        raise SoftTargetsError(
-            "language modelling reads text with the built-in byte-level tokenizer for now; "
-            "leave out --tokenizer"
-        )
     if data.test is not None:
         raise SoftTargetsError(
             "language modelling holds out whole files of the corpus as its test set; leave out "
             "--test-data"
         )
-    tokenizer = ByteTokenizer()
+    tokenizer = text_tokenizer(config)
     assert data.block_length is not None
     blocks = pack_blocks(
         read_corpus(corpus_files(config), tokenizer), data.block_length, tokenizer.vocab_size
     )
     train, val, test = split_by_file(blocks, data.val_fraction, data.test_fraction, data.split_seed)
-    return SequenceSplits(train, val, test, len(blocks.files))
+    unit = "byte" if isinstance(tokenizer, ByteTokenizer) else "token"
+    return SequenceSplits(train, val, test, len(blocks.files), unit)
 
 
 def _build(model: ModelConfig, blocks: Blocks, seed: int, role: str) -> nn.Module:
@@ -151,31 +190,32 @@ def _build(model: ModelConfig, blocks: Blocks, seed: int, role: str) -> nn.Modul
     return built
 
 
-def _fit(model: nn.Module, splits: SequenceSplits, config: DistillConfig, role: str,
-         teacher: Any, method: str, seed: int) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
-    """Train one language model and measure it: the record's losses in nats and bits."""
-    training = config.teacher_training if role == "teacher" else config.student_training
-    result = fit_lm(
-        model, splits.train, splits.val, teacher, method=method if teacher is not None else "kd",
-        temperature=config.temperature, alpha=config.alpha if teacher is not None else 0.0,
-        epochs=training.epochs, batch_blocks=training.batch_size, lr=training.lr, seed=seed,
-    )  # fmt: skip
+def _measure(model: nn.Module, splits: SequenceSplits) -> dict[str, Any]:
+    """Validation and test next-token loss of ``model``, in nats and bits per token."""
     model.eval()
-    val = min(r["val_loss"] for r in result.history)
+    val = next_token_loss(model, splits.val) if len(splits.val) else float("nan")
     test = next_token_loss(model, splits.test) if len(splits.test) else float("nan")
-    record = {
-        "role": role,
-        "method": method,
-        "seed": seed,
-        "best_epoch": result.best_epoch,
+    return {
         "val_loss": val,
         "val_bits_per_token": val / BITS,
         "test_loss": test,
         "test_bits_per_token": test / BITS,
         "test_tokens": splits.test.tokens[:, 1:].numel(),
         "parameters": count_parameters(model),
-        "seconds": round(result.seconds, 1),
     }
+
+
+def _fit(model: nn.Module, splits: SequenceSplits, config: DistillConfig, role: str,
+         teacher: Any, method: str, seed: int) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
+    """Train one language model (its best validation epoch kept) and measure it."""
+    training = config.teacher_training if role == "teacher" else config.student_training
+    result = fit_lm(
+        model, splits.train, splits.val, teacher, method=method if teacher is not None else "kd",
+        temperature=config.temperature, alpha=config.alpha if teacher is not None else 0.0,
+        epochs=training.epochs, batch_blocks=training.batch_size, lr=training.lr, seed=seed,
+    )  # fmt: skip
+    record = {"role": role, "method": method, "seed": seed, "best_epoch": result.best_epoch,
+              **_measure(model, splits), "seconds": round(result.seconds, 1)}  # fmt: skip
     return model, record
 
 
@@ -188,11 +228,6 @@ def store_temperatures(config: DistillConfig) -> tuple[float, ...]:
             f"the store keeps the rest's mass at T = {', '.join(f'{t:g}' for t in temperatures)}, "
             f"not at the run's T = {config.temperature:g}: add it to --store-temperatures"
         )
-    if config.store_top >= ByteTokenizer().vocab_size:
-        raise SoftTargetsError(
-            f"--store-top {config.store_top} keeps the whole vocabulary of "
-            f"{ByteTokenizer().vocab_size}; give a smaller number"
-        )
     return temperatures
 
 
@@ -202,6 +237,11 @@ def check_sequence_job(config: DistillConfig, train: Blocks) -> None:
     tokenizer's vocabulary, and the student must give its hidden states and output projection
     (its loss runs in chunks of positions)."""
     store_temperatures(config)
+    if config.store_top >= train.vocab_size:
+        raise SoftTargetsError(
+            f"--store-top {config.store_top} keeps the whole vocabulary of {train.vocab_size} "
+            "tokens; give a smaller number"
+        )
     _build(config.teacher, train, config.first_seed, "teacher")
     student = _build(config.student, train, 0, "student")
     if not hasattr(student, "hidden") or not hasattr(student, "output_weight"):
@@ -224,10 +264,17 @@ def run_sequences(
     log(
         f"data: {config.data.name}, {splits.files} files, {len(train)} train / "
         f"{len(splits.val)} validation / {len(splits.test)} test blocks of "
-        f"{train.block_length} byte-level tokens"
+        f"{train.block_length} tokens ({'byte-level' if splits.unit == 'byte' else 'subword'})"
     )
+    weights = config.teacher.weights or (
+        str(hf_weights_file(config.teacher.name)) if config.teacher.name.startswith("hf:") else None
+    )  # pretrained weights are keyed by their content, not their path
     teacher_key = settings_key(
-        {"settings": config_key(config, teacher_only=True), "data": train.fingerprint}
+        {
+            "settings": config_key(config, teacher_only=True),
+            "data": train.fingerprint,
+            **({"weights": file_fingerprint(weights)} if weights else {}),
+        }  # fmt: skip
     )
     if folder.key("teacher") not in (None, teacher_key):
         raise SoftTargetsError(
@@ -240,10 +287,18 @@ def run_sequences(
     teacher_record = next(
         (r for r in every if r["role"] == "teacher" and r["key"] == teacher_key), None
     )
-    if not reloaded or teacher_record is None:
+    pretrained = is_pretrained(config)
+    if (not reloaded or teacher_record is None) and pretrained:
+        if config.teacher.weights is not None:  # (an hf: folder's weights came with it)
+            load_into(teacher, config.teacher.weights, "teacher")
+        log(f"teacher: pretrained weights from {config.teacher.weights or config.teacher.name}")
+        teacher_record = {"role": "teacher", "method": "teacher", "seed": config.first_seed,
+                          "pretrained": True, **_measure(teacher, splits)}  # fmt: skip
+    elif not reloaded or teacher_record is None:
         log(f"teacher {config.teacher.name}: training on {len(train)} blocks")
         teacher, teacher_record = _fit(teacher, splits, config, "teacher", None, "teacher",
                                        config.first_seed)  # fmt: skip
+    if not reloaded or "key" not in teacher_record:
         teacher_record["key"] = teacher_key
         folder.save_weights("teacher.safetensors", teacher, teacher_key)
         folder.set_key("teacher", teacher_key)
@@ -251,7 +306,7 @@ def run_sequences(
     else:
         log("teacher: reloaded from a previous run")
     teacher.eval()
-    log(f"teacher: test {teacher_record['test_bits_per_token']:.3f} bits per byte")
+    log(f"teacher: test {teacher_record['test_bits_per_token']:.3f} bits per {splits.unit}")
     store = _store(folder, config, teacher, train, reloaded, log)
 
     key = config_key(config)

@@ -47,11 +47,6 @@ def save_student(folder: RunFolder, state: dict[str, Tensor], record: dict[str, 
     record["weights"] = name
 
 
-def cpu_state(model: nn.Module) -> dict[str, Tensor]:
-    """A model's weights, detached on the CPU (safe to send between processes and to save)."""
-    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-
-
 def name_best(
     folder: RunFolder,
     config: DistillConfig,

@@ -5,6 +5,10 @@
 * ``hf-config:PATH`` builds the same family with random weights from a ``config.json`` (a folder
   or the file itself); options override the config's fields, so ``--student hf-config:TEACHER
   --student-option num_hidden_layers=2`` is the DistilBERT recipe: the teacher's family, smaller.
+* A causal language model (a config whose ``architectures`` name a ``...ForCausalLM`` or
+  ``...LMHeadModel``) is loaded with ``AutoModelForCausalLM`` and wrapped in :class:`HFCausalLM`:
+  token ids ``(B, L)`` to logits ``(B, L, V)``, with its final hidden states and output projection
+  for the chunked loss (language-model runs, ``--block-length``).
 
 Nothing is downloaded: folders are read with ``local_files_only``. A model is wrapped in
 :class:`HFClassifier`, so it maps rows to logits as every other model does: text rows are token
@@ -49,6 +53,33 @@ class HFClassifier(nn.Module):
         ids = x.long()
         mask = None if self.pad_token_id is None else (ids != self.pad_token_id).long()
         return self.model(input_ids=ids, attention_mask=mask).logits
+
+
+class HFCausalLM(nn.Module):
+    """A Hugging Face causal language model as softtargets' language models are: ``forward(ids
+    (B, L)) -> logits (B, L, V)``, ``hidden(ids) -> (B, L, D)`` (the backbone's last hidden
+    states) and ``output_weight (V, D)`` (its output projection), so that a student's loss can
+    form the logits chunk by chunk."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.model(input_ids=ids.long()).logits
+
+    def hidden(self, ids: Tensor) -> Tensor:
+        return self.model.base_model(input_ids=ids.long()).last_hidden_state
+
+    @property
+    def output_weight(self) -> Tensor:
+        return self.model.get_output_embeddings().weight
+
+
+def is_causal_lm(config: Any) -> bool:
+    """Whether a Hugging Face config is a causal language model's (by its architectures)."""
+    names = getattr(config, "architectures", None) or []
+    return any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names)
 
 
 def config_folder(name: str) -> Path:
@@ -107,6 +138,7 @@ def _is_text(transformers: Any, config: Any) -> bool:
 def build_hf(name: str, num_classes: int, options: dict[str, Any]) -> nn.Module:
     """The model an ``hf:``/``hf-config:`` name gives, wrapped in :class:`HFClassifier`."""
     transformers = require("transformers", "hf")
+    transformers.utils.logging.disable_progress_bar()  # softtargets' own bars show progress
     path = config_folder(name)
     try:
         if path.is_file():
@@ -122,12 +154,16 @@ def build_hf(name: str, num_classes: int, options: dict[str, Any]) -> nn.Module:
         raise SoftTargetsError(
             f"{name}: its config.json cannot be read ({first_line(err)})"
         ) from None
-    text = _is_text(transformers, config)
+    causal = is_causal_lm(config)
+    text = causal or _is_text(transformers, config)
     auto = (
-        transformers.AutoModelForSequenceClassification
+        transformers.AutoModelForCausalLM
+        if causal
+        else transformers.AutoModelForSequenceClassification
         if text
         else transformers.AutoModelForImageClassification
     )
+    outputs = "vocab_size" if causal else "num_labels"  # a language model's classes: its tokens
     pretrained = name.startswith("hf:")
     if pretrained and options:
         raise SoftTargetsError(
@@ -135,9 +171,11 @@ def build_hf(name: str, num_classes: int, options: dict[str, Any]) -> nn.Module:
             "options for a new model of that family"
         )
     if pretrained:
-        if config.num_labels != num_classes:
+        if getattr(config, outputs) != num_classes:
+            what = "tokens in its vocabulary" if causal else "output classes"
             raise SoftTargetsError(
-                f"{name} has {config.num_labels} output classes but the data has {num_classes}"
+                f"{name} has {getattr(config, outputs)} {what} but the data has {num_classes}"
+                + ("; the tokenizer and the model must match" if causal else "")
             )
         try:
             model = auto.from_pretrained(path, local_files_only=True, use_safetensors=True)
@@ -152,11 +190,13 @@ def build_hf(name: str, num_classes: int, options: dict[str, Any]) -> nn.Module:
             raise SoftTargetsError(f"option {unknown[0]!r} is not a field of {name}'s config")
         for key, value in options.items():
             setattr(config, key, value)
-        config.num_labels = num_classes
+        setattr(config, outputs, num_classes)
         try:
             model = auto.from_config(config)
         except Exception as err:
             raise SoftTargetsError(f"{name} cannot be built ({first_line(err)})") from None
+    if causal:
+        return HFCausalLM(model)
     pad = getattr(config, "pad_token_id", None)
     return HFClassifier(model, text, pad if text else None)
 

@@ -120,3 +120,9 @@ def _why_refused(err: BaseException) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
     return (named or lines or [type(err).__name__])[0][:200]
+
+
+def cpu_state(model: nn.Module) -> dict[str, Tensor]:
+    """A model's weights, detached on the CPU, each its own copy: safe to send between processes
+    and to save (safetensors refuses tensors that share memory, as tied embeddings do)."""
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
