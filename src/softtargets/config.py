@@ -346,6 +346,14 @@ class DistillConfig(Strict):
     store_top: int = Field(
         32, ge=1, description="language models: the teacher's top-k logits kept per position"
     )
+    on_policy: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="language models: the fraction of steps on which a distilled student samples "
+        "the second half of each block and learns the teacher's distribution on its own tokens "
+        "(GKD's lambda; the teacher then runs online)",
+    )
     store_temperatures: list[float] | None = Field(
         None,
         description="language models: the temperatures the store keeps the rest's mass at, so "

@@ -78,6 +78,16 @@ def test_a_text_run_resumes_keeping_its_teacher_store_and_finished_students(tmp_
     ]  # fmt: skip
 
 
+def test_on_policy_students_learn_from_the_teacher_on_their_own_samples(tmp_path, corpus):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["distill", "--data", str(corpus), *TINY, "--seeds", "1",
+                                 "--on-policy", "0.5", "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    students = {r["method"]: r for r in _records(out) if r["role"] == "student"}
+    assert students["kd"]["on_policy"] == 0.5 and "on_policy" not in students["hard"]
+    assert "on-policy on 50% of steps" in (out / "report.md").read_text()
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -87,6 +97,8 @@ def test_a_text_run_resumes_keeping_its_teacher_store_and_finished_students(tmp_
         (["--tokenizer", "somewhere"], "tokenizer folder somewhere does not exist"),
         (["--block-length", "4096"], "shorter than one block"),
         (["--nproc", "2"], "leave out --nproc"),
+        (["--on-policy", "1.5"], "on_policy"),
+        (["--store", "elsewhere.safetensors"], "is not read yet: leave it out"),
     ],
 )
 def test_bad_text_runs_are_one_line_and_write_nothing(tmp_path, corpus, change, message):

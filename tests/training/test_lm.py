@@ -56,3 +56,53 @@ def test_distillation_from_a_teacher_or_its_store_moves_the_student_to_the_teach
         assert distance(student) < before / 2
     with pytest.raises(SoftTargetsError, match="not at 1"):
         fit_lm(_student(), train, val, store, temperature=1.0, epochs=1)
+
+
+class _Favours(torch.nn.Module):
+    """A teacher that, after any context, puts nearly all its mass on one token."""
+
+    def __init__(self, token: int, vocab: int = 258) -> None:
+        super().__init__()
+        self.token, self.vocab = token, vocab
+        self.dummy = torch.nn.Parameter(torch.zeros(()))  # a device to run on
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(*ids.shape, self.vocab)
+        logits[..., self.token] = 12.0
+        return logits
+
+
+def test_sampled_continuations_keep_the_prompt_and_follow_the_model() -> None:
+    from softtargets.training.lm import sample_continuations
+
+    tokens = torch.randint(0, 256, (3, 9))
+    sampled = sample_continuations(_Favours(7), tokens, 4, torch.Generator().manual_seed(0))
+    assert sampled.shape == (3, 9) and torch.equal(sampled[:, :4], tokens[:, :4])
+    assert (sampled[:, 4:] == 7).float().mean() > 0.95  # e^12 / (e^12 + 257): about 0.9999
+
+
+def test_on_policy_distillation_learns_the_teachers_distribution_on_its_own_samples(parts):
+    from softtargets.training.lm import sample_continuations
+
+    train, val, _ = parts
+    # one epoch of single-block steps: the weights kept are the last (validation chooses among
+    # epochs, and a teacher of a byte the text never has would lose every later one)
+    student = fit_lm(_student(), train, val, _Favours(65), method="kd", temperature=1.0,
+                     alpha=0.5, epochs=1, batch_blocks=1, lr=1e-2, on_policy=1.0).model  # fmt: skip
+    generator = torch.Generator().manual_seed(1)
+    sampled = sample_continuations(student, val.tokens[:4], 8, generator)
+    # the teacher's favourite byte ('A'), never in the text, is what the student now writes
+    assert (sampled[:, 8:] == 65).float().mean() > 0.5
+    plain = fit_lm(_student(), train, val, None, epochs=1, batch_blocks=1, lr=1e-2).model
+    sampled = sample_continuations(plain, val.tokens[:4], 8, torch.Generator().manual_seed(1))
+    assert (sampled[:, 8:] == 65).float().mean() < 0.05
+
+
+def test_on_policy_needs_the_teacher_model_and_a_fraction(parts) -> None:
+    train, val, _ = parts
+    teacher = _student(1)
+    store = label_tokens(teacher, train, top=4, temperatures=(1.0,))
+    with pytest.raises(SoftTargetsError, match="needs the teacher model, not a store"):
+        fit_lm(_student(), train, val, store, on_policy=0.5, epochs=1)
+    with pytest.raises(SoftTargetsError, match="fraction of steps from 0 to 1"):
+        fit_lm(_student(), train, val, teacher, on_policy=1.5, epochs=1)

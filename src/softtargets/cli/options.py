@@ -178,6 +178,17 @@ StoreTop = Annotated[
 ]
 
 
+OnPolicy = Annotated[
+    float | None,
+    typer.Option(
+        "--on-policy",
+        help="Language models: the fraction of steps on which a distilled student samples the "
+        "second half of each block and learns the teacher's distribution on its own tokens "
+        "(GKD's lambda; the teacher runs online) [default: 0].",
+    ),
+]
+
+
 StoreTemperatures = Annotated[
     str | None,
     typer.Option(

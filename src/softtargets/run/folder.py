@@ -474,8 +474,10 @@ def config_key(config: DistillConfig, teacher_only: bool = False) -> str:
                           ("augment", False), ("block_length", None)):  # fmt: skip
         if data[name] == default:  # runs from before these options keep their keys
             del data[name]
-    if "block_length" not in data:  # a classifier's run: the language-model store's settings
-        del values["store_top"], values["store_temperatures"]
+    if "block_length" not in data:  # a classifier's run: the language-model settings
+        del values["store_top"], values["store_temperatures"], values["on_policy"]
+    elif not values["on_policy"]:  # language-model runs from before the option keep their keys
+        del values["on_policy"]
     if "text_column" not in data:
         del data["max_length"]
     if teacher_only:

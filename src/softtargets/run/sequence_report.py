@@ -59,6 +59,16 @@ def sequence_header(unit: str) -> list[str]:
             "parameters"]  # fmt: skip
 
 
+def _source(config: DistillConfig) -> str:
+    if not config.on_policy:
+        return "from the teacher's store"
+    return (
+        f"from the teacher run online, on-policy on {config.on_policy:.0%} of steps (the student "
+        "samples the second half of each block and learns the teacher's distribution there, "
+        "alpha = 1)"
+    )
+
+
 def write_sequence_report(
     outcome: SequenceOutcome, config: DistillConfig, folder: RunFolder
 ) -> Path:
@@ -69,8 +79,8 @@ def write_sequence_report(
 Data: `{config.data.name}`, {"byte-level" if outcome.unit == "byte" else "subword"} tokens in blocks of {config.data.block_length}, split by
 file. Teacher: `{config.teacher.name}` {config.teacher.options}. Student: `{config.student.name}`
 {config.student.options}. Distillation at every position: alpha = {config.alpha:g} x the method
-at T = {config.temperature:g} + (1 - alpha) x next-token cross-entropy, from the teacher's
-top-{config.store_top} store ({outcome.store_bytes_per_token:.1f} bytes per token; the rest's
+at T = {config.temperature:g} + (1 - alpha) x next-token cross-entropy, {_source(config)}
+(its top-{config.store_top} store: {outcome.store_bytes_per_token:.1f} bytes per token, the rest's
 mass kept at T = {temperatures}).
 
 {markdown_table(sequence_header(outcome.unit), sequence_rows(outcome))}

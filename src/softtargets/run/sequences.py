@@ -213,6 +213,7 @@ def _fit(model: nn.Module, splits: SequenceSplits, config: DistillConfig, role: 
         model, splits.train, splits.val, teacher, method=method if teacher is not None else "kd",
         temperature=config.temperature, alpha=config.alpha if teacher is not None else 0.0,
         epochs=training.epochs, batch_blocks=training.batch_size, lr=training.lr, seed=seed,
+        on_policy=config.on_policy if role == "student" and teacher is not None else 0.0,
     )  # fmt: skip
     record = {"role": role, "method": method, "seed": seed, "best_epoch": result.best_epoch,
               **_measure(model, splits), "seconds": round(result.seconds, 1)}  # fmt: skip
@@ -237,6 +238,11 @@ def check_sequence_job(config: DistillConfig, train: Blocks) -> None:
     tokenizer's vocabulary, and the student must give its hidden states and output projection
     (its loss runs in chunks of positions)."""
     store_temperatures(config)
+    if config.store is not None:
+        raise SoftTargetsError(
+            "language-model runs label with their teacher in the run folder (store.safetensors); "
+            "a --store from elsewhere is not read yet: leave it out"
+        )
     if config.store_top >= train.vocab_size:
         raise SoftTargetsError(
             f"--store-top {config.store_top} keeps the whole vocabulary of {train.vocab_size} "
@@ -320,9 +326,12 @@ def run_sequences(
     for method, seed in pending:
         student = _build(config.student, train, seed, "student")
         log(f"student {method}, seed {seed}")
-        source = None if method == "hard" else store
+        # on-policy students need the teacher itself, run on their own samples
+        source = None if method == "hard" else teacher if config.on_policy else store
         student, record = _fit(student, splits, config, "student", source, method, seed)
         record["key"] = key
+        if method != "hard" and config.on_policy:
+            record["on_policy"] = config.on_policy
         save_student(folder, cpu_state(student), record)
         folder.append("results.jsonl", record)
         results.append(record)

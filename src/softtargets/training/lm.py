@@ -79,6 +79,22 @@ def _teacher_rows(
     return lambda part: logits.reshape(-1, vocab)[part]
 
 
+@torch.no_grad()
+def sample_continuations(
+    model: nn.Module, tokens: Tensor, prompt: int, generator: torch.Generator
+) -> Tensor:
+    """``tokens (B, L + 1)`` with every token after the first ``prompt`` replaced by ``model``'s
+    own samples (temperature 1), drawn one position at a time from the prompt on."""
+    was_training = model.training
+    model.eval()
+    sequence = tokens[:, :prompt]
+    for _ in range(tokens.shape[1] - prompt):
+        probs = torch.softmax(model(sequence)[:, -1].float(), dim=-1)
+        sequence = torch.cat([sequence, torch.multinomial(probs, 1, generator=generator)], 1)
+    model.train(was_training)
+    return sequence
+
+
 def fit_lm(
     student: nn.Module,
     train: Blocks,
@@ -93,10 +109,23 @@ def fit_lm(
     lr: float = 3e-3,
     seed: int = 0,
     chunk: int = 1024,
+    on_policy: float = 0.0,
 ) -> LMResult:
     """Train ``student`` on ``train``'s blocks: ``alpha x method + (1 - alpha) x next-token
     cross-entropy`` at every position (``teacher=None``: cross-entropy only), AdamW with a cosine
-    schedule, ``batch_blocks`` blocks a step; selected on validation cross-entropy."""
+    schedule, ``batch_blocks`` blocks a step; selected on validation cross-entropy.
+
+    ``on_policy`` (GKD's lambda, Agarwal et al. 2024): the fraction of steps on which the student
+    first samples the second half of each block from its first half, and learns the teacher's
+    distribution (the method alone, alpha = 1) at the positions it sampled; the teacher runs
+    online on the student's own tokens, so it must be the model, not a store."""
+    if not 0.0 <= on_policy <= 1.0:
+        raise SoftTargetsError(f"on_policy is a fraction of steps from 0 to 1, got {on_policy}")
+    if on_policy and not isinstance(teacher, nn.Module):
+        raise SoftTargetsError(
+            "on-policy distillation runs the teacher on the student's own samples, so it needs "
+            "the teacher model, not a store"
+        )
     if not hasattr(student, "hidden") or not hasattr(student, "output_weight"):
         raise SoftTargetsError(
             "the student must give hidden(ids) and output_weight, as softtargets' gpt does"
@@ -130,6 +159,13 @@ def fit_lm(
         for start in range(0, len(train), batch_blocks):
             picked = order[start : start + batch_blocks]
             tokens = train.tokens[picked]
+            sampled = on_policy and float(torch.rand((), generator=generator)) < on_policy
+            mask = None
+            if sampled:  # the student's own continuations of the blocks' first halves
+                prompt = max(1, length // 2)
+                tokens = sample_continuations(student, tokens, prompt, generator)
+                positions = torch.arange(length)[None, :].expand(len(tokens), -1)
+                mask = (positions >= prompt - 1).reshape(-1)  # targets the student sampled
             if store_row:  # the store's rows of these blocks' positions
                 first = torch.tensor([store_row[int(b)] for b in train.block_ids[picked]])
                 rows = (first[:, None] * length + torch.arange(length)[None, :]).reshape(-1)
@@ -140,7 +176,8 @@ def fit_lm(
                 hidden.reshape(-1, hidden.shape[-1]), student.output_weight,
                 tokens[:, 1:].reshape(-1),
                 _teacher_rows(teacher, tokens, rows, temperature, train.vocab_size),
-                method=method, temperature=temperature, alpha=alpha, chunk=chunk,
+                mask=mask, method=method, temperature=temperature,
+                alpha=1.0 if sampled else alpha, chunk=chunk,
             )  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
