@@ -210,6 +210,26 @@ def run(ctx: StudyContext) -> StudyOutput:
             title=f"gamma {positive[-1]:g}: the theorem's quantity (hard: logistic, soft: KL)",
         )
     )
+    # the primary statistic's picture: m* against 1 / gamma on log-log axes, a slope per arm
+    figures.insert(
+        0,
+        plot_lines(
+            {
+                f"{method} labels": {
+                    1 / g: [min(needed[(g, method, s)], 2 * widest) for s in ctx.seeds]
+                    for g in positive
+                }
+                for method in ("hard", "soft")
+            },
+            ctx.path("neurons_needed.png"),
+            xlabel="1 / gamma (a smaller margin to the right)",
+            ylabel=f"m*: hidden units for {TARGET:.0%} validation accuracy",
+            scale=1.0,
+            logx=True,
+            logy=True,
+            title="Neurons needed as the margin shrinks (slope: the primary statistic)",
+        ),
+    )
     notes = (
         f"Slope of log m* on log(1/gamma): hard {arm_slopes['hard'].describe()}, soft "
         f"{arm_slopes['soft'].describe()}. "
