@@ -99,7 +99,7 @@ def run_distillation(
     started = time.perf_counter()
     check_out_of_inputs(out_dir, [config.data.name, config.data.test])
     if is_sequence_job(config):  # text in token blocks: every position is a row
-        return _run_sequences(config, out_dir, overwrite, log, started)
+        return _run_sequences(config, out_dir, overwrite, progress, log, started)
     prepared = prepare(config)
     with RunFolder.open(out_dir, overwrite=overwrite, log=log) as folder:
         part = teacher_in(folder, config, prepared, progress, log)
@@ -137,6 +137,7 @@ def _run_sequences(
     config: DistillConfig,
     out_dir: str | Path,
     overwrite: bool,
+    progress: Any,
     log: Callable[[str], None],
     started: float,
 ) -> SequenceOutcome:
@@ -153,7 +154,7 @@ def _run_sequences(
     check_sequence_job(config, splits.train)
     with RunFolder.open(out_dir, overwrite=overwrite, log=log) as folder:
         folder.write_text("config.yaml", dump_config(config))
-        teacher, students, store = run_sequences(folder, config, splits, log)
+        teacher, students, store = run_sequences(folder, config, splits, log, progress)
         outcome = SequenceOutcome(folder.root, teacher, students, store.bytes_per_token,
                                   time.perf_counter() - started, splits.unit)  # fmt: skip
         write_sequence_report(outcome, config, folder)

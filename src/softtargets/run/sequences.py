@@ -147,8 +147,8 @@ def text_tokenizer(config: DistillConfig) -> ByteTokenizer | SavedTokenizer:
 
 
 def load_sequence_splits(config: DistillConfig) -> SequenceSplits:
-    """Read, tokenise (:func:`text_tokenizer`), pack and split the corpus; one-line errors for what cannot
-    be (not UTF-8, shorter than a block, too few files to split)."""
+    """Read, tokenise (:func:`text_tokenizer`), pack and split the corpus; one-line errors for
+    what cannot be (not UTF-8, shorter than a block, too few files to split)."""
     data = config.data
     if data.test is not None:
         raise SoftTargetsError(
@@ -181,11 +181,11 @@ def _build(model: ModelConfig, blocks: Blocks, seed: int, role: str) -> nn.Modul
             f"{role} {model.name} fails on (1, {blocks.block_length}) token ids "
             f"({first_line(err)}); a language model maps them to {wanted} logits"
         ) from err
-    if tuple(getattr(logits, "shape", ())) != wanted:
+    shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+    if shape != wanted:
         raise SoftTargetsError(
-            f"{role} {model.name} maps (1, {blocks.block_length}) token ids to "
-            f"{tuple(logits.shape)}; a language model gives (1, {blocks.block_length}, "
-            f"{blocks.vocab_size}) logits over the tokenizer's vocabulary"
+            f"{role} {model.name} maps (1, {blocks.block_length}) token ids to {shape}; a "
+            f"language model gives {wanted} logits over the tokenizer's vocabulary"
         )
     return built
 
@@ -206,7 +206,8 @@ def _measure(model: nn.Module, splits: SequenceSplits) -> dict[str, Any]:
 
 
 def _fit(model: nn.Module, splits: SequenceSplits, config: DistillConfig, role: str,
-         teacher: Any, method: str, seed: int) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
+         teacher: Any, method: str, seed: int,
+         progress: Any = None) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
     """Train one language model (its best validation epoch kept) and measure it."""
     training = config.teacher_training if role == "teacher" else config.student_training
     result = fit_lm(
@@ -214,6 +215,7 @@ def _fit(model: nn.Module, splits: SequenceSplits, config: DistillConfig, role: 
         temperature=config.temperature, alpha=config.alpha if teacher is not None else 0.0,
         epochs=training.epochs, batch_blocks=training.batch_size, lr=training.lr, seed=seed,
         on_policy=config.on_policy if role == "student" and teacher is not None else 0.0,
+        progress=progress, description=role if role == "teacher" else f"{method}, seed {seed}",
     )  # fmt: skip
     record = {"role": role, "method": method, "seed": seed, "best_epoch": result.best_epoch,
               **_measure(model, splits), "seconds": round(result.seconds, 1)}  # fmt: skip
@@ -262,6 +264,7 @@ def run_sequences(
     config: DistillConfig,
     splits: SequenceSplits,
     log: Callable[[str], None],
+    progress: Any = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], TokenStore]:
     """The job's stages on token blocks, in the open run ``folder``: the teacher (reloaded when
     its key matches), the store (reloaded when it fits the blocks and settings), and every
@@ -303,7 +306,7 @@ def run_sequences(
     elif not reloaded or teacher_record is None:
         log(f"teacher {config.teacher.name}: training on {len(train)} blocks")
         teacher, teacher_record = _fit(teacher, splits, config, "teacher", None, "teacher",
-                                       config.first_seed)  # fmt: skip
+                                       config.first_seed, progress)  # fmt: skip
     if not reloaded or "key" not in teacher_record:
         teacher_record["key"] = teacher_key
         folder.save_weights("teacher.safetensors", teacher, teacher_key)
@@ -328,7 +331,8 @@ def run_sequences(
         log(f"student {method}, seed {seed}")
         # on-policy students need the teacher itself, run on their own samples
         source = None if method == "hard" else teacher if config.on_policy else store
-        student, record = _fit(student, splits, config, "student", source, method, seed)
+        student, record = _fit(student, splits, config, "student", source, method, seed,
+                               progress)  # fmt: skip
         record["key"] = key
         if method != "hard" and config.on_policy:
             record["on_policy"] = config.on_policy

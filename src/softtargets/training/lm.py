@@ -110,6 +110,8 @@ def fit_lm(
     seed: int = 0,
     chunk: int = 1024,
     on_policy: float = 0.0,
+    progress: Any = None,
+    description: str = "training",
 ) -> LMResult:
     """Train ``student`` on ``train``'s blocks: ``alpha x method + (1 - alpha) x next-token
     cross-entropy`` at every position (``teacher=None``: cross-entropy only), AdamW with a cosine
@@ -118,7 +120,9 @@ def fit_lm(
     ``on_policy`` (GKD's lambda, Agarwal et al. 2024): the fraction of steps on which the student
     first samples the second half of each block from its first half, and learns the teacher's
     distribution (the method alone, alpha = 1) at the positions it sampled; the teacher runs
-    online on the student's own tokens, so it must be the model, not a store."""
+    online on the student's own tokens, so it must be the model, not a store.
+
+    ``progress``: a ``rich.progress.Progress`` to report steps to, as ``description``."""
     if not 0.0 <= on_policy <= 1.0:
         raise SoftTargetsError(f"on_policy is a fraction of steps from 0 to 1, got {on_policy}")
     if on_policy and not isinstance(teacher, nn.Module):
@@ -152,6 +156,7 @@ def fit_lm(
         if isinstance(teacher, TokenStore)
         else {}
     )
+    task = progress.add_task(description, total=steps) if progress is not None else None
     for epoch in range(1, epochs + 1):
         student.train()
         order = torch.randperm(len(train), generator=generator)
@@ -184,6 +189,8 @@ def fit_lm(
             optimizer.step()
             schedule.step()
             losses.append(float(loss.detach()))
+            if task is not None:
+                progress.update(task, advance=1)
         val_loss = next_token_loss(student, val)
         record = {
             "epoch": epoch,
@@ -198,6 +205,8 @@ def fit_lm(
                 copy.deepcopy(student.state_dict()),
                 epoch,
             )
+    if task is not None:
+        progress.remove_task(task)
     if best_state is not None:
         student.load_state_dict(best_state)
     result.seconds = time.perf_counter() - started
