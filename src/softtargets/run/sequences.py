@@ -27,7 +27,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from softtargets.config import SEQUENCE_STUDENT, SEQUENCE_TEACHER, DistillConfig, ModelConfig
+from softtargets.config import (
+    SEQUENCE_STUDENT,
+    SEQUENCE_TEACHER,
+    STDLIB_FILES,
+    DistillConfig,
+    ModelConfig,
+)
 from softtargets.data.sequences import (
     Blocks,
     ByteTokenizer,
@@ -87,11 +93,13 @@ def with_sequence_models(config: DistillConfig) -> DistillConfig:
 
 
 def corpus_files(config: DistillConfig) -> list[Path]:
-    """The text files of ``config.data``: ``stdlib`` (option ``files``, default 40), one file,
+    """The text files of ``config.data``: ``stdlib`` (option ``files``, default
+    :data:`~softtargets.config.STDLIB_FILES`), one file,
     or a folder's regular files ending in :data:`TEXT_SUFFIXES` (sorted, no links)."""
     name, options = config.data.name, config.data.options
     if name == STDLIB:
-        return stdlib_files(int(options.get("files", 40)), seed=int(options.get("seed", 0)))
+        count = int(options.get("files", STDLIB_FILES))
+        return stdlib_files(count, seed=int(options.get("seed", 0)))
     path = Path(name)
     if path.is_file():
         return [path]
