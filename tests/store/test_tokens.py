@@ -50,6 +50,7 @@ def test_a_store_keeps_the_top_k_and_the_rest_at_each_temperature(blocks, tmp_pa
     store.save(tmp_path / "s.safetensors")
     again = TokenStore.load(tmp_path / "s.safetensors", blocks=blocks)
     assert torch.equal(again.kept(rows, 2.0)[0], store.kept(rows, 2.0)[0])
+    assert torch.equal(again.block_ids, store.block_ids)  # saved as runs, read back whole
     other = pack_blocks([("c", list(range(200)))], block_length=16, vocab_size=258)
     with pytest.raises(SoftTargetsError, match="other blocks"):
         TokenStore.load(tmp_path / "s.safetensors", blocks=other)
@@ -65,5 +66,18 @@ def test_bytes_per_token_at_a_large_vocabulary() -> None:
         torch.arange(1), n, 128_000, k, (1.0,), 7, 0.1, 17, pack_bits(ids, 17),
         pack_bits(codes, 7), torch.zeros(n).half(), torch.zeros(n, 1).half(), "b", "t",
     )  # fmt: skip
-    assert store.bytes_per_token == pytest.approx(68 + 28 + 2 + 2 + 8 / n)
+    # one run of block ids (16 bytes) over the store's n positions
+    assert store.bytes_per_token == pytest.approx(68 + 28 + 2 + 2 + 16 / n)
     assert torch.equal(store.kept(torch.arange(n), 1.0)[1], ids)
+
+
+def test_block_ids_are_saved_as_runs_and_read_back(tmp_path) -> None:
+    from softtargets.store.tokens import id_runs, ids_from_runs
+
+    ids = torch.tensor([4, 5, 6, 9, 10, 2])
+    starts, lengths = id_runs(ids)
+    assert starts.tolist() == [4, 9, 2] and lengths.tolist() == [3, 2, 1]
+    assert torch.equal(ids_from_runs(starts, lengths), ids)
+    assert id_runs(torch.zeros(0, dtype=torch.long))[0].numel() == 0
+    with pytest.raises(SoftTargetsError, match="block runs are damaged"):
+        ids_from_runs(torch.tensor([1]), torch.tensor([-2]))

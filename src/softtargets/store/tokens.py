@@ -14,6 +14,8 @@ temperature is refused.
 | the rest's log-sum-exp | float16 per temperature | 2 |
 
 Rows are ``(block, position)`` in order, so their ids are implicit: ``block_id * L + position``.
+The block ids themselves are saved as runs of consecutive ids (a split by file is a few runs, one
+per file or fewer): 16 bytes a run, well under a hundredth of a byte a token.
 """
 
 from __future__ import annotations
@@ -29,12 +31,35 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
+from softtargets.config import check_budget
 from softtargets.data.sequences import Blocks
 from softtargets.errors import SoftTargetsError
 from softtargets.files import atomic_write_bytes, parse_json
 from softtargets.store.store import fingerprint_module
 
 FORMAT = "softtargets-token-store"
+
+
+def id_runs(ids: Tensor) -> tuple[Tensor, Tensor]:
+    """``(starts, lengths)`` (int64) of the runs of consecutive values in ``ids``: ``[4, 5, 6, 9,
+    10]`` -> ``([4, 9], [3, 2])``."""
+    if len(ids) == 0:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    breaks = torch.nonzero(ids[1:] != ids[:-1] + 1).squeeze(1) + 1
+    firsts = torch.cat([torch.zeros(1, dtype=torch.long), breaks])
+    ends = torch.cat([breaks, torch.tensor([len(ids)])])
+    return ids[firsts].long().clone(), (ends - firsts).long()
+
+
+def ids_from_runs(starts: Tensor, lengths: Tensor) -> Tensor:
+    """The ids :func:`id_runs` describes, in order."""
+    if len(starts) != len(lengths) or bool((lengths < 0).any()):
+        raise SoftTargetsError("the token store's block runs are damaged; label the blocks again")
+    check_budget(8 * int(lengths.sum()), "the token store's block ids")
+    return torch.cat(
+        [torch.arange(int(s), int(s) + int(n)) for s, n in zip(starts, lengths, strict=True)]
+        or [torch.zeros(0, dtype=torch.long)]
+    )
 
 
 def pack_bits(values: Tensor, bits: int) -> Tensor:
@@ -82,9 +107,10 @@ class TokenStore:
 
     @property
     def bytes_per_token(self) -> float:
-        """Stored bytes per position (block ids amortised over the block)."""
+        """Stored bytes per position (the block ids' runs amortised over the positions)."""
         per_row = self.packed_ids.shape[1] + self.packed_codes.shape[1] + 2 + 2 * self.rest.shape[1]
-        return per_row + 8 / self.block_length
+        starts, _ = id_runs(self.block_ids)
+        return per_row + 16 * len(starts) / max(len(self), 1)
 
     def kept(self, rows: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
         """``(values, classes, rest)``: the rows' kept logits ``(c, k)`` (decoded), their tokens
@@ -115,8 +141,9 @@ class TokenStore:
                 }
             ),
         }  # fmt: skip
+        starts, lengths = id_runs(self.block_ids)
         tensors = {
-            "block_ids": self.block_ids, "packed_ids": self.packed_ids,
+            "block_starts": starts, "block_runs": lengths, "packed_ids": self.packed_ids,
             "packed_codes": self.packed_codes, "largest": self.largest, "rest": self.rest,
         }  # fmt: skip
         atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, meta))
@@ -134,8 +161,12 @@ class TokenStore:
         if meta.get("format") != FORMAT:
             raise SoftTargetsError(f"{path} is not a softtargets token store")
         h = parse_json(meta["header"], f"{path}'s header")
+        if "block_ids" in tensors:  # written before block ids were saved as runs
+            block_ids = tensors["block_ids"]
+        else:
+            block_ids = ids_from_runs(tensors["block_starts"], tensors["block_runs"])
         store = cls(
-            tensors["block_ids"], int(h["block_length"]), int(h["vocab_size"]), int(h["top"]),
+            block_ids, int(h["block_length"]), int(h["vocab_size"]), int(h["top"]),
             tuple(float(t) for t in h["temperatures"]), int(h["code_bits"]), float(h["step"]),
             int(h["index_bits"]), tensors["packed_ids"], tensors["packed_codes"],
             tensors["largest"], tensors["rest"], str(h["blocks"]), str(h["teacher"]),
