@@ -98,7 +98,7 @@ def test_on_policy_students_learn_from_the_teacher_on_their_own_samples(tmp_path
         (["--block-length", "4096"], "shorter than one block"),
         (["--nproc", "2"], "leave out --nproc"),
         (["--on-policy", "1.5"], "on_policy"),
-        (["--store", "elsewhere.safetensors"], "is not read yet: leave it out"),
+        (["--store", "elsewhere.safetensors"], "not a readable token store"),
     ],
 )
 def test_bad_text_runs_are_one_line_and_write_nothing(tmp_path, corpus, change, message):
@@ -169,3 +169,30 @@ def test_a_hugging_face_causal_lm_teaches_a_smaller_one_of_its_family(tmp_path, 
     saved = load_file(out / "teacher.safetensors")
     original = transformers.GPT2LMHeadModel.from_pretrained(folder).state_dict()
     assert torch.equal(saved["model.transformer.wte.weight"], original["transformer.wte.weight"])
+
+
+def test_label_once_distil_many_from_another_runs_store(tmp_path, corpus) -> None:
+    first = tmp_path / "first"
+    result = runner.invoke(app, ["distill", "--data", str(corpus), *TINY, "--seeds", "1",
+                                 "--out", str(first)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    store = first / "store.safetensors"
+    second = tmp_path / "second"
+    result = runner.invoke(app, ["distill", "--data", str(corpus), *TINY, "--seeds", "1",
+                                 "--store", str(store), "--out", str(second)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "no teacher run" in result.output and not (second / "teacher.safetensors").exists()
+    students = {r["method"]: r for r in _records(second) if r["role"] == "student"}
+    assert set(students) == {"hard", "kd"}
+    assert "stored logits" in (second / "report.md").read_text()
+    # the same student from the store as from the run that made it: the same targets and seed
+    made = {r["method"]: r for r in _records(first) if r["role"] == "student"}
+    assert students["kd"]["test_loss"] == pytest.approx(made["kd"]["test_loss"], rel=1e-5)
+    # a store at another temperature, or on-policy with a store: one line, nothing written
+    for change, message in ((["--temperature", "3"], "not at --temperature 3"),
+                            (["--on-policy", "0.5"], "not --store")):  # fmt: skip
+        out = tmp_path / f"bad{len(change)}{change[0]}"
+        bad = runner.invoke(app, ["distill", "--data", str(corpus), *TINY, "--store", str(store),
+                                  *change, "--out", str(out)])  # fmt: skip
+        assert bad.exit_code == 2 and message in bad.output, bad.output
+        assert not out.exists()

@@ -37,8 +37,13 @@ class SequenceOutcome:
 def sequence_rows(outcome: SequenceOutcome) -> list[list[str]]:
     """The language-model table: each model's test bits per byte (mean and 95% interval over
     seeds) and, for each distillation method, its paired difference from next-token CE."""
-    rows = [["teacher", "next tokens", "1", f"{outcome.teacher['test_bits_per_token']:.3f}", "",
-             f"{outcome.teacher['parameters']:,}"]]  # fmt: skip
+    teacher = outcome.teacher
+    rows = (
+        [["teacher", "next tokens", "1", f"{teacher['test_bits_per_token']:.3f}", "",
+          f"{teacher['parameters']:,}"]]
+        if "test_bits_per_token" in teacher
+        else [["teacher", f"stored logits ({teacher.get('store', '')})", "", "", "", ""]]
+    )  # fmt: skip
     hard = outcome.bits("hard")
     for method in dict.fromkeys(r["method"] for r in outcome.results):
         values = outcome.bits(method)
@@ -59,6 +64,12 @@ def sequence_header(unit: str) -> list[str]:
             "parameters"]  # fmt: skip
 
 
+def _teacher(config: DistillConfig) -> str:
+    if config.store is not None:
+        return f"the stored logits of `{config.store}` (labelled in another run)"
+    return f"`{config.teacher.name}` {config.teacher.options}"
+
+
 def _source(config: DistillConfig) -> str:
     if not config.on_policy:
         return "from the teacher's store"
@@ -77,7 +88,7 @@ def write_sequence_report(
     text = f"""# Distillation run (language model): {outcome.out_dir.name}
 
 Data: `{config.data.name}`, {"byte-level" if outcome.unit == "byte" else "subword"} tokens in blocks of {config.data.block_length}, split by
-file. Teacher: `{config.teacher.name}` {config.teacher.options}. Student: `{config.student.name}`
+file. Teacher: {_teacher(config)}. Student: `{config.student.name}`
 {config.student.options}. Distillation at every position: alpha = {config.alpha:g} x the method
 at T = {config.temperature:g} + (1 - alpha) x next-token cross-entropy, {_source(config)}
 (its top-{config.store_top} store: {outcome.store_bytes_per_token:.1f} bytes per token, the rest's

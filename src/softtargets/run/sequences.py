@@ -248,18 +248,32 @@ def check_sequence_job(config: DistillConfig, train: Blocks) -> None:
     tokenizer's vocabulary, and the student must give its hidden states and output projection
     (its loss runs in chunks of positions)."""
     store_temperatures(config)
-    if config.store is not None:
-        raise SoftTargetsError(
-            "language-model runs label with their teacher in the run folder (store.safetensors); "
-            "a --store from elsewhere is not read yet: leave it out"
-        )
+    if config.store is not None:  # label once, distil many: another run's store of these blocks
+        if config.on_policy:
+            raise SoftTargetsError(
+                "on-policy distillation runs the teacher on the student's own samples, so it "
+                "needs the teacher model, not --store; leave one of them out"
+            )
+        stored = TokenStore.load(config.store, train)  # refuses other blocks or vocabulary
+        if not any(math.isclose(t, config.temperature) for t in stored.temperatures):
+            raise SoftTargetsError(
+                f"{config.store} keeps the rest's mass at T = "
+                f"{', '.join(f'{t:g}' for t in stored.temperatures)}, not at --temperature "
+                f"{config.temperature:g}: distil at one of those, or label again"
+            )
+        student = _build(config.student, train, 0, "student")
+        _check_student(config, student)
+        return
     if config.store_top >= train.vocab_size:
         raise SoftTargetsError(
             f"--store-top {config.store_top} keeps the whole vocabulary of {train.vocab_size} "
             "tokens; give a smaller number"
         )
     _build(config.teacher, train, config.first_seed, "teacher")
-    student = _build(config.student, train, 0, "student")
+    _check_student(config, _build(config.student, train, 0, "student"))
+
+
+def _check_student(config: DistillConfig, student: nn.Module) -> None:
     if not hasattr(student, "hidden") or not hasattr(student, "output_weight"):
         raise SoftTargetsError(
             f"student {config.student.name} must give hidden(ids) and output_weight (its output "
@@ -283,6 +297,12 @@ def run_sequences(
         f"{len(splits.val)} validation / {len(splits.test)} test blocks of "
         f"{train.block_length} tokens ({'byte-level' if splits.unit == 'byte' else 'subword'})"
     )
+    if config.store is not None:
+        store = TokenStore.load(config.store, train)
+        log(f"store: {config.store} ({store.bytes_per_token:.1f} bytes per token), no teacher run")
+        teacher_record = {"role": "teacher", "method": "teacher", "store": str(config.store),
+                          "key": f"store-{store.teacher_fingerprint[:12]}"}  # fmt: skip
+        return teacher_record, _students(folder, config, splits, None, store, log, progress), store
     weights = config.teacher.weights or (
         str(hf_weights_file(config.teacher.name)) if config.teacher.name.startswith("hf:") else None
     )  # pretrained weights are keyed by their content, not their path
@@ -325,8 +345,25 @@ def run_sequences(
     teacher.eval()
     log(f"teacher: test {teacher_record['test_bits_per_token']:.3f} bits per {splits.unit}")
     store = _store(folder, config, teacher, train, reloaded, log)
+    return teacher_record, _students(folder, config, splits, teacher, store, log, progress), store
 
+
+def _students(
+    folder: RunFolder,
+    config: DistillConfig,
+    splits: SequenceSplits,
+    teacher: nn.Module | None,
+    store: TokenStore,
+    log: Callable[[str], None],
+    progress: Any,
+) -> list[dict[str, Any]]:
+    """Every pending student of the run (finished ones kept), their records returned; a store
+    from elsewhere keys them by its teacher's fingerprint."""
+    train = splits.train
     key = config_key(config)
+    if config.store is not None:
+        key = settings_key({"settings": key, "store": store.teacher_fingerprint})
+    every = fit_records(folder, "results.jsonl", unique=True)
     results = [r for r in every if r["role"] == "student" and r["key"] == key]
     done = {(r["method"], r["seed"]) for r in results}
     seeds = range(config.first_seed, config.first_seed + config.seeds)
@@ -347,7 +384,7 @@ def run_sequences(
         save_student(folder, cpu_state(student), record)
         folder.append("results.jsonl", record)
         results.append(record)
-    return teacher_record, [r for r in results if r["seed"] in seeds], store
+    return [r for r in results if r["seed"] in seeds]
 
 
 def _store(
