@@ -197,7 +197,8 @@ class DataConfig(Strict):
         ge=1,
         le=1 << 16,
         description="language modelling: the data is text (stdlib, a text file or a folder of "
-        "them), packed into blocks of this many byte-level tokens, distilled at every position",
+        "them), packed into blocks of this many tokens (byte-level unless a tokenizer is given), "
+        "distilled at every position",
     )
 
 
@@ -276,11 +277,12 @@ TEACHERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 OTHER_TEACHER: tuple[str, dict[str, Any]] = ("mlp", {"hidden": [256, 256], "dropout": 0.3})
 
-#: language modelling (``block_length`` set) with the default models: a 4-layer causal
-#: transformer teaching a 1-layer one (``gpt``; the context is the block length)
 #: how many of the standard library's sources the built-in corpus ``stdlib`` takes by default:
 #: about 1,400 blocks of 128 bytes, a run of minutes on two cores
 STDLIB_FILES = 8
+
+#: language modelling (``block_length`` set) with the default models: a 4-layer causal
+#: transformer teaching a 1-layer one (``gpt``; the context is the block length)
 SEQUENCE_TEACHER: tuple[str, dict[str, Any]] = ("gpt", {"layers": 4, "heads": 4, "width": 128})
 SEQUENCE_STUDENT: tuple[str, dict[str, Any]] = ("gpt", {"layers": 1, "heads": 4, "width": 128})
 

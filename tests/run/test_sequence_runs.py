@@ -196,3 +196,21 @@ def test_label_once_distil_many_from_another_runs_store(tmp_path, corpus) -> Non
                                   *change, "--out", str(out)])  # fmt: skip
         assert bad.exit_code == 2 and message in bad.output, bad.output
         assert not out.exists()
+
+
+def test_a_student_whose_logits_are_capped_is_refused(tmp_path, corpus) -> None:
+    """Its chunked loss forms hidden @ output_weight.T: a student whose own logits are anything
+    else (here scaled by 0.5) would be trained as another function."""
+    (tmp_path / "capped.py").write_text(
+        "from softtargets.training.gpt import GPT\n"
+        "class Capped(GPT):\n"
+        "    def forward(self, ids):\n"
+        "        return 0.5 * super().forward(ids)\n"
+        "def capped(num_classes):\n"
+        "    return Capped(num_classes, 1, 2, 16, 16)\n"
+    )
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["distill", "--data", str(corpus), *TEACHER, "--student",
+                                 f"{tmp_path / 'capped.py'}:capped", "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 2 and "are not hidden(ids) @ output_weight.T" in result.output
+    assert not out.exists()

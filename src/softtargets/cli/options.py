@@ -164,7 +164,8 @@ BlockLength = Annotated[
     typer.Option(
         "--block-length",
         help="Language modelling: --data is text (stdlib, a text file or a folder of them), "
-        "packed into blocks of this many byte-level tokens and distilled at every position.",
+        "packed into blocks of this many tokens (byte-level, or --tokenizer's / an hf: model's) "
+        "and distilled at every position.",
     ),
 ]
 

@@ -262,7 +262,7 @@ def check_sequence_job(config: DistillConfig, train: Blocks) -> None:
                 f"{config.temperature:g}: distil at one of those, or label again"
             )
         student = _build(config.student, train, 0, "student")
-        _check_student(config, student)
+        _check_student(config, student, train)
         return
     if config.store_top >= train.vocab_size:
         raise SoftTargetsError(
@@ -270,14 +270,29 @@ def check_sequence_job(config: DistillConfig, train: Blocks) -> None:
             "tokens; give a smaller number"
         )
     _build(config.teacher, train, config.first_seed, "teacher")
-    _check_student(config, _build(config.student, train, 0, "student"))
+    _check_student(config, _build(config.student, train, 0, "student"), train)
 
 
-def _check_student(config: DistillConfig, student: nn.Module) -> None:
+def _check_student(config: DistillConfig, student: nn.Module, train: Blocks) -> None:
+    """The student's loss forms its logits chunk by chunk as ``hidden(ids) @ output_weight.T``:
+    it must give both, and its own logits must be exactly that (no final scale or soft cap)."""
     if not hasattr(student, "hidden") or not hasattr(student, "output_weight"):
         raise SoftTargetsError(
             f"student {config.student.name} must give hidden(ids) and output_weight (its output "
             "projection), as gpt does, so that its loss runs in chunks; use --student gpt"
+        )
+    ids = train.tokens[:1, :-1]
+    was_training = student.training
+    student.eval()  # dropout would make the two passes differ
+    with torch.no_grad():
+        logits = student(ids).float()
+        formed = (student.hidden(ids) @ student.output_weight.T).float()
+    student.train(was_training)
+    if not torch.allclose(logits, formed, atol=1e-4, rtol=1e-3):
+        raise SoftTargetsError(
+            f"student {config.student.name}'s logits are not hidden(ids) @ output_weight.T (a "
+            "final scale or soft cap?), so its chunked loss would train another function; it "
+            "can teach, not learn here"
         )
 
 
