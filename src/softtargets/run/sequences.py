@@ -50,6 +50,7 @@ from softtargets.run.folder import RunFolder, config_key, fit_records, settings_
 from softtargets.run.students import save_student
 from softtargets.run.teacher import is_pretrained
 from softtargets.store.tokens import TokenStore, label_tokens
+from softtargets.training.common import resolve_device
 from softtargets.training.hf import hf_weights_file, is_hf_name
 from softtargets.training.lm import fit_lm, next_token_loss
 from softtargets.training.models import build_model, count_parameters
@@ -224,6 +225,7 @@ def _fit(model: nn.Module, splits: SequenceSplits, config: DistillConfig, role: 
         epochs=training.epochs, batch_blocks=training.batch_size, lr=training.lr, seed=seed,
         on_policy=config.on_policy if role == "student" and teacher is not None else 0.0,
         progress=progress, description=role if role == "teacher" else f"{method}, seed {seed}",
+        device=resolve_device(config.device),
     )  # fmt: skip
     record = {"role": role, "method": method, "seed": seed, "best_epoch": result.best_epoch,
               **_measure(model, splits), "seconds": round(result.seconds, 1)}  # fmt: skip
@@ -357,7 +359,7 @@ def run_sequences(
         folder.append("results.jsonl", teacher_record)
     else:
         log("teacher: reloaded from a previous run")
-    teacher.eval()
+    teacher.to(resolve_device(config.device)).eval()  # it labels, and teaches online
     log(f"teacher: test {teacher_record['test_bits_per_token']:.3f} bits per {splits.unit}")
     store = _store(folder, config, teacher, train, reloaded, log)
     return teacher_record, _students(folder, config, splits, teacher, store, log, progress), store

@@ -43,8 +43,9 @@ def next_token_loss(model: nn.Module, blocks: Blocks, batch_blocks: int = 16) ->
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     for start in range(0, len(blocks), batch_blocks):
-        tokens = blocks.tokens[start : start + batch_blocks]
+        tokens = blocks.tokens[start : start + batch_blocks].to(device)
         logits = model(tokens[:, :-1]).float()
         total += float(
             nn.functional.cross_entropy(
@@ -65,10 +66,13 @@ def _teacher_rows(
 ) -> Any:
     """``teacher(positions) -> logits or KeptRows`` for one batch of blocks ``tokens``: stored
     rows, an online teacher's logits of the batch, or (no teacher, alpha 0) zeros."""
-    if teacher is None:
-        return lambda part: torch.zeros(len(part), vocab)  # weighted 0: labels only
-    if isinstance(teacher, TokenStore):
-        return lambda part: KeptRows(*teacher.kept(rows[part], temperature))
+    device = tokens.device
+    if teacher is None:  # weighted 0: labels only
+        return lambda part: torch.zeros(len(part), vocab, device=device)
+    if isinstance(teacher, TokenStore):  # the store lives on the CPU; its rows go to the batch
+        return lambda part: KeptRows(
+            *(t.to(device) for t in teacher.kept(rows[part.cpu()], temperature))
+        )
     with torch.no_grad():
         logits = teacher(tokens[:, :-1]).float()
     if logits.shape[-1] != vocab:
@@ -90,7 +94,9 @@ def sample_continuations(
     sequence = tokens[:, :prompt]
     for _ in range(tokens.shape[1] - prompt):
         probs = torch.softmax(model(sequence)[:, -1].float(), dim=-1)
-        sequence = torch.cat([sequence, torch.multinomial(probs, 1, generator=generator)], 1)
+        # drawn on the CPU, where the seeded generator lives
+        drawn = torch.multinomial(probs.cpu(), 1, generator=generator).to(sequence.device)
+        sequence = torch.cat([sequence, drawn], 1)
     model.train(was_training)
     return sequence
 
@@ -112,6 +118,7 @@ def fit_lm(
     on_policy: float = 0.0,
     progress: Any = None,
     description: str = "training",
+    device: str | torch.device = "cpu",
 ) -> LMResult:
     """Train ``student`` on ``train``'s blocks: ``alpha x method + (1 - alpha) x next-token
     cross-entropy`` at every position (``teacher=None``: cross-entropy only), AdamW with a cosine
@@ -122,7 +129,9 @@ def fit_lm(
     distribution (the method alone, alpha = 1) at the positions it sampled; the teacher runs
     online on the student's own tokens, so it must be the model, not a store.
 
-    ``progress``: a ``rich.progress.Progress`` to report steps to, as ``description``."""
+    ``progress``: a ``rich.progress.Progress`` to report steps to, as ``description``;
+    ``device``: where the student (and an online teacher) train; a store stays on the CPU and
+    sends each batch's rows."""
     if not 0.0 <= on_policy <= 1.0:
         raise SoftTargetsError(f"on_policy is a fraction of steps from 0 to 1, got {on_policy}")
     if on_policy and not isinstance(teacher, nn.Module):
@@ -144,6 +153,9 @@ def fit_lm(
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    student.to(device)
+    if isinstance(teacher, nn.Module):
+        teacher.to(device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.01)
     steps = epochs * math.ceil(len(train) / batch_blocks)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
@@ -163,13 +175,14 @@ def fit_lm(
         losses = []
         for start in range(0, len(train), batch_blocks):
             picked = order[start : start + batch_blocks]
-            tokens = train.tokens[picked]
+            tokens = train.tokens[picked].to(device)
             sampled = on_policy and float(torch.rand((), generator=generator)) < on_policy
             mask = None
             if sampled:  # the student's own continuations of the blocks' first halves
                 prompt = max(1, length // 2)
                 tokens = sample_continuations(student, tokens, prompt, generator)
-                positions = torch.arange(length)[None, :].expand(len(tokens), -1)
+                positions = torch.arange(length, device=tokens.device)[None, :]
+                positions = positions.expand(len(tokens), -1)
                 mask = (positions >= prompt - 1).reshape(-1)  # targets the student sampled
             if store_row:  # the store's rows of these blocks' positions
                 first = torch.tensor([store_row[int(b)] for b in train.block_ids[picked]])
