@@ -214,3 +214,18 @@ def test_a_student_whose_logits_are_capped_is_refused(tmp_path, corpus) -> None:
                                  f"{tmp_path / 'capped.py'}:capped", "--out", str(out)])  # fmt: skip
     assert result.exit_code == 2 and "are not hidden(ids) @ output_weight.T" in result.output
     assert not out.exists()
+
+
+def test_language_model_runs_get_their_own_default_models_and_trainings() -> None:
+    from softtargets.cli.options import build_distill_config
+    from softtargets.config import sequence_training
+
+    config = build_distill_config(None, data="stdlib", block_length=128, student_epochs=3,
+                                  student_option=["width=64"])  # fmt: skip
+    assert config.teacher.name == config.student.name == "gpt"
+    assert config.teacher_training == sequence_training("teacher")  # not 40 classifier epochs
+    assert config.student_training.epochs == 3  # the flag, on the language-model default
+    assert config.student_training.batch_size == sequence_training("student").batch_size
+    assert config.student.options["width"] == 64 and config.student.options["layers"] == 1
+    classifier = build_distill_config(None, data="mnist1d")
+    assert classifier.student_training.epochs == 100 and classifier.teacher.name == "cnn1d"

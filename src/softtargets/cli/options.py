@@ -429,7 +429,13 @@ def build_distill_config(config_file: Path | None, base: Any = None, **flags: An
     trainings' fields; ``val_fraction``, ``test_fraction``, ``test_data`` and ``label_column``
     set the data's. Every command builds its config here, so every flag is checked the same way.
     """
-    from softtargets.config import SEQUENCE_STUDENT, SEQUENCE_TEACHER, load_yaml, parse_config
+    from softtargets.config import (
+        SEQUENCE_STUDENT,
+        SEQUENCE_TEACHER,
+        load_yaml,
+        parse_config,
+        sequence_training,
+    )
 
     source = str(config_file) if config_file else "flags"
     if config_file:
@@ -464,6 +470,12 @@ def build_distill_config(config_file: Path | None, base: Any = None, **flags: An
         # before the role's options apply to it
         if data.get("block_length") and merged[role]["name"] == getattr(defaults, role).name:
             merged[role] = {"name": name, "options": dict(options), "weights": None}
+        training = f"{role}_training"  # and its training, before the flags change it
+        if (
+            data.get("block_length")
+            and merged[training] == getattr(defaults, training).model_dump()
+        ):
+            merged[training] = sequence_training(role).model_dump()
     for role in ("teacher", "student"):
         if role in updates:
             merged[role] = {"name": updates.pop(role), "options": {}, "weights": None}

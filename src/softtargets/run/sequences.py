@@ -33,6 +33,7 @@ from softtargets.config import (
     STDLIB_FILES,
     DistillConfig,
     ModelConfig,
+    sequence_training,
 )
 from softtargets.data.sequences import (
     Blocks,
@@ -83,13 +84,16 @@ def is_sequence_job(config: DistillConfig) -> bool:
 
 
 def with_sequence_models(config: DistillConfig) -> DistillConfig:
-    """``config`` with the language-model defaults in place of the classifier defaults (a
-    teacher or student the user named is kept)."""
+    """``config`` with the language-model defaults (models and trainings) in place of the
+    classifier defaults; a model or training the user changed is kept."""
     defaults = DistillConfig()
     update: dict[str, Any] = {}
     for role, (name, options) in (("teacher", SEQUENCE_TEACHER), ("student", SEQUENCE_STUDENT)):
         if getattr(config, role) == getattr(defaults, role):
             update[role] = ModelConfig(name=name, options=dict(options))
+        training = f"{role}_training"
+        if getattr(config, training) == getattr(defaults, training):
+            update[training] = sequence_training(role)
     return config.model_copy(update=update)
 
 
