@@ -254,6 +254,16 @@ def check_sequence_job(config: DistillConfig, train: Blocks) -> None:
     tokenizer's vocabulary, and the student must give its hidden states and output projection
     (its loss runs in chunks of positions)."""
     store_temperatures(config)
+    for role in ("teacher", "student"):
+        given, default = getattr(config, f"{role}_training"), sequence_training(role)
+        fixed = [f for f in type(given).model_fields if f not in ("epochs", "batch_size", "lr",
+                 "checkpoint_every") and getattr(given, f) != getattr(default, f)]  # fmt: skip
+        if fixed:
+            raise SoftTargetsError(
+                f"language-model runs train with AdamW (weight decay 0.01), a cosine schedule "
+                f"and fp32, and read only epochs, batch size and rate: leave out the {role}'s "
+                f"{fixed[0].replace('_', ' ')} ({getattr(given, fixed[0])!r})"
+            )
     if config.store is not None:  # label once, distil many: another run's store of these blocks
         if config.on_policy:
             raise SoftTargetsError(
