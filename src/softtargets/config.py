@@ -193,13 +193,10 @@ class DataConfig(Strict):
         "teacher's or student's folder)",
     )
     block_length: int | None = Field(
-        None,
-        ge=1,
-        le=1 << 16,
+        None, ge=1, le=1 << 16,
         description="language modelling: the data is text (stdlib, a text file or a folder of "
-        "them), packed into blocks of this many tokens (byte-level unless a tokenizer is given), "
-        "distilled at every position",
-    )
+        "them) in blocks of this many tokens (byte-level unless a tokenizer is given)",
+    )  # fmt: skip
 
 
 class ModelConfig(Strict):
@@ -310,13 +307,8 @@ def sequence_training(role: str) -> TrainConfig:
     16 at a time at 3e-3 (AdamW with weight decay 0.01, cosine), the teacher 20 epochs, the
     students 6 (the demo's settings: a run of minutes on two cores). Of its fields, language-model
     runs read epochs, batch size and rate; the others must stay as here."""
-    return TrainConfig(
-        epochs=20 if role == "teacher" else 6,
-        batch_size=16,
-        lr=3e-3,
-        optimizer="adamw",
-        weight_decay=0.01,
-    )
+    epochs = 20 if role == "teacher" else 6
+    return TrainConfig(epochs=epochs, batch_size=16, lr=3e-3, optimizer="adamw", weight_decay=0.01)
 
 
 def quick_teacher(model: ModelConfig, training: TrainConfig) -> tuple[ModelConfig, TrainConfig]:
@@ -366,13 +358,10 @@ class DistillConfig(Strict):
         32, ge=1, description="language models: the teacher's top-k logits kept per position"
     )
     on_policy: float = Field(
-        0.0,
-        ge=0.0,
-        le=1.0,
+        0.0, ge=0.0, le=1.0,
         description="language models: the fraction of steps on which a distilled student samples "
-        "the second half of each block and learns the teacher's distribution on its own tokens "
-        "(GKD's lambda; the teacher then runs online)",
-    )
+        "each block's second half and learns the teacher's distribution there (GKD's lambda)",
+    )  # fmt: skip
     store_temperatures: list[float] | None = Field(
         None,
         description="language models: the temperatures the store keeps the rest's mass at, so "
