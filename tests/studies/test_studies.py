@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -366,3 +367,21 @@ def test_lighter_student_recovered_share_is_hintons_statistic_per_teacher() -> N
     assert recovered_share(rows, "preset", 0.5, [0]) == pytest.approx([0.8])  # (84-60)/(90-60)
     # each teacher's own accuracy is its gap's end; no gap at all counts as 0
     assert recovered_share(rows, "mlp", 0.5, [0, 1]) == pytest.approx([0.5, 0.0])
+
+
+def test_results_and_the_report_quote_the_protocol_version(runs) -> None:
+    from softtargets.run.stats import protocol_line
+    from softtargets.studies import PROTOCOL_VERSION
+
+    out = runs / "study-generalisation"
+    if not (out / "results.json").exists():
+        run_study("generalisation", StudyConfig(quick=True), out)
+    assert json.loads((out / "results.json").read_text())["protocol"] == PROTOCOL_VERSION
+    assert f"protocol version {PROTOCOL_VERSION}" in (out / "section.md").read_text()
+    assert protocol_line([{"protocol": 5}, {}]) == (
+        "Protocol versions of these runs: 5, not recorded (before version 5) "
+        "(`softtargets/studies/PROTOCOLS.md`)."
+    )
+    # the protocol file names the version the code records
+    protocols = (Path(__file__).parents[2] / "src/softtargets/studies/PROTOCOLS.md").read_text()
+    assert f"**Version {PROTOCOL_VERSION}, " in protocols

@@ -24,7 +24,15 @@ from softtargets.run.deployment import deployment_markdown
 from softtargets.run.figures import plot_epoch_curves
 from softtargets.run.folder import RunFolder, config_key, fit_records
 from softtargets.run.html import _anchor, read_image, to_html
-from softtargets.run.stats import Estimate, Verdict, mean_ci, paired_difference
+from softtargets.run.stats import (
+    Estimate,
+    Verdict,
+    mean_ci,
+    multiple_comparisons,
+    paired_difference,
+    paper_size,
+    protocol_line,
+)
 from softtargets.training.selection import FitResult
 
 
@@ -127,6 +135,8 @@ def build_report(
         [
             "# What soft targets do: measured",
             "",
+            protocol_line(r for _, r in studies),
+            "",
             VERDICT_RULES,
             "",
             table,
@@ -155,30 +165,6 @@ VERDICT_RULES = (
     "lies above zero but below it; **present** when it lies above zero and no paper states a "
     "size; **inconclusive** otherwise."
 )
-
-
-def paper_size(reported: Any) -> str:
-    """A study's declared literature size, as the report's table shows it."""
-    if not isinstance(reported, dict) or "source" not in reported:
-        return "-"
-    size = reported.get("size")
-    scale, unit = reported.get("scale", 1.0), reported.get("unit", "")
-    shown = "no size" if size is None else f"{size * scale:+.2f}{unit}"
-    return f"{shown} ({reported['source']})"
-
-
-def multiple_comparisons(tests: int, decided: int) -> str:
-    """The report's note on reading several 95% verdicts together."""
-    return (
-        f"**Reading {tests} verdicts together.** Each verdict is a separate two-sided test at "
-        f"the 5% level, so even if soft targets did nothing, about {0.05 * tests:.1f} of "
-        f"{tests} would be expected to come out decided by chance ({decided} came out other "
-        "than inconclusive here). Each study's primary statistic was fixed in its "
-        "module docstring before its results existed; the other comparisons in a section are "
-        f"secondary. To hold the chance of any false verdict at 5%, read each interval at "
-        f"{100 - 5 / max(tests, 1):.2f}% (Bonferroni): a verdict whose interval barely "
-        "excludes 0 may not survive that."
-    )
 
 
 def _relative(directory: Path, out: Path) -> str:
@@ -467,7 +453,11 @@ def section_markdown(title: str, output: StudyOutput, facts: dict[str, Any]) -> 
     lines += [f"![{f.stem}]({f.name})" for f in output.figures] + [""]
     if output.notes:
         lines += [output.notes.strip(), ""]
-    lines += [f"Seeds {facts['seeds']}; {facts['seconds']} s; command: `{facts['command']}`.", ""]
+    protocol = f"protocol version {facts['protocol']}; " if "protocol" in facts else ""
+    lines += [
+        f"Seeds {facts['seeds']}; {facts['seconds']} s; {protocol}command: `{facts['command']}`.",
+        "",
+    ]
     return "\n".join(lines)
 
 

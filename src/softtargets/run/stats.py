@@ -7,8 +7,9 @@ Every figure softtargets reports about soft vs hard targets is a mean over seeds
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import stats as scipy_stats
@@ -258,4 +259,37 @@ def sign_test(
     )
     return Verdict(
         claim, label, evidence, wording=(what, 1.0, unit, 2), differences=tuple(differences)
+    )
+
+
+# ---------------------------------------------------------------- the report's words on them
+def protocol_line(results: Iterable[dict[str, Any]]) -> str:
+    """Which protocol versions (studies/PROTOCOLS.md) the gathered runs followed."""
+    versions = sorted({r.get("protocol") for r in results}, key=lambda v: (v is None, v or 0))
+    named = ", ".join("not recorded (before version 5)" if v is None else str(v) for v in versions)
+    plural = "s" if len(versions) > 1 else ""
+    return f"Protocol version{plural} of these runs: {named} (`softtargets/studies/PROTOCOLS.md`)."
+
+
+def paper_size(reported: Any) -> str:
+    """A study's declared literature size, as the report's table shows it."""
+    if not isinstance(reported, dict) or "source" not in reported:
+        return "-"
+    size = reported.get("size")
+    scale, unit = reported.get("scale", 1.0), reported.get("unit", "")
+    shown = "no size" if size is None else f"{size * scale:+.2f}{unit}"
+    return f"{shown} ({reported['source']})"
+
+
+def multiple_comparisons(tests: int, decided: int) -> str:
+    """The report's note on reading several 95% verdicts together."""
+    return (
+        f"**Reading {tests} verdicts together.** Each verdict is a separate two-sided test at "
+        f"the 5% level, so even if soft targets did nothing, about {0.05 * tests:.1f} of "
+        f"{tests} would be expected to come out decided by chance ({decided} came out other "
+        "than inconclusive here). Each study's primary statistic is fixed in its "
+        "module docstring, and a change made after results is an amendment in PROTOCOLS.md; "
+        f"the other comparisons in a section are secondary. To hold the chance of any false verdict at 5%, read each interval at "
+        f"{100 - 5 / max(tests, 1):.2f}% (Bonferroni): a verdict whose interval barely "
+        "excludes 0 may not survive that."
     )

@@ -22,6 +22,10 @@ import importlib
 
 from softtargets.errors import SoftTargetsError
 
+#: the protocol the studies follow (studies/PROTOCOLS.md): raised with every amendment, and
+#: recorded in each study's results.json so that the report quotes it
+PROTOCOL_VERSION = 5
+
 #: study name -> module under softtargets.studies (imported when run)
 STUDIES = {
     "similarity": "similarity",

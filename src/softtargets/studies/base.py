@@ -49,7 +49,7 @@ from softtargets.run.folder import RunFolder, check_out_of_inputs, config_key
 from softtargets.run.report import StudyOutput, rows_csv, section_markdown
 from softtargets.run.stats import over_teachers
 from softtargets.run.teacher import TeacherRun, run_teacher
-from softtargets.studies import study_module
+from softtargets.studies import PROTOCOL_VERSION, study_module
 from softtargets.training.fit_many import Member, fit_many
 from softtargets.training.models import build_model
 from softtargets.training.weights import file_fingerprint
@@ -337,6 +337,7 @@ def _run_in(
     facts = {
         "study": name,
         "title": module.TITLE,
+        "protocol": PROTOCOL_VERSION,
         "seeds": output.seeds or ctx.seeds,
         "teachers": passes,
         "seconds": round(seconds, 1),
