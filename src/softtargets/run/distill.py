@@ -151,10 +151,10 @@ def _run_sequences(
     config = with_sequence_models(config)
     check_run_methods(config.methods, config.method_options)
     splits = load_sequence_splits(config)
-    check_sequence_job(config, splits.train)
+    source = check_sequence_job(config, splits.train)
     with RunFolder.open(out_dir, overwrite=overwrite, log=log) as folder:
         folder.write_text("config.yaml", dump_config(config))
-        teacher, students, store = run_sequences(folder, config, splits, log, progress)
+        teacher, students, store = run_sequences(folder, config, splits, source, log, progress)
         outcome = SequenceOutcome(folder.root, teacher, students, store.bytes_per_token,
                                   time.perf_counter() - started, splits.unit)  # fmt: skip
         write_sequence_report(outcome, config, folder)

@@ -49,10 +49,10 @@ from softtargets.files import parse_json, read_small_text
 from softtargets.run.data import tokenizer_folder
 from softtargets.run.folder import RunFolder, config_key, fit_records, settings_key
 from softtargets.run.students import save_student
-from softtargets.run.teacher import is_pretrained
+from softtargets.run.teacher import is_pretrained, pretrained_weights
 from softtargets.store.tokens import TokenStore, label_tokens
 from softtargets.training.common import resolve_device
-from softtargets.training.hf import hf_weights_file, is_hf_name
+from softtargets.training.hf import is_hf_name
 from softtargets.training.lm import fit_lm, next_token_loss
 from softtargets.training.models import build_model, count_parameters
 from softtargets.training.weights import cpu_state, file_fingerprint, load_into
@@ -203,10 +203,12 @@ def _build(model: ModelConfig, blocks: Blocks, seed: int, role: str) -> nn.Modul
     return built
 
 
-def _measure(model: nn.Module, splits: SequenceSplits) -> dict[str, Any]:
-    """Validation and test next-token loss of ``model``, in nats and bits per token."""
+def _measure(model: nn.Module, splits: SequenceSplits, val: float | None = None) -> dict[str, Any]:
+    """Validation and test next-token loss of ``model``, in nats and bits per token (``val``:
+    the validation loss when the fit already measured it)."""
     model.eval()
-    val = next_token_loss(model, splits.val) if len(splits.val) else float("nan")
+    if val is None:
+        val = next_token_loss(model, splits.val) if len(splits.val) else float("nan")
     test = next_token_loss(model, splits.test) if len(splits.test) else float("nan")
     return {
         "val_loss": val,
@@ -232,7 +234,8 @@ def _fit(model: nn.Module, splits: SequenceSplits, config: DistillConfig, role: 
         device=resolve_device(config.device),
     )  # fmt: skip
     record = {"role": role, "method": method, "seed": seed, "best_epoch": result.best_epoch,
-              **_measure(model, splits), "seconds": round(result.seconds, 1)}  # fmt: skip
+              **_measure(model, splits, min(r["val_loss"] for r in result.history)),
+              "seconds": round(result.seconds, 1)}  # fmt: skip
     return model, record
 
 
@@ -248,11 +251,20 @@ def store_temperatures(config: DistillConfig) -> tuple[float, ...]:
     return temperatures
 
 
-def check_sequence_job(config: DistillConfig, train: Blocks) -> None:
+@dataclass
+class SequenceSource:
+    """What the students learn from, made while checking: the teacher model (built, not yet
+    trained), or another run's store (``--store``), whichever the config names."""
+
+    teacher: nn.Module | None = None
+    store: TokenStore | None = None
+
+
+def check_sequence_job(config: DistillConfig, train: Blocks) -> SequenceSource:
     """Check everything before anything is written: the store's settings, and both models built
     once on ``train``'s blocks: each must map ``(B, L)`` ids to ``(B, L, V)`` logits over the
     tokenizer's vocabulary, and the student must give its hidden states and output projection
-    (its loss runs in chunks of positions)."""
+    (its loss runs in chunks of positions). Returns the teacher or store it made, for the run."""
     store_temperatures(config)
     for role in ("teacher", "student"):
         given, default = getattr(config, f"{role}_training"), sequence_training(role)
@@ -277,16 +289,16 @@ def check_sequence_job(config: DistillConfig, train: Blocks) -> None:
                 f"{', '.join(f'{t:g}' for t in stored.temperatures)}, not at --temperature "
                 f"{config.temperature:g}: distil at one of those, or label again"
             )
-        student = _build(config.student, train, 0, "student")
-        _check_student(config, student, train)
-        return
+        _check_student(config, _build(config.student, train, 0, "student"), train)
+        return SequenceSource(store=stored)
     if config.store_top >= train.vocab_size:
         raise SoftTargetsError(
             f"--store-top {config.store_top} keeps the whole vocabulary of {train.vocab_size} "
             "tokens; give a smaller number"
         )
-    _build(config.teacher, train, config.first_seed, "teacher")
+    teacher = _build(config.teacher, train, config.first_seed, "teacher")
     _check_student(config, _build(config.student, train, 0, "student"), train)
+    return SequenceSource(teacher=teacher)
 
 
 def _check_student(config: DistillConfig, student: nn.Module, train: Blocks) -> None:
@@ -316,6 +328,7 @@ def run_sequences(
     folder: RunFolder,
     config: DistillConfig,
     splits: SequenceSplits,
+    source: SequenceSource,
     log: Callable[[str], None],
     progress: Any = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], TokenStore]:
@@ -328,15 +341,13 @@ def run_sequences(
         f"{len(splits.val)} validation / {len(splits.test)} test blocks of "
         f"{train.block_length} tokens ({'byte-level' if splits.unit == 'byte' else 'subword'})"
     )
-    if config.store is not None:
-        store = TokenStore.load(config.store, train)
+    if source.store is not None:
+        store = source.store
         log(f"store: {config.store} ({store.bytes_per_token:.1f} bytes per token), no teacher run")
         teacher_record = {"role": "teacher", "method": "teacher", "store": str(config.store),
                           "key": f"store-{store.teacher_fingerprint[:12]}"}  # fmt: skip
         return teacher_record, _students(folder, config, splits, None, store, log, progress), store
-    weights = config.teacher.weights or (
-        str(hf_weights_file(config.teacher.name)) if config.teacher.name.startswith("hf:") else None
-    )  # pretrained weights are keyed by their content, not their path
+    weights = pretrained_weights(config)  # keyed by their content, not their path
     teacher_key = settings_key(
         {
             "settings": config_key(config, teacher_only=True),
@@ -350,7 +361,8 @@ def run_sequences(
             "--overwrite to replace it or --out to write elsewhere"
         )
     every = fit_records(folder, "results.jsonl", unique=True)
-    teacher = _build(config.teacher, train, config.first_seed, "teacher")
+    teacher = source.teacher
+    assert teacher is not None  # check_sequence_job builds one unless there is a store
     reloaded = folder.load_weights("teacher.safetensors", teacher, teacher_key)
     teacher_record = next(
         (r for r in every if r["role"] == "teacher" and r["key"] == teacher_key), None

@@ -51,6 +51,15 @@ def is_pretrained(config: DistillConfig) -> bool:
     return config.teacher.weights is not None or config.teacher.name.startswith("hf:")
 
 
+def pretrained_weights(config: DistillConfig) -> str | None:
+    """The file a pretrained teacher's weights come from (``--teacher-weights``, or an ``hf:``
+    folder's ``model.safetensors``), which keys it by content; ``None`` for a teacher trained
+    here."""
+    if config.teacher.weights is not None:
+        return config.teacher.weights
+    return str(hf_weights_file(config.teacher.name)) if is_pretrained(config) else None
+
+
 @dataclass
 class Prepared:
     """Everything checked before a run writes anything: the data, its splits, the device, a
@@ -96,9 +105,9 @@ def prepare(config: DistillConfig) -> Prepared:
         )
         if config.teacher.weights is not None:
             load_into(teacher, config.teacher.weights, "teacher")
-            keyed["weights"] = file_fingerprint(config.teacher.weights)
-        elif is_pretrained(config):  # an hf: folder's own weights
-            keyed["weights"] = file_fingerprint(hf_weights_file(config.teacher.name))
+        weights = pretrained_weights(config)
+        if weights is not None:
+            keyed["weights"] = file_fingerprint(weights)
         check_model_fits(teacher, sample, data.num_classes, f"teacher {config.teacher.name}")
         check_hf_classes(teacher, data.class_names, f"teacher {config.teacher.name}")
     # The student is built now only to check it (an error after the teacher has trained for

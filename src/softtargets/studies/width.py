@@ -39,7 +39,7 @@ import torch
 
 from softtargets.data.builtin import margin_points
 from softtargets.run.figures import plot_lines
-from softtargets.run.report import StudyOutput
+from softtargets.run.report import StudyOutput, curves
 from softtargets.run.stats import Reported, judge, mean_ci
 from softtargets.studies.base import TEACHER_SEED_STEP, StudyContext
 from softtargets.training.two_layer import smallest_width, train_two_layer
@@ -258,10 +258,8 @@ def run(ctx: StudyContext) -> StudyOutput:
 
 
 def _curves(rows: list[dict], gamma: float, column: str) -> dict[str, dict[float, list[float]]]:
-    curves: dict[str, dict[float, list[float]]] = {}
-    for r in rows:
-        if r["gamma"] == gamma:
-            curves.setdefault(f"{r['method']} labels", {}).setdefault(r["width"], []).append(
-                r[column]
-            )
-    return curves
+    """``column`` against width per arm at one ``gamma`` (the input of :func:`plot_lines`)."""
+    at_gamma = [r for r in rows if r["gamma"] == gamma]
+    return {
+        f"{arm} labels": line for arm, line in curves(at_gamma, "method", "width", column).items()
+    }
