@@ -106,3 +106,47 @@ def test_on_policy_needs_the_teacher_model_and_a_fraction(parts) -> None:
         fit_lm(_student(), train, val, store, on_policy=0.5, epochs=1)
     with pytest.raises(SoftTargetsError, match="fraction of steps from 0 to 1"):
         fit_lm(_student(), train, val, teacher, on_policy=1.5, epochs=1)
+
+
+class _Stop(Exception):
+    """Raised from the progress bar: a fit stopped at a chosen step, as a kill would stop it."""
+
+
+class _StopAt:
+    """A stand-in for rich's Progress that stops the fit after ``steps`` training steps."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps, self.taken = steps, 0
+
+    def add_task(self, description: str, total: int) -> int:
+        return 0
+
+    def update(self, task: int, advance: int) -> None:
+        self.taken += advance
+        if self.taken >= self.steps:
+            raise _Stop
+
+    def remove_task(self, task: int) -> None:
+        pass
+
+
+@pytest.mark.parametrize("on_policy", [0.0, 0.5])
+def test_a_fit_stopped_mid_epoch_continues_from_its_checkpoint_to_the_same_weights(
+    parts, tmp_path, on_policy
+) -> None:
+    train, val, _ = parts
+    teacher = _student(seed=7)
+    settings = dict(temperature=2.0, alpha=0.5, epochs=3, batch_blocks=2, lr=1e-2, seed=3,
+                    on_policy=on_policy)  # fmt: skip
+    whole = fit_lm(_student(seed=1), train, val, teacher, **settings)
+    steps = -(-len(train) // 2)  # per epoch
+    checkpoint = tmp_path / "fit.ckpt"
+    with pytest.raises(_Stop):  # in the second epoch, after the first one's checkpoint
+        fit_lm(_student(seed=1), train, val, teacher, **settings, checkpoint=checkpoint,
+               progress=_StopAt(steps + 1))  # fmt: skip
+    resumed = fit_lm(_student(seed=1), train, val, teacher, **settings, checkpoint=checkpoint)
+    assert resumed.history == whole.history and resumed.best_epoch == whole.best_epoch
+    for name, value in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name
+    with pytest.raises(SoftTargetsError, match="checkpoint of another fit"):
+        fit_lm(_student(seed=2), train, val, teacher, **settings, checkpoint=checkpoint)

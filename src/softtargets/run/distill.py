@@ -47,14 +47,13 @@ from softtargets.run.report import (
     of_total,
     write_report,
 )
-from softtargets.run.sequence_report import SequenceOutcome, write_sequence_report
-from softtargets.run.sequences import (
-    check_sequence_job,
+from softtargets.run.sequence_data import (
     is_sequence_job,
     load_sequence_splits,
-    run_sequences,
     with_sequence_models,
 )
+from softtargets.run.sequence_report import SequenceOutcome, write_sequence_report
+from softtargets.run.sequences import check_sequence_job, run_sequences
 from softtargets.run.students import BEST, load_saved, name_best, save_student
 from softtargets.run.teacher import (
     Finished,

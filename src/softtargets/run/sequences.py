@@ -21,161 +21,23 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from softtargets.config import (
-    SEQUENCE_STUDENT,
-    SEQUENCE_TEACHER,
-    STDLIB_FILES,
-    DistillConfig,
-    ModelConfig,
-    sequence_training,
-)
-from softtargets.data.sequences import (
-    Blocks,
-    ByteTokenizer,
-    pack_blocks,
-    read_corpus,
-    split_by_file,
-    stdlib_files,
-)
-from softtargets.data.text import load_tokenizer
+from softtargets.config import DistillConfig, ModelConfig, sequence_training
+from softtargets.data.sequences import Blocks
 from softtargets.errors import SoftTargetsError, first_line
-from softtargets.files import parse_json, read_small_text
-from softtargets.run.data import tokenizer_folder
 from softtargets.run.folder import RunFolder, config_key, fit_records, settings_key
+from softtargets.run.sequence_data import BITS, SequenceSplits
 from softtargets.run.students import save_student
 from softtargets.run.teacher import is_pretrained, pretrained_weights
 from softtargets.store.tokens import TokenStore, label_tokens
 from softtargets.training.common import resolve_device
-from softtargets.training.hf import is_hf_name
 from softtargets.training.lm import fit_lm, next_token_loss
 from softtargets.training.models import build_model, count_parameters
 from softtargets.training.weights import cpu_state, file_fingerprint, load_into
-
-#: the built-in corpus: a seeded selection of the Python standard library's own source files
-STDLIB = "stdlib"
-
-#: the suffixes read from a folder of text files
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
-
-BITS = math.log(2)
-
-
-@dataclass
-class SequenceSplits:
-    """The corpus packed into blocks and split by file (never a file in two parts)."""
-
-    train: Blocks
-    val: Blocks
-    test: Blocks
-    files: int
-    #: what a token is: "byte" (the built-in tokenizer: bits per token are bits per byte) or
-    #: "token" (a saved subword tokenizer)
-    unit: str = "byte"
-
-
-def is_sequence_job(config: DistillConfig) -> bool:
-    return config.data.block_length is not None
-
-
-def with_sequence_models(config: DistillConfig) -> DistillConfig:
-    """``config`` with the language-model defaults (models and trainings) in place of the
-    classifier defaults; a model or training the user changed is kept."""
-    defaults = DistillConfig()
-    update: dict[str, Any] = {}
-    for role, (name, options) in (("teacher", SEQUENCE_TEACHER), ("student", SEQUENCE_STUDENT)):
-        if getattr(config, role) == getattr(defaults, role):
-            update[role] = ModelConfig(name=name, options=dict(options))
-        training = f"{role}_training"
-        if getattr(config, training) == getattr(defaults, training):
-            update[training] = sequence_training(role)
-    return config.model_copy(update=update)
-
-
-def corpus_files(config: DistillConfig) -> list[Path]:
-    """The text files of ``config.data``: ``stdlib`` (option ``files``, default
-    :data:`~softtargets.config.STDLIB_FILES`), one file,
-    or a folder's regular files ending in :data:`TEXT_SUFFIXES` (sorted, no links)."""
-    name, options = config.data.name, config.data.options
-    if name == STDLIB:
-        count = int(options.get("files", STDLIB_FILES))
-        return stdlib_files(count, seed=int(options.get("seed", 0)))
-    path = Path(name)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(
-            p for p in path.rglob("*")
-            if p.suffix in TEXT_SUFFIXES and p.is_file() and not p.is_symlink()
-            and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        )  # fmt: skip
-        if not files:
-            raise SoftTargetsError(
-                f"{path} holds no text files ({', '.join(TEXT_SUFFIXES)}); give a folder of them"
-            )
-        return files
-    raise SoftTargetsError(
-        f"{name}: no such file or folder; language modelling reads '{STDLIB}', a text file or a "
-        "folder of them"
-    )
-
-
-class SavedTokenizer:
-    """A tokenizer saved in a local folder (Hugging Face's), as :func:`read_corpus` reads text:
-    ``encode`` without special tokens, an end-of-document id, and the vocabulary the models'
-    logits span (the folder's ``config.json`` ``vocab_size`` when it has one: models often pad
-    their embeddings beyond the tokenizer's size)."""
-
-    def __init__(self, folder: str) -> None:
-        self.tokenizer = load_tokenizer(folder)
-        self.eos_id = self.tokenizer.eos_token_id
-        if self.eos_id is None:
-            raise SoftTargetsError(
-                f"the tokenizer in {folder} has no end-of-text token; set one "
-                "(tokenizer.eos_token = ...) and save it again"
-            )
-        self.vocab_size = len(self.tokenizer)
-        config = Path(folder) / "config.json"
-        if config.is_file():
-            given = parse_json(read_small_text(config, "config.json"), str(config))
-            if isinstance(given, dict) and isinstance(given.get("vocab_size"), int):
-                self.vocab_size = max(self.vocab_size, given["vocab_size"])
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
-
-def text_tokenizer(config: DistillConfig) -> ByteTokenizer | SavedTokenizer:
-    """The tokenizer of a language-model run: ``--tokenizer FOLDER``, else an ``hf:`` teacher's or
-    student's folder, else the built-in byte-level one (nothing to install)."""
-    uses_hf = any(is_hf_name(m.name) for m in (config.teacher, config.student))
-    if config.data.tokenizer is None and not uses_hf:
-        return ByteTokenizer()
-    return SavedTokenizer(tokenizer_folder(config))
-
-
-def load_sequence_splits(config: DistillConfig) -> SequenceSplits:
-    """Read, tokenise (:func:`text_tokenizer`), pack and split the corpus; one-line errors for
-    what cannot be (not UTF-8, shorter than a block, too few files to split)."""
-    data = config.data
-    if data.test is not None:
-        raise SoftTargetsError(
-            "language modelling holds out whole files of the corpus as its test set; leave out "
-            "--test-data"
-        )
-    tokenizer = text_tokenizer(config)
-    assert data.block_length is not None
-    blocks = pack_blocks(
-        read_corpus(corpus_files(config), tokenizer), data.block_length, tokenizer.vocab_size
-    )
-    train, val, test = split_by_file(blocks, data.val_fraction, data.test_fraction, data.split_seed)
-    unit = "byte" if isinstance(tokenizer, ByteTokenizer) else "token"
-    return SequenceSplits(train, val, test, len(blocks.files), unit)
 
 
 def _build(model: ModelConfig, blocks: Blocks, seed: int, role: str) -> nn.Module:

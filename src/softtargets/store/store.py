@@ -40,8 +40,8 @@ def fingerprint_module(module: nn.Module) -> str:
     """A short hash of a module's parameters and buffers (names, shapes, dtypes and values)."""
     digest = hashlib.sha256()
     for name, tensor in module.state_dict().items():
-        value = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+        value = tensor.detach().cpu().contiguous().reshape(-1)  # 0-d tensors too
+        digest.update(f"{name}:{value.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
     return digest.hexdigest()[:16]
 

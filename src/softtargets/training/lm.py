@@ -7,6 +7,13 @@ vocabulary). The student must give its final hidden states (``hidden(ids) -> (B,
 its projection (``output_weight (V, D)``), as :class:`~softtargets.training.gpt.GPT` does.
 Validation reports next-token cross-entropy and bits per token (per byte, for the byte-level
 tokenizer); the weights kept are those of the best validation epoch.
+
+Under torchrun a fit is data-parallel: every process takes its share of each batch's blocks and
+the gradients are averaged, each weighted by its share of the batch's positions, so a step is the
+one-process step (to float rounding) and every process ends with the same weights. Validation is
+shared out the same way. ``checkpoint=PATH`` saves the whole state after every epoch
+(:mod:`softtargets.training.checkpoint`): a fit killed at any point continues from the last epoch
+saved and ends with the weights of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -15,15 +22,19 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from softtargets import distributed
 from softtargets.data.sequences import Blocks
 from softtargets.errors import SoftTargetsError
 from softtargets.losses.chunked import KeptRows, chunked_distillation_loss
+from softtargets.store.store import fingerprint_module
 from softtargets.store.tokens import TokenStore
+from softtargets.training import checkpoint as checkpoints
 
 
 @dataclass
@@ -39,22 +50,29 @@ class LMResult:
 
 @torch.no_grad()
 def next_token_loss(model: nn.Module, blocks: Blocks, batch_blocks: int = 16) -> float:
-    """Mean next-token cross-entropy (nats) of ``model`` over every position of ``blocks``."""
+    """Mean next-token cross-entropy (nats) of ``model`` over every position of ``blocks``
+    (under torchrun each process measures its share of the blocks and the sums are added)."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
     device = next(model.parameters()).device
-    for start in range(0, len(blocks), batch_blocks):
-        tokens = blocks.tokens[start : start + batch_blocks].to(device)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss, positions)
+    mine = shard_range(len(blocks))
+    for start in range(mine.start, mine.stop, batch_blocks):
+        tokens = blocks.tokens[start : min(start + batch_blocks, mine.stop)].to(device)
         logits = model(tokens[:, :-1]).float()
-        total += float(
-            nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="sum"
-            )
-        )
-        count += tokens[:, 1:].numel()
+        sums[0] += nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="sum"
+        ).double()
+        sums[1] += tokens[:, 1:].numel()
     model.train(was_training)
+    total, count = distributed.sum_(sums).tolist()
     return total / count
+
+
+def shard_range(count: int) -> range:
+    """This process's contiguous share of ``count`` blocks (all of them for one process)."""
+    size, rank = distributed.world_size(), distributed.rank()
+    return range(count * rank // size, count * (rank + 1) // size)
 
 
 def _teacher_rows(
@@ -119,6 +137,7 @@ def fit_lm(
     progress: Any = None,
     description: str = "training",
     device: str | torch.device = "cpu",
+    checkpoint: str | Path | None = None,
 ) -> LMResult:
     """Train ``student`` on ``train``'s blocks: ``alpha x method + (1 - alpha) x next-token
     cross-entropy`` at every position (``teacher=None``: cross-entropy only), AdamW with a cosine
@@ -131,7 +150,8 @@ def fit_lm(
 
     ``progress``: a ``rich.progress.Progress`` to report steps to, as ``description``;
     ``device``: where the student (and an online teacher) train; a store stays on the CPU and
-    sends each batch's rows."""
+    sends each batch's rows; ``checkpoint``: a file to save the fit's state to after every epoch
+    and to continue from (refused if it belongs to another fit)."""
     if not 0.0 <= on_policy <= 1.0:
         raise SoftTargetsError(f"on_policy is a fraction of steps from 0 to 1, got {on_policy}")
     if on_policy and not isinstance(teacher, nn.Module):
@@ -151,17 +171,35 @@ def fit_lm(
     if teacher is None:
         alpha = 0.0
     started = time.perf_counter()
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    key, saved = "", None
+    if checkpoint is not None:  # what it belongs to (hashed only then: a large teacher takes time)
+        key = checkpoints.fit_key(
+            method=method, temperature=temperature, alpha=alpha, epochs=epochs, lr=lr, seed=seed,
+            batch_blocks=batch_blocks, on_policy=on_policy, student=fingerprint_module(student),
+            train=train.fingerprint, val=val.fingerprint, teacher=_describe(teacher),
+        )  # fmt: skip
+        saved = checkpoints.load(checkpoint, key, epochs)
+    generator = torch.Generator().manual_seed(seed)  # batch order and on-policy steps: shared
+    # what each process samples on its own blocks
+    sampler = torch.Generator().manual_seed(seed + 1 + distributed.rank())
+    torch.manual_seed(seed + distributed.rank())  # dropout differs between the processes
     student.to(device)
     if isinstance(teacher, nn.Module):
         teacher.to(device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.01)
     steps = epochs * math.ceil(len(train) / batch_blocks)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
-    length = train.block_length
     result = LMResult(student)
-    best, best_state = math.inf, None
+    best, best_state, first_epoch = math.inf, None, 1
+    generators = {"order": generator, "sampler": sampler}
+    if saved is not None:  # continue where the checkpoint left off
+        student.load_state_dict(saved.model)
+        optimizer.load_state_dict(saved.optimizer)
+        schedule.load_state_dict(saved.progress["schedule"])
+        checkpoints.set_rng_states(saved.rng, generators, torch.device(device))
+        result.history, result.best_epoch = saved.progress["history"], saved.progress["best_epoch"]
+        best = math.inf if saved.progress["best"] is None else saved.progress["best"]
+        best_state, first_epoch = saved.best, saved.epoch + 1
     # a store's rows are its blocks' positions, in its block order
     store_row = (
         {int(b): i for i, b in enumerate(teacher.block_ids)}
@@ -169,45 +207,40 @@ def fit_lm(
         else {}
     )
     task = progress.add_task(description, total=steps) if progress is not None else None
-    for epoch in range(1, epochs + 1):
+    if task is not None:
+        progress.update(task, advance=(first_epoch - 1) * math.ceil(len(train) / batch_blocks))
+    for epoch in range(first_epoch, epochs + 1):
         student.train()
         order = torch.randperm(len(train), generator=generator)
         losses = []
         for start in range(0, len(train), batch_blocks):
-            picked = order[start : start + batch_blocks]
-            tokens = train.tokens[picked].to(device)
+            batch = order[start : start + batch_blocks]
+            share = shard_range(len(batch))
+            picked = batch[share.start : share.stop]  # this process's blocks of the batch
             sampled = on_policy and float(torch.rand((), generator=generator)) < on_policy
-            mask = None
-            if sampled:  # the student's own continuations of the blocks' first halves
-                prompt = max(1, length // 2)
-                tokens = sample_continuations(student, tokens, prompt, generator)
-                positions = torch.arange(length, device=tokens.device)[None, :]
-                positions = positions.expand(len(tokens), -1)
-                mask = (positions >= prompt - 1).reshape(-1)  # targets the student sampled
-            if store_row:  # the store's rows of these blocks' positions
-                first = torch.tensor([store_row[int(b)] for b in train.block_ids[picked]])
-                rows = (first[:, None] * length + torch.arange(length)[None, :]).reshape(-1)
-            else:
-                rows = torch.empty(0, dtype=torch.long)
-            hidden = student.hidden(tokens[:, :-1])
-            loss = chunked_distillation_loss(
-                hidden.reshape(-1, hidden.shape[-1]), student.output_weight,
-                tokens[:, 1:].reshape(-1),
-                _teacher_rows(teacher, tokens, rows, temperature, train.vocab_size),
-                mask=mask, method=method, temperature=temperature,
-                alpha=1.0 if sampled else alpha, chunk=chunk,
-            )  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if len(picked):
+                loss = _batch_loss(
+                    student, train, picked, teacher, store_row, sampled, sampler,
+                    method=method, temperature=temperature, alpha=alpha, chunk=chunk,
+                    device=device,
+                )  # fmt: skip
+                # weighted by this process's share of the batch: the averaged gradient is the
+                # gradient of the batch's mean loss
+                (loss * len(picked) * distributed.world_size() / len(batch)).backward()
+                losses.append(float(loss.detach()))
+            else:  # fewer blocks than processes: this one adds nothing to the average
+                for parameter in student.parameters():
+                    parameter.grad = torch.zeros_like(parameter)
+            distributed.average_gradients(student)
             optimizer.step()
             schedule.step()
-            losses.append(float(loss.detach()))
             if task is not None:
                 progress.update(task, advance=1)
         val_loss = next_token_loss(student, val)
         record = {
             "epoch": epoch,
-            "train_loss": sum(losses) / len(losses),
+            "train_loss": sum(losses) / max(len(losses), 1),
             "val_loss": val_loss,
             "val_bits_per_token": val_loss / math.log(2),
         }
@@ -218,9 +251,63 @@ def fit_lm(
                 copy.deepcopy(student.state_dict()),
                 epoch,
             )
+        if checkpoint is not None and distributed.rank() == 0:
+            checkpoints.save(checkpoint, checkpoints.FitState(
+                key=key, epoch=epoch, model=student.state_dict(), optimizer=optimizer.state_dict(),
+                best=best_state, rng=checkpoints.rng_states(generators, torch.device(device)),
+                progress={"history": result.history, "best_epoch": result.best_epoch,
+                          "best": best if math.isfinite(best) else None,
+                          "schedule": schedule.state_dict()},
+            ))  # fmt: skip
     if task is not None:
         progress.remove_task(task)
     if best_state is not None:
         student.load_state_dict(best_state)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _batch_loss(
+    student: nn.Module,
+    train: Blocks,
+    picked: Tensor,
+    teacher: TokenStore | nn.Module | None,
+    store_row: dict[int, int],
+    sampled: bool,
+    sampler: torch.Generator,
+    *,
+    method: str,
+    temperature: float,
+    alpha: float,
+    chunk: int,
+    device: str | torch.device,
+) -> Tensor:
+    """The loss of the blocks ``picked`` (indices into ``train``): on a ``sampled`` (on-policy)
+    step, on the student's own continuations of their first halves."""
+    length = train.block_length
+    tokens = train.tokens[picked].to(device)
+    mask = None
+    if sampled:  # the student's own continuations of the blocks' first halves
+        prompt = max(1, length // 2)
+        tokens = sample_continuations(student, tokens, prompt, sampler)
+        positions = torch.arange(length, device=tokens.device)[None, :].expand(len(tokens), -1)
+        mask = (positions >= prompt - 1).reshape(-1)  # targets the student sampled
+    if store_row:  # the store's rows of these blocks' positions
+        first = torch.tensor([store_row[int(b)] for b in train.block_ids[picked]])
+        rows = (first[:, None] * length + torch.arange(length)[None, :]).reshape(-1)
+    else:
+        rows = torch.empty(0, dtype=torch.long)
+    hidden = student.hidden(tokens[:, :-1])
+    return chunked_distillation_loss(
+        hidden.reshape(-1, hidden.shape[-1]), student.output_weight, tokens[:, 1:].reshape(-1),
+        _teacher_rows(teacher, tokens, rows, temperature, train.vocab_size),
+        mask=mask, method=method, temperature=temperature, alpha=1.0 if sampled else alpha,
+        chunk=chunk,
+    )  # fmt: skip
+
+
+def _describe(teacher: TokenStore | nn.Module | None) -> Any:
+    """What identifies a fit's teacher in its checkpoint key."""
+    if isinstance(teacher, TokenStore):
+        return ["store", teacher.teacher_fingerprint, teacher.blocks_fingerprint, teacher.top]
+    return fingerprint_module(teacher) if isinstance(teacher, nn.Module) else None
