@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import atexit
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
@@ -122,6 +122,13 @@ def barrier() -> None:
         dist.barrier()
 
 
+def max_(value: torch.Tensor) -> torch.Tensor:
+    """``value``'s elementwise largest over the processes (in place; itself for one process)."""
+    if active():
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
+
+
 def sum_(value: torch.Tensor) -> torch.Tensor:
     """``value`` summed over the processes (in place; itself for one process)."""
     if active():
@@ -173,6 +180,27 @@ def share_from_main(item: Any) -> Any:
     box = [item]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def my_slice(count: int) -> range:
+    """This process's contiguous share of ``count`` rows (rank ``r`` of ``N`` takes
+    ``[count r / N, count (r + 1) / N)``): how a batch or a pass over blocks is dealt out."""
+    size, me = world_size(), rank()
+    return range(count * me // size, count * (me + 1) // size)
+
+
+def spread(jobs: list[Any], work: Callable[[list[Any]], list[Any]]) -> list[list[Any]] | None:
+    """Run independent ``jobs`` over the processes, each whole on one (:func:`my_share`, inside
+    :func:`alone`), as ``work(this process's jobs) -> results``. Returns every process's results
+    in rank order on rank 0 (``None`` elsewhere); ``[work(jobs)]`` for one process. Rank 0's list
+    of jobs is the one used."""
+    if not active():
+        return [work(jobs)]
+    jobs = share_from_main(jobs)
+    mine = [jobs[i] for i in my_share(len(jobs))]
+    with alone():
+        done = work(mine)
+    return gather_to_main(done)
 
 
 def my_share(count: int) -> range:

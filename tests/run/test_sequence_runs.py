@@ -96,7 +96,6 @@ def test_on_policy_students_learn_from_the_teacher_on_their_own_samples(tmp_path
         (["--store-top", "300"], "keeps the whole vocabulary"),
         (["--tokenizer", "somewhere"], "tokenizer folder somewhere does not exist"),
         (["--block-length", "4096"], "shorter than one block"),
-        (["--nproc", "2"], "leave out --nproc"),
         (["--on-policy", "1.5"], "on_policy"),
         (["--optimizer", "sgd"], "leave out the student's optimizer ('sgd')"),
         (["--store", "elsewhere.safetensors"], "not a readable token store"),

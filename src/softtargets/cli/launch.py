@@ -24,11 +24,6 @@ def run_job(config: Any, out: Path, overwrite: bool, nproc: int = 1) -> None:
     from softtargets.run.distill import run_distillation
     from softtargets.training.common import resolve_device
 
-    if nproc > 1 and config.data.block_length is not None:
-        raise SoftTargetsError(
-            "language-model runs use one process for now (labelling and students are not yet "
-            "sharded); leave out --nproc"
-        )
     if nproc > 1 and not distributed.launched():
         raise typer.Exit(relaunch_under_torchrun(nproc))
     distributed.setup(resolve_device(config.device))

@@ -31,7 +31,6 @@ from softtargets import distributed
 from softtargets.config import DistillConfig, dump_config
 from softtargets.data.dataset import Dataset
 from softtargets.data.stream_parts import first_rows
-from softtargets.errors import SoftTargetsError
 from softtargets.losses.methods import METHODS, check_run_methods
 from softtargets.run.deployment import deployment_rows
 from softtargets.run.folder import (
@@ -142,11 +141,6 @@ def _run_sequences(
 ) -> SequenceOutcome:
     """:func:`run_distillation` on text (:mod:`softtargets.run.sequences`): the corpus, the
     models and their vocabulary are checked before the folder is opened."""
-    if distributed.active():
-        raise SoftTargetsError(
-            "language-model runs use one process for now (labelling and students are not yet "
-            "sharded); leave out --nproc"
-        )
     config = with_sequence_models(config)
     check_run_methods(config.methods, config.method_options)
     splits = load_sequence_splits(config)
@@ -206,8 +200,8 @@ def _fit_students(
     log: Callable[[str], None],
 ) -> list[Finished]:
     """Fit the ``pending`` (method, seed) students. Under torchrun they are spread over the
-    processes, each fit whole on one (``distributed.my_share``), and rank 0 writes every
-    result and epoch record; the list holds them all on rank 0 (and this process's elsewhere)."""
+    processes, each fit whole on one (``distributed.spread``), and rank 0 writes every
+    result and epoch record; the list holds them all on rank 0 (none elsewhere)."""
     if not distributed.active():
         return _fit_students_here(config, part, pending, key, folder, progress, log)
     pending = distributed.share_from_main(pending)  # what rank 0 read from results.jsonl
@@ -216,12 +210,11 @@ def _fit_students(
         for method, seed in pending:
             folder.path(checkpoint_name((key, "student", method, seed)))
     distributed.barrier()
-    mine = [pending[i] for i in distributed.my_share(len(pending))]
-    with distributed.alone():
-        finished = _fit_students_here(config, part, mine, key, folder, progress, log)
-    gathered = distributed.gather_to_main(finished)
+    gathered = distributed.spread(
+        pending, lambda mine: _fit_students_here(config, part, mine, key, folder, progress, log)
+    )
     if gathered is None:
-        return finished
+        return []
     theirs = [f for rank_finished in gathered[1:] for f in rank_finished]
     for f in theirs:  # rank 0 wrote its own as they finished
         for epoch in f.history:

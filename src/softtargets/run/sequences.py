@@ -13,7 +13,10 @@ inside the same locked run folder, with the same records, keys and resume:
 | ``results.jsonl`` | one line per finished fit: validation and test loss in nats and bits per token |
 | ``report.md`` | bits per token (per byte, byte-level) with 95% intervals over seeds, and each method minus cross-entropy |
 
-A fit that was killed is trained again when the run resumes; finished ones are kept.
+Every fit saves its state in the folder after each epoch (``checkpoint_every``), so a run killed
+mid-fit continues that fit where it stopped; finished fits are kept. Under torchrun (``--nproc``)
+the teacher trains data-parallel, labelling is shared out by blocks, and the students are spread
+over the processes, each fit whole on one; rank 0 writes every file.
 """
 
 from __future__ import annotations
@@ -26,14 +29,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from softtargets import distributed
 from softtargets.config import DistillConfig, ModelConfig, sequence_training
 from softtargets.data.sequences import Blocks
 from softtargets.errors import SoftTargetsError, first_line
 from softtargets.run.folder import RunFolder, config_key, fit_records, settings_key
 from softtargets.run.sequence_data import BITS, SequenceSplits
 from softtargets.run.students import save_student
-from softtargets.run.teacher import is_pretrained, pretrained_weights
+from softtargets.run.teacher import checkpoint_name, is_pretrained, pretrained_weights
 from softtargets.store.tokens import TokenStore, label_tokens
+from softtargets.training.checkpoint import saved_epoch
 from softtargets.training.common import resolve_device
 from softtargets.training.lm import fit_lm, next_token_loss
 from softtargets.training.models import build_model, count_parameters
@@ -83,17 +88,24 @@ def _measure(model: nn.Module, splits: SequenceSplits, val: float | None = None)
 
 
 def _fit(model: nn.Module, splits: SequenceSplits, config: DistillConfig, role: str,
-         teacher: Any, method: str, seed: int,
+         teacher: Any, method: str, seed: int, folder: RunFolder, key: str,
+         log: Callable[[str], None],
          progress: Any = None) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
-    """Train one language model (its best validation epoch kept) and measure it."""
+    """Train one language model (its best validation epoch kept, its state saved in ``folder``
+    as it goes, under the fit's ``key``) and measure it."""
     training = config.teacher_training if role == "teacher" else config.student_training
+    every = training.checkpoint_every
+    checkpoint = folder.path(checkpoint_name((key, role, method, seed))) if every else None
+    if checkpoint is not None and (done := saved_epoch(checkpoint)):
+        fit = "teacher" if role == "teacher" else f"student {method}, seed {seed}"
+        log(f"{fit}: continuing after epoch {done} (its checkpoint)")
     result = fit_lm(
         model, splits.train, splits.val, teacher, method=method if teacher is not None else "kd",
         temperature=config.temperature, alpha=config.alpha if teacher is not None else 0.0,
         epochs=training.epochs, batch_blocks=training.batch_size, lr=training.lr, seed=seed,
         on_policy=config.on_policy if role == "student" and teacher is not None else 0.0,
         progress=progress, description=role if role == "teacher" else f"{method}, seed {seed}",
-        device=resolve_device(config.device),
+        device=resolve_device(config.device), checkpoint=checkpoint, checkpoint_every=every,
     )  # fmt: skip
     record = {"role": role, "method": method, "seed": seed, "best_epoch": result.best_epoch,
               **_measure(model, splits, min(r["val_loss"] for r in result.history)),
@@ -239,12 +251,13 @@ def run_sequences(
     elif not reloaded or teacher_record is None:
         log(f"teacher {config.teacher.name}: training on {len(train)} blocks")
         teacher, teacher_record = _fit(teacher, splits, config, "teacher", None, "teacher",
-                                       config.first_seed, progress)  # fmt: skip
+                                       config.first_seed, folder, teacher_key, log, progress)  # fmt: skip
     if not reloaded or "key" not in teacher_record:
         teacher_record["key"] = teacher_key
         folder.save_weights("teacher.safetensors", teacher, teacher_key)
         folder.set_key("teacher", teacher_key)
         folder.append("results.jsonl", teacher_record)
+        folder.remove(checkpoint_name((teacher_key, "teacher", "teacher", config.first_seed)))
     else:
         log("teacher: reloaded from a previous run")
     teacher.to(resolve_device(config.device)).eval()  # it labels, and teaches online
@@ -276,20 +289,43 @@ def _students(
     pending = [(m, s) for s in seeds for m in methods if (m, s) not in done]
     if len(pending) < len(methods) * len(seeds):
         log(f"students: {len(methods) * len(seeds) - len(pending)} fits kept from a previous run")
-    for method, seed in pending:
-        student = _build(config.student, train, seed, "student")
-        log(f"student {method}, seed {seed}")
-        # on-policy students need the teacher itself, run on their own samples
-        source = None if method == "hard" else teacher if config.on_policy else store
-        student, record = _fit(student, splits, config, "student", source, method, seed,
-                               progress)  # fmt: skip
-        record["key"] = key
-        if method != "hard" and config.on_policy:
-            record["on_policy"] = config.on_policy
-        save_student(folder, cpu_state(student), record)
-        folder.append("results.jsonl", record)
-        results.append(record)
+    if config.student_training.checkpoint_every:  # every name in the manifest before any is written
+        for method, seed in pending:
+            folder.path(checkpoint_name((key, "student", method, seed)))
+    distributed.barrier()
+
+    def fit_each(mine: list[tuple[str, int]]) -> list[tuple[dict[str, Any], Any]]:
+        """Fit this process's students; rank 0 saves its own as they finish, the others hand
+        their weights back."""
+        finished = []
+        for method, seed in mine:
+            student = _build(config.student, train, seed, "student")
+            log(f"student {method}, seed {seed}")
+            # on-policy students need the teacher itself, run on their own samples
+            source = None if method == "hard" else teacher if config.on_policy else store
+            student, record = _fit(student, splits, config, "student", source, method, seed,
+                                   folder, key, log, progress)  # fmt: skip
+            record["key"] = key
+            if method != "hard" and config.on_policy:
+                record["on_policy"] = config.on_policy
+            finished.append((record, None if folder.writer else cpu_state(student)))
+            if folder.writer:
+                _keep_student(folder, record, cpu_state(student))
+        return finished
+
+    gathered = distributed.spread(pending, fit_each) or []  # rank 0's; None elsewhere
+    for theirs in gathered[1:]:  # rank 0 kept its own as they finished
+        for record, state in theirs:
+            _keep_student(folder, record, state)
+    results += [record for mine in gathered for record, _ in mine]
     return [r for r in results if r["seed"] in seeds]
+
+
+def _keep_student(folder: RunFolder, record: dict[str, Any], state: dict[str, Any]) -> None:
+    """Save a finished student's weights and record, and drop its checkpoint."""
+    save_student(folder, state, record)
+    folder.append("results.jsonl", record)
+    folder.remove(checkpoint_name((record["key"], "student", record["method"], record["seed"])))
 
 
 def _store(

@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
+from softtargets import distributed
 from softtargets.config import check_budget
 from softtargets.data.sequences import Blocks
 from softtargets.errors import SoftTargetsError
@@ -193,7 +194,10 @@ def label_tokens(
 ) -> TokenStore:
     """Run ``teacher`` (ids ``(b, L)`` -> logits ``(b, L, V)``) over ``blocks`` once and keep, at
     every position, its ``top`` largest logits (quantised), their tokens (bit-packed) and the
-    rest's log-sum-exp at each of ``temperatures``. Memory: one batch of blocks' logits."""
+    rest's log-sum-exp at each of ``temperatures``. Memory: one batch of blocks' logits.
+
+    Under torchrun each process labels its share of the blocks and every process gets the whole
+    store (the same one a single process writes: one code step, the largest spread of any row)."""
     if not 1 <= top < blocks.vocab_size:
         raise SoftTargetsError(f"--top-k must be from 1 to {blocks.vocab_size - 1}, got {top}")
     if not temperatures or any(t <= 0 for t in temperatures):
@@ -202,8 +206,9 @@ def label_tokens(
     teacher.eval()
     device = next(teacher.parameters()).device
     values, ids, rests = [], [], []
-    for start in range(0, len(blocks), batch_blocks):
-        inputs = blocks.tokens[start : start + batch_blocks, :-1].to(device)
+    mine = distributed.my_slice(len(blocks))  # under torchrun, this process's blocks
+    for start in range(mine.start, mine.stop, batch_blocks):
+        inputs = blocks.tokens[start : min(start + batch_blocks, mine.stop), :-1].to(device)
         logits = teacher(inputs).float()
         if logits.shape[-1] != blocks.vocab_size:
             raise SoftTargetsError(
@@ -217,16 +222,24 @@ def label_tokens(
         values.append(kept.values.cpu())
         ids.append(kept.indices.cpu())
     teacher.train(was_training)
-    values_t, ids_t = torch.cat(values), torch.cat(ids)
-    largest = values_t[:, 0].half().float()  # as stored: the codes count down from it
-    spread = float((largest[:, None] - values_t).max())
+    empty = torch.zeros(0, top)
+    values_t, ids_t = torch.cat([empty, *values]), torch.cat([empty.long(), *ids])
+    rests_t = torch.cat([torch.zeros(0, len(temperatures)), *[r.cpu() for r in rests]])
+    largest = values_t[:, 0].half().float() if len(values_t) else torch.zeros(0)
+    # one code step for the whole store: the largest spread of any process's rows
+    gaps = largest[:, None] - values_t
+    spread = distributed.max_(torch.tensor(float(gaps.max()) if gaps.numel() else 0.0))
     levels = (1 << code_bits) - 1
-    step = max(spread / levels, 1e-6)
-    codes = ((largest[:, None] - values_t) / step).round().clamp(0, levels).long()
+    step = max(float(spread) / levels, 1e-6)
+    codes = (gaps / step).round().clamp(0, levels).long()
     index_bits = max(1, math.ceil(math.log2(blocks.vocab_size)))
+    # every process's rows, in block order, on every process (each row packs on its own)
+    parts = distributed.gather_to_all(
+        (pack_bits(ids_t, index_bits), pack_bits(codes, code_bits), largest.half(), rests_t.half())
+    )
+    packed_ids, packed_codes, largest_t, rest_t = (torch.cat(p) for p in zip(*parts, strict=True))
     return TokenStore(
         blocks.block_ids.clone(), blocks.block_length, blocks.vocab_size, top,
-        tuple(float(t) for t in temperatures), code_bits, step, index_bits,
-        pack_bits(ids_t, index_bits), pack_bits(codes, code_bits), largest.half(),
-        torch.cat(rests).cpu().half(), blocks.fingerprint, fingerprint_module(teacher),
+        tuple(float(t) for t in temperatures), code_bits, step, index_bits, packed_ids,
+        packed_codes, largest_t, rest_t, blocks.fingerprint, fingerprint_module(teacher),
     )  # fmt: skip

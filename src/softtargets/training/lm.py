@@ -56,7 +56,7 @@ def next_token_loss(model: nn.Module, blocks: Blocks, batch_blocks: int = 16) ->
     model.eval()
     device = next(model.parameters()).device
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss, positions)
-    mine = shard_range(len(blocks))
+    mine = distributed.my_slice(len(blocks))
     for start in range(mine.start, mine.stop, batch_blocks):
         tokens = blocks.tokens[start : min(start + batch_blocks, mine.stop)].to(device)
         logits = model(tokens[:, :-1]).float()
@@ -67,12 +67,6 @@ def next_token_loss(model: nn.Module, blocks: Blocks, batch_blocks: int = 16) ->
     model.train(was_training)
     total, count = distributed.sum_(sums).tolist()
     return total / count
-
-
-def shard_range(count: int) -> range:
-    """This process's contiguous share of ``count`` blocks (all of them for one process)."""
-    size, rank = distributed.world_size(), distributed.rank()
-    return range(count * rank // size, count * (rank + 1) // size)
 
 
 def _teacher_rows(
@@ -138,6 +132,7 @@ def fit_lm(
     description: str = "training",
     device: str | torch.device = "cpu",
     checkpoint: str | Path | None = None,
+    checkpoint_every: int = 1,
 ) -> LMResult:
     """Train ``student`` on ``train``'s blocks: ``alpha x method + (1 - alpha) x next-token
     cross-entropy`` at every position (``teacher=None``: cross-entropy only), AdamW with a cosine
@@ -150,8 +145,9 @@ def fit_lm(
 
     ``progress``: a ``rich.progress.Progress`` to report steps to, as ``description``;
     ``device``: where the student (and an online teacher) train; a store stays on the CPU and
-    sends each batch's rows; ``checkpoint``: a file to save the fit's state to after every epoch
-    and to continue from (refused if it belongs to another fit)."""
+    sends each batch's rows; ``checkpoint``: a file to save the fit's state to every
+    ``checkpoint_every`` epochs (and after the last) and to continue from (refused if it belongs
+    to another fit)."""
     if not 0.0 <= on_policy <= 1.0:
         raise SoftTargetsError(f"on_policy is a fraction of steps from 0 to 1, got {on_policy}")
     if on_policy and not isinstance(teacher, nn.Module):
@@ -215,7 +211,7 @@ def fit_lm(
         losses = []
         for start in range(0, len(train), batch_blocks):
             batch = order[start : start + batch_blocks]
-            share = shard_range(len(batch))
+            share = distributed.my_slice(len(batch))
             picked = batch[share.start : share.stop]  # this process's blocks of the batch
             sampled = on_policy and float(torch.rand((), generator=generator)) < on_policy
             optimizer.zero_grad(set_to_none=True)
@@ -251,7 +247,8 @@ def fit_lm(
                 copy.deepcopy(student.state_dict()),
                 epoch,
             )
-        if checkpoint is not None and distributed.rank() == 0:
+        due = epoch % max(checkpoint_every, 1) == 0 or epoch == epochs
+        if checkpoint is not None and due and distributed.rank() == 0:
             checkpoints.save(checkpoint, checkpoints.FitState(
                 key=key, epoch=epoch, model=student.state_dict(), optimizer=optimizer.state_dict(),
                 best=best_state, rng=checkpoints.rng_states(generators, torch.device(device)),

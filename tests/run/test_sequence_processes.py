@@ -1,0 +1,118 @@
+"""A language-model run across processes: killed with ``kill -9`` mid-fit and run again, it ends
+as an uninterrupted run does; on two processes (torchrun, gloo) it writes the one-process run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+TINY = ["distill", "--block-length", "16", "--store-top", "4", "--batch-size", "8",
+        "--teacher-option", "layers=1", "--teacher-option", "width=16", "--teacher-option",
+        "heads=2", "--student-option", "width=16", "--student-option", "heads=2",
+        "--seeds", "2", "--epochs", "2"]  # fmt: skip
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+# The command line with a progress bar that stops the teacher's fit partway through its third
+# epoch (two epochs checkpointed), writes a marker and waits there to be killed.
+STOPPED = """
+import sys, time
+import softtargets.cli.launch as launch
+
+class Stopped:
+    def __init__(self):
+        self.steps = {}
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        return False
+    def add_task(self, description, total):
+        self.steps[description] = 0
+        return description
+    def update(self, task, advance=1):
+        self.steps[task] += advance
+        if task == "teacher" and self.steps[task] == int(sys.argv[1]):
+            open(sys.argv[2], "w").write("stopped")
+            time.sleep(120)
+    def remove_task(self, task):
+        pass
+
+launch.make_progress = Stopped
+from softtargets.cli.app import app
+app(sys.argv[3:])
+"""
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    for i in range(5):
+        lines = [" ".join(words[(i + j + k) % 8] for k in range(6)) for j in range(12)]
+        (folder / f"part{i}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def _fits(out) -> dict:
+    lines = (out / "results.jsonl").read_text().splitlines()
+    return {(r["role"], r["method"], r["seed"]): r for r in map(json.loads, lines)}
+
+
+def _distill(*args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "softtargets", *TINY, *map(str, args)],
+                          env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done.stdout
+
+
+def test_kill_9_mid_fit_then_the_same_command_ends_as_an_uninterrupted_run(tmp_path, corpus):
+    common = ["--data", corpus, "--teacher-epochs", "4"]
+    _distill(*common, "--out", tmp_path / "whole")
+    out, marker = tmp_path / "killed", tmp_path / "stopped"
+    steps_per_epoch = 4  # 50 training blocks, the teacher 16 a step
+    child = subprocess.Popen(
+        [sys.executable, "-c", STOPPED, str(2 * steps_per_epoch + 2), str(marker), *TINY,
+         *map(str, common), "--out", str(out)],
+        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert child.poll() is None, child.stderr.read().decode()[-2000:] if child.stderr else ""
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait(timeout=60)
+    assert len(list(out.glob("teacher-teacher-seed0-*.ckpt"))) == 1
+    assert not (out / "teacher.safetensors").exists()
+    again = _distill(*common, "--out", out)  # the same command again
+    assert "teacher: continuing after epoch 2" in " ".join(again.split())
+    whole, resumed = _fits(tmp_path / "whole"), _fits(out)
+    assert whole.keys() == resumed.keys()
+    for fit in whole:  # the teacher continued from its third epoch to the same weights
+        for field in ("val_loss", "test_loss", "best_epoch"):
+            assert resumed[fit][field] == whole[fit][field], (fit, field)
+    assert not list(out.glob("*.ckpt")) and not list(out.glob("*.tmp"))
+
+
+def test_a_text_run_on_two_processes_writes_the_one_process_run(tmp_path, corpus) -> None:
+    common = ["--data", corpus, "--teacher-epochs", "2"]
+    _distill(*common, "--out", tmp_path / "one")
+    _distill(*common, "--out", tmp_path / "two", "--nproc", "2")
+    one, two = _fits(tmp_path / "one"), _fits(tmp_path / "two")
+    assert one.keys() == two.keys()  # every student once, written by rank 0 alone
+    for fit in one:  # the teacher trained data-parallel differs by rounding only
+        assert two[fit]["test_loss"] == pytest.approx(one[fit]["test_loss"], abs=1e-4), fit
+    manifest = json.loads((tmp_path / "two" / ".softtargets-run.json").read_text())
+    written = sorted(p.name for p in (tmp_path / "two").iterdir() if not p.name.startswith("."))
+    assert sorted(manifest["files"]) == written
+    assert not any(name.endswith(".ckpt") for name in written)
+    assert {f"student-{m}-seed{s}.safetensors" for m in ("hard", "kd") for s in (0, 1)} <= set(
+        written
+    )
