@@ -116,3 +116,35 @@ def test_a_text_run_on_two_processes_writes_the_one_process_run(tmp_path, corpus
     assert {f"student-{m}-seed{s}.safetensors" for m in ("hard", "kd") for s in (0, 1)} <= set(
         written
     )
+
+
+def _same_store(path_a, path_b) -> None:
+    import torch
+
+    from softtargets.store.tokens import TokenStore
+
+    a, b = TokenStore.load(path_a), TokenStore.load(path_b)
+    assert (a.top, a.temperatures, a.step, a.blocks_fingerprint, a.teacher_fingerprint) == (
+        b.top, b.temperatures, b.step, b.blocks_fingerprint, b.teacher_fingerprint
+    )  # fmt: skip
+    for part in ("block_ids", "packed_ids", "packed_codes", "largest", "rest"):
+        assert torch.equal(getattr(a, part), getattr(b, part)), part
+
+
+def test_label_on_text_writes_the_runs_store_on_one_or_two_processes(tmp_path, corpus) -> None:
+    run = tmp_path / "run"
+    _distill("--data", corpus, "--teacher-epochs", "1", "--store-temperatures", "2,4",
+             "--temperature", "4", "--out", run)  # fmt: skip
+    label = ["label", "--data", str(corpus), "--block-length", "16", "--teacher-option",
+             "layers=1", "--teacher-option", "width=16", "--teacher-option", "heads=2",
+             "--teacher-weights", str(run / "teacher.safetensors"), "--top-k", "4",
+             "--store-temperatures", "2,4"]  # fmt: skip
+    for name, extra in (("one", []), ("two", ["--nproc", "2"])):
+        done = subprocess.run(
+            [sys.executable, "-m", "softtargets", *label, "--out", str(tmp_path / f"{name}.safetensors"),
+             *extra], env=ENV, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        assert "distill --block-length 16 --store" in " ".join(done.stdout.split())
+    _same_store(tmp_path / "one.safetensors", run / "store.safetensors")
+    _same_store(tmp_path / "two.safetensors", run / "store.safetensors")

@@ -229,3 +229,29 @@ def test_language_model_runs_get_their_own_default_models_and_trainings() -> Non
     assert config.student.options["width"] == 64 and config.student.options["layers"] == 1
     classifier = build_distill_config(None, data="mnist1d")
     assert classifier.student_training.epochs == 100 and classifier.teacher.name == "cnn1d"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ([], "label runs a trained teacher: give --teacher-weights"),
+        (["--teacher-weights", "WEIGHTS", "--top-k", "258"], "--top-k must be from 1 to 257"),
+        (
+            ["--teacher-weights", "WEIGHTS", "--teacher-option", "width=32"],
+            "does not fit the teacher",
+        ),
+    ],
+)
+def test_bad_text_labelling_is_one_line_and_writes_nothing(tmp_path, corpus, change, message):
+    run = tmp_path / "run"
+    made = runner.invoke(app, ["distill", "--data", str(corpus), *TINY, "--seeds", "1",
+                               "--out", str(run)])  # fmt: skip
+    assert made.exit_code == 0, made.output
+    weights = str(run / "teacher.safetensors")
+    out = tmp_path / "store.safetensors"
+    result = runner.invoke(app, ["label", "--data", str(corpus), "--block-length", "16",
+                                 *TEACHER[:6], *[weights if c == "WEIGHTS" else c for c in change],
+                                 "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not out.exists()

@@ -197,13 +197,21 @@ def label(
     workers: Workers = None,
     max_length: MaxLength = None,
     tokenizer: Tokenizer = None,
+    block_length: BlockLength = None,
+    store_temperatures: StoreTemperatures = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option("--temperature", help="Language models: the T students will distil at."),
+    ] = None,
     out: Annotated[
         Path, typer.Option("--out", help="The store to write, a .safetensors file.")
     ] = Path("store.safetensors"),
     top_k: Annotated[
         int | None,
         typer.Option(
-            "--top-k", help="Keep each row's k largest logits and the rest's log-sum-exp."
+            "--top-k",
+            help="Keep each row's k largest logits and the rest's log-sum-exp [language "
+            "models: 32 per position].",
         ),
     ] = None,
     store_dtype: Annotated[
@@ -235,14 +243,26 @@ def label(
         workers=workers,
         max_length=max_length,
         tokenizer=tokenizer,
+        block_length=block_length,
+        store_temperatures=parse_temperatures(store_temperatures),
+        temperature=temperature,
         store_dtype=store_dtype,
         device=device,
     )
     if nproc > 1 and not distributed.launched():
         raise typer.Exit(relaunch_under_torchrun(nproc))
     distributed.setup(resolve_device(cfg.device))
-    done = run_label(cfg, out, top_k=top_k, overwrite=overwrite, log=say)
-    if distributed.is_main():
+    log = say if distributed.is_main() else (lambda message: None)
+    done = run_label(cfg, out, top_k=top_k, overwrite=overwrite, log=log)
+    if distributed.is_main() and cfg.data.block_length is not None:
+        console.print(
+            f"stored the top {done.kept} of {done.classes} logits at each of {done.rows:,} "
+            f"positions in {done.path} ({done.bytes / done.rows:,.1f} bytes per token); train "
+            f"students from it with softtargets distill --block-length "
+            f"{cfg.data.block_length} --store {done.path}",
+            highlight=False,
+        )
+    elif distributed.is_main():
         console.print(
             f"stored {done.kept} of {done.classes} logits for each of {done.rows:,} rows in "
             f"{done.path} ({done.bytes / (1 << 20):,.1f} MB); train students from it with "

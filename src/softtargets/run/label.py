@@ -22,10 +22,19 @@ from softtargets.errors import SoftTargetsError
 from softtargets.files import check_writable
 from softtargets.run.data import rows_of
 from softtargets.run.folder import check_out_of_inputs
+from softtargets.run.sequence_data import (
+    is_sequence_job,
+    load_sequence_splits,
+    with_sequence_models,
+)
+from softtargets.run.sequences import build_lm
 from softtargets.run.teacher import is_pretrained, prepare
 from softtargets.store.label import label
 from softtargets.store.store import SoftTargetStore
+from softtargets.store.tokens import label_tokens
 from softtargets.store.write import label_dataset_to_file
+from softtargets.training.common import resolve_device
+from softtargets.training.weights import load_into
 
 
 @dataclass
@@ -51,7 +60,10 @@ def run_label(
 
     Full stores are streamed to the file in chunks and, under torchrun, sharded over the
     processes; a top-k store is reduced in memory on one process (``k`` of ``K`` logits and the
-    rest's log-sum-exp per row).
+    rest's log-sum-exp per row). On text in token blocks (``--block-length``) the store is a
+    :class:`~softtargets.store.tokens.TokenStore` of the training blocks' positions (``top_k``,
+    default ``config.store_top``, at ``config.store_temperatures``), labelled block by block and,
+    under torchrun, shared out by blocks.
     """
     out = Path(out)
     if not is_pretrained(config):
@@ -66,6 +78,8 @@ def run_label(
             f"{out} exists; pass --overwrite to replace it or choose another --out"
         )
     check_out_of_inputs(out, [config.data.name, config.data.test])
+    if is_sequence_job(config):
+        return _label_sequences(config, out, top_k, log)
     prepared = prepare(config)
     teacher, data = prepared.teacher, prepared.data
     assert teacher is not None  # prepare builds the teacher when there is no --store
@@ -88,3 +102,36 @@ def run_label(
     distributed.barrier()
     store = SoftTargetStore.load(out, data=data, teacher=teacher, mmap=True)
     return Labelled(out, len(store), store.num_classes, store.kept, out.stat().st_size)
+
+
+def _label_sequences(
+    config: DistillConfig, out: Path, top_k: int | None, log: Callable[[str], None]
+) -> Labelled:
+    """``run_label`` on token blocks: every position of the training blocks, top-k per position
+    (the blocks ``distill --store`` trains on; it checks them against the store)."""
+    config = with_sequence_models(config)
+    # the store serves distillation at each of these (default: the config's temperature)
+    temperatures = tuple(config.store_temperatures or [config.temperature])
+    splits = load_sequence_splits(config)
+    train = splits.train
+    top = config.store_top if top_k is None else top_k
+    if not 1 <= top < train.vocab_size:
+        raise SoftTargetsError(
+            f"--top-k must be from 1 to {train.vocab_size - 1} (the vocabulary has "
+            f"{train.vocab_size} tokens)"
+        )
+    teacher = build_lm(config.teacher, train, config.first_seed, "teacher")
+    if config.teacher.weights is not None:  # (an hf: folder's weights came with it)
+        load_into(teacher, config.teacher.weights, "teacher")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(out)  # never through a link planted where the store goes
+    teacher.to(resolve_device(config.device)).eval()
+    log(
+        f"labelling {train.tokens[:, 1:].numel():,} positions ({len(train)} blocks of "
+        f"{train.block_length}) with teacher {config.teacher.name}, top-{top}"
+    )
+    store = label_tokens(teacher, train, top=top, temperatures=temperatures)
+    if distributed.is_main():
+        store.save(out)
+    distributed.barrier()
+    return Labelled(out, len(store), train.vocab_size, top, out.stat().st_size)

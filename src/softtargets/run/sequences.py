@@ -45,7 +45,7 @@ from softtargets.training.models import build_model, count_parameters
 from softtargets.training.weights import cpu_state, file_fingerprint, load_into
 
 
-def _build(model: ModelConfig, blocks: Blocks, seed: int, role: str) -> nn.Module:
+def build_lm(model: ModelConfig, blocks: Blocks, seed: int, role: str) -> nn.Module:
     """A language model of ``model``'s settings for ``blocks`` (the context defaults to the
     block length), checked to map ``(B, L)`` ids to ``(B, L, V)`` logits."""
     options = dict(model.options)
@@ -163,15 +163,15 @@ def check_sequence_job(config: DistillConfig, train: Blocks) -> SequenceSource:
                 f"{', '.join(f'{t:g}' for t in stored.temperatures)}, not at --temperature "
                 f"{config.temperature:g}: distil at one of those, or label again"
             )
-        _check_student(config, _build(config.student, train, 0, "student"), train)
+        _check_student(config, build_lm(config.student, train, 0, "student"), train)
         return SequenceSource(store=stored)
     if config.store_top >= train.vocab_size:
         raise SoftTargetsError(
             f"--store-top {config.store_top} keeps the whole vocabulary of {train.vocab_size} "
             "tokens; give a smaller number"
         )
-    teacher = _build(config.teacher, train, config.first_seed, "teacher")
-    _check_student(config, _build(config.student, train, 0, "student"), train)
+    teacher = build_lm(config.teacher, train, config.first_seed, "teacher")
+    _check_student(config, build_lm(config.student, train, 0, "student"), train)
     return SequenceSource(teacher=teacher)
 
 
@@ -299,7 +299,7 @@ def _students(
         their weights back."""
         finished = []
         for method, seed in mine:
-            student = _build(config.student, train, seed, "student")
+            student = build_lm(config.student, train, seed, "student")
             log(f"student {method}, seed {seed}")
             # on-policy students need the teacher itself, run on their own samples
             source = None if method == "hard" else teacher if config.on_policy else store
