@@ -100,15 +100,28 @@ def sample_continuations(
     model: nn.Module, tokens: Tensor, prompt: int, generator: torch.Generator
 ) -> Tensor:
     """``tokens (B, L + 1)`` with every token after the first ``prompt`` replaced by ``model``'s
-    own samples (temperature 1), drawn one position at a time from the prompt on."""
+    own samples (temperature 1), drawn one position at a time from the prompt on. A model with
+    ``extend(ids, cache) -> (logits, cache)`` (``gpt``) runs each new token alone against its
+    key-value cache; any other runs the whole sequence again for every token."""
     was_training = model.training
     model.eval()
     sequence = tokens[:, :prompt]
-    for _ in range(tokens.shape[1] - prompt):
-        probs = torch.softmax(model(sequence)[:, -1].float(), dim=-1)
+    extend = getattr(model, "extend", None)
+    if extend is not None:
+        logits, cache = extend(sequence)
+    else:
+        logits, cache = model(sequence), None
+    for drawn_so_far in range(tokens.shape[1] - prompt):
+        probs = torch.softmax(logits[:, -1].float(), dim=-1)
         # drawn on the CPU, where the seeded generator lives
         drawn = torch.multinomial(probs.cpu(), 1, generator=generator).to(sequence.device)
         sequence = torch.cat([sequence, drawn], 1)
+        if drawn_so_far + 1 == tokens.shape[1] - prompt:
+            break  # the last token: nothing follows it
+        if extend is not None:
+            logits, cache = extend(drawn, cache)
+        else:
+            logits = model(sequence)
     model.train(was_training)
     return sequence
 
