@@ -8,6 +8,7 @@ import torch
 from softtargets.data.sequences import (
     ByteTokenizer,
     pack_blocks,
+    pack_to_file,
     read_corpus,
     split_by_file,
     stdlib_files,
@@ -64,3 +65,24 @@ def test_bad_corpora_are_one_line(tmp_path) -> None:
         pack_blocks(read_corpus([tmp_path / "short.txt"]), block_length=16, vocab_size=258)
     with pytest.raises(SoftTargetsError, match="no files"):
         read_corpus([])
+
+
+def test_a_token_file_holds_the_blocks_memory_holds_and_splits_copy_no_tokens(tmp_path) -> None:
+    paths = stdlib_files(5, seed=1)
+    in_memory = pack_blocks(read_corpus(paths), 64, 258)
+    mapped = pack_to_file(paths, ByteTokenizer(), 64, tmp_path / "tokens.bin")
+    assert mapped.storage.dtype == torch.int16  # 2 bytes a token on disk
+    assert (tmp_path / "tokens.bin").stat().st_size == 2 * 65 * len(in_memory)
+    assert torch.equal(mapped.tokens, in_memory.tokens)
+    assert mapped.fingerprint == in_memory.fingerprint  # a store of one serves the other
+    parts = split_by_file(mapped, 0.2, 0.2, seed=0)
+    for part, expected in zip(parts, split_by_file(in_memory, 0.2, 0.2, seed=0), strict=True):
+        assert part.storage is mapped.storage  # rows of the one mapped file
+        assert torch.equal(part.batch(torch.tensor([0, len(part) - 1])),
+                           expected.tokens[[0, len(expected) - 1]])  # fmt: skip
+        assert part.fingerprint == expected.fingerprint
+    (tmp_path / "tokens.bin").write_bytes(b"\0" * 10)  # not this corpus's file: refused
+    from softtargets.data.sequences import map_token_file
+
+    with pytest.raises(SoftTargetsError, match="not the token file of these blocks"):
+        map_token_file(tmp_path / "tokens.bin", 64, mapped.file_index, mapped.files, 258)

@@ -255,3 +255,22 @@ def test_bad_text_labelling_is_one_line_and_writes_nothing(tmp_path, corpus, cha
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_stream_reads_the_corpus_from_a_token_file_to_the_same_run(tmp_path, corpus, monkeypatch):
+    for part in corpus.iterdir():  # 5 files of about 4 kB: 160 kB as int64 blocks in memory
+        part.write_text(part.read_text() * 10, encoding="utf-8")
+    memory, streamed = tmp_path / "memory", tmp_path / "streamed"
+    args = ["distill", "--data", str(corpus), *TINY, "--seeds", "1"]
+    assert runner.invoke(app, [*args, "--out", str(memory)]).exit_code == 0
+    # 147 kB: the student (16 bytes a parameter: 123 kB) fits, the corpus in memory does not
+    monkeypatch.setenv("SOFTTARGETS_MEMORY_BUDGET_MB", "0.14")
+    refused = runner.invoke(app, [*args, "--out", str(tmp_path / "refused")])
+    assert refused.exit_code == 2 and "pass --stream" in refused.output
+    assert not (tmp_path / "refused").exists()
+    result = runner.invoke(app, [*args, "--stream", "--out", str(streamed)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((streamed / ".softtargets-run.json").read_text())
+    assert "tokens.bin" in manifest["files"] and (streamed / "tokens.bin").stat().st_size > 0
+    for one, two in zip(_records(memory), _records(streamed), strict=True):
+        assert one["test_loss"] == two["test_loss"] and one["key"] == two["key"]

@@ -10,7 +10,8 @@ exact: no file has rows in two parts.
 | --- | --- |
 | :class:`ByteTokenizer` | UTF-8 bytes as tokens 0-255, plus ``<eos>`` and ``<pad>``: needs nothing installed |
 | :func:`read_corpus` | text files (UTF-8, checked) -> token ids per file, ``<eos>`` after each |
-| :func:`pack_blocks` | ids per file -> ``(blocks, block_length + 1)`` windows (inputs and next tokens) |
+| :func:`pack_blocks` | ids per file -> ``(blocks, block_length + 1)`` windows (inputs and next tokens), in memory |
+| :func:`pack_to_file` | text files -> the same blocks in a token file on disk, tokenised a file at a time and mapped back (corpora larger than memory) |
 | :func:`split_by_file` | a seeded split of the files, then their blocks |
 | :func:`stdlib_files` | a fixed, seeded selection of the Python standard library's own source files |
 """
@@ -21,14 +22,16 @@ import hashlib
 import sysconfig
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from softtargets.config import check_budget
 from softtargets.errors import SoftTargetsError
-from softtargets.files import read_small_text
+from softtargets.files import atomic_open, read_small_text
 
 
 class ByteTokenizer:
@@ -48,15 +51,20 @@ class Blocks:
     """Fixed-length token blocks and where they came from.
 
     Attributes:
-        tokens: ``(num_blocks, block_length + 1)`` int64 token ids; a block's inputs are
-            ``tokens[:, :-1]``, the next tokens to predict ``tokens[:, 1:]``.
+        storage: ``(all blocks, block_length + 1)`` token ids these blocks are rows of: an int64
+            tensor in memory, or an int16 / int32 one mapped from a token file
+            (:func:`pack_to_file`: read from disk as batches ask for them). A block's inputs are
+            its first ``block_length`` ids, the next tokens to predict its last ``block_length``.
+        rows: ``(num_blocks,)`` int64, which rows of ``storage`` these blocks are (a split takes
+            rows without copying tokens).
         block_ids: ``(num_blocks,)`` int64 stable ids (positions in the whole packed corpus).
         file_index: ``(num_blocks,)`` int64, the file each block came from (into ``files``).
         files: the source files' names, in corpus order.
         vocab_size: the tokenizer's vocabulary size.
     """
 
-    tokens: Tensor
+    storage: Tensor
+    rows: Tensor
     block_ids: Tensor
     file_index: Tensor
     files: tuple[str, ...]
@@ -64,10 +72,27 @@ class Blocks:
 
     @property
     def block_length(self) -> int:
-        return int(self.tokens.shape[1]) - 1
+        return int(self.storage.shape[1]) - 1
 
     def __len__(self) -> int:
-        return len(self.tokens)
+        return len(self.rows)
+
+    @property
+    def positions(self) -> int:
+        """Predicted positions in all the blocks (``len(self) * block_length``)."""
+        return len(self) * self.block_length
+
+    def batch(self, which: Tensor | slice) -> Tensor:
+        """``(k, block_length + 1)`` int64 ids of the blocks ``which`` (indices or a slice into
+        these blocks), read from memory or the token file."""
+        return self.storage[self.rows[which]].long()
+
+    @property
+    def tokens(self) -> Tensor:
+        """``(num_blocks, block_length + 1)`` int64: every block at once, in memory (small corpora
+        and tests; training reads :meth:`batch` by batch)."""
+        check_budget(8 * len(self) * (self.block_length + 1), f"{len(self):,} token blocks")
+        return self.batch(slice(None))
 
     def row_ids(self) -> Tensor:
         """``(num_blocks, block_length)`` stable row ids, one per predicted position."""
@@ -75,19 +100,25 @@ class Blocks:
         return self.block_ids[:, None] * self.block_length + positions[None, :]
 
     def take(self, rows: Tensor) -> Blocks:
-        """The blocks at positions ``rows`` (their ids and files kept)."""
+        """The blocks at positions ``rows`` (their ids and files kept; no tokens copied)."""
         return Blocks(
-            self.tokens[rows], self.block_ids[rows], self.file_index[rows], self.files,
-            self.vocab_size,
+            self.storage, self.rows[rows], self.block_ids[rows], self.file_index[rows],
+            self.files, self.vocab_size,
         )  # fmt: skip
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
-        """A short hash of the tokens and their ids (a store made for other blocks is refused)."""
+        """A short hash of the tokens (as int64, however stored) and their ids, read a chunk of
+        blocks at a time (a store made for other blocks is refused)."""
         digest = hashlib.sha256()
-        digest.update(self.tokens.numpy().tobytes())
+        for start in range(0, len(self), FINGERPRINT_BLOCKS):
+            digest.update(self.batch(slice(start, start + FINGERPRINT_BLOCKS)).numpy().tobytes())
         digest.update(self.block_ids.numpy().tobytes())
         return digest.hexdigest()[:16]
+
+
+#: blocks hashed at a time by :attr:`Blocks.fingerprint`
+FINGERPRINT_BLOCKS = 4096
 
 
 def read_corpus(
@@ -96,45 +127,102 @@ def read_corpus(
     """``(name, token ids)`` per file, ``<eos>`` after each; a file that is not UTF-8 text is one
     line naming it."""
     tokenizer = tokenizer or ByteTokenizer()
-    corpus = []
-    for path in paths:
-        text = read_small_text(path, "text file")  # refuses non-UTF-8, FIFOs, huge files
-        corpus.append((str(path), [*tokenizer.encode(text), tokenizer.eos_id]))
+    corpus = [(str(path), read_file_ids(path, tokenizer)) for path in paths]
     if not corpus:
         raise SoftTargetsError("the corpus has no files; give text files or a folder of them")
     return corpus
 
 
+def read_file_ids(path: str | Path, tokenizer: Any) -> list[int]:
+    """One text file's token ids, ``<eos>`` after them (not UTF-8: one line naming it)."""
+    text = read_small_text(path, "text file")  # refuses non-UTF-8, FIFOs, huge files
+    return [*tokenizer.encode(text), tokenizer.eos_id]
+
+
+def file_windows(ids: Sequence[int] | Tensor, block_length: int) -> Tensor:
+    """``(count, block_length + 1)`` int64: a file's ids cut into non-overlapping windows (a
+    window's last token is only a target; the next window starts there); the tail shorter than
+    a window is dropped, so no block crosses a file's end."""
+    ids_t = torch.as_tensor(ids, dtype=torch.long)
+    count = max(0, (len(ids_t) - 1) // block_length)
+    if count == 0:
+        return torch.zeros(0, block_length + 1, dtype=torch.long)
+    return ids_t[: count * block_length + 1].unfold(0, block_length + 1, block_length)
+
+
 def pack_blocks(
     corpus: Sequence[tuple[str, list[int]]], block_length: int, vocab_size: int
 ) -> Blocks:
-    """Cut each file's ids into non-overlapping windows of ``block_length + 1`` tokens (a window's
-    last token is only a target; the next window starts there). A file's tail shorter than a
-    window is dropped, so no block crosses a file's end."""
+    """Cut each file's ids into blocks (:func:`file_windows`), in memory."""
     if block_length < 1:
         raise SoftTargetsError(f"the block length must be at least 1, got {block_length}")
     total = sum(max(0, (len(ids) - 1) // block_length) for _, ids in corpus)
-    check_budget(8 * total * (block_length + 1), f"{total:,} blocks of {block_length} tokens")
-    windows, owners = [], []
-    for index, (_, ids) in enumerate(corpus):
-        ids_t = torch.tensor(ids, dtype=torch.long)
-        count = (len(ids) - 1) // block_length
-        for b in range(count):
-            windows.append(ids_t[b * block_length : (b + 1) * block_length + 1])
-            owners.append(index)
-    if not windows:
-        longest = max(len(ids) for _, ids in corpus)
+    check_budget(
+        8 * total * (block_length + 1), f"{total:,} blocks of {block_length} tokens",
+        "pass --stream (a token file on disk)",
+    )  # fmt: skip
+    windows = [file_windows(ids, block_length) for _, ids in corpus]
+    owners = [torch.full((len(w),), i, dtype=torch.long) for i, w in enumerate(windows)]
+    _check_some(total, [len(ids) for _, ids in corpus], block_length)
+    return _blocks(torch.cat(windows), torch.cat(owners), tuple(n for n, _ in corpus), vocab_size)
+
+
+def pack_to_file(
+    paths: Sequence[str | Path], tokenizer: Any, block_length: int, path: str | Path
+) -> Blocks:
+    """Tokenise the text files one at a time and write their blocks to the token file ``path``
+    (:func:`token_dtype` ids, atomically), then map it back (:func:`map_token_file`): the blocks
+    are read from disk as batches need them, so the corpus may be larger than memory."""
+    if block_length < 1:
+        raise SoftTargetsError(f"the block length must be at least 1, got {block_length}")
+    dtype = token_dtype(tokenizer.vocab_size)
+    owners, lengths = [], []
+    with atomic_open(path, "wb") as handle:
+        for index, file in enumerate(paths):
+            ids = read_file_ids(file, tokenizer)
+            windows = file_windows(ids, block_length)
+            handle.write(windows.to(dtype).numpy().tobytes())
+            owners.append(torch.full((len(windows),), index, dtype=torch.long))
+            lengths.append(len(ids))
+    if not lengths:
+        raise SoftTargetsError("the corpus has no files; give text files or a folder of them")
+    _check_some(sum(map(len, owners)), lengths, block_length)
+    files = tuple(str(p) for p in paths)
+    return map_token_file(path, block_length, torch.cat(owners), files, tokenizer.vocab_size)
+
+
+def token_dtype(vocab_size: int) -> torch.dtype:
+    """The token file's id type: int16 (2 bytes a token) when the vocabulary fits, else int32."""
+    return torch.int16 if vocab_size <= 1 << 15 else torch.int32
+
+
+def map_token_file(
+    path: str | Path, block_length: int, owners: Tensor, files: tuple[str, ...], vocab_size: int
+) -> Blocks:
+    """The blocks of a token file :func:`pack_to_file` wrote (``owners``: each block's file),
+    memory-mapped: nothing is read until a batch asks for its blocks."""
+    count = len(owners)
+    expected = count * (block_length + 1) * token_dtype(vocab_size).itemsize
+    if Path(path).stat().st_size != expected:
+        raise SoftTargetsError(f"{path} is not the token file of these blocks; write it again")
+    storage = torch.from_file(
+        str(path), shared=False, size=count * (block_length + 1), dtype=token_dtype(vocab_size)
+    ).view(count, block_length + 1)
+    return _blocks(storage, owners, files, vocab_size)
+
+
+def _check_some(total: int, lengths: Sequence[int], block_length: int) -> None:
+    if not total:
         raise SoftTargetsError(
-            f"the corpus is shorter than one block: its longest file has {longest} tokens, a "
+            f"the corpus is shorter than one block: its longest file has {max(lengths)} tokens, a "
             f"block needs {block_length + 1}; give more text or a shorter --block-length"
         )
-    return Blocks(
-        torch.stack(windows),
-        torch.arange(len(windows), dtype=torch.long),
-        torch.tensor(owners, dtype=torch.long),
-        tuple(name for name, _ in corpus),
-        vocab_size,
-    )
+
+
+def _blocks(storage: Tensor, owners: Tensor, files: tuple[str, ...], vocab_size: int) -> Blocks:
+    count = len(storage)
+    every = torch.arange(count, dtype=torch.long)
+    return Blocks(storage, every, every.clone(), owners, files, vocab_size)
 
 
 def split_by_file(

@@ -47,12 +47,14 @@ from softtargets.run.report import (
     write_report,
 )
 from softtargets.run.sequence_data import (
+    TOKEN_FILE,
+    SequenceSplits,
     is_sequence_job,
     load_sequence_splits,
     with_sequence_models,
 )
 from softtargets.run.sequence_report import SequenceOutcome, write_sequence_report
-from softtargets.run.sequences import check_sequence_job, run_sequences
+from softtargets.run.sequences import SequenceSource, check_sequence_job, run_sequences
 from softtargets.run.students import BEST, load_saved, name_best, save_student
 from softtargets.run.teacher import (
     Finished,
@@ -143,14 +145,33 @@ def _run_sequences(
     models and their vocabulary are checked before the folder is opened."""
     config = with_sequence_models(config)
     check_run_methods(config.methods, config.method_options)
+    if config.data.stream:  # the token file goes in the run folder, so it is opened first (a
+        # folder this run created is removed whole if the checks then fail)
+        with RunFolder.open(out_dir, overwrite=overwrite, log=log) as folder:
+            splits = load_sequence_splits(config, folder.path(TOKEN_FILE))
+            source = check_sequence_job(config, splits.train)
+            return _run_sequences_in(folder, config, splits, source, progress, log, started)
     splits = load_sequence_splits(config)
     source = check_sequence_job(config, splits.train)
     with RunFolder.open(out_dir, overwrite=overwrite, log=log) as folder:
-        folder.write_text("config.yaml", dump_config(config))
-        teacher, students, store = run_sequences(folder, config, splits, source, log, progress)
-        outcome = SequenceOutcome(folder.root, teacher, students, store.bytes_per_token,
-                                  time.perf_counter() - started, splits.unit)  # fmt: skip
-        write_sequence_report(outcome, config, folder)
+        return _run_sequences_in(folder, config, splits, source, progress, log, started)
+
+
+def _run_sequences_in(
+    folder: RunFolder,
+    config: DistillConfig,
+    splits: SequenceSplits,
+    source: SequenceSource,
+    progress: Any,
+    log: Callable[[str], None],
+    started: float,
+) -> SequenceOutcome:
+    """The text job's stages in the open, checked run ``folder``, and its report."""
+    folder.write_text("config.yaml", dump_config(config))
+    teacher, students, store = run_sequences(folder, config, splits, source, log, progress)
+    outcome = SequenceOutcome(folder.root, teacher, students, store.bytes_per_token,
+                              time.perf_counter() - started, splits.unit)  # fmt: skip
+    write_sequence_report(outcome, config, folder)
     return outcome
 
 

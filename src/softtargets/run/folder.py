@@ -476,8 +476,10 @@ def config_key(config: DistillConfig, teacher_only: bool = False) -> str:
             del data[name]
     if "block_length" not in data:  # a classifier's run: the language-model settings
         del values["store_top"], values["store_temperatures"], values["on_policy"]
-    elif not values["on_policy"]:  # language-model runs from before the option keep their keys
-        del values["on_policy"]
+    else:  # text read from a token file is the same blocks: a run may switch either way
+        data.pop("stream", None)
+        if not values["on_policy"]:  # language-model runs from before the option keep their keys
+            del values["on_policy"]
     if "text_column" not in data:
         del data["max_length"]
     if teacher_only:

@@ -127,7 +127,7 @@ def _label_sequences(
     check_writable(out)  # never through a link planted where the store goes
     teacher.to(resolve_device(config.device)).eval()
     log(
-        f"labelling {train.tokens[:, 1:].numel():,} positions ({len(train)} blocks of "
+        f"labelling {train.positions:,} positions ({len(train)} blocks of "
         f"{train.block_length}) with teacher {config.teacher.name}, top-{top}"
     )
     store = label_tokens(teacher, train, top=top, temperatures=temperatures)

@@ -12,18 +12,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from softtargets import distributed
 from softtargets.config import (
     SEQUENCE_STUDENT,
     SEQUENCE_TEACHER,
     STDLIB_FILES,
     DistillConfig,
     ModelConfig,
+    check_budget,
     sequence_training,
 )
 from softtargets.data.sequences import (
     Blocks,
     ByteTokenizer,
+    map_token_file,
     pack_blocks,
+    pack_to_file,
     read_corpus,
     split_by_file,
     stdlib_files,
@@ -41,6 +45,9 @@ STDLIB = "stdlib"
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
 
 BITS = math.log(2)
+
+#: the run folder's token file (``--stream``): the packed corpus, mapped as batches need it
+TOKEN_FILE = "tokens.bin"
 
 
 @dataclass
@@ -136,9 +143,13 @@ def text_tokenizer(config: DistillConfig) -> ByteTokenizer | SavedTokenizer:
     return SavedTokenizer(tokenizer_folder(config))
 
 
-def load_sequence_splits(config: DistillConfig) -> SequenceSplits:
+def load_sequence_splits(config: DistillConfig, token_file: Path | None = None) -> SequenceSplits:
     """Read, tokenise (:func:`text_tokenizer`), pack and split the corpus; one-line errors for
-    what cannot be (not UTF-8, shorter than a block, too few files to split)."""
+    what cannot be (not UTF-8, shorter than a block, too few files to split).
+
+    In memory, unless ``token_file`` is given (``--stream``, corpora larger than memory): then the
+    files are tokenised one at a time into that file (by rank 0 under torchrun) and mapped back.
+    """
     data = config.data
     if data.test is not None:
         raise SoftTargetsError(
@@ -147,9 +158,25 @@ def load_sequence_splits(config: DistillConfig) -> SequenceSplits:
         )
     tokenizer = text_tokenizer(config)
     assert data.block_length is not None
-    blocks = pack_blocks(
-        read_corpus(corpus_files(config), tokenizer), data.block_length, tokenizer.vocab_size
-    )
+    files = corpus_files(config)
+    if token_file is not None:
+        blocks = _packed_to_file(files, tokenizer, data.block_length, token_file)
+    else:  # ids as int64 blocks (and a list of them while reading): 8 bytes a token at least
+        check_budget(
+            8 * sum(f.stat().st_size for f in files), f"the corpus ({len(files)} files) in memory",
+            "pass --stream (a token file in the run folder, read as batches need it)",
+        )  # fmt: skip
+        blocks = pack_blocks(read_corpus(files, tokenizer), data.block_length, tokenizer.vocab_size)
     train, val, test = split_by_file(blocks, data.val_fraction, data.test_fraction, data.split_seed)
     unit = "byte" if isinstance(tokenizer, ByteTokenizer) else "token"
     return SequenceSplits(train, val, test, len(blocks.files), unit)
+
+
+def _packed_to_file(files: list[Path], tokenizer: Any, block_length: int, path: Path) -> Blocks:
+    """:func:`pack_to_file` on rank 0; the other processes map the file it wrote."""
+    blocks = pack_to_file(files, tokenizer, block_length, path) if distributed.is_main() else None
+    owners = distributed.share_from_main(blocks.file_index if blocks is not None else None)
+    if blocks is None:
+        blocks = map_token_file(path, block_length, owners, tuple(map(str, files)),
+                                tokenizer.vocab_size)  # fmt: skip
+    return blocks

@@ -55,7 +55,7 @@ def build_lm(model: ModelConfig, blocks: Blocks, seed: int, role: str) -> nn.Mod
     wanted = (1, blocks.block_length, blocks.vocab_size)
     try:
         with torch.no_grad():
-            logits = built(blocks.tokens[:1, :-1])
+            logits = built(blocks.batch(slice(0, 1))[:, :-1])
     except Exception as err:  # a model of another kind fails deep inside torch: say what it is
         raise SoftTargetsError(
             f"{role} {model.name} fails on (1, {blocks.block_length}) token ids "
@@ -82,7 +82,7 @@ def _measure(model: nn.Module, splits: SequenceSplits, val: float | None = None)
         "val_bits_per_token": val / BITS,
         "test_loss": test,
         "test_bits_per_token": test / BITS,
-        "test_tokens": splits.test.tokens[:, 1:].numel(),
+        "test_tokens": splits.test.positions,
         "parameters": count_parameters(model),
     }
 
@@ -183,7 +183,7 @@ def _check_student(config: DistillConfig, student: nn.Module, train: Blocks) -> 
             f"student {config.student.name} must give hidden(ids) and output_weight (its output "
             "projection), as gpt does, so that its loss runs in chunks; use --student gpt"
         )
-    ids = train.tokens[:1, :-1]
+    ids = train.batch(slice(0, 1))[:, :-1]
     was_training = student.training
     student.eval()  # dropout would make the two passes differ
     with torch.no_grad():

@@ -208,7 +208,7 @@ def label_tokens(
     values, ids, rests = [], [], []
     mine = distributed.my_slice(len(blocks))  # under torchrun, this process's blocks
     for start in range(mine.start, mine.stop, batch_blocks):
-        inputs = blocks.tokens[start : min(start + batch_blocks, mine.stop), :-1].to(device)
+        inputs = blocks.batch(slice(start, min(start + batch_blocks, mine.stop)))[:, :-1].to(device)
         logits = teacher(inputs).float()
         if logits.shape[-1] != blocks.vocab_size:
             raise SoftTargetsError(

@@ -58,7 +58,7 @@ def next_token_loss(model: nn.Module, blocks: Blocks, batch_blocks: int = 16) ->
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss, positions)
     mine = distributed.my_slice(len(blocks))
     for start in range(mine.start, mine.stop, batch_blocks):
-        tokens = blocks.tokens[start : min(start + batch_blocks, mine.stop)].to(device)
+        tokens = blocks.batch(slice(start, min(start + batch_blocks, mine.stop))).to(device)
         logits = model(tokens[:, :-1]).float()
         sums[0] += nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="sum"
@@ -295,7 +295,7 @@ def _batch_loss(
     """The loss of the blocks ``picked`` (indices into ``train``): on a ``sampled`` (on-policy)
     step, on the student's own continuations of their first halves."""
     length = train.block_length
-    tokens = train.tokens[picked].to(device)
+    tokens = train.batch(picked).to(device)
     mask = None
     if sampled:  # the student's own continuations of the blocks' first halves
         prompt = max(1, length // 2)
