@@ -274,3 +274,42 @@ def test_stream_reads_the_corpus_from_a_token_file_to_the_same_run(tmp_path, cor
     assert "tokens.bin" in manifest["files"] and (streamed / "tokens.bin").stat().st_size > 0
     for one, two in zip(_records(memory), _records(streamed), strict=True):
         assert one["test_loss"] == two["test_loss"] and one["key"] == two["key"]
+
+
+def test_the_runs_language_model_student_is_named_served_and_exported(tmp_path, corpus) -> None:
+    from softtargets.config import DistillConfig, load_config
+    from softtargets.run.sequence_data import load_sequence_splits
+
+    out = tmp_path / "run"
+    made = runner.invoke(app, ["distill", "--data", str(corpus), *TINY, "--seeds", "2",
+                               "--out", str(out)])  # fmt: skip
+    assert made.exit_code == 0, made.output
+    described = json.loads((out / "student.json").read_text())
+    students = [r for r in _records(out) if r["role"] == "student"]
+    best = min(students, key=lambda r: r["val_loss"])  # validation chose it, not the test set
+    assert (described["method"], described["seed"]) == (best["method"], best["seed"])
+    assert described["language_model"] == {"block_length": 16, "vocab_size": 258,
+                                           "tokenizer": None, "unit": "byte"}  # fmt: skip
+    scored = runner.invoke(app, ["predict", "--model", str(out), "--data", str(corpus)])
+    assert scored.exit_code == 0, scored.output
+    rows = [line.split(",") for line in scored.output.strip().splitlines()]
+    assert rows[0] == ["file", "tokens", "bits_per_byte"] and len(rows) == 6
+    # the held-out files' bits, weighted by their tokens, are the student's test bits per byte
+    test = load_sequence_splits(load_config(DistillConfig, out / "config.yaml")).test
+    held_out = {test.files[i] for i in test.file_index.unique().tolist()}
+    counted = [(int(n), float(b)) for f, n, b in rows[1:] if f in held_out]
+    assert sum(n for n, _ in counted) == best["test_tokens"]
+    assert sum(n * b for n, b in counted) / best["test_tokens"] == pytest.approx(
+        best["test_bits_per_token"], rel=1e-5
+    )
+    written = runner.invoke(app, ["predict", "--model", str(out), "--prompt", "alpha",
+                                  "--tokens", "8"])  # fmt: skip
+    assert written.exit_code == 0 and written.output.startswith("alpha")
+    too_long = runner.invoke(app, ["predict", "--model", str(out), "--prompt", "alpha",
+                                   "--tokens", "20"])  # fmt: skip
+    assert too_long.exit_code == 2 and "exceed the model's context of 16 tokens" in too_long.output
+    for fmt in ("pt2", "onnx"):
+        exported = runner.invoke(app, ["export", "--model", str(out), "--format", fmt])
+        assert exported.exit_code == 0, exported.output
+        difference = float(" ".join(exported.output.split()).rsplit("at most ", 1)[1])
+        assert difference < 1e-4 and (out / f"student.{fmt}").stat().st_size > 0

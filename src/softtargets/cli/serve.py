@@ -59,19 +59,38 @@ def predict(
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Write here (default: stdout).")] = None,
     overwrite: Overwrite = False,
+    prompt: Annotated[
+        str | None,
+        typer.Option("--prompt", help="Language models: continue this text ('' for none)."),
+    ] = None,
+    tokens: Annotated[
+        int, typer.Option("--tokens", help="Language models: how many tokens to write.")
+    ] = 64,
+    temperature: Annotated[
+        float, typer.Option("--temperature", help="Language models: sampling temperature.")
+    ] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="Language models: sampling seed.")] = 0,
 ) -> None:
     """Class probabilities for every row, as CSV (row, then one column per class).
 
     predict --model RUN_OR_FILE --data FILE serves a distilled student; predict MODEL_DIR FILE
-    serves a fit-proportions model (as before).
+    serves a fit-proportions model (as before). A language model's --data (text files) gives
+    each file's bits per token (per byte, byte-level) as CSV; --prompt TEXT writes a continuation.
     """
     from softtargets.files import atomic_write_text
 
     model = model or model_dir
     data = data or file
+    if model is not None and prompt is not None:  # a language model writes text
+        _refuse_existing(out, overwrite)
+        _write(_continue(model, prompt, tokens, temperature, seed), out, "a continuation")
+        return
     if model is None or data is None:
         raise SoftTargetsError("give --model RUN_OR_FILE and --data FILE")
     _refuse_existing(out, overwrite)
+    if not (model / "model.json").is_file() and _is_language_model(model):
+        _write(_score(model, data), out, "bits per token")
+        return
     if (model / "model.json").is_file():  # a fit-proportions model
         from softtargets.run.proportions import predict_file
 
@@ -93,6 +112,56 @@ def predict(
     else:
         atomic_write_text(out, buffer.getvalue())
         console.print(f"wrote {len(probs)} rows to {out}", highlight=False)
+
+
+def _is_language_model(model: Path) -> bool:
+    from softtargets.run.students import load_saved
+
+    return load_saved(model).language_model is not None
+
+
+def _continue(model: Path, prompt: str, tokens: int, temperature: float, seed: int) -> str:
+    from softtargets.run.export import generate_text
+    from softtargets.run.students import load_saved
+
+    saved = load_saved(model)
+    if saved.language_model is None:
+        raise SoftTargetsError(f"{model} is a classifier; --prompt is for language models")
+    return prompt + generate_text(saved, prompt, tokens, temperature, seed) + "\n"
+
+
+def _score(model: Path, data: Path) -> str:
+    """CSV: each text file of ``data`` (a file or a folder's files), its tokens and bits per
+    token under the saved language model."""
+    from softtargets.run.export import score_text
+    from softtargets.run.sequence_data import TEXT_SUFFIXES
+    from softtargets.run.students import load_saved
+
+    saved = load_saved(model)
+    files = [data] if not data.is_dir() else sorted(
+        p for p in data.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file()
+        and not p.is_symlink()
+    )  # fmt: skip
+    if not files:
+        raise SoftTargetsError(f"{data} holds no text files ({', '.join(TEXT_SUFFIXES)})")
+    unit = "byte" if saved.language_model and saved.language_model["unit"] == "byte" else "token"
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["file", "tokens", f"bits_per_{unit}"])
+    for path in files:
+        count, bits = score_text(saved, path)
+        writer.writerow([str(path), count, f"{bits:.6g}"])
+    return buffer.getvalue()
+
+
+def _write(text: str, out: Path | None, what: str) -> None:
+    from softtargets.files import atomic_write_text
+
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        atomic_write_text(out, text)
+        console.print(f"wrote {what} to {out}", highlight=False)
 
 
 @friendly_errors
@@ -159,6 +228,8 @@ def _check_rows(saved: SavedModel, run: Path | None, data: Path | None) -> Tenso
     """The rows an export is checked on: ``--data``'s, else the run's test rows."""
     from softtargets.run.export import check_rows, read_rows
 
+    if saved.language_model is not None:
+        return _language_model_rows(saved, run, data)
     if data is not None:
         rows = read_rows(saved, data)
         check_rows(saved, rows, str(data))
@@ -172,3 +243,19 @@ def _check_rows(saved: SavedModel, run: Path | None, data: Path | None) -> Tenso
     _, splits = load_splits(load_config(DistillConfig, run / "config.yaml"))
     check_rows(saved, splits.test, "the run's test rows")
     return first_rows(splits.test, len(splits.test))  # in memory or streamed
+
+
+def _language_model_rows(saved: SavedModel, run: Path | None, data: Path | None) -> Tensor:
+    """A language model's check rows: ``(N, L)`` ids of ``--data``'s text, else of the run's
+    held-out files (at most 16 blocks)."""
+    from softtargets.run.export import text_blocks
+
+    if data is not None:
+        return text_blocks(saved, data)[:16, :-1]
+    if run is None or not (run / "config.yaml").is_file():
+        raise SoftTargetsError("give --data FILE: text to check the export on")
+    from softtargets.config import DistillConfig, load_config
+    from softtargets.run.sequence_data import load_sequence_splits
+
+    test = load_sequence_splits(load_config(DistillConfig, run / "config.yaml")).test
+    return test.batch(slice(0, 16))[:, :-1]

@@ -54,7 +54,12 @@ from softtargets.run.sequence_data import (
     with_sequence_models,
 )
 from softtargets.run.sequence_report import SequenceOutcome, write_sequence_report
-from softtargets.run.sequences import SequenceSource, check_sequence_job, run_sequences
+from softtargets.run.sequences import (
+    SequenceSource,
+    check_sequence_job,
+    name_best_student,
+    run_sequences,
+)
 from softtargets.run.students import BEST, load_saved, name_best, save_student
 from softtargets.run.teacher import (
     Finished,
@@ -169,6 +174,7 @@ def _run_sequences_in(
     """The text job's stages in the open, checked run ``folder``, and its report."""
     folder.write_text("config.yaml", dump_config(config))
     teacher, students, store = run_sequences(folder, config, splits, source, log, progress)
+    name_best_student(folder, config, splits, students, log)
     outcome = SequenceOutcome(folder.root, teacher, students, store.bytes_per_token,
                               time.perf_counter() - started, splits.unit)  # fmt: skip
     write_sequence_report(outcome, config, folder)

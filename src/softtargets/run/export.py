@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -28,13 +29,68 @@ from torch import Tensor
 
 from softtargets.data.dataset import Dataset
 from softtargets.data.files import load_data
+from softtargets.data.sequences import Blocks, ByteTokenizer, file_windows, read_file_ids
 from softtargets.data.text import load_text
 from softtargets.errors import SoftTargetsError, first_line
 from softtargets.extras import require
+from softtargets.run.sequence_data import SavedTokenizer
 from softtargets.run.students import SavedModel, load_saved
 from softtargets.store.label import predict_logits
+from softtargets.training.lm import next_token_loss, sample_continuations
 
 FORMATS = ("safetensors", "pt2", "onnx")
+
+
+def text_reader(saved: SavedModel) -> ByteTokenizer | SavedTokenizer:
+    """The tokenizer a saved language model reads text with (the built-in byte-level one, or
+    the tokenizer folder it was trained with)."""
+    assert saved.language_model is not None
+    folder = saved.language_model.get("tokenizer")
+    return ByteTokenizer() if folder is None else SavedTokenizer(folder)
+
+
+def text_blocks(saved: SavedModel, path: str | Path) -> Tensor:
+    """``(N, L + 1)`` token ids of a text file in the saved language model's blocks (its block
+    length; the tail shorter than a block dropped); a file shorter than a block is one line."""
+    assert saved.language_model is not None
+    length = int(saved.language_model["block_length"])
+    windows = file_windows(read_file_ids(path, text_reader(saved)), length)
+    if not len(windows):
+        raise SoftTargetsError(
+            f"{path} is shorter than one block of {length} tokens; give more text"
+        )
+    return windows
+
+
+def score_text(saved: SavedModel, path: str | Path) -> tuple[int, float]:
+    """``(tokens, bits per token)``: the saved language model's next-token loss on a text file."""
+    windows = text_blocks(saved, path)
+    blocks = Blocks(windows, torch.arange(len(windows)), torch.arange(len(windows)),
+                    torch.zeros(len(windows), dtype=torch.long), (str(path),),
+                    int(saved.language_model["vocab_size"]))  # fmt: skip
+    return blocks.positions, next_token_loss(saved.model, blocks) / math.log(2)
+
+
+def generate_text(
+    saved: SavedModel, prompt: str, tokens: int, temperature: float = 1.0, seed: int = 0
+) -> str:
+    """``tokens`` new tokens after ``prompt`` from the saved language model, sampled at
+    ``temperature`` (seeded), decoded; the prompt and the tokens must fit the model's context."""
+    if tokens < 1 or temperature <= 0:
+        raise SoftTargetsError("--tokens must be at least 1 and --temperature above 0")
+    reader = text_reader(saved)
+    ids = reader.encode(prompt) if prompt else [reader.eos_id]  # no prompt: a document's start
+    context = int(getattr(saved.model, "context", saved.language_model["block_length"]))
+    if len(ids) + tokens > context:
+        raise SoftTargetsError(
+            f"the prompt ({len(ids)} tokens) and --tokens {tokens} exceed the model's context of "
+            f"{context} tokens; ask for fewer tokens or give a shorter prompt"
+        )
+    start = torch.tensor([*ids, *[0] * tokens])[None, :]
+    drawn = sample_continuations(
+        saved.model, start, len(ids), torch.Generator().manual_seed(seed), temperature
+    )
+    return reader.decode(drawn[0, len(ids) :].tolist())
 
 
 def read_rows(saved: SavedModel, path: str | Path, label_column: str | None = None) -> Dataset:
@@ -148,7 +204,9 @@ def _onnx(model: torch.nn.Module, rows: Tensor, path: Path) -> Callable[[Tensor]
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
     def run(x: Tensor) -> Tensor:
-        (out,) = session.run(["logits"], {"rows": x.numpy().astype(np.float32)})
+        # token ids stay integers; features are float32
+        given = x.numpy() if not torch.is_floating_point(x) else x.numpy().astype(np.float32)
+        (out,) = session.run(["logits"], {"rows": given})
         return torch.from_numpy(out)
 
     return run

@@ -133,6 +133,9 @@ class SavedTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
 
 def text_tokenizer(config: DistillConfig) -> ByteTokenizer | SavedTokenizer:
     """The tokenizer of a language-model run: ``--tokenizer FOLDER``, else an ``hf:`` teacher's or

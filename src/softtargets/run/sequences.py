@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,11 +32,12 @@ from torch import nn
 
 from softtargets import distributed
 from softtargets.config import DistillConfig, ModelConfig, sequence_training
-from softtargets.data.sequences import Blocks
+from softtargets.data.sequences import Blocks, ByteTokenizer
 from softtargets.errors import SoftTargetsError, first_line
+from softtargets.run.data import tokenizer_folder
 from softtargets.run.folder import RunFolder, config_key, fit_records, settings_key
-from softtargets.run.sequence_data import BITS, SequenceSplits
-from softtargets.run.students import save_student
+from softtargets.run.sequence_data import BITS, SequenceSplits, text_tokenizer
+from softtargets.run.students import BEST, name_best_language_model, save_student
 from softtargets.run.teacher import checkpoint_name, is_pretrained, pretrained_weights
 from softtargets.store.tokens import TokenStore, label_tokens
 from softtargets.training.checkpoint import saved_epoch
@@ -353,3 +355,30 @@ def _store(
         store.save(path)
     log(f"store: top-{store.top}, {store.bytes_per_token:.1f} bytes per token")
     return store
+
+
+def name_best_student(
+    folder: RunFolder,
+    config: DistillConfig,
+    splits: SequenceSplits,
+    students: list[dict[str, Any]],
+    log: Callable[[str], None],
+) -> None:
+    """Name the run's student (the lowest validation loss: ``student.safetensors`` and
+    ``student.json``, which say how it reads text) for ``predict`` and ``export``."""
+    if not folder.writer:
+        return
+    uses_folder = not isinstance(text_tokenizer(config), ByteTokenizer)
+    reading = {
+        "block_length": splits.train.block_length,
+        "vocab_size": splits.train.vocab_size,
+        "tokenizer": str(Path(tokenizer_folder(config)).resolve()) if uses_folder else None,
+        "unit": splits.unit,
+    }
+    model = build_lm(config.student, splits.train, 0, "student")
+    best = name_best_language_model(folder, config, model, students, reading)
+    if best is not None:
+        log(
+            f"student: {best['method']}, seed {best['seed']} (lowest validation loss) saved as "
+            f"{folder.root / BEST}.safetensors"
+        )

@@ -3,7 +3,8 @@ saved model loaded back to serve (``predict``) or ship (``export``).
 
 A run folder keeps ``student-METHOD-seedS.safetensors`` per student, and ``student.safetensors``
 with ``student.json`` for the run's *student*: the one with the best validation accuracy across
-methods and seeds (validation NLL breaks a tie). The test set never chooses it. The JSON says
+methods and seeds (validation NLL breaks a tie; a language model's: the lowest validation loss).
+The test set never chooses it. The JSON says
 how to rebuild the model (its builder or import path and options, or a Hugging Face config), what
 it reads (input shape, classes) and what it came from (the data's and teacher's fingerprints).
 """
@@ -61,29 +62,75 @@ def name_best(
     ``student`` is one of the run's student models (any seed): it tells how an ``hf:`` model is
     configured.
     """
-    saved = [r for r in results if r.get("weights") and (folder.root / r["weights"]).is_file()]
+    saved = _saved(folder, results)
     if not saved:
         return None
     best = max(saved, key=lambda r: (r.get("val_accuracy", 0.0), -r.get("val_nll", math.inf)))
-    folder.write_bytes(f"{BEST}.safetensors", (folder.root / best["weights"]).read_bytes())
-    meta = {
-        "format": FORMAT,
-        "version": 1,
-        "model": {"name": portable(config.student.name), "options": config.student.options},
-        **({"hf": describe_hf(student)} if describe_hf(student) else {}),
+    return _write_best(folder, config, student, best, {
         **({"text": text_reading(config)} if config.data.text_column else {}),
         "in_shape": list(data.feature_shape),
         "class_names": list(data.class_names),
-        "weights": f"{BEST}.safetensors",
-        "method": best["method"],
-        "seed": best["seed"],
-        "temperature": config.temperature,
-        "alpha": config.alpha,
         "val_accuracy": best.get("val_accuracy"),
         "test_accuracy": best["test_accuracy"],
         "selected": f"best validation accuracy of {len(saved)} students "
         f"({', '.join(sorted({r['method'] for r in saved}))}); the test set chose nothing",
         "fingerprints": {"data": data.fingerprint, "teacher": teacher_key, "students": best["key"]},
+    })  # fmt: skip
+
+
+def name_best_language_model(
+    folder: RunFolder,
+    config: DistillConfig,
+    student: nn.Module,
+    results: list[dict[str, Any]],
+    reading: dict[str, Any],
+) -> dict[str, Any] | None:
+    """:func:`name_best` for a language-model run: the student of the lowest validation loss,
+    described with how it reads text (``reading``: block length, vocabulary, tokenizer, unit)."""
+    saved = _saved(folder, results)
+    if not saved:
+        return None
+    best = min(saved, key=lambda r: r["val_loss"])
+    return _write_best(folder, config, student, best, {
+        "language_model": reading,
+        "in_shape": [reading["block_length"]],
+        "num_classes": reading["vocab_size"],
+        "val_bits_per_token": best["val_bits_per_token"],
+        "test_bits_per_token": best["test_bits_per_token"],
+        "selected": f"lowest validation loss of {len(saved)} students "
+        f"({', '.join(sorted({r['method'] for r in saved}))}); the test set chose nothing",
+        "fingerprints": {"students": best["key"]},
+    })  # fmt: skip
+
+
+def _saved(folder: RunFolder, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in results if r.get("weights") and (folder.root / r["weights"]).is_file()]
+
+
+def _write_best(
+    folder: RunFolder,
+    config: DistillConfig,
+    student: nn.Module,
+    best: dict[str, Any],
+    described: dict[str, Any],
+) -> dict[str, Any]:
+    """Copy ``best``'s weights to ``student.safetensors`` and write ``student.json``: how to
+    rebuild the model, then ``described`` (what it reads and how it was chosen)."""
+    folder.write_bytes(f"{BEST}.safetensors", (folder.root / best["weights"]).read_bytes())
+    options = dict(config.student.options)
+    if hasattr(student, "context"):  # a gpt's context defaults to the run's block length
+        options.setdefault("context", student.context)
+    meta = {
+        "format": FORMAT,
+        "version": 1,
+        "model": {"name": portable(config.student.name), "options": options},
+        **({"hf": describe_hf(student)} if describe_hf(student) else {}),
+        "weights": f"{BEST}.safetensors",
+        "method": best["method"],
+        "seed": best["seed"],
+        "temperature": config.temperature,
+        "alpha": config.alpha,
+        **described,
     }
     folder.write_text(f"{BEST}.json", json.dumps(meta, indent=1) + "\n")
     return meta
@@ -112,7 +159,12 @@ class SavedModel:
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.meta["class_names"])
+        return list(self.meta.get("class_names", []))
+
+    @property
+    def language_model(self) -> dict[str, Any] | None:
+        """How a language model reads text (block length, vocabulary, tokenizer); else None."""
+        return self.meta.get("language_model")
 
 
 def find_saved(path: str | Path) -> Path:
@@ -145,7 +197,9 @@ def load_saved(path: str | Path) -> SavedModel:
         raise SoftTargetsError(f"{described} is not a model softtargets saved")
     try:
         name, options = meta["model"]["name"], dict(meta["model"]["options"])
-        in_shape, classes = [int(d) for d in meta["in_shape"]], list(meta["class_names"])
+        in_shape = [int(d) for d in meta["in_shape"]]
+        # a classifier's classes by name; a language model's vocabulary by its size
+        classes = len(meta["class_names"]) if "class_names" in meta else int(meta["num_classes"])
         weights = described.parent / str(meta["weights"])
     except (KeyError, TypeError, ValueError) as err:
         raise SoftTargetsError(f"{described} is damaged: {type(err).__name__} {err}") from None
@@ -154,7 +208,7 @@ def load_saved(path: str | Path) -> SavedModel:
     if "hf" in meta:  # rebuilt from the saved config: the source folder is not needed
         model = rebuild_hf(meta["hf"])
     else:
-        model = build_model(name, in_shape, len(classes), seed=0, **options)
+        model = build_model(name, in_shape, classes, seed=0, **options)
     load_into(model, weights, "student")
     model.eval()
     return SavedModel(model, meta, weights)

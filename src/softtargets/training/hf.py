@@ -203,7 +203,10 @@ def build_hf(name: str, num_classes: int, options: dict[str, Any]) -> nn.Module:
 
 def describe_hf(model: nn.Module) -> dict[str, Any]:
     """What a saved model needs to be rebuilt without its source folder (empty when ``model`` is
-    not a Hugging Face one): its config, whether it reads text, and its pad id."""
+    not a Hugging Face one): its config, whether it reads text, and its pad id (a causal
+    language model: its config)."""
+    if isinstance(model, HFCausalLM):
+        return {"hf_config": model.model.config.to_dict(), "causal_lm": True}
     if not isinstance(model, HFClassifier):
         return {}
     return {
@@ -214,9 +217,13 @@ def describe_hf(model: nn.Module) -> dict[str, Any]:
 
 
 def rebuild_hf(described: dict[str, Any]) -> nn.Module:
-    """An :class:`HFClassifier` of random weights from :func:`describe_hf`'s record, for its saved
-    weights to be loaded into."""
+    """An :class:`HFClassifier` (or :class:`HFCausalLM`) of random weights from
+    :func:`describe_hf`'s record, for its saved weights to be loaded into."""
     transformers = require("transformers", "hf")
+    if described.get("causal_lm"):
+        cfg = transformers.AutoConfig.for_model(**described["hf_config"])
+        with torch.random.fork_rng(devices=[]):
+            return HFCausalLM(transformers.AutoModelForCausalLM.from_config(cfg))
     text, pad = bool(described["text"]), described["pad_token_id"]
     cfg = transformers.AutoConfig.for_model(**described["hf_config"])
     auto = (

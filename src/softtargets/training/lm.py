@@ -97,10 +97,14 @@ def _teacher_rows(
 
 @torch.no_grad()
 def sample_continuations(
-    model: nn.Module, tokens: Tensor, prompt: int, generator: torch.Generator
+    model: nn.Module,
+    tokens: Tensor,
+    prompt: int,
+    generator: torch.Generator,
+    temperature: float = 1.0,
 ) -> Tensor:
     """``tokens (B, L + 1)`` with every token after the first ``prompt`` replaced by ``model``'s
-    own samples (temperature 1), drawn one position at a time from the prompt on. A model with
+    own samples (at ``temperature``), drawn one position at a time from the prompt on. A model with
     ``extend(ids, cache) -> (logits, cache)`` (``gpt``) runs each new token alone against its
     key-value cache; any other runs the whole sequence again for every token."""
     was_training = model.training
@@ -112,7 +116,7 @@ def sample_continuations(
     else:
         logits, cache = model(sequence), None
     for drawn_so_far in range(tokens.shape[1] - prompt):
-        probs = torch.softmax(logits[:, -1].float(), dim=-1)
+        probs = torch.softmax(logits[:, -1].float() / temperature, dim=-1)
         # drawn on the CPU, where the seeded generator lives
         drawn = torch.multinomial(probs.cpu(), 1, generator=generator).to(sequence.device)
         sequence = torch.cat([sequence, drawn], 1)
