@@ -169,6 +169,19 @@ def test_a_hugging_face_causal_lm_teaches_a_smaller_one_of_its_family(tmp_path, 
     saved = load_file(out / "teacher.safetensors")
     original = transformers.GPT2LMHeadModel.from_pretrained(folder).state_dict()
     assert torch.equal(saved["model.transformer.wte.weight"], original["transformer.wte.weight"])
+    # the named student is rebuilt from its saved config (the source folder's model is not
+    # needed) and reads text with the folder's tokenizer
+    described = json.loads((out / "student.json").read_text())
+    assert described["hf"]["causal_lm"] and described["hf"]["hf_config"]["n_layer"] == 1
+    assert described["language_model"]["tokenizer"] == str(folder.resolve())
+    scored = runner.invoke(app, ["predict", "--model", str(out), "--data", str(corpus)])
+    assert scored.exit_code == 0, scored.output
+    assert scored.output.splitlines()[0] == "file,tokens,bits_per_token"
+    written = runner.invoke(app, ["predict", "--model", str(out), "--prompt", "alpha beta",
+                                  "--tokens", "3"])  # fmt: skip
+    # word-level tokens, spaced by the decoder (a special token drawn is not written)
+    assert written.exit_code == 0 and written.output.startswith("alpha beta ")
+    assert 2 <= len(written.output.split()) <= 5
 
 
 def test_label_once_distil_many_from_another_runs_store(tmp_path, corpus) -> None:

@@ -127,7 +127,7 @@ def _continue(model: Path, prompt: str, tokens: int, temperature: float, seed: i
     saved = load_saved(model)
     if saved.language_model is None:
         raise SoftTargetsError(f"{model} is a classifier; --prompt is for language models")
-    return prompt + generate_text(saved, prompt, tokens, temperature, seed) + "\n"
+    return generate_text(saved, prompt, tokens, temperature, seed) + "\n"
 
 
 def _score(model: Path, data: Path) -> str:

@@ -74,7 +74,7 @@ def score_text(saved: SavedModel, path: str | Path) -> tuple[int, float]:
 def generate_text(
     saved: SavedModel, prompt: str, tokens: int, temperature: float = 1.0, seed: int = 0
 ) -> str:
-    """``tokens`` new tokens after ``prompt`` from the saved language model, sampled at
+    """The prompt and ``tokens`` new tokens after it from the saved language model, sampled at
     ``temperature`` (seeded), decoded; the prompt and the tokens must fit the model's context."""
     if tokens < 1 or temperature <= 0:
         raise SoftTargetsError("--tokens must be at least 1 and --temperature above 0")
@@ -90,7 +90,7 @@ def generate_text(
     drawn = sample_continuations(
         saved.model, start, len(ids), torch.Generator().manual_seed(seed), temperature
     )
-    return reader.decode(drawn[0, len(ids) :].tolist())
+    return reader.decode(drawn[0].tolist())  # as a whole: a subword decoder spaces its tokens
 
 
 def read_rows(saved: SavedModel, path: str | Path, label_column: str | None = None) -> Dataset:
