@@ -303,6 +303,12 @@ def test_the_runs_language_model_student_is_named_served_and_exported(tmp_path, 
     assert (described["method"], described["seed"]) == (best["method"], best["seed"])
     assert described["language_model"] == {"block_length": 16, "vocab_size": 258,
                                            "tokenizer": None, "unit": "byte"}  # fmt: skip
+    report = (out / "report.md").read_text()  # what it costs to run, beside its teacher
+    costs = report.split("## What the student costs to run")[1].split("\n\n")[1].splitlines()
+    teacher = next(r for r in _records(out) if r["role"] == "teacher")
+    assert costs[2].startswith(f"| teacher | {teacher['parameters']:,} |")
+    assert costs[3].startswith(f"| student | {best['parameters']:,} |")
+    assert costs[3].endswith(f"| {best['test_bits_per_token']:.3f} |")
     scored = runner.invoke(app, ["predict", "--model", str(out), "--data", str(corpus)])
     assert scored.exit_code == 0, scored.output
     rows = [line.split(",") for line in scored.output.strip().splitlines()]

@@ -1,4 +1,5 @@
-"""What distillation bought, measured: the teacher beside the run's named student.
+"""What distillation bought, measured: the teacher beside the run's named student (a language
+model's: per token, with its test bits per token).
 
 Per model: parameters, weights file size, forward FLOPs per row, CPU latency per row at batch 1
 and at batch 256, test accuracy with its 95% Wilson interval (the test set's own uncertainty for
@@ -84,6 +85,51 @@ def deployment_rows(
             }
         )
     return table
+
+
+def language_model_rows(
+    teacher: nn.Module,
+    student: nn.Module,
+    bits: dict[str, float],
+    file_bytes: dict[str, int],
+    blocks: Tensor,
+) -> list[dict[str, Any]]:
+    """:func:`deployment_rows` for language models: per model its parameters, weights file,
+    CPU latency per token (blocks ``(n, L)`` of ids at batch 1 and 256, :func:`latencies`) and
+    test ``bits`` per token."""
+    models = {"teacher": teacher.cpu().eval(), "student": student.cpu().eval()}
+    timed = latencies(models, blocks)
+    length = blocks.shape[1]
+    return [
+        {"model": name, "parameters": count_parameters(model), "file_bytes": file_bytes[name],
+         "seconds_per_token_batch1": timed[name][1] / length,
+         "seconds_per_token_batch256": timed[name][256] / length, "test_bits": bits[name]}
+        for name, model in models.items()
+    ]  # fmt: skip
+
+
+def language_model_markdown(table: list[dict[str, Any]], unit: str) -> str:
+    """:func:`language_model_rows` as markdown, with the student-to-teacher ratios."""
+    lines = [
+        f"| model | parameters | file | latency per token, 1 block | per token, 256 blocks | "
+        f"test bits per {unit} |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in table:
+        lines.append(
+            f"| {r['model']} | {r['parameters']:,} | {_size(r['file_bytes'])} | "
+            f"{_time(r['seconds_per_token_batch1'])} | {_time(r['seconds_per_token_batch256'])} | "
+            f"{r['test_bits']:.3f} |"
+        )
+    t, s = table
+    lines.append(
+        f"| student / teacher | {ratio_text(s['parameters'], t['parameters'])} | "
+        f"{ratio_text(s['file_bytes'], t['file_bytes'])} | "
+        f"{ratio_text(s['seconds_per_token_batch1'], t['seconds_per_token_batch1'])} | "
+        f"{ratio_text(s['seconds_per_token_batch256'], t['seconds_per_token_batch256'])} | "
+        f"{s['test_bits'] - t['test_bits']:+.3f} |"
+    )
+    return "\n".join(lines)
 
 
 def deployment_markdown(table: list[dict[str, Any]]) -> str:

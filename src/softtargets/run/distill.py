@@ -174,9 +174,9 @@ def _run_sequences_in(
     """The text job's stages in the open, checked run ``folder``, and its report."""
     folder.write_text("config.yaml", dump_config(config))
     teacher, students, store = run_sequences(folder, config, splits, source, log, progress)
-    name_best_student(folder, config, splits, students, log)
+    deployment = name_best_student(folder, config, splits, teacher, students, log)
     outcome = SequenceOutcome(folder.root, teacher, students, store.bytes_per_token,
-                              time.perf_counter() - started, splits.unit)  # fmt: skip
+                              time.perf_counter() - started, splits.unit, deployment)  # fmt: skip
     write_sequence_report(outcome, config, folder)
     return outcome
 

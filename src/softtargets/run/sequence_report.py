@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from softtargets.config import DistillConfig
+from softtargets.run.deployment import language_model_markdown
 from softtargets.run.folder import RunFolder
 from softtargets.run.report import markdown_table
 from softtargets.run.stats import mean_ci, paired_difference
@@ -25,6 +26,8 @@ class SequenceOutcome:
     store_bytes_per_token: float = 0.0
     seconds: float = 0.0
     unit: str = "byte"  # what a token is: a byte (built-in tokenizer) or a subword token
+    #: the teacher beside the named student (:func:`~softtargets.run.deployment.language_model_rows`)
+    deployment: list[dict[str, Any]] = field(default_factory=list)
 
     def bits(self, method: str) -> list[float]:
         return [
@@ -80,6 +83,20 @@ def _source(config: DistillConfig) -> str:
     )
 
 
+def _deployment(outcome: SequenceOutcome) -> str:
+    """The named student beside its teacher, or nothing (a run from another run's store)."""
+    if not outcome.deployment:
+        return ""
+    return f"""## What the student costs to run
+
+{language_model_markdown(outcome.deployment, outcome.unit)}
+
+Latencies on this machine's CPU, medians of repeats with the two models alternating (the ratio is
+the figure to read); the student is the run's named one, its bits those of its own test run.
+
+"""
+
+
 def write_sequence_report(
     outcome: SequenceOutcome, config: DistillConfig, folder: RunFolder
 ) -> Path:
@@ -100,8 +117,10 @@ Bits per {outcome.unit} on the held-out files (lower is better): means over seed
 intervals; differences are paired by seed (students of one seed start from the same weights).
 Each model's weights are those of its best *validation* epoch; the test files choose nothing.
 
-Files: `config.yaml`, `results.jsonl` (every fit), `teacher.safetensors`, `store.safetensors`
+{_deployment(outcome)}Files: `config.yaml`, `results.jsonl` (every fit), `teacher.safetensors`, `store.safetensors`
 (per position: top-k logits, packed token ids, the rest's log-sum-exp per temperature),
-`student-METHOD-seedS.safetensors`. Wall time of this invocation: {outcome.seconds:.1f} s.
+`student-METHOD-seedS.safetensors`, and the run's student (lowest validation loss) as
+`student.safetensors` with `student.json`, for `softtargets predict` and `export`. Wall time of
+this invocation: {outcome.seconds:.1f} s.
 """
     return folder.write_text("report.md", text)

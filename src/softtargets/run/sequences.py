@@ -35,6 +35,7 @@ from softtargets.config import DistillConfig, ModelConfig, sequence_training
 from softtargets.data.sequences import Blocks, ByteTokenizer
 from softtargets.errors import SoftTargetsError, first_line
 from softtargets.run.data import tokenizer_folder
+from softtargets.run.deployment import language_model_rows
 from softtargets.run.folder import RunFolder, config_key, fit_records, settings_key
 from softtargets.run.sequence_data import BITS, SequenceSplits, text_tokenizer
 from softtargets.run.students import BEST, name_best_language_model, save_student
@@ -361,13 +362,16 @@ def name_best_student(
     folder: RunFolder,
     config: DistillConfig,
     splits: SequenceSplits,
+    teacher: dict[str, Any],
     students: list[dict[str, Any]],
     log: Callable[[str], None],
-) -> None:
+) -> list[dict[str, Any]]:
     """Name the run's student (the lowest validation loss: ``student.safetensors`` and
-    ``student.json``, which say how it reads text) for ``predict`` and ``export``."""
+    ``student.json``, which say how it reads text) for ``predict`` and ``export``, and measure
+    it beside the teacher (:func:`~softtargets.run.deployment.language_model_rows`; none when
+    the run learned from another run's store)."""
     if not folder.writer:
-        return
+        return []
     uses_folder = not isinstance(text_tokenizer(config), ByteTokenizer)
     reading = {
         "block_length": splits.train.block_length,
@@ -377,8 +381,20 @@ def name_best_student(
     }
     model = build_lm(config.student, splits.train, 0, "student")
     best = name_best_language_model(folder, config, model, students, reading)
-    if best is not None:
-        log(
-            f"student: {best['method']}, seed {best['seed']} (lowest validation loss) saved as "
-            f"{folder.root / BEST}.safetensors"
-        )
+    if best is None:
+        return []
+    log(
+        f"student: {best['method']}, seed {best['seed']} (lowest validation loss) saved as "
+        f"{folder.root / BEST}.safetensors"
+    )
+    weights = folder.root / "teacher.safetensors"
+    if config.store is not None or not weights.is_file() or not len(splits.test):
+        return []
+    teacher_model = build_lm(config.teacher, splits.train, 0, "teacher")
+    load_into(teacher_model, weights, "teacher")
+    load_into(model, folder.root / f"{BEST}.safetensors", "student")
+    sizes = {"teacher": weights.stat().st_size,
+             "student": (folder.root / f"{BEST}.safetensors").stat().st_size}  # fmt: skip
+    bits = {"teacher": teacher["test_bits_per_token"], "student": best["test_bits_per_token"]}
+    blocks = splits.test.batch(slice(0, 256))[:, :-1]
+    return language_model_rows(teacher_model, model, bits, sizes, blocks)
