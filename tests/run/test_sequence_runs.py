@@ -332,3 +332,11 @@ def test_the_runs_language_model_student_is_named_served_and_exported(tmp_path, 
         assert exported.exit_code == 0, exported.output
         difference = float(" ".join(exported.output.split()).rsplit("at most ", 1)[1])
         assert difference < 1e-4 and (out / f"student.{fmt}").stat().st_size > 0
+    import torch
+
+    from softtargets.run.students import load_saved
+
+    ids = torch.randint(0, 258, (3, 5))  # shorter than a block: the sequence length is free
+    expected = load_saved(out).model(ids)
+    program = torch.export.load(str(out / "student.pt2")).module()
+    torch.testing.assert_close(program(ids), expected, atol=1e-4, rtol=1e-4)

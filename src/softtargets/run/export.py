@@ -4,7 +4,7 @@ in a deployable format (``export``), checked against PyTorch on real rows.
 | format | file | read back with |
 | --- | --- | --- |
 | ``safetensors`` | ``NAME.safetensors`` and ``NAME.json`` | ``softtargets predict``, :func:`load_saved` |
-| ``pt2`` | ``NAME.pt2`` (``torch.export``, batch dimension dynamic) | ``torch.export.load(f).module()`` |
+| ``pt2`` | ``NAME.pt2`` (``torch.export``, batch dimension dynamic; a language model's sequence length too) | ``torch.export.load(f).module()`` |
 | ``onnx`` | ``NAME.onnx`` (the ``onnx`` extra; opset of the dynamo exporter) | ``onnxruntime.InferenceSession`` |
 
 Every export is loaded back and run on the check rows (the run's test rows, or the rows of
@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -169,9 +170,7 @@ def _safetensors(saved: SavedModel, path: Path) -> Callable[[Tensor], Tensor]:
 def _pt2(model: torch.nn.Module, rows: Tensor, path: Path) -> Callable[[Tensor], Tensor]:
     example = rows[:2] if len(rows) >= 2 else torch.cat([rows, rows])[:2]
     try:
-        program = torch.export.export(
-            model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},)
-        )
+        program = torch.export.export(model, (example,), dynamic_shapes=_dynamic(rows))
     except Exception as err:
         raise SoftTargetsError(
             f"torch.export cannot trace this model: {first_line(err, limit=200)}"
@@ -192,7 +191,7 @@ def _onnx(model: torch.nn.Module, rows: Tensor, path: Path) -> Callable[[Tensor]
             str(path),
             input_names=["rows"],
             output_names=["logits"],
-            dynamic_shapes=({0: torch.export.Dim.AUTO},),
+            dynamic_shapes=_dynamic(rows),
             dynamo=True,
             external_data=False,
             verbose=False,
@@ -210,6 +209,14 @@ def _onnx(model: torch.nn.Module, rows: Tensor, path: Path) -> Callable[[Tensor]
         return torch.from_numpy(out)
 
     return run
+
+
+def _dynamic(rows: Tensor) -> tuple[dict[int, Any], ...]:
+    """The exported input's free dimensions: the batch; for a language model's token ids also
+    the sequence length (up to its context)."""
+    if torch.is_floating_point(rows):
+        return ({0: torch.export.Dim.AUTO},)
+    return ({0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO},)
 
 
 @contextlib.contextmanager
