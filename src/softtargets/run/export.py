@@ -142,6 +142,9 @@ def export_model(saved: SavedModel, fmt: str, rows: Tensor, name: str = "student
     if fmt not in FORMATS:
         raise SoftTargetsError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     model = saved.model.eval()
+    # a view (a block's inputs sliced from its ids) would be traced with its strides, and the
+    # exported program would then fail on plain tensors of another length
+    rows = rows.contiguous()
     with torch.no_grad():
         expected = model(rows).float()
     expected = getattr(expected, "logits", expected)
