@@ -134,16 +134,11 @@ def _score(model: Path, data: Path) -> str:
     """CSV: each text file of ``data`` (a file or a folder's files), its tokens and bits per
     token under the saved language model."""
     from softtargets.run.export import score_text
-    from softtargets.run.sequence_data import TEXT_SUFFIXES
+    from softtargets.run.sequence_data import text_files
     from softtargets.run.students import load_saved
 
     saved = load_saved(model)
-    files = [data] if not data.is_dir() else sorted(
-        p for p in data.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file()
-        and not p.is_symlink()
-    )  # fmt: skip
-    if not files:
-        raise SoftTargetsError(f"{data} holds no text files ({', '.join(TEXT_SUFFIXES)})")
+    files = text_files(data)
     unit = "byte" if saved.language_model and saved.language_model["unit"] == "byte" else "token"
     buffer = io.StringIO()
     writer = csv.writer(buffer)

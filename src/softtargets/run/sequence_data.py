@@ -83,13 +83,17 @@ def with_sequence_models(config: DistillConfig) -> DistillConfig:
 
 def corpus_files(config: DistillConfig) -> list[Path]:
     """The text files of ``config.data``: ``stdlib`` (option ``files``, default
-    :data:`~softtargets.config.STDLIB_FILES`), one file,
-    or a folder's regular files ending in :data:`TEXT_SUFFIXES` (sorted, no links)."""
+    :data:`~softtargets.config.STDLIB_FILES`), or :func:`text_files` of a file or folder."""
     name, options = config.data.name, config.data.options
     if name == STDLIB:
         count = int(options.get("files", STDLIB_FILES))
         return stdlib_files(count, seed=int(options.get("seed", 0)))
-    path = Path(name)
+    return text_files(Path(name))
+
+
+def text_files(path: Path) -> list[Path]:
+    """``[path]`` for a file, or a folder's regular files ending in :data:`TEXT_SUFFIXES`
+    (sorted; no links, nothing hidden); a folder without any is one line."""
     if path.is_file():
         return [path]
     if path.is_dir():
@@ -104,7 +108,7 @@ def corpus_files(config: DistillConfig) -> list[Path]:
             )
         return files
     raise SoftTargetsError(
-        f"{name}: no such file or folder; language modelling reads '{STDLIB}', a text file or a "
+        f"{path}: no such file or folder; language models read '{STDLIB}', a text file or a "
         "folder of them"
     )
 
