@@ -81,25 +81,26 @@ def predict(
 
     model = model or model_dir
     data = data or file
-    if model is not None and prompt is not None:  # a language model writes text
-        _refuse_existing(out, overwrite)
-        _write(_continue(model, prompt, tokens, temperature, seed), out, "a continuation")
-        return
-    if model is None or data is None:
+    if model is None or (data is None and prompt is None):
         raise SoftTargetsError("give --model RUN_OR_FILE and --data FILE")
     _refuse_existing(out, overwrite)
-    if not (model / "model.json").is_file() and _is_language_model(model):
-        _write(_score(model, data), out, "bits per token")
-        return
     if (model / "model.json").is_file():  # a fit-proportions model
         from softtargets.run.proportions import predict_file
 
+        if data is None:
+            raise SoftTargetsError("give --data FILE: a fit-proportions model reads rows")
         classes, probs = predict_file(model, data)
     else:
         from softtargets.run.export import predict_probabilities, read_rows
         from softtargets.run.students import load_saved
 
         saved = load_saved(model)
+        if prompt is not None:  # a language model writes text
+            _write(_continue(saved, prompt, tokens, temperature, seed), out, "a continuation")
+            return
+        if saved.language_model is not None:  # and scores it
+            _write(_score(saved, data), out, "bits per token")
+            return
         rows = read_rows(saved, data, label_column)
         classes, probs = saved.class_names, predict_probabilities(saved, rows, str(data)).numpy()
     buffer = io.StringIO()
@@ -114,36 +115,25 @@ def predict(
         console.print(f"wrote {len(probs)} rows to {out}", highlight=False)
 
 
-def _is_language_model(model: Path) -> bool:
-    from softtargets.run.students import load_saved
-
-    return load_saved(model).language_model is not None
-
-
-def _continue(model: Path, prompt: str, tokens: int, temperature: float, seed: int) -> str:
+def _continue(saved: SavedModel, prompt: str, tokens: int, temperature: float, seed: int) -> str:
     from softtargets.run.export import generate_text
-    from softtargets.run.students import load_saved
 
-    saved = load_saved(model)
     if saved.language_model is None:
-        raise SoftTargetsError(f"{model} is a classifier; --prompt is for language models")
+        raise SoftTargetsError("this model is a classifier; --prompt is for language models")
     return generate_text(saved, prompt, tokens, temperature, seed) + "\n"
 
 
-def _score(model: Path, data: Path) -> str:
+def _score(saved: SavedModel, data: Path) -> str:
     """CSV: each text file of ``data`` (a file or a folder's files), its tokens and bits per
     token under the saved language model."""
     from softtargets.run.export import score_text
     from softtargets.run.sequence_data import text_files
-    from softtargets.run.students import load_saved
 
-    saved = load_saved(model)
-    files = text_files(data)
     unit = "byte" if saved.language_model and saved.language_model["unit"] == "byte" else "token"
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["file", "tokens", f"bits_per_{unit}"])
-    for path in files:
+    for path in text_files(data):
         count, bits = score_text(saved, path)
         writer.writerow([str(path), count, f"{bits:.6g}"])
     return buffer.getvalue()

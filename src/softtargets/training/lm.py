@@ -210,6 +210,11 @@ def fit_lm(
         optimizer.load_state_dict(saved.optimizer)
         schedule.load_state_dict(saved.progress["schedule"])
         checkpoints.set_rng_states(saved.rng, generators, torch.device(device))
+        if distributed.rank():  # rank 0's states were saved: the others draw apart again
+            sampler.manual_seed(
+                int(torch.randint(2**62, (), generator=sampler)) + distributed.rank()
+            )
+            torch.manual_seed(int(torch.randint(2**62, ())) + distributed.rank())
         result.history, result.best_epoch = saved.progress["history"], saved.progress["best_epoch"]
         best = math.inf if saved.progress["best"] is None else saved.progress["best"]
         best_state, first_epoch = saved.best, saved.epoch + 1
