@@ -32,7 +32,7 @@ from softtargets.data.sequences import (
     stdlib_files,
 )
 from softtargets.run.stats import mean_ci, paired_difference
-from softtargets.store.tokens import label_tokens
+from softtargets.store.tokens import TokenStore, label_tokens
 from softtargets.training.gpt import gpt
 from softtargets.training.lm import fit_lm, next_token_loss
 from softtargets.training.weights import load_into
@@ -47,17 +47,23 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=int, default=6)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--on-policy", type=float, default=0.5, help="0 leaves the arm out")
+    parser.add_argument(
+        "--arms",
+        help="comma-separated: ce, full, top32, top32-16bit, "
+        "top32-6bit, top8, on-policy [default: all but top32-6bit; on-policy "
+        "unless --on-policy 0]",
+    )
     parser.add_argument("--teacher-weights", help="a trained teacher of this recipe's shape")
     parser.add_argument("--student-share", type=float, default=1.0,
-                        help="the students train on about this share of the teacher's training "
-                        "files (whole files, seeded): Hinton's less-data question")  # fmt: skip
+                        help="the students train on this share of the teacher's training blocks "
+                        "(seeded): Hinton's less-data question")  # fmt: skip
     args = parser.parse_args()
     started = time.perf_counter()
     torch.manual_seed(0)
     tokenizer = ByteTokenizer()
     blocks = pack_blocks(read_corpus(stdlib_files(args.files)), BLOCK, tokenizer.vocab_size)
     train, val, test = split_by_file(blocks, 0.1, 0.2, seed=0)
-    students_train = share_of_files(train, args.student_share)
+    students_train = share_of_blocks(train, args.student_share)
     print(f"{len(train)} / {len(val)} / {len(test)} blocks of {BLOCK} bytes (train/val/test)")
     teacher = gpt(tokenizer.vocab_size, layers=4, heads=4, width=128, context=BLOCK)
     if args.teacher_weights:  # e.g. the teacher of `softtargets distill --data stdlib ...`
@@ -68,15 +74,32 @@ def main() -> None:
     bits = math.log(2)
     print(f"teacher: test {next_token_loss(teacher, test) / bits:.3f} bits per byte "
           f"({time.perf_counter() - started:.0f} s)")  # fmt: skip
-    stores = {k: label_tokens(teacher, train, top=k, temperatures=(T,)) for k in (32, 8)}
-    # the same top-32 logits nearly unquantised (16-bit codes): what the 7-bit packing costs
-    fine = label_tokens(teacher, train, top=32, temperatures=(T,), code_bits=16)
-    arms = {"next-token CE": None, "KD, full logits": teacher,
-            "KD, top-32 store": stores[32], "KD, top-32, 16-bit": fine,
-            "KD, top-8 store": stores[8]}  # fmt: skip
-    on_policy = f"KD, on-policy {args.on_policy:g}"
-    if args.on_policy:
-        arms[on_policy] = teacher
+    lam = args.on_policy or 0.5  # the on-policy arm's fraction, when --arms asks for it
+    on_policy = f"KD, on-policy {lam:g}"
+    # each arm: its label and how its targets are made (stores labelled only when asked for)
+    recipes = {
+        "ce": ("next-token CE", lambda: None),
+        "full": ("KD, full logits", lambda: teacher),
+        "top32": ("KD, top-32 store", lambda: label(32, 7)),
+        # the same top-32 logits nearly unquantised (16-bit codes): what the packing costs
+        "top32-16bit": ("KD, top-32, 16-bit", lambda: label(32, 16)),
+        "top32-6bit": ("KD, top-32, 6-bit", lambda: label(32, 6)),
+        "top8": ("KD, top-8 store", lambda: label(8, 7)),
+        "on-policy": (on_policy, lambda: teacher),
+    }
+
+    def label(top: int, code_bits: int) -> TokenStore:
+        return label_tokens(teacher, train, top=top, temperatures=(T,), code_bits=code_bits)
+
+    default = [a for a in recipes if a not in ("on-policy", "top32-6bit")]
+    wanted = args.arms.split(",") if args.arms else default
+    if args.on_policy and not args.arms:
+        wanted.append("on-policy")
+    unknown = [a for a in wanted if a not in recipes]
+    if unknown:
+        raise SystemExit(f"unknown arms {unknown}; choose from {', '.join(recipes)}")
+    arms = {recipes[a][0]: recipes[a][1]() for a in wanted}
+    stores = {name: source for name, source in arms.items() if isinstance(source, TokenStore)}
     results: dict[str, list[float]] = {name: [] for name in arms}
     for seed in range(args.seeds):
         for name, source in arms.items():
@@ -85,41 +108,34 @@ def main() -> None:
             fit_lm(student, students_train, val, source, temperature=T, alpha=ALPHA,
                    epochs=args.epochs,
                    lr=3e-3, batch_blocks=16, seed=seed,
-                   on_policy=args.on_policy if name == on_policy else 0.0)  # fmt: skip
+                   on_policy=lam if name == on_policy else 0.0)  # fmt: skip
             results[name].append(next_token_loss(student, test) / bits)
     print(f"students (1 layer, {len(students_train)} of the {len(train)} training blocks), test "
           f"bits per byte over {args.seeds} seeds, T = {T:g}, alpha = {ALPHA:g}:")  # fmt: skip
     for name, values in results.items():
         line = f"  {name:<18} {mean_ci(values).format(1, 3)}"
-        if name != "next-token CE":
+        if name != "next-token CE" and "next-token CE" in results:
             line += f"   minus CE: {paired_difference(values, results['next-token CE']).describe(1, '', 3)}"
         print(line)
-    for k, store in stores.items():
-        print(f"top-{k} store: {store.bytes_per_token:.1f} bytes per token")
-    print(f"top-32 store, 16-bit codes: {fine.bytes_per_token:.1f} bytes per token")
-    print("packed (7-bit) minus 16-bit codes, top-32: "
-          f"{paired_difference(results['KD, top-32 store'], results['KD, top-32, 16-bit']).describe(1, '', 3)}")  # fmt: skip
-    if args.on_policy:
+    for name, store in stores.items():
+        print(f"{name}: {store.bytes_per_token:.1f} bytes per token")
+    for packed in ("KD, top-32 store", "KD, top-32, 6-bit"):
+        if packed in results and "KD, top-32, 16-bit" in results:
+            print(f"{packed} minus 16-bit codes: "
+                  f"{paired_difference(results[packed], results['KD, top-32, 16-bit']).describe(1, '', 3)}")  # fmt: skip
+    if on_policy in results and "KD, full logits" in results:
         print(f"on-policy minus off-policy KD (both from the online teacher): "
               f"{paired_difference(results[on_policy], results['KD, full logits']).describe(1, '', 3)}")  # fmt: skip
     print(f"wall time {time.perf_counter() - started:.0f} s")
 
 
-def share_of_files(train: Blocks, share: float) -> Blocks:
-    """The blocks of a seeded choice of ``train``'s files holding about ``share`` of its blocks
-    (all of them for a share of 1)."""
+def share_of_blocks(train: Blocks, share: float) -> Blocks:
+    """A seeded choice of about ``share`` of ``train``'s blocks (all of them for a share of 1):
+    less data for the students than the teacher had (validation and test stay whole files)."""
     if share >= 1:
         return train
-    files = torch.unique(train.file_index)
-    files = files[torch.randperm(len(files), generator=torch.Generator().manual_seed(1))]
-    chosen, count = [], 0
-    for file in files.tolist():
-        if count >= share * len(train):
-            break
-        chosen.append(file)
-        count += int((train.file_index == file).sum())
-    rows = torch.isin(train.file_index, torch.tensor(chosen)).nonzero().squeeze(1)
-    return train.take(rows)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(1))
+    return train.take(order[: max(1, round(share * len(train)))].sort().values)
 
 
 if __name__ == "__main__":
