@@ -22,6 +22,7 @@ import math
 import time
 
 import torch
+from safetensors.torch import save_file
 
 from softtargets.data.sequences import (
     Blocks,
@@ -35,9 +36,9 @@ from softtargets.run.stats import mean_ci, paired_difference
 from softtargets.store.tokens import TokenStore, label_tokens
 from softtargets.training.gpt import gpt
 from softtargets.training.lm import fit_lm, next_token_loss
-from softtargets.training.weights import load_into
+from softtargets.training.weights import cpu_state, load_into
 
-BLOCK, T, ALPHA = 128, 2.0, 0.5
+BLOCK = 128
 
 
 def main() -> None:
@@ -53,23 +54,41 @@ def main() -> None:
         "top32-6bit, top8, on-policy [default: all but top32-6bit; on-policy "
         "unless --on-policy 0]",
     )
+    parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument("--alpha", type=float, default=0.5, help="the method's weight")
+    parser.add_argument("--teacher-share", type=float, default=1.0,
+                        help="the teacher trains on this share of the training blocks and the "
+                        "students on the others (a transfer set)")  # fmt: skip
+    parser.add_argument("--save-teacher", help="save the trained teacher here (safetensors)")
     parser.add_argument("--teacher-weights", help="a trained teacher of this recipe's shape")
     parser.add_argument("--student-share", type=float, default=1.0,
                         help="the students train on this share of the teacher's training blocks "
                         "(seeded): Hinton's less-data question")  # fmt: skip
     args = parser.parse_args()
+    T, ALPHA = args.temperature, args.alpha  # noqa: N806 (the paper's symbols)
     started = time.perf_counter()
     torch.manual_seed(0)
     tokenizer = ByteTokenizer()
     blocks = pack_blocks(read_corpus(stdlib_files(args.files)), BLOCK, tokenizer.vocab_size)
     train, val, test = split_by_file(blocks, 0.1, 0.2, seed=0)
     students_train = share_of_blocks(train, args.student_share)
+    teacher_train = train
+    if (
+        args.teacher_share < 1
+    ):  # Hinton's transfer set: students learn on text the teacher never saw
+        teacher_train = share_of_blocks(train, args.teacher_share)
+        seen = set(teacher_train.block_ids.tolist())
+        rest = [i for i, b in enumerate(train.block_ids.tolist()) if b not in seen]
+        students_train = train.take(torch.tensor(rest))
     print(f"{len(train)} / {len(val)} / {len(test)} blocks of {BLOCK} bytes (train/val/test)")
     teacher = gpt(tokenizer.vocab_size, layers=4, heads=4, width=128, context=BLOCK)
     if args.teacher_weights:  # e.g. the teacher of `softtargets distill --data stdlib ...`
         load_into(teacher, args.teacher_weights, "teacher")
     else:
-        fit_lm(teacher, train, val, None, epochs=args.teacher_epochs, lr=3e-3, batch_blocks=16)
+        fit_lm(teacher, teacher_train, val, None, epochs=args.teacher_epochs, lr=3e-3,
+               batch_blocks=16)  # fmt: skip
+        if args.save_teacher:
+            save_file(cpu_state(teacher), args.save_teacher)
     teacher.eval()
     bits = math.log(2)
     print(f"teacher: test {next_token_loss(teacher, test) / bits:.3f} bits per byte "
@@ -89,7 +108,9 @@ def main() -> None:
     }
 
     def label(top: int, code_bits: int) -> TokenStore:
-        return label_tokens(teacher, train, top=top, temperatures=(T,), code_bits=code_bits)
+        return label_tokens(
+            teacher, students_train, top=top, temperatures=(T,), code_bits=code_bits
+        )
 
     default = [a for a in recipes if a not in ("on-policy", "top32-6bit")]
     wanted = args.arms.split(",") if args.arms else default
