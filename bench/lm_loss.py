@@ -91,16 +91,16 @@ def store_bytes_per_token(
 ) -> float:
     """The per-position store's size at ``vocab`` and ``top`` (its layout, computed) for a
     training split of ``blocks`` blocks whose ids fall in ``runs`` runs (files split apart)."""
-    from softtargets.store.tokens import TokenStore, pack_bits
+    from softtargets.store.tokens import CODE_BITS, TokenStore, pack_bits
 
     n = blocks * block
     bits = max(1, (vocab - 1).bit_length())
     ids = torch.cat([torch.arange(r * 2 * blocks, r * 2 * blocks + blocks // runs)
                      for r in range(runs)])  # fmt: skip
     store = TokenStore(
-        ids, block, vocab, top, (1.0,), 7, 0.1, bits,
+        ids, block, vocab, top, (1.0,), CODE_BITS, 0.1, bits,
         pack_bits(torch.randint(0, vocab, (n, top)), bits),
-        pack_bits(torch.randint(0, 128, (n, top)), 7), torch.zeros(n).half(),
+        pack_bits(torch.randint(0, 1 << CODE_BITS, (n, top)), CODE_BITS), torch.zeros(n).half(),
         torch.zeros(n, 1).half(), "b", "t",
     )  # fmt: skip
     return store.bytes_per_token

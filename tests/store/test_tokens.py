@@ -58,16 +58,18 @@ def test_a_store_keeps_the_top_k_and_the_rest_at_each_temperature(blocks, tmp_pa
 
 def test_bytes_per_token_at_a_large_vocabulary() -> None:
     """The layout's size at V = 128,000 and k = 32 (the bench's figure), computed from a store
-    of that layout: 17-bit ids and 7-bit codes."""
+    of that layout: 17-bit ids and 6-bit codes."""
     n, k = 4, 32
     ids = torch.randint(0, 128_000, (n, k))
-    codes = torch.randint(0, 128, (n, k))
+    codes = torch.randint(0, 64, (n, k))
     store = TokenStore(
-        torch.arange(1), n, 128_000, k, (1.0,), 7, 0.1, 17, pack_bits(ids, 17),
-        pack_bits(codes, 7), torch.zeros(n).half(), torch.zeros(n, 1).half(), "b", "t",
+        torch.arange(1), n, 128_000, k, (1.0,), 6, 0.1, 17, pack_bits(ids, 17),
+        pack_bits(codes, 6), torch.zeros(n).half(), torch.zeros(n, 1).half(), "b", "t",
     )  # fmt: skip
     # one run of block ids (16 bytes) over the store's n positions
-    assert store.bytes_per_token == pytest.approx(68 + 28 + 2 + 2 + 16 / n)
+    assert store.bytes_per_token == pytest.approx(68 + 24 + 2 + 2 + 16 / n)
+    assert torch.equal(store.kept(torch.arange(n), 1.0)[1], ids)
+    assert torch.equal(unpack_bits(store.packed_codes, k, 6), codes)
     assert torch.equal(store.kept(torch.arange(n), 1.0)[1], ids)
 
 
