@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from softtargets.store.tokens import CODE_BITS
+
 CHILD = """
 import sys, torch
 from softtargets.losses.chunked import chunked_distillation_loss
@@ -131,8 +133,8 @@ def measure(quick: bool = False) -> dict[str, Any]:
             "value": round(store_bytes_per_token(), 4),
             "goal": "<= 100",
             "detail": "V = 128,000, k = 32, 1,000 blocks of 256 in 10 runs of ids: 17-bit ids "
-            "(68 bytes), 7-bit codes (28), a float16 maximum (2) and rest per temperature (2), "
-            "block ids as runs (16 bytes a run)",
+            f"(68 bytes), {CODE_BITS}-bit codes ({4 * CODE_BITS}), a float16 maximum (2) and "
+            "rest per temperature (2), block ids as runs (16 bytes a run)",
         },
     }
 
