@@ -102,9 +102,11 @@ def test_kill_9_mid_fit_then_the_same_command_ends_as_an_uninterrupted_run(tmp_p
 
 
 def test_a_text_run_on_two_processes_writes_the_one_process_run(tmp_path, corpus) -> None:
+    """Also with ``--stream``: the blocks, their keys and so the records are those in memory."""
     common = ["--data", corpus, "--teacher-epochs", "2"]
     _distill(*common, "--out", tmp_path / "one")
-    _distill(*common, "--out", tmp_path / "two", "--nproc", "2")
+    # two processes reading the corpus from the run's token file (rank 0 writes it, both map it)
+    _distill(*common, "--out", tmp_path / "two", "--nproc", "2", "--stream")
     one, two = _fits(tmp_path / "one"), _fits(tmp_path / "two")
     assert one.keys() == two.keys()  # every student once, written by rank 0 alone
     for fit in one:  # the teacher trained data-parallel differs by rounding only
@@ -112,7 +114,7 @@ def test_a_text_run_on_two_processes_writes_the_one_process_run(tmp_path, corpus
     manifest = json.loads((tmp_path / "two" / ".softtargets-run.json").read_text())
     written = sorted(p.name for p in (tmp_path / "two").iterdir() if not p.name.startswith("."))
     assert sorted(manifest["files"]) == written
-    assert not any(name.endswith(".ckpt") for name in written)
+    assert not any(name.endswith(".ckpt") for name in written) and "tokens.bin" in written
     assert {f"student-{m}-seed{s}.safetensors" for m in ("hard", "kd") for s in (0, 1)} <= set(
         written
     )

@@ -109,6 +109,12 @@ def _label_sequences(
 ) -> Labelled:
     """``run_label`` on token blocks: every position of the training blocks, top-k per position
     (the blocks ``distill --store`` trains on; it checks them against the store)."""
+    if config.data.stream:
+        raise SoftTargetsError(
+            "label --block-length holds the corpus and its store in memory (a run's --stream "
+            "token file lives in its run folder): leave out --stream, or label inside "
+            "softtargets distill --block-length --stream"
+        )
     config = with_sequence_models(config)
     # the store serves distillation at each of these (default: the config's temperature)
     temperatures = tuple(config.store_temperatures or [config.temperature])
