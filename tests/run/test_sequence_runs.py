@@ -253,6 +253,7 @@ def test_language_model_runs_get_their_own_default_models_and_trainings() -> Non
             ["--teacher-weights", "WEIGHTS", "--teacher-option", "width=32"],
             "does not fit the teacher",
         ),
+        (["--teacher-weights", "WEIGHTS", "--stream"], "leave out --stream"),
     ],
 )
 def test_bad_text_labelling_is_one_line_and_writes_nothing(tmp_path, corpus, change, message):
