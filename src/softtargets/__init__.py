@@ -38,6 +38,14 @@ _API = {
     "from_counts": "data.targets",
     "validate": "data.targets",
     "aggregate": "data.counts",
+    # data: text for language models
+    "ByteTokenizer": "data.sequences",
+    "Blocks": "data.sequences",
+    "read_corpus": "data.sequences",
+    "pack_blocks": "data.sequences",
+    "pack_to_file": "data.sequences",
+    "split_by_file": "data.sequences",
+    "stdlib_files": "data.sequences",
     # losses: the formulas and the method registry
     "soft_cross_entropy": "losses.reference",
     "kl_at_temperature": "losses.reference",
@@ -48,6 +56,7 @@ _API = {
     "method_value_and_grad": "losses.closed",
     "METHODS": "losses.methods",
     "Method": "losses.methods",
+    "chunked_distillation_loss": "losses.chunked",
     # store: a teacher's logits by sample id
     "SoftTargetStore": "store.store",
     "label": "store.label",
@@ -55,6 +64,8 @@ _API = {
     "predict_logits": "store.label",
     "label_to_file": "store.write",
     "label_dataset_to_file": "store.write",
+    "TokenStore": "store.tokens",
+    "label_tokens": "store.tokens",
     # training
     "fit": "training.fit",
     "fit_many": "training.fit_many",
@@ -67,6 +78,10 @@ _API = {
     "build_model": "training.models",
     "count_parameters": "training.models",
     "SoftLabelClassifier": "training.sklearn",
+    "gpt": "training.gpt",
+    "fit_lm": "training.lm",
+    "next_token_loss": "training.lm",
+    "sample_continuations": "training.lm",
     # run: the main job, run folders, reports
     "run_distillation": "run.distill",
     "run_teacher": "run.teacher",
@@ -75,6 +90,7 @@ _API = {
     "mean_ci": "run.stats",
     "paired_difference": "run.stats",
     "fit_proportions": "run.proportions",
+    "load_saved": "run.students",
     # config and errors
     "TrainConfig": "config",
     "DistillConfig": "config",
