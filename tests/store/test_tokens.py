@@ -40,7 +40,7 @@ def test_a_store_keeps_the_top_k_and_the_rest_at_each_temperature(blocks, tmp_pa
         values, classes, rest = store.kept(rows, t)
         top = logits[rows].topk(8, dim=1)
         assert torch.equal(classes, top.indices)
-        # 7-bit codes below a float16 maximum: within half a step (plus float16's rounding)
+        # 6-bit codes below a float16 maximum: within half a step (plus float16's rounding)
         assert (values - top.values).abs().max() <= store.step / 2 + 0.01
         others = logits[rows].scatter(1, top.indices, float("-inf"))
         expected = torch.logsumexp(others / t, dim=1)
@@ -83,3 +83,9 @@ def test_block_ids_are_saved_as_runs_and_read_back(tmp_path) -> None:
     assert id_runs(torch.zeros(0, dtype=torch.long))[0].numel() == 0
     with pytest.raises(SoftTargetsError, match="block runs are damaged"):
         ids_from_runs(torch.tensor([1]), torch.tensor([-2]))
+
+
+def test_a_teacher_of_another_vocabulary_is_refused_with_both_sizes(blocks) -> None:
+    teacher = gpt(300, layers=1, heads=2, width=16, context=16)  # ids < 258 run; logits are 300
+    with pytest.raises(SoftTargetsError, match="the teacher's vocabulary is 300, the blocks' 258"):
+        label_tokens(teacher, blocks, top=8)

@@ -210,17 +210,19 @@ def label_tokens(
     was_training = teacher.training
     teacher.eval()
     device = next(teacher.parameters()).device
+    # every process checks the vocabulary on the first block, so that none is left waiting in a
+    # collective step for one that stopped (a process may have no blocks of its own)
+    width = teacher(blocks.batch(slice(0, 1))[:, :-1].to(device)).shape[-1]
+    if width != blocks.vocab_size:
+        raise SoftTargetsError(
+            f"the teacher's vocabulary is {width}, the blocks' {blocks.vocab_size}: teacher and "
+            "tokenizer must match"
+        )
     values, ids, rests = [], [], []
     mine = distributed.my_slice(len(blocks))  # under torchrun, this process's blocks
     for start in range(mine.start, mine.stop, batch_blocks):
         inputs = blocks.batch(slice(start, min(start + batch_blocks, mine.stop)))[:, :-1].to(device)
-        logits = teacher(inputs).float()
-        if logits.shape[-1] != blocks.vocab_size:
-            raise SoftTargetsError(
-                f"the teacher's vocabulary is {logits.shape[-1]}, the blocks' {blocks.vocab_size}:"
-                " teacher and tokenizer must match"
-            )
-        logits = logits.reshape(-1, blocks.vocab_size)
+        logits = teacher(inputs).float().reshape(-1, blocks.vocab_size)
         kept = logits.topk(top, dim=1)
         others = logits.scatter(1, kept.indices, float("-inf"))
         rests.append(torch.stack([torch.logsumexp(others / t, dim=1) for t in temperatures], 1))
