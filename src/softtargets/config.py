@@ -355,8 +355,9 @@ class DistillConfig(Strict):
     first_seed: int = 0
     store_dtype: Literal["float32", "float16"] = "float32"
     store_top: int = Field(
-        32, ge=1, description="language models: the teacher's top-k logits kept per position"
-    )
+        32, ge=0, description="language models: the teacher's top-k logits kept per position "
+        "(0: no store, the teacher runs online on every batch)",
+    )  # fmt: skip
     on_policy: float = Field(
         0.0, ge=0.0, le=1.0,
         description="language models: the fraction of steps on which a distilled student samples "

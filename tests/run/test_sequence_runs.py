@@ -341,3 +341,19 @@ def test_the_runs_language_model_student_is_named_served_and_exported(tmp_path, 
     expected = load_saved(out).model(ids)
     program = torch.export.load(str(out / "student.pt2")).module()
     torch.testing.assert_close(program(ids), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_store_top_0_keeps_no_store_and_runs_the_teacher_on_every_batch(tmp_path, corpus):
+    stored, online = tmp_path / "stored", tmp_path / "online"
+    args = ["distill", "--data", str(corpus), *TINY, "--seeds", "1"]
+    assert runner.invoke(app, [*args, "--out", str(stored)]).exit_code == 0
+    result = runner.invoke(app, [*args, "--store-top", "0", "--out", str(online)])
+    assert result.exit_code == 0, result.output
+    assert not (online / "store.safetensors").exists() and "store: none" in result.output
+    assert "teacher run online on every batch" in (online / "report.md").read_text()
+    # the same teacher (seeded alike) and CE students; its full logits teach otherwise than its
+    # top-4 store
+    kd = [next(r for r in _records(out) if r["method"] == "kd") for out in (stored, online)]
+    hard = [next(r for r in _records(out) if r["method"] == "hard") for out in (stored, online)]
+    assert hard[0]["test_loss"] == hard[1]["test_loss"]
+    assert kd[0]["test_loss"] != kd[1]["test_loss"]

@@ -171,9 +171,11 @@ def print_outcome(outcome: Any) -> None:
         for row in sequence_rows(outcome):
             table.add_row(*row)
         console.print(table)
+        stored = outcome.store_bytes_per_token
         console.print(
-            f"store: {outcome.store_bytes_per_token:.1f} bytes per token; wrote "
-            f"{outcome.out_dir}/ (report.md, results.jsonl, store, students) in "
+            f"store: {'none' if stored is None else f'{stored:.1f} bytes per token'}; wrote "
+            f"{outcome.out_dir}/ (report.md, results.jsonl, "
+            f"{'' if stored is None else 'store, '}students) in "
             f"{outcome.seconds:.1f} s",
             highlight=False,
         )

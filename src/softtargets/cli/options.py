@@ -174,7 +174,8 @@ StoreTop = Annotated[
     int | None,
     typer.Option(
         "--store-top",
-        help="Language models: the teacher's top-k logits kept per position [default: 32].",
+        help="Language models: the teacher's top-k logits kept per position; 0 keeps no store "
+        "and runs the teacher on every batch [default: 32].",
     ),
 ]
 

@@ -175,7 +175,7 @@ def _run_sequences_in(
     folder.write_text("config.yaml", dump_config(config))
     teacher, students, store = run_sequences(folder, config, splits, source, log, progress)
     deployment = name_best_student(folder, config, splits, teacher, students, log)
-    outcome = SequenceOutcome(folder.root, teacher, students, store.bytes_per_token,
+    outcome = SequenceOutcome(folder.root, teacher, students, None if store is None else store.bytes_per_token,
                               time.perf_counter() - started, splits.unit, deployment)  # fmt: skip
     write_sequence_report(outcome, config, folder)
     return outcome

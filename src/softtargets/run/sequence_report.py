@@ -23,7 +23,7 @@ class SequenceOutcome:
     out_dir: Path
     teacher: dict[str, Any]
     results: list[dict[str, Any]] = field(default_factory=list)
-    store_bytes_per_token: float = 0.0
+    store_bytes_per_token: float | None = None  # None: no store, the teacher ran online
     seconds: float = 0.0
     unit: str = "byte"  # what a token is: a byte (built-in tokenizer) or a subword token
     #: the teacher beside the named student (:func:`~softtargets.run.deployment.language_model_rows`)
@@ -74,12 +74,23 @@ def _teacher(config: DistillConfig) -> str:
 
 
 def _source(config: DistillConfig) -> str:
+    if not config.on_policy and not config.store_top and config.store is None:
+        return "from the teacher run online on every batch (no store)"
     if not config.on_policy:
         return "from the teacher's store"
     return (
         f"from the teacher run online, on-policy on {config.on_policy:.0%} of steps (the student "
         "samples the second half of each block and learns the teacher's distribution there, "
         "alpha = 1)"
+    )
+
+
+def _store(outcome: SequenceOutcome, config: DistillConfig, temperatures: str) -> str:
+    if outcome.store_bytes_per_token is None:
+        return "--store-top 0: its full logits at every position, none stored"
+    return (
+        f"its top-{config.store_top} store: {outcome.store_bytes_per_token:.1f} bytes per token, "
+        f"the rest's mass kept at T = {temperatures}"
     )
 
 
@@ -108,8 +119,7 @@ Data: `{config.data.name}`, {"byte-level" if outcome.unit == "byte" else "subwor
 file. Teacher: {_teacher(config)}. Student: `{config.student.name}`
 {config.student.options}. Distillation at every position: alpha = {config.alpha:g} x the method
 at T = {config.temperature:g} + (1 - alpha) x next-token cross-entropy, {_source(config)}
-(its top-{config.store_top} store: {outcome.store_bytes_per_token:.1f} bytes per token, the rest's
-mass kept at T = {temperatures}).
+({_store(outcome, config, temperatures)}).
 
 {markdown_table(sequence_header(outcome.unit), sequence_rows(outcome))}
 

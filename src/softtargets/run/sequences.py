@@ -208,7 +208,7 @@ def run_sequences(
     source: SequenceSource,
     log: Callable[[str], None],
     progress: Any = None,
-) -> tuple[dict[str, Any], list[dict[str, Any]], TokenStore]:
+) -> tuple[dict[str, Any], list[dict[str, Any]], TokenStore | None]:
     """The job's stages on token blocks, in the open run ``folder``: the teacher (reloaded when
     its key matches), the store (reloaded when it fits the blocks and settings), and every
     pending student; returns the teacher's record, the students' and the store."""
@@ -265,7 +265,10 @@ def run_sequences(
         log("teacher: reloaded from a previous run")
     teacher.to(resolve_device(config.device)).eval()  # it labels, and teaches online
     log(f"teacher: test {teacher_record['test_bits_per_token']:.3f} bits per {splits.unit}")
-    store = _store(folder, config, teacher, train, reloaded, log)
+    # --store-top 0: no store, the teacher runs online (a corpus whose store would not fit)
+    store = _store(folder, config, teacher, train, reloaded, log) if config.store_top else None
+    if store is None:
+        log("store: none (--store-top 0); the teacher runs on every batch")
     return teacher_record, _students(folder, config, splits, teacher, store, log, progress), store
 
 
@@ -274,7 +277,7 @@ def _students(
     config: DistillConfig,
     splits: SequenceSplits,
     teacher: nn.Module | None,
-    store: TokenStore,
+    store: TokenStore | None,
     log: Callable[[str], None],
     progress: Any,
 ) -> list[dict[str, Any]]:
@@ -283,6 +286,7 @@ def _students(
     train = splits.train
     key = config_key(config)
     if config.store is not None:
+        assert store is not None  # another run's store: the students' only source
         key = settings_key({"settings": key, "store": store.teacher_fingerprint})
     every = fit_records(folder, "results.jsonl", unique=True)
     results = [r for r in every if r["role"] == "student" and r["key"] == key]
@@ -304,8 +308,10 @@ def _students(
         for method, seed in mine:
             student = build_lm(config.student, train, seed, "student")
             log(f"student {method}, seed {seed}")
-            # on-policy students need the teacher itself, run on their own samples
-            source = None if method == "hard" else teacher if config.on_policy else store
+            # the store, unless there is none (--store-top 0) or the students learn on-policy:
+            # then the teacher itself, run on each batch (on-policy: on the students' samples)
+            source: Any = store if store is not None and not config.on_policy else teacher
+            source = None if method == "hard" else source
             student, record = _fit(student, splits, config, "student", source, method, seed,
                                    folder, key, log, progress)  # fmt: skip
             record["key"] = key
