@@ -277,17 +277,27 @@ def test_stream_reads_the_corpus_from_a_token_file_to_the_same_run(tmp_path, cor
     memory, streamed = tmp_path / "memory", tmp_path / "streamed"
     args = ["distill", "--data", str(corpus), *TINY, "--seeds", "1"]
     assert runner.invoke(app, [*args, "--out", str(memory)]).exit_code == 0
-    # 147 kB: the student (16 bytes a parameter: 123 kB) fits, the corpus in memory does not
-    monkeypatch.setenv("SOFTTARGETS_MEMORY_BUDGET_MB", "0.14")
-    refused = runner.invoke(app, [*args, "--out", str(tmp_path / "refused")])
-    assert refused.exit_code == 2 and "pass --stream" in refused.output
-    assert not (tmp_path / "refused").exists()
     result = runner.invoke(app, [*args, "--stream", "--out", str(streamed)])
     assert result.exit_code == 0, result.output
     manifest = json.loads((streamed / ".softtargets-run.json").read_text())
     assert "tokens.bin" in manifest["files"] and (streamed / "tokens.bin").stat().st_size > 0
     for one, two in zip(_records(memory), _records(streamed), strict=True):
         assert one["test_loss"] == two["test_loss"] and one["key"] == two["key"]
+    # 147 kB: the student (16 bytes a parameter: 123 kB) fits, the corpus in memory does not,
+    # so the run reads it from a token file without being asked
+    monkeypatch.setenv("SOFTTARGETS_MEMORY_BUDGET_MB", "0.14")
+    large = tmp_path / "large"
+    result = runner.invoke(app, [*args, "--out", str(large)])
+    assert result.exit_code == 0, result.output
+    assert "reading it from tokens.bin" in " ".join(result.output.split())
+    assert (large / "tokens.bin").stat().st_size == (streamed / "tokens.bin").stat().st_size
+    # label holds the corpus and its store in memory: it refuses, naming the budget
+    refused = runner.invoke(app, ["label", "--data", str(corpus), "--block-length", "16",
+                                  *TEACHER[:6], "--teacher-weights",
+                                  str(memory / "teacher.safetensors"),
+                                  "--out", str(tmp_path / "s.safetensors")])  # fmt: skip
+    assert refused.exit_code == 2 and "over the memory budget" in refused.output
+    assert "--store-top 0" in " ".join(refused.output.split())
 
 
 def test_the_runs_language_model_student_is_named_served_and_exported(tmp_path, corpus) -> None:

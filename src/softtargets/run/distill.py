@@ -51,6 +51,7 @@ from softtargets.run.sequence_data import (
     SequenceSplits,
     is_sequence_job,
     load_sequence_splits,
+    reads_from_token_file,
     with_sequence_models,
 )
 from softtargets.run.sequence_report import SequenceOutcome, write_sequence_report
@@ -150,8 +151,11 @@ def _run_sequences(
     models and their vocabulary are checked before the folder is opened."""
     config = with_sequence_models(config)
     check_run_methods(config.methods, config.method_options)
-    if config.data.stream:  # the token file goes in the run folder, so it is opened first (a
-        # folder this run created is removed whole if the checks then fail)
+    if reads_from_token_file(config):  # --stream, or a corpus beyond the memory budget: the
+        # token file goes in the run folder, so it is opened first (a folder this run created is
+        # removed whole if the checks then fail)
+        if not config.data.stream:
+            log("data: the corpus would not fit the memory budget; reading it from tokens.bin")
         with RunFolder.open(out_dir, overwrite=overwrite, log=log) as folder:
             splits = load_sequence_splits(config, folder.path(TOKEN_FILE))
             source = check_sequence_job(config, splits.train)

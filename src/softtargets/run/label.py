@@ -17,14 +17,16 @@ from pathlib import Path
 import torch
 
 from softtargets import distributed
-from softtargets.config import DistillConfig
+from softtargets.config import DistillConfig, check_budget
 from softtargets.errors import SoftTargetsError
 from softtargets.files import check_writable
 from softtargets.run.data import rows_of
 from softtargets.run.folder import check_out_of_inputs
 from softtargets.run.sequence_data import (
+    corpus_files,
     is_sequence_job,
     load_sequence_splits,
+    memory_bytes,
     with_sequence_models,
 )
 from softtargets.run.sequences import build_lm
@@ -115,6 +117,11 @@ def _label_sequences(
             "token file lives in its run folder): leave out --stream, or label inside "
             "softtargets distill --block-length --stream"
         )
+    check_budget(
+        memory_bytes(corpus_files(config)), "the corpus in memory",
+        "label holds a corpus and its store in memory: distil with softtargets distill "
+        "--block-length --store-top 0 (the corpus from a token file, the teacher online)",
+    )  # fmt: skip
     config = with_sequence_models(config)
     # the store serves distillation at each of these (default: the config's temperature)
     temperatures = tuple(config.store_temperatures or [config.temperature])

@@ -20,6 +20,7 @@ from softtargets.config import (
     DistillConfig,
     ModelConfig,
     check_budget,
+    memory_budget,
     sequence_training,
 )
 from softtargets.data.sequences import (
@@ -168,15 +169,27 @@ def load_sequence_splits(config: DistillConfig, token_file: Path | None = None) 
     files = corpus_files(config)
     if token_file is not None:
         blocks = _packed_to_file(files, tokenizer, data.block_length, token_file)
-    else:  # ids as int64 blocks (and a list of them while reading): 8 bytes a token at least
+    else:
         check_budget(
-            8 * sum(f.stat().st_size for f in files), f"the corpus ({len(files)} files) in memory",
+            memory_bytes(files), f"the corpus ({len(files)} files) in memory",
             "pass --stream (a token file in the run folder, read as batches need it)",
         )  # fmt: skip
         blocks = pack_blocks(read_corpus(files, tokenizer), data.block_length, tokenizer.vocab_size)
     train, val, test = split_by_file(blocks, data.val_fraction, data.test_fraction, data.split_seed)
     unit = "byte" if isinstance(tokenizer, ByteTokenizer) else "token"
     return SequenceSplits(train, val, test, len(blocks.files), unit)
+
+
+def memory_bytes(files: list[Path]) -> int:
+    """What a corpus takes in memory at most: 8 bytes a token as int64 blocks, and a token is at
+    most a byte of text."""
+    return 8 * sum(f.stat().st_size for f in files)
+
+
+def reads_from_token_file(config: DistillConfig) -> bool:
+    """Whether a run reads its corpus from a token file: ``--stream``, or a corpus that would
+    not fit the memory budget in memory (then without being asked)."""
+    return config.data.stream or memory_bytes(corpus_files(config)) > memory_budget()
 
 
 def _packed_to_file(files: list[Path], tokenizer: Any, block_length: int, path: Path) -> Blocks:
