@@ -77,8 +77,6 @@ def predict(
     serves a fit-proportions model (as before). A language model's --data (text files) gives
     each file's bits per token (per byte, byte-level) as CSV; --prompt TEXT writes a continuation.
     """
-    from softtargets.files import atomic_write_text
-
     model = model or model_dir
     data = data or file
     if model is None or (data is None and prompt is None):
@@ -108,11 +106,7 @@ def predict(
     writer.writerow(["row", *classes])
     for i, row in enumerate(probs):
         writer.writerow([i, *(f"{p:.8g}" for p in row)])
-    if out is None:
-        typer.echo(buffer.getvalue(), nl=False)
-    else:
-        atomic_write_text(out, buffer.getvalue())
-        console.print(f"wrote {len(probs)} rows to {out}", highlight=False)
+    _write(buffer.getvalue(), out, f"{len(probs)} rows")
 
 
 def _continue(saved: SavedModel, prompt: str, tokens: int, temperature: float, seed: int) -> str:

@@ -164,7 +164,7 @@ def pack_blocks(
     windows = [file_windows(ids, block_length) for _, ids in corpus]
     owners = [torch.full((len(w),), i, dtype=torch.long) for i, w in enumerate(windows)]
     _check_some(total, [len(ids) for _, ids in corpus], block_length)
-    return _blocks(torch.cat(windows), torch.cat(owners), tuple(n for n, _ in corpus), vocab_size)
+    return blocks_of(torch.cat(windows), torch.cat(owners), tuple(n for n, _ in corpus), vocab_size)
 
 
 def pack_to_file(
@@ -208,7 +208,7 @@ def map_token_file(
     storage = torch.from_file(
         str(path), shared=False, size=count * (block_length + 1), dtype=token_dtype(vocab_size)
     ).view(count, block_length + 1)
-    return _blocks(storage, owners, files, vocab_size)
+    return blocks_of(storage, owners, files, vocab_size)
 
 
 def _check_some(total: int, lengths: Sequence[int], block_length: int) -> None:
@@ -219,7 +219,9 @@ def _check_some(total: int, lengths: Sequence[int], block_length: int) -> None:
         )
 
 
-def _blocks(storage: Tensor, owners: Tensor, files: tuple[str, ...], vocab_size: int) -> Blocks:
+def blocks_of(storage: Tensor, owners: Tensor, files: tuple[str, ...], vocab_size: int) -> Blocks:
+    """Blocks of every row of ``storage`` ``(count, L + 1)``, ids in order, ``owners`` ``(count,)``
+    the file of each (an index into ``files``)."""
     count = len(storage)
     every = torch.arange(count, dtype=torch.long)
     return Blocks(storage, every, every.clone(), owners, files, vocab_size)

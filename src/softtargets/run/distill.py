@@ -178,7 +178,7 @@ def _run_sequences_in(
     """The text job's stages in the open, checked run ``folder``, and its report."""
     folder.write_text("config.yaml", dump_config(config))
     teacher, students, store = run_sequences(folder, config, splits, source, log, progress)
-    deployment = name_best_student(folder, config, splits, teacher, students, log)
+    deployment = name_best_student(folder, config, splits, teacher, source.teacher, students, log)
     outcome = SequenceOutcome(folder.root, teacher, students, None if store is None else store.bytes_per_token,
                               time.perf_counter() - started, splits.unit, deployment)  # fmt: skip
     write_sequence_report(outcome, config, folder)
@@ -235,9 +235,10 @@ def _fit_students(
     result and epoch record; the list holds them all on rank 0 (none elsewhere)."""
     if not distributed.active():
         return _fit_students_here(config, part, pending, key, folder, progress, log)
-    pending = distributed.share_from_main(pending)  # what rank 0 read from results.jsonl
+    # spread() deals out rank 0's pending fits (what it read from results.jsonl); rank 0 names
+    # every checkpoint in the manifest before any process writes one
     every = config.student_training.checkpoint_every
-    if folder.writer and every:  # register every checkpoint name before any process writes one
+    if folder.writer and every:
         for method, seed in pending:
             folder.path(checkpoint_name((key, "student", method, seed)))
     distributed.barrier()

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from softtargets.data.dataset import Dataset
 from softtargets.data.files import load_data
-from softtargets.data.sequences import Blocks, ByteTokenizer, file_windows, read_file_ids
+from softtargets.data.sequences import ByteTokenizer, blocks_of, file_windows, read_file_ids
 from softtargets.data.text import load_text
 from softtargets.errors import SoftTargetsError, first_line
 from softtargets.extras import require
@@ -66,9 +66,8 @@ def text_blocks(saved: SavedModel, path: str | Path) -> Tensor:
 def score_text(saved: SavedModel, path: str | Path) -> tuple[int, float]:
     """``(tokens, bits per token)``: the saved language model's next-token loss on a text file."""
     windows = text_blocks(saved, path)
-    blocks = Blocks(windows, torch.arange(len(windows)), torch.arange(len(windows)),
-                    torch.zeros(len(windows), dtype=torch.long), (str(path),),
-                    int(saved.language_model["vocab_size"]))  # fmt: skip
+    one_file = torch.zeros(len(windows), dtype=torch.long)
+    blocks = blocks_of(windows, one_file, (str(path),), int(saved.language_model["vocab_size"]))
     return blocks.positions, next_token_loss(saved.model, blocks) / math.log(2)
 
 

@@ -32,12 +32,12 @@ from torch import nn
 
 from softtargets import distributed
 from softtargets.config import DistillConfig, ModelConfig, sequence_training
-from softtargets.data.sequences import Blocks, ByteTokenizer
+from softtargets.data.sequences import Blocks
 from softtargets.errors import SoftTargetsError, first_line
 from softtargets.run.data import tokenizer_folder
 from softtargets.run.deployment import language_model_rows
 from softtargets.run.folder import RunFolder, config_key, fit_records, settings_key
-from softtargets.run.sequence_data import BITS, SequenceSplits, text_tokenizer
+from softtargets.run.sequence_data import BITS, SequenceSplits
 from softtargets.run.students import BEST, name_best_language_model, save_student
 from softtargets.run.teacher import checkpoint_name, is_pretrained, pretrained_weights
 from softtargets.store.tokens import TokenStore, label_tokens
@@ -369,20 +369,23 @@ def name_best_student(
     config: DistillConfig,
     splits: SequenceSplits,
     teacher: dict[str, Any],
+    teacher_model: nn.Module | None,
     students: list[dict[str, Any]],
     log: Callable[[str], None],
 ) -> list[dict[str, Any]]:
     """Name the run's student (the lowest validation loss: ``student.safetensors`` and
     ``student.json``, which say how it reads text) for ``predict`` and ``export``, and measure
     it beside the teacher (:func:`~softtargets.run.deployment.language_model_rows`; none when
-    the run learned from another run's store)."""
+    the run learned from another run's store; ``teacher_model``: the run's teacher)."""
     if not folder.writer:
         return []
-    uses_folder = not isinstance(text_tokenizer(config), ByteTokenizer)
     reading = {
         "block_length": splits.train.block_length,
         "vocab_size": splits.train.vocab_size,
-        "tokenizer": str(Path(tokenizer_folder(config)).resolve()) if uses_folder else None,
+        # a subword unit: the tokenizer folder the run read with (see text_tokenizer)
+        "tokenizer": None
+        if splits.unit == "byte"
+        else str(Path(tokenizer_folder(config)).resolve()),
         "unit": splits.unit,
     }
     model = build_lm(config.student, splits.train, 0, "student")
@@ -394,10 +397,8 @@ def name_best_student(
         f"{folder.root / BEST}.safetensors"
     )
     weights = folder.root / "teacher.safetensors"
-    if config.store is not None or not weights.is_file() or not len(splits.test):
+    if teacher_model is None or not weights.is_file() or not len(splits.test):
         return []
-    teacher_model = build_lm(config.teacher, splits.train, 0, "teacher")
-    load_into(teacher_model, weights, "teacher")
     load_into(model, folder.root / f"{BEST}.safetensors", "student")
     sizes = {"teacher": weights.stat().st_size,
              "student": (folder.root / f"{BEST}.safetensors").stat().st_size}  # fmt: skip

@@ -200,7 +200,8 @@ def fit_lm(
     if isinstance(teacher, nn.Module):
         teacher.to(device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.01)
-    steps = epochs * math.ceil(len(train) / batch_blocks)
+    per_epoch = math.ceil(len(train) / batch_blocks)
+    steps = epochs * per_epoch
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
     result = LMResult(student)
     best, best_state, first_epoch = math.inf, None, 1
@@ -226,7 +227,7 @@ def fit_lm(
     )
     task = progress.add_task(description, total=steps) if progress is not None else None
     if task is not None:
-        progress.update(task, advance=(first_epoch - 1) * math.ceil(len(train) / batch_blocks))
+        progress.update(task, advance=(first_epoch - 1) * per_epoch)
     for epoch in range(first_epoch, epochs + 1):
         student.train()
         order = torch.randperm(len(train), generator=generator)
