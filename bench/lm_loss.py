@@ -100,7 +100,7 @@ def store_bytes_per_token(
     ids = torch.cat([torch.arange(r * 2 * blocks, r * 2 * blocks + blocks // runs)
                      for r in range(runs)])  # fmt: skip
     store = TokenStore(
-        ids, block, vocab, top, (1.0,), CODE_BITS, 0.1, bits,
+        ids, block, vocab, top, (1.0,), CODE_BITS, torch.full((blocks,), 0.1), bits,
         pack_bits(torch.randint(0, vocab, (n, top)), bits),
         pack_bits(torch.randint(0, 1 << CODE_BITS, (n, top)), CODE_BITS), torch.zeros(n).half(),
         torch.zeros(n, 1).half(), "b", "t",
@@ -134,7 +134,8 @@ def measure(quick: bool = False) -> dict[str, Any]:
             "goal": "<= 100",
             "detail": "V = 128,000, k = 32, 1,000 blocks of 256 in 10 runs of ids: 17-bit ids "
             f"(68 bytes), {CODE_BITS}-bit codes ({4 * CODE_BITS}), a float16 maximum (2) and "
-            "rest per temperature (2), block ids as runs (16 bytes a run)",
+            "rest per temperature (2), block ids as runs (16 bytes a run), a float32 code "
+            "step per block (4 bytes a block)",
         },
     }
 

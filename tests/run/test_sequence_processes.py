@@ -126,10 +126,10 @@ def _same_store(path_a, path_b) -> None:
     from softtargets.store.tokens import TokenStore
 
     a, b = TokenStore.load(path_a), TokenStore.load(path_b)
-    assert (a.top, a.temperatures, a.step, a.blocks_fingerprint, a.teacher_fingerprint) == (
-        b.top, b.temperatures, b.step, b.blocks_fingerprint, b.teacher_fingerprint
+    assert (a.top, a.temperatures, a.blocks_fingerprint, a.teacher_fingerprint) == (
+        b.top, b.temperatures, b.blocks_fingerprint, b.teacher_fingerprint
     )  # fmt: skip
-    for part in ("block_ids", "packed_ids", "packed_codes", "largest", "rest"):
+    for part in ("block_ids", "steps", "packed_ids", "packed_codes", "largest", "rest"):
         assert torch.equal(getattr(a, part), getattr(b, part)), part
 
 

@@ -107,7 +107,7 @@ def test_bad_text_runs_are_one_line_and_write_nothing(tmp_path, corpus, change, 
                                  "--out", str(out)])  # fmt: skip
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
-    assert not out.exists()
+    assert not out.exists() and not list(tmp_path.glob(".*.tmp"))  # nor a token file
 
 
 def test_a_student_that_is_not_a_language_model_is_refused(tmp_path, corpus) -> None:
@@ -253,7 +253,7 @@ def test_language_model_runs_get_their_own_default_models_and_trainings() -> Non
             ["--teacher-weights", "WEIGHTS", "--teacher-option", "width=32"],
             "does not fit the teacher",
         ),
-        (["--teacher-weights", "WEIGHTS", "--stream"], "leave out --stream"),
+        (["--teacher-weights", "WEIGHTS", "--stream", "--top-k", "258"], "from 1 to 257"),
     ],
 )
 def test_bad_text_labelling_is_one_line_and_writes_nothing(tmp_path, corpus, change, message):
@@ -291,13 +291,34 @@ def test_stream_reads_the_corpus_from_a_token_file_to_the_same_run(tmp_path, cor
     assert result.exit_code == 0, result.output
     assert "reading it from tokens.bin" in " ".join(result.output.split())
     assert (large / "tokens.bin").stat().st_size == (streamed / "tokens.bin").stat().st_size
-    # label holds the corpus and its store in memory: it refuses, naming the budget
-    refused = runner.invoke(app, ["label", "--data", str(corpus), "--block-length", "16",
-                                  *TEACHER[:6], "--teacher-weights",
-                                  str(memory / "teacher.safetensors"),
-                                  "--out", str(tmp_path / "s.safetensors")])  # fmt: skip
-    assert refused.exit_code == 2 and "over the memory budget" in refused.output
-    assert "--store-top 0" in " ".join(refused.output.split())
+    # label reads such a corpus from a token file too (removed after), and writes its store as
+    # it labels: the store the in-memory corpus gives, tensor for tensor
+    label = ["label", "--data", str(corpus), "--block-length", "16", *TEACHER[:6],
+             "--teacher-weights", str(memory / "teacher.safetensors"), "--top-k", "4"]  # fmt: skip
+    labelled = runner.invoke(app, [*label, "--out", str(tmp_path / "large.safetensors")])
+    assert labelled.exit_code == 0, labelled.output
+    assert "reading the corpus from a token file" in " ".join(labelled.output.split())
+    monkeypatch.delenv("SOFTTARGETS_MEMORY_BUDGET_MB")
+    in_memory = runner.invoke(app, [*label, "--out", str(tmp_path / "memory.safetensors")])
+    assert in_memory.exit_code == 0, in_memory.output
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [
+        "large.safetensors",
+        "memory.safetensors",
+    ]  # no token file left beside them
+    _same_store(tmp_path / "large.safetensors", tmp_path / "memory.safetensors")
+
+
+def _same_store(path_a, path_b) -> None:
+    import torch
+
+    from softtargets.store.tokens import TokenStore
+
+    a, b = TokenStore.load(path_a), TokenStore.load(path_b)
+    assert (a.top, a.temperatures, a.blocks_fingerprint, a.teacher_fingerprint) == (
+        b.top, b.temperatures, b.blocks_fingerprint, b.teacher_fingerprint
+    )  # fmt: skip
+    for part in ("block_ids", "steps", "packed_ids", "packed_codes", "largest", "rest"):
+        assert torch.equal(getattr(a, part), getattr(b, part)), part
 
 
 def test_the_runs_language_model_student_is_named_served_and_exported(tmp_path, corpus) -> None:

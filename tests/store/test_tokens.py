@@ -3,6 +3,8 @@ each temperature, files, and refusals."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -41,7 +43,8 @@ def test_a_store_keeps_the_top_k_and_the_rest_at_each_temperature(blocks, tmp_pa
         top = logits[rows].topk(8, dim=1)
         assert torch.equal(classes, top.indices)
         # 6-bit codes below a float16 maximum: within half a step (plus float16's rounding)
-        assert (values - top.values).abs().max() <= store.step / 2 + 0.01
+        step = store.steps[rows // 16][:, None]  # each block's own
+        assert ((values - top.values).abs() <= step / 2 + 0.01).all()
         others = logits[rows].scatter(1, top.indices, float("-inf"))
         expected = torch.logsumexp(others / t, dim=1)
         torch.testing.assert_close(rest, expected, atol=0.02, rtol=1e-3)  # float16
@@ -56,6 +59,43 @@ def test_a_store_keeps_the_top_k_and_the_rest_at_each_temperature(blocks, tmp_pa
         TokenStore.load(tmp_path / "s.safetensors", blocks=other)
 
 
+def test_a_store_written_as_it_is_labelled_is_the_one_in_memory_and_mapped(blocks, tmp_path):
+    """``label_tokens(path=...)`` writes each batch at its place in the file as it goes: the same
+    store as in memory, tensor for tensor, read back through a mapping of the file; a store of
+    the format before per-block steps (one step in the header) still reads."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    teacher = gpt(258, layers=1, heads=2, width=16, context=16)
+    kept = label_tokens(teacher, blocks, top=8, temperatures=(1.0, 2.0), batch_blocks=3)
+    path = tmp_path / "s.safetensors"
+    written = label_tokens(
+        teacher, blocks, top=8, temperatures=(1.0, 2.0), batch_blocks=3, path=path
+    )
+    parts = ("block_ids", "steps", "packed_ids", "packed_codes", "largest", "rest")
+    for part in parts:
+        assert torch.equal(getattr(kept, part), getattr(written, part)), part
+    assert len(set(written.steps.tolist())) > 1  # a step per block, not one for the store
+    with open("/proc/self/maps") as maps:
+        assert str(path) in maps.read()  # mapped, not read into memory
+    assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]  # no temporary left
+    # the older format: one step for the whole store, in the header
+    tensors = {p: getattr(kept, p) for p in parts if p != "steps"}
+    header = json.loads(_header_of(path))
+    header["step"] = 0.25
+    old = tmp_path / "old.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, old,
+              {"format": "softtargets-token-store", "header": json.dumps(header)})  # fmt: skip
+    assert torch.equal(TokenStore.load(old, blocks).steps, torch.full((len(blocks),), 0.25))
+
+
+def _header_of(path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata()["header"]
+
+
 def test_bytes_per_token_at_a_large_vocabulary() -> None:
     """The layout's size at V = 128,000 and k = 32 (the bench's figure), computed from a store
     of that layout: 17-bit ids and 6-bit codes."""
@@ -63,11 +103,11 @@ def test_bytes_per_token_at_a_large_vocabulary() -> None:
     ids = torch.randint(0, 128_000, (n, k))
     codes = torch.randint(0, 64, (n, k))
     store = TokenStore(
-        torch.arange(1), n, 128_000, k, (1.0,), 6, 0.1, 17, pack_bits(ids, 17),
+        torch.arange(1), n, 128_000, k, (1.0,), 6, torch.tensor([0.1]), 17, pack_bits(ids, 17),
         pack_bits(codes, 6), torch.zeros(n).half(), torch.zeros(n, 1).half(), "b", "t",
     )  # fmt: skip
-    # one run of block ids (16 bytes) over the store's n positions
-    assert store.bytes_per_token == pytest.approx(68 + 24 + 2 + 2 + 16 / n)
+    # one run of block ids (16 bytes) and one block's step (4) over the store's n positions
+    assert store.bytes_per_token == pytest.approx(68 + 24 + 2 + 2 + 20 / n)
     assert torch.equal(store.kept(torch.arange(n), 1.0)[1], ids)
     assert torch.equal(unpack_bits(store.packed_codes, k, 6), codes)
     assert torch.equal(store.kept(torch.arange(n), 1.0)[1], ids)

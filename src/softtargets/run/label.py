@@ -10,6 +10,7 @@ weights and the data's content, so a student run on other data refuses it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,16 +18,16 @@ from pathlib import Path
 import torch
 
 from softtargets import distributed
-from softtargets.config import DistillConfig, check_budget
+from softtargets.config import DistillConfig
+from softtargets.data.sequences import Blocks
 from softtargets.errors import SoftTargetsError
 from softtargets.files import check_writable
 from softtargets.run.data import rows_of
 from softtargets.run.folder import check_out_of_inputs
 from softtargets.run.sequence_data import (
-    corpus_files,
     is_sequence_job,
     load_sequence_splits,
-    memory_bytes,
+    reads_from_token_file,
     with_sequence_models,
 )
 from softtargets.run.sequences import build_lm
@@ -64,8 +65,8 @@ def run_label(
     processes; a top-k store is reduced in memory on one process (``k`` of ``K`` logits and the
     rest's log-sum-exp per row). On text in token blocks (``--block-length``) the store is a
     :class:`~softtargets.store.tokens.TokenStore` of the training blocks' positions (``top_k``,
-    default ``config.store_top``, at ``config.store_temperatures``), labelled block by block and,
-    under torchrun, shared out by blocks.
+    default ``config.store_top``, at ``config.store_temperatures``), labelled and written batch by
+    batch and, under torchrun, shared out by blocks.
     """
     out = Path(out)
     if not is_pretrained(config):
@@ -110,23 +111,39 @@ def _label_sequences(
     config: DistillConfig, out: Path, top_k: int | None, log: Callable[[str], None]
 ) -> Labelled:
     """``run_label`` on token blocks: every position of the training blocks, top-k per position
-    (the blocks ``distill --store`` trains on; it checks them against the store)."""
-    if config.data.stream:
-        raise SoftTargetsError(
-            "label --block-length holds the corpus and its store in memory (a run's --stream "
-            "token file lives in its run folder): leave out --stream, or label inside "
-            "softtargets distill --block-length --stream"
-        )
-    check_budget(
-        memory_bytes(corpus_files(config)), "the corpus in memory",
-        "label holds a corpus and its store in memory: distil with softtargets distill "
-        "--block-length --store-top 0 (the corpus from a token file, the teacher online)",
-    )  # fmt: skip
+    (the blocks ``distill --store`` trains on; it checks them against the store). The store is
+    written as it is labelled; with ``--stream``, or a corpus beyond the memory budget, the corpus
+    is read from a token file beside ``out`` for the while (removed after), so neither has to
+    fit in memory."""
     config = with_sequence_models(config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(out)  # never through a link planted where the store goes
+    if not reads_from_token_file(config):
+        return _label_blocks(config, load_sequence_splits(config).train, out, top_k, log)
+    # a fresh softtargets temporary's name (rank 0's, for every process): ours to remove
+    token_file = out.parent / distributed.share_from_main(
+        f".{out.name}.softtargets-{os.getpid()}-tokens.tmp"
+    )
+    log(f"reading the corpus from a token file, {token_file.name}, while labelling")
+    try:
+        train = load_sequence_splits(config, token_file).train
+        return _label_blocks(config, train, out, top_k, log)
+    finally:
+        distributed.barrier()  # every process is done with the token file
+        if distributed.is_main():
+            token_file.unlink(missing_ok=True)
+
+
+def _label_blocks(
+    config: DistillConfig,
+    train: Blocks,
+    out: Path,
+    top_k: int | None,
+    log: Callable[[str], None],
+) -> Labelled:
+    """Label the training blocks ``train`` into the store at ``out``."""
     # the store serves distillation at each of these (default: the config's temperature)
     temperatures = tuple(config.store_temperatures or [config.temperature])
-    splits = load_sequence_splits(config)
-    train = splits.train
     top = config.store_top if top_k is None else top_k
     if not 1 <= top < train.vocab_size:
         raise SoftTargetsError(
@@ -136,15 +153,11 @@ def _label_sequences(
     teacher = build_lm(config.teacher, train, config.first_seed, "teacher")
     if config.teacher.weights is not None:  # (an hf: folder's weights came with it)
         load_into(teacher, config.teacher.weights, "teacher")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    check_writable(out)  # never through a link planted where the store goes
     teacher.to(resolve_device(config.device)).eval()
     log(
         f"labelling {train.positions:,} positions ({len(train)} blocks of "
         f"{train.block_length}) with teacher {config.teacher.name}, top-{top}"
     )
-    store = label_tokens(teacher, train, top=top, temperatures=temperatures)
-    if distributed.is_main():
-        store.save(out)
-    distributed.barrier()
+    # written batch by batch as it is labelled (rank 0 writes every process's rows)
+    store = label_tokens(teacher, train, top=top, temperatures=temperatures, path=out)
     return Labelled(out, len(store), train.vocab_size, top, out.stat().st_size)

@@ -357,9 +357,8 @@ def _store(
                 return store
         except SoftTargetsError as err:
             log(f"store: {err}; labelling again")
-    store = label_tokens(teacher, train, top=config.store_top, temperatures=temperatures)
-    if folder.writer:
-        store.save(path)
+    # written batch by batch as it is labelled and read back mapped: the store may outgrow memory
+    store = label_tokens(teacher, train, top=config.store_top, temperatures=temperatures, path=path)
     log(f"store: top-{store.top}, {store.bytes_per_token:.1f} bytes per token")
     return store
 

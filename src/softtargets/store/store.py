@@ -29,6 +29,7 @@ from softtargets.data.targets import check_finite
 from softtargets.data.targets import soften as soften_logits
 from softtargets.errors import SoftTargetsError
 from softtargets.files import atomic_write_bytes, parse_json
+from softtargets.store.layout import map_tensor
 
 FORMAT = "softtargets.store"
 
@@ -286,7 +287,7 @@ class SoftTargetStore:
                 names = list(handle.keys())  # noqa: SIM118
                 tensors = {k: handle.get_tensor(k) for k in names if not mmap or k != "logits"}
             if mmap and "logits" in names:
-                tensors["logits"] = _map_tensor(path, "logits")
+                tensors["logits"] = map_tensor(path, "logits")
         except (SafetensorError, OSError, ValueError) as err:
             raise SoftTargetsError(
                 f"{path} is not a readable store ({str(err).splitlines()[0]}); delete it and label "
@@ -352,44 +353,3 @@ class SoftTargetStore:
             check_finite(tail[:, None], f"{path}: tail", "the teacher had diverged; label again")
         store.check(data, teacher, labels=True)
         return store
-
-
-def _map_tensor(path: Path, name: str) -> Tensor:
-    """Tensor ``name`` of a safetensors file, memory-mapped (copy-on-write: the file is never
-    written) rather than read."""
-    import numpy as np
-
-    with open(path, "rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        entry = json.loads(handle.read(size))[name]
-    dtypes = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32}
-    if entry["dtype"] not in dtypes:
-        raise ValueError(f"{name} has dtype {entry['dtype']}, which a store does not use")
-    start, end = entry["data_offsets"]
-    dtype, shape = np.dtype(dtypes[entry["dtype"]]), tuple(entry["shape"])
-    if end - start != dtype.itemsize * int(np.prod(shape)):
-        raise ValueError(f"{name}'s offsets do not match its shape")
-    if end == start:
-        return torch.from_numpy(np.empty(shape, dtype=dtype))
-    mapped = np.memmap(path, dtype=dtype, mode="c", offset=8 + size + start, shape=shape)
-    return torch.from_numpy(mapped)
-
-
-def _safetensors_header(
-    num_rows: int, num_classes: int, dtype: torch.dtype, metadata: dict[str, str]
-) -> bytes:
-    """The header of a safetensors file holding ``ids (N,) int64`` then ``logits (N, K)``."""
-    width = 2 if dtype == torch.float16 else 4
-    ids_bytes, logits_bytes = 8 * num_rows, width * num_rows * num_classes
-    header = {
-        "__metadata__": metadata,
-        "ids": {"dtype": "I64", "shape": [num_rows], "data_offsets": [0, ids_bytes]},
-        "logits": {
-            "dtype": "F16" if dtype == torch.float16 else "F32",
-            "shape": [num_rows, num_classes],
-            "data_offsets": [ids_bytes, ids_bytes + logits_bytes],
-        },
-    }
-    blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)  # safetensors pads the header to 8 bytes
-    return len(blob).to_bytes(8, "little") + blob

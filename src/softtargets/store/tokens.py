@@ -9,33 +9,39 @@ temperature is refused.
 | part | per position | bytes (V = 128,000, k = 32, one temperature) |
 | --- | --- | --- |
 | token ids | ``k`` ids of ``ceil(log2 V)`` bits, bit-packed | 68 |
-| logits | ``k`` codes of ``code_bits`` (:data:`CODE_BITS`, 6) bits below the row's largest logit, one step for the store | 24 |
+| logits | ``k`` codes of ``code_bits`` (:data:`CODE_BITS`, 6) bits below the row's largest logit, one step per block | 24 |
 | largest logit | float16 | 2 |
 | the rest's log-sum-exp | float16 per temperature | 2 |
 
 Rows are ``(block, position)`` in order, so their ids are implicit: ``block_id * L + position``.
 The block ids themselves are saved as runs of consecutive ids (a split by file is a few runs, one
-per file or fewer): 16 bytes a run, well under a hundredth of a byte a token.
+per file or fewer): 16 bytes a run, well under a hundredth of a byte a token; the code step is a
+float32 per block (4 / L bytes a token), so a block is coded as soon as it is labelled.
+
+:func:`label_tokens` keeps a store in memory, or writes it to a file batch by batch as it labels
+(``path``): memory is then one batch of blocks whatever the corpus, and
+:meth:`TokenStore.load` maps the file rather than reading it.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 from torch import Tensor, nn
 
 from softtargets import distributed
 from softtargets.config import check_budget
 from softtargets.data.sequences import Blocks
 from softtargets.errors import SoftTargetsError
-from softtargets.files import atomic_write_bytes, parse_json
+from softtargets.files import atomic_open, atomic_write_bytes, parse_json
+from softtargets.store.layout import file_size, map_tensor, safetensors_header
 from softtargets.store.store import fingerprint_module
 
 FORMAT = "softtargets-token-store"
@@ -99,7 +105,7 @@ class TokenStore:
     top: int
     temperatures: tuple[float, ...]
     code_bits: int
-    step: float  # logit units per code step
+    steps: Tensor  # (B,) float32: logit units per code step, one per block
     index_bits: int
     packed_ids: Tensor  # (B * L, ceil(top * index_bits / 8)) uint8
     packed_codes: Tensor  # (B * L, ceil(top * code_bits / 8)) uint8
@@ -116,7 +122,7 @@ class TokenStore:
         """Stored bytes per position (the block ids' runs amortised over the positions)."""
         per_row = self.packed_ids.shape[1] + self.packed_codes.shape[1] + 2 + 2 * self.rest.shape[1]
         starts, _ = id_runs(self.block_ids)
-        return per_row + 16 * len(starts) / max(len(self), 1)
+        return per_row + (16 * len(starts) + 4 * len(self.steps)) / max(len(self), 1)
 
     def kept(self, rows: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
         """``(values, classes, rest)``: the rows' kept logits ``(c, k)`` (decoded), their tokens
@@ -130,52 +136,55 @@ class TokenStore:
                 f"--store-temperatures including {temperature:g}"
             )
         codes = unpack_bits(self.packed_codes[rows], self.top, self.code_bits)
-        values = self.largest[rows].float()[:, None] - codes.float() * self.step
+        step = self.steps[rows // self.block_length].float()[:, None]
+        values = self.largest[rows].float()[:, None] - codes.float() * step
         classes = unpack_bits(self.packed_ids[rows], self.top, self.index_bits)
         return values, classes, self.rest[rows, matches[0]].float()
 
     def save(self, path: str | Path) -> Path:
-        meta = {
-            "format": FORMAT,
-            "header": json.dumps(
-                {
-                    "block_length": self.block_length, "vocab_size": self.vocab_size,
-                    "top": self.top, "temperatures": list(self.temperatures),
-                    "code_bits": self.code_bits, "step": self.step,
-                    "index_bits": self.index_bits, "blocks": self.blocks_fingerprint,
-                    "teacher": self.teacher_fingerprint,
-                }
-            ),
-        }  # fmt: skip
         starts, lengths = id_runs(self.block_ids)
         tensors = {
-            "block_starts": starts, "block_runs": lengths, "packed_ids": self.packed_ids,
-            "packed_codes": self.packed_codes, "largest": self.largest, "rest": self.rest,
+            "block_starts": starts, "block_runs": lengths, "steps": self.steps,
+            "packed_ids": self.packed_ids, "packed_codes": self.packed_codes,
+            "largest": self.largest, "rest": self.rest,
         }  # fmt: skip
-        atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, meta))
+        metadata = _metadata(
+            self.block_length, self.vocab_size, self.top, self.temperatures, self.code_bits,
+            self.index_bits, self.blocks_fingerprint, self.teacher_fingerprint,
+        )  # fmt: skip
+        atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata))
         return Path(path)
 
     @classmethod
     def load(cls, path: str | Path, blocks: Blocks | None = None) -> TokenStore:
-        """Read a token store; with ``blocks``, refuse one made for other blocks or vocabulary."""
+        """Map a token store's file (rows are read when a batch asks for them); with ``blocks``,
+        refuse one made for other blocks or vocabulary."""
         try:
             with safe_open(str(path), framework="pt") as handle:
                 meta = handle.metadata() or {}
-            tensors = load_file(str(path))
+                names = set(handle.keys())
+                small = {
+                    name: handle.get_tensor(name)
+                    for name in ("block_starts", "block_runs", "block_ids", "steps")
+                    if name in names
+                }
+            rows = {name: map_tensor(path, name) for name in _ROW_PARTS if name != "steps"}
         except Exception as err:
             raise SoftTargetsError(f"{path} is not a readable token store ({err})") from None
         if meta.get("format") != FORMAT:
             raise SoftTargetsError(f"{path} is not a softtargets token store")
         h = parse_json(meta["header"], f"{path}'s header")
-        if "block_ids" in tensors:  # written before block ids were saved as runs
-            block_ids = tensors["block_ids"]
+        if "block_ids" in small:  # written before block ids were saved as runs
+            block_ids = small["block_ids"]
         else:
-            block_ids = ids_from_runs(tensors["block_starts"], tensors["block_runs"])
+            block_ids = ids_from_runs(small["block_starts"], small["block_runs"])
+        # written before the step was one per block: the store's one step for every block
+        steps = small["steps"] if "steps" in small else torch.full((len(block_ids),), h["step"])
         store = cls(
             block_ids, int(h["block_length"]), int(h["vocab_size"]), int(h["top"]),
-            tuple(float(t) for t in h["temperatures"]), int(h["code_bits"]), float(h["step"]),
-            int(h["index_bits"]), tensors["packed_ids"], tensors["packed_codes"],
-            tensors["largest"], tensors["rest"], str(h["blocks"]), str(h["teacher"]),
+            tuple(float(t) for t in h["temperatures"]), int(h["code_bits"]), steps.float(),
+            int(h["index_bits"]), rows["packed_ids"], rows["packed_codes"], rows["largest"],
+            rows["rest"], str(h["blocks"]), str(h["teacher"]),
         )  # fmt: skip
         if blocks is not None:
             if blocks.vocab_size != store.vocab_size:
@@ -188,6 +197,36 @@ class TokenStore:
         return store
 
 
+#: a store's parts with a row per position (``steps``: per block), in the file's order
+_ROW_PARTS = ("steps", "packed_ids", "packed_codes", "largest", "rest")
+
+
+def _metadata(
+    block_length: int, vocab_size: int, top: int, temperatures: tuple[float, ...],
+    code_bits: int, index_bits: int, blocks_fingerprint: str, teacher_fingerprint: str,
+) -> dict[str, str]:  # fmt: skip
+    header = {
+        "block_length": block_length, "vocab_size": vocab_size, "top": top,
+        "temperatures": list(temperatures), "code_bits": code_bits, "index_bits": index_bits,
+        "blocks": blocks_fingerprint, "teacher": teacher_fingerprint,
+    }  # fmt: skip
+    return {"format": FORMAT, "header": json.dumps(header)}
+
+
+def _row_entries(
+    blocks: int, block_length: int, top: int, index_bits: int, code_bits: int, temperatures: int
+) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Dtype and shape of each of :data:`_ROW_PARTS` for ``blocks`` blocks."""
+    rows = blocks * block_length
+    return {
+        "steps": (torch.float32, (blocks,)),
+        "packed_ids": (torch.uint8, (rows, math.ceil(top * index_bits / 8))),
+        "packed_codes": (torch.uint8, (rows, math.ceil(top * code_bits / 8))),
+        "largest": (torch.float16, (rows,)),
+        "rest": (torch.float16, (rows, temperatures)),
+    }
+
+
 @torch.no_grad()
 def label_tokens(
     teacher: nn.Module,
@@ -196,57 +235,140 @@ def label_tokens(
     temperatures: Sequence[float] = (1.0,),
     code_bits: int = CODE_BITS,
     batch_blocks: int = 8,
+    path: str | Path | None = None,
 ) -> TokenStore:
     """Run ``teacher`` (ids ``(b, L)`` -> logits ``(b, L, V)``) over ``blocks`` once and keep, at
-    every position, its ``top`` largest logits (quantised), their tokens (bit-packed) and the
-    rest's log-sum-exp at each of ``temperatures``. Memory: one batch of blocks' logits.
+    every position, its ``top`` largest logits (quantised, one code step per block), their tokens
+    (bit-packed) and the rest's log-sum-exp at each of ``temperatures``.
 
-    Under torchrun each process labels its share of the blocks and every process gets the whole
-    store (the same one a single process writes: one code step, the largest spread of any row)."""
+    ``path``: write the store to that file as it is labelled, each batch at its place (memory:
+    one batch of blocks' logits, whatever the corpus), and return it mapped from the file.
+    Without it the store is kept in memory. Under torchrun each process labels its share of the
+    blocks; with ``path`` rank 0 gathers one batch from every process at a time and writes them
+    (one batch per process in memory), without it every process gets the whole store. Either way
+    it is the store a single process makes."""
     if not 1 <= top < blocks.vocab_size:
         raise SoftTargetsError(f"--top-k must be from 1 to {blocks.vocab_size - 1}, got {top}")
     if not temperatures or any(t <= 0 for t in temperatures):
         raise SoftTargetsError("give at least one positive temperature to keep the rest's mass at")
+    temperatures = tuple(float(t) for t in temperatures)
+    index_bits = max(1, math.ceil(math.log2(blocks.vocab_size)))
     was_training = teacher.training
     teacher.eval()
-    device = next(teacher.parameters()).device
-    # every process checks the vocabulary on the first block, so that none is left waiting in a
-    # collective step for one that stopped (a process may have no blocks of its own)
-    width = teacher(blocks.batch(slice(0, 1))[:, :-1].to(device)).shape[-1]
-    if width != blocks.vocab_size:
-        raise SoftTargetsError(
-            f"the teacher's vocabulary is {width}, the blocks' {blocks.vocab_size}: teacher and "
-            "tokenizer must match"
+    try:
+        device = next(teacher.parameters()).device
+        # every process checks the vocabulary on the first block, so that none is left waiting in
+        # a collective step for one that stopped (a process may have no blocks of its own)
+        width = teacher(blocks.batch(slice(0, 1))[:, :-1].to(device)).shape[-1]
+        if width != blocks.vocab_size:
+            raise SoftTargetsError(
+                f"the teacher's vocabulary is {width}, the blocks' {blocks.vocab_size}: teacher "
+                "and tokenizer must match"
+            )
+        entries = _row_entries(
+            len(blocks), blocks.block_length, top, index_bits, code_bits, len(temperatures)
         )
-    values, ids, rests = [], [], []
-    mine = distributed.my_slice(len(blocks))  # under torchrun, this process's blocks
+        teacher_fingerprint = fingerprint_module(teacher)
+        mine = distributed.my_slice(len(blocks))  # under torchrun, this process's blocks
+        batches = _labelled(
+            teacher, blocks, mine, top, temperatures, code_bits, index_bits, batch_blocks
+        )
+        if path is not None:
+            metadata = _metadata(
+                blocks.block_length, blocks.vocab_size, top, temperatures, code_bits, index_bits,
+                blocks.fingerprint, teacher_fingerprint,
+            )  # fmt: skip
+            share = -(-len(blocks) // distributed.world_size())  # the largest share of blocks
+            rounds = -(-share // batch_blocks)
+            _write(path, blocks, entries, metadata, batches, rounds)
+            return TokenStore.load(path, blocks)
+        parts = [part for _, part in batches]
+        local = {
+            name: torch.cat([torch.zeros((0, *shape[1:]), dtype=dtype)] + [p[name] for p in parts])
+            for name, (dtype, shape) in entries.items()
+        }
+    finally:
+        teacher.train(was_training)
+    everyone = distributed.gather_to_all(local)  # every process's rows, in block order
+    whole = {name: torch.cat([rows[name] for rows in everyone]) for name in _ROW_PARTS}
+    return TokenStore(
+        blocks.block_ids.clone(), blocks.block_length, blocks.vocab_size, top, temperatures,
+        code_bits, whole["steps"], index_bits, whole["packed_ids"], whole["packed_codes"],
+        whole["largest"], whole["rest"], blocks.fingerprint, teacher_fingerprint,
+    )  # fmt: skip
+
+
+def _labelled(
+    teacher: nn.Module,
+    blocks: Blocks,
+    mine: range,
+    top: int,
+    temperatures: tuple[float, ...],
+    code_bits: int,
+    index_bits: int,
+    batch_blocks: int = 8,
+) -> Iterator[tuple[int, dict[str, Tensor]]]:
+    """``(first block, {part: rows})`` for each batch of the blocks ``mine``, packed (CPU)."""
+    device = next(teacher.parameters()).device
+    levels = (1 << code_bits) - 1
     for start in range(mine.start, mine.stop, batch_blocks):
-        inputs = blocks.batch(slice(start, min(start + batch_blocks, mine.stop)))[:, :-1].to(device)
+        stop = min(start + batch_blocks, mine.stop)
+        inputs = blocks.batch(slice(start, stop))[:, :-1].to(device)
         logits = teacher(inputs).float().reshape(-1, blocks.vocab_size)
         kept = logits.topk(top, dim=1)
         others = logits.scatter(1, kept.indices, float("-inf"))
-        rests.append(torch.stack([torch.logsumexp(others / t, dim=1) for t in temperatures], 1))
-        values.append(kept.values.cpu())
-        ids.append(kept.indices.cpu())
-    teacher.train(was_training)
-    empty = torch.zeros(0, top)
-    values_t, ids_t = torch.cat([empty, *values]), torch.cat([empty.long(), *ids])
-    rests_t = torch.cat([torch.zeros(0, len(temperatures)), *[r.cpu() for r in rests]])
-    largest = values_t[:, 0].half().float() if len(values_t) else torch.zeros(0)
-    # one code step for the whole store: the largest spread of any process's rows
-    gaps = largest[:, None] - values_t
-    spread = distributed.max_(torch.tensor(float(gaps.max()) if gaps.numel() else 0.0))
-    levels = (1 << code_bits) - 1
-    step = max(float(spread) / levels, 1e-6)
-    codes = (gaps / step).round().clamp(0, levels).long()
-    index_bits = max(1, math.ceil(math.log2(blocks.vocab_size)))
-    # every process's rows, in block order, on every process (each row packs on its own)
-    parts = distributed.gather_to_all(
-        (pack_bits(ids_t, index_bits), pack_bits(codes, code_bits), largest.half(), rests_t.half())
-    )
-    packed_ids, packed_codes, largest_t, rest_t = (torch.cat(p) for p in zip(*parts, strict=True))
-    return TokenStore(
-        blocks.block_ids.clone(), blocks.block_length, blocks.vocab_size, top,
-        tuple(float(t) for t in temperatures), code_bits, step, index_bits, packed_ids,
-        packed_codes, largest_t, rest_t, blocks.fingerprint, fingerprint_module(teacher),
-    )  # fmt: skip
+        rest = torch.stack([torch.logsumexp(others / t, dim=1) for t in temperatures], 1).cpu()
+        values, ids = kept.values.cpu(), kept.indices.cpu()
+        largest = values[:, 0].half().float()
+        gaps = (largest[:, None] - values).view(stop - start, -1)  # (b, L * k)
+        # one code step per block: its largest spread over the levels
+        steps = (gaps.amax(dim=1) / levels).clamp_min(1e-6)
+        codes = (gaps / steps[:, None]).round().clamp(0, levels).long().view(-1, top)
+        yield start, {
+            "steps": steps, "packed_ids": pack_bits(ids, index_bits),
+            "packed_codes": pack_bits(codes, code_bits), "largest": largest.half(),
+            "rest": rest.half(),
+        }  # fmt: skip
+
+
+def _write(
+    path: str | Path,
+    blocks: Blocks,
+    entries: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    metadata: dict[str, str],
+    batches: Iterator[tuple[int, dict[str, Tensor]]],
+    rounds: int,
+) -> None:
+    """Write a token store's file on rank 0: header and block runs first, then, ``rounds``
+    times, the next batch of every process, each at its rows' offsets (atomically: a temporary
+    file renamed into place)."""
+    if not distributed.is_main():
+        for _ in range(rounds):
+            distributed.gather_to_main(next(batches, None))
+        distributed.barrier()  # the file is in place
+        return
+    starts, runs = id_runs(blocks.block_ids)
+    entries = {
+        "block_starts": (torch.int64, tuple(starts.shape)),
+        "block_runs": (torch.int64, tuple(runs.shape)),
+        **entries,
+    }
+    header, offsets = safetensors_header(entries, metadata)
+    with atomic_open(path, "wb") as handle:
+        handle.truncate(file_size(header, entries))
+        handle.write(header)
+        for name, values in (("block_starts", starts), ("block_runs", runs)):
+            handle.seek(offsets[name])
+            handle.write(values.numpy())
+        for _ in range(rounds):
+            for batch in distributed.gather_to_main(next(batches, None)) or []:
+                if batch is None:  # that process has no blocks left
+                    continue
+                first, part = batch
+                for name, rows in part.items():
+                    dtype, shape = entries[name]
+                    row_bytes = torch.empty((), dtype=dtype).element_size() * math.prod(shape[1:])
+                    first_row = first if name == "steps" else first * blocks.block_length
+                    handle.seek(offsets[name] + first_row * row_bytes)
+                    handle.write(rows.contiguous().numpy())
+    distributed.barrier()

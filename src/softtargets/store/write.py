@@ -24,7 +24,8 @@ from softtargets.data.fingerprint import Fingerprinter
 from softtargets.data.targets import check_finite
 from softtargets.errors import SoftTargetsError
 from softtargets.files import atomic_open, atomic_write_text, parse_json, read_small_text
-from softtargets.store.store import FORMAT, FORMAT_VERSION, _safetensors_header, fingerprint_module
+from softtargets.store.layout import safetensors_header
+from softtargets.store.store import FORMAT, FORMAT_VERSION, fingerprint_module
 
 
 @torch.no_grad()
@@ -244,16 +245,22 @@ class _StoreLayout:
         return 2 if self.dtype == torch.float16 else 4
 
     def header(self, metadata: dict[str, str] | None = None) -> bytes:
-        blob = _safetensors_header(
-            self.num_rows, self.num_classes, self.dtype, metadata or self.metadata
-        )
+        blob = self._header(metadata or self.metadata)
         if len(blob) != self.ids_at:
             raise SoftTargetsError("the store header changed length; label the data again")
         return blob
 
     @property
     def ids_at(self) -> int:
-        return len(_safetensors_header(self.num_rows, self.num_classes, self.dtype, self.metadata))
+        return len(self._header(self.metadata))
+
+    def _header(self, metadata: dict[str, str]) -> bytes:
+        """``ids (N,) int64`` then ``logits (N, K)``."""
+        entries = {
+            "ids": (torch.int64, (self.num_rows,)),
+            "logits": (self.dtype, (self.num_rows, self.num_classes)),
+        }
+        return safetensors_header(entries, metadata)[0]
 
     @property
     def size(self) -> int:
