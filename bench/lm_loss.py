@@ -108,6 +108,56 @@ def store_bytes_per_token(
     return store.bytes_per_token
 
 
+LABEL_CHILD = """
+import sys, tempfile, threading, torch
+from softtargets.data.sequences import blocks_of
+from softtargets.store.tokens import label_tokens
+from softtargets.training.gpt import gpt
+where, count = sys.argv[1], int(sys.argv[2])
+torch.manual_seed(0)
+tokens = torch.randint(0, 258, (count, 129), dtype=torch.int16)  # 258 bytes a block
+blocks = blocks_of(tokens, torch.zeros(count, dtype=torch.long), ("f",), 258)
+teacher = gpt(258, layers=1, heads=2, width=16, context=128)
+def anon():  # a mapped store's pages are the file's, not anonymous memory
+    line = next(l for l in open("/proc/self/status") if l.startswith("RssAnon:"))
+    return int(line.split()[1]) * 1024
+before = anon()
+peak, done = [before], threading.Event()
+def sample():
+    while not done.wait(0.005):
+        peak.append(anon())
+threading.Thread(target=sample, daemon=True).start()
+with tempfile.TemporaryDirectory() as tmp:
+    path = f"{tmp}/store.safetensors" if where == "file" else None
+    store = label_tokens(teacher, blocks, top=32, path=path)
+    done.set()
+    print((max(peak) - before) / 2**20, len(store) * store.bytes_per_token / 2**20)
+"""
+
+
+def label_peak_mb(counts: tuple[int, ...] = (2_000, 8_000)) -> dict[str, Any]:
+    """Peak anonymous memory of :func:`label_tokens` over ``count`` blocks of 128 (V = 258,
+    top-32), the store written to a file as it is labelled or kept in memory, each run in a
+    fresh process."""
+    value = {}
+    for count in counts:
+        for where in ("file", "memory"):
+            out = subprocess.run(
+                [sys.executable, "-c", LABEL_CHILD, where, str(count)],
+                check=True, capture_output=True, text=True,
+            )  # fmt: skip
+            peak, size = (float(x) for x in out.stdout.split())
+            value[f"{count:,} blocks, {where}"] = round(peak, 1)
+        value[f"{count:,} blocks, store MB"] = round(size, 1)
+    return {
+        "value": value,
+        "goal": "flat in N to a file",
+        "detail": "peak anonymous RSS (MB, sampled every 5 ms) of label_tokens over N blocks of "
+        "128 random tokens (V = 258, top-32, 1-layer gpt, batches of 8 blocks), the store "
+        "written to a file as it is labelled, or kept in memory; a fresh process each",
+    }
+
+
 def measure(quick: bool = False) -> dict[str, Any]:
     n, d = (2048, 256) if quick else (8192, 512)
     sizes = [(n, 32_000), (max(n // 4, 512), 128_000)]

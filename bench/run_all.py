@@ -26,6 +26,9 @@ because these machines are noisy: absolute seconds from different runs are not c
 | resume_overhead | a fit checkpointing after every epoch / without | <= 1.05 |
 | methods_epoch_ratio | each distillation method's stored-logit epoch / hard-label epoch | <= 1.3 each |
 | ddp_speedup_2proc | rows/s of an epoch on 2 torchrun processes / on 1 | >= 1.6 |
+| lm_loss_memory_ratio, lm_loss_time_ratio | the chunked language-model loss / the naive one | <= 0.2, <= 1.2 |
+| lm_store_bytes_per_token | a per-position top-32 store at V = 128,000 | <= 100 |
+| lm_label_peak_mb | peak memory of labelling N blocks' per-position store to a file, for two N | flat in N |
 """
 
 from __future__ import annotations
@@ -589,6 +592,7 @@ def main() -> None:
         "stream_peak_mb": lambda: stream_peak_mb(
             [1_000_000, 4_000_000] if not args.quick else [100_000, 400_000]
         ),
+        "lm_label_peak_mb": lm_loss.label_peak_mb,
         ("lm_loss_memory_ratio", "lm_loss_time_ratio", "lm_store_bytes_per_token"): lambda: tuple(
             lm_loss.measure(args.quick).values()
         ),

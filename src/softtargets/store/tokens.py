@@ -282,20 +282,37 @@ def label_tokens(
             rounds = -(-share // batch_blocks)
             _write(path, blocks, entries, metadata, batches, rounds)
             return TokenStore.load(path, blocks)
-        parts = [part for _, part in batches]
+        # this process's rows, allocated whole before labelling and filled batch by batch (small
+        # kept pieces between a batch's large temporaries fragmented the C heap: 2 GB at the
+        # peak for a 62 MB store, bench/lm_loss.py's label_peak_mb)
+        mine_entries = _row_entries(
+            len(mine), blocks.block_length, top, index_bits, code_bits, len(temperatures)
+        )
         local = {
-            name: torch.cat([torch.zeros((0, *shape[1:]), dtype=dtype)] + [p[name] for p in parts])
-            for name, (dtype, shape) in entries.items()
+            name: torch.empty(shape, dtype=dtype) for name, (dtype, shape) in mine_entries.items()
         }
+        for first, part in batches:
+            for name, rows in part.items():
+                at = _first_row(name, first - mine.start, blocks.block_length)
+                local[name][at : at + len(rows)] = rows
     finally:
         teacher.train(was_training)
     everyone = distributed.gather_to_all(local)  # every process's rows, in block order
-    whole = {name: torch.cat([rows[name] for rows in everyone]) for name in _ROW_PARTS}
+    whole = {
+        name: everyone[0][name] if len(everyone) == 1 else torch.cat([r[name] for r in everyone])
+        for name in _ROW_PARTS
+    }
     return TokenStore(
         blocks.block_ids.clone(), blocks.block_length, blocks.vocab_size, top, temperatures,
         code_bits, whole["steps"], index_bits, whole["packed_ids"], whole["packed_codes"],
         whole["largest"], whole["rest"], blocks.fingerprint, teacher_fingerprint,
     )  # fmt: skip
+
+
+def _first_row(part: str, first_block: int, block_length: int) -> int:
+    """Row of ``part`` where block ``first_block``'s rows start: a row per block for the code
+    steps, one per position for the rest."""
+    return first_block if part == "steps" else first_block * block_length
 
 
 def _labelled(
@@ -368,7 +385,7 @@ def _write(
                 for name, rows in part.items():
                     dtype, shape = entries[name]
                     row_bytes = torch.empty((), dtype=dtype).element_size() * math.prod(shape[1:])
-                    first_row = first if name == "steps" else first * blocks.block_length
-                    handle.seek(offsets[name] + first_row * row_bytes)
+                    at = _first_row(name, first, blocks.block_length)
+                    handle.seek(offsets[name] + at * row_bytes)
                     handle.write(rows.contiguous().numpy())
     distributed.barrier()
