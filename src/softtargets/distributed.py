@@ -122,13 +122,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def max_(value: torch.Tensor) -> torch.Tensor:
-    """``value``'s elementwise largest over the processes (in place; itself for one process)."""
-    if active():
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return value
-
-
 def sum_(value: torch.Tensor) -> torch.Tensor:
     """``value`` summed over the processes (in place; itself for one process)."""
     if active():
