@@ -16,11 +16,14 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from softtargets.store.tokens import CODE_BITS
+
+HERE = str(Path(__file__).resolve().parent)
 
 CHILD = """
 import sys, torch
@@ -109,7 +112,9 @@ def store_bytes_per_token(
 
 
 LABEL_CHILD = """
-import sys, tempfile, threading, torch
+import sys, tempfile, torch
+sys.path.insert(0, sys.argv[3])
+from anon_peak import AnonPeak
 from softtargets.data.sequences import blocks_of
 from softtargets.store.tokens import label_tokens
 from softtargets.training.gpt import gpt
@@ -118,20 +123,11 @@ torch.manual_seed(0)
 tokens = torch.randint(0, 258, (count, 129), dtype=torch.int16)  # 258 bytes a block
 blocks = blocks_of(tokens, torch.zeros(count, dtype=torch.long), ("f",), 258)
 teacher = gpt(258, layers=1, heads=2, width=16, context=128)
-def anon():  # a mapped store's pages are the file's, not anonymous memory
-    line = next(l for l in open("/proc/self/status") if l.startswith("RssAnon:"))
-    return int(line.split()[1]) * 1024
-before = anon()
-peak, done = [before], threading.Event()
-def sample():
-    while not done.wait(0.005):
-        peak.append(anon())
-threading.Thread(target=sample, daemon=True).start()
 with tempfile.TemporaryDirectory() as tmp:
     path = f"{tmp}/store.safetensors" if where == "file" else None
-    store = label_tokens(teacher, blocks, top=32, path=path)
-    done.set()
-    print((max(peak) - before) / 2**20, len(store) * store.bytes_per_token / 2**20)
+    with AnonPeak() as peak:  # a mapped store's pages are the file's, not anonymous memory
+        store = label_tokens(teacher, blocks, top=32, path=path)
+    print(peak.bytes / 2**20, len(store) * store.bytes_per_token / 2**20)
 """
 
 
@@ -143,7 +139,7 @@ def label_peak_mb(counts: tuple[int, ...] = (2_000, 8_000)) -> dict[str, Any]:
     for count in counts:
         for where in ("file", "memory"):
             out = subprocess.run(
-                [sys.executable, "-c", LABEL_CHILD, where, str(count)],
+                [sys.executable, "-c", LABEL_CHILD, where, str(count), HERE],
                 check=True, capture_output=True, text=True,
             )  # fmt: skip
             peak, size = (float(x) for x in out.stdout.split())

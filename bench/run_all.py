@@ -429,31 +429,22 @@ def stored_vs_hard_epoch_k1000(repeats: int) -> dict[str, Any]:
 
 
 DISTILL_MEMORY_CHILD = """
-import sys, threading, torch
+import sys, torch
 sys.path.insert(0, sys.argv[2])
+from anon_peak import AnonPeak
 from run_all import many_class_data
 from softtargets.training.models import build_model
 from softtargets.store.store import SoftTargetStore
 from softtargets.training.objectives import Distillation
 from softtargets.training.fit import fit
-def anon():  # bytes of anonymous memory; the loaded store's pages are the file's (safetensors maps
-    # it), counted in RSS only while resident, which made VmHWM vary from 0.2 to 1.3 store sizes
-    line = next(l for l in open("/proc/self/status") if l.startswith("RssAnon:"))
-    return int(line.split()[1]) * 1024
 data, store = many_class_data(100_000, 1000)
 store.save(sys.argv[1])
 del store
 store = SoftTargetStore.load(sys.argv[1], data=data)  # as a user would: from the file
 student = build_model("mlp", (40,), 1000, seed=0, hidden=[100])
-before = anon()
-peak, done = [before], threading.Event()
-def sample():
-    while not done.wait(0.005):
-        peak.append(anon())
-threading.Thread(target=sample, daemon=True).start()
-fit(student, data, Distillation(store, 4.0, 0.9), epochs=1, batch_size=256, lr=1e-2)
-done.set()
-print((max(peak) - before) / store.logits.numel() / store.logits.element_size())
+with AnonPeak() as peak:  # the loaded store's pages are the file's (safetensors maps it)
+    fit(student, data, Distillation(store, 4.0, 0.9), epochs=1, batch_size=256, lr=1e-2)
+print(peak.bytes / store.logits.numel() / store.logits.element_size())
 """
 
 
@@ -503,7 +494,9 @@ def stream_vs_memory_epoch(train: Dataset, repeats: int) -> dict[str, Any]:
 
 
 STREAM_CHILD = """
-import sys, threading, time, numpy as np, torch
+import sys, numpy as np, torch
+sys.path.insert(0, sys.argv[3])
+from anon_peak import AnonPeak
 from softtargets.training.models import build_model
 from softtargets.data.streams import ArrayRows
 from softtargets.training.fit import fit
@@ -515,18 +508,10 @@ for start in range(0, rows, 1 << 18):  # written in chunks: never all in memory
 x.flush()
 del x
 np.save(f"{folder}/y.npy", np.arange(rows) % 10)
-def anon():  # anonymous memory only: mapped file pages are the page cache's, reclaimable
-    line = next(l for l in open("/proc/self/status") if l.startswith("RssAnon:"))
-    return int(line.split()[1]) / 1024
-peak, done = [anon()], threading.Event()
-def sample():
-    while not done.wait(0.01):
-        peak.append(anon())
-threading.Thread(target=sample, daemon=True).start()
-data = ArrayRows(f"{folder}/x.npy", f"{folder}/y.npy")
-fit(build_model("mlp", (40,), 10, seed=0, hidden=[32]), data, epochs=1, batch_size=1024)
-done.set()
-print(max(peak))
+with AnonPeak(0.01) as peak:  # mapped file pages are the page cache's, reclaimable
+    data = ArrayRows(f"{folder}/x.npy", f"{folder}/y.npy")
+    fit(build_model("mlp", (40,), 10, seed=0, hidden=[32]), data, epochs=1, batch_size=1024)
+print(peak.total / 2**20)
 """
 
 
@@ -534,7 +519,7 @@ def stream_peak_mb(sizes: list[int]) -> dict[str, Any]:
     peaks = {}
     for rows in sizes:
         with tempfile.TemporaryDirectory() as tmp:
-            peaks[f"{rows:,} rows"] = round(run_child(STREAM_CHILD, str(rows), tmp), 1)
+            peaks[f"{rows:,} rows"] = round(run_child(STREAM_CHILD, str(rows), tmp, HERE), 1)
     return {
         "value": peaks,
         "goal": "flat in rows",

@@ -120,20 +120,9 @@ def test_a_text_run_on_two_processes_writes_the_one_process_run(tmp_path, corpus
     )
 
 
-def _same_store(path_a, path_b) -> None:
-    import torch
-
-    from softtargets.store.tokens import TokenStore
-
-    a, b = TokenStore.load(path_a), TokenStore.load(path_b)
-    assert (a.top, a.temperatures, a.blocks_fingerprint, a.teacher_fingerprint) == (
-        b.top, b.temperatures, b.blocks_fingerprint, b.teacher_fingerprint
-    )  # fmt: skip
-    for part in ("block_ids", "steps", "packed_ids", "packed_codes", "largest", "rest"):
-        assert torch.equal(getattr(a, part), getattr(b, part)), part
-
-
-def test_label_on_text_writes_the_runs_store_on_one_or_two_processes(tmp_path, corpus) -> None:
+def test_label_on_text_writes_the_runs_store_on_one_or_two_processes(
+    tmp_path, corpus, same_token_store
+) -> None:
     run = tmp_path / "run"
     _distill("--data", corpus, "--teacher-epochs", "1", "--store-temperatures", "2,4",
              "--temperature", "4", "--out", run)  # fmt: skip
@@ -148,5 +137,5 @@ def test_label_on_text_writes_the_runs_store_on_one_or_two_processes(tmp_path, c
         )  # fmt: skip
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         assert "distill --block-length 16 --store" in " ".join(done.stdout.split())
-    _same_store(tmp_path / "one.safetensors", run / "store.safetensors")
-    _same_store(tmp_path / "two.safetensors", run / "store.safetensors")
+    same_token_store(tmp_path / "one.safetensors", run / "store.safetensors")
+    same_token_store(tmp_path / "two.safetensors", run / "store.safetensors")

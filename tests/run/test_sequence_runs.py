@@ -271,7 +271,9 @@ def test_bad_text_labelling_is_one_line_and_writes_nothing(tmp_path, corpus, cha
     assert not out.exists()
 
 
-def test_stream_reads_the_corpus_from_a_token_file_to_the_same_run(tmp_path, corpus, monkeypatch):
+def test_stream_reads_the_corpus_from_a_token_file_to_the_same_run(
+    tmp_path, corpus, monkeypatch, same_token_store
+):
     for part in corpus.iterdir():  # 5 files of about 4 kB: 160 kB as int64 blocks in memory
         part.write_text(part.read_text() * 10, encoding="utf-8")
     memory, streamed = tmp_path / "memory", tmp_path / "streamed"
@@ -305,20 +307,7 @@ def test_stream_reads_the_corpus_from_a_token_file_to_the_same_run(tmp_path, cor
         "large.safetensors",
         "memory.safetensors",
     ]  # no token file left beside them
-    _same_store(tmp_path / "large.safetensors", tmp_path / "memory.safetensors")
-
-
-def _same_store(path_a, path_b) -> None:
-    import torch
-
-    from softtargets.store.tokens import TokenStore
-
-    a, b = TokenStore.load(path_a), TokenStore.load(path_b)
-    assert (a.top, a.temperatures, a.blocks_fingerprint, a.teacher_fingerprint) == (
-        b.top, b.temperatures, b.blocks_fingerprint, b.teacher_fingerprint
-    )  # fmt: skip
-    for part in ("block_ids", "steps", "packed_ids", "packed_codes", "largest", "rest"):
-        assert torch.equal(getattr(a, part), getattr(b, part)), part
+    same_token_store(tmp_path / "large.safetensors", tmp_path / "memory.safetensors")
 
 
 def test_the_runs_language_model_student_is_named_served_and_exported(tmp_path, corpus) -> None:
