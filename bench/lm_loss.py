@@ -154,6 +154,39 @@ def label_peak_mb(counts: tuple[int, ...] = (2_000, 8_000)) -> dict[str, Any]:
     }
 
 
+def resume_overhead(repeats: int = 6, blocks: int = 200) -> dict[str, Any]:
+    """Whole ``fit_lm`` time with a checkpoint after every epoch / without, for the language-model
+    demo's teacher (gpt, 4 layers, width 128: 13.5 MB of weights and AdamW state a checkpoint),
+    interleaved."""
+    import tempfile
+
+    from softtargets.data.sequences import ByteTokenizer, pack_blocks, read_corpus, stdlib_files
+    from softtargets.training.gpt import gpt
+    from softtargets.training.lm import fit_lm
+
+    corpus = pack_blocks(read_corpus(stdlib_files(8)), 128, ByteTokenizer().vocab_size)
+    train, val = corpus.take(torch.arange(blocks)), corpus.take(torch.arange(blocks, blocks + 40))
+    ratios = []
+    for r in range(repeats):
+        timed = {}
+        for checkpointed in (False, True) if r % 2 == 0 else (True, False):  # either goes first
+            torch.manual_seed(r)
+            model = gpt(258, layers=4, width=128, context=128)
+            with tempfile.TemporaryDirectory() as tmp:
+                start = time.perf_counter()
+                fit_lm(model, train, val, None, epochs=3, seed=r,
+                       checkpoint=f"{tmp}/fit.ckpt" if checkpointed else None)  # fmt: skip
+                timed[checkpointed] = time.perf_counter() - start
+        ratios.append(timed[True] / timed[False])
+    return {
+        "value": round(statistics.median(ratios), 3),
+        "goal": "<= 1.05",
+        "detail": f"fit_lm of 3 epochs, gpt 4 x 128 on {blocks} blocks of 128 bytes of the "
+        "standard library's sources, a checkpoint after every epoch / none; median of "
+        f"{repeats}",
+    }
+
+
 def measure(quick: bool = False) -> dict[str, Any]:
     n, d = (2048, 256) if quick else (8192, 512)
     sizes = [(n, 32_000), (max(n // 4, 512), 128_000)]

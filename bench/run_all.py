@@ -29,6 +29,7 @@ because these machines are noisy: absolute seconds from different runs are not c
 | lm_loss_memory_ratio, lm_loss_time_ratio | the chunked language-model loss / the naive one | <= 0.2, <= 1.2 |
 | lm_store_bytes_per_token | a per-position top-32 store at V = 128,000 | <= 100 |
 | lm_label_peak_mb | peak memory of labelling N blocks' per-position store to a file, for two N | flat in N |
+| lm_resume_overhead | a language-model fit checkpointing after every epoch / without | <= 1.05 |
 """
 
 from __future__ import annotations
@@ -578,6 +579,7 @@ def main() -> None:
             [1_000_000, 4_000_000] if not args.quick else [100_000, 400_000]
         ),
         "lm_label_peak_mb": lm_loss.label_peak_mb,
+        "lm_resume_overhead": lm_loss.resume_overhead,
         ("lm_loss_memory_ratio", "lm_loss_time_ratio", "lm_store_bytes_per_token"): lambda: tuple(
             lm_loss.measure(args.quick).values()
         ),
