@@ -28,6 +28,7 @@ from softtargets.run.sequence_data import (
     is_sequence_job,
     load_sequence_splits,
     reads_from_token_file,
+    text_tokenizer,
     with_sequence_models,
 )
 from softtargets.run.sequences import build_lm
@@ -118,6 +119,7 @@ def _label_sequences(
     config = with_sequence_models(config)
     out.parent.mkdir(parents=True, exist_ok=True)
     check_writable(out)  # never through a link planted where the store goes
+    _check_top(config.store_top if top_k is None else top_k, text_tokenizer(config).vocab_size)
     if not reads_from_token_file(config):
         return _label_blocks(config, load_sequence_splits(config).train, out, top_k, log)
     # a fresh softtargets temporary's name (rank 0's, for every process): ours to remove
@@ -134,6 +136,14 @@ def _label_sequences(
             token_file.unlink(missing_ok=True)
 
 
+def _check_top(top: int, vocab_size: int) -> None:
+    """Refuse a ``--top-k`` the vocabulary cannot have, before the corpus is read."""
+    if not 1 <= top < vocab_size:
+        raise SoftTargetsError(
+            f"--top-k must be from 1 to {vocab_size - 1} (the vocabulary has {vocab_size} tokens)"
+        )
+
+
 def _label_blocks(
     config: DistillConfig,
     train: Blocks,
@@ -145,11 +155,6 @@ def _label_blocks(
     # the store serves distillation at each of these (default: the config's temperature)
     temperatures = tuple(config.store_temperatures or [config.temperature])
     top = config.store_top if top_k is None else top_k
-    if not 1 <= top < train.vocab_size:
-        raise SoftTargetsError(
-            f"--top-k must be from 1 to {train.vocab_size - 1} (the vocabulary has "
-            f"{train.vocab_size} tokens)"
-        )
     teacher = build_lm(config.teacher, train, config.first_seed, "teacher")
     if config.teacher.weights is not None:  # (an hf: folder's weights came with it)
         load_into(teacher, config.teacher.weights, "teacher")
