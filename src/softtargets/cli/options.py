@@ -123,8 +123,9 @@ Stream = Annotated[
     bool | None,
     typer.Option(
         "--stream",
-        help="Read --data lazily: an image folder (images opened as needed) or a memory-mapped "
-        ".npy (labels in its last column, or --label-column 0).",
+        help="Read --data lazily: an image folder (images opened as needed), a memory-mapped "
+        ".npy (labels in its last column, or --label-column 0), or text with --block-length "
+        "(tokenised once into a token file, read as batches need it).",
     ),
 ]
 
