@@ -15,13 +15,19 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from softtargets.store.tokens import CODE_BITS
+from softtargets.data.sequences import ByteTokenizer, pack_blocks, read_corpus, stdlib_files
+from softtargets.losses.chunked import chunked_distillation_loss
+from softtargets.losses.reference import method_loss
+from softtargets.store.tokens import CODE_BITS, TokenStore, pack_bits
+from softtargets.training.gpt import gpt
+from softtargets.training.lm import fit_lm
 
 HERE = str(Path(__file__).resolve().parent)
 
@@ -60,8 +66,6 @@ def peak_mb(kind: str, n: int, d: int, v: int) -> float:
 
 
 def seconds(n: int, d: int, v: int, repeats: int = 3) -> dict[str, float]:
-    from softtargets.losses.chunked import chunked_distillation_loss
-    from softtargets.losses.reference import method_loss
 
     torch.manual_seed(0)
     hidden = torch.randn(n, d, requires_grad=True)
@@ -96,7 +100,6 @@ def store_bytes_per_token(
 ) -> float:
     """The per-position store's size at ``vocab`` and ``top`` (its layout, computed) for a
     training split of ``blocks`` blocks whose ids fall in ``runs`` runs (files split apart)."""
-    from softtargets.store.tokens import CODE_BITS, TokenStore, pack_bits
 
     n = blocks * block
     bits = max(1, (vocab - 1).bit_length())
@@ -158,11 +161,6 @@ def resume_overhead(repeats: int = 6, blocks: int = 200) -> dict[str, Any]:
     """Whole ``fit_lm`` time with a checkpoint after every epoch / without, for the language-model
     demo's teacher (gpt, 4 layers, width 128: 13.5 MB of weights and AdamW state a checkpoint),
     interleaved."""
-    import tempfile
-
-    from softtargets.data.sequences import ByteTokenizer, pack_blocks, read_corpus, stdlib_files
-    from softtargets.training.gpt import gpt
-    from softtargets.training.lm import fit_lm
 
     corpus = pack_blocks(read_corpus(stdlib_files(8)), 128, ByteTokenizer().vocab_size)
     train, val = corpus.take(torch.arange(blocks)), corpus.take(torch.arange(blocks, blocks + 40))

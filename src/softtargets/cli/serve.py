@@ -120,15 +120,16 @@ def _continue(saved: SavedModel, prompt: str, tokens: int, temperature: float, s
 def _score(saved: SavedModel, data: Path) -> str:
     """CSV: each text file of ``data`` (a file or a folder's files), its tokens and bits per
     token under the saved language model."""
-    from softtargets.run.export import score_text
+    from softtargets.run.export import score_text, text_reader
     from softtargets.run.sequence_data import text_files
 
     unit = "byte" if saved.language_model and saved.language_model["unit"] == "byte" else "token"
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["file", "tokens", f"bits_per_{unit}"])
+    reader = text_reader(saved)  # a tokenizer folder is read once, not per file
     for path in text_files(data):
-        count, bits = score_text(saved, path)
+        count, bits = score_text(saved, path, reader)
         writer.writerow([str(path), count, f"{bits:.6g}"])
     return buffer.getvalue()
 

@@ -70,6 +70,7 @@ from softtargets.run.teacher import (
     forget_unfinished,
     hard_targets,
     history_path,
+    name_student_checkpoints,
     prepare,
     teacher_in,
 )
@@ -235,13 +236,8 @@ def _fit_students(
     result and epoch record; the list holds them all on rank 0 (none elsewhere)."""
     if not distributed.active():
         return _fit_students_here(config, part, pending, key, folder, progress, log)
-    # spread() deals out rank 0's pending fits (what it read from results.jsonl); rank 0 names
-    # every checkpoint in the manifest before any process writes one
-    every = config.student_training.checkpoint_every
-    if folder.writer and every:
-        for method, seed in pending:
-            folder.path(checkpoint_name((key, "student", method, seed)))
-    distributed.barrier()
+    # spread() deals out rank 0's pending fits (what it read from results.jsonl)
+    name_student_checkpoints(folder, config.student_training.checkpoint_every, key, pending)
     gathered = distributed.spread(
         pending, lambda mine: _fit_students_here(config, part, mine, key, folder, progress, log)
     )

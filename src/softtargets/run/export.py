@@ -50,12 +50,14 @@ def text_reader(saved: SavedModel) -> ByteTokenizer | SavedTokenizer:
     return ByteTokenizer() if folder is None else SavedTokenizer(folder)
 
 
-def text_blocks(saved: SavedModel, path: str | Path) -> Tensor:
+def text_blocks(saved: SavedModel, path: str | Path, reader: Any = None) -> Tensor:
     """``(N, L + 1)`` token ids of a text file in the saved language model's blocks (its block
-    length; the tail shorter than a block dropped); a file shorter than a block is one line."""
+    length; the tail shorter than a block dropped); a file shorter than a block is one line.
+    ``reader``: its :func:`text_reader`, when the caller holds it (a tokenizer folder is read
+    once for many files)."""
     assert saved.language_model is not None
     length = int(saved.language_model["block_length"])
-    windows = file_windows(read_file_ids(path, text_reader(saved)), length)
+    windows = file_windows(read_file_ids(path, reader or text_reader(saved)), length)
     if not len(windows):
         raise SoftTargetsError(
             f"{path} is shorter than one block of {length} tokens; give more text"
@@ -63,9 +65,10 @@ def text_blocks(saved: SavedModel, path: str | Path) -> Tensor:
     return windows
 
 
-def score_text(saved: SavedModel, path: str | Path) -> tuple[int, float]:
-    """``(tokens, bits per token)``: the saved language model's next-token loss on a text file."""
-    windows = text_blocks(saved, path)
+def score_text(saved: SavedModel, path: str | Path, reader: Any = None) -> tuple[int, float]:
+    """``(tokens, bits per token)``: the saved language model's next-token loss on a text file
+    (``reader`` as :func:`text_blocks` takes it)."""
+    windows = text_blocks(saved, path, reader)
     one_file = torch.zeros(len(windows), dtype=torch.long)
     blocks = blocks_of(windows, one_file, (str(path),), int(saved.language_model["vocab_size"]))
     return blocks.positions, next_token_loss(saved.model, blocks) / math.log(2)

@@ -119,16 +119,18 @@ def _label_sequences(
     config = with_sequence_models(config)
     out.parent.mkdir(parents=True, exist_ok=True)
     check_writable(out)  # never through a link planted where the store goes
-    _check_top(config.store_top if top_k is None else top_k, text_tokenizer(config).vocab_size)
+    tokenizer = text_tokenizer(config)  # read once: for --top-k, then for the corpus
+    _check_top(config.store_top if top_k is None else top_k, tokenizer.vocab_size)
     if not reads_from_token_file(config):
-        return _label_blocks(config, load_sequence_splits(config).train, out, top_k, log)
+        train = load_sequence_splits(config, tokenizer=tokenizer).train
+        return _label_blocks(config, train, out, top_k, log)
     # a fresh softtargets temporary's name (rank 0's, for every process): ours to remove
     token_file = out.parent / distributed.share_from_main(
         f".{out.name}.softtargets-{os.getpid()}-tokens.tmp"
     )
     log(f"reading the corpus from a token file, {token_file.name}, while labelling")
     try:
-        train = load_sequence_splits(config, token_file).train
+        train = load_sequence_splits(config, token_file, tokenizer).train
         return _label_blocks(config, train, out, top_k, log)
     finally:
         distributed.barrier()  # every process is done with the token file

@@ -151,9 +151,12 @@ def text_tokenizer(config: DistillConfig) -> ByteTokenizer | SavedTokenizer:
     return SavedTokenizer(tokenizer_folder(config))
 
 
-def load_sequence_splits(config: DistillConfig, token_file: Path | None = None) -> SequenceSplits:
-    """Read, tokenise (:func:`text_tokenizer`), pack and split the corpus; one-line errors for
-    what cannot be (not UTF-8, shorter than a block, too few files to split).
+def load_sequence_splits(
+    config: DistillConfig, token_file: Path | None = None, tokenizer: Any = None
+) -> SequenceSplits:
+    """Read, tokenise (:func:`text_tokenizer`, or ``tokenizer`` when the caller has loaded it),
+    pack and split the corpus; one-line errors for what cannot be (not UTF-8, shorter than a
+    block, too few files to split).
 
     In memory, unless ``token_file`` is given (``--stream``, corpora larger than memory): then the
     files are tokenised one at a time into that file (by rank 0 under torchrun) and mapped back.
@@ -164,7 +167,7 @@ def load_sequence_splits(config: DistillConfig, token_file: Path | None = None) 
             "language modelling holds out whole files of the corpus as its test set; leave out "
             "--test-data"
         )
-    tokenizer = text_tokenizer(config)
+    tokenizer = tokenizer or text_tokenizer(config)
     assert data.block_length is not None
     files = corpus_files(config)
     if token_file is not None:

@@ -39,7 +39,12 @@ from softtargets.run.deployment import language_model_rows
 from softtargets.run.folder import RunFolder, config_key, fit_records, settings_key
 from softtargets.run.sequence_data import BITS, SequenceSplits
 from softtargets.run.students import BEST, name_best_language_model, save_student
-from softtargets.run.teacher import checkpoint_name, is_pretrained, pretrained_weights
+from softtargets.run.teacher import (
+    checkpoint_name,
+    is_pretrained,
+    name_student_checkpoints,
+    pretrained_weights,
+)
 from softtargets.store.tokens import TokenStore, label_tokens
 from softtargets.training.checkpoint import saved_epoch
 from softtargets.training.common import resolve_device
@@ -296,10 +301,7 @@ def _students(
     pending = [(m, s) for s in seeds for m in methods if (m, s) not in done]
     if len(pending) < len(methods) * len(seeds):
         log(f"students: {len(methods) * len(seeds) - len(pending)} fits kept from a previous run")
-    if config.student_training.checkpoint_every:  # every name in the manifest before any is written
-        for method, seed in pending:
-            folder.path(checkpoint_name((key, "student", method, seed)))
-    distributed.barrier()
+    name_student_checkpoints(folder, config.student_training.checkpoint_every, key, pending)
 
     def fit_each(mine: list[tuple[str, int]]) -> list[tuple[dict[str, Any], Any]]:
         """Fit this process's students; rank 0 saves its own as they finish, the others hand

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from softtargets import distributed
 from softtargets.config import DistillConfig, dump_config
 from softtargets.data.dataset import Dataset, Splits
 from softtargets.data.fingerprint import labels_fingerprint
@@ -162,6 +163,18 @@ def checkpoint_name(identity: tuple) -> str:
     """The run folder's checkpoint file of the fit ``(key, role, method, seed)``."""
     key, role, method, seed = identity
     return f"{role}-{method}-seed{seed}-{key}.ckpt"
+
+
+def name_student_checkpoints(
+    folder: RunFolder, every: int, key: str, pending: list[tuple[str, int]]
+) -> None:
+    """Before a sweep is spread over the processes: rank 0 names every pending student's
+    checkpoint in the manifest (none when ``every`` is 0), and all wait, so that no process
+    writes one the manifest does not list."""
+    if folder.writer and every:
+        for method, seed in pending:
+            folder.path(checkpoint_name((key, "student", method, seed)))
+    distributed.barrier()
 
 
 def checkpoint_args(folder: RunFolder, every: int, identity: tuple) -> dict[str, Any]:
