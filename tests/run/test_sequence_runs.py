@@ -377,3 +377,33 @@ def test_store_top_0_keeps_no_store_and_runs_the_teacher_on_every_batch(tmp_path
     hard = [next(r for r in _records(out) if r["method"] == "hard") for out in (stored, online)]
     assert hard[0]["test_loss"] == hard[1]["test_loss"]
     assert kd[0]["test_loss"] != kd[1]["test_loss"]
+
+
+def test_prompt_completion_examples_distil_and_score_on_their_completions(tmp_path) -> None:
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+    lines = [json.dumps({"prompt": f"reverse {words[i % 6]} {words[(i + 1) % 6]}:",
+                         "completion": f" {words[(i + 1) % 6]} {words[i % 6]}"})
+             for i in range(30)]  # fmt: skip
+    data = tmp_path / "examples.jsonl"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "run"
+    args = [a if a != "16" else "48" for a in TINY]  # a block holds a whole example
+    made = runner.invoke(app, ["distill", "--data", str(data), *args, "--seeds", "1",
+                               "--out", str(out)])  # fmt: skip
+    assert made.exit_code == 0, made.output
+    assert "30 examples" in made.output and "held-out examples" in made.output
+    report = (out / "report.md").read_text()
+    assert "split by\nexample" in report and "completion's tokens only" in report
+    teacher = next(r for r in _records(out) if r["role"] == "teacher")
+    from softtargets.config import DistillConfig, load_config
+    from softtargets.run.sequence_data import load_sequence_splits
+
+    test = load_sequence_splits(load_config(DistillConfig, out / "config.yaml")).test
+    # bits over the completions: each is its words, a space and <eos>, never the prompt
+    completions = [json.loads(lines[int(test.files[i].rsplit(":", 1)[1]) - 1])["completion"]
+                   for i in test.file_index.tolist()]  # fmt: skip
+    assert teacher["test_tokens"] == sum(len(c) + 1 for c in completions)
+    scored = runner.invoke(app, ["predict", "--model", str(out), "--data", str(data)])
+    assert scored.exit_code == 0, scored.output
+    _, tokens, _ = scored.output.strip().splitlines()[1].split(",")
+    assert int(tokens) == sum(len(json.loads(line)["completion"]) + 1 for line in lines)

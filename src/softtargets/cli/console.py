@@ -165,7 +165,9 @@ def print_outcome(outcome: Any) -> None:
     from softtargets.run.sequence_report import SequenceOutcome, sequence_header, sequence_rows
 
     if isinstance(outcome, SequenceOutcome):  # a language model: bits per byte
-        table = Table(title="held-out files: mean ± 95% CI over seeds", title_justify="left")
+        table = Table(
+            title=f"held-out {outcome.split_unit}s: mean ± 95% CI over seeds", title_justify="left"
+        )
         for column in sequence_header(outcome.unit):
             table.add_column(column, justify="left" if column in ("model", "targets") else "right")
         for row in sequence_rows(outcome):

@@ -231,7 +231,7 @@ def _language_model_rows(saved: SavedModel, run: Path | None, data: Path | None)
     from softtargets.run.export import text_blocks
 
     if data is not None:
-        return text_blocks(saved, data)[:16, :-1]
+        return text_blocks(saved, data).batch(slice(0, 16))[:, :-1]
     if run is None or not (run / "config.yaml").is_file():
         raise SoftTargetsError("give --data FILE: text to check the export on")
     from softtargets.config import DistillConfig, load_config

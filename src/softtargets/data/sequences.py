@@ -11,8 +11,13 @@ exact: no file has rows in two parts.
 | :class:`ByteTokenizer` | UTF-8 bytes as tokens 0-255, plus ``<eos>`` and ``<pad>``: needs nothing installed |
 | :func:`read_corpus` | text files (UTF-8, checked) -> token ids per file, ``<eos>`` after each |
 | :func:`pack_blocks` | ids per file -> ``(blocks, block_length + 1)`` windows (inputs and next tokens), in memory |
-| :func:`pack_to_file` | text files -> the same blocks in a token file on disk, tokenised a file at a time and mapped back (corpora larger than memory) |
-| :func:`split_by_file` | a seeded split of the files, then their blocks |
+| :class:`Piece`, :func:`blocks_in_memory`, :func:`blocks_to_file` | one file's (or one example's) windows -> blocks in memory, or in a token file on disk mapped back (corpora larger than memory) |
+| :func:`pack_to_file` | text files -> their blocks in a token file, tokenised a file at a time |
+| :func:`split_by_file` | a seeded split of the files (or examples), then their blocks |
+
+Prompt / completion examples (:mod:`softtargets.data.examples`) are pieces too: one block each,
+padded, with the span of positions that predict the completion (:attr:`Blocks.spans`); the
+positions outside it (prompt and padding) are masked out of every loss.
 | :func:`stdlib_files` | a fixed, seeded selection of the Python standard library's own source files |
 """
 
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import sysconfig
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -59,8 +64,11 @@ class Blocks:
             rows without copying tokens).
         block_ids: ``(num_blocks,)`` int64 stable ids (positions in the whole packed corpus).
         file_index: ``(num_blocks,)`` int64, the file each block came from (into ``files``).
-        files: the source files' names, in corpus order.
+        files: the source files' names, in corpus order (for examples: ``FILE:LINE`` each).
         vocab_size: the tokenizer's vocabulary size.
+        spans: ``(num_blocks, 2)`` int64 ``[first, stop)`` of the positions that count in each
+            block (prompt / completion examples: the positions predicting the completion), or
+            ``None``: every position counts (packed text).
     """
 
     storage: Tensor
@@ -69,6 +77,7 @@ class Blocks:
     file_index: Tensor
     files: tuple[str, ...]
     vocab_size: int
+    spans: Tensor | None = None
 
     @property
     def block_length(self) -> int:
@@ -79,8 +88,19 @@ class Blocks:
 
     @property
     def positions(self) -> int:
-        """Predicted positions in all the blocks (``len(self) * block_length``)."""
-        return len(self) * self.block_length
+        """Positions that count in all the blocks (``len(self) * block_length`` without spans)."""
+        if self.spans is None:
+            return len(self) * self.block_length
+        return int((self.spans[:, 1] - self.spans[:, 0]).sum())
+
+    def mask(self, which: Tensor | slice) -> Tensor | None:
+        """``(k, block_length)`` bool, the positions that count in the blocks ``which``, or
+        ``None`` when every position does."""
+        if self.spans is None:
+            return None
+        spans = self.spans[which]
+        positions = torch.arange(self.block_length)[None, :]
+        return (positions >= spans[:, :1]) & (positions < spans[:, 1:])
 
     def batch(self, which: Tensor | slice) -> Tensor:
         """``(k, block_length + 1)`` int64 ids of the blocks ``which`` (indices or a slice into
@@ -103,7 +123,7 @@ class Blocks:
         """The blocks at positions ``rows`` (their ids and files kept; no tokens copied)."""
         return Blocks(
             self.storage, self.rows[rows], self.block_ids[rows], self.file_index[rows],
-            self.files, self.vocab_size,
+            self.files, self.vocab_size, None if self.spans is None else self.spans[rows],
         )  # fmt: skip
 
     @cached_property
@@ -114,6 +134,8 @@ class Blocks:
         for start in range(0, len(self), FINGERPRINT_BLOCKS):
             digest.update(self.batch(slice(start, start + FINGERPRINT_BLOCKS)).numpy().tobytes())
         digest.update(self.block_ids.numpy().tobytes())
+        if self.spans is not None:  # the same tokens with other prompts are other data
+            digest.update(self.spans.numpy().tobytes())
         return digest.hexdigest()[:16]
 
 
@@ -150,45 +172,113 @@ def file_windows(ids: Sequence[int] | Tensor, block_length: int) -> Tensor:
     return ids_t[: count * block_length + 1].unfold(0, block_length + 1, block_length)
 
 
+@dataclass(frozen=True)
+class Piece:
+    """One unit of a corpus, as packing takes it: a text file's windows, or one example's.
+
+    Attributes:
+        name: the file's name (an example's ``FILE:LINE``).
+        windows: ``(count, block_length + 1)`` int64 token ids (:func:`file_windows`).
+        tokens: how many tokens it had (for the message when no piece fills a block).
+        spans: ``(count, 2)`` int64, each window's positions that count, or ``None`` for all.
+    """
+
+    name: str
+    windows: Tensor
+    tokens: int
+    spans: Tensor | None = None
+
+
+def text_pieces(paths: Iterable[str | Path], tokenizer: Any, block_length: int) -> Iterator[Piece]:
+    """Each text file's windows, tokenised one file at a time."""
+    for path in paths:
+        ids = read_file_ids(path, tokenizer)
+        yield Piece(str(path), file_windows(ids, block_length), len(ids))
+
+
 def pack_blocks(
     corpus: Sequence[tuple[str, list[int]]], block_length: int, vocab_size: int
 ) -> Blocks:
     """Cut each file's ids into blocks (:func:`file_windows`), in memory."""
-    if block_length < 1:
-        raise SoftTargetsError(f"the block length must be at least 1, got {block_length}")
+    _check_length(block_length)
     total = sum(max(0, (len(ids) - 1) // block_length) for _, ids in corpus)
     check_budget(
         8 * total * (block_length + 1), f"{total:,} blocks of {block_length} tokens",
         "pass --stream (a token file on disk)",
     )  # fmt: skip
-    windows = [file_windows(ids, block_length) for _, ids in corpus]
+    pieces = (Piece(n, file_windows(ids, block_length), len(ids)) for n, ids in corpus)
+    return blocks_in_memory(pieces, block_length, vocab_size)
+
+
+def blocks_in_memory(pieces: Iterable[Piece], block_length: int, vocab_size: int) -> Blocks:
+    """The pieces' windows as blocks in memory (refused, as they come, beyond the budget)."""
+    _check_length(block_length)
+    windows: list[Tensor] = []
+    spans: list[Tensor | None] = []
+    names: list[str] = []
+    lengths: list[int] = []
+    held = 0
+    for piece in pieces:
+        held += piece.windows.numel() * 8
+        check_budget(held, f"the blocks read so far ({held >> 20:,} MB)", "pass --stream")
+        windows.append(piece.windows)
+        spans.append(piece.spans)
+        names.append(piece.name)
+        lengths.append(piece.tokens)
     owners = [torch.full((len(w),), i, dtype=torch.long) for i, w in enumerate(windows)]
-    _check_some(total, [len(ids) for _, ids in corpus], block_length)
-    return blocks_of(torch.cat(windows), torch.cat(owners), tuple(n for n, _ in corpus), vocab_size)
+    _check_some(sum(map(len, owners)), lengths, block_length)
+    return blocks_of(
+        torch.cat(windows), torch.cat(owners), tuple(names), vocab_size, _joined(spans)
+    )
+
+
+def blocks_to_file(
+    pieces: Iterable[Piece], block_length: int, vocab_size: int, path: str | Path
+) -> Blocks:
+    """Write the pieces' windows to the token file ``path`` (:func:`token_dtype` ids, atomically)
+    as they come, then map it back (:func:`map_token_file`): the blocks are read from disk as
+    batches need them, so the corpus may be larger than memory."""
+    _check_length(block_length)
+    dtype = token_dtype(vocab_size)
+    owners: list[Tensor] = []
+    spans: list[Tensor | None] = []
+    names: list[str] = []
+    lengths: list[int] = []
+    with atomic_open(path, "wb") as handle:
+        for index, piece in enumerate(pieces):
+            handle.write(piece.windows.to(dtype).numpy().tobytes())
+            owners.append(torch.full((len(piece.windows),), index, dtype=torch.long))
+            spans.append(piece.spans)
+            names.append(piece.name)
+            lengths.append(piece.tokens)
+    _check_some(sum(map(len, owners)), lengths, block_length)
+    return map_token_file(
+        path, block_length, torch.cat(owners), tuple(names), vocab_size, _joined(spans)
+    )
 
 
 def pack_to_file(
     paths: Sequence[str | Path], tokenizer: Any, block_length: int, path: str | Path
 ) -> Blocks:
     """Tokenise the text files one at a time and write their blocks to the token file ``path``
-    (:func:`token_dtype` ids, atomically), then map it back (:func:`map_token_file`): the blocks
-    are read from disk as batches need them, so the corpus may be larger than memory."""
+    (:func:`blocks_to_file`)."""
+    _check_length(block_length)
+    return blocks_to_file(text_pieces(paths, tokenizer, block_length), block_length,
+                          tokenizer.vocab_size, path)  # fmt: skip
+
+
+def _joined(spans: Sequence[Tensor | None]) -> Tensor | None:
+    """The pieces' spans as one ``(blocks, 2)`` tensor, or ``None`` when no piece has any."""
+    if all(part is None for part in spans):
+        return None
+    if any(part is None for part in spans):
+        raise SoftTargetsError("a corpus mixes text files and prompt / completion examples")
+    return torch.cat([part for part in spans if part is not None])
+
+
+def _check_length(block_length: int) -> None:
     if block_length < 1:
         raise SoftTargetsError(f"the block length must be at least 1, got {block_length}")
-    dtype = token_dtype(tokenizer.vocab_size)
-    owners, lengths = [], []
-    with atomic_open(path, "wb") as handle:
-        for index, file in enumerate(paths):
-            ids = read_file_ids(file, tokenizer)
-            windows = file_windows(ids, block_length)
-            handle.write(windows.to(dtype).numpy().tobytes())
-            owners.append(torch.full((len(windows),), index, dtype=torch.long))
-            lengths.append(len(ids))
-    if not lengths:
-        raise SoftTargetsError("the corpus has no files; give text files or a folder of them")
-    _check_some(sum(map(len, owners)), lengths, block_length)
-    files = tuple(str(p) for p in paths)
-    return map_token_file(path, block_length, torch.cat(owners), files, tokenizer.vocab_size)
 
 
 def token_dtype(vocab_size: int) -> torch.dtype:
@@ -197,10 +287,16 @@ def token_dtype(vocab_size: int) -> torch.dtype:
 
 
 def map_token_file(
-    path: str | Path, block_length: int, owners: Tensor, files: tuple[str, ...], vocab_size: int
+    path: str | Path,
+    block_length: int,
+    owners: Tensor,
+    files: tuple[str, ...],
+    vocab_size: int,
+    spans: Tensor | None = None,
 ) -> Blocks:
-    """The blocks of a token file :func:`pack_to_file` wrote (``owners``: each block's file),
-    memory-mapped: nothing is read until a batch asks for its blocks."""
+    """The blocks of a token file :func:`blocks_to_file` wrote (``owners``: each block's file;
+    ``spans``: their positions that count, see :class:`Blocks`), memory-mapped: nothing is read
+    until a batch asks for its blocks."""
     count = len(owners)
     expected = count * (block_length + 1) * token_dtype(vocab_size).itemsize
     if Path(path).stat().st_size != expected:
@@ -208,10 +304,12 @@ def map_token_file(
     storage = torch.from_file(
         str(path), shared=False, size=count * (block_length + 1), dtype=token_dtype(vocab_size)
     ).view(count, block_length + 1)
-    return blocks_of(storage, owners, files, vocab_size)
+    return blocks_of(storage, owners, files, vocab_size, spans)
 
 
 def _check_some(total: int, lengths: Sequence[int], block_length: int) -> None:
+    if not lengths:
+        raise SoftTargetsError("the corpus has no files; give text files or a folder of them")
     if not total:
         raise SoftTargetsError(
             f"the corpus is shorter than one block: its longest file has {max(lengths)} tokens, a "
@@ -219,12 +317,18 @@ def _check_some(total: int, lengths: Sequence[int], block_length: int) -> None:
         )
 
 
-def blocks_of(storage: Tensor, owners: Tensor, files: tuple[str, ...], vocab_size: int) -> Blocks:
+def blocks_of(
+    storage: Tensor,
+    owners: Tensor,
+    files: tuple[str, ...],
+    vocab_size: int,
+    spans: Tensor | None = None,
+) -> Blocks:
     """Blocks of every row of ``storage`` ``(count, L + 1)``, ids in order, ``owners`` ``(count,)``
-    the file of each (an index into ``files``)."""
+    the file of each (an index into ``files``), ``spans`` their positions that count."""
     count = len(storage)
     every = torch.arange(count, dtype=torch.long)
-    return Blocks(storage, every, every.clone(), owners, files, vocab_size)
+    return Blocks(storage, every, every.clone(), owners, files, vocab_size, spans)
 
 
 def split_by_file(

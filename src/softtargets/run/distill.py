@@ -181,7 +181,8 @@ def _run_sequences_in(
     teacher, students, store = run_sequences(folder, config, splits, source, log, progress)
     deployment = name_best_student(folder, config, splits, teacher, source.teacher, students, log)
     outcome = SequenceOutcome(folder.root, teacher, students, None if store is None else store.bytes_per_token,
-                              time.perf_counter() - started, splits.unit, deployment)  # fmt: skip
+                              time.perf_counter() - started, splits.unit, splits.split_unit,
+                              deployment)  # fmt: skip
     write_sequence_report(outcome, config, folder)
     return outcome
 

@@ -30,11 +30,11 @@ from torch import Tensor
 
 from softtargets.data.dataset import Dataset
 from softtargets.data.files import load_data
-from softtargets.data.sequences import ByteTokenizer, blocks_of, file_windows, read_file_ids
+from softtargets.data.sequences import Blocks, ByteTokenizer, blocks_in_memory
 from softtargets.data.text import load_text
 from softtargets.errors import SoftTargetsError, first_line
 from softtargets.extras import require
-from softtargets.run.sequence_data import SavedTokenizer
+from softtargets.run.sequence_data import SavedTokenizer, corpus_pieces
 from softtargets.run.students import SavedModel, load_saved
 from softtargets.store.label import predict_logits
 from softtargets.training.lm import next_token_loss, sample_continuations
@@ -50,27 +50,25 @@ def text_reader(saved: SavedModel) -> ByteTokenizer | SavedTokenizer:
     return ByteTokenizer() if folder is None else SavedTokenizer(folder)
 
 
-def text_blocks(saved: SavedModel, path: str | Path, reader: Any = None) -> Tensor:
-    """``(N, L + 1)`` token ids of a text file in the saved language model's blocks (its block
-    length; the tail shorter than a block dropped); a file shorter than a block is one line.
-    ``reader``: its :func:`text_reader`, when the caller holds it (a tokenizer folder is read
-    once for many files)."""
+def text_blocks(saved: SavedModel, path: str | Path, reader: Any = None) -> Blocks:
+    """A text file in the saved language model's blocks (its block length; the tail shorter than
+    a block dropped), or a ``.jsonl`` file's prompt / completion examples, a block each; a file
+    shorter than a block is one line. ``reader``: its :func:`text_reader`, when the caller holds
+    it (a tokenizer folder is read once for many files)."""
     assert saved.language_model is not None
     length = int(saved.language_model["block_length"])
-    windows = file_windows(read_file_ids(path, reader or text_reader(saved)), length)
-    if not len(windows):
+    pieces = list(corpus_pieces([Path(path)], reader or text_reader(saved), length))
+    if not sum(len(piece.windows) for piece in pieces):
         raise SoftTargetsError(
             f"{path} is shorter than one block of {length} tokens; give more text"
         )
-    return windows
+    return blocks_in_memory(pieces, length, int(saved.language_model["vocab_size"]))
 
 
 def score_text(saved: SavedModel, path: str | Path, reader: Any = None) -> tuple[int, float]:
-    """``(tokens, bits per token)``: the saved language model's next-token loss on a text file
-    (``reader`` as :func:`text_blocks` takes it)."""
-    windows = text_blocks(saved, path, reader)
-    one_file = torch.zeros(len(windows), dtype=torch.long)
-    blocks = blocks_of(windows, one_file, (str(path),), int(saved.language_model["vocab_size"]))
+    """``(tokens, bits per token)``: the saved language model's next-token loss on a text file,
+    or on the completions of a file of examples (``reader`` as :func:`text_blocks` takes it)."""
+    blocks = text_blocks(saved, path, reader)
     return blocks.positions, next_token_loss(saved.model, blocks) / math.log(2)
 
 

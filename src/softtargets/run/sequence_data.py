@@ -1,13 +1,16 @@
 """The corpus of a language-model run: its text files, its tokenizer, its blocks and splits.
 
 ``--data`` is ``stdlib`` (a seeded selection of the Python standard library's own source files),
-a text file, or a folder of them; the tokenizer is ``--tokenizer FOLDER``, an ``hf:`` model's
-folder, or the built-in byte-level one. Files are split whole into train, validation and test.
+a text file, a JSON Lines file of prompt / completion examples (:mod:`softtargets.data.examples`:
+only the completions are learnt and measured), or a folder of them; the tokenizer is
+``--tokenizer FOLDER``, an ``hf:`` model's folder, or the built-in byte-level one. Files (or
+examples) are split whole into train, validation and test.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,15 +26,17 @@ from softtargets.config import (
     memory_budget,
     sequence_training,
 )
+from softtargets.data.examples import EXAMPLES_SUFFIX, example_pieces, is_examples_file
 from softtargets.data.sequences import (
     Blocks,
     ByteTokenizer,
+    Piece,
+    blocks_in_memory,
+    blocks_to_file,
     map_token_file,
-    pack_blocks,
-    pack_to_file,
-    read_corpus,
     split_by_file,
     stdlib_files,
+    text_pieces,
 )
 from softtargets.data.text import load_tokenizer
 from softtargets.errors import SoftTargetsError
@@ -42,8 +47,8 @@ from softtargets.training.hf import is_hf_name
 #: the built-in corpus: a seeded selection of the Python standard library's own source files
 STDLIB = "stdlib"
 
-#: the suffixes read from a folder of text files
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
+#: the suffixes read from a folder of text files (and of prompt / completion examples)
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", EXAMPLES_SUFFIX)
 
 BITS = math.log(2)
 
@@ -53,15 +58,22 @@ TOKEN_FILE = "tokens.bin"
 
 @dataclass
 class SequenceSplits:
-    """The corpus packed into blocks and split by file (never a file in two parts)."""
+    """The corpus packed into blocks and split by file (never a file in two parts), or by
+    example for prompt / completion examples."""
 
     train: Blocks
     val: Blocks
     test: Blocks
+    #: how many files (or examples) the split dealt out
     files: int
     #: what a token is: "byte" (the built-in tokenizer: bits per token are bits per byte) or
     #: "token" (a saved subword tokenizer)
     unit: str = "byte"
+
+    @property
+    def split_unit(self) -> str:
+        """What the split deals out whole: "example" (prompt / completion data) or "file"."""
+        return "example" if self.train.spans is not None else "file"
 
 
 def is_sequence_job(config: DistillConfig) -> bool:
@@ -109,8 +121,8 @@ def text_files(path: Path) -> list[Path]:
             )
         return files
     raise SoftTargetsError(
-        f"{path}: no such file or folder; language models read '{STDLIB}', a text file or a "
-        "folder of them"
+        f"{path}: no such file or folder; language models read '{STDLIB}', a text file, a "
+        f"{EXAMPLES_SUFFIX} file of prompt / completion examples, or a folder of them"
     )
 
 
@@ -170,14 +182,15 @@ def load_sequence_splits(
     tokenizer = tokenizer or text_tokenizer(config)
     assert data.block_length is not None
     files = corpus_files(config)
+    pieces = corpus_pieces(files, tokenizer, data.block_length)
     if token_file is not None:
-        blocks = _packed_to_file(files, tokenizer, data.block_length, token_file)
+        blocks = _packed_to_file(pieces, tokenizer.vocab_size, data.block_length, token_file)
     else:
         check_budget(
             memory_bytes(files), f"the corpus ({len(files)} files) in memory",
             "pass --stream (a token file in the run folder, read as batches need it)",
         )  # fmt: skip
-        blocks = pack_blocks(read_corpus(files, tokenizer), data.block_length, tokenizer.vocab_size)
+        blocks = blocks_in_memory(pieces, data.block_length, tokenizer.vocab_size)
     train, val, test = split_by_file(blocks, data.val_fraction, data.test_fraction, data.split_seed)
     unit = "byte" if isinstance(tokenizer, ByteTokenizer) else "token"
     return SequenceSplits(train, val, test, len(blocks.files), unit)
@@ -195,11 +208,25 @@ def reads_from_token_file(config: DistillConfig) -> bool:
     return config.data.stream or memory_bytes(corpus_files(config)) > memory_budget()
 
 
-def _packed_to_file(files: list[Path], tokenizer: Any, block_length: int, path: Path) -> Blocks:
-    """:func:`pack_to_file` on rank 0; the other processes map the file it wrote."""
-    blocks = pack_to_file(files, tokenizer, block_length, path) if distributed.is_main() else None
-    owners = distributed.share_from_main(blocks.file_index if blocks is not None else None)
+def corpus_pieces(files: list[Path], tokenizer: Any, block_length: int) -> Iterator[Piece]:
+    """Each file's blocks as they are read: a text file's windows, or one piece per example of a
+    JSON Lines file (a corpus mixing the two is refused as it is packed)."""
+    for file in files:
+        if is_examples_file(file):
+            yield from example_pieces(file, tokenizer, block_length)
+        else:
+            yield from text_pieces([file], tokenizer, block_length)
+
+
+def _packed_to_file(
+    pieces: Iterator[Piece], vocab_size: int, block_length: int, path: Path
+) -> Blocks:
+    """:func:`blocks_to_file` on rank 0; the other processes map the file it wrote."""
+    main = distributed.is_main()
+    blocks = blocks_to_file(pieces, block_length, vocab_size, path) if main else None
+    owners, files, spans = distributed.share_from_main(
+        (blocks.file_index, blocks.files, blocks.spans) if blocks is not None else None
+    )
     if blocks is None:
-        blocks = map_token_file(path, block_length, owners, tuple(map(str, files)),
-                                tokenizer.vocab_size)  # fmt: skip
+        blocks = map_token_file(path, block_length, owners, files, vocab_size, spans)
     return blocks

@@ -26,6 +26,9 @@ class SequenceOutcome:
     store_bytes_per_token: float | None = None  # None: no store, the teacher ran online
     seconds: float = 0.0
     unit: str = "byte"  # what a token is: a byte (built-in tokenizer) or a subword token
+    split_unit: str = (
+        "file"  # what the split dealt out whole: a file, or a prompt / completion example
+    )
     #: the teacher beside the named student (:func:`~softtargets.run.deployment.language_model_rows`)
     deployment: list[dict[str, Any]] = field(default_factory=list)
 
@@ -65,6 +68,12 @@ def sequence_rows(outcome: SequenceOutcome) -> list[list[str]]:
 def sequence_header(unit: str) -> list[str]:
     return ["model", "targets", "runs", f"test bits per {unit}", "minus next-token CE",
             "parameters"]  # fmt: skip
+
+
+def _completions(outcome: SequenceOutcome) -> str:
+    if outcome.split_unit != "example":
+        return ""
+    return " (one block each; the losses and bits count the completion's tokens only)"
 
 
 def _teacher(config: DistillConfig) -> str:
@@ -116,16 +125,16 @@ def write_sequence_report(
     text = f"""# Distillation run (language model): {outcome.out_dir.name}
 
 Data: `{config.data.name}`, {"byte-level" if outcome.unit == "byte" else "subword"} tokens in blocks of {config.data.block_length}, split by
-file. Teacher: {_teacher(config)}. Student: `{config.student.name}`
+{outcome.split_unit}{_completions(outcome)}. Teacher: {_teacher(config)}. Student: `{config.student.name}`
 {config.student.options}. Distillation at every position: alpha = {config.alpha:g} x the method
 at T = {config.temperature:g} + (1 - alpha) x next-token cross-entropy, {_source(config)}
 ({_store(outcome, config, temperatures)}).
 
 {markdown_table(sequence_header(outcome.unit), sequence_rows(outcome))}
 
-Bits per {outcome.unit} on the held-out files (lower is better): means over seeds with 95% Student-t
+Bits per {outcome.unit} on the held-out {outcome.split_unit}s (lower is better): means over seeds with 95% Student-t
 intervals; differences are paired by seed (students of one seed start from the same weights).
-Each model's weights are those of its best *validation* epoch; the test files choose nothing.
+Each model's weights are those of its best *validation* epoch; the test {outcome.split_unit}s choose nothing.
 
 {_deployment(outcome)}Files: `config.yaml`, `results.jsonl` (every fit), `teacher.safetensors`, `store.safetensors`
 (per position: top-k logits, packed token ids, the rest's log-sum-exp per temperature),

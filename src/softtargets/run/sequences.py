@@ -219,7 +219,7 @@ def run_sequences(
     pending student; returns the teacher's record, the students' and the store."""
     train = splits.train
     log(
-        f"data: {config.data.name}, {splits.files} files, {len(train)} train / "
+        f"data: {config.data.name}, {splits.files} {splits.split_unit}s, {len(train)} train / "
         f"{len(splits.val)} validation / {len(splits.test)} test blocks of "
         f"{train.block_length} tokens ({'byte-level' if splits.unit == 'byte' else 'subword'})"
     )

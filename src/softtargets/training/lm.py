@@ -50,20 +50,26 @@ class LMResult:
 
 @torch.no_grad()
 def next_token_loss(model: nn.Module, blocks: Blocks, batch_blocks: int = 16) -> float:
-    """Mean next-token cross-entropy (nats) of ``model`` over every position of ``blocks``
-    (under torchrun each process measures its share of the blocks and the sums are added)."""
+    """Mean next-token cross-entropy (nats) of ``model`` over the positions of ``blocks`` that
+    count (every one, or an example's completion; :meth:`Blocks.mask`). Under torchrun each
+    process measures its share of the blocks and the sums are added."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss, positions)
     mine = distributed.my_slice(len(blocks))
     for start in range(mine.start, mine.stop, batch_blocks):
-        tokens = blocks.batch(slice(start, min(start + batch_blocks, mine.stop))).to(device)
+        which = slice(start, min(start + batch_blocks, mine.stop))
+        tokens = blocks.batch(which).to(device)
         logits = model(tokens[:, :-1]).float()
-        sums[0] += nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="sum"
-        ).double()
-        sums[1] += tokens[:, 1:].numel()
+        losses = nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none"
+        )
+        mask = blocks.mask(which)
+        if mask is not None:
+            losses = losses[mask.reshape(-1).to(device)]
+        sums[0] += losses.sum().double()
+        sums[1] += losses.numel()
     model.train(was_training)
     total, count = distributed.sum_(sums).tolist()
     return total / count
@@ -99,28 +105,34 @@ def _teacher_rows(
 def sample_continuations(
     model: nn.Module,
     tokens: Tensor,
-    prompt: int,
+    prompt: int | Tensor,
     generator: torch.Generator,
     temperature: float = 1.0,
 ) -> Tensor:
     """``tokens (B, L + 1)`` with every token after the first ``prompt`` replaced by ``model``'s
-    own samples (at ``temperature``), drawn one position at a time from the prompt on. A model with
+    own samples (at ``temperature``), drawn one position at a time from the prompt on; ``prompt``
+    is one length for every row or ``(B,)`` lengths, one per row (prompt / completion examples:
+    a row keeps its own tokens up to its prompt's end). A model with
     ``extend(ids, cache) -> (logits, cache)`` (``gpt``) runs each new token alone against its
     key-value cache; any other runs the whole sequence again for every token."""
     was_training = model.training
     model.eval()
-    sequence = tokens[:, :prompt]
+    lengths = torch.as_tensor(prompt, device=tokens.device).expand(len(tokens))[:, None]
+    start = int(lengths.min())
+    sequence = tokens[:, :start]
     extend = getattr(model, "extend", None)
     if extend is not None:
         logits, cache = extend(sequence)
     else:
         logits, cache = model(sequence), None
-    for drawn_so_far in range(tokens.shape[1] - prompt):
+    for drawn_so_far in range(tokens.shape[1] - start):
         probs = torch.softmax(logits[:, -1].float() / temperature, dim=-1)
         # drawn on the CPU, where the seeded generator lives
         drawn = torch.multinomial(probs.cpu(), 1, generator=generator).to(sequence.device)
+        at = sequence.shape[1]  # rows whose prompt is longer keep their own token here
+        drawn = torch.where(lengths > at, tokens[:, at : at + 1], drawn)
         sequence = torch.cat([sequence, drawn], 1)
-        if drawn_so_far + 1 == tokens.shape[1] - prompt:
+        if drawn_so_far + 1 == tokens.shape[1] - start:
             break  # the last token: nothing follows it
         if extend is not None:
             logits, cache = extend(drawn, cache)
@@ -155,10 +167,14 @@ def fit_lm(
     cross-entropy`` at every position (``teacher=None``: cross-entropy only), AdamW with a cosine
     schedule, ``batch_blocks`` blocks a step; selected on validation cross-entropy.
 
+    Blocks with spans (prompt / completion examples, :attr:`Blocks.spans`) train and validate on
+    their completions only.
+
     ``on_policy`` (GKD's lambda, Agarwal et al. 2024): the fraction of steps on which the student
-    first samples the second half of each block from its first half, and learns the teacher's
-    distribution (the method alone, alpha = 1) at the positions it sampled; the teacher runs
-    online on the student's own tokens, so it must be the model, not a store.
+    first samples the rest of each block from its prompt (an example's, or a text block's first
+    half), and learns the teacher's distribution (the method alone, alpha = 1) at the positions
+    it sampled; the teacher runs online on the student's own tokens, so it must be the model,
+    not a store.
 
     ``progress``: a ``rich.progress.Progress`` to report steps to, as ``description``;
     ``device``: where the student (and an online teacher) train; a store stays on the CPU and
@@ -306,12 +322,19 @@ def _batch_loss(
     step, on the student's own continuations of their first halves."""
     length = train.block_length
     tokens = train.batch(picked).to(device)
-    mask = None
-    if sampled:  # the student's own continuations of the blocks' first halves
-        prompt = max(1, length // 2)
-        tokens = sample_continuations(student, tokens, prompt, sampler)
-        positions = torch.arange(length, device=tokens.device)[None, :].expand(len(tokens), -1)
-        mask = (positions >= prompt - 1).reshape(-1)  # targets the student sampled
+    mask = train.mask(picked)  # (B, L) an example's completion, or None: every position
+    if sampled:  # the student's own continuations of the prompts (a text block's first half)
+        first = (
+            torch.full((len(picked), 1), max(1, length // 2) - 1)
+            if mask is None
+            else (
+                train.spans[picked][:, :1]  # type: ignore[index]
+            )
+        )
+        tokens = sample_continuations(student, tokens, first.squeeze(1).to(device) + 1, sampler)
+        mask = torch.arange(length)[None, :] >= first  # targets the student sampled
+    if mask is not None:
+        mask = mask.reshape(-1).to(device)
     if store_row:  # the store's rows of these blocks' positions
         first = torch.tensor([store_row[int(b)] for b in train.block_ids[picked]])
         rows = (first[:, None] * length + torch.arange(length)[None, :]).reshape(-1)
