@@ -101,9 +101,22 @@ def test_kill_9_mid_fit_then_the_same_command_ends_as_an_uninterrupted_run(tmp_p
     assert not list(out.glob("*.ckpt")) and not list(out.glob("*.tmp"))
 
 
-def test_a_text_run_on_two_processes_writes_the_one_process_run(tmp_path, corpus) -> None:
+@pytest.fixture
+def examples(tmp_path):
+    """Prompt / completion examples whose completions differ in length: the processes of a step
+    hold different numbers of counted positions."""
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    path = tmp_path / "examples.jsonl"
+    lines = [json.dumps({"prompt": f"{words[i % 8]}:", "completion": " " + " ".join(
+        words[(i + k) % 8] for k in range(i % 3 + 1))}) for i in range(60)]  # fmt: skip
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("data", ["corpus", "examples"])
+def test_a_text_run_on_two_processes_writes_the_one_process_run(tmp_path, data, request) -> None:
     """Also with ``--stream``: the blocks, their keys and so the records are those in memory."""
-    common = ["--data", corpus, "--teacher-epochs", "2"]
+    common = ["--data", request.getfixturevalue(data), "--teacher-epochs", "2"]
     _distill(*common, "--out", tmp_path / "one")
     # two processes reading the corpus from the run's token file (rank 0 writes it, both map it)
     _distill(*common, "--out", tmp_path / "two", "--nproc", "2", "--stream")

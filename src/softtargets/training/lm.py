@@ -9,9 +9,9 @@ Validation reports next-token cross-entropy and bits per token (per byte, for th
 tokenizer); the weights kept are those of the best validation epoch.
 
 Under torchrun a fit is data-parallel: every process takes its share of each batch's blocks and
-the gradients are averaged, each weighted by its share of the batch's positions, so a step is the
-one-process step (to float rounding) and every process ends with the same weights. Validation is
-shared out the same way. ``checkpoint=PATH`` saves the whole state after every epoch
+the gradients are averaged, each weighted by its share of the batch's counted positions (all, or
+the examples' completions), so a step is the one-process step (to float rounding) and every
+process ends with the same weights. Validation is shared out the same way. ``checkpoint=PATH`` saves the whole state after every epoch
 (:mod:`softtargets.training.checkpoint`): a fit killed at any point continues from the last epoch
 saved and ends with the weights of an uninterrupted one.
 """
@@ -260,9 +260,10 @@ def fit_lm(
                     method=method, temperature=temperature, alpha=alpha, chunk=chunk,
                     device=device,
                 )  # fmt: skip
-                # weighted by this process's share of the batch: the averaged gradient is the
-                # gradient of the batch's mean loss
-                (loss * len(picked) * distributed.world_size() / len(batch)).backward()
+                # weighted by this process's share of the batch's counted positions: the
+                # averaged gradient is the gradient of the batch's mean loss
+                part = _counted(train, picked, sampled) / _counted(train, batch, sampled)
+                (loss * part * distributed.world_size()).backward()
                 losses.append(float(loss.detach()))
             else:  # fewer blocks than processes: this one adds nothing to the average
                 for parameter in student.parameters():
@@ -324,13 +325,7 @@ def _batch_loss(
     tokens = train.batch(picked).to(device)
     mask = train.mask(picked)  # (B, L) an example's completion, or None: every position
     if sampled:  # the student's own continuations of the prompts (a text block's first half)
-        first = (
-            torch.full((len(picked), 1), max(1, length // 2) - 1)
-            if mask is None
-            else (
-                train.spans[picked][:, :1]  # type: ignore[index]
-            )
-        )
+        first = _first_sampled(train, picked)
         tokens = sample_continuations(student, tokens, first.squeeze(1).to(device) + 1, sampler)
         mask = torch.arange(length)[None, :] >= first  # targets the student sampled
     if mask is not None:
@@ -347,6 +342,22 @@ def _batch_loss(
         mask=mask, method=method, temperature=temperature, alpha=1.0 if sampled else alpha,
         chunk=chunk,
     )  # fmt: skip
+
+
+def _first_sampled(blocks: Blocks, which: Tensor) -> Tensor:
+    """``(k, 1)``: the first position an on-policy step samples the target of, in the blocks
+    ``which``: an example's completion, or a text block's second half."""
+    if blocks.spans is not None:
+        return blocks.spans[which][:, :1]
+    return torch.full((len(which), 1), max(1, blocks.block_length // 2) - 1)
+
+
+def _counted(blocks: Blocks, which: Tensor, sampled: bool) -> int:
+    """How many positions of the blocks ``which`` a step's loss averages over."""
+    if sampled:
+        return int((blocks.block_length - _first_sampled(blocks, which)).sum())
+    mask = blocks.mask(which)
+    return len(which) * blocks.block_length if mask is None else int(mask.sum())
 
 
 def _describe(teacher: TokenStore | nn.Module | None) -> Any:
