@@ -27,5 +27,7 @@ def same_token_store():
         )  # fmt: skip
         for part in ("block_ids", "steps", "packed_ids", "packed_codes", "largest", "rest"):
             assert torch.equal(getattr(a, part), getattr(b, part)), part
+        assert (a.spans is None) == (b.spans is None)
+        assert a.spans is None or torch.equal(a.spans, b.spans)
 
     return check

@@ -147,3 +147,34 @@ def test_on_policy_samples_keep_each_rows_own_prompt() -> None:
     for row, prompt in enumerate(prompts.tolist()):
         assert torch.equal(sampled[row, :prompt], tokens[row, :prompt])
     assert not torch.equal(sampled[0, 2:], tokens[0, 2:])  # 10 draws over 258 ids
+
+
+def test_a_store_of_examples_keeps_the_completions_positions_only(tmp_path, same_token_store):
+    from softtargets.store.tokens import TokenStore, label_tokens
+
+    blocks = _blocks(tmp_path)
+    every = Blocks(*[getattr(blocks, f) for f in ("storage", "rows", "block_ids", "file_index",
+                                                  "files", "vocab_size")])  # fmt: skip
+    teacher = _model()
+    kept = label_tokens(teacher, blocks, top=4, temperatures=(1.0, 2.0), batch_blocks=3)
+    full = label_tokens(teacher, every, top=4, temperatures=(1.0, 2.0), batch_blocks=3)
+    assert len(kept) == blocks.positions < len(full) == 20 * 24
+    rows = kept.rows_of(torch.arange(20))  # (20, 24): -1 outside each completion
+    mask = blocks.mask(slice(None))
+    assert torch.equal(rows >= 0, mask) and torch.equal(rows[mask], torch.arange(len(kept)))
+    # at a completion's positions the same tokens and rest as the store of every position (the
+    # codes' step is per block, over the rows it keeps: within a step of each other)
+    for t in (1.0, 2.0):
+        values, classes, rest = kept.kept(rows[mask], t)
+        every_values, every_classes, every_rest = full.kept(full.rows_of(torch.arange(20))[mask], t)
+        assert torch.equal(classes, every_classes) and torch.equal(rest, every_rest)
+        assert (values - every_values).abs().max() <= full.steps.max()
+    with pytest.raises(SoftTargetsError, match="no row at some positions"):
+        kept.kept(rows[~mask][:3], 1.0)
+    # written as it is labelled, and read back: the store kept in memory
+    path = tmp_path / "store.safetensors"
+    label_tokens(teacher, blocks, top=4, temperatures=(1.0, 2.0), batch_blocks=3, path=path)
+    kept.save(tmp_path / "saved.safetensors")
+    same_token_store(path, tmp_path / "saved.safetensors")
+    assert torch.equal(TokenStore.load(path, blocks).spans, blocks.spans)
+    assert path.stat().st_size < 0.5 * full.save(tmp_path / "full.safetensors").stat().st_size

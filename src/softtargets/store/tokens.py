@@ -14,7 +14,9 @@ temperature is refused.
 | the rest's log-sum-exp | float16 per temperature | 2 |
 
 Rows are ``(block, position)`` in order, so their ids are implicit: ``block_id * L + position``.
-The block ids themselves are saved as runs of consecutive ids (a split by file is a few runs, one
+Blocks of prompt / completion examples (:attr:`~softtargets.data.sequences.Blocks.spans`) keep
+rows for the positions that count only (the completion's), in order, with the spans saved beside
+them (16 bytes a block): the prompt and the padding cost nothing. The block ids themselves are saved as runs of consecutive ids (a split by file is a few runs, one
 per file or fewer): 16 bytes a run, well under a hundredth of a byte a token; the code step is a
 float32 per block (4 / L bytes a token), so a block is coded as soon as it is labelled.
 
@@ -29,6 +31,7 @@ import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -113,16 +116,36 @@ class TokenStore:
     rest: Tensor  # (B * L, len(temperatures)) float16
     blocks_fingerprint: str
     teacher_fingerprint: str
+    #: (B, 2) int64 ``[first, stop)``: the positions of each block with rows (an example's
+    #: completion), or ``None``: every position of every block has one
+    spans: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.largest)
+
+    @cached_property
+    def row_starts(self) -> Tensor:
+        """``(B + 1,)`` int64: where each block's rows start (and the end of the last)."""
+        return row_starts(len(self.block_ids), self.block_length, self.spans)
+
+    def rows_of(self, blocks: Tensor) -> Tensor:
+        """``(b, L)`` int64: the row of every position of the store's blocks ``blocks`` ``(b,)``
+        (indices into :attr:`block_ids`), ``-1`` at a position without one."""
+        positions = torch.arange(self.block_length)[None, :]
+        if self.spans is None:
+            return blocks[:, None] * self.block_length + positions
+        first, stop = self.spans[blocks].unbind(1)
+        rows = self.row_starts[blocks][:, None] + positions - first[:, None]
+        inside = (positions >= first[:, None]) & (positions < stop[:, None])
+        return rows.masked_fill_(~inside, -1)
 
     @property
     def bytes_per_token(self) -> float:
         """Stored bytes per position (the block ids' runs amortised over the positions)."""
         per_row = self.packed_ids.shape[1] + self.packed_codes.shape[1] + 2 + 2 * self.rest.shape[1]
         starts, _ = id_runs(self.block_ids)
-        return per_row + (16 * len(starts) + 4 * len(self.steps)) / max(len(self), 1)
+        spans = 0 if self.spans is None else self.spans.numel() * 8
+        return per_row + (16 * len(starts) + 4 * len(self.steps) + spans) / max(len(self), 1)
 
     def kept(self, rows: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
         """``(values, classes, rest)``: the rows' kept logits ``(c, k)`` (decoded), their tokens
@@ -135,8 +158,14 @@ class TokenStore:
                 f"{temperature:g}: distil at one of those, or label again with "
                 f"--store-temperatures including {temperature:g}"
             )
+        if len(rows) and bool((rows < 0).any()):
+            raise SoftTargetsError(
+                "the store has no row at some positions asked for: it was labelled for other "
+                "blocks (or their prompts); label these blocks"
+            )
         codes = unpack_bits(self.packed_codes[rows], self.top, self.code_bits)
-        step = self.steps[rows // self.block_length].float()[:, None]
+        block = torch.searchsorted(self.row_starts, rows, right=True) - 1
+        step = self.steps[block].float()[:, None]
         values = self.largest[rows].float()[:, None] - codes.float() * step
         classes = unpack_bits(self.packed_ids[rows], self.top, self.index_bits)
         return values, classes, self.rest[rows, matches[0]].float()
@@ -147,6 +176,7 @@ class TokenStore:
             "block_starts": starts, "block_runs": lengths, "steps": self.steps,
             "packed_ids": self.packed_ids, "packed_codes": self.packed_codes,
             "largest": self.largest, "rest": self.rest,
+            **({} if self.spans is None else {"spans": self.spans}),
         }  # fmt: skip
         metadata = _metadata(
             self.block_length, self.vocab_size, self.top, self.temperatures, self.code_bits,
@@ -165,7 +195,7 @@ class TokenStore:
                 names = set(handle.keys())
                 small = {
                     name: handle.get_tensor(name)
-                    for name in ("block_starts", "block_runs", "block_ids", "steps")
+                    for name in ("block_starts", "block_runs", "block_ids", "steps", "spans")
                     if name in names
                 }
             rows = {name: map_tensor(path, name) for name in _ROW_PARTS if name != "steps"}
@@ -184,8 +214,10 @@ class TokenStore:
             block_ids, int(h["block_length"]), int(h["vocab_size"]), int(h["top"]),
             tuple(float(t) for t in h["temperatures"]), int(h["code_bits"]), steps.float(),
             int(h["index_bits"]), rows["packed_ids"], rows["packed_codes"], rows["largest"],
-            rows["rest"], str(h["blocks"]), str(h["teacher"]),
+            rows["rest"], str(h["blocks"]), str(h["teacher"]), small.get("spans"),
         )  # fmt: skip
+        if len(store) != int(store.row_starts[-1]):
+            raise SoftTargetsError(f"{path}'s rows do not match its blocks; label them again")
         if blocks is not None:
             if blocks.vocab_size != store.vocab_size:
                 raise SoftTargetsError(
@@ -213,11 +245,20 @@ def _metadata(
     return {"format": FORMAT, "header": json.dumps(header)}
 
 
+def row_starts(blocks: int, block_length: int, spans: Tensor | None) -> Tensor:
+    """``(blocks + 1,)`` int64: the first row of each block's positions with rows, and the end."""
+    counts = (
+        torch.full((blocks,), block_length, dtype=torch.long)
+        if spans is None
+        else (spans[:, 1] - spans[:, 0])
+    )
+    return torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+
+
 def _row_entries(
-    blocks: int, block_length: int, top: int, index_bits: int, code_bits: int, temperatures: int
+    blocks: int, rows: int, top: int, index_bits: int, code_bits: int, temperatures: int
 ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """Dtype and shape of each of :data:`_ROW_PARTS` for ``blocks`` blocks."""
-    rows = blocks * block_length
+    """Dtype and shape of each of :data:`_ROW_PARTS` for ``blocks`` blocks of ``rows`` rows."""
     return {
         "steps": (torch.float32, (blocks,)),
         "packed_ids": (torch.uint8, (rows, math.ceil(top * index_bits / 8))),
@@ -238,7 +279,7 @@ def label_tokens(
     path: str | Path | None = None,
 ) -> TokenStore:
     """Run ``teacher`` (ids ``(b, L)`` -> logits ``(b, L, V)``) over ``blocks`` once and keep, at
-    every position, its ``top`` largest logits (quantised, one code step per block), their tokens
+    every position that counts (all, or an example's completion), its ``top`` largest logits (quantised, one code step per block), their tokens
     (bit-packed) and the rest's log-sum-exp at each of ``temperatures``.
 
     ``path``: write the store to that file as it is labelled, each batch at its place (memory:
@@ -265,8 +306,9 @@ def label_tokens(
                 f"the teacher's vocabulary is {width}, the blocks' {blocks.vocab_size}: teacher "
                 "and tokenizer must match"
             )
+        starts = row_starts(len(blocks), blocks.block_length, blocks.spans)
         entries = _row_entries(
-            len(blocks), blocks.block_length, top, index_bits, code_bits, len(temperatures)
+            len(blocks), int(starts[-1]), top, index_bits, code_bits, len(temperatures)
         )
         teacher_fingerprint = fingerprint_module(teacher)
         mine = distributed.my_slice(len(blocks))  # under torchrun, this process's blocks
@@ -280,20 +322,21 @@ def label_tokens(
             )  # fmt: skip
             share = -(-len(blocks) // distributed.world_size())  # the largest share of blocks
             rounds = -(-share // batch_blocks)
-            _write(path, blocks, entries, metadata, batches, rounds)
+            _write(path, blocks, starts, entries, metadata, batches, rounds)
             return TokenStore.load(path, blocks)
         # this process's rows, allocated whole before labelling and filled batch by batch (small
         # kept pieces between a batch's large temporaries fragmented the C heap: 2 GB at the
         # peak for a 62 MB store, bench/lm_loss.py's label_peak_mb)
+        mine_rows = int(starts[mine.stop] - starts[mine.start])
         mine_entries = _row_entries(
-            len(mine), blocks.block_length, top, index_bits, code_bits, len(temperatures)
+            len(mine), mine_rows, top, index_bits, code_bits, len(temperatures)
         )
         local = {
             name: torch.empty(shape, dtype=dtype) for name, (dtype, shape) in mine_entries.items()
         }
         for first, part in batches:
             for name, rows in part.items():
-                at = _first_row(name, first - mine.start, blocks.block_length)
+                at = _first_row(name, first, starts) - _first_row(name, mine.start, starts)
                 local[name][at : at + len(rows)] = rows
     finally:
         teacher.train(was_training)
@@ -306,13 +349,14 @@ def label_tokens(
         blocks.block_ids.clone(), blocks.block_length, blocks.vocab_size, top, temperatures,
         code_bits, whole["steps"], index_bits, whole["packed_ids"], whole["packed_codes"],
         whole["largest"], whole["rest"], blocks.fingerprint, teacher_fingerprint,
+        None if blocks.spans is None else blocks.spans.clone(),
     )  # fmt: skip
 
 
-def _first_row(part: str, first_block: int, block_length: int) -> int:
+def _first_row(part: str, first_block: int, starts: Tensor) -> int:
     """Row of ``part`` where block ``first_block``'s rows start: a row per block for the code
-    steps, one per position for the rest."""
-    return first_block if part == "steps" else first_block * block_length
+    steps, one per stored position (``starts``: :func:`row_starts`) for the rest."""
+    return first_block if part == "steps" else int(starts[first_block])
 
 
 def _labelled(
@@ -332,15 +376,21 @@ def _labelled(
         stop = min(start + batch_blocks, mine.stop)
         inputs = blocks.batch(slice(start, stop))[:, :-1].to(device)
         logits = teacher(inputs).float().reshape(-1, blocks.vocab_size)
+        mask = blocks.mask(slice(start, stop))  # only the positions that count get rows
+        if mask is not None:
+            logits = logits[mask.reshape(-1).to(device)]
         kept = logits.topk(top, dim=1)
         others = logits.scatter(1, kept.indices, float("-inf"))
         rest = torch.stack([torch.logsumexp(others / t, dim=1) for t in temperatures], 1).cpu()
         values, ids = kept.values.cpu(), kept.indices.cpu()
         largest = values[:, 0].half().float()
-        gaps = (largest[:, None] - values).view(stop - start, -1)  # (b, L * k)
+        gaps = largest[:, None] - values  # (rows, k)
         # one code step per block: its largest spread over the levels
-        steps = (gaps.amax(dim=1) / levels).clamp_min(1e-6)
-        codes = (gaps / steps[:, None]).round().clamp(0, levels).long().view(-1, top)
+        counts = blocks.block_length if mask is None else mask.sum(1)
+        block = torch.repeat_interleave(torch.arange(stop - start), counts)  # each row's block
+        spread = torch.zeros(stop - start).scatter_reduce_(0, block, gaps.amax(1), "amax")
+        steps = (spread / levels).clamp_min(1e-6)
+        codes = (gaps / steps[block, None]).round().clamp(0, levels).long()
         yield start, {
             "steps": steps, "packed_ids": pack_bits(ids, index_bits),
             "packed_codes": pack_bits(codes, code_bits), "largest": largest.half(),
@@ -351,6 +401,7 @@ def _labelled(
 def _write(
     path: str | Path,
     blocks: Blocks,
+    starts: Tensor,
     entries: dict[str, tuple[torch.dtype, tuple[int, ...]]],
     metadata: dict[str, str],
     batches: Iterator[tuple[int, dict[str, Tensor]]],
@@ -364,17 +415,15 @@ def _write(
             distributed.gather_to_main(next(batches, None))
         distributed.barrier()  # the file is in place
         return
-    starts, runs = id_runs(blocks.block_ids)
-    entries = {
-        "block_starts": (torch.int64, tuple(starts.shape)),
-        "block_runs": (torch.int64, tuple(runs.shape)),
-        **entries,
-    }
+    small = dict(zip(("block_starts", "block_runs"), id_runs(blocks.block_ids), strict=True))
+    if blocks.spans is not None:
+        small["spans"] = blocks.spans.contiguous()
+    entries = {**{name: (torch.int64, tuple(v.shape)) for name, v in small.items()}, **entries}
     header, offsets = safetensors_header(entries, metadata)
     with atomic_open(path, "wb") as handle:
         handle.truncate(file_size(header, entries))
         handle.write(header)
-        for name, values in (("block_starts", starts), ("block_runs", runs)):
+        for name, values in small.items():
             handle.seek(offsets[name])
             handle.write(values.numpy())
         for _ in range(rounds):
@@ -385,7 +434,7 @@ def _write(
                 for name, rows in part.items():
                     dtype, shape = entries[name]
                     row_bytes = torch.empty((), dtype=dtype).element_size() * math.prod(shape[1:])
-                    at = _first_row(name, first, blocks.block_length)
+                    at = _first_row(name, first, starts)
                     handle.seek(offsets[name] + at * row_bytes)
                     handle.write(rows.contiguous().numpy())
     distributed.barrier()

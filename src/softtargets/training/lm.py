@@ -235,12 +235,17 @@ def fit_lm(
         result.history, result.best_epoch = saved.progress["history"], saved.progress["best_epoch"]
         best = math.inf if saved.progress["best"] is None else saved.progress["best"]
         best_state, first_epoch = saved.best, saved.epoch + 1
-    # a store's rows are its blocks' positions, in its block order
+    # a store's blocks, in its order (:meth:`TokenStore.rows_of` finds their rows)
     store_row = (
-        {int(b): i for i, b in enumerate(teacher.block_ids)}
+        {int(b): i for i, b in enumerate(teacher.block_ids.tolist())}
         if isinstance(teacher, TokenStore)
         else {}
     )
+    if store_row and (missing := sum(b not in store_row for b in train.block_ids.tolist())):
+        raise SoftTargetsError(
+            f"the store has no rows for {missing} of the {len(train)} training blocks: it was "
+            "labelled for other blocks; label these"
+        )
     task = progress.add_task(description, total=steps) if progress is not None else None
     if task is not None:
         progress.update(task, advance=(first_epoch - 1) * per_epoch)
@@ -330,9 +335,9 @@ def _batch_loss(
         mask = torch.arange(length)[None, :] >= first  # targets the student sampled
     if mask is not None:
         mask = mask.reshape(-1).to(device)
-    if store_row:  # the store's rows of these blocks' positions
-        first = torch.tensor([store_row[int(b)] for b in train.block_ids[picked]])
-        rows = (first[:, None] * length + torch.arange(length)[None, :]).reshape(-1)
+    if isinstance(teacher, TokenStore):  # the store's rows of these blocks' positions
+        blocks = torch.tensor([store_row[int(b)] for b in train.block_ids[picked]])
+        rows = teacher.rows_of(blocks).reshape(-1)  # -1 where it keeps none (never asked)
     else:
         rows = torch.empty(0, dtype=torch.long)
     hidden = student.hidden(tokens[:, :-1])
