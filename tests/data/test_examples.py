@@ -178,3 +178,14 @@ def test_a_store_of_examples_keeps_the_completions_positions_only(tmp_path, same
     same_token_store(path, tmp_path / "saved.safetensors")
     assert torch.equal(TokenStore.load(path, blocks).spans, blocks.spans)
     assert path.stat().st_size < 0.5 * full.save(tmp_path / "full.safetensors").stat().st_size
+
+
+def test_a_corpus_mixing_text_and_examples_is_one_line(tmp_path) -> None:
+    from softtargets.data.sequences import text_pieces
+
+    _write(tmp_path / "ex.jsonl", _examples(3))
+    (tmp_path / "notes.txt").write_text("soft targets " * 20)
+    pieces = [*text_pieces([tmp_path / "notes.txt"], BYTES, 24),
+              *example_pieces(tmp_path / "ex.jsonl", BYTES, 24)]  # fmt: skip
+    with pytest.raises(SoftTargetsError, match="mixes text files and prompt / completion"):
+        blocks_in_memory(pieces, 24, 258)

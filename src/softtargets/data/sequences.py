@@ -14,11 +14,11 @@ exact: no file has rows in two parts.
 | :class:`Piece`, :func:`blocks_in_memory`, :func:`blocks_to_file` | one file's (or one example's) windows -> blocks in memory, or in a token file on disk mapped back (corpora larger than memory) |
 | :func:`pack_to_file` | text files -> their blocks in a token file, tokenised a file at a time |
 | :func:`split_by_file` | a seeded split of the files (or examples), then their blocks |
+| :func:`stdlib_files` | a fixed, seeded selection of the Python standard library's own source files |
 
 Prompt / completion examples (:mod:`softtargets.data.examples`) are pieces too: one block each,
 padded, with the span of positions that predict the completion (:attr:`Blocks.spans`); the
 positions outside it (prompt and padding) are masked out of every loss.
-| :func:`stdlib_files` | a fixed, seeded selection of the Python standard library's own source files |
 """
 
 from __future__ import annotations
@@ -214,22 +214,15 @@ def blocks_in_memory(pieces: Iterable[Piece], block_length: int, vocab_size: int
     """The pieces' windows as blocks in memory (refused, as they come, beyond the budget)."""
     _check_length(block_length)
     windows: list[Tensor] = []
-    spans: list[Tensor | None] = []
-    names: list[str] = []
-    lengths: list[int] = []
-    held = 0
+    index = _PieceIndex()
+    held = 0  # bytes of int64 windows
     for piece in pieces:
-        held += piece.windows.numel() * 8
+        held += 8 * piece.windows.numel()
         check_budget(held, f"the blocks read so far ({held >> 20:,} MB)", "pass --stream")
+        index.add(piece)
         windows.append(piece.windows)
-        spans.append(piece.spans)
-        names.append(piece.name)
-        lengths.append(piece.tokens)
-    owners = [torch.full((len(w),), i, dtype=torch.long) for i, w in enumerate(windows)]
-    _check_some(sum(map(len, owners)), lengths, block_length)
-    return blocks_of(
-        torch.cat(windows), torch.cat(owners), tuple(names), vocab_size, _joined(spans)
-    )
+    owners, names, spans = index.finish(block_length)
+    return blocks_of(torch.cat(windows), owners, names, vocab_size, spans)
 
 
 def blocks_to_file(
@@ -240,21 +233,42 @@ def blocks_to_file(
     batches need them, so the corpus may be larger than memory."""
     _check_length(block_length)
     dtype = token_dtype(vocab_size)
-    owners: list[Tensor] = []
-    spans: list[Tensor | None] = []
-    names: list[str] = []
-    lengths: list[int] = []
+    index = _PieceIndex()
     with atomic_open(path, "wb") as handle:
-        for index, piece in enumerate(pieces):
+        for piece in pieces:
             handle.write(piece.windows.to(dtype).numpy().tobytes())
-            owners.append(torch.full((len(piece.windows),), index, dtype=torch.long))
-            spans.append(piece.spans)
-            names.append(piece.name)
-            lengths.append(piece.tokens)
-    _check_some(sum(map(len, owners)), lengths, block_length)
-    return map_token_file(
-        path, block_length, torch.cat(owners), tuple(names), vocab_size, _joined(spans)
-    )
+            index.add(piece)
+    owners, names, spans = index.finish(block_length)
+    return map_token_file(path, block_length, owners, names, vocab_size, spans)
+
+
+class _PieceIndex:
+    """What packing keeps of each piece beside its tokens: its blocks' owner, its name, its
+    spans and its length (for the message when no piece fills a block)."""
+
+    def __init__(self) -> None:
+        self.owners: list[Tensor] = []
+        self.names: list[str] = []
+        self.spans: list[Tensor | None] = []
+        self.lengths: list[int] = []
+
+    def add(self, piece: Piece) -> None:
+        self.owners.append(torch.full((len(piece.windows),), len(self.names), dtype=torch.long))
+        self.names.append(piece.name)
+        self.spans.append(piece.spans)
+        self.lengths.append(piece.tokens)
+
+    def finish(self, block_length: int) -> tuple[Tensor, tuple[str, ...], Tensor | None]:
+        """``(owners (blocks,), names, spans (blocks, 2) or None)``; a corpus without a whole
+        block, or mixing text files with examples, is one line."""
+        _check_some(sum(map(len, self.owners)), self.lengths, block_length)
+        if all(part is None for part in self.spans):
+            spans = None
+        elif any(part is None for part in self.spans):
+            raise SoftTargetsError("a corpus mixes text files and prompt / completion examples")
+        else:
+            spans = torch.cat([part for part in self.spans if part is not None])
+        return torch.cat(self.owners), tuple(self.names), spans
 
 
 def pack_to_file(
@@ -265,15 +279,6 @@ def pack_to_file(
     _check_length(block_length)
     return blocks_to_file(text_pieces(paths, tokenizer, block_length), block_length,
                           tokenizer.vocab_size, path)  # fmt: skip
-
-
-def _joined(spans: Sequence[Tensor | None]) -> Tensor | None:
-    """The pieces' spans as one ``(blocks, 2)`` tensor, or ``None`` when no piece has any."""
-    if all(part is None for part in spans):
-        return None
-    if any(part is None for part in spans):
-        raise SoftTargetsError("a corpus mixes text files and prompt / completion examples")
-    return torch.cat([part for part in spans if part is not None])
 
 
 def _check_length(block_length: int) -> None:

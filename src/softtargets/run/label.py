@@ -162,7 +162,7 @@ def _label_blocks(
         load_into(teacher, config.teacher.weights, "teacher")
     teacher.to(resolve_device(config.device)).eval()
     log(
-        f"labelling {len(train) * train.block_length:,} positions ({len(train)} blocks of "
+        f"labelling {train.positions:,} positions ({len(train)} blocks of "
         f"{train.block_length}) with teacher {config.teacher.name}, top-{top}"
     )
     # written batch by batch as it is labelled (rank 0 writes every process's rows)

@@ -26,9 +26,8 @@ class SequenceOutcome:
     store_bytes_per_token: float | None = None  # None: no store, the teacher ran online
     seconds: float = 0.0
     unit: str = "byte"  # what a token is: a byte (built-in tokenizer) or a subword token
-    split_unit: str = (
-        "file"  # what the split dealt out whole: a file, or a prompt / completion example
-    )
+    #: what the split dealt out whole: a file, or a prompt / completion example
+    split_unit: str = "file"
     #: the teacher beside the named student (:func:`~softtargets.run.deployment.language_model_rows`)
     deployment: list[dict[str, Any]] = field(default_factory=list)
 
