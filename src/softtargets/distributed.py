@@ -166,6 +166,22 @@ def gather_to_all(item: Any) -> list[Any]:
     return items
 
 
+def on_main(work: Callable[[], Any]) -> Any:
+    """``work()`` on rank 0, ``None`` on the others; bad input found there (a
+    :class:`SoftTargetsError`) stops every process with its one line, instead of leaving the
+    others waiting for rank 0 until the group's timeout."""
+    result, error = None, None
+    if is_main():
+        try:
+            result = work()
+        except SoftTargetsError as err:
+            error = str(err)
+    error = share_from_main(error)
+    if error is not None:
+        raise SoftTargetsError(error)
+    return result
+
+
 def share_from_main(item: Any) -> Any:
     """Rank 0's ``item`` on every process."""
     if not active():

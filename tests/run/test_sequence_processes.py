@@ -152,3 +152,19 @@ def test_label_on_text_writes_the_runs_store_on_one_or_two_processes(
         assert "distill --block-length 16 --store" in " ".join(done.stdout.split())
     same_token_store(tmp_path / "one.safetensors", run / "store.safetensors")
     same_token_store(tmp_path / "two.safetensors", run / "store.safetensors")
+
+
+def test_a_bad_example_read_by_rank_0_alone_stops_every_process_with_its_line(tmp_path, examples):
+    """With ``--stream`` rank 0 alone reads the examples into the token file: the others stop
+    with its one-line error instead of waiting for it until the group's timeout."""
+    with examples.open("a", encoding="utf-8") as handle:
+        handle.write('{"prompt": 1}\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "softtargets", *TINY, "--data", str(examples), "--teacher-epochs",
+         "1", "--nproc", "2", "--stream", "--out", str(tmp_path / "run")],
+        env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode != 0
+    output = done.stdout + done.stderr
+    assert output.count("examples.jsonl:61: needs two strings") == 2, output[-3000:]  # both ranks
+    assert not (tmp_path / "run").exists()

@@ -221,9 +221,9 @@ def corpus_pieces(files: list[Path], tokenizer: Any, block_length: int) -> Itera
 def _packed_to_file(
     pieces: Iterator[Piece], vocab_size: int, block_length: int, path: Path
 ) -> Blocks:
-    """:func:`blocks_to_file` on rank 0; the other processes map the file it wrote."""
-    main = distributed.is_main()
-    blocks = blocks_to_file(pieces, block_length, vocab_size, path) if main else None
+    """:func:`blocks_to_file` on rank 0; the other processes map the file it wrote (or stop with
+    its one-line error: a file of examples is read by rank 0 alone)."""
+    blocks = distributed.on_main(lambda: blocks_to_file(pieces, block_length, vocab_size, path))
     owners, files, spans = distributed.share_from_main(
         (blocks.file_index, blocks.files, blocks.spans) if blocks is not None else None
     )
