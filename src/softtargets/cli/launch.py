@@ -56,6 +56,8 @@ def relaunch_under_torchrun(nproc: int) -> int:
             skip = True
         elif not arg.startswith("--nproc="):
             args.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+    command = [sys.executable, "-m", "softtargets.cli.torchrun", "--standalone",
                f"--nproc-per-node={nproc}", "-m", "softtargets", *args]  # fmt: skip
-    return subprocess.run(command).returncode
+    # one thread a process unless told otherwise (torchrun's default, without its banner)
+    env = {"OMP_NUM_THREADS": "1", **os.environ}
+    return subprocess.run(command, env=env).returncode
