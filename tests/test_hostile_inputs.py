@@ -436,3 +436,14 @@ def test_a_stratified_split_of_many_classes_is_one_sort_not_a_scan_per_class() -
     parts = split(data, 0.25, 0.25, seed=0)
     assert len(parts.train) + len(parts.val) + len(parts.test) == 200_000
     assert time.perf_counter() - start < 60  # the scan per class took 50,000 passes over the rows
+
+
+def test_deeply_nested_json_in_users_json_lines_is_one_line(tmp_path) -> None:
+    """Users' JSON-lines data (text rows for classifiers, prompt / completion examples) goes
+    through the same guard as softtargets' own files, naming the line."""
+    from softtargets.data.text import read_text_rows
+
+    nested = "[" * 100_000 + "]" * 100_000
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"text": "a", "label": "b"}) + "\n" + nested + "\n")
+    _one_line(lambda: read_text_rows(path, "text", "label"), "rows.jsonl:2 is nested deeper than")

@@ -28,7 +28,7 @@ import re
 import stat
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -75,29 +75,68 @@ def _too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
     return False
 
 
-def parse_json(text: str | bytes, where: str) -> Any:
-    """``json.loads(text)`` within softtargets' budget: one line naming ``where`` for text that is
-    not JSON, larger than :data:`MAX_TEXT_BYTES` or nested deeper than :data:`MAX_DEPTH`."""
+OWN = "it was not written by softtargets"
+
+
+def parse_json(text: str | bytes, where: str, fix: str = OWN) -> Any:
+    """``json.loads(text)`` within softtargets' budget: one line naming ``where`` (and ``fix``:
+    what to do) for text that is not JSON, larger than :data:`MAX_TEXT_BYTES` or nested deeper
+    than :data:`MAX_DEPTH`."""
     if len(text) > MAX_TEXT_BYTES:
-        raise SoftTargetsError(
-            f"{where} is larger than {MAX_TEXT_BYTES >> 20} MB; it was not written by softtargets"
-        )
+        raise SoftTargetsError(f"{where} is larger than {MAX_TEXT_BYTES >> 20} MB; {fix}")
     try:
         value = json.loads(text)
     except RecursionError:
         value = None
         deep = True
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SoftTargetsError(
-            f"{where} is not valid JSON ({err}); it was not written by softtargets"
-        ) from None
+        raise SoftTargetsError(f"{where} is not valid JSON ({err}); {fix}") from None
     else:
         deep = _too_deep(value)
     if deep:
-        raise SoftTargetsError(
-            f"{where} is nested deeper than {MAX_DEPTH} levels; it was not written by softtargets"
-        )
+        raise SoftTargetsError(f"{where} is nested deeper than {MAX_DEPTH} levels; {fix}")
     return value
+
+
+def json_objects(
+    lines: Iterable[str], where: str, fix: str
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` of each non-blank line of a user's JSON-lines text: a line that
+    is not JSON (:func:`parse_json`'s budget) or not an object is one line naming
+    ``where:LINE`` and ``fix``."""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        value = parse_json(line, f"{where}:{number}", fix)
+        if not isinstance(value, dict):
+            kind = type(value).__name__
+            raise SoftTargetsError(f"{where}:{number} is a {kind}, not a JSON object; {fix}")
+        yield number, value
+
+
+def text_lines(path: str | os.PathLike[str], fix: str) -> Iterator[str]:
+    """The lines of a user's regular UTF-8 file, read one at a time (a file larger than memory is
+    fine; a line over :data:`MAX_TEXT_BYTES` is not): a FIFO or a device is never opened, and
+    anything else is one line naming ``path:LINE`` and ``fix``."""
+    try:
+        info = os.stat(path)
+    except OSError as err:
+        raise SoftTargetsError(f"{path}: cannot read it ({err.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise SoftTargetsError(f"{path} is not a regular file; {fix}")
+    with open(path, "rb") as handle:
+        number = 0
+        while raw := handle.readline(MAX_TEXT_BYTES + 1):
+            number += 1
+            if len(raw) > MAX_TEXT_BYTES:
+                raise SoftTargetsError(
+                    f"{path}:{number} is longer than {MAX_TEXT_BYTES >> 20} MB; {fix}"
+                )
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise SoftTargetsError(f"{path}:{number} is not UTF-8 text; {fix}") from None
+            yield line
 
 
 def read_small_text(path: str | os.PathLike[str], what: str = "file") -> str:

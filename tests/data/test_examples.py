@@ -4,6 +4,7 @@ example; the same blocks in memory and in a token file; a fit never learns the p
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -85,13 +86,14 @@ def test_a_token_file_holds_the_examples_memory_holds(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ("not json", "ex.jsonl:2: not JSON"),
-        ('["prompt", "completion"]', "ex.jsonl:2: a list, not an object"),
+        ("not json", "ex.jsonl:2 is not valid JSON"),
+        ('["prompt", "completion"]', "ex.jsonl:2 is a list, not a JSON object"),
         ('{"prompt": "a"}', "ex.jsonl:2: needs two strings (prompt: str, completion: NoneType)"),
         (
             '{"prompt": "' + "p" * 30 + '", "completion": "c"}',
             "ex.jsonl:2: the prompt is 30 tokens",
         ),
+        ("[" * 100_000 + "]" * 100_000, "ex.jsonl:2 is nested deeper than"),  # not a RecursionError
     ],
 )
 def test_a_bad_example_is_one_line_naming_it(tmp_path, line, message) -> None:
@@ -100,10 +102,13 @@ def test_a_bad_example_is_one_line_naming_it(tmp_path, line, message) -> None:
         list(example_pieces(tmp_path / "ex.jsonl", BYTES, 24))
 
 
-def test_a_line_that_is_not_utf8_is_named(tmp_path) -> None:
+def test_a_line_that_is_not_utf8_or_a_path_that_is_not_a_file_is_named(tmp_path) -> None:
     (tmp_path / "ex.jsonl").write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xe9"}\n')
-    with pytest.raises(SoftTargetsError, match="ex.jsonl:2: not UTF-8"):
+    with pytest.raises(SoftTargetsError, match="ex.jsonl:2 is not UTF-8"):
         list(example_pieces(tmp_path / "ex.jsonl", BYTES, 24))
+    os.mkfifo(tmp_path / "fifo.jsonl")  # never opened: reading it would wait for a writer
+    with pytest.raises(SoftTargetsError, match="fifo.jsonl is not a regular file"):
+        list(example_pieces(tmp_path / "fifo.jsonl", BYTES, 24))
 
 
 def _model():

@@ -13,9 +13,6 @@ one name per example, ``FILE:LINE``): an example is never in two parts.
 
 from __future__ import annotations
 
-import json
-import os
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +21,7 @@ import torch
 
 from softtargets.data.sequences import Piece
 from softtargets.errors import SoftTargetsError
+from softtargets.files import json_objects, text_lines
 
 #: the suffix of a file of prompt / completion examples
 EXAMPLES_SUFFIX = ".jsonl"
@@ -41,8 +39,9 @@ def example_pieces(path: str | Path, tokenizer: Any, block_length: int) -> Itera
     window ``(1, block_length + 1)`` and span ``(1, 2)``. Blank lines are skipped; a line that is
     not an example, or whose prompt leaves no completion token in a block, is one line naming it."""
     pad = getattr(tokenizer, "pad_id", tokenizer.eos_id)
-    for number, line in _lines(path):
-        prompt, completion = _example(line, f"{path}:{number}")
+    fix = f"give {FORMAT}"
+    for number, given in json_objects(text_lines(path, fix), str(path), fix):
+        prompt, completion = _example(given, f"{path}:{number}")
         prompt_ids = tokenizer.encode(prompt)
         ids = [*prompt_ids, *tokenizer.encode(completion), tokenizer.eos_id]
         first = max(len(prompt_ids) - 1, 0)  # a completion's first token needs one before it
@@ -58,32 +57,8 @@ def example_pieces(path: str | Path, tokenizer: Any, block_length: int) -> Itera
         yield Piece(f"{path}:{number}", window, len(ids), span)
 
 
-def _lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """``(line number, line)`` of a regular UTF-8 file, blank lines skipped."""
-    try:
-        info = os.stat(path)
-    except OSError as err:
-        raise SoftTargetsError(f"{path}: cannot read it ({err.strerror})") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise SoftTargetsError(f"{path} is not a regular file; give a file of examples ({FORMAT})")
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise SoftTargetsError(f"{path}:{number}: not UTF-8 text; give {FORMAT}") from None
-            if line.strip():
-                yield number, line
-
-
-def _example(line: str, where: str) -> tuple[str, str]:
-    """``(prompt, completion)`` of one line; anything else is one line naming it."""
-    try:
-        given = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise SoftTargetsError(f"{where}: not JSON ({err.msg}); give {FORMAT}") from None
-    if not isinstance(given, dict):
-        raise SoftTargetsError(f"{where}: a {type(given).__name__}, not an object; give {FORMAT}")
+def _example(given: dict[str, Any], where: str) -> tuple[str, str]:
+    """``(prompt, completion)`` of one line's object; anything else is one line naming it."""
     parts = [given.get(key) for key in ("prompt", "completion")]
     if not all(isinstance(part, str) for part in parts):
         kinds = ", ".join(f"{k}: {type(given.get(k)).__name__}" for k in ("prompt", "completion"))

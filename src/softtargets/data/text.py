@@ -10,7 +10,6 @@ Labels follow the same rule as every loader: class names or whole numbers.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from softtargets.config import check_budget
 from softtargets.data.dataset import Dataset, encode_labels
 from softtargets.errors import SoftTargetsError, first_line
 from softtargets.extras import require
-from softtargets.files import read_small_text
+from softtargets.files import json_objects, read_small_text
 
 TEXT_SUFFIXES = (".csv", ".jsonl", ".json")
 #: the files a saved tokenizer leaves in its folder (one of them is enough)
@@ -66,17 +65,8 @@ def read_text_rows(path: Path, text_column: str, label_column: str | None) -> li
     if path.suffix.lower() == ".csv":
         rows = list(csv.DictReader(text.splitlines()))
     else:
-        rows = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise SoftTargetsError(f"{path}: line {number} is not JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise SoftTargetsError(f"{path}: line {number} is not a JSON object")
-            rows.append(row)
+        fix = "give one JSON object a line"
+        rows = [row for _, row in json_objects(text.splitlines(), str(path), fix)]
     if not rows:
         raise SoftTargetsError(f"{path} holds no rows")
     for column in [text_column] + ([label_column] if label_column else []):
