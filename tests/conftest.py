@@ -31,3 +31,29 @@ def same_token_store():
         assert a.spans is None or torch.equal(a.spans, b.spans)
 
     return check
+
+
+@pytest.fixture
+def chat_tokenizer(tmp_path):
+    """A folder holding a word-level Hugging Face tokenizer with a chat template (``<user> ...
+    <end> <assistant> ... <end>``), built here: nothing downloaded. Skipped without the hf
+    extra."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    words = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    special = ["[PAD]", "[UNK]", "[EOS]", "<user>", "<assistant>", "<end>"]
+    text = "what is soft what is hard targets carry structure alpha beta gamma delta"
+    words.train_from_iterator([text], trainers.WordLevelTrainer(special_tokens=special))
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=words, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]",
+        additional_special_tokens=["<user>", "<assistant>", "<end>"],
+    )  # fmt: skip
+    tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m.role }}> {{ m.content }} <end> {% endfor %}"
+        "{% if add_generation_prompt %}<assistant> {% endif %}"
+    )
+    folder = tmp_path / "chat-tokenizer"
+    tokenizer.save_pretrained(folder)
+    return folder

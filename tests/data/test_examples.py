@@ -194,3 +194,33 @@ def test_a_corpus_mixing_text_and_examples_is_one_line(tmp_path) -> None:
               *example_pieces(tmp_path / "ex.jsonl", BYTES, 24)]  # fmt: skip
     with pytest.raises(SoftTargetsError, match="mixes text files and prompt / completion"):
         blocks_in_memory(pieces, 24, 258)
+
+
+def test_a_conversation_learns_the_assistants_last_message_by_the_chat_template(
+    tmp_path, chat_tokenizer
+):
+    from softtargets.run.sequence_data import SavedTokenizer
+
+    tokenizer = SavedTokenizer(str(chat_tokenizer))
+    messages = [{"role": "user", "content": "what is soft"},
+                {"role": "assistant", "content": "targets carry structure"}]  # fmt: skip
+    _write(tmp_path / "chat.jsonl", [{"messages": messages}])
+    (piece,) = example_pieces(tmp_path / "chat.jsonl", tokenizer, 16)
+    ids = tokenizer.tokenizer.convert_tokens_to_ids
+    prompt = ids(["<user>", "what", "is", "soft", "<end>", "<assistant>"])
+    completion = ids(["targets", "carry", "structure", "<end>"])  # closed by the template
+    assert piece.windows[0, :10].tolist() == prompt + completion
+    assert piece.windows[0, 10:].tolist() == [tokenizer.eos_id] * 7  # padding
+    # positions 5 to 8 predict the assistant's words and its <end>, never the user's
+    assert piece.spans.tolist() == [[5, 9]]
+    bad = [
+        ([messages[0]], "two or more {role, content} objects"),
+        ([messages[1], messages[0]], "the last message is the user's"),
+    ]
+    for given, message in bad:
+        _write(tmp_path / "bad.jsonl", [{"messages": given}])
+        with pytest.raises(SoftTargetsError, match=message.replace("{", r"\{").replace("}", r"\}")):
+            list(example_pieces(tmp_path / "bad.jsonl", tokenizer, 16))
+    # the byte-level tokenizer has no template: named, with the fix
+    with pytest.raises(SoftTargetsError, match="chat.jsonl:1: a conversation needs a tokenizer"):
+        list(example_pieces(tmp_path / "chat.jsonl", BYTES, 16))

@@ -407,3 +407,23 @@ def test_prompt_completion_examples_distil_and_score_on_their_completions(tmp_pa
     assert scored.exit_code == 0, scored.output
     _, tokens, _ = scored.output.strip().splitlines()[1].split(",")
     assert int(tokens) == sum(len(json.loads(line)["completion"]) + 1 for line in lines)
+
+
+def test_conversations_distil_with_a_tokenizers_chat_template(tmp_path, chat_tokenizer) -> None:
+    words = ["alpha", "beta", "gamma", "delta"]
+    lines = [json.dumps({"messages": [
+        {"role": "user", "content": f"what is {words[i % 4]}"},
+        {"role": "assistant", "content": f"{words[(i + 1) % 4]} {words[(i + 2) % 4]}"}]})
+        for i in range(24)]  # fmt: skip
+    data = tmp_path / "chats.jsonl"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "run"
+    made = runner.invoke(app, ["distill", "--data", str(data), "--tokenizer", str(chat_tokenizer),
+                               *TINY, "--seeds", "1", "--out", str(out)])  # fmt: skip
+    assert made.exit_code == 0, made.output
+    said = " ".join(made.output.split())
+    assert "24 examples" in said and "bits per token" in said
+    held_out = int(said.split(" test blocks")[0].rsplit(" ", 1)[1])
+    teacher = next(r for r in _records(out) if r["role"] == "teacher")
+    # each held-out conversation counts its answer's two words and the template's <end>
+    assert held_out > 0 and teacher["test_tokens"] == 3 * held_out

@@ -1,11 +1,15 @@
 """Prompt / completion examples for language models: a JSON Lines file of
-``{"prompt": ..., "completion": ...}`` objects (the format TRL's trainers read), one block each.
+``{"prompt": ..., "completion": ...}`` objects (the format TRL's trainers read), or of
+conversations ``{"messages": [{"role": ..., "content": ...}, ...]}`` whose last message is the
+assistant's (written by the tokenizer's chat template: a Hugging Face tokenizer that has one),
+one block each.
 
-An example becomes the ids of its prompt, then of its completion and ``<eos>``, cut to one block
-of ``block_length + 1`` and padded; only the positions that predict the completion (its tokens and
-the ``<eos>``) count in a loss, so the student is neither trained nor measured on the prompt or the
-padding. A position ``j`` predicts token ``j + 1``, so with a prompt of ``P`` tokens the span is
-``[P - 1, P + C)``, ``C`` the completion's tokens with ``<eos>``, cut at the block's end.
+An example becomes the ids of its prompt, then of its completion and ``<eos>`` (a conversation's
+completion is its last message as the template closes it, without another ``<eos>``), cut to one
+block of ``block_length + 1`` and padded; only the positions that predict the completion count in
+a loss, so the student is neither trained nor measured on the prompt or the padding. A position
+``j`` predicts token ``j + 1``, so with a prompt of ``P`` tokens the span is ``[P - 1, P + C)``,
+``C`` the completion's tokens, cut at the block's end.
 
 The examples are the unit of the split (:func:`~softtargets.data.sequences.split_by_file` on
 one name per example, ``FILE:LINE``): an example is never in two parts.
@@ -26,7 +30,10 @@ from softtargets.files import json_objects, text_lines
 #: the suffix of a file of prompt / completion examples
 EXAMPLES_SUFFIX = ".jsonl"
 
-FORMAT = 'one JSON object a line, {"prompt": "...", "completion": "..."}'
+FORMAT = (
+    'one JSON object a line, {"prompt": "...", "completion": "..."} or {"messages": [{"role": '
+    '"user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
+)
 
 
 def is_examples_file(path: str | Path) -> bool:
@@ -41,9 +48,11 @@ def example_pieces(path: str | Path, tokenizer: Any, block_length: int) -> Itera
     pad = getattr(tokenizer, "pad_id", tokenizer.eos_id)
     fix = f"give {FORMAT}"
     for number, given in json_objects(text_lines(path, fix), str(path), fix):
-        prompt, completion = _example(given, f"{path}:{number}")
+        prompt, completion, closed = _example(given, f"{path}:{number}", tokenizer)
         prompt_ids = tokenizer.encode(prompt)
-        ids = [*prompt_ids, *tokenizer.encode(completion), tokenizer.eos_id]
+        ids = [*prompt_ids, *tokenizer.encode(completion), *([] if closed else [tokenizer.eos_id])]
+        if len(ids) == len(prompt_ids):
+            raise SoftTargetsError(f"{path}:{number}: the completion is empty; nothing to learn")
         first = max(len(prompt_ids) - 1, 0)  # a completion's first token needs one before it
         if first >= block_length:
             raise SoftTargetsError(
@@ -57,10 +66,45 @@ def example_pieces(path: str | Path, tokenizer: Any, block_length: int) -> Itera
         yield Piece(f"{path}:{number}", window, len(ids), span)
 
 
-def _example(given: dict[str, Any], where: str) -> tuple[str, str]:
-    """``(prompt, completion)`` of one line's object; anything else is one line naming it."""
+def _example(given: dict[str, Any], where: str, tokenizer: Any) -> tuple[str, str, bool]:
+    """``(prompt, completion, closed)`` text of one line's object (``closed``: the chat template
+    ended the completion, so no ``<eos>`` follows); anything else is one line naming it."""
+    if "messages" in given:
+        return (*_conversation(given["messages"], where, tokenizer), True)
     parts = [given.get(key) for key in ("prompt", "completion")]
     if not all(isinstance(part, str) for part in parts):
         kinds = ", ".join(f"{k}: {type(given.get(k)).__name__}" for k in ("prompt", "completion"))
         raise SoftTargetsError(f"{where}: needs two strings ({kinds}); give {FORMAT}")
-    return parts[0], parts[1]
+    return parts[0], parts[1], False
+
+
+def _conversation(messages: Any, where: str, tokenizer: Any) -> tuple[str, str]:
+    """A conversation's ``(prompt, completion)`` text by the tokenizer's chat template."""
+    if not (
+        isinstance(messages, list)
+        and len(messages) >= 2
+        and all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in messages
+        )  # fmt: skip
+    ):
+        raise SoftTargetsError(
+            f"{where}: messages must be two or more {{role, content}} objects of strings"
+        )
+    if messages[-1]["role"] != "assistant":
+        raise SoftTargetsError(
+            f"{where}: the last message is the {messages[-1]['role']}'s; the completion learnt is "
+            "the assistant's last message"
+        )
+    chat = getattr(tokenizer, "chat", None)
+    if chat is None:
+        raise SoftTargetsError(
+            f"{where}: a conversation needs a tokenizer with a chat template; give --tokenizer "
+            "FOLDER (a Hugging Face tokenizer that has one), or prompt / completion examples"
+        )
+    try:
+        return chat([{"role": m["role"], "content": m["content"]} for m in messages])
+    except SoftTargetsError as err:
+        raise SoftTargetsError(f"{where}: {err}") from None

@@ -39,7 +39,7 @@ from softtargets.data.sequences import (
     text_pieces,
 )
 from softtargets.data.text import load_tokenizer
-from softtargets.errors import SoftTargetsError
+from softtargets.errors import SoftTargetsError, first_line
 from softtargets.files import parse_json, read_small_text
 from softtargets.run.data import tokenizer_folder
 from softtargets.training.hf import is_hf_name
@@ -133,6 +133,7 @@ class SavedTokenizer:
     their embeddings beyond the tokenizer's size)."""
 
     def __init__(self, folder: str) -> None:
+        self.folder = folder
         self.tokenizer = load_tokenizer(folder)
         self.eos_id = self.tokenizer.eos_token_id
         if self.eos_id is None:
@@ -152,6 +153,31 @@ class SavedTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def chat(self, messages: list[dict[str, str]]) -> tuple[str, str]:
+        """A conversation as ``(prompt, completion)`` text by the tokenizer's chat template: every
+        message but the last with the assistant's turn opened, then what the whole conversation
+        adds to it (the last message and the template's end of its turn)."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise SoftTargetsError(
+                f"the tokenizer in {self.folder} has no chat template; give prompt / completion "
+                "examples, or a tokenizer folder whose tokenizer_config.json has one"
+            )
+        try:
+            prompt = self.tokenizer.apply_chat_template(
+                messages[:-1], tokenize=False, add_generation_prompt=True
+            )
+            whole = self.tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception as err:  # the template's own checks (jinja raise_exception)
+            raise SoftTargetsError(
+                f"the chat template of {self.folder} fails on it ({first_line(err, typed=False)})"
+            ) from None
+        if not whole.startswith(prompt):
+            raise SoftTargetsError(
+                f"the chat template of {self.folder} does not write the conversation as its "
+                "prompt followed by the last message; give prompt / completion examples"
+            )
+        return prompt, whole[len(prompt) :]
 
 
 def text_tokenizer(config: DistillConfig) -> ByteTokenizer | SavedTokenizer:
