@@ -224,3 +224,14 @@ def test_a_conversation_learns_the_assistants_last_message_by_the_chat_template(
     # the byte-level tokenizer has no template: named, with the fix
     with pytest.raises(SoftTargetsError, match="chat.jsonl:1: a conversation needs a tokenizer"):
         list(example_pieces(tmp_path / "chat.jsonl", BYTES, 16))
+
+
+def test_a_file_of_examples_is_budgeted_as_padded_blocks(tmp_path) -> None:
+    from softtargets.run.sequence_data import memory_bytes
+
+    _write(tmp_path / "ex.jsonl", _examples(3))
+    with (tmp_path / "ex.jsonl").open("a") as handle:
+        handle.write(json.dumps(_examples(1)[0]))  # a last line without a newline
+    (tmp_path / "notes.txt").write_text("x" * 50)
+    # 4 examples of 101 ids as int64, and 50 bytes of text at most 50 tokens
+    assert memory_bytes([tmp_path / "ex.jsonl", tmp_path / "notes.txt"], 100) == 8 * (4 * 101 + 50)

@@ -213,7 +213,7 @@ def load_sequence_splits(
         blocks = _packed_to_file(pieces, tokenizer.vocab_size, data.block_length, token_file)
     else:
         check_budget(
-            memory_bytes(files), f"the corpus ({len(files)} files) in memory",
+            memory_bytes(files, data.block_length), f"the corpus ({len(files)} files) in memory",
             "pass --stream (a token file in the run folder, read as batches need it)",
         )  # fmt: skip
         blocks = blocks_in_memory(pieces, data.block_length, tokenizer.vocab_size)
@@ -222,16 +222,29 @@ def load_sequence_splits(
     return SequenceSplits(train, val, test, len(blocks.files), unit)
 
 
-def memory_bytes(files: list[Path]) -> int:
-    """What a corpus takes in memory at most: 8 bytes a token as int64 blocks, and a token is at
-    most a byte of text."""
-    return 8 * sum(f.stat().st_size for f in files)
+def memory_bytes(files: list[Path], block_length: int) -> int:
+    """What a corpus takes in memory at most: 8 bytes a token as int64 blocks; a token is at most
+    a byte of text, and an example (a line of a ``.jsonl`` file) at most a padded block."""
+    return 8 * sum(
+        _lines(f) * (block_length + 1) if is_examples_file(f) else f.stat().st_size for f in files
+    )
+
+
+def _lines(path: Path) -> int:
+    """Newlines in a file, counted a megabyte at a time (one for a last line without one)."""
+    count, last = 0, b"\n"
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            count, last = count + chunk.count(b"\n"), chunk[-1:]
+    return count + (last != b"\n")
 
 
 def reads_from_token_file(config: DistillConfig) -> bool:
     """Whether a run reads its corpus from a token file: ``--stream``, or a corpus that would
     not fit the memory budget in memory (then without being asked)."""
-    return config.data.stream or memory_bytes(corpus_files(config)) > memory_budget()
+    assert config.data.block_length is not None
+    needed = memory_bytes(corpus_files(config), config.data.block_length)
+    return config.data.stream or needed > memory_budget()
 
 
 def corpus_pieces(files: list[Path], tokenizer: Any, block_length: int) -> Iterator[Piece]:
