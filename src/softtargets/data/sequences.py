@@ -11,7 +11,7 @@ exact: no file has rows in two parts.
 | :class:`ByteTokenizer` | UTF-8 bytes as tokens 0-255, plus ``<eos>`` and ``<pad>``: needs nothing installed |
 | :func:`read_corpus` | text files (UTF-8, checked) -> token ids per file, ``<eos>`` after each |
 | :func:`pack_blocks` | ids per file -> ``(blocks, block_length + 1)`` windows (inputs and next tokens), in memory |
-| :class:`Piece`, :func:`blocks_in_memory`, :func:`blocks_to_file` | one file's (or one example's) windows -> blocks in memory, or in a token file on disk mapped back (corpora larger than memory) |
+| :class:`Piece`, :func:`blocks_in_memory`, :func:`blocks_to_file` | a file's (or an example's) windows -> blocks in memory, or in a token file mapped back (larger than memory) |
 | :func:`pack_to_file` | text files -> their blocks in a token file, tokenised a file at a time |
 | :func:`split_by_file` | a seeded split of the files (or examples), then their blocks |
 | :func:`stdlib_files` | a fixed, seeded selection of the Python standard library's own source files |

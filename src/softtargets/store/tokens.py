@@ -16,9 +16,10 @@ temperature is refused.
 Rows are ``(block, position)`` in order, so their ids are implicit: ``block_id * L + position``.
 Blocks of prompt / completion examples (:attr:`~softtargets.data.sequences.Blocks.spans`) keep
 rows for the positions that count only (the completion's), in order, with the spans saved beside
-them (16 bytes a block): the prompt and the padding cost nothing. The block ids themselves are saved as runs of consecutive ids (a split by file is a few runs, one
-per file or fewer): 16 bytes a run, well under a hundredth of a byte a token; the code step is a
-float32 per block (4 / L bytes a token), so a block is coded as soon as it is labelled.
+them (16 bytes a block): the prompt and the padding cost nothing. The block ids themselves are
+saved as runs of consecutive ids (a split by file is a few runs, one per file or fewer): 16 bytes
+a run, well under a hundredth of a byte a token; the code step is a float32 per block (4 / L
+bytes a token), so a block is coded as soon as it is labelled.
 
 :func:`label_tokens` keeps a store in memory, or writes it to a file batch by batch as it labels
 (``path``): memory is then one batch of blocks whatever the corpus, and
@@ -279,8 +280,9 @@ def label_tokens(
     path: str | Path | None = None,
 ) -> TokenStore:
     """Run ``teacher`` (ids ``(b, L)`` -> logits ``(b, L, V)``) over ``blocks`` once and keep, at
-    every position that counts (all, or an example's completion), its ``top`` largest logits (quantised, one code step per block), their tokens
-    (bit-packed) and the rest's log-sum-exp at each of ``temperatures``.
+    every position that counts (all, or an example's completion), its ``top`` largest logits
+    (quantised, one code step per block), their tokens (bit-packed) and the rest's log-sum-exp at
+    each of ``temperatures``.
 
     ``path``: write the store to that file as it is labelled, each batch at its place (memory:
     one batch of blocks' logits, whatever the corpus), and return it mapped from the file.

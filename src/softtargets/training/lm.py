@@ -11,9 +11,9 @@ tokenizer); the weights kept are those of the best validation epoch.
 Under torchrun a fit is data-parallel: every process takes its share of each batch's blocks and
 the gradients are averaged, each weighted by its share of the batch's counted positions (all, or
 the examples' completions), so a step is the one-process step (to float rounding) and every
-process ends with the same weights. Validation is shared out the same way. ``checkpoint=PATH`` saves the whole state after every epoch
-(:mod:`softtargets.training.checkpoint`): a fit killed at any point continues from the last epoch
-saved and ends with the weights of an uninterrupted one.
+process ends with the same weights. Validation is shared out the same way. ``checkpoint=PATH``
+saves the whole state after every epoch (:mod:`softtargets.training.checkpoint`): a fit killed at
+any point continues from the last epoch saved and ends with the weights of an uninterrupted one.
 """
 
 from __future__ import annotations
