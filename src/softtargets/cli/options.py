@@ -166,7 +166,8 @@ BlockLength = Annotated[
         "--block-length",
         help="Language modelling: --data is text (stdlib, a text file or a folder of them), "
         "packed into blocks of this many tokens (byte-level, or --tokenizer's / an hf: model's) "
-        "and distilled at every position.",
+        "and distilled at every position; or a .jsonl of prompt / completion examples (or chat "
+        "messages), a block each, distilled on the completions.",
     ),
 ]
 
