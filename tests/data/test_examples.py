@@ -235,3 +235,14 @@ def test_a_file_of_examples_is_budgeted_as_padded_blocks(tmp_path) -> None:
     (tmp_path / "notes.txt").write_text("x" * 50)
     # 4 examples of 101 ids as int64, and 50 bytes of text at most 50 tokens
     assert memory_bytes([tmp_path / "ex.jsonl", tmp_path / "notes.txt"], 100) == 8 * (4 * 101 + 50)
+
+
+def test_too_few_examples_to_split_or_none_at_all_are_one_line(tmp_path) -> None:
+    blocks = _blocks(tmp_path, _examples(2))
+    with pytest.raises(
+        SoftTargetsError, match="has 2 examples; a split by example needs at least 3"
+    ):
+        split_by_file(blocks, 0.2, 0.2)
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    with pytest.raises(SoftTargetsError, match="blank.jsonl holds no examples"):
+        list(example_pieces(tmp_path / "blank.jsonl", BYTES, 24))

@@ -47,6 +47,7 @@ def example_pieces(path: str | Path, tokenizer: Any, block_length: int) -> Itera
     not an example, or whose prompt leaves no completion token in a block, is one line naming it."""
     pad = getattr(tokenizer, "pad_id", tokenizer.eos_id)
     fix = f"give {FORMAT}"
+    number = 0
     for number, given in json_objects(text_lines(path, fix), str(path), fix):
         prompt, completion, closed = _example(given, f"{path}:{number}", tokenizer)
         prompt_ids = tokenizer.encode(prompt)
@@ -64,6 +65,8 @@ def example_pieces(path: str | Path, tokenizer: Any, block_length: int) -> Itera
         window[0, : len(kept)] = torch.tensor(kept, dtype=torch.long)
         span = torch.tensor([[first, min(len(ids) - 1, block_length)]], dtype=torch.long)
         yield Piece(f"{path}:{number}", window, len(ids), span)
+    if not number:
+        raise SoftTargetsError(f"{path} holds no examples; {fix}")
 
 
 def _example(given: dict[str, Any], where: str, tokenizer: Any) -> tuple[str, str, bool]:

@@ -346,9 +346,10 @@ def split_by_file(
         raise SoftTargetsError(f"split fractions val={val}, test={test} must sum to less than 1")
     present = torch.unique(blocks.file_index)
     if len(present) < 3 and (val > 0 and test > 0):
+        unit, whole = ("file", " with a whole block") if blocks.spans is None else ("example", "")
         raise SoftTargetsError(
-            f"the corpus has {len(present)} files with a whole block; a split by file needs at "
-            "least 3 (one each for training, validation and test)"
+            f"the corpus has {len(present)} {unit}s{whole}; a split by {unit} needs at least 3 "
+            "(one each for training, validation and test)"
         )
     order = present[torch.randperm(len(present), generator=torch.Generator().manual_seed(seed))]
     sizes = torch.bincount(blocks.file_index, minlength=len(blocks.files))
