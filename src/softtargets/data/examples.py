@@ -52,18 +52,19 @@ def example_pieces(path: str | Path, tokenizer: Any, block_length: int) -> Itera
         prompt, completion, closed = _example(given, f"{path}:{number}", tokenizer)
         prompt_ids = tokenizer.encode(prompt)
         ids = [*prompt_ids, *tokenizer.encode(completion), *([] if closed else [tokenizer.eos_id])]
-        if len(ids) == len(prompt_ids):
-            raise SoftTargetsError(f"{path}:{number}: the completion is empty; nothing to learn")
         first = max(len(prompt_ids) - 1, 0)  # a completion's first token needs one before it
+        stop = min(len(ids) - 1, block_length)
         if first >= block_length:
             raise SoftTargetsError(
                 f"{path}:{number}: the prompt is {len(prompt_ids)} tokens, so no completion token "
                 f"fits a block of {block_length}; give a longer --block-length or a shorter prompt"
             )
+        if stop <= first:
+            raise SoftTargetsError(f"{path}:{number}: the completion is empty; nothing to learn")
         window = torch.full((1, block_length + 1), pad, dtype=torch.long)
         kept = ids[: block_length + 1]
         window[0, : len(kept)] = torch.tensor(kept, dtype=torch.long)
-        span = torch.tensor([[first, min(len(ids) - 1, block_length)]], dtype=torch.long)
+        span = torch.tensor([[first, stop]], dtype=torch.long)
         yield Piece(f"{path}:{number}", window, len(ids), span)
     if not number:
         raise SoftTargetsError(f"{path} holds no examples; {fix}")
