@@ -66,7 +66,6 @@ def peak_mb(kind: str, n: int, d: int, v: int) -> float:
 
 
 def seconds(n: int, d: int, v: int, repeats: int = 3) -> dict[str, float]:
-
     torch.manual_seed(0)
     hidden = torch.randn(n, d, requires_grad=True)
     weight = (torch.randn(v, d) * 0.02).requires_grad_()
@@ -100,7 +99,6 @@ def store_bytes_per_token(
 ) -> float:
     """The per-position store's size at ``vocab`` and ``top`` (its layout, computed) for a
     training split of ``blocks`` blocks whose ids fall in ``runs`` runs (files split apart)."""
-
     n = blocks * block
     bits = max(1, (vocab - 1).bit_length())
     ids = torch.cat([torch.arange(r * 2 * blocks, r * 2 * blocks + blocks // runs)
@@ -161,7 +159,6 @@ def resume_overhead(repeats: int = 6, blocks: int = 200) -> dict[str, Any]:
     """Whole ``fit_lm`` time with a checkpoint after every epoch / without, for the language-model
     demo's teacher (gpt, 4 layers, width 128: 13.5 MB of weights and AdamW state a checkpoint),
     interleaved."""
-
     corpus = pack_blocks(read_corpus(stdlib_files(8)), 128, ByteTokenizer().vocab_size)
     train, val = corpus.take(torch.arange(blocks)), corpus.take(torch.arange(blocks, blocks + 40))
     ratios = []

@@ -114,16 +114,11 @@ def json_objects(
         yield number, value
 
 
-def text_lines(path: str | os.PathLike[str], fix: str) -> Iterator[str]:
-    """The lines of a user's regular UTF-8 file, read one at a time (a file larger than memory is
-    fine; a line over :data:`MAX_TEXT_BYTES` is not): a FIFO or a device is never opened, and
-    anything else is one line naming ``path:LINE`` and ``fix``."""
-    try:
-        info = os.stat(path)
-    except OSError as err:
-        raise SoftTargetsError(f"{path}: cannot read it ({err.strerror})") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise SoftTargetsError(f"{path} is not a regular file; {fix}")
+def text_lines(path: str | os.PathLike[str], what: str, fix: str) -> Iterator[str]:
+    """The lines of a user's regular UTF-8 file (a ``what``), read one at a time (a file larger
+    than memory is fine; a line over :data:`MAX_TEXT_BYTES` is not): a FIFO or a device is never
+    opened (:func:`regular_file`), and a bad line is one line naming ``path:LINE`` and ``fix``."""
+    regular_file(path, what)
     with open(path, "rb") as handle:
         number = 0
         while raw := handle.readline(MAX_TEXT_BYTES + 1):
@@ -139,10 +134,9 @@ def text_lines(path: str | os.PathLike[str], fix: str) -> Iterator[str]:
             yield line
 
 
-def read_small_text(path: str | os.PathLike[str], what: str = "file") -> str:
-    """The UTF-8 text of one of softtargets' own small files (a config, a manifest, a results or
-    model JSON): refused with one line unless it is a regular file of at most
-    :data:`MAX_TEXT_BYTES`; a FIFO or a device is never opened."""
+def regular_file(path: str | os.PathLike[str], what: str = "file") -> os.stat_result:
+    """``os.stat(path)`` of a regular file (a ``what``); anything else (missing, a folder, a FIFO
+    or a device, which are never opened) is one line."""
     try:
         info = os.stat(path)
     except FileNotFoundError:
@@ -153,6 +147,14 @@ def read_small_text(path: str | os.PathLike[str], what: str = "file") -> str:
         raise SoftTargetsError(f"{path} is a folder, not a {what}")
     if not stat.S_ISREG(info.st_mode):
         raise SoftTargetsError(f"{path} is not a regular file; give a {what}")
+    return info
+
+
+def read_small_text(path: str | os.PathLike[str], what: str = "file") -> str:
+    """The UTF-8 text of one of softtargets' own small files (a config, a manifest, a results or
+    model JSON): refused with one line unless it is a regular file (:func:`regular_file`) of at
+    most :data:`MAX_TEXT_BYTES`."""
+    info = regular_file(path, what)
     if info.st_size > MAX_TEXT_BYTES:
         raise SoftTargetsError(f"{path} is larger than {MAX_TEXT_BYTES >> 20} MB; give a {what}")
     try:

@@ -48,7 +48,8 @@ def example_pieces(path: str | Path, tokenizer: Any, block_length: int) -> Itera
     pad = getattr(tokenizer, "pad_id", tokenizer.eos_id)
     fix = f"give {FORMAT}"
     number = 0
-    for number, given in json_objects(text_lines(path, fix), str(path), fix):
+    lines = text_lines(path, "file of examples", fix)
+    for number, given in json_objects(lines, str(path), fix):
         prompt, completion, closed = _example(given, f"{path}:{number}", tokenizer)
         prompt_ids = tokenizer.encode(prompt)
         ids = [*prompt_ids, *tokenizer.encode(completion), *([] if closed else [tokenizer.eos_id])]

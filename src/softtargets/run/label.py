@@ -35,7 +35,7 @@ from softtargets.run.sequences import build_lm
 from softtargets.run.teacher import is_pretrained, prepare
 from softtargets.store.label import label
 from softtargets.store.store import SoftTargetStore
-from softtargets.store.tokens import label_tokens
+from softtargets.store.tokens import check_top, label_tokens
 from softtargets.store.write import label_dataset_to_file
 from softtargets.training.common import resolve_device
 from softtargets.training.weights import load_into
@@ -120,7 +120,7 @@ def _label_sequences(
     out.parent.mkdir(parents=True, exist_ok=True)
     check_writable(out)  # never through a link planted where the store goes
     tokenizer = text_tokenizer(config)  # read once: for --top-k, then for the corpus
-    _check_top(config.store_top if top_k is None else top_k, tokenizer.vocab_size)
+    check_top(config.store_top if top_k is None else top_k, tokenizer.vocab_size)
     if not reads_from_token_file(config):
         train = load_sequence_splits(config, tokenizer=tokenizer).train
         return _label_blocks(config, train, out, top_k, log)
@@ -136,14 +136,6 @@ def _label_sequences(
         distributed.barrier()  # every process is done with the token file
         if distributed.is_main():
             token_file.unlink(missing_ok=True)
-
-
-def _check_top(top: int, vocab_size: int) -> None:
-    """Refuse a ``--top-k`` the vocabulary cannot have, before the corpus is read."""
-    if not 1 <= top < vocab_size:
-        raise SoftTargetsError(
-            f"--top-k must be from 1 to {vocab_size - 1} (the vocabulary has {vocab_size} tokens)"
-        )
 
 
 def _label_blocks(

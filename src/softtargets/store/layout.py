@@ -25,6 +25,11 @@ DTYPE_NAMES = {
 _NUMPY = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32, "U8": np.uint8}
 
 
+def nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor of ``dtype`` and ``shape``."""
+    return torch.empty((), dtype=dtype).element_size() * math.prod(shape)
+
+
 def safetensors_header(
     entries: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str]
 ) -> tuple[bytes, dict[str, int]]:
@@ -33,7 +38,7 @@ def safetensors_header(
     header: dict[str, Any] = {"__metadata__": metadata}
     start, starts = 0, {}
     for name, (dtype, shape) in entries.items():
-        size = torch.empty((), dtype=dtype).element_size() * math.prod(shape)
+        size = nbytes(dtype, shape)
         header[name] = {
             "dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [start, start + size]
         }  # fmt: skip
@@ -46,10 +51,7 @@ def safetensors_header(
 
 def file_size(header: bytes, entries: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> int:
     """Bytes of the whole file :func:`safetensors_header` describes."""
-    return len(header) + sum(
-        torch.empty((), dtype=dtype).element_size() * math.prod(shape)
-        for dtype, shape in entries.values()
-    )
+    return len(header) + sum(nbytes(dtype, shape) for dtype, shape in entries.values())
 
 
 def map_tensor(path: str | Path, name: str) -> Tensor:

@@ -45,7 +45,7 @@ from softtargets.config import check_budget
 from softtargets.data.sequences import Blocks
 from softtargets.errors import SoftTargetsError
 from softtargets.files import atomic_open, atomic_write_bytes, parse_json
-from softtargets.store.layout import file_size, map_tensor, safetensors_header
+from softtargets.store.layout import file_size, map_tensor, nbytes, safetensors_header
 from softtargets.store.store import fingerprint_module
 
 FORMAT = "softtargets-token-store"
@@ -246,6 +246,16 @@ def _metadata(
     return {"format": FORMAT, "header": json.dumps(header)}
 
 
+def check_top(top: int, vocab_size: int) -> None:
+    """Refuse a ``--top-k`` the vocabulary cannot have (the command line checks it before the
+    corpus is read, :func:`label_tokens` again)."""
+    if not 1 <= top < vocab_size:
+        raise SoftTargetsError(
+            f"--top-k must be from 1 to {vocab_size - 1} (the vocabulary has {vocab_size} "
+            f"tokens), got {top}"
+        )
+
+
 def row_starts(blocks: int, block_length: int, spans: Tensor | None) -> Tensor:
     """``(blocks + 1,)`` int64: the first row of each block's positions with rows, and the end."""
     counts = (
@@ -290,8 +300,7 @@ def label_tokens(
     blocks; with ``path`` rank 0 gathers one batch from every process at a time and writes them
     (one batch per process in memory), without it every process gets the whole store. Either way
     it is the store a single process makes."""
-    if not 1 <= top < blocks.vocab_size:
-        raise SoftTargetsError(f"--top-k must be from 1 to {blocks.vocab_size - 1}, got {top}")
+    check_top(top, blocks.vocab_size)
     if not temperatures or any(t <= 0 for t in temperatures):
         raise SoftTargetsError("give at least one positive temperature to keep the rest's mass at")
     temperatures = tuple(float(t) for t in temperatures)
@@ -435,7 +444,7 @@ def _write(
                 first, part = batch
                 for name, rows in part.items():
                     dtype, shape = entries[name]
-                    row_bytes = torch.empty((), dtype=dtype).element_size() * math.prod(shape[1:])
+                    row_bytes = nbytes(dtype, shape[1:])
                     at = _first_row(name, first, starts)
                     handle.seek(offsets[name] + at * row_bytes)
                     handle.write(rows.contiguous().numpy())
