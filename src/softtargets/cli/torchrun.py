@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 import sys
 
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import parse_args, run
+
 
 def run_quietly(argv: list[str]) -> int:
     """``torchrun ARGV``'s exit status: 0, or the first failed process's (1 if it has none)."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
-
     # the elastic agent logs every failed process at ERROR: the process said why already
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
